@@ -1,0 +1,147 @@
+"""Per-family catalogs: every layer id with its per-sample shape, and the presets.
+
+The shipped JSON files (catalogs/<family>.json) are generated from the full-size architecture on the meta device:
+no weights, no memory. `python -m diffusion_feature.layer_catalog.catalog` regenerates them; a test checks that
+the shipped files equal a fresh regeneration.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .families import FAMILIES, dummy_inputs, get_family, meta_denoiser
+from .hooks import FeatureCapture
+from .taps import enumerate_ids, taps_of
+
+CATALOG_DIR = Path(__file__).resolve().parent / "catalogs"
+
+# Presets from the paper (Meng et al., NeurIPS 2024). "practical" is its recommended choice, "legacy" the
+# conventional one (block outputs between up-levels). sd21 shares sd15's structure, playground-v2 sdxl's.
+_SD15_PRESETS = {
+    "practical": ["up-level1-repeat1-vit-block0-cross-q", "up-level1-repeat2-res-out",
+                  "up-level2-repeat1-vit-block0-cross-q", "up-level3-repeat0-vit-block0-self-k"],
+    "legacy": ["up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-upsampler-out",
+               "up-level3-repeat2-vit-out"],
+}
+_SDXL_PRESETS = {
+    "practical": ["up-level0-repeat0-vit-block7-out", "up-level0-repeat0-vit-block5-out",
+                  "up-level1-repeat0-vit-block0-cross-q", "up-level1-repeat0-vit-block0-out"],
+    "legacy": ["up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-repeat2-res-out"],
+}
+# PixArt is not covered by the paper's tables: practical = outputs of three middle blocks (DiT features are
+# known to peak mid-depth), legacy = the last block's output. Our choice; documented as such in the README.
+_PIXART_PRESETS = {
+    "practical": ["vit-block12-out", "vit-block14-out", "vit-block16-out"],
+    "legacy": ["vit-block27-out"],
+}
+PRESETS: dict[str, dict[str, list[str]]] = {
+    "sd15": _SD15_PRESETS, "sd21": _SD15_PRESETS, "sdxl": _SDXL_PRESETS, "playground-v2": _SDXL_PRESETS,
+    "pixart-sigma": _PIXART_PRESETS,
+}
+PRESET_NAMES = ("practical", "legacy", "full")
+
+
+def parse_size(size) -> tuple[int, int]:
+    """A size as (height, width) from an int N (square), 'N', 'WxH', or a (height, width) pair."""
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        h, w = int(size[0]), int(size[1])
+    elif isinstance(size, int) or (isinstance(size, str) and size.strip().isdigit()):
+        h = w = int(size)
+    elif isinstance(size, str) and "x" in size.lower():
+        try:
+            w, h = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"size {size!r} is not N or WxH (e.g. 512 or 768x512)") from None
+    else:
+        raise ValueError(f"size {size!r} is not N or WxH (e.g. 512 or 768x512)")
+    if h <= 0 or w <= 0 or h % 8 or w % 8:
+        raise ValueError(f"size {w}x{h} (WxH) must be positive multiples of 8 (the VAE's factor)")
+    return h, w
+
+
+def compute_shapes(model: torch.nn.Module, height: int, width: int, text_tokens: int = 77) -> dict[str, list[int]]:
+    """Every id of `model` with its per-sample shape at height x width pixels, from one forward on the meta device."""
+    was_meta = next(model.parameters()).device.type == "meta"
+    if not was_meta:
+        raise ValueError("compute_shapes runs on a meta-device model (use families.meta_denoiser or to('meta'))")
+    ids = enumerate_ids(model)
+    with torch.no_grad(), FeatureCapture(model, taps_of(model, ids)) as capture:
+        capture.run(**dummy_inputs(model, height, width, text_tokens=text_tokens))
+    return {i: list(capture.features[i].shape[1:]) for i in ids}
+
+
+def build_catalog(family: str, size=None) -> dict:
+    """A family's catalog computed now (at its native size, or at `size`)."""
+    fam = get_family(family)
+    height, width = parse_size(size if size is not None else fam.native_size)
+    shapes = compute_shapes(meta_denoiser(family), height, width, fam.text_tokens)
+    ids = list(shapes)
+    presets = {name: list(v) for name, v in PRESETS[family].items()}
+    presets["full"] = ids
+    for name, members in presets.items():
+        unknown = [m for m in members if m not in shapes]
+        if unknown:  # a preset naming an id the architecture lacks is a bug in this file
+            raise AssertionError(f"preset {family}/{name} names unknown ids {unknown}")
+    return {"family": family, "size": [height, width], "text_tokens": fam.text_tokens,
+            "layers": [{"id": i, "shape": shapes[i]} for i in ids],
+            "presets": {k: v for k, v in presets.items() if k != "full"}}
+
+
+@lru_cache(maxsize=None)
+def _load(family: str) -> dict:
+    get_family(family)
+    return json.loads((CATALOG_DIR / f"{family}.json").read_text())
+
+
+def load_catalog(family: str) -> dict:
+    """The shipped catalog of a family (a fresh copy; the cache stays untouched)."""
+    return json.loads(json.dumps(_load(family)))
+
+
+def family_ids(family: str) -> list[str]:
+    return [layer["id"] for layer in _load(family)["layers"]]
+
+
+def family_shapes(family: str) -> dict[str, list[int]]:
+    return {layer["id"]: layer["shape"] for layer in _load(family)["layers"]}
+
+
+def preset_ids(family: str, preset: str) -> list[str]:
+    if preset == "full":
+        return family_ids(family)
+    presets = _load(family)["presets"]
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r} for {family}; valid presets: {', '.join(PRESET_NAMES)}")
+    return list(presets[preset])
+
+
+def _dump(catalog: dict) -> str:
+    """JSON with one layer per line: readable, and diffs of a regeneration show exactly which ids changed."""
+    head = {k: v for k, v in catalog.items() if k not in ("layers", "presets")}
+    lines = ["{"] + [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
+    lines.append(' "layers": [')
+    lines += [f"  {json.dumps(layer)}," for layer in catalog["layers"]]
+    lines[-1] = lines[-1].rstrip(",")
+    lines.append(" ],")
+    lines.append(' "presets": ' + json.dumps(catalog["presets"], indent=2).replace("\n", "\n ").rstrip())
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def write_catalogs(families=None) -> list[Path]:
+    CATALOG_DIR.mkdir(exist_ok=True)
+    written = []
+    for family in families or FAMILIES:
+        path = CATALOG_DIR / f"{family}.json"
+        path.write_text(_dump(build_catalog(family)))
+        written.append(path)
+    _load.cache_clear()
+    return written
+
+
+if __name__ == "__main__":
+    for p in write_catalogs():
+        print(f"wrote {p} ({len(json.loads(p.read_text())['layers'])} ids)")

@@ -1,0 +1,84 @@
+"""The layer-id grammar: the one place where ids are parsed and written.
+
+The names are exactly those of the reference project (generic-diffusion-feature), so its layer configs work here.
+A parsed id is a `LayerId`; `format_id(parse_id(s)) == s` for every legal id.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Taps inside one transformer block, in the order they fire during a forward.
+BLOCK_SUFFIXES = ("self-q", "self-k", "self-v", "self-map", "cross-q", "cross-map", "ffn-inner", "out")
+MAP_SUFFIXES = ("self-map", "cross-map")
+RES_SUFFIXES = ("increment", "out")
+UNET_ENDS = ("in", "after-conv-in", "out")
+
+_SUF = "|".join(re.escape(s) for s in BLOCK_SUFFIXES)
+_PATTERNS = (
+    ("unet", re.compile(r"unet-(?P<suffix>in|after-conv-in|out)")),
+    ("res", re.compile(r"(?P<stage>down|up)-level(?P<level>\d+)-repeat(?P<repeat>\d+)-res-(?P<suffix>increment|out)")),
+    ("res", re.compile(r"(?P<stage>mid)-repeat(?P<repeat>\d+)-res-(?P<suffix>increment|out)")),
+    ("vit", re.compile(r"(?P<stage>down|up)-level(?P<level>\d+)-repeat(?P<repeat>\d+)-vit-out")),
+    ("vit", re.compile(r"(?P<stage>mid)-vit-out")),
+    ("block", re.compile(rf"(?P<stage>down|up)-level(?P<level>\d+)-repeat(?P<repeat>\d+)-vit-block(?P<block>\d+)-(?P<suffix>{_SUF})")),
+    ("block", re.compile(rf"(?P<stage>mid)-vit-block(?P<block>\d+)-(?P<suffix>{_SUF})")),
+    ("block", re.compile(rf"vit-block(?P<block>\d+)-(?P<suffix>{_SUF})")),
+    ("sampler", re.compile(r"(?P<stage>down)-level(?P<level>\d+)-(?P<suffix>downsampler)-out")),
+    ("sampler", re.compile(r"(?P<stage>up)-level(?P<level>\d+)-(?P<suffix>upsampler)-out")),
+)
+
+
+class LayerIdSyntaxError(ValueError):
+    """The string is not a layer id of any family."""
+
+
+@dataclass(frozen=True)
+class LayerId:
+    """A parsed layer id.
+
+    part: 'unet' (unet-in/after-conv-in/out), 'res' (a resnet), 'vit' (a whole transformer's output),
+    'block' (a tap inside one transformer block), 'sampler' (down/upsampler output).
+    stage: 'down', 'mid', 'up', or None (unet-* ids and PixArt's block ids).
+    """
+
+    part: str
+    suffix: str
+    stage: str | None = None
+    level: int | None = None
+    repeat: int | None = None
+    block: int | None = None
+
+    @property
+    def is_map(self) -> bool:
+        return self.part == "block" and self.suffix in MAP_SUFFIXES
+
+
+def parse_id(text: str) -> LayerId:
+    """Parse one id; raise LayerIdSyntaxError when it follows no rule of the grammar."""
+    s = text.strip()
+    for part, pattern in _PATTERNS:
+        m = pattern.fullmatch(s)
+        if m:
+            g = m.groupdict()
+            num = lambda k: int(g[k]) if g.get(k) is not None else None  # noqa: E731
+            return LayerId(part=part, suffix=g["suffix"] if "suffix" in g else "out", stage=g.get("stage"),
+                           level=num("level"), repeat=num("repeat"), block=num("block"))
+    raise LayerIdSyntaxError(f"{text!r} is not a layer id (see README: layer-id grammar)")
+
+
+def format_id(lid: LayerId) -> str:
+    """Write a LayerId back as its string."""
+    if lid.part == "unet":
+        return f"unet-{lid.suffix}"
+    if lid.part == "sampler":
+        return f"{lid.stage}-level{lid.level}-{lid.suffix}-out"
+    if lid.stage is None:  # PixArt: blocks sit directly in the model
+        return f"vit-block{lid.block}-{lid.suffix}"
+    where = "mid" if lid.stage == "mid" else f"{lid.stage}-level{lid.level}"
+    if lid.part == "res":
+        return f"{where}-repeat{lid.repeat}-res-{lid.suffix}"
+    vit = "mid-vit" if lid.stage == "mid" else f"{where}-repeat{lid.repeat}-vit"
+    if lid.part == "vit":
+        return f"{vit}-out"
+    return f"{vit}-block{lid.block}-{lid.suffix}"

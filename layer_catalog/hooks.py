@@ -1,0 +1,184 @@
+"""The hook engine: attach taps to a denoiser for one run, capture their tensors, always detach.
+
+    with FeatureCapture(unet, taps, device="cpu", early_exit=True) as cap:
+        cap.run(sample, t, encoder_hidden_states=text)
+    features = cap.features            # {layer id: tensor}, in the order the ids were requested
+
+Spatial taps are read by plain forward hooks; attention maps by `MapRecordingProcessor`, installed only on the
+attention modules whose maps were requested and restored afterwards. Whatever happens inside the `with` block
+(an exception, KeyboardInterrupt, an early exit), the model leaves it with exactly the hooks and processors it had.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .attention_maps import MapRecordingProcessor
+from .taps import Tap
+
+
+class _EarlyExit(Exception):
+    """Raised by the last tap to fire, to skip the rest of the forward. Never leaves `FeatureCapture.run`."""
+
+
+class TokenGridError(RuntimeError):
+    """A token-shaped tensor does not match the spatial grid recorded for it."""
+
+
+def _first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    sample = getattr(output, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    raise TypeError(f"cannot read a tensor from a {type(output).__name__}")
+
+
+def _hidden_states_arg(args, kwargs):
+    if args:
+        return args[0]
+    for name in ("hidden_states", "sample"):
+        if name in kwargs:
+            return kwargs[name]
+    raise TypeError("the hooked module was called without hidden states")
+
+
+class FeatureCapture:
+    """Captures the tensors of `taps` on every forward of `model` while the context is open.
+
+    dtype / device: where captured tensors go (None keeps the tensor's own; device="cpu" offloads as captured).
+    feature_resize: an integer factor f >= 1; spatial taps are average-pooled to (H // f, W // f). Maps never.
+    early_exit: `run` stops the forward once every tap has fired (its return value is then None).
+    on_capture: optional callback(layer_id, tensor) after each capture (e.g. to count or stream).
+    """
+
+    def __init__(self, model: torch.nn.Module, taps: Iterable[Tap], *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, feature_resize: int = 1, early_exit: bool = False,
+                 on_capture: Callable[[str, torch.Tensor], None] | None = None):
+        self.model = model
+        self.taps = list(taps)
+        ids = [t.id for t in self.taps]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"a layer id was requested twice: {sorted({i for i in ids if ids.count(i) > 1})}")
+        if not isinstance(feature_resize, int) or feature_resize < 1:
+            raise ValueError(f"feature_resize must be an integer >= 1, got {feature_resize!r}")
+        self.dtype, self.device = dtype, (torch.device(device) if device is not None else None)
+        self.feature_resize, self.early_exit, self.on_capture = feature_resize, early_exit, on_capture
+        self.enabled = True
+        self.features: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+        self._processors: list = []  # (attention module, its original processor)
+        self._grids: dict[str, tuple[int, int]] = {}
+        self._attached = False
+
+    # ---- attach / detach -------------------------------------------------------------------------------
+    def __enter__(self) -> "FeatureCapture":
+        if self._attached:
+            raise RuntimeError("this FeatureCapture is already attached")
+        self._attached = True
+        try:
+            self._attach()
+        except BaseException:
+            self._detach()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._detach()
+
+    def _attach(self) -> None:
+        modules = dict(self.model.named_modules())
+
+        def module(path: str) -> torch.nn.Module:
+            if path not in modules:
+                raise KeyError(f"the model has no module {path!r}")
+            return modules[path]
+
+        for grid_path, divisor in {(t.grid_path, t.grid_divisor) for t in self.taps if t.kind in ("tokens", "map")}:
+            self._handles.append(module(grid_path).register_forward_pre_hook(
+                self._grid_hook(grid_path, divisor), with_kwargs=True))
+        for tap in self.taps:
+            target = module(tap.module_path)
+            if tap.kind == "input":
+                self._handles.append(target.register_forward_pre_hook(self._input_hook(tap), with_kwargs=True))
+            elif tap.kind == "map":
+                if not hasattr(target, "set_processor"):
+                    raise TypeError(f"{tap.id}: module {tap.module_path!r} is not a diffusers Attention")
+                self._processors.append((target, target.processor))
+                target.set_processor(MapRecordingProcessor(self._map_recorder(tap)))
+            else:
+                self._handles.append(target.register_forward_hook(self._output_hook(tap)))
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for attn, original in reversed(self._processors):
+            attn.set_processor(original)
+        self._handles, self._processors = [], []
+        self._attached = False
+
+    # ---- hooks -----------------------------------------------------------------------------------------
+    def _grid_hook(self, path: str, divisor: int):
+        def hook(_module, args, kwargs):
+            x = _hidden_states_arg(args, kwargs)
+            self._grids[path] = (x.shape[-2] // divisor, x.shape[-1] // divisor)
+        return hook
+
+    def _input_hook(self, tap: Tap):
+        def hook(_module, args, kwargs):
+            self._store(tap, _hidden_states_arg(args, kwargs))
+        return hook
+
+    def _output_hook(self, tap: Tap):
+        def hook(_module, _args, output):
+            self._store(tap, _first_tensor(output))
+        return hook
+
+    def _map_recorder(self, tap: Tap):
+        return lambda probs: self._store(tap, probs)
+
+    # ---- capture ---------------------------------------------------------------------------------------
+    def _shape(self, tap: Tap, x: torch.Tensor) -> torch.Tensor:
+        if tap.kind == "tokens":
+            h, w = self._grids[tap.grid_path]
+            b, n, c = x.shape
+            if n != h * w:
+                raise TokenGridError(f"{tap.id}: {n} tokens do not fit the recorded {h}x{w} grid")
+            x = x.transpose(1, 2).reshape(b, c, h, w)
+        if tap.kind != "map" and self.feature_resize > 1:
+            h, w = x.shape[-2:]
+            x = F.adaptive_avg_pool2d(x, (max(1, h // self.feature_resize), max(1, w // self.feature_resize)))
+        return x
+
+    def _store(self, tap: Tap, x: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        source = x
+        x = self._shape(tap, x.detach())
+        x = x.to(dtype=self.dtype or x.dtype, device=self.device or x.device)
+        if tap.kind != "map" and x.device.type != "meta" and x.data_ptr() == source.data_ptr():
+            x = x.clone()  # the model may reuse or modify its activation; the feature must not change with it
+        self.features[tap.id] = x
+        if self.on_capture is not None:
+            self.on_capture(tap.id, x)
+        if self.early_exit and len(self.features) == len(self.taps):
+            raise _EarlyExit()
+
+    def run(self, *args, **kwargs):
+        """One forward of the model with fresh features. Returns the model output, or None after an early exit."""
+        if not self._attached:
+            raise RuntimeError("FeatureCapture.run needs the context to be open (use `with FeatureCapture(...)`)")
+        self.features, self._grids = {}, {}
+        try:
+            output = self.model(*args, **kwargs)
+        except _EarlyExit:
+            output = None
+        missing = [t.id for t in self.taps if t.id not in self.features]
+        if missing and self.enabled:
+            raise RuntimeError(f"these taps never fired during the forward: {missing}")
+        self.features = {t.id: self.features[t.id] for t in self.taps if t.id in self.features}
+        return output
