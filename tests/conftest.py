@@ -1,0 +1,97 @@
+"""Tiny random models built in-process (no weights, no network) and small helpers shared by the tests."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # two threads are slower than one for models this small on the CI machine
+
+
+def tiny_sd15_unet(seed: int = 0):
+    """An SD1.5-shaped UNet: 4 levels (3 with attention), 2 resnets per down level, conv in/out projections."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16, 32, 32), norm_num_groups=4, cross_attention_dim=32, attention_head_dim=2,
+        layers_per_block=2, sample_size=8,
+    ).eval()
+
+
+def tiny_sdxl_unet(seed: int = 0):
+    """An SDXL-shaped UNet: text_time added conditioning, linear projections, 2 transformer blocks at level 2,
+    upcast attention (as SD2.1 has) so the map processor's upcast path runs too."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16, 32), norm_num_groups=4, cross_attention_dim=80, attention_head_dim=(2, 2, 4),
+        layers_per_block=2, sample_size=8, transformer_layers_per_block=(1, 1, 2),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=48 + 6 * 8,
+        use_linear_projection=True, upcast_attention=True,
+    ).eval()
+
+
+def tiny_pixart(seed: int = 0):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        num_layers=3, attention_head_dim=8, num_attention_heads=2, in_channels=4, out_channels=8,
+        cross_attention_dim=16, caption_channels=12, sample_size=8, norm_type="ada_norm_single",
+        activation_fn="gelu-approximate", attention_bias=True, norm_elementwise_affine=False, norm_eps=1e-6,
+        num_embeds_ada_norm=1000, use_additional_conditions=False,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def sd15_unet():
+    return tiny_sd15_unet()
+
+
+@pytest.fixture(scope="module")
+def sdxl_unet():
+    return tiny_sdxl_unet()
+
+
+@pytest.fixture(scope="module")
+def pixart():
+    return tiny_pixart()
+
+
+def inputs_for(model, latent_hw=(8, 12), batch=2, tokens=7, seed=1):
+    """Random forward kwargs on a latent grid of latent_hw (8x12 by default: non-square on purpose)."""
+    from diffusion_feature.layer_catalog import dummy_inputs
+
+    g = torch.Generator().manual_seed(seed)
+    return dummy_inputs(model, latent_hw[0] * 8, latent_hw[1] * 8, batch=batch, text_tokens=tokens, generator=g)
+
+
+class InputRecorder:
+    """Records the positional/keyword inputs of chosen modules with plain PyTorch hooks of the test's own."""
+
+    def __init__(self, model, paths):
+        self.inputs = {}
+        modules = dict(model.named_modules())
+        self.handles = [modules[p].register_forward_pre_hook(self._hook(p), with_kwargs=True) for p in paths]
+
+    def _hook(self, path):
+        def hook(_m, args, kwargs):
+            self.inputs[path] = (args, kwargs)
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def hook_state(model):
+    """Everything a run could leave behind: hook dicts of every module and every attention processor object."""
+    state = []
+    for name, m in model.named_modules():
+        state.append((name, tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
+                      tuple(m._forward_hooks_with_kwargs), tuple(m._forward_pre_hooks_with_kwargs),
+                      id(getattr(m, "processor", None))))
+    return state
