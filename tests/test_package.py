@@ -1,0 +1,38 @@
+"""The package as ComfyUI and pip see it."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_imports_without_comfyui():
+    code = ("import sys, diffusion_feature as d; "
+            "assert isinstance(d.NODE_CLASS_MAPPINGS, dict) and d.WEB_DIRECTORY == './web'; "
+            "bad = [m for m in ('comfy', 'folder_paths', 'server', 'execution') if m in sys.modules]; "
+            "assert not bad, bad; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_distribution_metadata():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = meta["project"]
+    assert project["name"] == "diffusion-feature-nodes"
+    assert project["requires-python"] == ">=3.10"
+    deps = " ".join(project["dependencies"])
+    for name in ("torch", "diffusers", "transformers", "safetensors", "numpy", "scikit-learn", "pillow"):
+        assert name in deps
+    assert "xformers" not in deps and project["optional-dependencies"]["xformers"] == ["xformers"]
+    assert "test" in project["optional-dependencies"]
+    assert meta["tool"]["setuptools"]["package-dir"] == {"diffusion_feature": "."}
+    assert "comfy" in meta["tool"]
+    requirements = (ROOT / "requirements.txt").read_text().splitlines()
+    assert not [r for r in requirements if r.strip().lower().startswith("torch")]  # ComfyUI brings its own torch
