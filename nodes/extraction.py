@@ -1,0 +1,124 @@
+"""Extraction at a training timestep: encode -> noise -> one conditional forward -> features.
+
+Semantics (also in the README):
+- `t` is the training timestep index 0..999: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, and the denoiser is
+  called with timestep t, whatever scheduler the checkpoint ships (abar comes from its beta schedule).
+- The VAE latent is sampled (or its posterior mean taken) and the noise drawn from CPU generators seeded by `seed`;
+  every image of a call gets the same draw, so an image's features do not depend on its batch or its position.
+- One conditional forward, no classifier-free guidance; it stops as soon as every requested tap has fired.
+- `ensemble=N` averages the features over N noise draws (seeds seed, seed+1, ...), as DIFT does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..layer_catalog import FeatureCapture, resolve_taps
+from ..layer_catalog.taps import is_pixart
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass
+class Conditioning:
+    """What the denoiser needs besides the latent: text embeddings and, per family, extras.
+
+    encoder_hidden_states: (1 or B, tokens, dim). added_cond_kwargs: SDXL's text_embeds/time_ids or PixArt's
+    resolution/aspect_ratio. encoder_attention_mask: PixArt's T5 padding mask (1 or B, tokens).
+    """
+
+    encoder_hidden_states: torch.Tensor
+    added_cond_kwargs: dict | None = None
+    encoder_attention_mask: torch.Tensor | None = None
+    prompts: list[str] = field(default_factory=list)
+
+    def for_batch(self, batch: int, device, dtype) -> dict:
+        """Forward kwargs for a batch of `batch` latents (a single prompt is repeated)."""
+        def fit(x):
+            if x is None or not torch.is_tensor(x):
+                return x
+            if x.shape[0] not in (1, batch):
+                raise ValueError(f"conditioning holds {x.shape[0]} prompts for {batch} images; give one prompt "
+                                 "for the batch or one per image")
+            x = x.expand(batch, *x.shape[1:]) if x.shape[0] == 1 else x
+            return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+
+        kwargs = {"encoder_hidden_states": fit(self.encoder_hidden_states)}
+        if self.added_cond_kwargs is not None:
+            kwargs["added_cond_kwargs"] = {k: fit(v) for k, v in self.added_cond_kwargs.items()}
+        if self.encoder_attention_mask is not None:
+            kwargs["encoder_attention_mask"] = fit(self.encoder_attention_mask)
+        return kwargs
+
+
+def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
+    """abar_t for t = 0..999 from a checkpoint's scheduler config (its beta schedule), in float64."""
+    from diffusers import DDPMScheduler
+
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    config = {k: scheduler_config[k] for k in keys if scheduler_config.get(k) is not None}
+    abar = DDPMScheduler.from_config(config).alphas_cumprod.double()
+    if abar.shape[0] != NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"the scheduler has {abar.shape[0]} training timesteps; expected {NUM_TRAIN_TIMESTEPS}")
+    return abar
+
+
+def check_timestep(t) -> int:
+    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"t must be an integer training timestep in 0..{NUM_TRAIN_TIMESTEPS - 1}, got {t!r}")
+    return t
+
+
+def encode_latents(vae, pixels: torch.Tensor, seed: int, sample: bool = True) -> torch.Tensor:
+    """VAE latents x0 of (B, 3, H, W) pixels in [-1, 1], scaled as the denoiser expects.
+
+    sample=True draws from the posterior with a CPU generator seeded by `seed` (same draw for every image);
+    sample=False takes the posterior mean.
+    """
+    param = next(vae.parameters())
+    dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+    if sample:
+        eps = torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(seed))
+        latents = dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype)
+    else:
+        latents = dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def noise_latents(x0: torch.Tensor, t: int, abar: torch.Tensor, seed: int) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, eps from a CPU generator seeded by `seed`."""
+    eps = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    a = abar[t].item()
+    x_t = a ** 0.5 * x0.float() + (1.0 - a) ** 0.5 * eps.to(x0.device)
+    return x_t.to(x0.dtype)
+
+
+@torch.no_grad()
+def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: int, seed: int, abar: torch.Tensor,
+                    *, family: str | None = None, ensemble: int = 1, feature_resize: int = 1,
+                    dtype: torch.dtype | None = None, offload: bool = False) -> dict[str, torch.Tensor]:
+    """Features of clean latents x0 (B, C, h, w) at timestep t: the core shared by every entry point."""
+    t = check_timestep(t)
+    if not isinstance(ensemble, int) or ensemble < 1:
+        raise ValueError(f"ensemble must be an integer >= 1 (noise draws to average), got {ensemble!r}")
+    taps = resolve_taps(layers, denoiser, family)
+    param = next(denoiser.parameters())
+    batch = x0.shape[0]
+    kwargs = cond.for_batch(batch, param.device, param.dtype)
+    timestep = torch.full((batch,), t, device=param.device, dtype=torch.long)
+    sample_name = "hidden_states" if is_pixart(denoiser) else "sample"
+    total: dict[str, torch.Tensor] = {}
+    # Averaging happens in float32 on the capture device; the requested dtype is applied once, at the end.
+    with FeatureCapture(denoiser, taps, dtype=dtype if ensemble == 1 else torch.float32,
+                        device="cpu" if offload else None, feature_resize=feature_resize,
+                        early_exit=True) as capture:
+        for k in range(ensemble):
+            x_t = noise_latents(x0.to(param.device, param.dtype), t, abar, seed + k)
+            capture.run(**{sample_name: x_t}, timestep=timestep, **kwargs)
+            for name, value in capture.features.items():
+                total[name] = value if name not in total else total[name] + value
+    if ensemble > 1:
+        total = {k: (v / ensemble).to(dtype or param.dtype) for k, v in total.items()}
+    return total

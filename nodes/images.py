@@ -1,0 +1,89 @@
+"""Images in: reading files, validating them, and the resize policy.
+
+The default keeps the aspect ratio: the image is resized so its area is the model's native area, each side rounded
+to a multiple of 64 (so every UNet level has a whole grid). `stretch` forces the native square; `center-crop`
+crops the largest centred square first. Tensors go out as (B, 3, H, W) floats in [-1, 1], what the VAE expects.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+RESIZE_MODES = ("keep-aspect", "stretch", "center-crop")
+MAX_SIDE = 16384  # a 16k side already needs tens of GiB of attention maps; anything larger is a mistake
+MULTIPLE = 64
+
+
+class ImageInputError(ValueError):
+    """An input that is not a usable image; the message names it."""
+
+
+def open_image(path) -> Image.Image:
+    """Read one image file as RGB, with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ImageInputError(f"image {str(p)!r} does not exist")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            image = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise ImageInputError(f"{str(p)!r} is not a readable image ({e.__class__.__name__}: {e})") from None
+    check_size(image.width, image.height, str(p))
+    return image
+
+
+def check_size(width: int, height: int, name: str = "image") -> None:
+    if width < 1 or height < 1:
+        raise ImageInputError(f"{name} is {width}x{height} pixels: an image needs at least 1 pixel a side")
+    if width > MAX_SIDE or height > MAX_SIDE:
+        raise ImageInputError(f"{name} is {width}x{height} pixels: sides above {MAX_SIDE} are not supported; "
+                              "downscale it first")
+
+
+def target_size(width: int, height: int, native: int, mode: str = "keep-aspect") -> tuple[int, int]:
+    """(width, height) the model sees for an image of width x height, under `mode`, for a native side `native`."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}; valid modes: {', '.join(RESIZE_MODES)}")
+    check_size(width, height)
+    if mode != "keep-aspect":
+        return native, native
+    scale = math.sqrt(native * native / (width * height))
+    round_to = lambda v: max(MULTIPLE, int(round(v * scale / MULTIPLE)) * MULTIPLE)  # noqa: E731
+    return round_to(width), round_to(height)
+
+
+def prepare(image: Image.Image, native: int, mode: str = "keep-aspect", size: tuple[int, int] | None = None
+            ) -> Image.Image:
+    """Resize (and crop, for center-crop) one image; `size` (width, height) overrides the policy."""
+    if mode == "center-crop":
+        side = min(image.width, image.height)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    w, h = size if size is not None else target_size(image.width, image.height, native, mode)
+    if (w, h) == image.size:
+        return image
+    return image.resize((w, h), Image.Resampling.BICUBIC)
+
+
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images of one size -> (B, 3, H, W) float32 in [-1, 1]."""
+    sizes = {im.size for im in images}
+    if len(sizes) != 1:
+        raise ImageInputError(f"images of one batch must share a size after resizing, got {sorted(sizes)}")
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def from_comfy(images: torch.Tensor) -> list[Image.Image]:
+    """ComfyUI IMAGE ([B, H, W, C] floats in 0..1) -> PIL images."""
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise ImageInputError(f"expected an IMAGE tensor [B, H, W, C], got shape {tuple(images.shape)}")
+    arr = (images[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return [Image.fromarray(a) for a in arr]
