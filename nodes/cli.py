@@ -1,6 +1,9 @@
 """Command line: `python -m diffusion_feature <command>`.
 
-    layers --family F [--size N|WxH] [--json]   every layer id of a family with its per-sample shape
+    layers   every layer id of a family with its per-sample shape
+    extract  features of a folder of images, saved as safetensors or npy
+    pca      PCA images of one layer of saved features
+    demo     the offline demo: extraction + PCA on the bundled sample images
 """
 from __future__ import annotations
 
@@ -31,6 +34,42 @@ def _layers(args) -> int:
     return 0
 
 
+def _extract(args) -> int:
+    from .commands import run_extract
+
+    return run_extract(args)
+
+
+def _pca(args) -> int:
+    from .commands import run_pca
+
+    return run_pca(args)
+
+
+def _demo(args) -> int:
+    from .commands import run_demo
+
+    return run_demo(args)
+
+
+def _add_model_args(p, required: bool) -> None:
+    p.add_argument("--model", required=required, default=None,
+                   help="a diffusers folder or a single-file checkpoint (.safetensors; .ckpt/.pt read with "
+                        "weights_only=True)" + ("" if required else "; default: random weights of the real SD1.5 "
+                                                "architecture (features then mean nothing)"))
+    p.add_argument("--family", choices=list(FAMILIES), default=None, help="model family (default: detected)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if "
+                                                                          "available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="model dtype (default float32; float16 on a GPU halves memory)")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m diffusion_feature",
                                      description="Diffusion features: layer catalog and extraction.")
@@ -44,6 +83,58 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "default: the family's native size")
     p.add_argument("--json", action="store_true", help="print a JSON list of {\"id\", \"shape\"} objects")
     p.set_defaults(func=_layers)
+
+    p = sub.add_parser("extract", help="extract features of image files and save them",
+                       description="Extract features at training timestep t (x_t = sqrt(abar_t) x0 + "
+                                   "sqrt(1 - abar_t) eps, one conditional forward) and save one entry per image.")
+    _add_model_args(p, required=True)
+    p.add_argument("--layers", required=True, help="ids (comma separated), a preset (practical, legacy, full) "
+                                                   "or a JSON file {\"id\": true, ...}")
+    p.add_argument("--input", required=True, help="a folder of images or a glob pattern (quote it; ** recurses)")
+    p.add_argument("--output", required=True, help="output folder (created; existing features are never "
+                                                    "overwritten)")
+    p.add_argument("--t", type=int, default=50, help="training timestep 0..999 (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the VAE sample and the noise (default 0)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="one prompt for every image (default: empty)")
+    prompt.add_argument("--prompt-file", default=None,
+                        help="a text file: one line is the prompt for every image, or one line per image in the "
+                             "order of the sorted file names")
+    p.add_argument("--size", default=None, help="force every image to N or WxH pixels (default: keep the aspect "
+                                                "ratio at the model's native area, sides multiples of 64)")
+    p.add_argument("--resize", default="keep-aspect", choices=["keep-aspect", "stretch", "center-crop"],
+                   help="resize policy when --size is not given")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward (same size only)")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "npy"])
+    p.add_argument("--layout", default="per-sample", choices=["per-sample", "per-layer", "aggregate"])
+    p.add_argument("--ensemble", type=int, default=1, help="average over N noise draws (default 1)")
+    p.add_argument("--feature-resize", type=int, default=1, help="average-pool spatial features by this factor")
+    p.add_argument("--feature-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the saved features (default: the model's)")
+    p.add_argument("--vae-mean", action="store_true", help="use the VAE posterior mean instead of a sample")
+    p.set_defaults(func=_extract)
+
+    p = sub.add_parser("pca", help="PCA images of one layer of saved features",
+                       description="PCA of one spatial layer to RGB. With several files and --joint, one PCA for "
+                                   "all of them, so colours compare across images.")
+    p.add_argument("--features", required=True, nargs="+", help="saved .safetensors files (or npy .json)")
+    p.add_argument("--layer", required=True, help="a spatial layer id present in the files")
+    p.add_argument("--output", required=True, help="a .png path (one file) or a folder (several files)")
+    p.add_argument("--joint", action="store_true", help="fit one PCA over all files")
+    p.add_argument("--scale", type=int, default=8, help="upscale factor of the PNG (nearest; default 8)")
+    p.set_defaults(func=_pca)
+
+    p = sub.add_parser("demo", help="offline demo on the bundled sample images",
+                       description="Extract the practical preset of sd15 at t=50 from the bundled sample images, "
+                                   "save safetensors and jointly fitted PCA images. Without --model it builds "
+                                   "random weights of the real SD1.5 architecture: the pipeline runs for real, but "
+                                   "the features of random weights mean nothing.")
+    _add_model_args(p, required=False)
+    p.add_argument("--output", default="demo_output", help="output folder (default demo_output; a new numbered "
+                                                           "folder is used when it exists)")
+    p.add_argument("--side", default="256", help="images keep their aspect ratio at about side x side pixels "
+                                                 "(default 256 for a quick CPU run; 512 is SD1.5's native size)")
+    p.set_defaults(func=_demo)
     return parser
 
 
@@ -52,7 +143,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:  # bad input: one clear sentence, no traceback
+    except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad input: one clear sentence, no traceback
         parser.exit(2, f"error: {e}\n")
     except BrokenPipeError:  # output piped into `head`: not an error
         sys.stderr.close()

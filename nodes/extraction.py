@@ -122,3 +122,74 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
     if ensemble > 1:
         total = {k: (v / ensemble).to(dtype or param.dtype) for k, v in total.items()}
     return total
+
+
+def _pixels(images, native: int, resize: str, size) -> tuple[torch.Tensor, list]:
+    """Images (paths, PIL images, or a ComfyUI IMAGE tensor) -> (B, 3, H, W) in [-1, 1] and the PIL inputs."""
+    from PIL import Image
+
+    from .images import ImageInputError, from_comfy, open_image, prepare, to_tensor
+
+    if torch.is_tensor(images):
+        pil = from_comfy(images)
+    else:
+        items = images if isinstance(images, (list, tuple)) else [images]
+        pil = []
+        for item in items:
+            if isinstance(item, Image.Image):
+                pil.append(item.convert("RGB"))
+            elif isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
+                pil.append(open_image(item))
+            else:
+                raise ImageInputError(f"cannot use a {type(item).__name__} as an image: give paths, PIL images or "
+                                      "an IMAGE tensor [B, H, W, C]")
+    if not pil:
+        raise ImageInputError("no images given")
+    if size is not None:
+        from ..layer_catalog import parse_size
+
+        h, w = parse_size(size)
+        prepared = [prepare(im, native, resize, (w, h)) for im in pil]
+    else:
+        prepared = [prepare(im, native, resize) for im in pil]
+    return to_tensor(prepared), pil
+
+
+def with_time_ids(cond: Conditioning, height: int, width: int) -> Conditioning:
+    """SDXL micro-conditioning from the real image size: original = target = (H, W), no crop."""
+    if cond.added_cond_kwargs is None or "text_embeds" not in cond.added_cond_kwargs:
+        return cond
+    pooled = cond.added_cond_kwargs["text_embeds"]
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
+    added = dict(cond.added_cond_kwargs, time_ids=time_ids)
+    return Conditioning(cond.encoder_hidden_states, added, cond.encoder_attention_mask, cond.prompts)
+
+
+@torch.no_grad()
+def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *, resize: str = "keep-aspect",
+            size=None, ensemble: int = 1, feature_resize: int = 1, dtype: torch.dtype | None = None,
+            offload: bool = False, vae_sample: bool = True, target_side: int | None = None):
+    """Features of images at training timestep t (see the module docstring for the exact semantics).
+
+    model: a FeatureModel. images: paths, PIL images, or a ComfyUI IMAGE tensor; one batch (they must share a size
+    after resizing). prompt: a string for all images, a list (one per image), or a Conditioning. layers: ids, a
+    preset or a JSON file; default the taps attached to the model. target_side: keep-aspect resizing aims at
+    target_side**2 pixels instead of the native area. Returns Features (tensors + metadata).
+    """
+    from .features_io import Features
+    from .prompts import encode_prompt
+
+    t = check_timestep(t)
+    layers = layers if layers is not None else model.layers
+    if not layers:
+        raise ValueError("no layers to extract: pass layers= (ids, a preset or a JSON file) or attach them first")
+    pixels, _ = _pixels(images, target_side or model.native_size, resize, size)
+    height, width = pixels.shape[-2:]
+    cond = prompt if isinstance(prompt, Conditioning) else encode_prompt(model, prompt)
+    cond = with_time_ids(cond, height, width)
+    x0 = encode_latents(model.vae, pixels, seed, sample=vae_sample)
+    tensors = extract_latents(model.denoiser, x0, cond, layers, t, seed, model.alphas_cumprod, family=model.family,
+                              ensemble=ensemble, feature_resize=feature_resize, dtype=dtype, offload=offload)
+    meta = {"family": model.family, "t": t, "seed": seed, "size": [height, width], "prompt": cond.prompts,
+            "layers": list(tensors), "ensemble": ensemble}
+    return Features(tensors, meta)

@@ -60,7 +60,7 @@ def _safe_name(name: str) -> str:
     return name
 
 
-def _write_atomic(final: Path, write) -> Path:
+def write_atomic(final: Path, write) -> Path:
     """write(tmp_path) then link it to `final`; FileExistsError if `final` exists. No partial file ever remains."""
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
@@ -125,13 +125,13 @@ def save_features(features: Features, out_dir, names: list[str], fmt: str = "saf
         sample = {k: v.contiguous() for k, v in features.sample(i).items()}
         if fmt == "safetensors" and layout != "aggregate":
             meta = {k: json.dumps(v) for k, v in _meta_for(features, name).items()}
-            written.append(_write_atomic(out / f"{name}.safetensors",
+            written.append(write_atomic(out / f"{name}.safetensors",
                                          lambda p: save_file({k: v.cpu() for k, v in sample.items()}, p, meta)))
             continue
         if fmt == "safetensors":  # aggregate as one tensor per file
             meta = {k: json.dumps(v) for k, v in _meta_for(features, name, {"aggregate_slices": slices}).items()}
             data = {"aggregate": agg[i].contiguous().cpu()}
-            written.append(_write_atomic(out / f"{name}.safetensors", lambda p: save_file(data, p, meta)))
+            written.append(write_atomic(out / f"{name}.safetensors", lambda p: save_file(data, p, meta)))
             continue
         if layout == "aggregate":
             targets = {out / f"{name}.npy": agg[i]}
@@ -145,9 +145,9 @@ def save_features(features: Features, out_dir, names: list[str], fmt: str = "saf
         for path, tensor in targets.items():
             array = tensor.detach().cpu()
             array = (array.float() if array.dtype == torch.bfloat16 else array).numpy()
-            written.append(_write_atomic(path, lambda p, a=array: _save_npy(p, a)))
+            written.append(write_atomic(path, lambda p, a=array: _save_npy(p, a)))
         meta_text = json.dumps(_meta_for(features, name, extra), indent=1)
-        written.append(_write_atomic(meta_path, lambda p: Path(p).write_text(meta_text)))
+        written.append(write_atomic(meta_path, lambda p: Path(p).write_text(meta_text)))
     return written
 
 

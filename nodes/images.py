@@ -14,6 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 RESIZE_MODES = ("keep-aspect", "stretch", "center-crop")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MAX_SIDE = 16384  # a 16k side already needs tens of GiB of attention maps; anything larger is a mistake
 MULTIPLE = 64
 

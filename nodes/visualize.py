@@ -23,26 +23,38 @@ def _fit_project(x: np.ndarray) -> np.ndarray:
     return (proj - lo) / np.where(hi > lo, hi - lo, 1.0)
 
 
-def pca_rgb(features: torch.Tensor, joint: bool = True, foreground_threshold: float | None = None) -> np.ndarray:
-    """(B, C, H, W) features -> (B, H, W, 3) uint8 RGB.
+def pca_rgb(features, joint: bool = True, foreground_threshold: float | None = None) -> list[np.ndarray]:
+    """Spatial features -> one (H, W, 3) uint8 RGB array per image.
 
-    joint: one PCA for the whole batch (comparable colours); else one per image.
-    foreground_threshold: in 0..1; pixels whose first component (scaled to 0..1) is below it become black.
+    features: a (B, C, H, W) tensor or a list of (C, H, W) tensors (their grids may differ, e.g. images of
+    different aspect ratios). joint: one PCA and one colour range for all of them (comparable colours); else one
+    per image. foreground_threshold: in 0..1; pixels whose first component (scaled to 0..1) is below it are black.
     """
-    if features.ndim != 4:
-        raise ValueError(f"PCA needs spatial features (B, C, H, W); got shape {tuple(features.shape)} "
-                         "(attention maps are shown with attention_heatmap instead)")
+    items = list(features) if isinstance(features, (list, tuple)) else None
+    if items is None:
+        if features.ndim != 4:
+            raise ValueError(f"PCA needs spatial features (B, C, H, W); got shape {tuple(features.shape)} "
+                             "(attention maps are shown with attention_heatmap instead)")
+        items = list(features)
+    if not items or any(x.ndim != 3 for x in items):
+        raise ValueError("PCA needs spatial features: (C, H, W) per image")
+    if len({x.shape[0] for x in items}) != 1:
+        raise ValueError("PCA over several images needs the same channel count in each")
     if foreground_threshold is not None and not 0.0 <= foreground_threshold <= 1.0:
         raise ValueError(f"foreground_threshold must be in 0..1, got {foreground_threshold}")
-    b, c, h, w = features.shape
-    rows = features.detach().float().permute(0, 2, 3, 1).reshape(b, h * w, c).cpu().numpy().astype(np.float64)
+    rows = [x.detach().float().flatten(1).T.cpu().numpy().astype(np.float64) for x in items]  # (H*W, C) each
     if joint:
-        rgb = _fit_project(rows.reshape(b * h * w, c)).reshape(b, h * w, 3)
+        colours = _fit_project(np.concatenate(rows))
+        bounds = np.cumsum([0] + [len(r) for r in rows])
+        rgb = [colours[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     else:
-        rgb = np.stack([_fit_project(r) for r in rows])
-    if foreground_threshold is not None:
-        rgb = np.where(rgb[..., :1] >= foreground_threshold, rgb, 0.0)
-    return (rgb.reshape(b, h, w, 3) * 255).round().astype(np.uint8)
+        rgb = [_fit_project(r) for r in rows]
+    out = []
+    for x, c in zip(items, rgb):
+        if foreground_threshold is not None:
+            c = np.where(c[:, :1] >= foreground_threshold, c, 0.0)
+        out.append((c.reshape(x.shape[1], x.shape[2], 3) * 255).round().astype(np.uint8))
+    return out
 
 
 def grid_for(tokens: int, height: int, width: int) -> tuple[int, int]:
@@ -98,6 +110,13 @@ def attention_heatmap(maps: torch.Tensor, image_size: tuple[int, int], *, token:
     return (heat_colors(masks) * 255).round().astype(np.uint8), masks
 
 
-def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> list[Image.Image]:
-    """(B, h, w, 3) uint8 -> PIL images of size (width, height), nearest-neighbour so feature cells stay crisp."""
-    return [Image.fromarray(a).resize(size, Image.Resampling.NEAREST) for a in rgb]
+def save_png(rgb: np.ndarray, path, scale: int = 1) -> None:
+    """Write an (H, W, 3) uint8 array as PNG, upscaled by `scale` (nearest), atomically and never over a file."""
+    from pathlib import Path
+
+    from .features_io import write_atomic
+
+    image = Image.fromarray(rgb)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    write_atomic(Path(path), lambda tmp: image.save(tmp, format="PNG"))

@@ -102,10 +102,10 @@ def test_joint_pca_gives_the_same_colour_to_the_same_vector():
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(2, 16, 6, 6, generator=g)
     feats[1, :, 2, 3] = feats[0, :, 4, 1]  # one vector appears in both images
-    rgb = pca_rgb(feats, joint=True)
+    rgb = np.stack(pca_rgb(feats, joint=True))
     assert rgb.shape == (2, 6, 6, 3) and rgb.dtype == np.uint8
     assert np.array_equal(rgb[1, 2, 3], rgb[0, 4, 1])
-    per_image = pca_rgb(feats, joint=False)
+    per_image = np.stack(pca_rgb(feats, joint=False))
     assert not np.array_equal(per_image, rgb)
 
 
@@ -114,12 +114,21 @@ def test_pca_colours_follow_the_first_component_and_threshold():
     feats = torch.zeros(1, 4, 2, 4)
     feats[0, 0, :, :2], feats[0, 0, :, 2:] = -5.0, 5.0
     feats[0, 1] = torch.tensor([[0.1, -0.1, 0.2, -0.2], [0.0, 0.3, -0.3, 0.1]])
-    rgb = pca_rgb(feats)
+    rgb = np.stack(pca_rgb(feats))
     assert set(np.unique(rgb[0, :, :, 0])) == {0, 255}
-    masked = pca_rgb(feats, foreground_threshold=0.5)
+    masked = np.stack(pca_rgb(feats, foreground_threshold=0.5))
     assert (masked[0][rgb[0, :, :, 0] == 0] == 0).all()
     with pytest.raises(ValueError, match="spatial features"):
         pca_rgb(torch.zeros(2, 3, 4))
+
+
+def test_joint_pca_over_different_grids():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(8, 4, 6, generator=g), torch.randn(8, 6, 4, generator=g)
+    b[:, 0, 0] = a[:, 3, 5]
+    ra, rb = pca_rgb([a, b])
+    assert ra.shape == (4, 6, 3) and rb.shape == (6, 4, 3)
+    assert np.array_equal(ra[3, 5], rb[0, 0])
 
 
 def test_heatmaps_pick_the_token_and_the_query():

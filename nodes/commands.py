@@ -1,0 +1,136 @@
+"""What the CLI commands do (argument parsing stays in cli.py)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).resolve().parent / "data"
+SAMPLES = DATA / "samples"
+RANDOM_WARNING = (
+    "!" * 78 + "\n"
+    "!! No --model given: using RANDOM WEIGHTS of the real SD1.5 architecture.\n"
+    "!! Every stage runs for real (VAE, text encoder, UNet, hooks, saving, PCA), but features of random\n"
+    "!! weights are NOT meaningful. Pass --model PATH (a diffusers folder or a .safetensors checkpoint).\n"
+    + "!" * 78)
+
+
+def _load(args):
+    from .loading import build_random, load_model
+
+    if args.model is None:
+        print(RANDOM_WARNING, file=sys.stderr)
+        return build_random(args.family or "sd15", args.dtype, args.device)
+    return load_model(args.model, args.family, args.dtype, args.device)
+
+
+def _prompts(args, n: int) -> list[str]:
+    if args.prompt_file is None:
+        return [args.prompt] * n
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line] or [""]
+    if len(lines) == 1:
+        return lines * n
+    if len(lines) != n:
+        raise ValueError(f"prompt file {str(path)!r} has {len(lines)} lines for {n} images: give one line for all "
+                         "images or one per image")
+    return lines
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
+    return bar, bar.update
+
+
+def run_extract(args) -> int:
+    from ..layer_catalog import parse_size
+    from .folder_run import extract_folder, find_images
+    from .model import parse_dtype
+
+    files = find_images(args.input)
+    prompts = _prompts(args, len(files))
+    size = parse_size(args.size) if args.size else None
+    model = _load(args)
+    bar, update = _progress(len(files), "extract")
+    start = time.perf_counter()
+    try:
+        written = extract_folder(
+            model, files, prompts, args.layers, args.output, t=args.t, seed=args.seed, batch_size=args.batch_size,
+            fmt=args.format, layout=args.layout, resize=args.resize, size=size, progress=update,
+            ensemble=args.ensemble, feature_resize=args.feature_resize, vae_sample=not args.vae_mean,
+            dtype=parse_dtype(args.feature_dtype) if args.feature_dtype else None)
+    finally:
+        bar.close()
+    print(f"wrote {len(written)} files for {len(files)} images to {args.output} "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def run_pca(args) -> int:
+    from .features_io import load_features
+    from .visualize import pca_rgb, save_png
+
+    loaded = [load_features(f) for f in args.features]
+    for path, feats in zip(args.features, loaded):
+        if args.layer not in feats.tensors:
+            raise ValueError(f"{path} has no layer {args.layer!r}; it holds: {', '.join(feats.tensors)}")
+    tensors = [f.tensors[args.layer][0] for f in loaded]
+    images = pca_rgb(tensors, joint=args.joint) if args.joint else [pca_rgb([x])[0] for x in tensors]
+    out = Path(args.output)
+    if len(images) == 1 and out.suffix.lower() == ".png":
+        targets = [out]
+    else:
+        targets = [out / f"{Path(p).stem}_{args.layer}.png" for p in args.features]
+    for rgb, target in zip(images, targets):
+        save_png(rgb, target, scale=args.scale)
+        print(f"wrote {target}")
+    return 0
+
+
+def _fresh_folder(base: Path) -> Path:
+    if not base.exists() or not any(base.iterdir()):
+        return base
+    n = 2
+    while (base.parent / f"{base.name}-{n}").exists():
+        n += 1
+    return base.parent / f"{base.name}-{n}"
+
+
+def run_demo(args) -> int:
+    from ..layer_catalog import parse_size
+    from .features_io import load_features
+    from .folder_run import extract_folder, find_images
+    from .visualize import pca_rgb, save_png
+
+    torch.manual_seed(0)
+    out = _fresh_folder(Path(args.output))
+    files = find_images(str(SAMPLES))
+    prompts = {"house": "a red house under the sun", "cat": "a black cat", "fruit": "fruit on a wooden table"}
+    start = time.perf_counter()
+    model = _load(args)
+    print(f"model ready ({model.family}, {model.source}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    side = parse_size(args.side)[0]
+    bar, update = _progress(len(files), "demo")
+    try:
+        written = extract_folder(model, files, [prompts.get(f.stem, "") for f in files], "practical", out, t=50,
+                                 seed=0, size=None, resize="keep-aspect", progress=update, target_side=side)
+    finally:
+        bar.close()
+    saved = [p for p in written if p.suffix == ".safetensors"]
+    loaded = [load_features(p) for p in saved]
+    for layer in loaded[0].tensors:
+        images = pca_rgb([f.tensors[layer][0] for f in loaded], joint=True)
+        for path, rgb in zip(saved, images):
+            save_png(rgb, out / "pca" / f"{path.stem}_{layer}.png", scale=8)
+    print(f"wrote {len(saved)} feature files and {len(saved) * len(loaded[0].tensors)} PCA images to {out} in "
+          f"{time.perf_counter() - start:.1f} s")
+    if args.model is None:
+        print("reminder: these features come from random weights (see the warning above)", file=sys.stderr)
+    return 0

@@ -1,0 +1,97 @@
+"""Extraction over many image files: group by size, batch, extract, save, with a progress bar.
+
+Images whose resized sizes differ cannot share a batch (their latents differ), so files are grouped by the size the
+resize policy gives them; within a group they go in batches of `batch_size`. Names come from the file names.
+Before any model work, the output names are checked: a run never overwrites earlier features.
+"""
+from __future__ import annotations
+
+import glob
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from PIL import Image
+
+from .extraction import extract
+from .features_io import save_features
+from .images import IMAGE_SUFFIXES, ImageInputError, check_size, target_size
+
+
+def find_images(pattern: str) -> list[Path]:
+    """Image files matching a glob pattern (recursive with **), or every image in a folder."""
+    p = Path(pattern)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        files = sorted(Path(f) for f in glob.glob(pattern, recursive=True) if Path(f).is_file())
+    if not files:
+        raise ImageInputError(f"no image files match {pattern!r}")
+    return files
+
+
+def sample_names(files: list[Path]) -> list[str]:
+    """File stems; when two files share a stem, their parent folders are prefixed until names are unique."""
+    names = [f.stem for f in files]
+    depth = 1
+    while len(set(names)) != len(names) and depth < 8:
+        names = ["_".join([*f.parent.parts[-depth:], f.stem]) for f in files]
+        depth += 1
+    if len(set(names)) != len(names):
+        raise ImageInputError("several input files map to the same output name; rename them")
+    return [re.sub(r"[^A-Za-z0-9._-]+", "_", n) for n in names]
+
+
+def existing_outputs(out_dir: Path, names: list[str]) -> list[Path]:
+    """Files or folders already in out_dir that a run with these sample names could collide with."""
+    if not out_dir.exists():
+        return []
+    wanted = set(names)
+    hits = []
+    for entry in out_dir.rglob("*"):
+        stem = entry.name.split(".")[0]
+        if stem in wanted and entry.parent == out_dir or (entry.suffix == ".npy" and stem in wanted):
+            hits.append(entry)
+    return hits
+
+
+def plan_batches(files: list[Path], native: int, resize: str, size, batch_size: int) -> list[list[int]]:
+    """Indices of files per batch: same target size within a batch, at most batch_size each, in file order."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, f in enumerate(files):
+        if size is not None or resize != "keep-aspect":
+            key = ("fixed",)
+        else:
+            try:
+                with Image.open(f) as im:
+                    w, h = im.size
+            except (OSError, Image.DecompressionBombError) as e:
+                raise ImageInputError(f"{str(f)!r} is not a readable image ({e})") from None
+            check_size(w, h, str(f))
+            key = target_size(w, h, native, resize)
+        groups[key].append(i)
+    return [idx[j:j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)]
+
+
+def extract_folder(model, files: list[Path], prompts: list[str], layers, out_dir, *, t: int, seed: int,
+                   batch_size: int = 1, fmt: str = "safetensors", layout: str = "per-sample",
+                   resize: str = "keep-aspect", size=None, target_side: int | None = None, progress=None,
+                   **extract_kw) -> list[Path]:
+    """Extract and save features for every file; prompts[i] belongs to files[i]. Returns the files written."""
+    out_dir = Path(out_dir)
+    names = sample_names(files)
+    clash = existing_outputs(out_dir, names)
+    if clash:
+        raise FileExistsError(f"{out_dir} already holds features for {len(clash)} of these images (e.g. "
+                              f"{clash[0]}); features are never overwritten: choose another --output")
+    batches = plan_batches(files, target_side or model.native_size, resize, size, batch_size)
+    written: list[Path] = []
+    for batch in batches:
+        features = extract(model, [files[i] for i in batch], [prompts[i] for i in batch], layers, t, seed,
+                           resize=resize, size=size, target_side=target_side, **extract_kw)
+        written += save_features(features, out_dir, [names[i] for i in batch], fmt=fmt, layout=layout)
+        if progress is not None:
+            progress(len(batch))
+    return written

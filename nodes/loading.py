@@ -1,0 +1,254 @@
+"""Loading a FeatureModel: diffusers folders, single-file checkpoints, or random weights of a family's architecture.
+
+Everything is offline: configs come from the folder itself or from the JSON configs shipped for each family
+(layer_catalog/model_configs), tokenizers from the folder, ComfyUI, or the bundled CLIP vocabulary. Nothing is
+downloaded, and a pickle checkpoint is only read through torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..layer_catalog import FAMILIES, get_family
+from .comfy_env import comfy_tokenizer_dir
+from .model import FeatureModel, parse_dtype
+from .tokenizers import TokenizerMissingError, clip_tokenizer, load_tokenizer
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+SDXL_LIKE = ("sdxl", "playground-v2")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message says what the file is or what is missing."""
+
+
+# ---- family detection ----------------------------------------------------------------------------------------
+def read_key_shapes(path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a single-file checkpoint, reading as little as the format allows."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(p), "pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{str(p)!r} is not a valid safetensors file ({e})") from None
+    return {k: tuple(v.shape) for k, v in load_pickle_state_dict(p).items()}
+
+
+def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A .ckpt/.pt state dict through torch.load(weights_only=True): code inside the file never runs."""
+    import pickle
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{str(path)!r} was refused by torch.load(weights_only=True): it is not a plain "
+                              f"tensor checkpoint, and we never run the code a pickle may carry ({first}). "
+                              "Convert it to .safetensors with a tool you trust.") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise CheckpointError(f"{str(path)!r} holds no state dict of tensors")
+    return obj
+
+
+def detect_family(shapes: dict[str, tuple[int, ...]]) -> str:
+    """The family of a single-file (original layout) checkpoint from its tensor names and shapes."""
+    if any(k.startswith("model.diffusion_model.") for k in shapes):
+        if "model.diffusion_model.label_emb.0.0.weight" in shapes:
+            return "sdxl"
+        ctx = [s for k, s in shapes.items() if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")]
+        if ctx:
+            return {768: "sd15", 1024: "sd21"}.get(ctx[0][-1], f"an unknown UNet with text width {ctx[0][-1]}")
+    if "x_embedder.proj.weight" in shapes or "transformer.x_embedder.proj.weight" in shapes:
+        return "pixart-sigma"
+    if "conv_in.weight" in shapes and any(k.startswith("down_blocks.") for k in shapes):
+        return "a diffusers UNet state dict (not a full checkpoint)"
+    return "no known diffusion checkpoint"
+
+
+def _check_family(detected: str, family: str | None, path) -> str:
+    known = detected in FAMILIES
+    if family is None:
+        if not known:
+            raise CheckpointError(f"{str(path)!r} looks like {detected}; cannot tell its family (valid: "
+                                  f"{', '.join(FAMILIES)})")
+        return detected
+    get_family(family)
+    if known and (family == detected or {family, detected} <= set(SDXL_LIKE)):
+        return family
+    raise CheckpointError(f"{str(path)!r} was given as {family} but looks like {detected}; "
+                          f"pass family={detected!r}" + ("" if known else " or check the file"))
+
+
+# ---- tokenizers ----------------------------------------------------------------------------------------------
+def default_tokenizers(family: str) -> list:
+    """Tokenizers for a checkpoint that ships none."""
+    if family == "pixart-sigma":
+        folder = comfy_tokenizer_dir("t5_tokenizer")
+        if folder is None:
+            raise TokenizerMissingError(
+                "pixart-sigma needs its T5 tokenizer: load PixArt from a diffusers folder that has tokenizer/, or "
+                "run inside ComfyUI (which bundles one). It is never downloaded.")
+        return [load_tokenizer(folder)]
+    if family == "sd15":
+        return [clip_tokenizer("<|endoftext|>")]
+    if family == "sd21":
+        return [clip_tokenizer("!")]
+    return [clip_tokenizer("<|endoftext|>"), clip_tokenizer("!")]
+
+
+# ---- loaders -------------------------------------------------------------------------------------------------
+def _finish(model: FeatureModel, dtype: torch.dtype, device) -> FeatureModel:
+    """Move to device/dtype. SDXL's VAE stays float32 below float32: it overflows in float16."""
+    vae_dtype = torch.float32 if (dtype != torch.float32 and model.family in SDXL_LIKE + ("pixart-sigma",)) else dtype
+    for module, want in [(model.denoiser, dtype), (model.vae, vae_dtype)] + [(e, dtype) for e in model.text_encoders]:
+        module.to(device)
+        if next(module.parameters()).dtype != want:
+            module.to(want)
+        module.eval()
+    _use_xformers_when_possible(model.denoiser)
+    return model
+
+
+def _use_xformers_when_possible(denoiser) -> None:
+    if next(denoiser.parameters()).device.type != "cuda":
+        return
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        return
+    denoiser.enable_xformers_memory_efficient_attention()
+
+
+def build_random(family: str, dtype="float32", device="cpu", seed: int = 0) -> FeatureModel:
+    """The family's full architecture with random weights (for demos and benchmarks: its features mean nothing)."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoConfig, AutoModel, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ..layer_catalog.families import denoiser_from_config
+
+    fam = get_family(family)
+    tokenizers = default_tokenizers(family)
+    torch.manual_seed(seed)
+    denoiser = denoiser_from_config(fam.denoiser_config(), "cpu")
+    vae = AutoencoderKL.from_config(json.loads((fam.config_dir / "vae" / "config.json").read_text()))
+    encoders = []
+    for sub in ("text_encoder", "text_encoder_2"):
+        cfg_path = fam.config_dir / sub / "config.json"
+        if cfg_path.exists():
+            config = AutoConfig.from_pretrained(str(cfg_path.parent), local_files_only=True)
+            arch = json.loads(cfg_path.read_text())["architectures"][0]
+            cls = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}.get(
+                arch, AutoModel)
+            encoders.append(cls._from_config(config) if hasattr(cls, "_from_config") else cls(config))
+    scheduler = json.loads((fam.config_dir / "scheduler" / "scheduler_config.json").read_text())
+    model = FeatureModel(family, denoiser, vae, encoders, tokenizers, scheduler, source="random weights")
+    return _finish(model, parse_dtype(dtype), device)
+
+
+def detect_folder_family(folder: Path) -> str:
+    index = json.loads((folder / "model_index.json").read_text())
+    if "transformer" in index:
+        return "pixart-sigma"
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    if unet.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd21" if unet.get("cross_attention_dim") == 1024 else "sd15"
+
+
+def load_diffusers_folder(folder, family: str | None = None, dtype="float32", device="cpu") -> FeatureModel:
+    """A diffusers folder (model_index.json + component subfolders), read locally only."""
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
+    from transformers import AutoModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise CheckpointError(f"{str(folder)!r} is not a diffusers folder (no model_index.json)")
+    family = _check_family(detect_folder_family(folder), family, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    kw = {"local_files_only": True}
+    denoiser_cls = PixArtTransformer2DModel if family == "pixart-sigma" else UNet2DConditionModel
+    denoiser = denoiser_cls.from_pretrained(folder, subfolder="transformer" if family == "pixart-sigma" else "unet", **kw)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
+    classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
+               "T5EncoderModel": T5EncoderModel}
+    encoders, tokenizers = [], []
+    for enc_name, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        if enc_name not in index or index[enc_name][1] is None:
+            continue
+        cls = classes.get(index[enc_name][1], AutoModel)
+        encoders.append(cls.from_pretrained(folder / enc_name, **kw))
+        tok_dir = folder / tok_name
+        tokenizers.append(load_tokenizer(tok_dir) if tok_dir.is_dir() else None)
+    if any(t is None for t in tokenizers):
+        defaults = default_tokenizers(family)
+        tokenizers = [t if t is not None else defaults[i] for i, t in enumerate(tokenizers)]
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    model = FeatureModel(family, denoiser, vae, encoders, tokenizers, scheduler, source=str(folder))
+    return _finish(model, parse_dtype(dtype), device)
+
+
+def load_single_file(path, family: str | None = None, dtype="float32", device="cpu",
+                     config_dir=None) -> FeatureModel:
+    """A single-file checkpoint in the original (LDM) layout, converted by diffusers with our shipped configs."""
+    path = Path(path)
+    family = _check_family(detect_family(read_key_shapes(path)), family, path)
+    if family == "pixart-sigma":
+        raise CheckpointError("single-file PixArt checkpoints are not supported: load PixArt-Sigma from its "
+                              "diffusers folder")
+    config_dir = Path(config_dir) if config_dir is not None else get_family(family).config_dir
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    tokenizers = default_tokenizers(family)
+    pipe_cls = StableDiffusionXLPipeline if family in SDXL_LIKE else StableDiffusionPipeline
+    extra = {"tokenizer": tokenizers[0]}
+    if family in SDXL_LIKE:
+        extra["tokenizer_2"] = tokenizers[1]
+    else:
+        extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    source = path
+    if path.suffix != ".safetensors":  # diffusers reads pickles itself; give it tensors we have read safely
+        source = _as_temporary_safetensors(path)
+    try:
+        pipe = pipe_cls.from_single_file(str(source), config=str(config_dir), local_files_only=True, **extra)
+    finally:
+        if source != path:
+            os.unlink(source)
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family in SDXL_LIKE else [])
+    scheduler = dict(pipe.scheduler.config)
+    model = FeatureModel(family, pipe.unet, pipe.vae, encoders, tokenizers, scheduler, source=str(path))
+    return _finish(model, parse_dtype(dtype), device)
+
+
+def _as_temporary_safetensors(path: Path) -> Path:
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in load_pickle_state_dict(path).items()}
+    fd, tmp = tempfile.mkstemp(suffix=".safetensors")
+    os.close(fd)
+    save_file(state, tmp)
+    return Path(tmp)
+
+
+def load_model(path, family: str | None = None, dtype="float32", device="cpu") -> FeatureModel:
+    """A diffusers folder or a single-file checkpoint; the family is detected unless given."""
+    p = Path(path)
+    if p.is_dir():
+        return load_diffusers_folder(p, family, dtype, device)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+    if p.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise CheckpointError(f"{str(p)!r}: expected a diffusers folder or a {', '.join(SINGLE_FILE_SUFFIXES)} file")
+    return load_single_file(p, family, dtype, device)

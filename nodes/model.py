@@ -1,0 +1,72 @@
+"""The loaded model a run works on (DF_MODEL): denoiser, VAE, text encoders, tokenizers, noise schedule, family.
+
+Cloning is cheap and shares the weights: nodes that "change" a model (attach taps, a LoRA) return a clone so the
+input model stays as it was for every other branch of a graph.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from ..layer_catalog import compute_shapes, get_family
+from ..layer_catalog.catalog import parse_size
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unknown dtype {dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+
+
+@dataclass
+class FeatureModel:
+    family: str
+    denoiser: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list
+    tokenizers: list
+    scheduler_config: dict
+    source: str = ""  # where it came from (a path, or "random weights")
+    layers: list[str] | None = None  # taps attached by DFAttachHooks (None: none yet)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        get_family(self.family)
+
+    def clone(self, **changes) -> "FeatureModel":
+        """A new FeatureModel sharing every module; `changes` replace fields (e.g. layers=[...])."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    @property
+    def native_size(self) -> int:
+        return get_family(self.family).native_size
+
+    @cached_property
+    def alphas_cumprod(self) -> torch.Tensor:
+        from .extraction import alphas_cumprod
+
+        return alphas_cumprod(self.scheduler_config)
+
+    def show_layers(self, size=None) -> dict[str, list[int]]:
+        """Every layer id of this model with its per-sample shape at `size` (default: the family's native size),
+        computed on a weightless meta-device copy of the denoiser (no memory, no change to this model)."""
+        height, width = parse_size(size if size is not None else self.native_size)
+        with torch.device("meta"):
+            meta = type(self.denoiser).from_config(self.denoiser.config)
+        tokens = self.extra.get("text_tokens", get_family(self.family).text_tokens)
+        return compute_shapes(meta, height, width, tokens)

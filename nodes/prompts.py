@@ -1,0 +1,115 @@
+"""Prompt encoding per family, with long prompts chunked instead of truncated.
+
+- sd15 / sd21: the text encoder's last hidden state (SD2.x checkpoints ship a 23-layer OpenCLIP-H, which is the
+  penultimate layer of the original with the final norm, as SD2 was trained).
+- sdxl / playground-v2: both encoders' penultimate hidden states concatenated (768 + 1280 = 2048) and the second
+  encoder's pooled projection; the time ids are added at extraction, from the real image size.
+- pixart-sigma: T5 with 300 tokens and its attention mask.
+
+A prompt longer than the window (75 tokens + BOS/EOS for CLIP, 300 for T5) is split into windows, each encoded on
+its own and concatenated along the token axis; for SDXL both encoders get the same windows and the pooled
+embedding is the first window's. Prompts of one batch with different lengths are padded with windows of the empty
+prompt, so their token counts match.
+"""
+from __future__ import annotations
+
+import torch
+
+from .extraction import Conditioning
+
+CLIP_WINDOW = 75
+T5_WINDOW = 300
+
+
+def _clip_windows(tokenizer, prompt: str) -> list[list[int]]:
+    ids = tokenizer(prompt, add_special_tokens=False, truncation=False)["input_ids"]
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    windows = [ids[i:i + CLIP_WINDOW] for i in range(0, len(ids), CLIP_WINDOW)] or [[]]
+    return [[bos, *w, eos] + [pad] * (CLIP_WINDOW - len(w)) for w in windows]
+
+
+def _t5_windows(tokenizer, prompt: str) -> list[tuple[list[int], list[int]]]:
+    ids = tokenizer(prompt, add_special_tokens=False, truncation=False)["input_ids"]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    body = T5_WINDOW - 1
+    windows = [ids[i:i + body] for i in range(0, len(ids), body)] or [[]]
+    return [([*w, eos] + [pad] * (body - len(w)), [1] * (len(w) + 1) + [0] * (body - len(w))) for w in windows]
+
+
+def _pad_to_same_length(per_prompt: list[list], empty) -> torch.Tensor:
+    most = max(len(w) for w in per_prompt)
+    return [w + [empty] * (most - len(w)) for w in per_prompt]
+
+
+def _run_clip(encoder, windows: list[list[int]], penultimate: bool):
+    """Encode each window: (hidden (1, 77 * n, D), pooled of the first window or None)."""
+    device = next(encoder.parameters()).device
+    ids = torch.tensor(windows, device=device)
+    out = encoder(ids, output_hidden_states=penultimate)
+    hidden = out.hidden_states[-2] if penultimate else out[0]
+    pooled = getattr(out, "text_embeds", None)
+    return hidden.reshape(1, -1, hidden.shape[-1]), (pooled[:1] if pooled is not None else None)
+
+
+@torch.no_grad()
+def encode_prompt(model, prompts) -> Conditioning:
+    """Encode one prompt (for the whole batch) or a list (one per image). Returns a Conditioning on the model's
+    device, in the denoiser's dtype."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompt must be a string or a list of strings (an empty string is allowed)")
+    family, dtype = model.family, model.dtype
+    if family == "pixart-sigma":
+        return _encode_t5(model, prompts)
+    sdxl = family in ("sdxl", "playground-v2")
+    tokenizers = model.tokenizers[:2] if sdxl else model.tokenizers[:1]
+    encoders = model.text_encoders[:2] if sdxl else model.text_encoders[:1]
+    if len(tokenizers) != len(encoders) or not encoders:
+        raise ValueError(f"a {family} model needs {2 if sdxl else 1} text encoder(s) and tokenizer(s)")
+    empty = _clip_windows(tokenizers[0], "")[0]
+    # One window list per prompt, from the first tokenizer; SDXL's second tokenizer differs only in padding.
+    per_prompt = _pad_to_same_length([_clip_windows(tokenizers[0], p) for p in prompts], empty)
+    hidden, pooled = [], []
+    for tokenizer, encoder in zip(tokenizers, encoders):
+        pad_from, pad_to = tokenizers[0].pad_token_id, tokenizer.pad_token_id
+        rows = []
+        for windows in per_prompt:
+            windows = [_repad(w, tokenizer.eos_token_id, pad_from, pad_to) for w in windows]
+            h, p = _run_clip(encoder, windows, penultimate=sdxl)
+            rows.append((h, p))
+        hidden.append(torch.cat([h for h, _ in rows]))
+        if sdxl and rows[0][1] is not None:
+            pooled.append(torch.cat([p for _, p in rows]))
+    states = torch.cat(hidden, dim=-1).to(dtype)
+    added = {"text_embeds": pooled[-1].to(dtype)} if sdxl else None
+    if sdxl and not pooled:
+        raise ValueError("SDXL's second text encoder must be a CLIPTextModelWithProjection (it gives the pooled "
+                         "embedding)")
+    return Conditioning(states, added_cond_kwargs=added, prompts=prompts)
+
+
+def _repad(window: list[int], eos: int, pad_from: int, pad_to: int) -> list[int]:
+    """Re-pad a window made with one tokenizer's pad id for a tokenizer that pads with another."""
+    if pad_from == pad_to:
+        return window
+    end = window.index(eos, 1) + 1
+    return window[:end] + [pad_to] * (len(window) - end)
+
+
+def _encode_t5(model, prompts: list[str]) -> Conditioning:
+    if not model.tokenizers or not model.text_encoders:
+        raise ValueError("a pixart-sigma model needs its T5 text encoder and tokenizer")
+    tokenizer, encoder = model.tokenizers[0], model.text_encoders[0]
+    empty = _t5_windows(tokenizer, "")[0]
+    per_prompt = _pad_to_same_length([_t5_windows(tokenizer, p) for p in prompts], empty)
+    device = next(encoder.parameters()).device
+    states, masks = [], []
+    for windows in per_prompt:
+        ids = torch.tensor([w for w, _ in windows], device=device)
+        mask = torch.tensor([m for _, m in windows], device=device)
+        out = encoder(ids, attention_mask=mask)[0]
+        states.append(out.reshape(1, -1, out.shape[-1]))
+        masks.append(mask.reshape(1, -1))
+    return Conditioning(torch.cat(states).to(model.dtype), added_cond_kwargs={"resolution": None,
+                                                                              "aspect_ratio": None},
+                        encoder_attention_mask=torch.cat(masks), prompts=prompts)
