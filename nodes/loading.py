@@ -65,6 +65,11 @@ def detect_family(shapes: dict[str, tuple[int, ...]]) -> str:
     if any(k.startswith("model.diffusion_model.") for k in shapes):
         if "model.diffusion_model.label_emb.0.0.weight" in shapes:
             return "sdxl"
+        # the text encoder tells SD1 (HF CLIP-L) from SD2 (OpenCLIP-H); the UNet's text width is the fallback
+        if any(k.startswith("cond_stage_model.model.") for k in shapes):
+            return "sd21"
+        if any(k.startswith("cond_stage_model.transformer.") for k in shapes):
+            return "sd15"
         ctx = [s for k, s in shapes.items() if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")]
         if ctx:
             return {768: "sd15", 1024: "sd21"}.get(ctx[0][-1], f"an unknown UNet with text width {ctx[0][-1]}")

@@ -95,3 +95,42 @@ def hook_state(model):
                       tuple(m._forward_hooks_with_kwargs), tuple(m._forward_pre_hooks_with_kwargs),
                       id(getattr(m, "processor", None))))
     return state
+
+
+def tiny_vae(seed: int = 0):
+    """A VAE with the real factor 8 (four levels), tiny widths."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(8, 8, 16, 16), norm_num_groups=4, latent_channels=4, sample_size=64,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=1).eval()
+
+
+def tiny_clip(hidden: int = 32, with_projection: bool = False, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
+                            bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+SD_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+                "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1}
+
+
+def tiny_feature_model(family: str = "sd15"):
+    """A FeatureModel of tiny random components with the real CLIP tokenizers."""
+    from diffusion_feature.nodes.model import FeatureModel
+    from diffusion_feature.nodes.tokenizers import clip_tokenizer
+
+    if family == "sd15":
+        return FeatureModel("sd15", tiny_sd15_unet(), tiny_vae(), [tiny_clip(32)], [clip_tokenizer()],
+                            dict(SD_SCHEDULER), source="tiny")
+    if family == "sdxl":
+        return FeatureModel("sdxl", tiny_sdxl_unet(), tiny_vae(), [tiny_clip(32), tiny_clip(48, True, seed=1)],
+                            [clip_tokenizer(), clip_tokenizer("!")], dict(SD_SCHEDULER), source="tiny")
+    raise ValueError(family)

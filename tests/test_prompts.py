@@ -1,0 +1,133 @@
+"""Prompt encoding per family against the text encoders called by hand; long prompts; PixArt end to end."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_feature_model, tiny_pixart, tiny_vae
+from diffusion_feature.nodes.extraction import extract
+from diffusion_feature.nodes.prompts import encode_prompt
+from diffusion_feature.nodes.tokenizers import clip_tokenizer
+
+LONG = " ".join(["a red house with a green door"] * 15)  # 105 words: more than one 75-token window
+
+
+def test_bundled_clip_tokenizer_matches_clip():
+    assert clip_tokenizer()("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert clip_tokenizer("!").pad_token_id == 0 and clip_tokenizer().pad_token_id == 49407
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return tiny_feature_model("sd15")
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return tiny_feature_model("sdxl")
+
+
+def test_sd15_short_prompt_equals_the_standard_77_token_encoding(sd15):
+    tok, enc = sd15.tokenizers[0], sd15.text_encoders[0]
+    ids = tok("a photo of a cat", padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = enc(ids)[0]
+    cond = encode_prompt(sd15, "a photo of a cat")
+    assert cond.encoder_hidden_states.shape == (1, 77, 32)
+    torch.testing.assert_close(cond.encoder_hidden_states, want)
+
+
+def test_sd15_long_prompt_is_chunked_not_truncated(sd15):
+    tok, enc = sd15.tokenizers[0], sd15.text_encoders[0]
+    body = tok(LONG, add_special_tokens=False).input_ids
+    assert 75 < len(body) <= 150
+    windows = [[49406, *body[:75], 49407], [49406, *body[75:], 49407] + [49407] * (150 - len(body))]
+    with torch.no_grad():
+        want = torch.cat([enc(torch.tensor([w]))[0] for w in windows], dim=1)
+    cond = encode_prompt(sd15, LONG)
+    assert cond.encoder_hidden_states.shape == (1, 154, 32)
+    torch.testing.assert_close(cond.encoder_hidden_states, want)
+
+
+def test_prompts_of_one_batch_get_the_same_length(sd15):
+    cond = encode_prompt(sd15, ["a cat", LONG])
+    assert cond.encoder_hidden_states.shape == (2, 154, 32)
+    short = encode_prompt(sd15, "a cat").encoder_hidden_states
+    empty = encode_prompt(sd15, "").encoder_hidden_states
+    torch.testing.assert_close(cond.encoder_hidden_states[:1], torch.cat([short, empty], dim=1))
+
+
+def test_sdxl_uses_both_encoders_penultimate_layers_and_the_pooled_projection(sdxl):
+    (tok1, tok2), (enc1, enc2) = sdxl.tokenizers, sdxl.text_encoders
+    ids1 = tok1("a photo of a cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids2 = tok2("a photo of a cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert ids2[0, -1] == 0 and ids1[0, -1] == 49407  # OpenCLIP pads with '!'
+    with torch.no_grad():
+        out1, out2 = enc1(ids1, output_hidden_states=True), enc2(ids2, output_hidden_states=True)
+    cond = encode_prompt(sdxl, "a photo of a cat")
+    want = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+    torch.testing.assert_close(cond.encoder_hidden_states, want)
+    torch.testing.assert_close(cond.added_cond_kwargs["text_embeds"], out2.text_embeds)
+
+
+def test_sdxl_long_prompt_keeps_both_encoders_and_the_pooled_embedding(sdxl):
+    cond = encode_prompt(sdxl, LONG)
+    assert cond.encoder_hidden_states.shape == (1, 154, 80)  # 32 + 48 channels, two windows
+    assert cond.added_cond_kwargs["text_embeds"].shape == (1, 48)
+    g = torch.Generator().manual_seed(0)
+    from PIL import Image
+    img = Image.fromarray((torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy())
+    feats = extract(sdxl, [img], LONG, ["up-level0-repeat0-vit-block1-cross-map"], t=100, size=64)
+    assert feats.tensors["up-level0-repeat0-vit-block1-cross-map"].shape == (1, 4, 4, 154)
+
+
+def test_bad_prompts(sd15):
+    with pytest.raises(ValueError, match="prompt must be a string"):
+        encode_prompt(sd15, [1, 2])
+    with pytest.raises(ValueError, match="prompt must be a string"):
+        encode_prompt(sd15, [])
+
+
+def _tiny_t5_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "photo", "of", "the", "red", "house"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_pixart_model():
+    from transformers import T5Config, T5EncoderModel
+
+    from diffusion_feature.nodes.model import FeatureModel
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=16, d_model=12, d_ff=16, d_kv=6, num_heads=2, num_layers=1)).eval()
+    scheduler = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+    return FeatureModel("pixart-sigma", tiny_pixart(), tiny_vae(), [t5], [_tiny_t5_tokenizer()], scheduler)
+
+
+def test_pixart_t5_mask_and_batch_of_two():
+    model = tiny_pixart_model()
+    cond = encode_prompt(model, ["a photo of a cat", "the red house"])
+    assert cond.encoder_hidden_states.shape == (2, 300, 12)
+    assert cond.encoder_attention_mask.tolist()[0][:7] == [1, 1, 1, 1, 1, 1, 0]  # 5 words + </s>, then padding
+    assert int(cond.encoder_attention_mask[1].sum()) == 4
+    ids = torch.tensor([[3, 6, 7, 3, 4, 1] + [0] * 294])
+    with torch.no_grad():
+        want = model.text_encoders[0](ids, attention_mask=(ids != 0).long())[0]
+    torch.testing.assert_close(cond.encoder_hidden_states[:1], want)
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    imgs = [Image.fromarray((torch.rand(64, 96, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(2)]
+    feats = extract(model, imgs, ["a photo of a cat", "the red house"],
+                    ["vit-block0-out", "vit-block2-cross-map"], t=500, size=(64, 96))
+    assert feats.tensors["vit-block0-out"].shape == (2, 16, 4, 6)
+    maps = feats.tensors["vit-block2-cross-map"]
+    assert maps.shape == (2, 2, 24, 300)
+    assert float(maps[0, :, :, 6:].abs().max()) == 0.0  # masked (padding) tokens get no attention
+    assert float(maps[1, :, :, 4:].abs().max()) == 0.0
+    long = encode_prompt(model, " ".join(["a cat"] * 200))  # 400 words: two T5 windows
+    assert long.encoder_hidden_states.shape == (1, 600, 12)
