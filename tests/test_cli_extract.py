@@ -1,0 +1,160 @@
+"""The extract / pca commands end to end on a tiny diffusers folder; image inputs and the resize policy."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_feature_model
+from diffusion_feature.nodes.extraction import extract
+from diffusion_feature.nodes.features_io import load_features
+from diffusion_feature.nodes.folder_run import plan_batches, sample_names
+from diffusion_feature.nodes.images import ImageInputError, open_image, target_size
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_feature_model("sd15")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, model):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(unet=model.denoiser, vae=model.vae, text_encoder=model.text_encoders[0],
+                                   tokenizer=model.tokenizers[0],
+                                   scheduler=PNDMScheduler.from_config(model.scheduler_config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    out = tmp_path_factory.mktemp("tiny-sd15-cli")
+    pipe.save_pretrained(out)
+    return out
+
+
+@pytest.fixture()
+def images(tmp_path):
+    g = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, (w, h) in {"a": (96, 64), "b": (96, 64), "c": (64, 64)}.items():
+        Image.fromarray(g.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    return folder
+
+
+def _cli(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "diffusion_feature", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=600, cwd=cwd)
+
+
+def test_cli_extract_then_pca(tmp_path, folder, images, model):
+    out = tmp_path / "features"
+    ids = "up-level2-repeat1-vit-block0-cross-q,mid-repeat0-res-out"
+    run = _cli("extract", "--model", folder, "--layers", ids, "--input", images, "--output", out, "--t", 50,
+               "--seed", 3, "--prompt", "a photo", "--size", "96x64", "--batch-size", 2)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors"]
+    saved = load_features(out / "b.safetensors")
+    assert saved.meta["t"] == 50 and saved.meta["seed"] == 3 and saved.meta["size"] == [64, 96]
+    want = extract(model, [images / "b.png"], "a photo", ids, t=50, seed=3, size=(64, 96))
+    for k in want.tensors:
+        torch.testing.assert_close(saved.tensors[k], want.tensors[k], atol=1e-5, rtol=1e-5)
+    again = _cli("extract", "--model", folder, "--layers", ids, "--input", images, "--output", out)
+    assert again.returncode == 2 and "never overwritten" in again.stderr and "Traceback" not in again.stderr
+    png = tmp_path / "pca" / "b.png"
+    pca = _cli("pca", "--features", out / "b.safetensors", "--layer", "up-level2-repeat1-vit-block0-cross-q",
+               "--output", png, "--scale", 4)
+    assert pca.returncode == 0, pca.stderr
+    assert Image.open(png).size == (6 * 4, 4 * 4)  # up-level2 of a 4-level UNet on an 8x12 latent: 4x6
+    joint = _cli("pca", "--features", out / "a.safetensors", out / "c.safetensors", "--layer", "mid-repeat0-res-out",
+                 "--output", tmp_path / "joint", "--joint")
+    assert joint.returncode == 0, joint.stderr
+    assert len(list((tmp_path / "joint").glob("*.png"))) == 2
+
+
+def test_cli_errors_are_one_sentence(tmp_path, folder, images):
+    cases = [
+        (["--layers", "up-level9-repeat0-res-out"], "nearest valid ids"),
+        (["--layers", "vit-block3-out"], "pixart-sigma"),
+        (["--layers", "practical", "--t", "1000"], "t must be an integer training timestep"),
+    ]
+    for extra, message in cases:
+        run = _cli("extract", "--model", folder, "--input", images, "--output", tmp_path / "o", *extra)
+        assert run.returncode == 2, run.stderr
+        assert message in run.stderr and "Traceback" not in run.stderr
+    missing = _cli("extract", "--model", tmp_path / "nope.safetensors", "--layers", "practical", "--input", images,
+                   "--output", tmp_path / "o")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    no_images = _cli("extract", "--model", folder, "--layers", "practical", "--input", tmp_path / "none" / "*.png",
+                     "--output", tmp_path / "o")
+    assert no_images.returncode == 2 and "no image files match" in no_images.stderr
+
+
+def test_bad_images(tmp_path, model):
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    with pytest.raises(ImageInputError, match="not a readable image"):
+        open_image(fake)
+    with pytest.raises(ImageInputError, match="does not exist"):
+        open_image(tmp_path / "missing.png")
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (100000, 1)).save(wide)
+    with pytest.raises(ImageInputError, match="100000x1 pixels"):
+        open_image(wide)
+    with pytest.raises(ImageInputError, match="at least 1 pixel"):
+        extract(model, [Image.new("RGB", (0, 0))], "", ["unet-out"])
+    with pytest.raises(ImageInputError, match="cannot use a int"):
+        extract(model, [3], "", ["unet-out"])
+    with pytest.raises(ImageInputError, match="share a size"):
+        extract(model, [Image.new("RGB", (96, 64)), Image.new("RGB", (64, 96))], "", ["unet-out"])
+
+
+def test_keep_aspect_resize_policy():
+    assert target_size(640, 480, 512) == (576, 448)  # area ~512^2, sides multiples of 64
+    assert target_size(480, 640, 512) == (448, 576)
+    assert target_size(1024, 1024, 512) == (512, 512)
+    assert target_size(3000, 100, 512) == (2816, 64)  # very wide: never below 64
+    assert target_size(640, 480, 512, "stretch") == (512, 512)
+    with pytest.raises(ValueError, match="unknown resize mode"):
+        target_size(64, 64, 512, "fit")
+
+
+def test_center_crop_and_comfy_images(model):
+    img = Image.new("RGB", (96, 64))
+    img.paste((255, 0, 0), (0, 0, 16, 64))  # a red band on the left that the crop removes
+    from diffusion_feature.nodes.images import from_comfy, prepare
+    cropped = prepare(img, 64, "center-crop")
+    assert cropped.size == (64, 64) and cropped.getpixel((0, 0)) == (0, 0, 0)
+    comfy = torch.rand(2, 64, 96, 3)
+    assert [im.size for im in from_comfy(comfy)] == [(96, 64), (96, 64)]
+    feats = extract(model, comfy, "", ["mid-repeat0-res-out"], size=(64, 96))
+    assert feats.tensors["mid-repeat0-res-out"].shape == (2, 32, 1, 2)
+
+
+def test_batches_group_by_size_and_names_stay_unique(tmp_path, images):
+    files = sorted(images.glob("*.png"))
+    assert plan_batches(files, 64, "keep-aspect", None, 2) == [[0, 1], [2]]
+    assert plan_batches(files, 64, "stretch", None, 2) == [[0, 1], [2]]
+    twins = [tmp_path / "x" / "img.png", tmp_path / "y" / "img.png"]
+    assert sample_names(twins) == ["x_img", "y_img"]
+
+
+def test_show_layers_of_a_loaded_model(model):
+    shapes = model.show_layers((64, 96))
+    assert shapes["mid-repeat0-res-out"] == [32, 1, 2]
+    assert shapes["up-level3-repeat0-vit-block0-self-map"] == [2, 96, 96]
+    assert next(model.denoiser.parameters()).device.type == "cpu"  # the model itself is untouched
+
+
+def test_demo_sample_images_ship_with_the_package():
+    from diffusion_feature.nodes.commands import SAMPLES
+
+    files = sorted(p.name for p in Path(SAMPLES).glob("*.jpg"))
+    assert files == ["cat.jpg", "fruit.jpg", "house.jpg"]
+    assert json.loads(json.dumps(files))
