@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", required=True, help="a spatial layer id present in the files")
     p.add_argument("--output", required=True, help="a .png path (one file) or a folder (several files)")
     p.add_argument("--joint", action="store_true", help="fit one PCA over all files")
-    p.add_argument("--scale", type=int, default=8, help="upscale factor of the PNG (nearest; default 8)")
+    p.add_argument("--scale", type=int, default=0, help="upscale the feature grid by this factor (nearest); "
+                                                       "default: the size of the image the features came from")
     p.set_defaults(func=_pca)
 
     p = sub.add_parser("demo", help="offline demo on the bundled sample images",

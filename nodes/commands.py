@@ -88,8 +88,10 @@ def run_pca(args) -> int:
         targets = [out]
     else:
         targets = [out / f"{Path(p).stem}_{args.layer}.png" for p in args.features]
-    for rgb, target in zip(images, targets):
-        save_png(rgb, target, scale=args.scale)
+    for rgb, target, feats in zip(images, targets, loaded):
+        height, width = feats.meta.get("size", [rgb.shape[0], rgb.shape[1]])
+        size = (rgb.shape[1] * args.scale, rgb.shape[0] * args.scale) if args.scale else (width, height)
+        save_png(rgb, target, size=size)
         print(f"wrote {target}")
     return 0
 
@@ -127,8 +129,9 @@ def run_demo(args) -> int:
     loaded = [load_features(p) for p in saved]
     for layer in loaded[0].tensors:
         images = pca_rgb([f.tensors[layer][0] for f in loaded], joint=True)
-        for path, rgb in zip(saved, images):
-            save_png(rgb, out / "pca" / f"{path.stem}_{layer}.png", scale=8)
+        for path, rgb, feats in zip(saved, images, loaded):
+            height, width = feats.meta["size"]  # PCA images are the size of the image the model saw
+            save_png(rgb, out / "pca" / f"{path.stem}_{layer}.png", size=(width, height))
     print(f"wrote {len(saved)} feature files and {len(saved) * len(loaded[0].tensors)} PCA images to {out} in "
           f"{time.perf_counter() - start:.1f} s")
     if args.model is None:

@@ -110,13 +110,19 @@ def attention_heatmap(maps: torch.Tensor, image_size: tuple[int, int], *, token:
     return (heat_colors(masks) * 255).round().astype(np.uint8), masks
 
 
-def save_png(rgb: np.ndarray, path, scale: int = 1) -> None:
-    """Write an (H, W, 3) uint8 array as PNG, upscaled by `scale` (nearest), atomically and never over a file."""
+def to_image_size(rgb: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """An (h, w, 3) uint8 feature image as a PIL image of size (width, height): nearest-neighbour, so each feature
+    cell stays a crisp block over the part of the input image it describes."""
+    image = Image.fromarray(rgb)
+    return image if image.size == tuple(size) else image.resize(tuple(size), Image.Resampling.NEAREST)
+
+
+def save_png(rgb: np.ndarray, path, size: tuple[int, int] | None = None) -> None:
+    """Write an (H, W, 3) uint8 array as PNG (resized to `size` = (width, height) when given), atomically and never
+    over an existing file."""
     from pathlib import Path
 
     from .features_io import write_atomic
 
-    image = Image.fromarray(rgb)
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    image = to_image_size(rgb, size) if size is not None else Image.fromarray(rgb)
     write_atomic(Path(path), lambda tmp: image.save(tmp, format="PNG"))

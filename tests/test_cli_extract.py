@@ -72,6 +72,10 @@ def test_cli_extract_then_pca(tmp_path, folder, images, model):
                "--output", png, "--scale", 4)
     assert pca.returncode == 0, pca.stderr
     assert Image.open(png).size == (6 * 4, 4 * 4)  # up-level2 of a 4-level UNet on an 8x12 latent: 4x6
+    default = tmp_path / "pca" / "b-full.png"
+    assert _cli("pca", "--features", out / "b.safetensors", "--layer", "mid-repeat0-res-out", "--output",
+                default).returncode == 0
+    assert Image.open(default).size == (96, 64)  # by default, the size of the image the model saw
     joint = _cli("pca", "--features", out / "a.safetensors", out / "c.safetensors", "--layer", "mid-repeat0-res-out",
                  "--output", tmp_path / "joint", "--joint")
     assert joint.returncode == 0, joint.stderr

@@ -81,6 +81,20 @@ def test_sdxl_long_prompt_keeps_both_encoders_and_the_pooled_embedding(sdxl):
     assert feats.tensors["up-level0-repeat0-vit-block1-cross-map"].shape == (1, 4, 4, 154)
 
 
+def test_sdxl_time_ids_come_from_the_real_image_size(sdxl):
+    from PIL import Image
+
+    seen = {}
+    hook = sdxl.denoiser.add_embedding.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    try:
+        extract(sdxl, [Image.new("RGB", (96, 64))], "a cat", ["down-level0-repeat0-res-out"], t=10, size=(64, 96))
+    finally:
+        hook.remove()
+    pooled = encode_prompt(sdxl, "a cat").added_cond_kwargs["text_embeds"]
+    time_embeds = sdxl.denoiser.add_time_proj(torch.tensor([64.0, 96, 0, 0, 64, 96])).reshape(1, -1)
+    torch.testing.assert_close(seen["x"], torch.cat([pooled, time_embeds], dim=-1))
+
+
 def test_bad_prompts(sd15):
     with pytest.raises(ValueError, match="prompt must be a string"):
         encode_prompt(sd15, [1, 2])
