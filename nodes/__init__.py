@@ -1,6 +1,35 @@
 """ComfyUI node classes (thin) and the ComfyUI-free engine they call.
 
-Node classes arrive with the node-pack issue; until then the mappings are empty so ComfyUI loads the pack cleanly.
+class_type names are public API (headless workflows use them): never rename them.
 """
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+from .node_extract import DFExtractFeatures
+from .node_hooks import DFAttachHooks, DFShowLayers
+from .node_load import DFLoadCheckpoint, DFLoadDiffusers
+from .node_prompt import DFEncodePrompt
+from .node_save import DFLoadFeatures, DFSaveFeatures
+from .node_visualize import DFAttentionMap, DFFeaturePCA
+
+NODE_CLASS_MAPPINGS = {
+    "DFLoadCheckpoint": DFLoadCheckpoint,
+    "DFLoadDiffusers": DFLoadDiffusers,
+    "DFEncodePrompt": DFEncodePrompt,
+    "DFAttachHooks": DFAttachHooks,
+    "DFExtractFeatures": DFExtractFeatures,
+    "DFShowLayers": DFShowLayers,
+    "DFFeaturePCA": DFFeaturePCA,
+    "DFAttentionMap": DFAttentionMap,
+    "DFSaveFeatures": DFSaveFeatures,
+    "DFLoadFeatures": DFLoadFeatures,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DFLoadCheckpoint": "Load Checkpoint (Diffusion Feature)",
+    "DFLoadDiffusers": "Load Diffusers Model (Diffusion Feature)",
+    "DFEncodePrompt": "Encode Prompt (Diffusion Feature)",
+    "DFAttachHooks": "Attach Layers (Diffusion Feature)",
+    "DFExtractFeatures": "Extract Features",
+    "DFShowLayers": "Show Layers",
+    "DFFeaturePCA": "Feature PCA",
+    "DFAttentionMap": "Attention Map",
+    "DFSaveFeatures": "Save Features",
+    "DFLoadFeatures": "Load Features",
+}

@@ -1,25 +1,145 @@
-"""The one module that touches ComfyUI's own modules. Everything else imports without ComfyUI.
+"""The one module that touches ComfyUI's own modules (folder_paths, comfy.*, server). Everything else imports
+without ComfyUI.
 
-Each helper answers "not inside ComfyUI" (None / False) when ComfyUI is absent.
+Each helper has a plain fallback when ComfyUI is absent (library use, unit tests): model folders and the output
+folder come from environment variables, progress is silent, interrupts never happen, memory is not managed.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+try:  # inside ComfyUI these are top-level modules of the server process
+    import folder_paths  # type: ignore
+except ImportError:  # pragma: no cover - depends on the host
+    folder_paths = None
 
 
 def inside_comfyui() -> bool:
+    return folder_paths is not None
+
+
+# ---- files ---------------------------------------------------------------------------------------------------
+def _fallback_dir(kind: str) -> Path:
+    return Path(os.environ.get(f"DF_{kind.upper()}_DIR", Path.cwd() / "models" / kind))
+
+
+def model_names(kind: str) -> list[str]:
+    """File (or folder, for 'diffusers') names of a model folder kind: checkpoints, diffusers, controlnet, loras."""
+    if folder_paths is not None and kind != "diffusers":
+        return sorted(folder_paths.get_filename_list(kind))
+    roots = folder_paths.get_folder_paths(kind) if folder_paths is not None else [str(_fallback_dir(kind))]
+    names = []
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        if kind == "diffusers":  # a diffusers model is a folder holding model_index.json
+            names += [str(p.parent.relative_to(root)) for p in root.rglob("model_index.json")]
+        else:
+            names += [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
+    return sorted(set(names))
+
+
+def model_path(kind: str, name: str) -> Path:
+    """The full path of a model file or folder listed by model_names; refuses names outside the model folders."""
+    if folder_paths is not None and kind != "diffusers":
+        path = folder_paths.get_full_path(kind, name)
+        if path is None:
+            raise ValueError(f"{name!r} is not in ComfyUI's {kind} folder")
+        return Path(path)
+    roots = folder_paths.get_folder_paths(kind) if folder_paths is not None else [str(_fallback_dir(kind))]
+    for root in roots:
+        root = Path(root).resolve()
+        candidate = (root / name).resolve()
+        if root in candidate.parents and candidate.exists():
+            return candidate
+    raise ValueError(f"{name!r} is not in the {kind} folder ({', '.join(map(str, roots))})")
+
+
+def output_dir() -> Path:
+    if folder_paths is not None:
+        return Path(folder_paths.get_output_directory())
+    return Path(os.environ.get("DF_OUTPUT_DIR", Path.cwd() / "output"))
+
+
+# ---- device, progress, interrupts ----------------------------------------------------------------------------
+def default_device() -> str:
+    if folder_paths is not None:
+        import comfy.model_management as mm
+
+        return str(mm.get_torch_device())
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Progress:
+    """ComfyUI's progress bar on the node when inside ComfyUI; silent otherwise."""
+
+    def __init__(self, total: int):
+        self.bar = None
+        if folder_paths is not None:
+            import comfy.utils
+
+            self.bar = comfy.utils.ProgressBar(total)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception when the user pressed Cancel/Interrupt (no-op outside ComfyUI)."""
+    if folder_paths is not None:
+        import comfy.model_management as mm
+
+        mm.throw_exception_if_processing_interrupted()
+
+
+# ---- memory --------------------------------------------------------------------------------------------------
+def manage(model) -> None:
+    """Put a FeatureModel's modules under ComfyUI's memory management: before a run they are loaded to the
+    compute device (unloading other models if VRAM is short) and ComfyUI may offload them to free memory for
+    others, or on a "free memory" request. Outside ComfyUI this does nothing."""
+    if folder_paths is None:
+        return
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    patcher = model.extra.get("comfy_patcher")
+    if patcher is None:
+        import torch
+
+        holder = torch.nn.ModuleDict({"denoiser": model.denoiser, "vae": model.vae,
+                                      "text": torch.nn.ModuleList(model.text_encoders)})
+        device = model.device
+        offload = mm.unet_offload_device()
+        patcher = comfy.model_patcher.ModelPatcher(holder, load_device=device, offload_device=offload)
+        model.extra["comfy_patcher"] = patcher
+    mm.load_models_gpu([patcher])
+
+
+# ---- HTTP routes ---------------------------------------------------------------------------------------------
+def register_routes(handlers: dict) -> bool:
+    """Register GET routes {path: async handler(request)} on ComfyUI's server; False outside ComfyUI."""
     try:
-        import folder_paths  # noqa: F401
+        from server import PromptServer  # type: ignore
     except ImportError:
         return False
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None:
+        return False
+    for path, handler in handlers.items():
+        instance.routes.get(path)(handler)
     return True
 
 
 def comfy_tokenizer_dir(name: str) -> Path | None:
     """ComfyUI's bundled tokenizer folder (comfy/sd1_tokenizer, comfy/t5_tokenizer), when running inside ComfyUI."""
-    try:
-        import comfy
-    except ImportError:
+    if folder_paths is None:
         return None
+    import comfy
+
     folder = Path(comfy.__file__).resolve().parent / name
     return folder if folder.is_dir() else None

@@ -33,6 +33,19 @@ class Conditioning:
     encoder_attention_mask: torch.Tensor | None = None
     prompts: list[str] = field(default_factory=list)
 
+    @property
+    def batch(self) -> int:
+        return self.encoder_hidden_states.shape[0]
+
+    def take(self, start: int, stop: int) -> "Conditioning":
+        """The conditioning of images start..stop-1 (itself when it holds one prompt for all)."""
+        if self.batch == 1:
+            return self
+        cut = lambda x: x[start:stop] if torch.is_tensor(x) and x.shape[0] == self.batch else x  # noqa: E731
+        added = {k: cut(v) for k, v in self.added_cond_kwargs.items()} if self.added_cond_kwargs else None
+        return Conditioning(cut(self.encoder_hidden_states), added, cut(self.encoder_attention_mask),
+                            self.prompts[start:stop])
+
     def for_batch(self, batch: int, device, dtype) -> dict:
         """Forward kwargs for a batch of `batch` latents (a single prompt is repeated)."""
         def fit(x):
@@ -183,7 +196,7 @@ def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *
     layers = layers if layers is not None else model.layers
     if not layers:
         raise ValueError("no layers to extract: pass layers= (ids, a preset or a JSON file) or attach them first")
-    pixels, _ = _pixels(images, target_side or model.native_size, resize, size)
+    pixels, inputs = _pixels(images, target_side or model.native_size, resize, size)
     height, width = pixels.shape[-2:]
     cond = prompt if isinstance(prompt, Conditioning) else encode_prompt(model, prompt)
     cond = with_time_ids(cond, height, width)
@@ -191,5 +204,33 @@ def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *
     tensors = extract_latents(model.denoiser, x0, cond, layers, t, seed, model.alphas_cumprod, family=model.family,
                               ensemble=ensemble, feature_resize=feature_resize, dtype=dtype, offload=offload)
     meta = {"family": model.family, "t": t, "seed": seed, "size": [height, width], "prompt": cond.prompts,
-            "layers": list(tensors), "ensemble": ensemble}
+            "layers": list(tensors), "ensemble": ensemble, "input_size": [inputs[0].height, inputs[0].width]}
     return Features(tensors, meta)
+
+
+def extract_in_batches(model, images, prompt, layers=None, t: int = 50, seed: int = 0, *, batch_size: int = 1,
+                       on_batch=None, **kw):
+    """`extract` over chunks of `batch_size` images, concatenated; on_batch(n) runs after each chunk (progress
+    bars, interrupt checks). images: a list or a ComfyUI IMAGE tensor, all of one size after resizing."""
+    from .features_io import Features
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = images.shape[0] if torch.is_tensor(images) else len(images)
+    if isinstance(prompt, list) and len(prompt) not in (1, n):
+        raise ValueError(f"{len(prompt)} prompts for {n} images: give one prompt or one per image")
+    parts = []
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        chunk_prompt = prompt
+        if isinstance(prompt, Conditioning):
+            if prompt.batch not in (1, n):
+                raise ValueError(f"conditioning holds {prompt.batch} prompts for {n} images")
+            chunk_prompt = prompt.take(start, stop)
+        elif isinstance(prompt, list) and len(prompt) == n:
+            chunk_prompt = prompt[start:stop]
+        parts.append(extract(model, images[start:stop], chunk_prompt, layers, t, seed, **kw))
+        if on_batch is not None:
+            on_batch(stop - start)
+    meta = dict(parts[0].meta, prompt=[p for part in parts for p in part.meta["prompt"]])
+    return Features({k: torch.cat([part.tensors[k] for part in parts]) for k in parts[0].tensors}, meta)

@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 
 FORMATS = ("safetensors", "npy")
 LAYOUTS = ("per-sample", "per-layer", "aggregate")
-_META_KEYS = ("family", "t", "seed", "size", "prompt", "layers", "name", "step", "ensemble", "aggregate_slices")
+_META_KEYS = ("family", "t", "seed", "size", "input_size", "prompt", "layers", "name", "step", "ensemble",
+              "aggregate_slices")
 
 
 class FeatureFileError(ValueError):
@@ -54,7 +55,7 @@ def is_map(layer_id: str) -> bool:
 
 
 def _safe_name(name: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".")
     if not name:
         raise ValueError("a sample name is empty after removing unsafe characters")
     return name

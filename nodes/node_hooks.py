@@ -1,0 +1,64 @@
+"""DFAttachHooks (choose the taps) and DFShowLayers (list every id of a model with its shape)."""
+from __future__ import annotations
+
+from ..layer_catalog import PRESET_NAMES, resolve_taps
+from ..layer_catalog.catalog import parse_size
+
+
+def parse_layer_text(layers: str, preset: str) -> list[str]:
+    """The widget text (ids separated by commas or new lines) plus an optional preset, as one spec."""
+    items = [preset] if preset and preset != "none" else []
+    items += [s for s in layers.replace(",", "\n").splitlines() if s.strip()]
+    return [s.strip() for s in items]
+
+
+class DFAttachHooks:
+    DESCRIPTION = ("Choose the layers to capture. Returns a cheap clone of the model carrying the choice; the input "
+                   "model is not changed. Unknown ids are an error naming the nearest valid ids.")
+    CATEGORY = "diffusion_feature/extract"
+    RETURN_TYPES = ("DF_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "attach"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("DF_MODEL", {"tooltip": "The model to capture from."}),
+            "layers": ("STRING", {"multiline": True, "default": "",
+                                  "tooltip": "Layer ids, one per line or comma separated, e.g. "
+                                             "up-level1-repeat1-vit-block0-cross-q. The layer picker fills this."}),
+            "preset": (["none", *PRESET_NAMES], {"default": "practical",
+                                                 "tooltip": "Add a preset: practical (the paper's choice), legacy "
+                                                            "(block outputs), full (every id: large)."}),
+        }}
+
+    def attach(self, model, layers, preset="none"):
+        spec = parse_layer_text(layers, preset)
+        if not spec:
+            raise ValueError("no layers chosen: type layer ids or pick a preset")
+        taps = resolve_taps(spec, model.denoiser, model.family)
+        return (model.clone(layers=[t.id for t in taps]),)
+
+
+class DFShowLayers:
+    DESCRIPTION = "List every layer id of the model with its per-sample shape at the given size (no weights used)."
+    CATEGORY = "diffusion_feature/extract"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("layers",)
+    FUNCTION = "show"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("DF_MODEL", {"tooltip": "The model to describe."}),
+            "width": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 64, "tooltip": "Image width."}),
+            "height": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 64, "tooltip": "Image height."}),
+        }}
+
+    def show(self, model, width=512, height=512):
+        shapes = model.show_layers(parse_size((height, width)))
+        lines = [f"# {model.family}: {len(shapes)} layer ids at {width}x{height}"]
+        lines += [f"{k}  {' x '.join(map(str, v))}" for k, v in shapes.items()]
+        text = "\n".join(lines)
+        return {"ui": {"text": [text]}, "result": (text,)}

@@ -1,0 +1,67 @@
+"""DFSaveFeatures (into ComfyUI's output folder) and DFLoadFeatures."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import comfy_env
+from .features_io import FORMATS, LAYOUTS, load_features, save_features
+from .output_paths import OutputPathError, sample_names
+
+
+class DFSaveFeatures:
+    DESCRIPTION = ("Save features in ComfyUI's output folder: one .safetensors per image by default (every layer + "
+                   "metadata), or .npy in the reference project's layouts. Files are never overwritten.")
+    CATEGORY = "diffusion_feature/io"
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "features": ("DF_FEATURES", {"tooltip": "The features to save."}),
+            "filename_prefix": ("STRING", {"default": "diffusion_feature/features",
+                                           "tooltip": "Inside the output folder; 'a/b/name' makes subfolders. "
+                                                      "A counter is appended: name_00001_.safetensors."}),
+            "format": (list(FORMATS), {"default": "safetensors", "tooltip": "safetensors keeps dtype and metadata."}),
+            "layout": (list(LAYOUTS), {"default": "per-sample",
+                                       "tooltip": "per-sample: a file (or folder) per image; per-layer: a folder "
+                                                  "per layer; aggregate: spatial layers resized and concatenated."}),
+        }}
+
+    def save(self, features, filename_prefix, format="safetensors", layout="per-sample"):
+        root = comfy_env.output_dir()
+        folder, names, subfolder = sample_names(filename_prefix, root, features.batch)
+        written = save_features(features, folder, names, fmt=format, layout=layout)
+        entries = [{"filename": str(p.relative_to(folder)), "subfolder": subfolder, "type": "output"}
+                   for p in written]
+        return {"ui": {"features": entries}}
+
+
+class DFLoadFeatures:
+    DESCRIPTION = "Load features saved by DFSaveFeatures (a .safetensors file in the output folder)."
+    CATEGORY = "diffusion_feature/io"
+    RETURN_TYPES = ("DF_FEATURES",)
+    RETURN_NAMES = ("features",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        root = comfy_env.output_dir()
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*.safetensors")) if root.is_dir() else []
+        return {"required": {"path": ("STRING", {"default": files[0] if files else "",
+                                                 "tooltip": "A .safetensors file (or the .json of npy features), "
+                                                            "relative to the output folder. Existing files: "
+                                                            + (", ".join(files[:20]) or "none yet")})}}
+
+    def load(self, path):
+        root = comfy_env.output_dir().resolve()
+        full = (root / path.strip()).resolve()
+        if root not in full.parents:
+            raise OutputPathError(f"{path!r} is outside the output folder; only saved features can be loaded")
+        return (load_features(Path(full)),)
+
+    @classmethod
+    def IS_CHANGED(cls, path):
+        full = comfy_env.output_dir() / path.strip()
+        return full.stat().st_mtime if full.exists() else ""

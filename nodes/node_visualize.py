@@ -1,0 +1,99 @@
+"""DFFeaturePCA and DFAttentionMap: features -> IMAGE (and MASK)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .visualize import attention_heatmap, pca_rgb, to_image_size
+
+
+def _pick(features, layer: str, want_map: bool) -> str:
+    names = [k for k in features.tensors if k.endswith("-map") == want_map]
+    if not names:
+        kind = "attention-map" if want_map else "spatial"
+        raise ValueError(f"these features hold no {kind} layer (they hold: {', '.join(features.tensors)})")
+    layer = layer.strip()
+    if not layer:
+        return names[0]
+    if layer not in features.tensors:
+        raise ValueError(f"layer {layer!r} is not in these features; they hold: {', '.join(features.tensors)}")
+    if layer not in names:
+        raise ValueError(f"{layer!r} is {'not ' if want_map else ''}an attention map; use "
+                         f"{'DFAttentionMap' if not want_map else 'DFFeaturePCA'} for it")
+    return layer
+
+
+def _as_image(arrays: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(arrays)).float() / 255.0
+
+
+class DFFeaturePCA:
+    DESCRIPTION = ("Show one spatial layer as an RGB image: its first three principal components. Joint fitting "
+                   "uses one PCA for the whole batch, so equal features get equal colours across images.")
+    CATEGORY = "diffusion_feature/visualize"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "pca"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "features": ("DF_FEATURES", {"tooltip": "Features from DFExtractFeatures or DFLoadFeatures."}),
+            "layer": ("STRING", {"default": "", "tooltip": "A spatial layer id of the features; empty: the first."}),
+            "joint": ("BOOLEAN", {"default": True, "tooltip": "One PCA over the whole batch (comparable colours)."}),
+        }, "optional": {
+            "foreground_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                               "tooltip": "Black out pixels whose first component is below this "
+                                                          "(0: off)."}),
+            "size": (["image", "feature grid"], {"default": "image",
+                                                 "tooltip": "Output at the input image's size or the feature "
+                                                            "grid's."}),
+        }}
+
+    def pca(self, features, layer="", joint=True, foreground_threshold=0.0, size="image"):
+        layer = _pick(features, layer, want_map=False)
+        rgb = pca_rgb(features.tensors[layer], joint=joint, foreground_threshold=foreground_threshold or None)
+        if size == "image" and ("input_size" in features.meta or "size" in features.meta):
+            height, width = features.meta.get("input_size") or features.meta["size"]
+            rgb = [np.asarray(to_image_size(a, (width, height))) for a in rgb]
+        return (_as_image(rgb),)
+
+
+class DFAttentionMap:
+    DESCRIPTION = ("Show an attention map as a heatmap: for a cross-map, where the image attends to one text token; "
+                   "for a self-map, where one query point attends. Returns the heatmap (over the image when given) "
+                   "and a MASK in 0..1.")
+    CATEGORY = "diffusion_feature/visualize"
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("heatmap", "mask")
+    FUNCTION = "show"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "features": ("DF_FEATURES", {"tooltip": "Features holding a self-map or cross-map layer."}),
+            "layer": ("STRING", {"default": "", "tooltip": "A -map layer id; empty: the first map."}),
+            "token_index": ("INT", {"default": 1, "min": 0, "max": 4096,
+                                    "tooltip": "cross-map: the text token (0 is the start token)."}),
+            "query_x": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "self-map: the query point's x, as a fraction of the width."}),
+            "query_y": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "self-map: the query point's y, as a fraction of the height."}),
+        }, "optional": {
+            "image": ("IMAGE", {"tooltip": "Blend the heatmap over this image."}),
+        }}
+
+    def show(self, features, layer="", token_index=1, query_x=0.5, query_y=0.5, image=None):
+        layer = _pick(features, layer, want_map=True)
+        height, width = features.meta.get("input_size") or features.meta.get("size", (512, 512))
+        if image is not None:
+            height, width = int(image.shape[1]), int(image.shape[2])
+        kwargs = {"token": token_index} if "cross-map" in layer else {"query": (query_x, query_y)}
+        rgb, masks = attention_heatmap(features.tensors[layer], (height, width), **kwargs)
+        heat = _as_image(list(rgb))
+        if image is not None:
+            base = image[..., :3].float()
+            if base.shape[0] not in (1, heat.shape[0]):
+                raise ValueError(f"{base.shape[0]} images for {heat.shape[0]} heatmaps")
+            heat = 0.5 * heat + 0.5 * base
+        return (heat, torch.from_numpy(masks))

@@ -1,0 +1,57 @@
+"""HTTP routes of the pack (served by ComfyUI): the layer list the web layer picker shows.
+
+    GET /diffusion_feature/layers?family=sdxl         -> {"family", "size", "layers": [{"id", "shape", "group"}]}
+    GET /diffusion_feature/family?kind=checkpoints&name=x.safetensors   -> {"family": "sd15"}
+"""
+from __future__ import annotations
+
+from ..layer_catalog import FAMILIES, load_catalog, parse_id
+from . import comfy_env
+
+
+def group_of(layer_id: str) -> str:
+    """The picker's group: unet, down-level1, mid, up-level2 ...; PixArt blocks in groups of 4."""
+    lid = parse_id(layer_id)
+    if lid.part == "unet":
+        return "unet"
+    if lid.stage is None:
+        first = lid.block // 4 * 4
+        return f"vit-block{first}-{first + 3}"
+    return "mid" if lid.stage == "mid" else f"{lid.stage}-level{lid.level}"
+
+
+def layers_payload(family: str) -> dict:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}")
+    catalog = load_catalog(family)
+    return {"family": family, "size": catalog["size"], "presets": catalog["presets"],
+            "layers": [{"id": x["id"], "shape": x["shape"], "group": group_of(x["id"])} for x in catalog["layers"]]}
+
+
+def family_payload(kind: str, name: str) -> dict:
+    from .loading import detect_family, detect_folder_family, read_key_shapes
+
+    if kind not in ("checkpoints", "diffusers"):
+        raise ValueError("kind must be checkpoints or diffusers")
+    path = comfy_env.model_path(kind, name)
+    family = detect_folder_family(path) if kind == "diffusers" else detect_family(read_key_shapes(path))
+    if family not in FAMILIES:
+        raise ValueError(f"{name!r} looks like {family}")
+    return {"family": family}
+
+
+def register() -> bool:
+    from aiohttp import web
+
+    def answer(build):
+        async def handler(request):
+            try:
+                return web.json_response(build(request.rel_url.query))
+            except ValueError as e:
+                return web.json_response({"error": str(e)}, status=400)
+        return handler
+
+    return comfy_env.register_routes({
+        "/diffusion_feature/layers": answer(lambda q: layers_payload(q.get("family", ""))),
+        "/diffusion_feature/family": answer(lambda q: family_payload(q.get("kind", ""), q.get("name", ""))),
+    })

@@ -1,0 +1,145 @@
+"""Every node's function on tiny models, without ComfyUI installed."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import hook_state, tiny_feature_model
+from diffusion_feature import NODE_CLASS_MAPPINGS
+from diffusion_feature.layer_catalog import LayerIdError
+from diffusion_feature.nodes.extraction import extract
+from diffusion_feature.nodes.output_paths import OutputPathError, resolve_prefix, sample_names
+from diffusion_feature.nodes.routes import group_of, layers_payload
+from ldm_export import sd15_single_file_state
+
+N = {name: cls() for name, cls in NODE_CLASS_MAPPINGS.items()}
+IDS = "up-level2-repeat1-vit-block0-cross-q\nmid-repeat0-res-out, up-level2-repeat1-vit-block0-cross-map"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_feature_model("sd15")
+
+
+@pytest.fixture()
+def dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("DF_OUTPUT_DIR", str(tmp_path / "output"))
+    monkeypatch.setenv("DF_CHECKPOINTS_DIR", str(tmp_path / "checkpoints"))
+    return tmp_path
+
+
+def test_every_node_declares_its_contract():
+    assert set(NODE_CLASS_MAPPINGS) == {"DFLoadCheckpoint", "DFLoadDiffusers", "DFEncodePrompt", "DFAttachHooks",
+                                        "DFExtractFeatures", "DFShowLayers", "DFFeaturePCA", "DFAttentionMap",
+                                        "DFSaveFeatures", "DFLoadFeatures"}
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        assert cls.DESCRIPTION and cls.CATEGORY.startswith("diffusion_feature/"), name
+        spec = cls.INPUT_TYPES()
+        for group in spec.values():
+            for input_name, (_type, *opts) in group.items():
+                assert opts and opts[0].get("tooltip"), f"{name}.{input_name} has no tooltip"
+        assert hasattr(cls(), cls.FUNCTION)
+
+
+def _images(n=2, h=64, w=96):
+    return torch.rand(n, h, w, 3, generator=torch.Generator().manual_seed(0))
+
+
+def test_graph_attach_extract_pca_save_load(model, dirs):
+    before = hook_state(model.denoiser)
+    (cond,) = N["DFEncodePrompt"].encode(model, "a photo of a cat")
+    (hooked,) = N["DFAttachHooks"].attach(model, IDS, "none")
+    assert model.layers is None and hooked.denoiser is model.denoiser  # a cheap clone; the input is unchanged
+    images = _images()
+    (features,) = N["DFExtractFeatures"].extract(hooked, images, cond, 50, 7, batch_size=1)
+    want = extract(model, images, "a photo of a cat", hooked.layers, t=50, seed=7)
+    for k in want.tensors:
+        torch.testing.assert_close(features.tensors[k], want.tensors[k], atol=1e-5, rtol=1e-5)
+    assert hook_state(model.denoiser) == before
+    (pca,) = N["DFFeaturePCA"].pca(features, "up-level2-repeat1-vit-block0-cross-q", True)
+    assert pca.shape == (2, 64, 96, 3) and 0.0 <= float(pca.min()) and float(pca.max()) <= 1.0
+    heat, mask = N["DFAttentionMap"].show(features, "", 1, 0.5, 0.5, images)
+    assert heat.shape == (2, 64, 96, 3) and mask.shape == (2, 64, 96)
+    out = N["DFSaveFeatures"].save(features, "runs/cat", "safetensors", "per-sample")
+    names = [e["filename"] for e in out["ui"]["features"]]
+    assert names == ["cat_00001_.safetensors", "cat_00002_.safetensors"]
+    assert {e["subfolder"] for e in out["ui"]["features"]} == {"runs"}
+    again = N["DFSaveFeatures"].save(features, "runs/cat", "safetensors", "per-sample")
+    assert [e["filename"] for e in again["ui"]["features"]] == ["cat_00003_.safetensors", "cat_00004_.safetensors"]
+    (loaded,) = N["DFLoadFeatures"].load("runs/cat_00002_.safetensors")
+    for k in want.tensors:
+        assert torch.equal(loaded.tensors[k][0], features.tensors[k][1])
+
+
+def test_node_errors_are_clear(model, dirs):
+    with pytest.raises(LayerIdError, match="nearest valid ids"):
+        N["DFAttachHooks"].attach(model, "up-level7-repeat0-res-out", "none")
+    with pytest.raises(ValueError, match="no layers chosen"):
+        N["DFAttachHooks"].attach(model, "  ", "none")
+    (cond,) = N["DFEncodePrompt"].encode(model, "")
+    with pytest.raises(ValueError, match="no layers attached"):
+        N["DFExtractFeatures"].extract(model, _images(1), cond, 50, 0)
+    (hooked,) = N["DFAttachHooks"].attach(model, "", "legacy")
+    with pytest.raises(ValueError, match="t must be an integer training timestep"):
+        N["DFExtractFeatures"].extract(hooked, _images(1), cond, 1000, 0)
+    (features,) = N["DFExtractFeatures"].extract(hooked, _images(1), cond, 10, 0)
+    with pytest.raises(OutputPathError, match="leaves the output folder"):
+        N["DFSaveFeatures"].save(features, "../escape/x")
+    with pytest.raises(OutputPathError, match="absolute path"):
+        N["DFSaveFeatures"].save(features, "/tmp/x")
+    with pytest.raises(OutputPathError, match="outside the output folder"):
+        N["DFLoadFeatures"].load("../../etc/passwd")
+    with pytest.raises(ValueError, match="not in these features"):
+        N["DFFeaturePCA"].pca(features, "unet-out", True)
+    with pytest.raises(ValueError, match="no attention-map layer"):
+        N["DFAttentionMap"].show(features, "", 1, 0.5, 0.5)
+
+
+def test_one_prompt_per_line_and_per_image_batches(model, dirs):
+    (cond,) = N["DFEncodePrompt"].encode(model, "a cat\n\na dog", one_per_line=True)
+    assert cond.batch == 2 and cond.prompts == ["a cat", "a dog"]
+    (hooked,) = N["DFAttachHooks"].attach(model, "mid-repeat0-res-out", "none")
+    (together,) = N["DFExtractFeatures"].extract(hooked, _images(2), cond, 50, 1, batch_size=2)
+    (apart,) = N["DFExtractFeatures"].extract(hooked, _images(2), cond, 50, 1, batch_size=1)
+    torch.testing.assert_close(together.tensors["mid-repeat0-res-out"], apart.tensors["mid-repeat0-res-out"],
+                               atol=1e-5, rtol=1e-5)
+    assert together.meta["prompt"] == ["a cat", "a dog"]
+
+
+def test_checkpoint_loader_uses_the_model_folder(model, dirs):
+    ckpt_dir = dirs / "checkpoints"
+    ckpt_dir.mkdir()
+    save_file(sd15_single_file_state(model.denoiser, model.vae, model.text_encoders[0]),
+              str(ckpt_dir / "tiny.safetensors"))
+    assert N["DFLoadCheckpoint"].INPUT_TYPES()["required"]["ckpt_name"][0] == ["tiny.safetensors"]
+    with pytest.raises(ValueError, match="not in the checkpoints folder"):
+        N["DFLoadCheckpoint"].load("../elsewhere.safetensors")
+
+
+def test_show_layers_node(model):
+    result = N["DFShowLayers"].show(model, 96, 64)
+    text = result["result"][0]
+    assert result["ui"]["text"] == [text]
+    assert "mid-repeat0-res-out  32 x 1 x 2" in text.splitlines()
+
+
+def test_output_prefix_rules(tmp_path):
+    assert resolve_prefix("a/b/name", tmp_path)[1:] == ("name", "a/b")
+    folder, names, sub = sample_names("x", tmp_path, 2)
+    assert folder == tmp_path.resolve() and names == ["x_00001_", "x_00002_"] and sub == ""
+    (tmp_path / "x_00007_.safetensors").write_bytes(b"")
+    assert sample_names("x", tmp_path, 1)[1] == ["x_00008_"]
+    for bad in ("", "..", "a/../../b", "/abs/x"):
+        with pytest.raises(OutputPathError):
+            resolve_prefix(bad, tmp_path)
+
+
+def test_layer_picker_payload():
+    payload = layers_payload("sdxl")
+    assert len(payload["layers"]) == 612 and payload["presets"]["practical"]
+    assert payload["layers"][0] == {"id": "unet-in", "shape": [4, 128, 128], "group": "unet"}
+    assert group_of("up-level1-repeat0-vit-block0-cross-q") == "up-level1"
+    assert group_of("mid-vit-block3-out") == "mid" and group_of("vit-block13-out") == "vit-block12-15"
+    with pytest.raises(ValueError, match="unknown family"):
+        layers_payload("sd3")
