@@ -182,3 +182,14 @@ class FeatureCapture:
             raise RuntimeError(f"these taps never fired during the forward: {missing}")
         self.features = {t.id: self.features[t.id] for t in self.taps if t.id in self.features}
         return output
+
+
+def residue(model: torch.nn.Module) -> dict[str, int]:
+    """What hooks and map processors a model carries now (all of them, ours or not): after any run of ours the
+    counts are what they were before it. Used by tests and by the pack's status route."""
+    counts = {"forward_hooks": 0, "forward_pre_hooks": 0, "map_processors": 0}
+    for module in model.modules():
+        counts["forward_hooks"] += len(module._forward_hooks)
+        counts["forward_pre_hooks"] += len(module._forward_pre_hooks)
+        counts["map_processors"] += isinstance(getattr(module, "processor", None), MapRecordingProcessor)
+    return counts

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from .tokenizers import TokenizerMissingError, clip_tokenizer, load_tokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 SDXL_LIKE = ("sdxl", "playground-v2")
+LIVE_DENOISERS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # for the status route: what is loaded now
 
 
 class CheckpointError(ValueError):
@@ -121,6 +123,7 @@ def _finish(model: FeatureModel, dtype: torch.dtype, device) -> FeatureModel:
             module.to(want)
         module.eval()
     _use_xformers_when_possible(model.denoiser)
+    LIVE_DENOISERS.add(model.denoiser)
     return model
 
 
@@ -204,9 +207,16 @@ def load_diffusers_folder(folder, family: str | None = None, dtype="float32", de
 
 def load_single_file(path, family: str | None = None, dtype="float32", device="cpu",
                      config_dir=None) -> FeatureModel:
-    """A single-file checkpoint in the original (LDM) layout, converted by diffusers with our shipped configs."""
+    """A single-file checkpoint in the original (LDM) layout, converted by diffusers with our shipped configs.
+
+    A checkpoint of a non-standard size (a custom or test architecture) can carry its own diffusers config folder
+    beside it, named `<file stem>.config/` (model_index.json and component configs); it is used instead.
+    """
     path = Path(path)
     family = _check_family(detect_family(read_key_shapes(path)), family, path)
+    sidecar = path.with_name(path.stem + ".config")
+    if config_dir is None and (sidecar / "model_index.json").is_file():
+        config_dir = sidecar
     if family == "pixart-sigma":
         raise CheckpointError("single-file PixArt checkpoints are not supported: load PixArt-Sigma from its "
                               "diffusers folder")

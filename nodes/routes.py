@@ -2,6 +2,7 @@
 
     GET /diffusion_feature/layers?family=sdxl         -> {"family", "size", "layers": [{"id", "shape", "group"}]}
     GET /diffusion_feature/family?kind=checkpoints&name=x.safetensors   -> {"family": "sd15"}
+    GET /diffusion_feature/status                     -> loaded models and the hooks they carry (all 0 between runs)
 """
 from __future__ import annotations
 
@@ -40,6 +41,18 @@ def family_payload(kind: str, name: str) -> dict:
     return {"family": family}
 
 
+def status_payload() -> dict:
+    from ..layer_catalog import residue
+    from .loading import LIVE_DENOISERS
+
+    models = list(LIVE_DENOISERS)
+    totals = {"forward_hooks": 0, "forward_pre_hooks": 0, "map_processors": 0}
+    for denoiser in models:
+        for k, v in residue(denoiser).items():
+            totals[k] += v
+    return {"models": len(models), **totals}
+
+
 def register() -> bool:
     from aiohttp import web
 
@@ -54,4 +67,5 @@ def register() -> bool:
     return comfy_env.register_routes({
         "/diffusion_feature/layers": answer(lambda q: layers_payload(q.get("family", ""))),
         "/diffusion_feature/family": answer(lambda q: family_payload(q.get("kind", ""), q.get("name", ""))),
+        "/diffusion_feature/status": answer(lambda q: status_payload()),
     })

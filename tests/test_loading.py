@@ -3,6 +3,7 @@ every bad file giving its own clear error."""
 from __future__ import annotations
 
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -71,6 +72,14 @@ def test_single_file_equals_the_folder_it_came_from(monkeypatch, diffusers_folde
     want, got = _features(tiny_sd15), _features(loaded)
     for k in IDS:
         torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
+
+
+def test_config_sidecar_beside_a_checkpoint(tmp_path, diffusers_folder, single_file, tiny_sd15):
+    ckpt = tmp_path / "custom.safetensors"
+    shutil.copy(single_file, ckpt)
+    shutil.copytree(diffusers_folder, tmp_path / "custom.config")
+    loaded = load_model(ckpt)  # no config_dir given: the sidecar describes the architecture
+    torch.testing.assert_close(_features(loaded)["unet-out"], _features(tiny_sd15)["unet-out"], atol=1e-5, rtol=1e-5)
 
 
 def test_pickle_checkpoint_goes_through_weights_only(tmp_path, diffusers_folder, single_file, tiny_sd15):

@@ -110,7 +110,8 @@ app.registerExtension({
             const created = nodeType.prototype.onNodeCreated;
             nodeType.prototype.onNodeCreated = function () {
                 const result = created?.apply(this, arguments);
-                this.addWidget("button", "pick layers…", null, async () => openPicker(this, await familyOf(this)));
+                this.addWidget("button", "pick layers…", null, async () => openPicker(this, await familyOf(this)),
+                    { serialize: false });
                 return result;
             };
         }

@@ -1,0 +1,167 @@
+"""Integration: the pack inside a real ComfyUI server, driven over HTTP as a headless user would."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from comfyui_harness import ComfyServer, execution_error, prepare
+from conftest import tiny_feature_model
+from diffusion_feature import NODE_CLASS_MAPPINGS
+from diffusion_feature.nodes.features_io import load_features
+from ldm_export import sd15_single_file_state
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
+TINY_CKPT, TINY_XL = "df-tiny-sd15.safetensors", "df-tiny-sdxl"
+TINY_XL_LAYERS = "up-level0-repeat0-vit-block1-out\nup-level1-repeat0-vit-block0-out"
+
+
+def _save_sd15_folder(m, folder: Path) -> None:
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    shutil.rmtree(folder, ignore_errors=True)
+    StableDiffusionPipeline(unet=m.denoiser, vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0],
+                            scheduler=PNDMScheduler.from_config(m.scheduler_config), safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
+
+
+def _write_tiny_models(comfy: Path) -> dict:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    sd15 = tiny_feature_model("sd15")
+    ckpt_dir = comfy / "models" / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    save_file(sd15_single_file_state(sd15.denoiser, sd15.vae, sd15.text_encoders[0]), str(ckpt_dir / TINY_CKPT))
+    _save_sd15_folder(sd15, ckpt_dir / (Path(TINY_CKPT).stem + ".config"))  # its architecture: a config sidecar
+    xl = tiny_feature_model("sdxl")
+    pipe = StableDiffusionXLPipeline(vae=xl.vae, text_encoder=xl.text_encoders[0], text_encoder_2=xl.text_encoders[1],
+                                     tokenizer=xl.tokenizers[0], tokenizer_2=xl.tokenizers[1], unet=xl.denoiser,
+                                     scheduler=EulerDiscreteScheduler.from_config(xl.scheduler_config))
+    folder = comfy / "models" / "diffusers" / TINY_XL
+    shutil.rmtree(folder, ignore_errors=True)
+    pipe.save_pretrained(folder)
+    return {"sd15": sd15, "sdxl": xl}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = prepare()
+    tmp = tmp_path_factory.mktemp("comfy")
+    models = _write_tiny_models(home / "ComfyUI")
+    inputs, outputs = tmp / "input", tmp / "output"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("example.png", "example2.png"):
+        Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(inputs / name)
+    srv = ComfyServer(home, inputs, outputs, tmp / "server.log")
+    srv.models = models
+    yield srv
+    srv.stop()
+
+
+def tiny(graph: dict) -> dict:
+    """An example workflow with the tiny test models substituted for the real ones."""
+    graph = copy.deepcopy(graph)
+    for node in graph.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "DFLoadCheckpoint":
+            inputs["ckpt_name"] = TINY_CKPT
+        if node["class_type"] == "DFLoadDiffusers":
+            inputs["model_path"] = TINY_XL
+            for other in graph.values():
+                if other["class_type"] == "DFAttachHooks":
+                    other["inputs"].update(layers=TINY_XL_LAYERS, preset="none")
+    return graph
+
+
+def _saved_files(entry: dict, output_dir: Path) -> list[Path]:
+    files = []
+    for out in entry["outputs"].values():
+        for item in out.get("features", []):
+            files.append(output_dir / item["subfolder"] / item["filename"])
+    return files
+
+
+def test_object_info_lists_every_node_with_its_inputs(server):
+    info = server.get("/object_info")
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        assert name in info, name
+        spec = cls.INPUT_TYPES()
+        for group in ("required", "optional"):
+            assert set(info[name]["input"].get(group, {})) == set(spec.get(group, {})), name
+        assert info[name]["category"].startswith("diffusion_feature/")
+    assert TINY_CKPT in info["DFLoadCheckpoint"]["input"]["required"]["ckpt_name"][0]
+    assert TINY_XL in info["DFLoadDiffusers"]["input"]["required"]["model_path"][0]
+
+
+def test_layer_routes(server):
+    layers = server.get("/diffusion_feature/layers?family=sdxl")["layers"]
+    assert len(layers) == 612 and layers[0]["group"] == "unet"
+    assert server.get(f"/diffusion_feature/family?kind=checkpoints&name={TINY_CKPT}") == {"family": "sd15"}
+
+
+@pytest.mark.parametrize("name", sorted(p.name[:-len(".api.json")] for p in EXAMPLES.glob("*.api.json")))
+def test_example_workflow_runs_and_saves_loadable_features(server, name):
+    graph = tiny(json.loads((EXAMPLES / f"{name}.api.json").read_text()))
+    entry = server.run(graph)
+    assert "rejected" not in entry, entry
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    files = _saved_files(entry, server.output_dir)
+    hooks = next(n for n in graph.values() if n["class_type"] == "DFAttachHooks")["inputs"]
+    model = server.models["sdxl" if "sdxl" in name else "sd15"]
+    images = 2 if name == "batch_joint_pca" else 1
+    assert len(files) == images
+    for path in files:
+        feats = load_features(path)
+        expected_ids = (hooks["layers"].split() if hooks["preset"] == "none"
+                        else __import__("diffusion_feature").layer_catalog.preset_ids("sd15", hooks["preset"]))
+        assert list(feats.tensors) == expected_ids
+        shapes = model.show_layers(tuple(feats.meta["size"]))
+        for layer_id, tensor in feats.tensors.items():
+            assert list(tensor.shape[1:]) == shapes[layer_id], layer_id
+    previews = [o for o in entry["outputs"].values() if "images" in o]
+    assert previews, "the PCA / heatmap preview produced no image"
+
+
+def _sd15_graph(changes: dict) -> dict:
+    graph = tiny(json.loads((EXAMPLES / "sd15_extract_pca_save.api.json").read_text()))
+    for (node, key), value in changes.items():
+        graph[node]["inputs"][key] = value
+    return graph
+
+
+def test_bad_inputs_fail_clearly_and_the_server_keeps_serving(server):
+    bad_layer = server.run(_sd15_graph({("2", "layers"): "up-level9-repeat0-res-out", ("2", "preset"): "none"}))
+    err = execution_error(bad_layer)
+    assert err and err["node_type"] == "DFAttachHooks" and "nearest valid ids" in err["exception_message"]
+    escaping = server.run(_sd15_graph({("7", "filename_prefix"): "../../escape/x"}))
+    err = execution_error(escaping)
+    assert err and err["node_type"] == "DFSaveFeatures" and "leaves the output folder" in err["exception_message"]
+    bad_t = server.run(_sd15_graph({("4", "t"): 1000}))
+    # ComfyUI checks widget ranges before running anything: the prompt is refused with the node and the limit named
+    assert "rejected" in bad_t and "999" in json.dumps(bad_t["rejected"]) and '"4"' in json.dumps(bad_t["rejected"])
+    ok = server.run(_sd15_graph({("4", "seed"): 123}))
+    assert ok["status"]["status_str"] == "success"
+
+
+def test_twenty_prompts_leave_memory_flat_and_no_hooks(server):
+    graph = _sd15_graph({("2", "layers"): "up-level2-repeat1-vit-block0-cross-map", ("2", "preset"): "practical"})
+    for seed in range(3):  # warm up: model loaded, caches filled
+        graph["4"]["inputs"]["seed"] = seed
+        assert server.run(graph)["status"]["status_str"] == "success"
+    before = server.rss_bytes()
+    for seed in range(3, 23):
+        graph["4"]["inputs"]["seed"] = seed
+        assert server.run(graph)["status"]["status_str"] == "success"
+    growth = server.rss_bytes() - before
+    assert growth < 64 * 2**20, f"server memory grew by {growth / 2**20:.0f} MiB over 20 prompts"
+    status = server.get("/diffusion_feature/status")
+    assert status["models"] >= 1
+    assert status["forward_hooks"] == 0 and status["forward_pre_hooks"] == 0 and status["map_processors"] == 0
