@@ -165,3 +165,65 @@ def test_twenty_prompts_leave_memory_flat_and_no_hooks(server):
     status = server.get("/diffusion_feature/status")
     assert status["models"] >= 1
     assert status["forward_hooks"] == 0 and status["forward_pre_hooks"] == 0 and status["map_processors"] == 0
+
+
+# ---- the layer picker in a real browser (Debian's chromium, headless) -------------------------------------------
+def _browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,900"):
+        options.add_argument(flag)
+    service = Service(shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    return webdriver.Chrome(service=service, options=options)
+
+
+def _wait(driver, script: str, timeout: float = 60):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = driver.execute_script(script)
+        if value:
+            return value
+        time.sleep(0.25)
+    raise TimeoutError(f"browser condition never held: {script}")
+
+
+def test_layer_picker_in_a_real_browser(server, tmp_path):
+    workflow = json.loads((EXAMPLES / "sd15_extract_pca_save.json").read_text())
+    for node in workflow["nodes"]:
+        if node["type"] == "DFLoadCheckpoint":
+            node["widgets_values"][0] = TINY_CKPT
+    driver = _browser()
+    try:
+        driver.get(server.url)
+        _wait(driver, "return window.app && app.extensions && "
+                      "app.extensions.some(e => e.name === 'diffusion_feature.layer_picker')")
+        driver.execute_script("return app.loadGraphData(arguments[0])", workflow)
+        node_id = _wait(driver, "const n = app.graph._nodes.find(n => n.type === 'DFAttachHooks'); "
+                                "return n && n.widgets.some(w => w.name === 'pick layers…') && n.id")
+        driver.execute_script("diffusionFeaturePicker.open(app.graph.getNodeById(arguments[0]))", node_id)
+        count = _wait(driver, "return document.querySelectorAll('.df-picker-item').length")
+        assert count == 197  # sd15's ids: the family was detected from the connected checkpoint
+        assert driver.execute_script("return document.querySelector('.df-picker-family').value") == "sd15"
+        search = driver.find_element("css selector", ".df-picker-search")
+        search.send_keys("up-level1-repeat1 cross-q")
+        _wait(driver, "return document.querySelectorAll('.df-picker-item').length === 1")
+        driver.find_element("css selector", ".df-picker-item input").click()
+        driver.save_screenshot(str(tmp_path / "picker.png"))
+        driver.find_element("css selector", ".df-picker-apply").click()
+        value = driver.execute_script("return app.graph.getNodeById(arguments[0]).widgets"
+                                      ".find(w => w.name === 'layers').value", node_id)
+        assert value.split() == ["up-level1-repeat1-vit-block0-cross-q"]
+        assert driver.execute_script("return document.querySelectorAll('.df-picker').length") == 0
+        # the API prompt built from the graph carries the chosen ids and no value for the button
+        prompt = driver.execute_script("return app.graphToPrompt().then(p => p.output)")
+        hooks = next(n for n in prompt.values() if n["class_type"] == "DFAttachHooks")
+        assert hooks["inputs"]["layers"] == "up-level1-repeat1-vit-block0-cross-q"
+    finally:
+        driver.quit()
