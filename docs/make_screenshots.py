@@ -3,7 +3,6 @@ sd15 example workflow on the tiny test model and headless chromium photographs t
 layer picker. Run from the repository root: python docs/make_screenshots.py"""
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -13,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
 
 from comfyui_harness import ComfyServer, prepare  # noqa: E402
-from test_comfyui_server import EXAMPLES, TINY_CKPT, _browser, _wait, _write_tiny_models  # noqa: E402
+from test_comfyui_server import _browser, _wait, _write_tiny_models, tiny_ui_workflow  # noqa: E402
 
 
 def main() -> None:
@@ -25,10 +24,7 @@ def main() -> None:
     (tmp / "in").mkdir()
     Image.open(ROOT / "nodes" / "data" / "samples" / "house.jpg").save(tmp / "in" / "example.png")
     server = ComfyServer(home, tmp / "in", tmp / "out", tmp / "server.log")
-    workflow = json.loads((EXAMPLES / "sd15_extract_pca_save.json").read_text())
-    for node in workflow["nodes"]:
-        if node["type"] == "DFLoadCheckpoint":
-            node["widgets_values"][0] = TINY_CKPT
+    workflow = tiny_ui_workflow()
     driver = _browser()
     try:
         driver.get(server.url)

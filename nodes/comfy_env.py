@@ -6,8 +6,11 @@ folder come from environment variables, progress is silent, interrupts never hap
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger("diffusion_feature")
 
 try:  # inside ComfyUI these are top-level modules of the server process
     import folder_paths  # type: ignore
@@ -108,16 +111,21 @@ def manage(model) -> None:
     import comfy.model_patcher
 
     patcher = model.extra.get("comfy_patcher")
-    if patcher is None:
-        import torch
+    try:
+        if patcher is None:
+            import torch
 
-        holder = torch.nn.ModuleDict({"denoiser": model.denoiser, "vae": model.vae,
-                                      "text": torch.nn.ModuleList(model.text_encoders)})
-        device = model.device
-        offload = mm.unet_offload_device()
-        patcher = comfy.model_patcher.ModelPatcher(holder, load_device=device, offload_device=offload)
-        model.extra["comfy_patcher"] = patcher
-    mm.load_models_gpu([patcher])
+            holder = torch.nn.ModuleDict({"denoiser": model.denoiser, "vae": model.vae,
+                                          "text": torch.nn.ModuleList(model.text_encoders)})
+            patcher = comfy.model_patcher.ModelPatcher(holder, load_device=model.device,
+                                                       offload_device=mm.unet_offload_device())
+            model.extra["comfy_patcher"] = patcher
+        mm.load_models_gpu([patcher])
+    except (TypeError, AttributeError) as e:  # another ComfyUI's ModelPatcher API: run unmanaged, say so once
+        if not model.extra.get("unmanaged_warned"):
+            log.warning("diffusion_feature: this ComfyUI's memory manager did not accept the model (%s); it stays "
+                        "on %s outside ComfyUI's offloading", e, model.device)
+            model.extra["unmanaged_warned"] = True
 
 
 # ---- HTTP routes ---------------------------------------------------------------------------------------------

@@ -236,6 +236,11 @@ def load_single_file(path, family: str | None = None, dtype="float32", device="c
         source = _as_temporary_safetensors(path)
     try:
         pipe = pipe_cls.from_single_file(str(source), config=str(config_dir), local_files_only=True, **extra)
+    except (ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{str(path)!r} does not fit the {family} architecture of {config_dir} ({first}). "
+                              f"A checkpoint of a non-standard size needs its diffusers config folder beside it "
+                              f"as {path.stem}.config/") from None
     finally:
         if source != path:
             os.unlink(source)

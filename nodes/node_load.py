@@ -28,41 +28,36 @@ def _common_inputs() -> dict:
     }
 
 
-class DFLoadCheckpoint:
+class _Loader:
+    """Shared by the two loaders: a name from one of ComfyUI's model folders -> DF_MODEL."""
+
+    KIND = ""  # the model folder kind of folder_paths
+    NAME = ""  # the input naming the model
+    NAME_TOOLTIP = ""
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("DF_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {cls.NAME: (comfy_env.model_names(cls.KIND), {"tooltip": cls.NAME_TOOLTIP}),
+                             **_common_inputs()}}
+
+    def load(self, family="auto", dtype="auto", device="auto", **name):
+        dtype, device = _resolve(dtype, device)
+        path = comfy_env.model_path(self.KIND, name[self.NAME])
+        return (load_model(path, None if family == "auto" else family, dtype, device),)
+
+
+class DFLoadCheckpoint(_Loader):
     DESCRIPTION = ("Load a single-file Stable Diffusion checkpoint (SD1.5, SD2.1, SDXL, Playground v2) as a "
                    "feature-extraction model. .safetensors preferred; .ckpt is read with weights_only=True.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("DF_MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"ckpt_name": (comfy_env.model_names("checkpoints"),
-                                           {"tooltip": "A checkpoint from ComfyUI's models/checkpoints folder."}),
-                             **_common_inputs()}}
-
-    def load(self, ckpt_name, family="auto", dtype="auto", device="auto"):
-        dtype, device = _resolve(dtype, device)
-        path = comfy_env.model_path("checkpoints", ckpt_name)
-        return (load_model(path, None if family == "auto" else family, dtype, device),)
+    KIND, NAME = "checkpoints", "ckpt_name"
+    NAME_TOOLTIP = "A checkpoint from ComfyUI's models/checkpoints folder."
 
 
-class DFLoadDiffusers:
+class DFLoadDiffusers(_Loader):
     DESCRIPTION = "Load a diffusers model folder (any supported family, PixArt-Sigma included) for feature extraction."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("DF_MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model_path": (comfy_env.model_names("diffusers"),
-                                            {"tooltip": "A folder with model_index.json in ComfyUI's "
-                                                        "models/diffusers folder."}),
-                             **_common_inputs()}}
-
-    def load(self, model_path, family="auto", dtype="auto", device="auto"):
-        dtype, device = _resolve(dtype, device)
-        path = comfy_env.model_path("diffusers", model_path)
-        return (load_model(path, None if family == "auto" else family, dtype, device),)
+    KIND, NAME = "diffusers", "model_path"
+    NAME_TOOLTIP = "A folder with model_index.json in ComfyUI's models/diffusers folder."

@@ -134,3 +134,15 @@ def tiny_feature_model(family: str = "sd15"):
         return FeatureModel("sdxl", tiny_sdxl_unet(), tiny_vae(), [tiny_clip(32), tiny_clip(48, True, seed=1)],
                             [clip_tokenizer(), clip_tokenizer("!")], dict(SD_SCHEDULER), source="tiny")
     raise ValueError(family)
+
+
+def save_sd15_folder(m, folder) -> None:
+    """Write a FeatureModel of the sd15 family as a diffusers folder."""
+    import shutil
+
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    shutil.rmtree(folder, ignore_errors=True)
+    StableDiffusionPipeline(unet=m.denoiser, vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0],
+                            scheduler=PNDMScheduler.from_config(m.scheduler_config), safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)

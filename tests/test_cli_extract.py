@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_feature_model
+from conftest import save_sd15_folder, tiny_feature_model
 from diffusion_feature.nodes.extraction import extract
 from diffusion_feature.nodes.features_io import load_features
 from diffusion_feature.nodes.folder_run import plan_batches, sample_names
@@ -26,14 +26,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, model):
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(unet=model.denoiser, vae=model.vae, text_encoder=model.text_encoders[0],
-                                   tokenizer=model.tokenizers[0],
-                                   scheduler=PNDMScheduler.from_config(model.scheduler_config), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
     out = tmp_path_factory.mktemp("tiny-sd15-cli")
-    pipe.save_pretrained(out)
+    save_sd15_folder(model, out)
     return out
 
 

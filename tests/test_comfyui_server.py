@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from comfyui_harness import ComfyServer, execution_error, prepare
-from conftest import tiny_feature_model
+from conftest import save_sd15_folder, tiny_feature_model
 from diffusion_feature import NODE_CLASS_MAPPINGS
 from diffusion_feature.nodes.features_io import load_features
 from ldm_export import sd15_single_file_state
@@ -23,15 +23,6 @@ TINY_CKPT, TINY_XL = "df-tiny-sd15.safetensors", "df-tiny-sdxl"
 TINY_XL_LAYERS = "up-level0-repeat0-vit-block1-out\nup-level1-repeat0-vit-block0-out"
 
 
-def _save_sd15_folder(m, folder: Path) -> None:
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-    shutil.rmtree(folder, ignore_errors=True)
-    StableDiffusionPipeline(unet=m.denoiser, vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0],
-                            scheduler=PNDMScheduler.from_config(m.scheduler_config), safety_checker=None,
-                            feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
-
-
 def _write_tiny_models(comfy: Path) -> dict:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
@@ -39,7 +30,7 @@ def _write_tiny_models(comfy: Path) -> dict:
     ckpt_dir = comfy / "models" / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     save_file(sd15_single_file_state(sd15.denoiser, sd15.vae, sd15.text_encoders[0]), str(ckpt_dir / TINY_CKPT))
-    _save_sd15_folder(sd15, ckpt_dir / (Path(TINY_CKPT).stem + ".config"))  # its architecture: a config sidecar
+    save_sd15_folder(sd15, ckpt_dir / (Path(TINY_CKPT).stem + ".config"))  # its architecture: a config sidecar
     xl = tiny_feature_model("sdxl")
     pipe = StableDiffusionXLPipeline(vae=xl.vae, text_encoder=xl.text_encoders[0], text_encoder_2=xl.text_encoders[1],
                                      tokenizer=xl.tokenizers[0], tokenizer_2=xl.tokenizers[1], unet=xl.denoiser,
@@ -162,6 +153,10 @@ def test_twenty_prompts_leave_memory_flat_and_no_hooks(server):
         assert server.run(graph)["status"]["status_str"] == "success"
     growth = server.rss_bytes() - before
     assert growth < 64 * 2**20, f"server memory grew by {growth / 2**20:.0f} MiB over 20 prompts"
+    # ComfyUI's "free memory" request unloads managed models; the next prompt loads them again and runs
+    assert server.post("/free", {"unload_models": True, "free_memory": True})[0] == 200
+    graph["4"]["inputs"]["seed"] = 99
+    assert server.run(graph)["status"]["status_str"] == "success"
     status = server.get("/diffusion_feature/status")
     assert status["models"] >= 1
     assert status["forward_hooks"] == 0 and status["forward_pre_hooks"] == 0 and status["map_processors"] == 0
@@ -194,11 +189,17 @@ def _wait(driver, script: str, timeout: float = 60):
     raise TimeoutError(f"browser condition never held: {script}")
 
 
-def test_layer_picker_in_a_real_browser(server, tmp_path):
-    workflow = json.loads((EXAMPLES / "sd15_extract_pca_save.json").read_text())
+def tiny_ui_workflow(name: str = "sd15_extract_pca_save") -> dict:
+    """A UI-format example workflow with the tiny test checkpoint substituted."""
+    workflow = json.loads((EXAMPLES / f"{name}.json").read_text())
     for node in workflow["nodes"]:
         if node["type"] == "DFLoadCheckpoint":
             node["widgets_values"][0] = TINY_CKPT
+    return workflow
+
+
+def test_layer_picker_in_a_real_browser(server, tmp_path):
+    workflow = tiny_ui_workflow()
     driver = _browser()
     try:
         driver.get(server.url)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import tiny_feature_model
+from conftest import save_sd15_folder, tiny_feature_model
 from diffusion_feature.nodes.extraction import extract
 from diffusion_feature.nodes.loading import (CheckpointError, _check_family, detect_family, load_model,
                                              load_single_file, read_key_shapes)
@@ -26,14 +26,8 @@ def tiny_sd15():
 
 @pytest.fixture(scope="module")
 def diffusers_folder(tmp_path_factory, tiny_sd15):
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-    m = tiny_sd15
-    pipe = StableDiffusionPipeline(unet=m.denoiser, vae=m.vae, text_encoder=m.text_encoders[0],
-                                   tokenizer=m.tokenizers[0], scheduler=PNDMScheduler.from_config(m.scheduler_config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     folder = tmp_path_factory.mktemp("tiny-sd15")
-    pipe.save_pretrained(folder, safe_serialization=True)
+    save_sd15_folder(tiny_sd15, folder)
     return folder
 
 
@@ -77,6 +71,8 @@ def test_single_file_equals_the_folder_it_came_from(monkeypatch, diffusers_folde
 def test_config_sidecar_beside_a_checkpoint(tmp_path, diffusers_folder, single_file, tiny_sd15):
     ckpt = tmp_path / "custom.safetensors"
     shutil.copy(single_file, ckpt)
+    with pytest.raises(CheckpointError, match=r"does not fit the sd15 architecture.*custom.config/"):
+        load_model(ckpt)  # tiny weights against the real SD1.5 configs
     shutil.copytree(diffusers_folder, tmp_path / "custom.config")
     loaded = load_model(ckpt)  # no config_dir given: the sidecar describes the architecture
     torch.testing.assert_close(_features(loaded)["unet-out"], _features(tiny_sd15)["unet-out"], atol=1e-5, rtol=1e-5)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import hook_state, tiny_feature_model
+from conftest import hook_state, save_sd15_folder, tiny_feature_model
 from diffusion_feature import NODE_CLASS_MAPPINGS
 from diffusion_feature.layer_catalog import LayerIdError
 from diffusion_feature.nodes.extraction import extract
@@ -96,6 +96,28 @@ def test_node_errors_are_clear(model, dirs):
         N["DFAttentionMap"].show(features, "", 1, 0.5, 0.5)
 
 
+def test_interrupt_stops_between_batches_and_leaves_nothing(model, dirs, monkeypatch):
+    from diffusion_feature.nodes import comfy_env
+
+    class Interrupted(Exception):
+        pass
+
+    calls = []
+
+    def interrupt_after_first_batch():
+        calls.append(1)
+        if len(calls) > 2:  # one check before the run, one after batch 1, then the user pressed Cancel
+            raise Interrupted
+
+    monkeypatch.setattr(comfy_env, "check_interrupt", interrupt_after_first_batch)
+    before = hook_state(model.denoiser)
+    (cond,) = N["DFEncodePrompt"].encode(model, "")
+    (hooked,) = N["DFAttachHooks"].attach(model, "mid-repeat0-res-out", "none")
+    with pytest.raises(Interrupted):
+        N["DFExtractFeatures"].extract(hooked, _images(4), cond, 50, 0, batch_size=1)
+    assert len(calls) == 3 and hook_state(model.denoiser) == before
+
+
 def test_one_prompt_per_line_and_per_image_batches(model, dirs):
     (cond,) = N["DFEncodePrompt"].encode(model, "a cat\n\na dog", one_per_line=True)
     assert cond.batch == 2 and cond.prompts == ["a cat", "a dog"]
@@ -114,7 +136,10 @@ def test_checkpoint_loader_uses_the_model_folder(model, dirs):
               str(ckpt_dir / "tiny.safetensors"))
     assert N["DFLoadCheckpoint"].INPUT_TYPES()["required"]["ckpt_name"][0] == ["tiny.safetensors"]
     with pytest.raises(ValueError, match="not in the checkpoints folder"):
-        N["DFLoadCheckpoint"].load("../elsewhere.safetensors")
+        N["DFLoadCheckpoint"].load(ckpt_name="../elsewhere.safetensors")
+    save_sd15_folder(model, ckpt_dir / "tiny.config")
+    loaded = N["DFLoadCheckpoint"].load(ckpt_name="tiny.safetensors", family="sd15", dtype="float32", device="cpu")
+    assert loaded[0].family == "sd15" and loaded[0].source.endswith("tiny.safetensors")
 
 
 def test_show_layers_node(model):
