@@ -62,12 +62,14 @@ def parse_size(size) -> tuple[int, int]:
     return h, w
 
 
-def compute_shapes(model: torch.nn.Module, height: int, width: int, text_tokens: int = 77) -> dict[str, list[int]]:
-    """Every id of `model` with its per-sample shape at height x width pixels, from one forward on the meta device."""
+def compute_shapes(model: torch.nn.Module, height: int, width: int, text_tokens: int = 77,
+                   ids: list[str] | None = None) -> dict[str, list[int]]:
+    """Ids of `model` (default: every id) with their per-sample shapes at height x width pixels, from one forward on
+    the meta device."""
     was_meta = next(model.parameters()).device.type == "meta"
     if not was_meta:
         raise ValueError("compute_shapes runs on a meta-device model (use families.meta_denoiser or to('meta'))")
-    ids = enumerate_ids(model)
+    ids = enumerate_ids(model) if ids is None else list(ids)
     with torch.no_grad(), FeatureCapture(model, taps_of(model, ids)) as capture:
         capture.run(**dummy_inputs(model, height, width, text_tokens=text_tokens))
     return {i: list(capture.features[i].shape[1:]) for i in ids}

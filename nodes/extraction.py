@@ -10,7 +10,10 @@ Semantics (also in the README):
 """
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -18,6 +21,60 @@ from ..layer_catalog import FeatureCapture, resolve_taps
 from ..layer_catalog.taps import is_pixart
 
 NUM_TRAIN_TIMESTEPS = 1000
+
+
+class FeatureMemoryError(ValueError):
+    """The requested attention maps would not fit in free memory; raised before anything runs."""
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None  # unknown: no check
+
+
+def map_bytes(denoiser, taps, batch: int, latent_hw: tuple[int, int], tokens: int, dtype: torch.dtype) -> list[int]:
+    """Bytes of each requested attention map for this batch, from a meta-device forward (no memory used)."""
+    maps = tuple(t.id for t in taps if t.kind == "map")
+    if not maps:
+        return []
+    config = json.dumps(dict(denoiser.config), sort_keys=True, default=str)
+    shapes = _map_shapes(type(denoiser), config, tuple(latent_hw), tokens, maps)
+    size = torch.empty((), dtype=dtype).element_size()
+    return [batch * size * math.prod(shape) for shape in shapes]
+
+
+@lru_cache(maxsize=64)
+def _map_shapes(cls, config_json: str, latent_hw: tuple[int, int], tokens: int, maps: tuple[str, ...]):
+    """Per-sample map shapes, cached: a folder run asks the same question for every batch."""
+    from ..layer_catalog import compute_shapes
+
+    with torch.device("meta"):
+        meta = cls.from_config(json.loads(config_json))
+    shapes = compute_shapes(meta, latent_hw[0] * 8, latent_hw[1] * 8, tokens, ids=list(maps))
+    return [tuple(shapes[m]) for m in maps]
+
+
+def check_map_memory(denoiser, taps, batch, latent_hw, tokens, dtype, store_device, compute_device) -> None:
+    """Refuse up front a request whose attention maps cannot fit: all of them where they are kept, and the largest
+    twice (scores and probabilities) where attention is computed."""
+    sizes = map_bytes(denoiser, taps, batch, latent_hw, tokens, dtype)
+    if not sizes:
+        return
+    gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"  # noqa: E731
+    free_store, free_compute = _free_bytes(store_device), _free_bytes(compute_device)
+    if free_store is not None and sum(sizes) > free_store:
+        raise FeatureMemoryError(f"the requested attention maps need {gib(sum(sizes))} on {store_device} but only "
+                                 f"{gib(free_store)} is free: request fewer maps, a smaller image or batch")
+    if free_compute is not None and compute_device != store_device and 2 * max(sizes) > free_compute:
+        raise FeatureMemoryError(f"computing the largest requested attention map needs {gib(2 * max(sizes))} on "
+                                 f"{compute_device} but only {gib(free_compute)} is free")
 
 
 @dataclass
@@ -119,6 +176,9 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
     taps = resolve_taps(layers, denoiser, family)
     param = next(denoiser.parameters())
     batch = x0.shape[0]
+    store = torch.device("cpu") if offload else param.device
+    check_map_memory(denoiser, taps, batch, tuple(x0.shape[-2:]), cond.encoder_hidden_states.shape[1],
+                     dtype or param.dtype, store, param.device)
     kwargs = cond.for_batch(batch, param.device, param.dtype)
     timestep = torch.full((batch,), t, device=param.device, dtype=torch.long)
     sample_name = "hidden_states" if is_pixart(denoiser) else "sample"

@@ -3,19 +3,23 @@
 Images whose resized sizes differ cannot share a batch (their latents differ), so files are grouped by the size the
 resize policy gives them; within a group they go in batches of `batch_size`. Names come from the file names.
 Before any model work, the output names are checked: a run never overwrites earlier features.
+
+The model is the bottleneck, so nothing else waits for it: the next batch's images are decoded by a worker thread
+while the current batch runs, and features are written by another while the next batch runs.
 """
 from __future__ import annotations
 
 import glob
 import re
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
 
 from .extraction import extract
 from .features_io import save_features
-from .images import IMAGE_SUFFIXES, ImageInputError, check_size, target_size
+from .images import IMAGE_SUFFIXES, ImageInputError, check_size, open_image, target_size
 
 
 def find_images(pattern: str) -> list[Path]:
@@ -88,10 +92,22 @@ def extract_folder(model, files: list[Path], prompts: list[str], layers, out_dir
                               f"{clash[0]}); features are never overwritten: choose another --output")
     batches = plan_batches(files, target_side or model.native_size, resize, size, batch_size)
     written: list[Path] = []
-    for batch in batches:
-        features = extract(model, [files[i] for i in batch], [prompts[i] for i in batch], layers, t, seed,
-                           resize=resize, size=size, target_side=target_side, **extract_kw)
-        written += save_features(features, out_dir, [names[i] for i in batch], fmt=fmt, layout=layout)
-        if progress is not None:
-            progress(len(batch))
+    with ThreadPoolExecutor(1, thread_name_prefix="df-decode") as decoder, \
+            ThreadPoolExecutor(1, thread_name_prefix="df-save") as saver:
+        decode = lambda batch: [open_image(files[i]) for i in batch]  # noqa: E731
+        upcoming = decoder.submit(decode, batches[0]) if batches else None
+        pending = []
+        for k, batch in enumerate(batches):
+            images = upcoming.result()
+            if k + 1 < len(batches):
+                upcoming = decoder.submit(decode, batches[k + 1])
+            features = extract(model, images, [prompts[i] for i in batch], layers, t, seed, resize=resize,
+                               size=size, target_side=target_side, **extract_kw)
+            pending.append(saver.submit(save_features, features, out_dir, [names[i] for i in batch], fmt, layout))
+            while pending and pending[0].done():  # surface a failed write now, not at the end
+                written += pending.pop(0).result()
+            if progress is not None:
+                progress(len(batch))
+        for job in pending:
+            written += job.result()
     return written

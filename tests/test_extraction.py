@@ -107,3 +107,25 @@ def test_conditioning_batch_mismatch_is_an_error(sd15_unet):
 
 def test_check_timestep_accepts_ints_only():
     assert check_timestep(0) == 0 and check_timestep(999) == 999
+
+
+def test_maps_that_cannot_fit_are_refused_up_front(sd15_unet, monkeypatch):
+    from diffusion_feature.nodes import extraction
+
+    x0 = inputs_for(sd15_unet, (8, 12), batch=2)["sample"]
+    cond = Conditioning(torch.randn(1, 7, 32))
+    ids = ["down-level0-repeat0-vit-block0-self-map", "up-level3-repeat1-vit-block0-cross-map"]
+    from diffusion_feature.layer_catalog import resolve_taps
+    sizes = extraction.map_bytes(sd15_unet, resolve_taps(ids, sd15_unet), 2, (8, 12), 7, torch.float32)
+    assert sizes == [2 * 4 * 2 * 96 * 96, 2 * 4 * 2 * 96 * 7]  # batch x fp32 x heads x Nq x Nk
+    monkeypatch.setattr(extraction, "_free_bytes", lambda device: 1000)
+    calls = []
+    hook = sd15_unet.conv_in.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(extraction.FeatureMemoryError, match=r"need 0\.2 MiB on cpu but only 0\.0 MiB is free"):
+            extract_latents(sd15_unet, x0, cond, ids, 50, 0, alphas_cumprod(SD_SCHEDULER))
+    finally:
+        hook.remove()
+    assert calls == []  # refused before the forward
+    monkeypatch.setattr(extraction, "_free_bytes", lambda device: sum(sizes))
+    extract_latents(sd15_unet, x0, cond, ids, 50, 0, alphas_cumprod(SD_SCHEDULER))  # exactly fits: runs
