@@ -19,6 +19,7 @@ from PIL import Image
 
 from .extraction import extract
 from .features_io import save_features
+from .prompts import encode_prompt
 from .images import IMAGE_SUFFIXES, ImageInputError, check_size, open_image, target_size
 
 
@@ -92,6 +93,17 @@ def extract_folder(model, files: list[Path], prompts: list[str], layers, out_dir
                               f"{clash[0]}); features are never overwritten: choose another --output")
     batches = plan_batches(files, target_side or model.native_size, resize, size, batch_size)
     written: list[Path] = []
+    encoded: dict[str, object] = {}  # a prompt is encoded once per run, not once per batch
+
+    def conditioning(batch):
+        texts = {prompts[i] for i in batch}
+        if len(texts) != 1:
+            return [prompts[i] for i in batch]
+        text = texts.pop()
+        if text not in encoded:
+            encoded[text] = encode_prompt(model, text)
+        return encoded[text]
+
     with ThreadPoolExecutor(1, thread_name_prefix="df-decode") as decoder, \
             ThreadPoolExecutor(1, thread_name_prefix="df-save") as saver:
         decode = lambda batch: [open_image(files[i]) for i in batch]  # noqa: E731
@@ -101,8 +113,8 @@ def extract_folder(model, files: list[Path], prompts: list[str], layers, out_dir
             images = upcoming.result()
             if k + 1 < len(batches):
                 upcoming = decoder.submit(decode, batches[k + 1])
-            features = extract(model, images, [prompts[i] for i in batch], layers, t, seed, resize=resize,
-                               size=size, target_side=target_side, **extract_kw)
+            features = extract(model, images, conditioning(batch), layers, t, seed, resize=resize, size=size,
+                               target_side=target_side, **extract_kw)
             pending.append(saver.submit(save_features, features, out_dir, [names[i] for i in batch], fmt, layout))
             while pending and pending[0].done():  # surface a failed write now, not at the end
                 written += pending.pop(0).result()
