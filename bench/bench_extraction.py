@@ -12,7 +12,7 @@ variants, repeats them, and reports medians; CUDA timings use CUDA events. It pr
 3. attention maps: one self-map with our processor on that module only, vs the reference's approach (every attention
    module swapped to a map-recording processor), vs the same extraction without maps.
 4. memory: peak extra memory of an extraction over a bare forward, against the bytes of the features requested
-   (CUDA: allocator peaks; CPU: peak RSS of a fresh process per variant).
+   (CUDA: allocator peaks; CPU: peak RSS (VmHWM, reset after the model is built) of a fresh process per variant).
 5. folder throughput: the CLI's folder run (decode, VAE, denoiser, save) vs a bare loop (VAE + bare forward on
    pre-decoded images), images per second.
 """
@@ -167,14 +167,20 @@ def cuda_memory(model, inputs, taps) -> dict:
 
 # ---- CPU memory: one fresh process per variant, peak RSS --------------------------------------------------------
 MEMORY_CHILD = r"""
-import resource, sys, json, torch
+import gc, sys, json, torch
 sys.path.insert(0, {bench!r})
 from bench_extraction import random_denoiser, resolve_taps, preset_ids, ONE_MAP, FeatureCapture, dummy_inputs
 family, size, variant = {family!r}, {size}, {variant!r}
 torch.set_num_threads(2)
 model = random_denoiser(family, "cpu", torch.float32)
 inputs = dummy_inputs(model, size, size, batch=1, text_tokens=77, generator=torch.Generator().manual_seed(0))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+gc.collect()
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS: building the model peaked
+base = status("VmRSS:")
 features = {{}}
 with torch.no_grad():
     if variant == "bare":
@@ -185,7 +191,7 @@ with torch.no_grad():
         with FeatureCapture(model, taps, early_exit=True) as cap:
             cap.run(**inputs)
         features = cap.features
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM:")
 print(json.dumps({{"base": base, "peak": peak, "feature_bytes": sum(v.numel() * v.element_size() for v in features.values())}}))
 """
 

@@ -58,12 +58,15 @@ class MapRecordingProcessor:
         dtype = query.dtype
         if attn.upcast_attention:
             query, key = query.float(), key.float()
-        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
+        # The map can be GiBs (SD1.5's first level: 8 x 4096 x 4096 per image), so it is built in one buffer:
+        # scale, mask and a numerically stable softmax all happen in place, and the probabilities reuse the scores.
+        scores = torch.matmul(query, key.transpose(-1, -2)).mul_(attn.scale)
         if attention_mask is not None:
-            scores = scores + attention_mask
+            scores.add_(attention_mask)
         if attn.upcast_softmax:
             scores = scores.float()
-        probs = scores.softmax(dim=-1).to(dtype)
+        scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+        probs = scores.div_(scores.sum(dim=-1, keepdim=True, dtype=torch.float32)).to(dtype)  # fp32 sums, as softmax
         del scores
         self.record(probs)
 
