@@ -36,7 +36,7 @@ def _t5_windows(tokenizer, prompt: str) -> list[tuple[list[int], list[int]]]:
     return [([*w, eos] + [pad] * (body - len(w)), [1] * (len(w) + 1) + [0] * (body - len(w))) for w in windows]
 
 
-def _pad_to_same_length(per_prompt: list[list], empty) -> torch.Tensor:
+def _pad_to_same_length(per_prompt: list[list], empty) -> list[list]:
     most = max(len(w) for w in per_prompt)
     return [w + [empty] * (most - len(w)) for w in per_prompt]
 
