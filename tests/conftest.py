@@ -146,3 +146,17 @@ def save_sd15_folder(m, folder) -> None:
     StableDiffusionPipeline(unet=m.denoiser, vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0],
                             scheduler=PNDMScheduler.from_config(m.scheduler_config), safety_checker=None,
                             feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15():
+    """A tiny sd15 FeatureModel shared by the tests that only read it."""
+    return tiny_feature_model("sd15")
+
+
+@pytest.fixture(scope="session")
+def sd15_folder(tmp_path_factory, tiny_sd15):
+    """The tiny sd15 model written as a diffusers folder."""
+    folder = tmp_path_factory.mktemp("tiny-sd15")
+    save_sd15_folder(tiny_sd15, folder)
+    return folder

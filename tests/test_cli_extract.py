@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import save_sd15_folder, tiny_feature_model
 from diffusion_feature.nodes.extraction import extract
 from diffusion_feature.nodes.features_io import load_features
 from diffusion_feature.nodes.folder_run import plan_batches, sample_names
@@ -20,15 +19,13 @@ from diffusion_feature.nodes.images import ImageInputError, open_image, target_s
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_feature_model("sd15")
+def model(tiny_sd15):
+    return tiny_sd15
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, model):
-    out = tmp_path_factory.mktemp("tiny-sd15-cli")
-    save_sd15_folder(model, out)
-    return out
+def folder(sd15_folder):
+    return sd15_folder
 
 
 @pytest.fixture()

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import save_sd15_folder, tiny_feature_model
 from diffusion_feature.nodes.extraction import extract
 from diffusion_feature.nodes.loading import (CheckpointError, _check_family, detect_family, load_model,
                                              load_single_file, read_key_shapes)
@@ -20,15 +19,8 @@ IDS = ["down-level1-repeat0-vit-block0-self-k", "mid-repeat1-res-out", "up-level
 
 
 @pytest.fixture(scope="module")
-def tiny_sd15():
-    return tiny_feature_model("sd15")
-
-
-@pytest.fixture(scope="module")
-def diffusers_folder(tmp_path_factory, tiny_sd15):
-    folder = tmp_path_factory.mktemp("tiny-sd15")
-    save_sd15_folder(tiny_sd15, folder)
-    return folder
+def diffusers_folder(sd15_folder):
+    return sd15_folder
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import hook_state, save_sd15_folder, tiny_feature_model
+from conftest import hook_state, save_sd15_folder
 from diffusion_feature import NODE_CLASS_MAPPINGS
 from diffusion_feature.layer_catalog import LayerIdError
 from diffusion_feature.nodes.extraction import extract
@@ -18,8 +18,8 @@ IDS = "up-level2-repeat1-vit-block0-cross-q\nmid-repeat0-res-out, up-level2-repe
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_feature_model("sd15")
+def model(tiny_sd15):
+    return tiny_sd15
 
 
 @pytest.fixture()

@@ -18,8 +18,8 @@ def test_bundled_clip_tokenizer_matches_clip():
 
 
 @pytest.fixture(scope="module")
-def sd15():
-    return tiny_feature_model("sd15")
+def sd15(tiny_sd15):
+    return tiny_sd15
 
 
 @pytest.fixture(scope="module")
