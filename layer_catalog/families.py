@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .taps import is_pixart
+
 CONFIG_ROOT = Path(__file__).resolve().parent / "model_configs"
 
 
@@ -82,7 +84,7 @@ def dummy_inputs(model: torch.nn.Module, height: int, width: int, *, batch: int 
         raise ValueError(f"image size {height}x{width} must be a multiple of 8 on both sides (the VAE's factor)")
     h, w = height // 8, width // 8
     kwargs = {"timestep": torch.full((batch,), timestep, device=device, dtype=torch.long)}
-    if cfg.get("_class_name") == "PixArtTransformer2DModel" or hasattr(model, "caption_projection"):
+    if is_pixart(model):
         kwargs["hidden_states"] = rand(batch, cfg.in_channels, h, w)
         kwargs["encoder_hidden_states"] = rand(batch, text_tokens, cfg.caption_channels)
         kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}

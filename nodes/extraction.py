@@ -182,13 +182,14 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
     kwargs = cond.for_batch(batch, param.device, param.dtype)
     timestep = torch.full((batch,), t, device=param.device, dtype=torch.long)
     sample_name = "hidden_states" if is_pixart(denoiser) else "sample"
+    x0 = x0.to(param.device, param.dtype)
     total: dict[str, torch.Tensor] = {}
     # Averaging happens in float32 on the capture device; the requested dtype is applied once, at the end.
     with FeatureCapture(denoiser, taps, dtype=dtype if ensemble == 1 else torch.float32,
                         device="cpu" if offload else None, feature_resize=feature_resize,
                         early_exit=True) as capture:
         for k in range(ensemble):
-            x_t = noise_latents(x0.to(param.device, param.dtype), t, abar, seed + k)
+            x_t = noise_latents(x0, t, abar, seed + k)
             capture.run(**{sample_name: x_t}, timestep=timestep, **kwargs)
             for name, value in capture.features.items():
                 total[name] = value if name not in total else total[name] + value

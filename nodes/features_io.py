@@ -54,7 +54,7 @@ def is_map(layer_id: str) -> bool:
     return layer_id.endswith("-map")
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".")
     if not name:
         raise ValueError("a sample name is empty after removing unsafe characters")
@@ -119,7 +119,7 @@ def save_features(features: Features, out_dir, names: list[str], fmt: str = "saf
     if len(names) != features.batch:
         raise ValueError(f"{len(names)} names for {features.batch} samples")
     out = Path(out_dir)
-    names = [_safe_name(n) for n in names]
+    names = [safe_name(n) for n in names]
     written: list[Path] = []
     agg, slices = aggregate(features.tensors) if layout == "aggregate" else (None, None)
     for i, name in enumerate(names):

@@ -10,7 +10,6 @@ while the current batch runs, and features are written by another while the next
 from __future__ import annotations
 
 import glob
-import re
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from .extraction import extract
-from .features_io import save_features
+from .features_io import safe_name, save_features
 from .prompts import encode_prompt
 from .images import IMAGE_SUFFIXES, ImageInputError, check_size, open_image, target_size
 
@@ -35,7 +34,7 @@ def find_images(pattern: str) -> list[Path]:
     return files
 
 
-def sample_names(files: list[Path]) -> list[str]:
+def names_from_files(files: list[Path]) -> list[str]:
     """File stems; when two files share a stem, their parent folders are prefixed until names are unique."""
     names = [f.stem for f in files]
     depth = 1
@@ -44,7 +43,7 @@ def sample_names(files: list[Path]) -> list[str]:
         depth += 1
     if len(set(names)) != len(names):
         raise ImageInputError("several input files map to the same output name; rename them")
-    return [re.sub(r"[^A-Za-z0-9._-]+", "_", n) for n in names]
+    return [safe_name(n) for n in names]
 
 
 def existing_outputs(out_dir: Path, names: list[str]) -> list[Path]:
@@ -86,7 +85,7 @@ def extract_folder(model, files: list[Path], prompts: list[str], layers, out_dir
                    **extract_kw) -> list[Path]:
     """Extract and save features for every file; prompts[i] belongs to files[i]. Returns the files written."""
     out_dir = Path(out_dir)
-    names = sample_names(files)
+    names = names_from_files(files)
     clash = existing_outputs(out_dir, names)
     if clash:
         raise FileExistsError(f"{out_dir} already holds features for {len(clash)} of these images (e.g. "

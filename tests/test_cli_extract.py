@@ -14,7 +14,7 @@ from PIL import Image
 
 from diffusion_feature.nodes.extraction import extract
 from diffusion_feature.nodes.features_io import load_features
-from diffusion_feature.nodes.folder_run import plan_batches, sample_names
+from diffusion_feature.nodes.folder_run import names_from_files, plan_batches
 from diffusion_feature.nodes.images import ImageInputError, open_image, target_size
 
 
@@ -137,7 +137,7 @@ def test_batches_group_by_size_and_names_stay_unique(tmp_path, images):
     assert plan_batches(files, 64, "keep-aspect", None, 2) == [[0, 1], [2]]
     assert plan_batches(files, 64, "stretch", None, 2) == [[0, 1], [2]]
     twins = [tmp_path / "x" / "img.png", tmp_path / "y" / "img.png"]
-    assert sample_names(twins) == ["x_img", "y_img"]
+    assert names_from_files(twins) == ["x_img", "y_img"]
 
 
 def test_show_layers_of_a_loaded_model(model):
