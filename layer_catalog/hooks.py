@@ -54,6 +54,9 @@ class FeatureCapture:
     feature_resize: an integer factor f >= 1; spatial taps are average-pooled to (H // f, W // f). Maps never.
     early_exit: `run` stops the forward once every tap has fired (its return value is then None).
     on_capture: optional callback(layer_id, tensor) after each capture (e.g. to count or stream).
+    enabled / rows: attributes a multi-step run may change between forwards: `enabled = False` makes the hooks
+    return at once (steps that are not captured); `rows` (a slice, or None for all) keeps only those batch rows,
+    e.g. the conditional half of a classifier-free-guidance batch, before any copy is made.
     """
 
     def __init__(self, model: torch.nn.Module, taps: Iterable[Tap], *, dtype: torch.dtype | None = None,
@@ -69,6 +72,7 @@ class FeatureCapture:
         self.dtype, self.device = dtype, (torch.device(device) if device is not None else None)
         self.feature_resize, self.early_exit, self.on_capture = feature_resize, early_exit, on_capture
         self.enabled = True
+        self.rows: slice | None = None
         self.features: dict[str, torch.Tensor] = {}
         self._handles: list = []
         self._processors: list = []  # (attention module, its original processor)
@@ -157,6 +161,8 @@ class FeatureCapture:
     def _store(self, tap: Tap, x: torch.Tensor) -> None:
         if not self.enabled:
             return
+        if self.rows is not None:
+            x = x[self.rows]
         source = x
         x = self._shape(tap, x.detach())
         x = x.to(dtype=self.dtype or x.dtype, device=self.device or x.device)

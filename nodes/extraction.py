@@ -10,6 +10,7 @@ Semantics (also in the README):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -89,19 +90,24 @@ class Conditioning:
     added_cond_kwargs: dict | None = None
     encoder_attention_mask: torch.Tensor | None = None
     prompts: list[str] = field(default_factory=list)
+    controls: tuple = ()
 
     @property
     def batch(self) -> int:
         return self.encoder_hidden_states.shape[0]
 
     def take(self, start: int, stop: int) -> "Conditioning":
-        """The conditioning of images start..stop-1 (itself when it holds one prompt for all)."""
+        """The conditioning of images start..stop-1 (prompts and control images given one per image are cut; one
+        given for all is kept)."""
+        controls = tuple(dataclasses.replace(h, image=h.image[start:stop]) if h.image.shape[0] > 1 else h
+                         for h in self.controls)
         if self.batch == 1:
-            return self
+            return dataclasses.replace(self, controls=controls)
         cut = lambda x: x[start:stop] if torch.is_tensor(x) and x.shape[0] == self.batch else x  # noqa: E731
         added = {k: cut(v) for k, v in self.added_cond_kwargs.items()} if self.added_cond_kwargs else None
-        return Conditioning(cut(self.encoder_hidden_states), added, cut(self.encoder_attention_mask),
-                            self.prompts[start:stop])
+        return dataclasses.replace(self, encoder_hidden_states=cut(self.encoder_hidden_states),
+                                   added_cond_kwargs=added, encoder_attention_mask=cut(self.encoder_attention_mask),
+                                   prompts=self.prompts[start:stop], controls=controls)
 
     def for_batch(self, batch: int, device, dtype) -> dict:
         """Forward kwargs for a batch of `batch` latents (a single prompt is repeated)."""
@@ -235,8 +241,7 @@ def with_time_ids(cond: Conditioning, height: int, width: int) -> Conditioning:
         return cond
     pooled = cond.added_cond_kwargs["text_embeds"]
     time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
-    added = dict(cond.added_cond_kwargs, time_ids=time_ids)
-    return Conditioning(cond.encoder_hidden_states, added, cond.encoder_attention_mask, cond.prompts)
+    return dataclasses.replace(cond, added_cond_kwargs=dict(cond.added_cond_kwargs, time_ids=time_ids))
 
 
 @torch.no_grad()

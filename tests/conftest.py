@@ -148,6 +148,28 @@ def save_sd15_folder(m, folder) -> None:
                             feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
 
 
+def _tiny_t5_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "photo", "of", "the", "red", "house"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_pixart_model():
+    """A tiny pixart-sigma FeatureModel with a tiny T5 and a word-level stand-in for its tokenizer."""
+    from transformers import T5Config, T5EncoderModel
+
+    from diffusion_feature.nodes.model import FeatureModel
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=16, d_model=12, d_ff=16, d_kv=6, num_heads=2, num_layers=1)).eval()
+    scheduler = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+    return FeatureModel("pixart-sigma", tiny_pixart(), tiny_vae(), [t5], [_tiny_t5_tokenizer()], scheduler)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15():
     """A tiny sd15 FeatureModel shared by the tests that only read it."""
@@ -160,3 +182,18 @@ def sd15_folder(tmp_path_factory, tiny_sd15):
     folder = tmp_path_factory.mktemp("tiny-sd15")
     save_sd15_folder(tiny_sd15, folder)
     return folder
+
+
+def tiny_controlnet(unet, seed: int = 0):
+    """A ControlNet for a tiny UNet (its encoder copied, as training starts), with the zero convolutions
+    re-initialised at random: a freshly made ControlNet adds exact zeros, which would prove nothing."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 4, 8, 8)).eval()
+    zero_convs = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.normal_(0, 0.3)
+            conv.bias.normal_(0, 0.1)
+    return net

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_feature_model, tiny_pixart, tiny_vae
+from conftest import tiny_feature_model, tiny_pixart_model
 from diffusion_feature.nodes.extraction import extract
 from diffusion_feature.nodes.prompts import encode_prompt
 from diffusion_feature.nodes.tokenizers import clip_tokenizer
@@ -100,27 +100,6 @@ def test_bad_prompts(sd15):
         encode_prompt(sd15, [1, 2])
     with pytest.raises(ValueError, match="prompt must be a string"):
         encode_prompt(sd15, [])
-
-
-def _tiny_t5_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "photo", "of", "the", "red", "house"]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def tiny_pixart_model():
-    from transformers import T5Config, T5EncoderModel
-
-    from diffusion_feature.nodes.model import FeatureModel
-
-    torch.manual_seed(0)
-    t5 = T5EncoderModel(T5Config(vocab_size=16, d_model=12, d_ff=16, d_kv=6, num_heads=2, num_layers=1)).eval()
-    scheduler = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
-    return FeatureModel("pixart-sigma", tiny_pixart(), tiny_vae(), [t5], [_tiny_t5_tokenizer()], scheduler)
 
 
 def test_pixart_t5_mask_and_batch_of_two():

@@ -1,0 +1,49 @@
+"""Deterministic DDIM moves between training timesteps, in closed form.
+
+A denoiser output at x_t gives (x0, eps) with x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; moving to another
+timestep s keeps both: x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps. Going down (s < t) is a DDIM sampling step
+(eta = 0); going up (s > t) is a DDIM inversion step. s = -1 means the clean end (abar = 1).
+Used by extraction's denoise_from and by inversion.
+"""
+from __future__ import annotations
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def eps_output(output: torch.Tensor, latent_channels: int) -> torch.Tensor:
+    """The prediction part of a denoiser output: PixArt's learned-sigma models return [eps, variance] on channels."""
+    return output[:, :latent_channels] if output.shape[1] == 2 * latent_channels else output
+
+
+def split_prediction(output: torch.Tensor, x_t: torch.Tensor, t: int, abar: torch.Tensor,
+                     prediction_type: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) implied by a denoiser `output` at x_t, in float32."""
+    a = float(abar[t])
+    sa, sb = a ** 0.5, (1.0 - a) ** 0.5
+    out, x = output.float(), x_t.float()
+    if prediction_type == "epsilon":
+        return (x - sb * out) / sa, out
+    if prediction_type == "v_prediction":
+        return sa * x - sb * out, sa * out + sb * x
+    if prediction_type == "sample":
+        return out, (x - sa * out) / sb
+    raise ValueError(f"unknown prediction type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
+
+
+def ddim_move(x_t: torch.Tensor, output: torch.Tensor, t: int, s: int, abar: torch.Tensor,
+              prediction_type: str = "epsilon") -> torch.Tensor:
+    """x_s from x_t and the denoiser's output at t (sampling when s < t, inversion when s > t)."""
+    x0, eps = split_prediction(output, x_t, t, abar, prediction_type)
+    a_s = 1.0 if s < 0 else float(abar[s])
+    return (a_s ** 0.5 * x0 + (1.0 - a_s) ** 0.5 * eps).to(x_t.dtype)
+
+
+def descending_timesteps(start: int, stop: int, steps: int) -> list[int]:
+    """`steps + 1` integer timesteps from `start` down to `stop`, evenly spaced and strictly decreasing."""
+    if steps < 1:
+        raise ValueError(f"the number of denoising steps must be >= 1, got {steps}")
+    if start - stop < steps:
+        raise ValueError(f"{steps} denoising steps do not fit between timesteps {start} and {stop}")
+    return [round(start - (start - stop) * k / steps) for k in range(steps + 1)]

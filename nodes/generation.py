@@ -1,0 +1,256 @@
+"""Text-to-image and image-to-image generation that captures layers at chosen steps.
+
+The loop is diffusers' own pipeline loop written out, so that the same seed gives the same image as
+StableDiffusion(XL)Pipeline / PixArtSigmaPipeline / their img2img and ControlNet variants: one CPU generator seeded
+with `seed` draws the initial noise (and, for image-to-image, the VAE sample first); classifier-free guidance runs
+[negative, positive] as one batch when cfg > 1. What is ours: a FeatureCapture attached for the whole run and
+enabled only on the capture steps, keeping the requested branch's rows; ControlNet hints from the conditioning;
+LoRAs of the model merged for the run and removed after it. Every run builds its own scheduler and capture, so two
+runs never share counters or history.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..layer_catalog import FeatureCapture, resolve_taps
+from ..layer_catalog.taps import is_pixart
+from .control import check_controls, control_residuals
+from .ddim import eps_output
+from .extraction import Conditioning, _pixels, check_map_memory, with_time_ids
+from .samplers import DEFAULT_SCHEDULER, make_scheduler, parse_capture_steps
+
+BRANCHES = ("cond", "uncond", "both")
+
+
+@dataclass
+class Generation:
+    images: torch.Tensor  # ComfyUI IMAGE: (B, H, W, 3) float32 in 0..1, on the CPU
+    latents: torch.Tensor  # the final latents (B, C, h, w), as the denoiser sees them
+    features: object | None  # Features (rows = captured step x branch x image) or None when nothing was captured
+
+
+def _encode(model, prompt) -> Conditioning:
+    from .prompts import encode_prompt
+
+    return prompt if isinstance(prompt, Conditioning) else encode_prompt(model, prompt)
+
+
+def _negative(model, negative, positive: Conditioning) -> Conditioning:
+    """The unconditional branch: a given prompt/conditioning, else the family's default (diffusers' choice):
+    zeros for SDXL-type models (force_zeros_for_empty_prompt), the empty prompt otherwise."""
+    if negative is not None:
+        return _encode(model, negative)
+    if model.family in ("sdxl", "playground-v2") and model.extra.get("force_zeros_for_empty_prompt", True):
+        added = {k: torch.zeros_like(v) if torch.is_tensor(v) else v
+                 for k, v in (positive.added_cond_kwargs or {}).items()}
+        return Conditioning(torch.zeros_like(positive.encoder_hidden_states), added or None, None, [""])
+    return _encode(model, "")
+
+
+def _check_size(model, height: int, width: int) -> None:
+    multiple = 16 if is_pixart(model.denoiser) else 8
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value < multiple or value % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple} pixels for {model.family}, got "
+                             f"{value!r}")
+
+
+def _batch_size(batch: int, *counts: int) -> int:
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+    for n in counts:
+        if n > 1 and batch == 1:
+            batch = n
+        if n not in (1, batch):
+            raise ValueError(f"{n} prompts or images for a batch of {batch}: give one, or one per image")
+    return batch
+
+
+def _stack_kwargs(parts: list[dict]) -> dict:
+    """Concatenate per-branch forward kwargs along the batch ([uncond, cond], as diffusers does)."""
+    out = {}
+    for key, value in parts[0].items():
+        if isinstance(value, dict):
+            out[key] = {k: (torch.cat([p[key][k] for p in parts]) if torch.is_tensor(v) else v)
+                        for k, v in value.items()}
+        elif torch.is_tensor(value):
+            out[key] = torch.cat([p[key] for p in parts])
+        else:
+            out[key] = value
+    return out
+
+
+def _passes(branches: list[tuple[str, dict]], batch: int) -> list[tuple[list[str], dict]]:
+    """Group the branches into forwards: one batched forward when their token counts agree, else one each."""
+    tokens = {kw["encoder_hidden_states"].shape[1] for _, kw in branches}
+    if len(branches) > 1 and len(tokens) == 1:
+        return [([name for name, _ in branches], _stack_kwargs([kw for _, kw in branches]))]
+    return [([name], kw) for name, kw in branches]
+
+
+@torch.no_grad()
+def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.0, seed: int = 0,
+             width: int | None = None, height: int | None = None, batch: int = 1,
+             scheduler: str = DEFAULT_SCHEDULER, image=None, denoise: float = 1.0, resize: str = "keep-aspect",
+             layers=None, capture_steps="", capture_branch: str = "cond", feature_resize: int = 1,
+             dtype: torch.dtype | None = None, offload: bool = True, on_step=None) -> Generation:
+    """Generate images, capturing `layers` at `capture_steps` (see samplers.parse_capture_steps).
+
+    positive / negative: prompts or Conditionings (negative None: the family's default). cfg > 1 enables
+    classifier-free guidance. image + denoise: image-to-image (diffusers' strength: of `steps`, the last
+    round(steps * denoise) run); without an image, text-to-image at width x height (default: the native size).
+    capture_branch: "cond", "uncond" (needs cfg > 1) or "both". on_step(i, total, latents, x0) is called after
+    each step (progress, previews, interrupts: raise to stop). Returns a Generation.
+    """
+    from .features_io import Features
+    from .lora import lora_applied
+
+    if capture_branch not in BRANCHES:
+        raise ValueError(f"capture_branch must be one of {', '.join(BRANCHES)}, got {capture_branch!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if image is not None and not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise must be in (0, 1] for image-to-image, got {denoise}")
+    guided = cfg > 1.0
+    if capture_branch != "cond" and not guided:
+        raise ValueError(f"capture_branch {capture_branch!r} needs classifier-free guidance (cfg > 1); with cfg "
+                         f"{cfg} only the conditional branch runs")
+    denoiser, vae = model.denoiser, model.vae
+    param = next(denoiser.parameters())
+    device, model_dtype = param.device, param.dtype
+    pixart = is_pixart(denoiser)
+    latent_channels = denoiser.config.in_channels
+    pixels = None
+    if image is not None:
+        size = (height, width) if height and width else None
+        pixels, _ = _pixels(image, model.native_size, resize, None if size is None else f"{width}x{height}")
+        height, width = pixels.shape[-2:]
+    height = height or model.native_size
+    width = width or model.native_size
+    _check_size(model, height, width)
+
+    with lora_applied(model):
+        pos = with_time_ids(_encode(model, positive), height, width)
+        neg = with_time_ids(_negative(model, negative, pos), height, width) if guided else None
+        check_controls(pos, model)
+        batch = _batch_size(batch, pos.batch, neg.batch if neg is not None else 1,
+                            pixels.shape[0] if pixels is not None else 1)
+
+        sched = make_scheduler(model.scheduler_config, scheduler)
+        sched.set_timesteps(steps, device=device)
+        timesteps = sched.timesteps
+        generator = torch.Generator().manual_seed(seed)
+        shape = (batch, latent_channels, height // 8, width // 8)
+        if pixels is None:
+            latents = torch.randn(shape, generator=generator, dtype=model_dtype).to(device)
+            latents = latents * sched.init_noise_sigma
+        else:
+            run = min(int(steps * denoise), steps)
+            start = max(steps - run, 0) * sched.order
+            timesteps = timesteps[start:]
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(start)
+            if len(timesteps) == 0:
+                raise ValueError(f"denoise {denoise} of {steps} steps runs no step; raise steps or denoise")
+            vparam = next(vae.parameters())
+            dist = vae.encode(pixels.to(vparam.device, vparam.dtype)).latent_dist
+            noise_vae = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype)
+            x0 = dist.mean + dist.std * noise_vae.to(dist.mean.device)
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            x0 = ((x0 - shift) * vae.config.scaling_factor).to(device, model_dtype)
+            if x0.shape[0] != batch:  # one image for the batch: encoded (and sampled) once, as diffusers does
+                x0 = torch.cat([x0] * batch)
+            noise = torch.randn(shape, generator=generator, dtype=model_dtype).to(device)
+            latents = sched.add_noise(x0, noise, timesteps[:1].repeat(batch))
+
+        total = len(timesteps)
+        capture_at = set(parse_capture_steps(capture_steps, total))
+        taps = resolve_taps(layers, denoiser, model.family) if layers and capture_at else []
+        branches = [("uncond", neg.for_batch(batch, device, model_dtype))] if guided else []
+        branches.append(("cond", pos.for_batch(batch, device, model_dtype)))
+        passes = _passes(branches, batch)
+        if taps:
+            rows_each = batch * max(len(names) for names, _ in passes)
+            check_map_memory(denoiser, taps, rows_each, shape[-2:], pos.encoder_hidden_states.shape[1],
+                             dtype or model_dtype, torch.device("cpu") if offload else device, device)
+        capture = FeatureCapture(denoiser, taps, dtype=dtype, device="cpu" if offload else None,
+                                 feature_resize=feature_resize) if taps else None
+        captured: dict[str, list[torch.Tensor]] = {t.id: [] for t in taps}
+        labels: list[dict] = []
+        step_kwargs = {"generator": generator} if "generator" in _step_params(sched) else {}
+        if "eta" in _step_params(sched):
+            step_kwargs["eta"] = 0.0
+
+        with capture if capture is not None else contextlib.nullcontext():
+            for i, t in enumerate(timesteps):
+                outputs = {}
+                for names, kwargs in passes:
+                    x_in = torch.cat([latents] * len(names))
+                    x_in = sched.scale_model_input(x_in, t)
+                    extra = control_residuals(pos.controls, x_in, t, kwargs, step=i, steps=total)
+                    call = _call_kwargs(pixart, x_in, t, kwargs, extra)
+                    if capture is not None:
+                        wanted = [k for k, n in enumerate(names) if capture_branch in (n, "both")]
+                        capture.enabled = i in capture_at and bool(wanted)
+                        if capture.enabled:
+                            capture.rows = slice(wanted[0] * batch, (wanted[-1] + 1) * batch)
+                        out = capture.run(**call)
+                        if capture.enabled:
+                            for tap_id, value in capture.features.items():
+                                captured[tap_id].append(value)
+                            labels += [{"step": i, "timestep": float(t), "branch": names[k], "image": j}
+                                       for k in wanted for j in range(batch)]
+                    else:
+                        out = denoiser(**call)
+                    out = eps_output(out[0], latent_channels)
+                    for k, name in enumerate(names):
+                        outputs[name] = out[k * batch:(k + 1) * batch]
+                if guided:
+                    pred = outputs["uncond"] + cfg * (outputs["cond"] - outputs["uncond"])
+                else:
+                    pred = outputs["cond"]
+                result = sched.step(pred, t, latents, **step_kwargs)
+                latents = result.prev_sample
+                if on_step is not None:
+                    on_step(i, total, latents, getattr(result, "pred_original_sample", None))
+
+        images = decode(vae, latents)
+    features = None
+    if taps:
+        tensors = {k: torch.cat(v) for k, v in captured.items()}
+        meta = {"family": model.family, "seed": seed, "size": [height, width], "prompt": pos.prompts,
+                "layers": list(tensors), "scheduler": scheduler, "steps": total, "cfg": cfg,
+                "denoise": denoise if pixels is not None else 1.0, "rows": labels}
+        features = Features(tensors, meta)
+    return Generation(images, latents, features)
+
+
+def _step_params(sched) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(sched.step).parameters)
+
+
+def _call_kwargs(pixart: bool, x_in, t, kwargs: dict, extra: dict) -> dict:
+    """The denoiser's keyword arguments for one call, as the family's diffusers pipeline makes them."""
+    if pixart:
+        timestep = t[None].to(x_in.device) if t.ndim == 0 else t
+        return {"hidden_states": x_in, "timestep": timestep.expand(x_in.shape[0]), "return_dict": False, **kwargs}
+    return {"sample": x_in, "timestep": t, "return_dict": False, **kwargs, **extra}
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> ComfyUI IMAGE (B, H, W, 3) in 0..1 on the CPU, one image at a time (VAE decoding at full size is
+    the memory peak of a run)."""
+    vparam = next(vae.parameters())
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    out = []
+    for z in latents.split(1):
+        z = (z / vae.config.scaling_factor + shift).to(vparam.device, vparam.dtype)
+        x = vae.decode(z, return_dict=False)[0]
+        out.append((x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
+    return torch.cat(out)

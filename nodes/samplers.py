@@ -1,0 +1,95 @@
+"""Sampler choices for generation (diffusers schedulers built from the checkpoint's own noise schedule) and the
+capture-step grammar.
+
+Every scheduler is made with `from_config(model.scheduler_config, ...)`, so the beta schedule, prediction type
+(epsilon or v) and timestep spacing stay those of the checkpoint; only the solver changes. A fresh scheduler is
+built for every run: its step counter and multistep history belong to that run alone.
+"""
+from __future__ import annotations
+
+import re
+
+SCHEDULERS = {
+    # name: (diffusers class, config overrides)
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                        "use_karras_sigmas": True}),
+    "ddpm": ("DDPMScheduler", {}),
+    "checkpoint": (None, {}),  # whatever scheduler the checkpoint ships
+}
+DEFAULT_SCHEDULER = "euler"
+
+
+def make_scheduler(scheduler_config: dict, name: str = DEFAULT_SCHEDULER):
+    """A new diffusers scheduler of kind `name` on the checkpoint's noise schedule."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; valid schedulers: {', '.join(SCHEDULERS)}")
+    cls_name, overrides = SCHEDULERS[name]
+    cls_name = cls_name or scheduler_config.get("_class_name") or "DDIMScheduler"
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None:
+        raise ValueError(f"the checkpoint's scheduler {cls_name!r} is not a diffusers scheduler; pick another")
+    config = dict(scheduler_config)
+    # diffusers' Stable Diffusion pipelines correct two settings of old scheduler configs; so do we, so that a
+    # seed gives the same image: latents are never clipped to [-1, 1], and the timestep offset is 1.
+    if config.get("clip_sample", True) is not False:
+        config["clip_sample"] = False
+    if "steps_offset" in config and config["steps_offset"] != 1:
+        config["steps_offset"] = 1
+    return cls.from_config(config, **overrides)
+
+
+def parse_capture_steps(spec, steps: int) -> list[int]:
+    """Step indices 0..steps-1 to capture, from a spec:
+
+    "" or "none": no capture; "all": every step; "last": the last step; "every K" (optionally "every K from S"):
+    S, S+K, ...; otherwise a comma list of indices and ranges ("0, 5, 10-12"); negative indices count from the end
+    (-1 is the last step). A list/tuple of ints is accepted too. Returns sorted unique indices.
+    """
+    if isinstance(spec, (list, tuple)):
+        items = list(spec)
+    else:
+        text = str(spec or "").strip().lower()
+        if text in ("", "none"):
+            return []
+        if text == "all":
+            return list(range(steps))
+        if text == "last":
+            return [steps - 1]
+        every = re.fullmatch(r"every\s+(\d+)(?:\s+from\s+(-?\d+))?", text)
+        if every:
+            k, start = int(every.group(1)), int(every.group(2) or 0)
+            if k < 1:
+                raise ValueError(f"capture steps {spec!r}: 'every K' needs K >= 1")
+            start = _index(start, steps, spec)
+            return list(range(start, steps, k))
+        items = []
+        for part in text.split(","):
+            part = part.strip()
+            span = re.fullmatch(r"(-?\d+)\s*-\s*(-?\d+)", part)
+            if span:
+                a, b = (_index(int(g), steps, spec) for g in span.groups())
+                if b < a:
+                    raise ValueError(f"capture steps {spec!r}: range {part!r} runs backwards")
+                items += range(a, b + 1)
+            elif re.fullmatch(r"-?\d+", part):
+                items.append(int(part))
+            else:
+                raise ValueError(f"capture steps {spec!r}: cannot read {part!r}; write e.g. 'all', 'last', "
+                                 "'every 5', '0, 10, 20' or '10-15' (indices 0.."
+                                 f"{steps - 1}, negative from the end)")
+    return sorted({_index(i, steps, spec) for i in items})
+
+
+def _index(i, steps: int, spec) -> int:
+    if isinstance(i, bool) or not isinstance(i, int):
+        raise ValueError(f"capture steps {spec!r}: {i!r} is not an integer step index")
+    j = i + steps if i < 0 else i
+    if not 0 <= j < steps:
+        raise ValueError(f"capture step {i} is outside 0..{steps - 1} for a run of {steps} steps")
+    return j
