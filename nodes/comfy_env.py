@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from pathlib import Path
 
 log = logging.getLogger("diffusion_feature")
@@ -91,6 +92,34 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
 
+    def step(self, done: int, total: int, family: str | None = None, latents=None) -> None:
+        """Set the bar to done/total, with a preview of `latents` when ComfyUI's preview method allows one."""
+        if self.bar is None:
+            return
+        preview = _preview(family, latents) if latents is not None and family else None
+        self.bar.update_absolute(done, total, preview)
+
+
+_LATENT_FORMATS = {"sd15": "SD15", "sd21": "SD15", "sdxl": "SDXL", "playground-v2": "SDXL", "pixart-sigma": "SDXL"}
+
+
+def _preview(family: str, latents):
+    """ComfyUI's own latent previewer (its preview-method setting decides: none, latent2rgb, taesd); None when
+    this ComfyUI has no compatible previewer API."""
+    try:
+        import comfy.latent_formats
+        import comfy.model_management as mm
+        import latent_preview  # type: ignore
+
+        fmt = getattr(comfy.latent_formats, _LATENT_FORMATS.get(family, "SD15"))()
+        previewer = latent_preview.get_previewer(mm.get_torch_device(), fmt)
+        if previewer is None:
+            return None
+        return previewer.decode_latent_to_preview_image("JPEG", latents[:1].float())
+    except Exception as e:  # a preview is a nicety: never fail a run for it
+        log.debug("diffusion_feature: no preview (%s)", e)
+        return None
+
 
 def check_interrupt() -> None:
     """Raise ComfyUI's interrupt exception when the user pressed Cancel/Interrupt (no-op outside ComfyUI)."""
@@ -126,6 +155,29 @@ def manage(model) -> None:
             log.warning("diffusion_feature: this ComfyUI's memory manager did not accept the model (%s); it stays "
                         "on %s outside ComfyUI's offloading", e, model.device)
             model.extra["unmanaged_warned"] = True
+
+
+_module_patchers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def manage_module(module, device) -> None:
+    """The same for a lone module (a ControlNet): loaded to `device` under ComfyUI's memory management."""
+    if folder_paths is None:
+        return
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    try:
+        patcher = _module_patchers.get(module)
+        if patcher is None:
+            patcher = comfy.model_patcher.ModelPatcher(module, load_device=device,
+                                                       offload_device=mm.unet_offload_device())
+            _module_patchers[module] = patcher
+        mm.load_models_gpu([patcher])
+    except (TypeError, AttributeError) as e:
+        log.warning("diffusion_feature: this ComfyUI's memory manager did not accept a module (%s); moving it to "
+                    "%s directly", e, device)
+        module.to(device)
 
 
 # ---- HTTP routes ---------------------------------------------------------------------------------------------

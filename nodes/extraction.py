@@ -174,11 +174,27 @@ def noise_latents(x0: torch.Tensor, t: int, abar: torch.Tensor, seed: int) -> to
 @torch.no_grad()
 def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: int, seed: int, abar: torch.Tensor,
                     *, family: str | None = None, ensemble: int = 1, feature_resize: int = 1,
-                    dtype: torch.dtype | None = None, offload: bool = False) -> dict[str, torch.Tensor]:
-    """Features of clean latents x0 (B, C, h, w) at timestep t: the core shared by every entry point."""
+                    dtype: torch.dtype | None = None, offload: bool = False, denoise_from: int | None = None,
+                    denoise_steps: int = 1, prediction_type: str = "epsilon") -> dict[str, torch.Tensor]:
+    """Features of clean latents x0 (B, C, h, w) at timestep t: the core shared by every entry point.
+
+    denoise_from: noise to this higher timestep instead and take `denoise_steps` deterministic DDIM steps down to
+    t, each a conditional forward guided by the prompt and any ControlNet of `cond`, before capturing at t (the
+    content-shift recipe: a ControlNet pulls the imagined content back towards the image).
+    """
+    from .control import control_residuals
+    from .ddim import ddim_move, descending_timesteps, eps_output
+
     t = check_timestep(t)
     if not isinstance(ensemble, int) or ensemble < 1:
         raise ValueError(f"ensemble must be an integer >= 1 (noise draws to average), got {ensemble!r}")
+    schedule = [t]
+    if denoise_from is not None:
+        check_timestep(denoise_from)
+        if denoise_from <= t:
+            raise ValueError(f"denoise_from ({denoise_from}) must be above t ({t}): it is the timestep the guided "
+                             "denoising starts from before capturing at t")
+        schedule = descending_timesteps(denoise_from, t, denoise_steps)
     taps = resolve_taps(layers, denoiser, family)
     param = next(denoiser.parameters())
     batch = x0.shape[0]
@@ -186,17 +202,27 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
     check_map_memory(denoiser, taps, batch, tuple(x0.shape[-2:]), cond.encoder_hidden_states.shape[1],
                      dtype or param.dtype, store, param.device)
     kwargs = cond.for_batch(batch, param.device, param.dtype)
-    timestep = torch.full((batch,), t, device=param.device, dtype=torch.long)
     sample_name = "hidden_states" if is_pixart(denoiser) else "sample"
     x0 = x0.to(param.device, param.dtype)
     total: dict[str, torch.Tensor] = {}
+
+    def forward(capture, x, step_t):
+        timestep = torch.full((batch,), step_t, device=param.device, dtype=torch.long)
+        extra = control_residuals(cond.controls, x, timestep, kwargs)
+        return capture.run(**{sample_name: x}, timestep=timestep, **kwargs, **extra)
+
     # Averaging happens in float32 on the capture device; the requested dtype is applied once, at the end.
     with FeatureCapture(denoiser, taps, dtype=dtype if ensemble == 1 else torch.float32,
                         device="cpu" if offload else None, feature_resize=feature_resize,
                         early_exit=True) as capture:
         for k in range(ensemble):
-            x_t = noise_latents(x0, t, abar, seed + k)
-            capture.run(**{sample_name: x_t}, timestep=timestep, **kwargs)
+            x_t = noise_latents(x0, schedule[0], abar, seed + k)
+            capture.enabled = False  # the denoising steps run whole and capture nothing
+            for a, b in zip(schedule[:-1], schedule[1:]):
+                out = eps_output(forward(capture, x_t, a)[0], x0.shape[1])
+                x_t = ddim_move(x_t, out, a, b, abar, prediction_type)
+            capture.enabled = True
+            forward(capture, x_t, t)
             for name, value in capture.features.items():
                 total[name] = value if name not in total else total[name] + value
     if ensemble > 1:
@@ -247,15 +273,19 @@ def with_time_ids(cond: Conditioning, height: int, width: int) -> Conditioning:
 @torch.no_grad()
 def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *, resize: str = "keep-aspect",
             size=None, ensemble: int = 1, feature_resize: int = 1, dtype: torch.dtype | None = None,
-            offload: bool = False, vae_sample: bool = True, target_side: int | None = None):
+            offload: bool = False, vae_sample: bool = True, target_side: int | None = None,
+            denoise_from: int | None = None, denoise_steps: int = 1):
     """Features of images at training timestep t (see the module docstring for the exact semantics).
 
     model: a FeatureModel. images: paths, PIL images, or a ComfyUI IMAGE tensor; one batch (they must share a size
     after resizing). prompt: a string for all images, a list (one per image), or a Conditioning. layers: ids, a
     preset or a JSON file; default the taps attached to the model. target_side: keep-aspect resizing aims at
-    target_side**2 pixels instead of the native area. Returns Features (tensors + metadata).
+    target_side**2 pixels instead of the native area. denoise_from / denoise_steps: see extract_latents.
+    ControlNets attached to the conditioning and LoRAs of the model apply. Returns Features (tensors + metadata).
     """
+    from .control import check_controls
     from .features_io import Features
+    from .lora import lora_applied
     from .prompts import encode_prompt
 
     t = check_timestep(t)
@@ -264,13 +294,22 @@ def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *
         raise ValueError("no layers to extract: pass layers= (ids, a preset or a JSON file) or attach them first")
     pixels, inputs = _pixels(images, target_side or model.native_size, resize, size)
     height, width = pixels.shape[-2:]
-    cond = prompt if isinstance(prompt, Conditioning) else encode_prompt(model, prompt)
-    cond = with_time_ids(cond, height, width)
-    x0 = encode_latents(model.vae, pixels, seed, sample=vae_sample)
-    tensors = extract_latents(model.denoiser, x0, cond, layers, t, seed, model.alphas_cumprod, family=model.family,
-                              ensemble=ensemble, feature_resize=feature_resize, dtype=dtype, offload=offload)
+    with lora_applied(model):
+        cond = prompt if isinstance(prompt, Conditioning) else encode_prompt(model, prompt)
+        check_controls(cond, model)
+        cond = with_time_ids(cond, height, width)
+        x0 = encode_latents(model.vae, pixels, seed, sample=vae_sample)
+        tensors = extract_latents(model.denoiser, x0, cond, layers, t, seed, model.alphas_cumprod,
+                                  family=model.family, ensemble=ensemble, feature_resize=feature_resize, dtype=dtype,
+                                  offload=offload, denoise_from=denoise_from, denoise_steps=denoise_steps,
+                                  prediction_type=model.scheduler_config.get("prediction_type") or "epsilon")
     meta = {"family": model.family, "t": t, "seed": seed, "size": [height, width], "prompt": cond.prompts,
             "layers": list(tensors), "ensemble": ensemble, "input_size": [inputs[0].height, inputs[0].width]}
+    if denoise_from is not None:
+        meta.update(denoise_from=denoise_from, denoise_steps=denoise_steps)
+    if cond.controls:
+        meta["controlnets"] = [{"name": getattr(h.controlnet, "name", ""), "strength": h.strength}
+                               for h in cond.controls]
     return Features(tensors, meta)
 
 

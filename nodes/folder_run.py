@@ -20,6 +20,7 @@ from .extraction import extract
 from .features_io import safe_name, save_features
 from .prompts import encode_prompt
 from .images import IMAGE_SUFFIXES, ImageInputError, check_size, open_image, target_size
+from .lora import lora_applied
 
 
 def find_images(pattern: str) -> list[Path]:
@@ -103,7 +104,8 @@ def extract_folder(model, files: list[Path], prompts: list[str], layers, out_dir
             encoded[text] = encode_prompt(model, text)
         return encoded[text]
 
-    with ThreadPoolExecutor(1, thread_name_prefix="df-decode") as decoder, \
+    # LoRAs are merged once for the whole folder (each extract's own merge is then a no-op)
+    with lora_applied(model), ThreadPoolExecutor(1, thread_name_prefix="df-decode") as decoder, \
             ThreadPoolExecutor(1, thread_name_prefix="df-save") as saver:
         decode = lambda batch: [open_image(files[i]) for i in batch]  # noqa: E731
         upcoming = decoder.submit(decode, batches[0]) if batches else None

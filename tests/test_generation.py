@@ -139,7 +139,7 @@ def test_captured_taps_equal_an_independent_hook_on_each_step(sd15):
         (s, b, i) for s in (1, 3) for b in ("uncond", "cond") for i in (0, 1)]
     for tap in taps:
         expected = torch.cat([recorder.calls[tap.module_path][k] for k in (1, 3)])
-            if tap.kind == "tokens":  # (rows, h*w, C) on up level 1 of a 12x8 latent: a 3x2 grid
+        if tap.kind == "tokens":  # (rows, h*w, C) on up level 1 of a 12x8 latent: a 3x2 grid
             expected = expected.transpose(1, 2).reshape(expected.shape[0], -1, 3, 2)
         got = feats.tensors[tap.id]
         assert got.device.type == "cpu"
