@@ -34,14 +34,10 @@ def _extract_graph(loader: dict, pca_layer: str, prefix: str, images: list[str],
         g["11"] = {"class_type": "LoadImage", "inputs": {"image": images[1]}}
         g["12"] = {"class_type": "ImageBatch", "inputs": {"image1": _link("10"), "image2": _link("11")}}
         image = _link("12")
-    g["4"] = {"class_type": "DFExtractFeatures", "inputs": {
-        "model": _link("2"), "image": image, "conditioning": _link("3"), "t": 50, "seed": 0, "resize": "keep-aspect",
-        "ensemble": 1, "feature_resize": 1, "offload": True, "batch_size": 4}}
-    g["5"] = {"class_type": "DFFeaturePCA", "inputs": {"features": _link("4"), "layer": pca_layer, "joint": joint,
-                                                        "foreground_threshold": 0.0, "size": "image"}}
-    g["6"] = {"class_type": "PreviewImage", "inputs": {"images": _link("5")}}
-    g["7"] = {"class_type": "DFSaveFeatures", "inputs": {"features": _link("4"), "filename_prefix": prefix,
-                                                          "format": "safetensors", "layout": "per-sample"}}
+    g["4"] = _extract(_link("2"), image, _link("3"))
+    g["5"] = _pca(_link("4"), pca_layer, joint=joint)
+    g["6"] = _preview(_link("5"))
+    g["7"] = _save(_link("4"), prefix)
     return g
 
 
@@ -71,6 +67,115 @@ def _attention_graph() -> dict:
     return g
 
 
+CANNY_CONTROLNET = "control_v11p_sd15_canny.pth"
+LORA = "example_lora.safetensors"
+TIMELINE_LAYER = "up-level1-repeat1-res-out"
+
+
+def _hooks(model: list, layers: str = "", preset: str = "practical") -> dict:
+    return {"class_type": "DFAttachHooks", "inputs": {"model": model, "layers": layers, "preset": preset}}
+
+
+def _prompt(model: list, text: str) -> dict:
+    return {"class_type": "DFEncodePrompt", "inputs": {"model": model, "text": text, "one_per_line": False}}
+
+
+def _extract(model: list, image: list, cond: list, denoise_from: int = 0) -> dict:
+    return {"class_type": "DFExtractFeatures", "inputs": {
+        "model": model, "image": image, "conditioning": cond, "t": 50, "seed": 0, "resize": "keep-aspect",
+        "ensemble": 1, "feature_resize": 1, "offload": True, "batch_size": 4, "denoise_from": denoise_from,
+        "denoise_steps": 1}}
+
+
+def _pca(features: list, layer: str = "", **more) -> dict:
+    return {"class_type": "DFFeaturePCA", "inputs": {"features": features, "layer": layer, "joint": True,
+                                                      "foreground_threshold": 0.0, "size": "image", **more}}
+
+
+def _save(features: list, prefix: str) -> dict:
+    return {"class_type": "DFSaveFeatures", "inputs": {"features": features, "filename_prefix": prefix,
+                                                        "format": "safetensors", "layout": "per-sample"}}
+
+
+def _preview(images: list) -> dict:
+    return {"class_type": "PreviewImage", "inputs": {"images": images}}
+
+
+def _canny_control(g: dict, cond: list, image: list) -> list:
+    """Canny edges of the image -> a ControlNet hint attached to `cond` (nodes 11-14). Returns the conditioning."""
+    g["11"] = {"class_type": "Canny", "inputs": {"image": image, "low_threshold": 0.4, "high_threshold": 0.8}}
+    g["12"] = {"class_type": "DFLoadControlNet", "inputs": {"control_net_name": CANNY_CONTROLNET, "dtype": "auto",
+                                                             "family": "auto"}}
+    g["13"] = {"class_type": "DFApplyControlNet", "inputs": {"conditioning": cond, "controlnet": _link("12"),
+                                                              "image": _link("11"), "strength": 1.0, "start": 0.0,
+                                                              "end": 1.0}}
+    g["14"] = _preview(_link("11"))
+    return _link("13")
+
+
+def _lora(model: list) -> dict:
+    return {"class_type": "DFLoadLoRA", "inputs": {"model": model, "lora_name": LORA, "strength_model": 1.0,
+                                                    "strength_clip": 1.0}}
+
+
+def _generate_graph() -> dict:
+    g = {"1": _loader_ckpt(SD15), "2": _hooks(_link("1"), TIMELINE_LAYER, "none"),
+         "3": _prompt(_link("1"), "a photo of a red house by a lake"), "4": _prompt(_link("1"), "blurry, low quality")}
+    g["5"] = {"class_type": "DFGenerate", "inputs": {
+        "model": _link("2"), "positive": _link("3"), "negative": _link("4"), "seed": 0, "steps": 20, "cfg": 7.0,
+        "scheduler": "euler", "width": 0, "height": 0, "batch_size": 1, "capture_steps": "every 4",
+        "capture_branch": "cond", "denoise": 1.0, "offload": True}}
+    g["6"] = _preview(_link("5"))
+    g["7"] = _pca(_link("5", 1))
+    g["8"] = _preview(_link("7"))
+    g["9"] = _save(_link("5", 1), "diffusion_feature/timeline")
+    return g
+
+
+def _controlnet_graph() -> dict:
+    g = {"1": _loader_ckpt(SD15), "2": _hooks(_link("1")), "3": _prompt(_link("1"), "a photo"),
+         "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}}}
+    cond = _canny_control(g, _link("3"), _link("10"))
+    g["4"] = _extract(_link("2"), _link("10"), cond, denoise_from=60)
+    g["5"] = _pca(_link("4"), "up-level1-repeat2-res-out")
+    g["6"] = _preview(_link("5"))
+    g["7"] = _save(_link("4"), "diffusion_feature/controlnet")
+    return g
+
+
+def _lora_graph() -> dict:
+    g = {"1": _loader_ckpt(SD15), "15": _lora(_link("1")), "10": {"class_type": "LoadImage",
+                                                                    "inputs": {"image": "example.png"}}}
+    g["2"] = _hooks(_link("15"))
+    g["3"] = _prompt(_link("15"), "a photo")
+    g["4"] = _extract(_link("2"), _link("10"), _link("3"))
+    g["5"] = _pca(_link("4"), "up-level1-repeat2-res-out")
+    g["6"] = _preview(_link("5"))
+    g["7"] = _save(_link("4"), "diffusion_feature/lora")
+    return g
+
+
+def _content_shift_graph() -> dict:
+    """One image, four ways of suppressing content shift, one joint PCA: plain prompt | fine-grained prompt |
+    ControlNet canny from t=60 | LoRA."""
+    g = {"1": _loader_ckpt(SD15), "2": _hooks(_link("1"), TIMELINE_LAYER, "none"),
+         "3": _prompt(_link("1"), "a photo"),
+         "20": _prompt(_link("1"), "a photo of a small red-brick house with a white door and two windows, a green "
+                                   "lawn in front, under a clear blue sky"),
+         "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}}}
+    g["4"] = _extract(_link("2"), _link("10"), _link("3"))
+    g["21"] = _extract(_link("2"), _link("10"), _link("20"))
+    g["22"] = _extract(_link("2"), _link("10"), _canny_control(g, _link("3"), _link("10")), denoise_from=60)
+    g["15"] = _lora(_link("1"))
+    g["16"] = _hooks(_link("15"), TIMELINE_LAYER, "none")
+    g["17"] = _prompt(_link("15"), "a photo")
+    g["23"] = _extract(_link("16"), _link("10"), _link("17"))
+    g["5"] = _pca(_link("4"), TIMELINE_LAYER, features_2=_link("21"), features_3=_link("22"),
+                  features_4=_link("23"))
+    g["6"] = _preview(_link("5"))
+    return g
+
+
 EXAMPLES = {
     "sd15_extract_pca_save": ("SD1.5: practical preset -> PCA -> save",
                               _extract_graph(_loader_ckpt(SD15), "up-level1-repeat2-res-out",
@@ -82,12 +187,19 @@ EXAMPLES = {
     "batch_joint_pca": ("SD1.5: two images, one joint PCA (comparable colours)",
                         _extract_graph(_loader_ckpt(SD15), "up-level1-repeat2-res-out", "diffusion_feature/batch",
                                        ["example.png", "example2.png"], True)),
+    "generate_capture_timeline": ("SD1.5: generate, capture every 4th step, timeline PCA", _generate_graph()),
+    "controlnet_canny_denoise_from": ("SD1.5: ControlNet canny, denoise from t=60 to 50, extract",
+                                      _controlnet_graph()),
+    "extract_with_lora": ("SD1.5: a LoRA on the model and its text encoder, then extract", _lora_graph()),
+    "content_shift_comparison": ("Content shift: plain | fine-grained prompt | ControlNet | LoRA, one joint PCA",
+                                 _content_shift_graph()),
 }
 
 # ---- UI format ------------------------------------------------------------------------------------------------
 CORE = {  # ComfyUI core nodes used here: (widget inputs in order, outputs)
     "LoadImage": (["image", "upload"], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "ImageBatch": ([], [("IMAGE", "IMAGE")]),
+    "Canny": (["low_threshold", "high_threshold"], [("IMAGE", "IMAGE")]),
     "PreviewImage": ([], []),
 }
 

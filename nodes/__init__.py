@@ -2,9 +2,13 @@
 
 class_type names are public API (headless workflows use them): never rename them.
 """
+from .node_apply_controlnet import DFApplyControlNet
+from .node_controlnet import DFLoadControlNet
 from .node_extract import DFExtractFeatures
+from .node_generate import DFGenerate
 from .node_hooks import DFAttachHooks, DFShowLayers
 from .node_load import DFLoadCheckpoint, DFLoadDiffusers
+from .node_lora import DFLoadLoRA
 from .node_prompt import DFEncodePrompt
 from .node_save import DFLoadFeatures, DFSaveFeatures
 from .node_visualize import DFAttentionMap, DFFeaturePCA
@@ -20,6 +24,10 @@ NODE_CLASS_MAPPINGS = {
     "DFAttentionMap": DFAttentionMap,
     "DFSaveFeatures": DFSaveFeatures,
     "DFLoadFeatures": DFLoadFeatures,
+    "DFGenerate": DFGenerate,
+    "DFLoadControlNet": DFLoadControlNet,
+    "DFApplyControlNet": DFApplyControlNet,
+    "DFLoadLoRA": DFLoadLoRA,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DFLoadCheckpoint": "Load Checkpoint (Diffusion Feature)",
@@ -32,4 +40,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DFAttentionMap": "Attention Map",
     "DFSaveFeatures": "Save Features",
     "DFLoadFeatures": "Load Features",
+    "DFGenerate": "Generate and Capture",
+    "DFLoadControlNet": "Load ControlNet (Diffusion Feature)",
+    "DFApplyControlNet": "Apply ControlNet (Diffusion Feature)",
+    "DFLoadLoRA": "Load LoRA (Diffusion Feature)",
 }

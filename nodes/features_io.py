@@ -28,7 +28,9 @@ from safetensors.torch import load_file, save_file
 FORMATS = ("safetensors", "npy")
 LAYOUTS = ("per-sample", "per-layer", "aggregate")
 _META_KEYS = ("family", "t", "seed", "size", "input_size", "prompt", "layers", "name", "step", "ensemble",
-              "aggregate_slices")
+              "aggregate_slices", "timestep", "branch", "image", "scheduler", "steps", "cfg", "denoise",
+              "denoise_from", "denoise_steps", "controlnets")
+_ROW_KEYS = ("step", "timestep", "branch", "image")  # per-row labels of features captured during generation
 
 
 class FeatureFileError(ValueError):
@@ -101,8 +103,18 @@ def aggregate(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str,
     return torch.cat(parts, dim=1), slices
 
 
-def _meta_for(features: Features, name: str, extra: dict | None = None) -> dict:
+def row_label(features: Features, i: int) -> str:
+    """'step005_cond' for row i of features captured during generation ('' for extracted features)."""
+    rows = features.meta.get("rows")
+    if not rows:
+        return ""
+    return f"step{rows[i]['step']:03d}_{rows[i]['branch']}"
+
+
+def _meta_for(features: Features, name: str, extra: dict | None = None, row: int | None = None) -> dict:
     meta = {k: v for k, v in features.meta.items() if k in _META_KEYS}
+    if row is not None and features.meta.get("rows"):  # a generation row: its own step, timestep, branch, image
+        meta.update({k: features.meta["rows"][row][k] for k in _ROW_KEYS if k in features.meta["rows"][row]})
     meta["layers"] = list(features.tensors)
     meta["name"] = name
     meta.update(extra or {})
@@ -125,12 +137,13 @@ def save_features(features: Features, out_dir, names: list[str], fmt: str = "saf
     for i, name in enumerate(names):
         sample = {k: v.contiguous() for k, v in features.sample(i).items()}
         if fmt == "safetensors" and layout != "aggregate":
-            meta = {k: json.dumps(v) for k, v in _meta_for(features, name).items()}
+            meta = {k: json.dumps(v) for k, v in _meta_for(features, name, row=i).items()}
             written.append(write_atomic(out / f"{name}.safetensors",
                                          lambda p: save_file({k: v.cpu() for k, v in sample.items()}, p, meta)))
             continue
         if fmt == "safetensors":  # aggregate as one tensor per file
-            meta = {k: json.dumps(v) for k, v in _meta_for(features, name, {"aggregate_slices": slices}).items()}
+            meta = {k: json.dumps(v) for k, v in _meta_for(features, name, {"aggregate_slices": slices},
+                                                           row=i).items()}
             data = {"aggregate": agg[i].contiguous().cpu()}
             written.append(write_atomic(out / f"{name}.safetensors", lambda p: save_file(data, p, meta)))
             continue
@@ -147,7 +160,7 @@ def save_features(features: Features, out_dir, names: list[str], fmt: str = "saf
             array = tensor.detach().cpu()
             array = (array.float() if array.dtype == torch.bfloat16 else array).numpy()
             written.append(write_atomic(path, lambda p, a=array: _save_npy(p, a)))
-        meta_text = json.dumps(_meta_for(features, name, extra), indent=1)
+        meta_text = json.dumps(_meta_for(features, name, extra, row=i), indent=1)
         written.append(write_atomic(meta_path, lambda p: Path(p).write_text(meta_text)))
     return written
 

@@ -11,7 +11,7 @@ from .images import RESIZE_MODES
 class DFExtractFeatures:
     DESCRIPTION = ("Extract the attached layers at training timestep t (0..999): the images are VAE-encoded, "
                    "noised to t with a seeded draw and passed once through the denoiser, stopping as soon as every "
-                   "layer is captured.")
+                   "layer is captured. ControlNets attached to the conditioning and LoRAs of the model apply.")
     CATEGORY = "diffusion_feature/extract"
     RETURN_TYPES = ("DF_FEATURES",)
     RETURN_NAMES = ("features",)
@@ -37,13 +37,21 @@ class DFExtractFeatures:
                                        "tooltip": "Average-pool spatial features by this factor (maps never)."}),
             "offload": ("BOOLEAN", {"default": True, "tooltip": "Move features to the CPU as they are captured."}),
             "batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Images per forward."}),
+            "denoise_from": ("INT", {"default": 0, "min": 0, "max": 999,
+                                     "tooltip": "0: off. Above t: noise to this timestep instead and run guided "
+                                                "DDIM steps down to t before capturing (with a ControlNet on the "
+                                                "conditioning: the content-shift recipe, e.g. 60 -> 50)."}),
+            "denoise_steps": ("INT", {"default": 1, "min": 1, "max": 100,
+                                      "tooltip": "Denoising steps from denoise_from down to t."}),
         }}
 
     def extract(self, model, image, conditioning, t, seed, resize="keep-aspect", ensemble=1, feature_resize=1,
-                offload=True, batch_size=4):
+                offload=True, batch_size=4, denoise_from=0, denoise_steps=1):
         if not model.layers:
             raise ValueError("this model has no layers attached: connect it through DFAttachHooks first")
         comfy_env.manage(model)
+        for hint in conditioning.controls:
+            comfy_env.manage_module(hint.controlnet.module, model.device)
         progress = comfy_env.Progress(int(image.shape[0]))
 
         def step(n):
@@ -54,5 +62,6 @@ class DFExtractFeatures:
         with torch.inference_mode():
             features = extract_in_batches(model, image, conditioning, model.layers, t, seed, batch_size=batch_size,
                                           on_batch=step, resize=resize, ensemble=ensemble,
-                                          feature_resize=feature_resize, offload=offload)
+                                          feature_resize=feature_resize, offload=offload,
+                                          denoise_from=denoise_from or None, denoise_steps=denoise_steps)
         return (features,)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import comfy_env
-from .features_io import FORMATS, LAYOUTS, load_features, save_features
+from .features_io import FORMATS, LAYOUTS, load_features, row_label, save_features
 from .output_paths import OutputPathError, sample_names
 
 
@@ -31,7 +31,11 @@ class DFSaveFeatures:
 
     def save(self, features, filename_prefix, format="safetensors", layout="per-sample"):
         root = comfy_env.output_dir()
+        if not features.tensors:
+            raise ValueError("these features are empty: nothing was captured (attach layers with DFAttachHooks; "
+                             "for DFGenerate also set capture_steps)")
         folder, names, subfolder = sample_names(filename_prefix, root, features.batch)
+        names = [name + row_label(features, i) for i, name in enumerate(names)]
         written = save_features(features, folder, names, fmt=format, layout=layout)
         entries = [{"filename": str(p.relative_to(folder)), "subfolder": subfolder, "type": "output"}
                    for p in written]

@@ -42,6 +42,10 @@ class DFFeaturePCA:
             "layer": ("STRING", {"default": "", "tooltip": "A spatial layer id of the features; empty: the first."}),
             "joint": ("BOOLEAN", {"default": True, "tooltip": "One PCA over the whole batch (comparable colours)."}),
         }, "optional": {
+            **{f"features_{k}": ("DF_FEATURES", {"tooltip": "More features (e.g. another prompt, ControlNet or "
+                                                            "LoRA) shown after the first, fitted in the same PCA "
+                                                            "when joint: side by side with comparable colours."})
+               for k in (2, 3, 4)},
             "foreground_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                                "tooltip": "Black out pixels whose first component is below this "
                                                           "(0: off)."}),
@@ -50,12 +54,21 @@ class DFFeaturePCA:
                                                             "grid's."}),
         }}
 
-    def pca(self, features, layer="", joint=True, foreground_threshold=0.0, size="image"):
+    def pca(self, features, layer="", joint=True, foreground_threshold=0.0, size="image", features_2=None,
+            features_3=None, features_4=None):
         layer = _pick(features, layer, want_map=False)
-        rgb = pca_rgb(features.tensors[layer], joint=joint, foreground_threshold=foreground_threshold or None)
-        if size == "image" and ("input_size" in features.meta or "size" in features.meta):
-            height, width = features.meta.get("input_size") or features.meta["size"]
-            rgb = [np.asarray(to_image_size(a, (width, height))) for a in rgb]
+        sets = [features] + [f for f in (features_2, features_3, features_4) if f is not None]
+        for k, other in enumerate(sets[1:], start=2):
+            if layer not in other.tensors:
+                raise ValueError(f"features_{k} holds no layer {layer!r} (it holds: {', '.join(other.tensors)})")
+        items = [x for f in sets for x in f.tensors[layer]]
+        rgb = pca_rgb(items, joint=joint, foreground_threshold=foreground_threshold or None)
+        first = features.meta.get("input_size") or features.meta.get("size")
+        if size == "image" and first:
+            height, width = first
+        else:  # the first set's feature grid; every image of the batch gets that size
+            height, width = features.tensors[layer].shape[-2:]
+        rgb = [np.asarray(to_image_size(a, (width, height))) if a.shape[:2] != (height, width) else a for a in rgb]
         return (_as_image(rgb),)
 
 

@@ -13,13 +13,15 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from comfyui_harness import ComfyServer, execution_error, prepare
-from conftest import save_sd15_folder, tiny_feature_model
+from conftest import save_sd15_folder, tiny_controlnet, tiny_feature_model
 from diffusion_feature import NODE_CLASS_MAPPINGS
 from diffusion_feature.nodes.features_io import load_features
-from ldm_export import sd15_single_file_state
+from ldm_export import controlnet_to_ldm, sd15_single_file_state
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
 TINY_CKPT, TINY_XL = "df-tiny-sd15.safetensors", "df-tiny-sdxl"
+TINY_CN, TINY_LORA = "df-tiny-canny.safetensors", "df-tiny-lora.safetensors"
+EXTRACT_EXAMPLES = ["attention_maps", "batch_joint_pca", "sd15_extract_pca_save", "sdxl_extract_pca_save"]
 TINY_XL_LAYERS = "up-level0-repeat0-vit-block1-out\nup-level1-repeat0-vit-block0-out"
 
 
@@ -38,7 +40,32 @@ def _write_tiny_models(comfy: Path) -> dict:
     folder = comfy / "models" / "diffusers" / TINY_XL
     shutil.rmtree(folder, ignore_errors=True)
     pipe.save_pretrained(folder)
+    # a ControlNet for the tiny sd15 in the original single-file layout, its architecture in a config sidecar
+    cn_dir = comfy / "models" / "controlnet"
+    cn_dir.mkdir(parents=True, exist_ok=True)
+    net = tiny_controlnet(sd15.denoiser)
+    save_file(controlnet_to_ldm(net), str(cn_dir / TINY_CN))
+    net.save_config(cn_dir / (Path(TINY_CN).stem + ".config"))
+    lora_dir = comfy / "models" / "loras"
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    save_file(_kohya_lora(sd15), str(lora_dir / TINY_LORA))
     return {"sd15": sd15, "sdxl": xl}
+
+
+def _kohya_lora(model) -> dict:
+    """A rank-2 kohya LoRA on every attention projection of the tiny sd15's UNet and on its text encoder's q_proj."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for component, prefix, module in (("unet", "lora_unet_", model.denoiser),
+                                      ("te", "lora_te_text_model_", model.text_encoders[0])):
+        for name, sub in module.named_modules():
+            if not isinstance(sub, torch.nn.Linear) or not name.endswith(("to_q", "to_v", "q_proj")):
+                continue
+            key = prefix + name.replace(".", "_")
+            state[key + ".lora_down.weight"] = torch.randn(2, sub.in_features, generator=g) * 0.5
+            state[key + ".lora_up.weight"] = torch.randn(sub.out_features, 2, generator=g) * 0.5
+            state[key + ".alpha"] = torch.tensor(2.0)
+    return state
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +91,12 @@ def tiny(graph: dict) -> dict:
         inputs = node["inputs"]
         if node["class_type"] == "DFLoadCheckpoint":
             inputs["ckpt_name"] = TINY_CKPT
+        if node["class_type"] == "DFLoadControlNet":
+            inputs["control_net_name"] = TINY_CN
+        if node["class_type"] == "DFLoadLoRA":
+            inputs["lora_name"] = TINY_LORA
+        if node["class_type"] == "DFGenerate":
+            inputs.update(width=128, height=96)
         if node["class_type"] == "DFLoadDiffusers":
             inputs["model_path"] = TINY_XL
             for other in graph.values():
@@ -98,7 +131,13 @@ def test_layer_routes(server):
     assert server.get(f"/diffusion_feature/family?kind=checkpoints&name={TINY_CKPT}") == {"family": "sd15"}
 
 
-@pytest.mark.parametrize("name", sorted(p.name[:-len(".api.json")] for p in EXAMPLES.glob("*.api.json")))
+def test_every_example_workflow_is_tested():
+    names = {p.name[:-len(".api.json")] for p in EXAMPLES.glob("*.api.json")}
+    assert names == set(EXTRACT_EXAMPLES) | {"generate_capture_timeline", "controlnet_canny_denoise_from",
+                                              "extract_with_lora", "content_shift_comparison"}
+
+
+@pytest.mark.parametrize("name", EXTRACT_EXAMPLES)
 def test_example_workflow_runs_and_saves_loadable_features(server, name):
     graph = tiny(json.loads((EXAMPLES / f"{name}.api.json").read_text()))
     entry = server.run(graph)
@@ -119,6 +158,68 @@ def test_example_workflow_runs_and_saves_loadable_features(server, name):
             assert list(tensor.shape[1:]) == shapes[layer_id], layer_id
     previews = [o for o in entry["outputs"].values() if "images" in o]
     assert previews, "the PCA / heatmap preview produced no image"
+
+
+def _run_example(server, name: str) -> tuple[dict, dict]:
+    graph = tiny(json.loads((EXAMPLES / f"{name}.api.json").read_text()))
+    entry = server.run(graph)
+    assert "rejected" not in entry, entry
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    return graph, entry
+
+
+def test_generate_example_captures_a_labelled_timeline(server):
+    graph, entry = _run_example(server, "generate_capture_timeline")
+    files = _saved_files(entry, server.output_dir)
+    assert [f.name.split("_", 2)[-1] for f in files] == [f"step{s:03d}_cond.safetensors" for s in (0, 4, 8, 12, 16)]
+    shapes = server.models["sd15"].show_layers((96, 128))
+    steps = []
+    for path in files:
+        feats = load_features(path)
+        assert list(feats.tensors) == ["up-level1-repeat1-res-out"] and feats.meta["branch"] == "cond"
+        assert list(feats.tensors["up-level1-repeat1-res-out"].shape[1:]) == shapes["up-level1-repeat1-res-out"]
+        steps.append((feats.meta["step"], feats.meta["timestep"]))
+    assert [s for s, _ in steps] == [0, 4, 8, 12, 16] and steps[0][1] > steps[-1][1]  # noise level falls
+    images = {nid: out["images"] for nid, out in entry["outputs"].items() if "images" in out}
+    assert len(images["6"]) == 1 and len(images["8"]) == 5  # the generated image; one PCA image per step
+
+
+def test_controlnet_example_extracts_with_canny_guidance_and_denoise_from(server):
+    graph, entry = _run_example(server, "controlnet_canny_denoise_from")
+    (path,) = _saved_files(entry, server.output_dir)
+    feats = load_features(path)
+    assert feats.meta["denoise_from"] == 60 and feats.meta["t"] == 50
+    assert feats.meta["controlnets"] == [{"name": Path(TINY_CN).stem, "strength": 1.0}]
+    # without the ControlNet (and from t itself) the decoder's features differ; the encoder's do not
+    plain = copy.deepcopy(graph)
+    plain["4"]["inputs"].update(conditioning=["3", 0], denoise_from=0)
+    plain["7"]["inputs"]["filename_prefix"] = "diffusion_feature/plain"
+    (plain_path,) = _saved_files(server.run(plain), server.output_dir)
+    other = load_features(plain_path)
+    assert not torch.allclose(feats.tensors["up-level1-repeat2-res-out"], other.tensors["up-level1-repeat2-res-out"])
+
+
+def test_lora_example_changes_features_and_never_leaks_into_the_plain_model(server):
+    def features_of(graph):
+        entry = server.run(graph)
+        assert entry["status"]["status_str"] == "success", execution_error(entry)
+        return load_features(_saved_files(entry, server.output_dir)[0]).tensors
+
+    plain_graph = _sd15_graph({})
+    before = features_of(plain_graph)
+    _, entry = _run_example(server, "extract_with_lora")
+    with_lora = load_features(_saved_files(entry, server.output_dir)[0]).tensors
+    after = features_of(plain_graph)
+    layer = "up-level1-repeat2-res-out"
+    assert not torch.allclose(with_lora[layer], before[layer])
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+def test_content_shift_comparison_shows_four_feature_sets_in_one_pca(server):
+    _, entry = _run_example(server, "content_shift_comparison")
+    images = {nid: out["images"] for nid, out in entry["outputs"].items() if "images" in out}
+    assert len(images["6"]) == 4 and len(images["14"]) == 1  # plain | fine-grained | ControlNet | LoRA; the edges
 
 
 def _sd15_graph(changes: dict) -> dict:
