@@ -1,6 +1,8 @@
 """Every node's function on tiny models, without ComfyUI installed."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -32,8 +34,11 @@ def dirs(tmp_path, monkeypatch):
 def test_every_node_declares_its_contract():
     assert set(NODE_CLASS_MAPPINGS) == {"DFLoadCheckpoint", "DFLoadDiffusers", "DFEncodePrompt", "DFAttachHooks",
                                         "DFExtractFeatures", "DFShowLayers", "DFFeaturePCA", "DFAttentionMap",
-                                        "DFSaveFeatures", "DFLoadFeatures"}
+                                        "DFSaveFeatures", "DFLoadFeatures", "DFGenerate", "DFLoadControlNet",
+                                        "DFApplyControlNet", "DFLoadLoRA"}
+    docs = Path(__file__).resolve().parents[1] / "web" / "docs"
     for name, cls in NODE_CLASS_MAPPINGS.items():
+        assert (docs / f"{name}.md").is_file(), f"{name} has no web/docs page"
         assert cls.DESCRIPTION and cls.CATEGORY.startswith("diffusion_feature/"), name
         spec = cls.INPUT_TYPES()
         for group in spec.values():
@@ -70,6 +75,47 @@ def test_graph_attach_extract_pca_save_load(model, dirs):
     (loaded,) = N["DFLoadFeatures"].load("runs/cat_00002_.safetensors")
     for k in want.tensors:
         assert torch.equal(loaded.tensors[k][0], features.tensors[k][1])
+
+
+def test_graph_generate_capture_timeline_pca_save(model, dirs):
+    from diffusion_feature.nodes.generation import generate
+
+    (pos,) = N["DFEncodePrompt"].encode(model, "a red house")
+    (hooked,) = N["DFAttachHooks"].attach(model, "mid-repeat1-res-out", "none")
+    image, features = N["DFGenerate"].run(hooked, pos, 4, 6, 5.0, "ddim", 64, 96, 1, "every 2", "cond")
+    want = generate(model, pos, None, steps=6, cfg=5.0, seed=4, width=64, height=96, scheduler="ddim",
+                    layers=["mid-repeat1-res-out"], capture_steps=[0, 2, 4])
+    assert torch.equal(image, want.images) and image.shape == (1, 96, 64, 3)
+    assert torch.equal(features.tensors["mid-repeat1-res-out"], want.features.tensors["mid-repeat1-res-out"])
+    (timeline,) = N["DFFeaturePCA"].pca(features, "", True)
+    assert timeline.shape == (3, 96, 64, 3)  # one image per captured step, at the generated size
+    out = N["DFSaveFeatures"].save(features, "gen/run", "safetensors", "per-sample")
+    assert [e["filename"] for e in out["ui"]["features"]] == [
+        f"run_{k:05d}_step{s:03d}_cond.safetensors" for k, s in ((1, 0), (2, 2), (3, 4))]
+    (loaded,) = N["DFLoadFeatures"].load("gen/run_00002_step002_cond.safetensors")
+    assert loaded.meta["step"] == 2 and loaded.meta["branch"] == "cond" and loaded.meta["scheduler"] == "ddim"
+    assert loaded.meta["timestep"] == features.meta["rows"][1]["timestep"]
+    assert torch.equal(loaded.tensors["mid-repeat1-res-out"][0], features.tensors["mid-repeat1-res-out"][1])
+    # nothing attached: the image alone, empty features that a save refuses clearly
+    image2, empty = N["DFGenerate"].run(model, pos, 4, 6, 5.0, "ddim", 64, 96, 1, "every 2", "cond")
+    assert torch.equal(image2, image) and empty.tensors == {}
+    with pytest.raises(ValueError, match="nothing was captured"):
+        N["DFSaveFeatures"].save(empty, "gen/none")
+
+
+def test_pca_of_several_feature_sets_is_one_joint_fit(model, dirs):
+    from diffusion_feature.nodes.visualize import pca_rgb
+
+    (hooked,) = N["DFAttachHooks"].attach(model, "up-level1-repeat2-res-out", "none")
+    sets = []
+    for text in ("a photo", "a photo of a small red house with a white door"):
+        (cond,) = N["DFEncodePrompt"].encode(model, text)
+        sets.append(N["DFExtractFeatures"].extract(hooked, _images(1), cond, 50, 0)[0])
+    (both,) = N["DFFeaturePCA"].pca(sets[0], "", True, size="feature grid", features_2=sets[1])
+    layer = sets[0].tensors["up-level1-repeat2-res-out"]
+    want = pca_rgb([layer[0], sets[1].tensors["up-level1-repeat2-res-out"][0]], joint=True)
+    assert both.shape == (2, *layer.shape[-2:], 3)
+    assert torch.equal((both * 255).round().to(torch.uint8), torch.from_numpy(__import__("numpy").stack(want)))
 
 
 def test_node_errors_are_clear(model, dirs):
