@@ -36,6 +36,7 @@ class FeatureModel:
     source: str = ""  # where it came from (a path, or "random weights")
     layers: list[str] | None = None  # taps attached by DFAttachHooks (None: none yet)
     extra: dict = field(default_factory=dict)
+    loras: tuple = ()  # (LoraWeights, strength_model, strength_clip), merged only inside lora_applied (see lora.py)
 
     def __post_init__(self):
         get_family(self.family)
@@ -43,6 +44,13 @@ class FeatureModel:
     def clone(self, **changes) -> "FeatureModel":
         """A new FeatureModel sharing every module; `changes` replace fields (e.g. layers=[...])."""
         return dataclasses.replace(self, **changes)
+
+    def lora_applied(self, components=None):
+        """A with-block during which this model's LoRAs are merged into its shared weights (nothing without
+        LoRAs); every run of a model that may carry LoRAs goes inside one. See lora.lora_applied."""
+        from .lora import COMPONENTS, lora_applied
+
+        return lora_applied(self, COMPONENTS if components is None else components)
 
     @property
     def device(self) -> torch.device:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .extraction import Conditioning
+from .lora import TEXT_COMPONENTS, lora_applied
 
 CLIP_WINDOW = 75
 T5_WINDOW = 300
@@ -58,6 +59,11 @@ def encode_prompt(model, prompts) -> Conditioning:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompt must be a string or a list of strings (an empty string is allowed)")
+    with lora_applied(model, TEXT_COMPONENTS):  # a LoRA's text-encoder part, for this call only
+        return _encode(model, prompts)
+
+
+def _encode(model, prompts: list[str]) -> Conditioning:
     family, dtype = model.family, model.dtype
     if family == "pixart-sigma":
         return _encode_t5(model, prompts)

@@ -100,3 +100,37 @@ def clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
 def sd15_single_file_state(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
     state = {**unet_to_ldm(unet), **vae_to_ldm(vae), **clip_to_ldm(text_encoder)}
     return {k: v.contiguous().clone() for k, v in state.items()}
+
+
+def controlnet_to_ldm(controlnet) -> dict[str, torch.Tensor]:
+    """A diffusers ControlNetModel in the original (lllyasviel) single-file layout, under `control_model.`: the
+    UNet-encoder part named as unet_to_ldm names it, zero_convs.{i}.0 for the down residual convolutions,
+    middle_block_out.0 for the mid one, and input_hint_block with the SiLU slots of the original Sequential
+    (conv_in at 0, blocks.j at 2j+2, conv_out last)."""
+    from types import SimpleNamespace
+
+    sd = controlnet.state_dict()
+    encoder_parts = ("time_embedding", "conv_in", "down_blocks", "mid_block")
+    shared = {k: v for k, v in sd.items() if k.split(".")[0] in encoder_parts}
+    encoder = SimpleNamespace(state_dict=lambda: shared, config=controlnet.config, up_blocks=[])
+    out = {k[len("model.diffusion_model."):]: v for k, v in unet_to_ldm(encoder).items()}
+    n_blocks = len(controlnet.controlnet_cond_embedding.blocks)
+    for key, value in sd.items():
+        if key in shared:
+            continue
+        parts = key.split(".")
+        if parts[0] in ("add_embedding", "class_embedding"):
+            new = f"label_emb.0.{0 if parts[1] == 'linear_1' else 2}.{parts[2]}"
+        elif parts[0] == "controlnet_down_blocks":
+            new = f"zero_convs.{parts[1]}.0.{parts[2]}"
+        elif parts[0] == "controlnet_mid_block":
+            new = f"middle_block_out.0.{parts[1]}"
+        elif parts[0] == "controlnet_cond_embedding":
+            slot = {"conv_in": 0, "conv_out": 2 * n_blocks + 2}.get(parts[1])
+            if parts[1] == "blocks":
+                slot = 2 * int(parts[2]) + 2
+            new = f"input_hint_block.{slot}.{parts[-1]}"
+        else:
+            raise KeyError(f"no LDM name for {key}")
+        out[new] = value
+    return {f"control_model.{k}": v.contiguous().clone() for k, v in out.items()}
