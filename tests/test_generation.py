@@ -228,3 +228,53 @@ def test_every_scheduler_builds_on_the_checkpoint_schedule(sd15):
     for name in SCHEDULERS:
         s = make_scheduler(sd15.scheduler_config, name)
         assert s.config.beta_schedule == "scaled_linear" and s.config.beta_end == 0.012
+
+
+def test_v_prediction_checkpoints_generate_as_diffusers_does(sd15):
+    v_model = sd15.clone(scheduler_config=dict(sd15.scheduler_config, prediction_type="v_prediction"))
+    pos, neg = encode_prompt(sd15, "a cat"), encode_prompt(sd15, "")
+    ours = generate(v_model, pos, neg, steps=3, cfg=3.0, seed=1, width=SIZE, height=SIZE, scheduler="ddim")
+    pipe = _sd15_pipeline(v_model, "ddim")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    ref = pipe(prompt_embeds=pos.encoder_hidden_states, negative_prompt_embeds=neg.encoder_hidden_states,
+               num_inference_steps=3, guidance_scale=3.0, height=SIZE, width=SIZE,
+               generator=torch.Generator().manual_seed(1), output_type="pt")
+    torch.testing.assert_close(ours.images, _pipe_images(ref), atol=1e-5, rtol=0)
+    eps = generate(sd15, pos, neg, steps=3, cfg=3.0, seed=1, width=SIZE, height=SIZE, scheduler="ddim")
+    assert not torch.allclose(ours.images, eps.images)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_ddim_moves_are_exact_for_a_closed_form_denoiser(prediction_type):
+    """A stub denoiser that knows x0 and eps returns the exact prediction: a move to any timestep, down or up,
+    lands exactly on sqrt(abar_s) x0 + sqrt(1 - abar_s) eps."""
+    from diffusion_feature.nodes.ddim import ddim_move, descending_timesteps
+    from diffusion_feature.nodes.extraction import alphas_cumprod
+    from conftest import SD_SCHEDULER
+
+    abar = alphas_cumprod(SD_SCHEDULER)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    point = lambda t: abar[t].sqrt().float() * x0 + (1 - abar[t]).sqrt().float() * eps  # noqa: E731
+
+    def stub(x_t, t):
+        a = abar[t].float()
+        return {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0, "sample": x0}[prediction_type]
+
+    for t, s in ((600, 400), (400, 601), (50, -1), (999, 0)):
+        moved = ddim_move(point(t), stub(point(t), t), t, s, abar, prediction_type)
+        torch.testing.assert_close(moved, x0 if s < 0 else point(s), atol=2e-5, rtol=1e-4)
+    assert descending_timesteps(60, 50, 2) == [60, 55, 50]
+    assert descending_timesteps(999, 0, 3) == [999, 666, 333, 0]
+
+
+def test_attention_maps_captured_during_generation_show_per_step(sd15):
+    from diffusion_feature import NODE_CLASS_MAPPINGS
+
+    layer = "up-level1-repeat0-vit-block0-cross-map"
+    run = generate(sd15, "a cat", None, steps=3, cfg=2.0, seed=0, width=SIZE, height=96, layers=[layer],
+                   capture_steps="0, 2", capture_branch="both")
+    maps = run.features.tensors[layer]
+    assert maps.shape[0] == 4 and torch.allclose(maps.sum(-1), torch.ones(()))  # rows of probabilities
+    heat, mask = NODE_CLASS_MAPPINGS["DFAttentionMap"]().show(run.features, layer, 1, 0.5, 0.5)
+    assert heat.shape == (4, 96, SIZE, 3) and mask.shape == (4, 96, SIZE)
