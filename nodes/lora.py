@@ -96,18 +96,12 @@ def _read_tensors(path: Path) -> tuple[dict, dict]:
             return load_file(str(path)), metadata
         except (SafetensorError, OSError, ValueError) as e:
             raise LoraError(f"LoRA {str(path)!r} is not a valid safetensors file ({e})") from None
+    from .loading import CheckpointError, load_pickle_state_dict
+
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - whatever the unpickler says, the answer is the same
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoraError(f"LoRA {str(path)!r} was refused by torch.load(weights_only=True): it is not a plain tensor "
-                        f"file, and we never run the code a pickle may carry ({first[:300]}). Use the "
-                        ".safetensors version of this LoRA, or convert it with a tool you trust.") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise LoraError(f"LoRA {str(path)!r} holds a {type(obj).__name__}, not a dict of tensors")
-    return obj, {}
+        return load_pickle_state_dict(path), {}
+    except CheckpointError as e:
+        raise LoraError(f"LoRA {e}") from None
 
 
 # (suffix, role), longest first; the part before the suffix names the module

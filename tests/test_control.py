@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import InputRecorder, tiny_controlnet, tiny_feature_model, tiny_pixart_model
+from conftest import tiny_controlnet, tiny_feature_model, tiny_pixart_model
 from diffusion_feature.nodes.control import ControlError, attach_control
 from diffusion_feature.nodes.controlnet import ControlNet, ControlNetError
 from diffusion_feature.nodes.extraction import encode_latents, extract, noise_latents, with_time_ids

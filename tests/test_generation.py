@@ -14,8 +14,8 @@ SIZE = 64  # pixels: an 8x8 latent
 
 
 @pytest.fixture(scope="module")
-def sd15():
-    return tiny_feature_model("sd15")
+def sd15(tiny_sd15):
+    return tiny_sd15
 
 
 @pytest.fixture(scope="module")
