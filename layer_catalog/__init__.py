@@ -11,12 +11,14 @@ from .catalog import (PRESET_NAMES, build_catalog, compute_shapes, family_ids, f
 from .families import FAMILIES, Family, UnknownFamilyError, dummy_inputs, get_family, meta_denoiser
 from .grammar import LayerId, LayerIdSyntaxError, format_id, parse_id
 from .hooks import FeatureCapture, TokenGridError, residue
+from .injection import FeatureInjection
 from .resolver import LayerIdError, nearest_ids, resolve_layers, resolve_taps
 from .taps import KINDS, Tap, enumerate_ids, tap_for, taps_of
 
 __all__ = [
     "PRESET_NAMES", "build_catalog", "compute_shapes", "family_ids", "family_shapes", "load_catalog", "parse_size",
     "preset_ids", "FAMILIES", "Family", "UnknownFamilyError", "dummy_inputs", "get_family", "meta_denoiser",
-    "LayerId", "LayerIdSyntaxError", "format_id", "parse_id", "FeatureCapture", "TokenGridError", "residue", "LayerIdError",
+    "LayerId", "LayerIdSyntaxError", "format_id", "parse_id", "FeatureCapture", "FeatureInjection", "TokenGridError",
+    "residue", "LayerIdError",
     "nearest_ids", "resolve_layers", "resolve_taps", "KINDS", "Tap", "enumerate_ids", "tap_for", "taps_of",
 ]

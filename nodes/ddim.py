@@ -20,9 +20,14 @@ def eps_output(output: torch.Tensor, latent_channels: int) -> torch.Tensor:
 def split_prediction(output: torch.Tensor, x_t: torch.Tensor, t: int, abar: torch.Tensor,
                      prediction_type: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, eps) implied by a denoiser `output` at x_t, in float32."""
-    a = float(abar[t])
+    return split_at(output, x_t, float(abar[t]), prediction_type)
+
+
+def split_at(output: torch.Tensor, x_t: torch.Tensor, a: float, prediction_type: str = "epsilon"):
+    """(x0, eps) implied by a denoiser `output` at a latent of noise level abar = a, in float32 at least."""
     sa, sb = a ** 0.5, (1.0 - a) ** 0.5
-    out, x = output.float(), x_t.float()
+    wide = torch.promote_types(torch.promote_types(output.dtype, x_t.dtype), torch.float32)
+    out, x = output.to(wide), x_t.to(wide)
     if prediction_type == "epsilon":
         return (x - sb * out) / sa, out
     if prediction_type == "v_prediction":
@@ -35,9 +40,17 @@ def split_prediction(output: torch.Tensor, x_t: torch.Tensor, t: int, abar: torc
 def ddim_move(x_t: torch.Tensor, output: torch.Tensor, t: int, s: int, abar: torch.Tensor,
               prediction_type: str = "epsilon") -> torch.Tensor:
     """x_s from x_t and the denoiser's output at t (sampling when s < t, inversion when s > t)."""
-    x0, eps = split_prediction(output, x_t, t, abar, prediction_type)
     a_s = 1.0 if s < 0 else float(abar[s])
-    return (a_s ** 0.5 * x0 + (1.0 - a_s) ** 0.5 * eps).to(x_t.dtype)
+    return move_between(x_t, output, float(abar[t]), a_s, prediction_type)
+
+
+def move_between(x: torch.Tensor, output: torch.Tensor, a_from: float, a_to: float,
+                 prediction_type: str = "epsilon") -> torch.Tensor:
+    """The same move written with the noise levels abar of both ends: x lives at a_from, and the denoiser's output
+    is read as a prediction there. DDIM inversion (as in Plug-and-Play and null-text inversion) calls the
+    denoiser with the *next* timestep on a latent of the previous one; this is the move it then makes."""
+    x0, eps = split_at(output, x, a_from, prediction_type)
+    return (a_to ** 0.5 * x0 + (1.0 - a_to) ** 0.5 * eps).to(x.dtype)
 
 
 def descending_timesteps(start: int, stop: int, steps: int) -> list[int]:

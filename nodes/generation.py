@@ -96,14 +96,16 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
              width: int | None = None, height: int | None = None, batch: int = 1,
              scheduler: str = DEFAULT_SCHEDULER, image=None, denoise: float = 1.0, resize: str = "keep-aspect",
              layers=None, capture_steps="", capture_branch: str = "cond", feature_resize: int = 1,
-             dtype: torch.dtype | None = None, offload: bool = True, on_step=None) -> Generation:
+             dtype: torch.dtype | None = None, offload: bool = True, latents: torch.Tensor | None = None,
+             on_step=None) -> Generation:
     """Generate images, capturing `layers` at `capture_steps` (see samplers.parse_capture_steps).
 
     positive / negative: prompts or Conditionings (negative None: the family's default). cfg > 1 enables
     classifier-free guidance. image + denoise: image-to-image (diffusers' strength: of `steps`, the last
     round(steps * denoise) run); without an image, text-to-image at width x height (default: the native size).
     capture_branch: "cond", "uncond" (needs cfg > 1) or "both". on_step(i, total, latents, x0) is called after
-    each step (progress, previews, interrupts: raise to stop). Returns a Generation.
+    each step (progress, previews, interrupts: raise to stop). latents: start text-to-image from these (1 or B,
+    C, h, w) instead of seeded noise (e.g. an inverted image). Returns a Generation.
     """
     from .features_io import Features
     from .lora import lora_applied
@@ -144,7 +146,12 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
         timesteps = sched.timesteps
         generator = torch.Generator().manual_seed(seed)
         shape = (batch, latent_channels, height // 8, width // 8)
-        if pixels is None:
+        if pixels is None and latents is not None:
+            if latents.ndim != 4 or tuple(latents.shape[1:]) != shape[1:] or latents.shape[0] not in (1, batch):
+                raise ValueError(f"starting latents must be (1 or {batch}, {', '.join(map(str, shape[1:]))}) for "
+                                 f"this size, got {tuple(latents.shape)}")
+            latents = latents.to(device, model_dtype).expand(batch, -1, -1, -1).clone()
+        elif pixels is None:
             latents = torch.randn(shape, generator=generator, dtype=model_dtype).to(device)
             latents = latents * sched.init_noise_sigma
         else:
