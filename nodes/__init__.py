@@ -9,9 +9,10 @@ from .node_generate import DFGenerate
 from .node_hooks import DFAttachHooks, DFShowLayers
 from .node_load import DFLoadCheckpoint, DFLoadDiffusers
 from .node_lora import DFLoadLoRA
+from .node_pnp import DFInvert, DFPnPTranslate
 from .node_prompt import DFEncodePrompt
 from .node_save import DFLoadFeatures, DFSaveFeatures
-from .node_visualize import DFAttentionMap, DFFeaturePCA
+from .node_visualize import DFAttentionMap, DFFeaturePCA, DFSelfAttentionPCA
 
 NODE_CLASS_MAPPINGS = {
     "DFLoadCheckpoint": DFLoadCheckpoint,
@@ -28,6 +29,9 @@ NODE_CLASS_MAPPINGS = {
     "DFLoadControlNet": DFLoadControlNet,
     "DFApplyControlNet": DFApplyControlNet,
     "DFLoadLoRA": DFLoadLoRA,
+    "DFInvert": DFInvert,
+    "DFPnPTranslate": DFPnPTranslate,
+    "DFSelfAttentionPCA": DFSelfAttentionPCA,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DFLoadCheckpoint": "Load Checkpoint (Diffusion Feature)",
@@ -44,4 +48,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DFLoadControlNet": "Load ControlNet (Diffusion Feature)",
     "DFApplyControlNet": "Apply ControlNet (Diffusion Feature)",
     "DFLoadLoRA": "Load LoRA (Diffusion Feature)",
+    "DFInvert": "DDIM Invert (Plug-and-Play)",
+    "DFPnPTranslate": "Plug-and-Play Translate",
+    "DFSelfAttentionPCA": "Self-Attention PCA",
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .visualize import attention_heatmap, pca_rgb, to_image_size
+from .visualize import attention_heatmap, pca_rgb, self_attention_pca, to_image_size
 
 
 def _pick(features, layer: str, want_map: bool) -> str:
@@ -110,3 +110,38 @@ class DFAttentionMap:
                 raise ValueError(f"{base.shape[0]} images for {heat.shape[0]} heatmaps")
             heat = 0.5 * heat + 0.5 * base
         return (heat, torch.from_numpy(masks))
+
+
+class DFSelfAttentionPCA:
+    DESCRIPTION = ("Show a self-attention map as an RGB image: each position's attention row (where it looks, "
+                   "averaged over heads) projected on three principal components, as Plug-and-Play shows its "
+                   "self-attention. Joint fitting over the batch compares images or the steps of a timeline.")
+    CATEGORY = "diffusion_feature/visualize"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "pca"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "features": ("DF_FEATURES", {"tooltip": "Features holding a self-map layer."}),
+            "layer": ("STRING", {"default": "", "tooltip": "A -self-map layer id; empty: the first self-map."}),
+            "joint": ("BOOLEAN", {"default": True, "tooltip": "One PCA over the whole batch (comparable colours)."}),
+        }, "optional": {
+            "size": (["image", "feature grid"], {"default": "image",
+                                                 "tooltip": "Output at the input image's size or the grid's."}),
+        }}
+
+    def pca(self, features, layer="", joint=True, size="image"):
+        if not layer.strip():
+            layer = next((k for k in features.tensors if k.endswith("-self-map")), "")
+            if not layer:
+                raise ValueError(f"these features hold no self-map layer (they hold: {', '.join(features.tensors)})")
+        layer = _pick(features, layer, want_map=True)
+        if not layer.endswith("-self-map"):
+            raise ValueError(f"{layer!r} is not a self-attention map; give a -self-map layer")
+        height, width = features.meta.get("input_size") or features.meta.get("size")
+        rgb = self_attention_pca(features.tensors[layer], (height, width), joint=joint)
+        if size == "image":
+            rgb = [np.asarray(to_image_size(a, (width, height))) for a in rgb]
+        return (_as_image(rgb),)

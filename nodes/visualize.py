@@ -57,6 +57,19 @@ def pca_rgb(features, joint: bool = True, foreground_threshold: float | None = N
     return out
 
 
+def self_attention_pca(maps: torch.Tensor, image_size: tuple[int, int], joint: bool = True) -> list[np.ndarray]:
+    """Self-attention maps (B, heads, N, N) -> one (h, w, 3) uint8 image per row: each query's attention row
+    (averaged over heads) is its feature vector, projected on three principal components on the query grid, as
+    Plug-and-Play shows its self-attention. Joint: one PCA for every row (e.g. every step of a timeline)."""
+    if maps.ndim != 4 or maps.shape[-1] != maps.shape[-2]:
+        raise ValueError(f"self-attention PCA needs self-maps (B, heads, N, N); got shape {tuple(maps.shape)} "
+                         "(a cross-map attends to text tokens, not to image positions)")
+    n = maps.shape[-1]
+    h, w = grid_for(n, *image_size)
+    rows = maps.detach().float().mean(dim=1)  # (B, Nq, Nk): row q = where query q attends
+    return pca_rgb([r.T.reshape(n, h, w) for r in rows], joint=joint)  # channels = keys, grid = queries
+
+
 def grid_for(tokens: int, height: int, width: int) -> tuple[int, int]:
     """The (h, w) token grid of `tokens` queries for an image of height x width: the factorisation whose aspect is
     closest to the image's (never sqrt(N), which is wrong for every non-square image)."""

@@ -35,7 +35,8 @@ def test_every_node_declares_its_contract():
     assert set(NODE_CLASS_MAPPINGS) == {"DFLoadCheckpoint", "DFLoadDiffusers", "DFEncodePrompt", "DFAttachHooks",
                                         "DFExtractFeatures", "DFShowLayers", "DFFeaturePCA", "DFAttentionMap",
                                         "DFSaveFeatures", "DFLoadFeatures", "DFGenerate", "DFLoadControlNet",
-                                        "DFApplyControlNet", "DFLoadLoRA"}
+                                        "DFApplyControlNet", "DFLoadLoRA", "DFInvert", "DFPnPTranslate",
+                                        "DFSelfAttentionPCA"}
     docs = Path(__file__).resolve().parents[1] / "web" / "docs"
     for name, cls in NODE_CLASS_MAPPINGS.items():
         assert (docs / f"{name}.md").is_file(), f"{name} has no web/docs page"
@@ -116,6 +117,31 @@ def test_pca_of_several_feature_sets_is_one_joint_fit(model, dirs):
     want = pca_rgb([layer[0], sets[1].tensors["up-level1-repeat2-res-out"][0]], joint=True)
     assert both.shape == (2, *layer.shape[-2:], 3)
     assert torch.equal((both * 255).round().to(torch.uint8), torch.from_numpy(__import__("numpy").stack(want)))
+
+
+def test_graph_invert_translate_and_self_attention_timeline(model, dirs):
+    from diffusion_feature.nodes.pnp import translate
+    from diffusion_feature.nodes.visualize import self_attention_pca
+
+    self_map = "up-level1-repeat1-vit-block0-self-map"  # 1/4 of the latent grid: 14 x 20 queries at 448 x 640
+    (hooked,) = N["DFAttachHooks"].attach(model, f"{self_map}\nup-level1-repeat1-res-increment", "none")
+    image = _images(1)
+    out = N["DFInvert"].run(hooked, image, "", 4, check_reconstruction=True, capture_steps="all")
+    inversion, recon, features = out["result"]
+    assert recon.shape == (1, 448, 640, 3) and "PSNR" in out["ui"]["text"][0]  # keep-aspect: sd15's area
+    assert [r["step"] for r in features.meta["rows"]] == [0, 1, 2, 3]
+    (timeline,) = N["DFSelfAttentionPCA"].pca(features, "", True, size="feature grid")
+    want = self_attention_pca(features.tensors[self_map], (448, 640), joint=True)
+    assert timeline.shape == (4, 14, 20, 3)  # one image per inversion step, on the query grid
+    assert torch.equal((timeline * 255).round().to(torch.uint8), torch.from_numpy(__import__("numpy").stack(want)))
+    images, translated = N["DFPnPTranslate"].run(hooked, inversion, "a cat\n\na dog\n", 5.0, 0.8, 0.5,
+                                                 capture_steps="last")
+    direct = translate(model, inversion, ["a cat", "a dog"], cfg=5.0, negative_schedule="linear")
+    assert images.shape == (2, 448, 640, 3)
+    torch.testing.assert_close(images, direct.images, atol=1e-4, rtol=0)  # explicit softmax (the map) vs SDPA
+    assert [r["branch"] for r in translated.meta["rows"]] == ["cond", "cond"]
+    with pytest.raises(ValueError, match="is not an attention map; use DFFeaturePCA"):
+        N["DFSelfAttentionPCA"].pca(features, "up-level1-repeat1-res-increment", True)
 
 
 def test_node_errors_are_clear(model, dirs):
