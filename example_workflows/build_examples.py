@@ -176,6 +176,39 @@ def _content_shift_graph() -> dict:
     return g
 
 
+def _invert(model: list, image: list, check: bool, capture: str) -> dict:
+    return {"class_type": "DFInvert", "inputs": {"model": model, "image": image, "prompt": "", "steps": 50,
+                                                  "resize": "keep-aspect", "check_reconstruction": check,
+                                                  "capture_steps": capture}}
+
+
+def _pnp_graph() -> dict:
+    g = {"1": _loader_ckpt(SD15), "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+         "30": _invert(_link("1"), _link("10"), True, "")}
+    g["31"] = {"class_type": "DFPnPTranslate", "inputs": {
+        "model": _link("1"), "inversion": _link("30"), "prompts": "a watercolor painting\na photo in deep winter",
+        "cfg": 7.5, "feature_threshold": 0.8, "attention_threshold": 0.5, "feature_layers": "",
+        "attention_layers": "", "negative_prompt": "", "negative_alpha": 1.0, "negative_schedule": "linear",
+        "capture_steps": "", "capture_branch": "cond"}}
+    g["32"] = _preview(_link("31"))
+    g["33"] = _preview(_link("30", 1))
+    return g
+
+
+def _inversion_timeline_graph() -> dict:
+    self_map = "up-level2-repeat1-vit-block0-self-map"
+    g = {"1": _loader_ckpt(SD15), "2": _hooks(_link("1"), f"up-level1-repeat1-res-increment\n{self_map}", "none"),
+         "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+         "30": _invert(_link("2"), _link("10"), False, "every 10")}
+    g["5"] = _pca(_link("30", 2), "up-level1-repeat1-res-increment")
+    g["6"] = _preview(_link("5"))
+    g["8"] = {"class_type": "DFSelfAttentionPCA", "inputs": {"features": _link("30", 2), "layer": self_map,
+                                                              "joint": True, "size": "image"}}
+    g["9"] = _preview(_link("8"))
+    g["7"] = _save(_link("30", 2), "diffusion_feature/inversion")
+    return g
+
+
 EXAMPLES = {
     "sd15_extract_pca_save": ("SD1.5: practical preset -> PCA -> save",
                               _extract_graph(_loader_ckpt(SD15), "up-level1-repeat2-res-out",
@@ -193,6 +226,9 @@ EXAMPLES = {
     "extract_with_lora": ("SD1.5: a LoRA on the model and its text encoder, then extract", _lora_graph()),
     "content_shift_comparison": ("Content shift: plain | fine-grained prompt | ControlNet | LoRA, one joint PCA",
                                  _content_shift_graph()),
+    "pnp_translate": ("Plug-and-Play: real image -> DDIM inversion -> two target prompts", _pnp_graph()),
+    "inversion_timeline_pca": ("An inversion's timeline: residual-feature PCA and self-attention PCA per step",
+                               _inversion_timeline_graph()),
 }
 
 # ---- UI format ------------------------------------------------------------------------------------------------

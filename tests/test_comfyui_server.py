@@ -97,6 +97,8 @@ def tiny(graph: dict) -> dict:
             inputs["lora_name"] = TINY_LORA
         if node["class_type"] == "DFGenerate":
             inputs.update(width=128, height=96)
+        if node["class_type"] == "DFInvert":
+            inputs["steps"] = 10
         if node["class_type"] == "DFLoadDiffusers":
             inputs["model_path"] = TINY_XL
             for other in graph.values():
@@ -134,7 +136,8 @@ def test_layer_routes(server):
 def test_every_example_workflow_is_tested():
     names = {p.name[:-len(".api.json")] for p in EXAMPLES.glob("*.api.json")}
     assert names == set(EXTRACT_EXAMPLES) | {"generate_capture_timeline", "controlnet_canny_denoise_from",
-                                              "extract_with_lora", "content_shift_comparison"}
+                                              "extract_with_lora", "content_shift_comparison", "pnp_translate",
+                                              "inversion_timeline_pca"}
 
 
 @pytest.mark.parametrize("name", EXTRACT_EXAMPLES)
@@ -220,6 +223,31 @@ def test_content_shift_comparison_shows_four_feature_sets_in_one_pca(server):
     _, entry = _run_example(server, "content_shift_comparison")
     images = {nid: out["images"] for nid, out in entry["outputs"].items() if "images" in out}
     assert len(images["6"]) == 4 and len(images["14"]) == 1  # plain | fine-grained | ControlNet | LoRA; the edges
+
+
+def test_pnp_example_translates_a_real_image_with_two_prompts(server):
+    _, entry = _run_example(server, "pnp_translate")
+    images = {nid: out["images"] for nid, out in entry["outputs"].items() if "images" in out}
+    assert len(images["32"]) == 2 and len(images["33"]) == 1  # two translations; the reconstruction
+    assert "PSNR" in entry["outputs"]["30"]["text"][0]  # the reconstruction error, reported on the node
+    status = server.get("/diffusion_feature/status")
+    assert status["forward_hooks"] == 0 and status["forward_pre_hooks"] == 0 and status["map_processors"] == 0
+
+
+def test_inversion_timeline_example_shows_one_image_per_captured_step(server):
+    graph, entry = _run_example(server, "inversion_timeline_pca")
+    files = _saved_files(entry, server.output_dir)
+    assert [load_features(f).meta["step"] for f in files] == [0]  # 10 steps in the tiny run: 'every 10' is step 0
+    images = {nid: out["images"] for nid, out in entry["outputs"].items() if "images" in out}
+    assert len(images["6"]) == len(images["9"]) == 1
+    graph["30"]["inputs"]["capture_steps"] = "every 3"
+    graph["7"]["inputs"]["filename_prefix"] = "diffusion_feature/inversion3"
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    steps = [load_features(f).meta["step"] for f in _saved_files(entry, server.output_dir)]
+    assert steps == [0, 3, 6, 9]
+    images = {nid: out["images"] for nid, out in entry["outputs"].items() if "images" in out}
+    assert len(images["6"]) == len(images["9"]) == 4
 
 
 def _sd15_graph(changes: dict) -> dict:
