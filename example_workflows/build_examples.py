@@ -187,7 +187,7 @@ def _pnp_graph() -> dict:
          "30": _invert(_link("1"), _link("10"), True, "")}
     g["31"] = {"class_type": "DFPnPTranslate", "inputs": {
         "model": _link("1"), "inversion": _link("30"), "prompts": "a watercolor painting\na photo in deep winter",
-        "cfg": 7.5, "feature_threshold": 0.8, "attention_threshold": 0.5, "feature_layers": "",
+        "cfg": 7.5, "feature_threshold": 0.8, "attention_threshold": 0.5, "seed": 0, "eta": 0.0, "feature_layers": "",
         "attention_layers": "", "negative_prompt": "", "negative_alpha": 1.0, "negative_schedule": "linear",
         "capture_steps": "", "capture_branch": "cond"}}
     g["32"] = _preview(_link("31"))

@@ -95,7 +95,11 @@ class DFPnPTranslate:
             "attention_threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                               "tooltip": "Fraction of the steps where self-attention q and k are "
                                                          "injected."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                             "tooltip": "Seed of DDIM's noise when eta > 0 (eta 0 is deterministic)."}),
         }, "optional": {
+            "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                              "tooltip": "DDIM stochasticity: 0 (the original's) is deterministic."}),
             "feature_layers": ("STRING", {"multiline": True, "default": "",
                                           "tooltip": "Layer ids whose outputs are injected; empty: "
                                                      "up-level1-repeat1-res-increment (SDXL: up-level0-...)."}),
@@ -116,7 +120,8 @@ class DFPnPTranslate:
                                                                    "negatives, both, or all with the source."}),
         }}
 
-    def run(self, model, inversion, prompts, cfg, feature_threshold, attention_threshold, feature_layers="",
+    def run(self, model, inversion, prompts, cfg, feature_threshold, attention_threshold, seed=0, eta=0.0,
+            feature_layers="",
             attention_layers="", negative_prompt="", negative_alpha=1.0, negative_schedule="linear",
             capture_steps="", capture_branch="cond"):
         comfy_env.manage(model)
@@ -131,6 +136,7 @@ class DFPnPTranslate:
             out = translate(model, inversion, targets, cfg=cfg, feature_threshold=feature_threshold,
                             attention_threshold=attention_threshold, feature_layers=_ids(feature_layers),
                             attention_layers=_ids(attention_layers), negative=negative_prompt.strip(),
-                            negative_alpha=negative_alpha, negative_schedule=negative_schedule, layers=model.layers,
+                            negative_alpha=negative_alpha, negative_schedule=negative_schedule, eta=eta, seed=seed,
+                            layers=model.layers,
                             capture_steps=capture_steps, capture_branch=capture_branch, on_step=on_step)
         return (out.images, out.features or _empty(inversion.size, family=model.family))

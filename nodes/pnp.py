@@ -96,10 +96,13 @@ def _stack(parts: list[dict]) -> dict:
 @torch.no_grad()
 def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature_threshold: float = 0.8,
               attention_threshold: float = 0.5, feature_layers=None, attention_layers=None, negative: str = "",
-              negative_alpha: float = 1.0, negative_schedule: str = "constant", layers=None, capture_steps="",
-              capture_branch: str = "cond", on_step=None) -> Generation:
+              negative_alpha: float = 1.0, negative_schedule: str = "constant", eta: float = 0.0, seed: int = 0,
+              layers=None, capture_steps="", capture_branch: str = "cond", on_step=None) -> Generation:
     """Translate the inverted image to each of `prompts` (see the module docstring). Returns a Generation: images
-    (K, H, W, 3) in prompt order, and features captured on the way (rows: step x branch x row)."""
+    (K, H, W, 3) in prompt order, and features captured on the way (rows: step x branch x row).
+
+    eta: DDIM's stochasticity (0, the default and the original's: deterministic); with eta > 0 the noise of each
+    step comes from a CPU generator seeded by `seed`."""
     from .features_io import Features
     from .generation import _negative
     from .lora import lora_applied
@@ -113,6 +116,8 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
         raise PnPError("give one or more target prompts (strings)")
     f_thr, a_thr = _threshold("feature_threshold", feature_threshold), _threshold("attention_threshold",
                                                                                  attention_threshold)
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise PnPError(f"eta must be in 0..1 (0: deterministic DDIM), got {eta!r}")
     if capture_branch not in CAPTURE_BRANCHES:
         raise PnPError(f"capture_branch must be one of {', '.join(CAPTURE_BRANCHES)}, got {capture_branch!r}")
     denoiser = model.denoiser
@@ -153,6 +158,7 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
         if taps and not keep:
             raise PnPError(f"capture_branch {capture_branch!r} needs classifier-free guidance (cfg > 1)")
         captured, labels = {t.id: [] for t in taps}, []
+        generator = torch.Generator().manual_seed(int(seed))
         capture = FeatureCapture(denoiser, taps, device="cpu") if taps else None
         with features_inj, attention_inj, capture if capture is not None else contextlib.nullcontext():
             for i, t in enumerate(timesteps):
@@ -181,7 +187,7 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
                     pred = uncond + cfg * (cond - uncond)
                 else:
                     pred = out[1:]
-                x = sched.step(pred, t, x).prev_sample
+                x = sched.step(pred, t, x, eta=float(eta), generator=generator).prev_sample
                 if on_step is not None:
                     on_step(i, steps, x)
         images = decode(model.vae, x)
@@ -190,6 +196,6 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
         tensors = {key: torch.cat(v) for key, v in captured.items()}
         features = Features(tensors, {"family": model.family, "size": [height, width], "prompt": prompts,
                                       "layers": list(tensors), "scheduler": "ddim", "steps": steps, "cfg": cfg,
-                                      "rows": labels})
+                                      "seed": seed, "rows": labels})
     return Generation(images, x, features)
 

@@ -177,11 +177,23 @@ def test_negative_prompting_changes_the_translation(sd15, inversion):
     torch.testing.assert_close(no_effect.images, plain.images, atol=0, rtol=0)
 
 
+def test_eta_draws_seeded_noise(sd15, inversion):
+    a = translate(sd15, inversion, ["a cat"], cfg=3.0, eta=0.5, seed=1)
+    b = translate(sd15, inversion, ["a cat"], cfg=3.0, eta=0.5, seed=1)
+    c = translate(sd15, inversion, ["a cat"], cfg=3.0, eta=0.5, seed=2)
+    d = translate(sd15, inversion, ["a cat"], cfg=3.0, seed=2)
+    assert torch.equal(a.images, b.images) and not torch.allclose(a.images, c.images)
+    torch.testing.assert_close(d.images, translate(sd15, inversion, ["a cat"], cfg=3.0, seed=7).images, atol=0,
+                               rtol=0)  # eta 0: the seed plays no part
+
+
 def test_bad_inputs(sd15, inversion, photo):
     with pytest.raises(PnPError, match="feature_threshold must be a fraction of the steps in 0..1, got 1.5"):
         translate(sd15, inversion, ["a cat"], feature_threshold=1.5)
     with pytest.raises(PnPError, match="attention_threshold must be a fraction .* got -0.1"):
         translate(sd15, inversion, ["a cat"], attention_threshold=-0.1)
+    with pytest.raises(PnPError, match="eta must be in 0..1"):
+        translate(sd15, inversion, ["a cat"], eta=-1.0)
     with pytest.raises(PnPError, match="negative_alpha must be in 0..1"):
         translate(sd15, inversion, ["a cat"], negative_alpha=2.0)
     with pytest.raises(PnPError, match="negative_schedule must be one of constant, linear, exp"):
