@@ -114,6 +114,8 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
         raise ValueError(f"capture_branch must be one of {', '.join(BRANCHES)}, got {capture_branch!r}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if image is not None and latents is not None:
+        raise ValueError("give an image (image-to-image) or starting latents, not both")
     if image is not None and not 0.0 < denoise <= 1.0:
         raise ValueError(f"denoise must be in (0, 1] for image-to-image, got {denoise}")
     guided = cfg > 1.0

@@ -202,6 +202,10 @@ def test_generation_errors(sd15):
         generate(sd15, "a", steps=2, width=60, height=SIZE)
     with pytest.raises(ValueError, match="denoise must be in"):
         generate(sd15, "a", image=torch.rand(1, SIZE, SIZE, 3), denoise=0.0, **kw)
+    with pytest.raises(ValueError, match="an image .image-to-image. or starting latents, not both"):
+        generate(sd15, "a", image=torch.rand(1, SIZE, SIZE, 3), latents=torch.zeros(1, 4, 8, 8), **kw)
+    with pytest.raises(ValueError, match=r"starting latents must be \(1 or 1, 4, 8, 8\)"):
+        generate(sd15, "a", latents=torch.zeros(1, 4, 8, 9), **kw)
     with pytest.raises(ValueError, match="2 prompts or images for a batch of 3"):
         generate(sd15, ["a", "b"], batch=3, **kw)
     with pytest.raises(Exception, match="mid-repeat1-res-outt"):
