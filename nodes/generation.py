@@ -102,7 +102,7 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
 
     positive / negative: prompts or Conditionings (negative None: the family's default). cfg > 1 enables
     classifier-free guidance. image + denoise: image-to-image (diffusers' strength: of `steps`, the last
-    round(steps * denoise) run); without an image, text-to-image at width x height (default: the native size).
+    int(steps * denoise) run); without an image, text-to-image at width x height (default: the native size).
     capture_branch: "cond", "uncond" (needs cfg > 1) or "both". on_step(i, total, latents, x0) is called after
     each step (progress, previews, interrupts: raise to stop). latents: start text-to-image from these (1 or B,
     C, h, w) instead of seeded noise (e.g. an inverted image). Returns a Generation.
