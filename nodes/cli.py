@@ -2,6 +2,8 @@
 
     layers   every layer id of a family with its per-sample shape
     extract  features of a folder of images, saved as safetensors or npy
+    generate images from a prompt, with layers captured at chosen steps
+    pnp      Plug-and-Play: invert an image and translate it to new prompts
     pca      PCA images of one layer of saved features
     demo     the offline demo: extraction + PCA on the bundled sample images
 """
@@ -46,6 +48,18 @@ def _pca(args) -> int:
     return run_pca(args)
 
 
+def _generate(args) -> int:
+    from .commands import run_generate
+
+    return run_generate(args)
+
+
+def _pnp(args) -> int:
+    from .commands import run_pnp
+
+    return run_pnp(args)
+
+
 def _demo(args) -> int:
     from .commands import run_demo
 
@@ -62,6 +76,8 @@ def _add_model_args(p, required: bool) -> None:
                                                                           "available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="model dtype (default float32; float16 on a GPU halves memory)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="apply a LoRA (kohya or diffusers/peft) to the denoiser and text encoders; repeatable")
 
 
 def _cuda() -> bool:
@@ -112,7 +128,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="dtype of the saved features (default: the model's)")
     p.add_argument("--vae-mean", action="store_true", help="use the VAE posterior mean instead of a sample")
+    p.add_argument("--denoise-from", type=int, default=None, metavar="T0",
+                   help="noise to T0 (> t) instead and take --denoise-steps DDIM steps down to t before capturing")
+    p.add_argument("--denoise-steps", type=int, default=1, help="DDIM steps for --denoise-from (default 1)")
     p.set_defaults(func=_extract)
+
+    p = sub.add_parser("generate", help="generate images, capturing layers at chosen steps",
+                       description="Text-to-image with diffusers' sampling loop (the same seed gives the same image "
+                                   "as the diffusers pipeline), capturing --layers at --capture-steps.")
+    _add_model_args(p, required=True)
+    p.add_argument("--prompt", required=True, help="what to generate")
+    p.add_argument("--negative", default=None, help="negative prompt (default: the family's: empty / zeros)")
+    p.add_argument("--output", required=True, help="output folder: PNG images, features/ for captured layers")
+    p.add_argument("--name", default="gen", help="file name stem (default gen)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", type=float, default=7.0, help="guidance scale (default 7; <= 1: no guidance)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", default="euler", help="euler, euler_ancestral, ddim, dpmpp_2m, "
+                                                         "dpmpp_2m_karras, ddpm or checkpoint")
+    p.add_argument("--size", default=None, help="N or WxH pixels (default: the family's native size)")
+    p.add_argument("--batch", type=int, default=1, help="images per run")
+    p.add_argument("--layers", default=None, help="layer ids, a preset or a JSON file to capture (default: none)")
+    p.add_argument("--capture-steps", default="every 5", help="'all', 'last', 'every K [from S]', '0, 10-12'")
+    p.add_argument("--capture-branch", default="cond", choices=["cond", "uncond", "both"])
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("pnp", help="Plug-and-Play: invert an image and translate it to new prompts",
+                       description="DDIM-invert --image, report the reconstruction error, and generate it anew for "
+                                   "each --prompts with the source's residual features and self-attention injected "
+                                   "(Tumanyan et al., CVPR 2023).")
+    _add_model_args(p, required=True)
+    p.add_argument("--image", required=True, help="the image to translate")
+    p.add_argument("--prompts", required=True, nargs="+", help="target prompts, one image each")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--inversion-prompt", default="", help="prompt of the inversion (default empty)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--size", default=None, help="N or WxH pixels (default: keep the aspect at the native area)")
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--feature-threshold", type=float, default=0.8)
+    p.add_argument("--attention-threshold", type=float, default=0.5)
+    p.add_argument("--negative", default="", help="negative prompt (default: the inversion prompt)")
+    p.add_argument("--negative-alpha", type=float, default=1.0, help="1: no negative prompting; lower: stronger")
+    p.add_argument("--negative-schedule", default="linear", choices=["constant", "linear", "exp"])
+    p.set_defaults(func=_pnp)
 
     p = sub.add_parser("pca", help="PCA images of one layer of saved features",
                        description="PCA of one spatial layer to RGB. With several files and --joint, one PCA for "

@@ -22,8 +22,93 @@ def _load(args):
 
     if args.model is None:
         print(RANDOM_WARNING, file=sys.stderr)
-        return build_random(args.family or "sd15", args.dtype, args.device)
-    return load_model(args.model, args.family, args.dtype, args.device)
+        model = build_random(args.family or "sd15", args.dtype, args.device)
+    else:
+        model = load_model(args.model, args.family, args.dtype, args.device)
+    for spec in getattr(args, "lora", None) or []:
+        from .lora import load_lora, with_lora
+
+        path, _, strength = spec.partition(":")
+        model = with_lora(model, load_lora(path), float(strength or 1.0), float(strength or 1.0))
+    return model
+
+
+def _images_to_png(images: torch.Tensor, out: Path, names: list[str]) -> list[Path]:
+    """ComfyUI-layout images (B, H, W, 3) in 0..1 as PNG files, atomically, never over existing files."""
+    from .visualize import save_png
+
+    paths = []
+    for image, name in zip(images, names):
+        rgb = (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        save_png(rgb, out / f"{name}.png")
+        paths.append(out / f"{name}.png")
+    return paths
+
+
+def _step_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
+
+
+def run_generate(args) -> int:
+    from .features_io import row_label, save_features
+    from .generation import generate
+
+    model = _load(args)
+    out = Path(args.output)
+    stem = args.name
+    height, width = (None, None)
+    if args.size:
+        from ..layer_catalog import parse_size
+
+        height, width = parse_size(args.size)
+    bar = _step_bar(args.steps, "generate")
+    try:
+        run = generate(model, args.prompt, args.negative, steps=args.steps, cfg=args.cfg, seed=args.seed,
+                       width=width, height=height, batch=args.batch, scheduler=args.scheduler, layers=args.layers,
+                       capture_steps=args.capture_steps if args.layers else "", capture_branch=args.capture_branch,
+                       on_step=lambda i, n, latents, x0: bar.update(1))
+    finally:
+        bar.close()
+    written = _images_to_png(run.images, out, [f"{stem}_{i:03d}" for i in range(run.images.shape[0])])
+    if run.features is not None:
+        names = [f"{stem}_{row_label(run.features, i)}_{r['image']:03d}"
+                 for i, r in enumerate(run.features.meta["rows"])]
+        written += save_features(run.features, out / "features", names)
+    print(f"wrote {len(written)} files to {out}")
+    return 0
+
+
+def run_pnp(args) -> int:
+    import json
+
+    from .features_io import write_atomic
+    from .inversion import invert
+    from .pnp import translate
+
+    model = _load(args)
+    out = Path(args.output)
+    stem = Path(args.image).stem
+    bar = _step_bar(args.steps * 2 + args.steps, "invert + translate")
+    try:
+        inversion = invert(model, args.image, args.inversion_prompt, args.steps, size=args.size,
+                           on_step=lambda i, n: bar.update(1))
+        run = translate(model, inversion, args.prompts, cfg=args.cfg, feature_threshold=args.feature_threshold,
+                        attention_threshold=args.attention_threshold, negative=args.negative,
+                        negative_alpha=args.negative_alpha, negative_schedule=args.negative_schedule,
+                        on_step=lambda i, n, latents: bar.update(1))
+    finally:
+        bar.close()
+    names = [f"{stem}_{i:02d}_" + "".join(c if c.isalnum() else "_" for c in p)[:40] for i, p in
+             enumerate(args.prompts)]
+    written = _images_to_png(run.images, out, names)
+    written += _images_to_png(inversion.reconstruction, out, [f"{stem}_reconstruction"])
+    report = json.dumps({"image": str(args.image), "steps": args.steps, "prompts": args.prompts,
+                         "reconstruction_error": inversion.error}, indent=1)
+    written.append(write_atomic(out / f"{stem}_pnp.json", lambda p: Path(p).write_text(report)))
+    print(f"reconstruction: PSNR {inversion.error['psnr']:.2f} dB; wrote {len(written)} files to {out}")
+    return 0
 
 
 def _prompts(args, n: int) -> list[str]:
@@ -65,6 +150,7 @@ def run_extract(args) -> int:
             model, files, prompts, args.layers, args.output, t=args.t, seed=args.seed, batch_size=args.batch_size,
             fmt=args.format, layout=args.layout, resize=args.resize, size=size, progress=update,
             ensemble=args.ensemble, feature_resize=args.feature_resize, vae_sample=not args.vae_mean,
+            denoise_from=args.denoise_from, denoise_steps=args.denoise_steps,
             dtype=parse_dtype(args.feature_dtype) if args.feature_dtype else None)
     finally:
         bar.close()

@@ -1,4 +1,5 @@
-"""The extract / pca commands end to end on a tiny diffusers folder; image inputs and the resize policy."""
+"""The CLI commands end to end on a tiny diffusers folder (extract, pca, generate, pnp); image inputs and the resize
+policy."""
 from __future__ import annotations
 
 import json
@@ -71,6 +72,56 @@ def test_cli_extract_then_pca(tmp_path, folder, images, model):
                  "--output", tmp_path / "joint", "--joint")
     assert joint.returncode == 0, joint.stderr
     assert len(list((tmp_path / "joint").glob("*.png"))) == 2
+
+
+def test_cli_generate_pnp_lora_and_denoise_from(tmp_path, folder, images, model):
+    from safetensors.torch import save_file
+
+    from diffusion_feature.nodes.generation import generate
+    from diffusion_feature.nodes.inversion import invert
+    from diffusion_feature.nodes.pnp import translate
+
+    out = tmp_path / "gen"
+    run = _cli("generate", "--model", folder, "--prompt", "a red house", "--output", out, "--steps", 3, "--size",
+               "96x64", "--seed", 5, "--scheduler", "ddim", "--layers", "mid-repeat1-res-out", "--capture-steps",
+               "all")
+    assert run.returncode == 0, run.stderr
+    want = generate(model, "a red house", steps=3, cfg=7.0, seed=5, width=96, height=64, scheduler="ddim")
+    got = torch.from_numpy(np.asarray(Image.open(out / "gen_000.png"))).float() / 255
+    assert (got - want.images[0]).abs().max() <= 1 / 255 + 1e-6  # the same image, to 8-bit rounding
+    assert sorted(p.name for p in (out / "features").iterdir()) == [
+        f"gen_step{s:03d}_cond_000.safetensors" for s in range(3)]
+    assert load_features(out / "features" / "gen_step002_cond_000.safetensors").meta["step"] == 2
+    pnp = _cli("pnp", "--model", folder, "--image", images / "a.png", "--prompts", "a cat", "a dog", "--output",
+               tmp_path / "pnp", "--steps", 3, "--size", "96x64")
+    assert pnp.returncode == 0, pnp.stderr
+    names = sorted(p.name for p in (tmp_path / "pnp").iterdir())
+    assert names == ["a_00_a_cat.png", "a_01_a_dog.png", "a_pnp.json", "a_reconstruction.png"]
+    report = json.loads((tmp_path / "pnp" / "a_pnp.json").read_text())
+    inv = invert(model, images / "a.png", "", 3, size="96x64")
+    assert report["reconstruction_error"]["psnr"] == pytest.approx(inv.error["psnr"], rel=1e-4)
+    want = translate(model, inv, ["a cat", "a dog"])
+    got = torch.from_numpy(np.asarray(Image.open(tmp_path / "pnp" / "a_01_a_dog.png"))).float() / 255
+    assert (got - want.images[1]).abs().max() <= 1 / 255 + 1e-6
+    # a LoRA from the command line changes the features; denoise_from is passed through
+    lora = tmp_path / "style.safetensors"
+    q = model.denoiser.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{key}.lora_down.weight": torch.ones(1, q.in_features), f"{key}.lora_up.weight":
+               torch.ones(q.out_features, 1)}, str(lora))
+    args = ["--model", folder, "--layers", "up-level1-repeat1-res-out", "--input", images / "a.png", "--size", "96x64"]
+    plain, styled, denoised = tmp_path / "plain", tmp_path / "styled", tmp_path / "denoised"
+    assert _cli("extract", *args, "--output", plain).returncode == 0
+    assert _cli("extract", *args, "--output", styled, "--lora", f"{lora}:0.5").returncode == 0
+    assert _cli("extract", *args, "--output", denoised, "--denoise-from", 70, "--denoise-steps", 2).returncode == 0
+    layer = "up-level1-repeat1-res-out"
+    a, b, c = (load_features(d / "a.safetensors") for d in (plain, styled, denoised))
+    assert not torch.allclose(a.tensors[layer], b.tensors[layer]) and not torch.allclose(a.tensors[layer],
+                                                                                         c.tensors[layer])
+    assert c.meta["denoise_from"] == 70 and c.meta["denoise_steps"] == 2
+    bad = _cli("pnp", "--model", folder, "--image", images / "a.png", "--prompts", "x", "--output", tmp_path / "p2",
+               "--steps", 2, "--feature-threshold", 2)
+    assert bad.returncode == 2 and "feature_threshold must be a fraction" in bad.stderr
 
 
 def test_cli_errors_are_one_sentence(tmp_path, folder, images):
