@@ -21,7 +21,7 @@ import torch
 
 from ..layer_catalog import FeatureCapture, FeatureInjection, enumerate_ids, resolve_taps
 from .ddim import eps_output
-from .extraction import Conditioning, check_map_memory, with_time_ids
+from .extraction import check_map_memory, with_time_ids
 from .generation import Generation, decode
 from .inversion import Inversion, InversionError, _schedule
 from .samplers import parse_capture_steps
@@ -72,7 +72,7 @@ def _threshold(name: str, value) -> float:
     return float(value)
 
 
-def _mix(a: Conditioning, b: Conditioning, w: float) -> dict:
+def _mix(a: dict, b: dict, w: float) -> dict:
     """Forward kwargs of w * a + (1 - w) * b (embeddings and pooled embeddings; time ids are equal)."""
     out = {"encoder_hidden_states": w * a["encoder_hidden_states"] + (1 - w) * b["encoder_hidden_states"]}
     if a.get("added_cond_kwargs") is not None:
