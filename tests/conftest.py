@@ -177,6 +177,18 @@ def tiny_sd15():
 
 
 @pytest.fixture(scope="session")
+def sd15(tiny_sd15):
+    """The shared tiny sd15 under its short name (a test module may define its own, e.g. to modify it)."""
+    return tiny_sd15
+
+
+@pytest.fixture(scope="session")
+def sdxl():
+    """A tiny sdxl FeatureModel shared by the tests that only read it."""
+    return tiny_feature_model("sdxl")
+
+
+@pytest.fixture(scope="session")
 def sd15_folder(tmp_path_factory, tiny_sd15):
     """The tiny sd15 model written as a diffusers folder."""
     folder = tmp_path_factory.mktemp("tiny-sd15")

@@ -5,22 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hook_state, tiny_feature_model, tiny_pixart_model
+from conftest import hook_state, tiny_pixart_model
 from diffusion_feature.nodes.generation import generate
 from diffusion_feature.nodes.prompts import encode_prompt
 from diffusion_feature.nodes.samplers import SCHEDULERS, make_scheduler, parse_capture_steps
 
 SIZE = 64  # pixels: an 8x8 latent
-
-
-@pytest.fixture(scope="module")
-def sd15(tiny_sd15):
-    return tiny_sd15
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return tiny_feature_model("sdxl")
 
 
 def _pipe_images(out) -> torch.Tensor:

@@ -20,11 +20,6 @@ QUERY = "up-level2-repeat1-vit-block0-self-q"
 
 
 @pytest.fixture(scope="module")
-def sd15(tiny_sd15):
-    return tiny_sd15
-
-
-@pytest.fixture(scope="module")
 def photo():
     return torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(0))
 
@@ -187,7 +182,7 @@ def test_eta_draws_seeded_noise(sd15, inversion):
                                rtol=0)  # eta 0: the seed plays no part
 
 
-def test_bad_inputs(sd15, inversion, photo):
+def test_bad_inputs(sd15, sdxl, inversion, photo):
     with pytest.raises(PnPError, match="feature_threshold must be a fraction of the steps in 0..1, got 1.5"):
         translate(sd15, inversion, ["a cat"], feature_threshold=1.5)
     with pytest.raises(PnPError, match="attention_threshold must be a fraction .* got -0.1"):
@@ -205,7 +200,6 @@ def test_bad_inputs(sd15, inversion, photo):
     other_weights = sd15.clone(denoiser=tiny_sd15_unet(seed=1))
     with pytest.raises(InversionError, match="made with other weights"):
         translate(other_weights, inversion, ["a cat"])
-    sdxl = tiny_feature_model("sdxl")
     with pytest.raises(InversionError, match="made with a sd15 model; the model given is sdxl"):
         translate(sdxl, inversion, ["a cat"])
     tampered = Inversion(inversion.latents[:, :, :4], inversion.timesteps, inversion.conditioning, "a house",

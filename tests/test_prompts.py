@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_feature_model, tiny_pixart_model
+from conftest import tiny_pixart_model
 from diffusion_feature.nodes.extraction import extract
 from diffusion_feature.nodes.prompts import encode_prompt
 from diffusion_feature.nodes.tokenizers import clip_tokenizer
@@ -15,16 +15,6 @@ LONG = " ".join(["a red house with a green door"] * 15)  # 105 words: more than 
 def test_bundled_clip_tokenizer_matches_clip():
     assert clip_tokenizer()("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert clip_tokenizer("!").pad_token_id == 0 and clip_tokenizer().pad_token_id == 49407
-
-
-@pytest.fixture(scope="module")
-def sd15(tiny_sd15):
-    return tiny_sd15
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return tiny_feature_model("sdxl")
 
 
 def test_sd15_short_prompt_equals_the_standard_77_token_encoding(sd15):
