@@ -1,17 +1,16 @@
 """DFLoadControlNet: a ControlNet from ComfyUI's controlnet folder -> DF_CONTROLNET."""
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 from . import comfy_env
 from .controlnet import CONTROLNET_FAMILIES, SINGLE_FILE_SUFFIXES, WEIGHT_NAMES, load_controlnet
+from .file_cache import FileCache
 
 KIND = "controlnet"
 DTYPE_CHOICES = ["auto", "float32", "float16", "bfloat16"]
 FAMILY_CHOICES = ["auto", *CONTROLNET_FAMILIES]
-CACHE_SIZE = 4  # a few ControlNets stay loaded: re-queuing a graph reuses them, switching often does not pile up
-_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
+_CACHE = FileCache(size=4)  # a few stay loaded: re-queuing reuses them, switching often does not pile up
 
 
 def controlnet_names() -> list[str]:
@@ -83,14 +82,6 @@ class DFLoadControlNet:
         if dtype == "auto":  # half precision on a GPU, full precision on a CPU (half is slow or unsupported there)
             dtype = "float16" if device.startswith("cuda") else "float32"
         path = resolve(control_net_name)
-        key = (str(path), _stamp(path), dtype, family, device)
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            return (_CACHE[key],)
-        controlnet = load_controlnet(path, None if family == "auto" else family, dtype, device)
-        for old in [k for k in _CACHE if k[0] == key[0] and k[1] != key[1]]:  # the file changed: drop old copies
-            del _CACHE[old]
-        _CACHE[key] = controlnet
-        while len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)
+        controlnet = _CACHE.get(path, _stamp(path), variant=(dtype, family, device), load=lambda: load_controlnet(
+            path, None if family == "auto" else family, dtype, device))
         return (controlnet,)

@@ -2,34 +2,19 @@
 from __future__ import annotations
 
 import os
-import threading
-from collections import OrderedDict
 
 from . import comfy_env
+from .file_cache import FileCache
 from .lora import load_lora, with_lora
 
-_CACHE: OrderedDict[tuple, object] = OrderedDict()  # (path, mtime_ns, size) -> LoraWeights, newest last
-_CACHE_SIZE = 8
-_CACHE_LOCK = threading.Lock()
+_CACHE = FileCache(size=8)  # LoraWeights by (path, mtime_ns, size)
 
 
 def cached_lora(path):
     """load_lora, remembered by path and modification time: re-running a graph does not reread the file, and an
     edited file is read again."""
     st = os.stat(path)
-    key = (str(path), st.st_mtime_ns, st.st_size)
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            return _CACHE[key]
-    lora = load_lora(path)
-    with _CACHE_LOCK:
-        for old in [k for k in _CACHE if k[0] == key[0]]:  # an older version of the same file
-            del _CACHE[old]
-        _CACHE[key] = lora
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return lora
+    return _CACHE.get(path, (st.st_mtime_ns, st.st_size), lambda: load_lora(path))
 
 
 def _strength(tooltip: str) -> tuple:
