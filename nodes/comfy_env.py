@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 from pathlib import Path
 
 log = logging.getLogger("diffusion_feature")
@@ -130,26 +129,35 @@ def check_interrupt() -> None:
 
 
 # ---- memory --------------------------------------------------------------------------------------------------
+def _load_managed(module, device) -> None:
+    """Load `module` to `device` through ComfyUI's memory manager. Its ModelPatcher is kept on the module itself:
+    they live and die together (a registry outside would keep every module alive, as the patcher refers to it)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    patcher = module.__dict__.get("_df_comfy_patcher")
+    if patcher is None:
+        patcher = comfy.model_patcher.ModelPatcher(module, load_device=device,
+                                                   offload_device=mm.unet_offload_device())
+        module.__dict__["_df_comfy_patcher"] = patcher
+    mm.load_models_gpu([patcher])
+
+
 def manage(model) -> None:
     """Put a FeatureModel's modules under ComfyUI's memory management: before a run they are loaded to the
     compute device (unloading other models if VRAM is short) and ComfyUI may offload them to free memory for
     others, or on a "free memory" request. Outside ComfyUI this does nothing."""
     if folder_paths is None:
         return
-    import comfy.model_management as mm
-    import comfy.model_patcher
+    import torch
 
-    patcher = model.extra.get("comfy_patcher")
+    holder = model.extra.get("comfy_holder")  # shared by the model's clones, like their modules
+    if holder is None:
+        holder = torch.nn.ModuleDict({"denoiser": model.denoiser, "vae": model.vae,
+                                      "text": torch.nn.ModuleList(model.text_encoders)})
+        model.extra["comfy_holder"] = holder
     try:
-        if patcher is None:
-            import torch
-
-            holder = torch.nn.ModuleDict({"denoiser": model.denoiser, "vae": model.vae,
-                                          "text": torch.nn.ModuleList(model.text_encoders)})
-            patcher = comfy.model_patcher.ModelPatcher(holder, load_device=model.device,
-                                                       offload_device=mm.unet_offload_device())
-            model.extra["comfy_patcher"] = patcher
-        mm.load_models_gpu([patcher])
+        _load_managed(holder, model.device)
     except (TypeError, AttributeError) as e:  # another ComfyUI's ModelPatcher API: run unmanaged, say so once
         if not model.extra.get("unmanaged_warned"):
             log.warning("diffusion_feature: this ComfyUI's memory manager did not accept the model (%s); it stays "
@@ -157,23 +165,12 @@ def manage(model) -> None:
             model.extra["unmanaged_warned"] = True
 
 
-_module_patchers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def manage_module(module, device) -> None:
     """The same for a lone module (a ControlNet): loaded to `device` under ComfyUI's memory management."""
     if folder_paths is None:
         return
-    import comfy.model_management as mm
-    import comfy.model_patcher
-
     try:
-        patcher = _module_patchers.get(module)
-        if patcher is None:
-            patcher = comfy.model_patcher.ModelPatcher(module, load_device=device,
-                                                       offload_device=mm.unet_offload_device())
-            _module_patchers[module] = patcher
-        mm.load_models_gpu([patcher])
+        _load_managed(module, device)
     except (TypeError, AttributeError) as e:
         log.warning("diffusion_feature: this ComfyUI's memory manager did not accept a module (%s); moving it to "
                     "%s directly", e, device)
