@@ -318,24 +318,26 @@ def extract_in_batches(model, images, prompt, layers=None, t: int = 50, seed: in
     """`extract` over chunks of `batch_size` images, concatenated; on_batch(n) runs after each chunk (progress
     bars, interrupt checks). images: a list or a ComfyUI IMAGE tensor, all of one size after resizing."""
     from .features_io import Features
+    from .lora import lora_applied
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = images.shape[0] if torch.is_tensor(images) else len(images)
     if isinstance(prompt, list) and len(prompt) not in (1, n):
         raise ValueError(f"{len(prompt)} prompts for {n} images: give one prompt or one per image")
+    if isinstance(prompt, Conditioning) and prompt.batch not in (1, n):
+        raise ValueError(f"conditioning holds {prompt.batch} prompts for {n} images")
     parts = []
-    for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
-        chunk_prompt = prompt
-        if isinstance(prompt, Conditioning):
-            if prompt.batch not in (1, n):
-                raise ValueError(f"conditioning holds {prompt.batch} prompts for {n} images")
-            chunk_prompt = prompt.take(start, stop)
-        elif isinstance(prompt, list) and len(prompt) == n:
-            chunk_prompt = prompt[start:stop]
-        parts.append(extract(model, images[start:stop], chunk_prompt, layers, t, seed, **kw))
-        if on_batch is not None:
-            on_batch(stop - start)
+    with lora_applied(model):  # merged once for every chunk (each extract's own merge is then a no-op)
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            chunk_prompt = prompt
+            if isinstance(prompt, Conditioning):
+                chunk_prompt = prompt.take(start, stop)
+            elif isinstance(prompt, list) and len(prompt) == n:
+                chunk_prompt = prompt[start:stop]
+            parts.append(extract(model, images[start:stop], chunk_prompt, layers, t, seed, **kw))
+            if on_batch is not None:
+                on_batch(stop - start)
     meta = dict(parts[0].meta, prompt=[p for part in parts for p in part.meta["prompt"]])
     return Features({k: torch.cat([part.tensors[k] for part in parts]) for k in parts[0].tensors}, meta)

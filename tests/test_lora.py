@@ -409,3 +409,24 @@ def test_half_precision_restores_bit_exactly(kohya_file, dtype):
         patched = run_denoiser(lora_model)
     assert lora_residue(model, saved) == []
     assert torch.equal(run_denoiser(model), first) and not torch.equal(patched, first)
+
+
+def test_extraction_in_batches_merges_the_lora_once(sd15, kohya_file, monkeypatch):
+    """A multi-batch extraction (DFExtractFeatures) merges the LoRA once for all its chunks, not once per chunk,
+    and gives the same features as chunk-by-chunk merging would."""
+    from diffusion_feature.nodes import lora as lora_module
+    from diffusion_feature.nodes.extraction import extract, extract_in_batches
+
+    lora_model = with_lora(sd15, load_lora(kohya_file))
+    images = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    merges = []
+    real_delta = lora_module._delta
+    monkeypatch.setattr(lora_module, "_delta", lambda *a: merges.append(1) or real_delta(*a))
+    feats = extract_in_batches(lora_model, images, "a cat", ["mid-repeat1-res-out"], batch_size=1, size="64x64")
+    entries = sum(len(v) for v in lora_model.loras[0][0].entries.values())
+    assert len(merges) == entries  # one merge of every entry, for three chunks
+    merges.clear()
+    one = extract(lora_model, images[1:2], "a cat", ["mid-repeat1-res-out"], size="64x64")
+    assert len(merges) == entries
+    torch.testing.assert_close(feats.tensors["mid-repeat1-res-out"][1:2], one.tensors["mid-repeat1-res-out"],
+                               atol=1e-6, rtol=1e-5)
