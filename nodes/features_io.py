@@ -51,6 +51,12 @@ class Features:
     def sample(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.tensors.items()}
 
+    @classmethod
+    def empty(cls, size, **meta) -> "Features":
+        """No layers captured (a run without capture steps or without attached layers), for nodes that must
+        still return DF_FEATURES."""
+        return cls({}, {"size": list(size), "rows": [], **meta})
+
 
 def is_map(layer_id: str) -> bool:
     return layer_id.endswith("-map")

@@ -86,10 +86,11 @@ def _schedule(model, steps: int):
     return sched
 
 
-def _call(denoiser, x, t: int, kwargs: dict):
+def _call(denoiser, x, t: int, kwargs: dict, run=None):
+    """The denoiser's output at (x, t); `run` is the callable to go through (a FeatureCapture's run, capturing)."""
     timestep = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
     name = "hidden_states" if is_pixart(denoiser) else "sample"
-    return denoiser(**{name: x}, timestep=timestep, return_dict=False, **kwargs)[0]
+    return (run or denoiser)(**{name: x}, timestep=timestep, return_dict=False, **kwargs)[0]
 
 
 @torch.no_grad()
@@ -133,15 +134,11 @@ def invert(model, image, prompt="", steps: int = 50, *, resize: str = "keep-aspe
             for i, t in enumerate(ascending):
                 if capture is not None:
                     capture.enabled = i in capture_at
-                    name = "hidden_states" if is_pixart(denoiser) else "sample"
-                    timestep = torch.full((1,), t, device=param.device, dtype=torch.long)
-                    out = capture.run(**{name: x}, timestep=timestep, return_dict=False, **kwargs)[0]
-                    if capture.enabled:
-                        for k, v in capture.features.items():
-                            captured[k].append(v)
-                        labels.append({"step": i, "timestep": float(t), "branch": "inversion", "image": 0})
-                else:
-                    out = _call(denoiser, x, t, kwargs)
+                out = _call(denoiser, x, t, kwargs, capture.run if capture is not None else None)
+                if capture is not None and capture.enabled:
+                    for k, v in capture.features.items():
+                        captured[k].append(v)
+                    labels.append({"step": i, "timestep": float(t), "branch": "inversion", "image": 0})
                 # the prediction was made for timestep t on a latent of a_prev: it is read there (see ddim.py)
                 a_t = float(abar[t])
                 x = move_between(x, eps_output(out, x.shape[1]), a_prev, a_t, prediction)

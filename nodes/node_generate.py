@@ -73,8 +73,5 @@ class DFGenerate:
                               height=height or None, batch=batch_size, scheduler=scheduler, image=image,
                               denoise=denoise, layers=model.layers, capture_steps=capture_steps,
                               capture_branch=capture_branch, offload=offload, on_step=on_step)
-        features = result.features
-        if features is None:
-            size = list(result.images.shape[1:3])
-            features = Features({}, {"family": model.family, "seed": seed, "size": size, "rows": []})
+        features = result.features or Features.empty(result.images.shape[1:3], family=model.family, seed=seed)
         return (result.images, features)

@@ -15,10 +15,6 @@ def _ids(text: str) -> list[str] | None:
     return ids or None
 
 
-def _empty(size, **meta) -> Features:
-    return Features({}, {"size": list(size), "rows": [], **meta})
-
-
 class DFInvert:
     DESCRIPTION = ("DDIM-invert one image: its VAE latent walked up the DDIM schedule with a prompt (empty by "
                    "default), every step's latent kept for DFPnPTranslate. Optionally samples back and reports the "
@@ -62,7 +58,7 @@ class DFInvert:
                                check=check_reconstruction, layers=model.layers, capture_steps=capture_steps,
                                on_step=on_step)
         recon = inversion.reconstruction if inversion.reconstruction is not None else inversion.image
-        features = inversion.features or _empty(inversion.size, family=model.family)
+        features = inversion.features or Features.empty(inversion.size, family=model.family)
         text = (f"reconstruction: PSNR {inversion.error['psnr']:.2f} dB, mean abs error "
                 f"{inversion.error['image_mae']:.4f}, latent RMSE {inversion.error['latent_rmse']:.4f}"
                 if inversion.error else "reconstruction not checked")
@@ -139,4 +135,4 @@ class DFPnPTranslate:
                             negative_alpha=negative_alpha, negative_schedule=negative_schedule, eta=eta, seed=seed,
                             layers=model.layers,
                             capture_steps=capture_steps, capture_branch=capture_branch, on_step=on_step)
-        return (out.images, out.features or _empty(inversion.size, family=model.family))
+        return (out.images, out.features or Features.empty(inversion.size, family=model.family))

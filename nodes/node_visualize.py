@@ -27,6 +27,11 @@ def _as_image(arrays: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).float() / 255.0
 
 
+def _sized(rgb: list[np.ndarray], height: int, width: int) -> list[np.ndarray]:
+    """Feature images at (height, width), nearest-neighbour (to_image_size leaves the right size alone)."""
+    return [np.asarray(to_image_size(a, (width, height))) for a in rgb]
+
+
 class DFFeaturePCA:
     DESCRIPTION = ("Show one spatial layer as an RGB image: its first three principal components. Joint fitting "
                    "uses one PCA for the whole batch, so equal features get equal colours across images.")
@@ -68,8 +73,7 @@ class DFFeaturePCA:
             height, width = first
         else:  # the first set's feature grid; every image of the batch gets that size
             height, width = features.tensors[layer].shape[-2:]
-        rgb = [np.asarray(to_image_size(a, (width, height))) if a.shape[:2] != (height, width) else a for a in rgb]
-        return (_as_image(rgb),)
+        return (_as_image(_sized(rgb, height, width)),)
 
 
 class DFAttentionMap:
@@ -142,6 +146,4 @@ class DFSelfAttentionPCA:
             raise ValueError(f"{layer!r} is not a self-attention map; give a -self-map layer")
         height, width = features.meta.get("input_size") or features.meta.get("size")
         rgb = self_attention_pca(features.tensors[layer], (height, width), joint=joint)
-        if size == "image":
-            rgb = [np.asarray(to_image_size(a, (width, height))) for a in rgb]
-        return (_as_image(rgb),)
+        return (_as_image(_sized(rgb, height, width) if size == "image" else rgb),)

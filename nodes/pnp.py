@@ -22,7 +22,7 @@ import torch
 from ..layer_catalog import FeatureCapture, FeatureInjection, enumerate_ids, resolve_taps
 from .ddim import eps_output
 from .extraction import check_map_memory, with_time_ids
-from .generation import Generation, decode
+from .generation import Generation, _stack_kwargs, decode
 from .inversion import Inversion, InversionError, _schedule
 from .samplers import parse_capture_steps
 
@@ -82,15 +82,11 @@ def _mix(a: dict, b: dict, w: float) -> dict:
 
 
 def _stack(parts: list[dict]) -> dict:
-    tokens = {p["encoder_hidden_states"].shape[1] for p in parts}
-    if len(tokens) != 1:
+    """The rows' forward kwargs as one batch; refused when their token counts differ (one forward per step)."""
+    if len({p["encoder_hidden_states"].shape[1] for p in parts}) != 1:
         raise PnPError("the inversion prompt, the target prompts and the negative prompt must fit one text window "
                        "each (75 CLIP tokens) so they run as one batch; shorten the longer ones")
-    out = {"encoder_hidden_states": torch.cat([p["encoder_hidden_states"] for p in parts])}
-    if parts[0].get("added_cond_kwargs") is not None:
-        out["added_cond_kwargs"] = {k: torch.cat([p["added_cond_kwargs"][k] for p in parts])
-                                    for k in parts[0]["added_cond_kwargs"]}
-    return out
+    return _stack_kwargs(parts)
 
 
 @torch.no_grad()
@@ -145,9 +141,9 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
     attention_inj = FeatureInjection(denoiser, attention_taps)
     with lora_applied(model):
         source = inversion.conditioning.for_batch(1, device, dtype)
-        targets = with_time_ids(encode_prompt(model, prompts), height, width).for_batch(k, device, dtype)
-        empty_cond = _negative(model, None, with_time_ids(encode_prompt(model, prompts[0]), height, width))
-        empty = with_time_ids(empty_cond, height, width).for_batch(k, device, dtype)
+        target_cond = with_time_ids(encode_prompt(model, prompts), height, width)
+        targets = target_cond.for_batch(k, device, dtype)
+        empty = with_time_ids(_negative(model, None, target_cond), height, width).for_batch(k, device, dtype)
         negative_text = negative or inversion.prompt
         neg = with_time_ids(encode_prompt(model, negative_text), height, width).for_batch(k, device, dtype)
         x = inversion.latents[-1:].to(device, dtype).expand(k, -1, -1, -1).clone()
