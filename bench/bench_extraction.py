@@ -10,7 +10,8 @@ variants, repeats them, and reports medians; CUDA timings use CUDA events. It pr
    (with early exit) vs the bare forward.
 2. early exit: a down-level-only request vs a full forward.
 3. attention maps: one self-map with our processor on that module only, vs the reference's approach (every attention
-   module swapped to a map-recording processor), vs the same extraction without maps.
+   module swapped to diffusers' classic explicit-softmax AttnProcessor, the asked one recording), vs the same
+   extraction without maps; also the swap with our in-place recorder everywhere, the cheapest explicit attention.
 4. memory: peak extra memory of an extraction over a bare forward, against the bytes of the features requested
    (CUDA: allocator peaks; CPU: peak RSS (VmHWM, reset after the model is built) of a fresh process per variant).
 5. folder throughput: the CLI's folder run (decode, VAE, denoiser, save) vs a bare loop (VAE + bare forward on
@@ -80,16 +81,27 @@ def alternate(variants: dict, repeats: int, timer: Timer) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def swap_all_processors(model, record_id: str, taps):
-    """The reference's way: every attention module gets a map-recording processor (only one map is kept)."""
+def swap_all_processors(model, record_id: str, taps, classic: bool = True):
+    """The reference's way: when any map is asked for, every attention module's processor is replaced.
+
+    The reference's replacement is diffusers' classic AttnProcessor with two store calls added (explicit
+    baddbmm scores, an out-of-place softmax, bmm), so with `classic` every module that is not recorded gets
+    diffusers' own AttnProcessor, and the recorded one gets our MapRecordingProcessor (cheaper than the reference's
+    recorder: this only favours the baseline). With `classic=False` every module gets our in-place
+    MapRecordingProcessor, the cheapest explicit attention we have (the maps nobody asked for are discarded).
+    """
+    from diffusers.models.attention_processor import AttnProcessor
+
     target = next(t for t in taps if t.id == record_id).module_path
     kept = {}
     originals = []
     for name, module in model.named_modules():
         if hasattr(module, "set_processor"):
             originals.append((module, module.processor))
-            module.set_processor(MapRecordingProcessor(
-                (lambda p, n=name: kept.__setitem__("map", p)) if name == target else (lambda p: None)))
+            if name == target:
+                module.set_processor(MapRecordingProcessor(lambda p: kept.__setitem__("map", p)))
+            else:
+                module.set_processor(AttnProcessor() if classic else MapRecordingProcessor(lambda p: None))
     return originals
 
 
@@ -119,21 +131,25 @@ def bench_config(family: str, size: int, batch: int, device, dtype, repeats: int
     down = resolve_taps([DOWN_ONLY[fam]], model, family)
     with_map = resolve_taps(preset_ids(family, "practical") + [ONE_MAP[fam]], model, family)
 
-    def swap_all():
-        originals = swap_all_processors(model, ONE_MAP[fam], with_map)
-        try:
-            capture([t for t in with_map if t.kind != "map"], True)()
-        finally:
-            restore(originals)
+    def swap_all(classic):
+        def run():
+            originals = swap_all_processors(model, ONE_MAP[fam], with_map, classic)
+            try:
+                capture([t for t in with_map if t.kind != "map"], True)()
+            finally:
+                restore(originals)
+        return run
 
     t = alternate({"bare": bare, "hooks": capture(practical, False), "extract": capture(practical, True),
-                   "down_only": capture(down, True), "one_map": capture(with_map, True), "swap_all": swap_all},
+                   "down_only": capture(down, True), "one_map": capture(with_map, True),
+                   "swap_all": swap_all(True), "swap_all_inplace": swap_all(False)},
                   repeats, timer)
     row = {"family": family, "size": size, "batch": batch, "device": str(device), "dtype": str(dtype).split(".")[-1],
            "seconds": t,
            "capture_overhead": t["hooks"] / t["bare"] - 1, "extract_vs_bare": t["extract"] / t["bare"],
            "early_exit_ratio": t["down_only"] / t["bare"], "one_map_vs_no_map": t["one_map"] / t["extract"],
            "swap_all_vs_one_map": t["swap_all"] / t["one_map"],
+           "swap_all_inplace_vs_one_map": t["swap_all_inplace"] / t["one_map"],
            "images_per_s_bare": batch / t["bare"], "images_per_s_extract": batch / t["extract"]}
     if torch.device(device).type == "cuda":
         row["memory"] = cuda_memory(model, inputs, with_map)
@@ -279,7 +295,8 @@ def main(argv=None) -> int:
             print(f"{family}@{size} b{batch}: bare {row['seconds']['bare']:.3f}s | capture overhead "
                   f"{row['capture_overhead']:+.1%} | extract/bare {row['extract_vs_bare']:.2f} | down-only/full "
                   f"{row['early_exit_ratio']:.2f} | one map/no map {row['one_map_vs_no_map']:.2f} | swap-all/one "
-                  f"map {row['swap_all_vs_one_map']:.2f}", flush=True)
+                  f"map {row['swap_all_vs_one_map']:.2f} (in-place recorders everywhere "
+                  f"{row['swap_all_inplace_vs_one_map']:.2f})", flush=True)
             if "memory" in row:
                 m = row["memory"]
                 print(f"    memory: extra {m['extra'] / 2**20:.0f} MiB for {m['feature_bytes'] / 2**20:.0f} MiB of "
