@@ -13,7 +13,8 @@ variants, repeats them, and reports medians; CUDA timings use CUDA events. It pr
    module swapped to diffusers' classic explicit-softmax AttnProcessor, the asked one recording), vs the same
    extraction without maps; also the swap with our in-place recorder everywhere, the cheapest explicit attention.
 4. memory: peak extra memory of an extraction over a bare forward, against the bytes of the features requested
-   (CUDA: allocator peaks; CPU: peak RSS (VmHWM, reset after the model is built) of a fresh process per variant).
+   (CUDA: allocator peaks; CPU: peak RSS (VmHWM, reset after the model is built) of a fresh process per variant,
+   with freed buffers returned to the OS at once so the peak follows live tensors; see LIVE_HEAP).
 5. folder throughput: the CLI's folder run (decode, VAE, denoiser, save) vs a bare loop (VAE + bare forward on
    pre-decoded images), images per second.
 """
@@ -212,16 +213,26 @@ print(json.dumps({{"base": base, "peak": peak, "feature_bytes": sum(v.numel() * 
 """
 
 
-def cpu_memory(family: str, size: int) -> dict:
+# glibc keeps freed blocks below its mmap threshold (up to 32 MiB) in the heap, so RSS also counts memory that is
+# free but not returned: tens of MiB that depend on the order of allocations, not on what is alive. With the
+# threshold at 64 KiB every tensor buffer is its own mapping, returned when freed, and the peak RSS follows the
+# live tensors as CUDA's allocator statistics do. `heap="default"` measures with glibc's defaults instead.
+LIVE_HEAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def cpu_memory(family: str, size: int, heap: str = "live") -> dict:
+    import os
+
+    env = dict(os.environ, **(LIVE_HEAP if heap == "live" else {}))
     out = {}
     for variant in ("bare", "extract"):
         code = MEMORY_CHILD.format(bench=str(Path(__file__).parent), family=family, size=size, variant=variant)
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
         out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
     bare = out["bare"]["peak"] - out["bare"]["base"]
     extract = out["extract"]["peak"] - out["extract"]["base"]
     feature_bytes = out["extract"]["feature_bytes"]
-    return {"family": family, "size": size, "bare_peak": bare, "extract_peak": extract, "extra": extract - bare,
+    return {"family": family, "size": size, "heap": heap, "bare_peak": bare, "extract_peak": extract, "extra": extract - bare,
             "feature_bytes": feature_bytes, "extra_over_features": (extract - bare) / feature_bytes}
 
 
@@ -280,6 +291,9 @@ def main(argv=None) -> int:
     p.add_argument("--folder-images", type=int, default=6, help="images for the folder throughput (0: skip)")
     p.add_argument("--folder-size", type=int, default=256)
     p.add_argument("--memory", action="store_true", help="also measure CPU peak memory (one process per variant)")
+    p.add_argument("--heap", default="live", choices=["live", "default"],
+                   help="CPU memory: 'live' returns freed buffers to the OS at once so peak RSS follows live tensors "
+                        "(default); 'default' keeps glibc's heap, which also counts freed blocks it retains")
     p.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -302,7 +316,7 @@ def main(argv=None) -> int:
                 print(f"    memory: extra {m['extra'] / 2**20:.0f} MiB for {m['feature_bytes'] / 2**20:.0f} MiB of "
                       f"features ({m['extra_over_features']:.2f}x)", flush=True)
         if args.memory and torch.device(args.device).type == "cpu":
-            m = cpu_memory(family, int(size))
+            m = cpu_memory(family, int(size), args.heap)
             result["memory"].append(m)
             print(f"    memory: extra {m['extra'] / 2**20:.0f} MiB for {m['feature_bytes'] / 2**20:.0f} MiB of "
                   f"features ({m['extra_over_features']:.2f}x)", flush=True)
