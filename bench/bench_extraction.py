@@ -232,8 +232,9 @@ def cpu_memory(family: str, size: int, heap: str = "live") -> dict:
     bare = out["bare"]["peak"] - out["bare"]["base"]
     extract = out["extract"]["peak"] - out["extract"]["base"]
     feature_bytes = out["extract"]["feature_bytes"]
-    return {"family": family, "size": size, "heap": heap, "bare_peak": bare, "extract_peak": extract, "extra": extract - bare,
-            "feature_bytes": feature_bytes, "extra_over_features": (extract - bare) / feature_bytes}
+    return {"family": family, "size": size, "heap": heap, "bare_peak": bare, "extract_peak": extract,
+            "extra": extract - bare, "feature_bytes": feature_bytes,
+            "extra_over_features": (extract - bare) / feature_bytes}
 
 
 # ---- folder throughput ------------------------------------------------------------------------------------------
