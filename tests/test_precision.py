@@ -46,7 +46,8 @@ def _bound(dtype: torch.dtype, epsilons: int = 10) -> float:
 
 
 def _relative_error(half: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((half.float().cpu() - ref.float().cpu()).norm() / ref.float().cpu().norm()).item()
+    half, ref = half.float().cpu(), ref.float().cpu()
+    return ((half - ref).norm() / ref.norm()).item()
 
 
 @pytest.fixture(scope="module", autouse=True)
