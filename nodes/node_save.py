@@ -1,11 +1,11 @@
 """DFSaveFeatures (into ComfyUI's output folder) and DFLoadFeatures."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from . import comfy_env
 from .features_io import FORMATS, LAYOUTS, load_features, row_label, save_features
-from .output_paths import OutputPathError, sample_names
+from .output_paths import sample_names
+from .safe_paths import UnsafePathError, inside
 
 
 class DFSaveFeatures:
@@ -60,12 +60,13 @@ class DFLoadFeatures:
 
     def load(self, path):
         root = comfy_env.output_dir().resolve()
-        full = (root / path.strip()).resolve()
-        if root not in full.parents:
-            raise OutputPathError(f"{path!r} is outside the output folder; only saved features can be loaded")
-        return (load_features(Path(full)),)
+        full = inside(root, path.strip(), f"path {path.strip()[:80]!r}", "the output folder")
+        return (load_features(full, root=root),)
 
     @classmethod
     def IS_CHANGED(cls, path):
-        full = comfy_env.output_dir() / path.strip()
-        return full.stat().st_mtime if full.exists() else ""
+        try:
+            full = inside(comfy_env.output_dir(), path.strip(), "path")
+        except UnsafePathError:
+            return ""  # load() gives the error
+        return full.stat().st_mtime if full.is_file() else ""
