@@ -168,7 +168,7 @@ def resolve_layers(spec, family: str) -> list[str]:
     for layer_id in ids:
         if layer_id not in valid_set:
             raise LayerIdError(_unknown_id_message(layer_id, valid, family, family))
-    return ids
+    return [str(i) for i in ids]  # plain strings: entries of a layer file carry their position until checked
 
 
 def resolve_taps(spec, model: torch.nn.Module, family: str | None = None) -> list[Tap]:
@@ -180,4 +180,4 @@ def resolve_taps(spec, model: torch.nn.Module, family: str | None = None) -> lis
     for layer_id in ids:
         if layer_id not in valid_set:
             raise LayerIdError(_unknown_id_message(layer_id, valid, owner, family))
-    return taps_of(model, ids)
+    return taps_of(model, [str(i) for i in ids])

@@ -1,6 +1,7 @@
 """DFSaveFeatures (into ComfyUI's output folder) and DFLoadFeatures."""
 from __future__ import annotations
 
+import itertools
 
 from . import comfy_env
 from .features_io import FORMATS, LAYOUTS, load_features, row_label, save_features
@@ -52,7 +53,9 @@ class DFLoadFeatures:
     @classmethod
     def INPUT_TYPES(cls):
         root = comfy_env.output_dir()
-        files = sorted(str(p.relative_to(root)) for p in root.rglob("*.safetensors")) if root.is_dir() else []
+        # the tooltip lists a few saved files; a bounded walk keeps object_info fast in a huge output folder
+        found = itertools.islice(root.rglob("*.safetensors"), 1000) if root.is_dir() else ()
+        files = sorted(str(p.relative_to(root)) for p in found)
         return {"required": {"path": ("STRING", {"default": files[0] if files else "",
                                                  "tooltip": "A .safetensors file (or the .json of npy features), "
                                                             "relative to the output folder. Existing files: "

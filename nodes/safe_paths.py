@@ -61,7 +61,10 @@ def inside(root, name: str, what: str, folder: str = "its folder") -> Path:
     the root through a link is refused too). Nothing is created or opened."""
     parts = _parts(name, what, folder)
     base = Path(root).resolve()
-    target = base.joinpath(*parts).resolve()
+    try:
+        target = base.joinpath(*parts).resolve()
+    except (OSError, RuntimeError):  # a link loop
+        raise UnsafePathError(f"{what} cannot be resolved inside {folder}") from None
     if target != base and base not in target.parents:
         raise UnsafePathError(f"{what} leads outside {folder} through a link; only files inside it can be used")
     return target
@@ -70,7 +73,10 @@ def inside(root, name: str, what: str, folder: str = "its folder") -> Path:
 def check_inside(root, path, what: str) -> Path:
     """An already-built path, resolved and refused unless it lies inside `root`."""
     base = Path(root).resolve()
-    target = Path(path).resolve()
+    try:
+        target = Path(path).resolve()
+    except (OSError, RuntimeError):  # a link loop
+        raise UnsafePathError(f"{what} cannot be resolved inside its folder") from None
     if target != base and base not in target.parents:
         raise UnsafePathError(f"{what} leads outside its folder; only files inside it can be used")
     return target
