@@ -21,6 +21,7 @@ import torch
 from ..layer_catalog import FeatureCapture, resolve_taps
 from ..layer_catalog.taps import is_pixart
 from . import memory_guard
+from .memory_guard import count
 from .interrupts import InterruptChecks
 from .memory_guard import FeatureMemoryError  # noqa: F401  (raised by every run's guard; importable from here)
 
@@ -84,10 +85,10 @@ def extraction_needs(denoiser, taps, batch: int, latent_hw, tokens: int, *, dtyp
     peak = cost.peak
     if vae is not None:
         peak = max(peak, memory_guard.vae_encode_peak(vae, (latent_hw[0] * 8, latent_hw[1] * 8), batch))
-    memory_guard.add(needs, param.device, f"the peak of one forward of {batch} images", peak)
+    memory_guard.add(needs, param.device, f"the peak of one forward of {count(batch, 'image')}", peak)
     images = batch if kept_images is None else kept_images
-    memory_guard.add(needs, store, f"the features of {images} images", per_image * images)
-    memory_guard.add(needs, store, f"{in_flight} images' features in flight", per_image * in_flight)
+    memory_guard.add(needs, store, f"the features of {count(images, 'image')}", per_image * images)
+    memory_guard.add(needs, store, f"the features of {count(in_flight, 'image')} in flight", per_image * in_flight)
     if ensemble > 1:
         memory_guard.add(needs, store, "the ensemble's float32 sums", 2 * cost.kept)
     return needs
@@ -222,7 +223,7 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
     batch = x0.shape[0]
     require(extraction_needs(denoiser, taps, batch, tuple(x0.shape[-2:]), cond.encoder_hidden_states.shape[1],
                              dtype=dtype, feature_resize=feature_resize, offload=offload, ensemble=ensemble),
-            f"extracting {len(taps)} layers from {batch} images", EXTRACT_ADVICE)
+            f"extracting {count(len(taps), 'layer')} from {count(batch, 'image')}", EXTRACT_ADVICE)
     kwargs = cond.for_batch(batch, param.device, param.dtype)
     sample_name = "hidden_states" if is_pixart(denoiser) else "sample"
     x0 = x0.to(param.device, param.dtype)
@@ -329,7 +330,8 @@ def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *
                                  cond.encoder_hidden_states.shape[1], dtype=dtype, feature_resize=feature_resize,
                                  offload=offload, ensemble=ensemble, kept_images=kept_images, in_flight=in_flight,
                                  vae=model.vae),
-                f"extracting {len(taps)} layers from {kept_images or batch} images of {width}x{height}",
+                f"extracting {count(len(taps), 'layer')} from "
+                f"{count(kept_images or batch, 'image')} of {width}x{height}",
                 EXTRACT_ADVICE)
         with InterruptChecks(interrupt, model.vae):
             x0 = encode_latents(model.vae, pixels, seed, sample=vae_sample)

@@ -20,6 +20,7 @@ from ..layer_catalog.taps import is_pixart
 from .control import check_controls, control_residuals
 from .ddim import eps_output
 from . import memory_guard
+from .memory_guard import count
 from .extraction import Conditioning, _pixels, fits, require, with_time_ids
 from .interrupts import InterruptChecks
 from .samplers import DEFAULT_SCHEDULER, make_scheduler, parse_capture_steps
@@ -300,11 +301,13 @@ def generation_needs(model, taps, forward_rows: int, kept_rows: int, captures: i
     if encode:
         peak = max(peak, memory_guard.vae_encode_peak(model.vae, (height, width), encode))
     needs: dict = {}
-    memory_guard.add(needs, param.device, f"the peak of one denoiser forward of {forward_rows} rows or the VAE", peak)
+    memory_guard.add(needs, param.device, f"the peak of one denoiser forward of {count(forward_rows, 'row')} or the "
+                     "VAE", peak)
     store = torch.device("cpu") if offload else param.device
-    memory_guard.add(needs, store, f"the features of {captures} captured steps x {kept_rows} rows",
+    memory_guard.add(needs, store, f"the features of {count(captures, 'captured step')} x "
+                     f"{count(kept_rows, 'row')}",
                      per_row * kept_rows * (captures + 1))
-    memory_guard.add(needs, "cpu", f"{images} output images", (images + 1) * height * width * 3 * 4)
+    memory_guard.add(needs, "cpu", f"{count(images, 'output image')}", (images + 1) * height * width * 3 * 4)
     for device, what, n in extra:
         memory_guard.add(needs, device, what, n)
     return needs
@@ -321,11 +324,11 @@ def check_generation(model, taps, forward_rows, kept_rows, captures, height, wid
     if taps and captures > 1:
         most = memory_guard.largest(lambda k: k == 0 or fits(generation_needs(
             model, taps, forward_rows, kept_rows, k, height, width, tokens, **kw)), 0, captures - 1)
-        advice.append(f"at most {most} capture steps fit at this size" if most else
+        advice.append(f"at most {count(most, 'capture step')} fit at this size" if most else
                       "not one capture step fits at this size")
     smaller = memory_guard.smaller_side(lambda h, w: fits(generation_needs(
         model, taps, forward_rows, kept_rows, captures, h, w, tokens, **kw)), height, width, 64)
     advice.append(f"{smaller[1]}x{smaller[0]} fits" if smaller else "even 64x64 does not fit")
-    require(needs, (subject or f"generating {kw.get('images', 1)} images of {width}x{height}")
-            + (f" capturing {len(taps)} layers at {captures} steps" if taps else ""),
+    require(needs, (subject or f"generating {count(kw.get('images', 1), 'image')} of {width}x{height}")
+            + (f" capturing {count(len(taps), 'layer')} at {count(captures, 'step')}" if taps else ""),
             f"{'; '.join(advice)} (or use {GENERATE_ADVICE})")

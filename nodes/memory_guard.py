@@ -19,7 +19,6 @@ Only torch and the hook engine below are imported: every part of the pack may us
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import threading
@@ -39,6 +38,11 @@ _UNLIMITED = 2 ** 60  # cgroup v1 writes "no limit" as a huge page-aligned numbe
 
 class FeatureMemoryError(ValueError):
     """A run that would not fit in the memory available to this process; raised before anything runs."""
+
+
+def count(n: int, noun: str) -> str:
+    """'1 image', '3 images': for the messages."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def fmt(n: int) -> str:
@@ -175,10 +179,8 @@ class _FusedAttention(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             q, _k, v = args[:3]
-            lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-            out = q.new_empty(*q.shape[:-1], v.shape[-1])
-            del lse
-            return out
+            q.new_empty(q.shape[:-1], dtype=torch.float32)  # the log-sum-exp, alive only inside the kernel here
+            return q.new_empty(*q.shape[:-1], v.shape[-1])
         return func(*args, **kwargs)
 
 
@@ -197,7 +199,7 @@ _lock = threading.Lock()  # meta copies are shared: one trace at a time attaches
 def _meta_copy(cls, config_json: str, dtype: torch.dtype) -> torch.nn.Module:
     with torch.device("meta"):
         module = cls.from_config(json.loads(config_json))
-    return module.to(dtype).eval()
+    return torch.nn.Module.to(module, dtype).eval()  # diffusers' own .to() only adds a warning here
 
 
 @dataclass

@@ -145,7 +145,7 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
     kept_rows = keep[-1] - keep[0] + 1 if taps else 0
     check_generation(model, taps, rows, kept_rows, len(capture_at), height, width,
                      inversion.conditioning.encoder_hidden_states.shape[1], offload=True, images=k,
-                     subject=f"translating to {k} prompts at {width}x{height}")
+                     subject=f"translating to {k} prompt{'s' if k > 1 else ''} at {width}x{height}")
 
     features_inj = FeatureInjection(denoiser, feature_taps)  # checked now: nothing has run yet
     attention_inj = FeatureInjection(denoiser, attention_taps)
