@@ -84,7 +84,9 @@ def extraction_needs(denoiser, taps, batch: int, latent_hw, tokens: int, *, dtyp
     needs: dict = {}
     peak = cost.peak
     if vae is not None:
-        peak = max(peak, memory_guard.vae_encode_peak(vae, (latent_hw[0] * 8, latent_hw[1] * 8), batch))
+        pixel_hw = (latent_hw[0] * 8, latent_hw[1] * 8)
+        peak = max(peak, memory_guard.vae_encode_peak(vae, pixel_hw, batch))
+        memory_guard.add(needs, "cpu", "the batch's pixels", batch * 3 * pixel_hw[0] * pixel_hw[1] * 4)
     memory_guard.add(needs, param.device, f"the peak of one forward of {count(batch, 'image')}", peak)
     images = batch if kept_images is None else kept_images
     memory_guard.add(needs, store, f"the features of {count(images, 'image')}", per_image * images)

@@ -298,9 +298,10 @@ def generation_needs(model, taps, forward_rows: int, kept_rows: int, captures: i
                                       dtype=dtype or param.dtype, feature_resize=feature_resize)
     per_row = cost.kept // forward_rows
     peak = max(cost.peak, memory_guard.vae_decode_peak(model.vae, latent_hw))
+    needs: dict = {}
     if encode:
         peak = max(peak, memory_guard.vae_encode_peak(model.vae, (height, width), encode))
-    needs: dict = {}
+        memory_guard.add(needs, "cpu", "the input pixels", encode * 3 * height * width * 4)
     memory_guard.add(needs, param.device, f"the peak of one denoiser forward of {count(forward_rows, 'row')} or the "
                      "VAE", peak)
     store = torch.device("cpu") if offload else param.device

@@ -148,10 +148,12 @@ def available_bytes(device, root: str | os.PathLike = "/") -> int | None:
 
 # ---- what a forward needs --------------------------------------------------------------------------------------
 class _LiveBytes(TorchDispatchMode):
-    """Counts the bytes of tensors created under it and still alive, and the maximum of that count."""
+    """Counts the bytes of tensors created under it on `device_type` and still alive, and the maximum of that
+    count (tensors of other devices, e.g. an estimate's meta tensors inside a real run, are not this memory)."""
 
-    def __init__(self, preexisting):
+    def __init__(self, preexisting, device_type: str = "meta"):
         super().__init__()
+        self.device_type = device_type
         self.known = {StorageWeakRef(t.untyped_storage()).cdata for t in preexisting}
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.now = self.peak = 0
@@ -161,7 +163,7 @@ class _LiveBytes(TorchDispatchMode):
         for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
             self.now -= self.live.pop(key)[1]
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.device.type == self.device_type:
                 ref = StorageWeakRef(t.untyped_storage())
                 if ref.cdata not in self.known and ref.cdata not in self.live:
                     n = t.untyped_storage().nbytes()

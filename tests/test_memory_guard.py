@@ -160,7 +160,7 @@ def test_a_real_forward_fits_in_its_measured_peak(sd15):
 
     kwargs = inputs_for(sd15.denoiser, (8, 12), batch=2, tokens=77)
     tracker = memory_guard._LiveBytes([*sd15.denoiser.parameters(), *sd15.denoiser.buffers(),
-                                       *[v for v in kwargs.values() if torch.is_tensor(v)]])
+                                       *[v for v in kwargs.values() if torch.is_tensor(v)]], device_type="cpu")
     kept = {}
     capture = FeatureCapture(sd15.denoiser, taps, on_capture=lambda k, x: kept.update({k: x.nbytes}))
     with torch.no_grad(), capture, tracker:
@@ -169,6 +169,39 @@ def test_a_real_forward_fits_in_its_measured_peak(sd15):
     # the real run keeps its features on the model's device: measured peak + kept features bound it
     assert tracker.peak <= cost.peak + cost.kept
     assert tracker.peak >= cost.kept  # and the count is not trivially small
+
+
+def _real_peak(run, *modules, inputs=()):
+    """Peak bytes of the real tensors `run()` creates (the modules' weights and the inputs excluded: views of them
+    allocate nothing), counted as they live."""
+    tracker = memory_guard._LiveBytes([t for m in modules for t in (*m.parameters(), *m.buffers())] + list(inputs),
+                                      device_type="cpu")
+    with tracker:
+        run()
+    return tracker.peak
+
+
+def test_a_whole_extraction_stays_within_its_plan(sd15):
+    """Every batch's features kept, the output filled in place: the real run's peak stays within the plan (a final
+    concatenation would hold all features twice and exceed it)."""
+    images = torch.rand(6, 64, 96, 3, generator=torch.Generator().manual_seed(0))
+    taps = resolve_taps(IDS, sd15.denoiser)
+    plan = extraction_needs(sd15.denoiser, taps, 2, (8, 12), 77, kept_images=6, in_flight=2,
+                            vae=sd15.vae)[torch.device("cpu")]
+    kept = dict(plan.parts)["the features of 6 images"]
+    peak = _real_peak(lambda: extract_in_batches(sd15, images, "a cat", IDS, batch_size=2, size="96x64"),
+                      sd15.denoiser, sd15.vae, *sd15.text_encoders, inputs=[images])
+    assert kept < peak <= plan.total
+
+
+def test_a_whole_generation_stays_within_its_plan(sd15):
+    taps = resolve_taps(IDS, sd15.denoiser)
+    plan = generation_needs(sd15, taps, 2, 1, 6, 64, 96, 77, images=1)[torch.device("cpu")]
+    kept = dict(plan.parts)["the features of 6 captured steps x 1 row"]
+    peak = _real_peak(lambda: generate(sd15, "a cat", steps=6, cfg=5.0, width=96, height=64, layers=IDS,
+                                       capture_steps="all"),
+                      sd15.denoiser, sd15.vae, *sd15.text_encoders)
+    assert kept * 6 // 7 < peak <= plan.total
 
 
 # ---- refusals before any forward -----------------------------------------------------------------------------
@@ -223,7 +256,7 @@ def test_generate_refuses_many_capture_steps_before_any_forward(sd15, monkeypatc
 
 
 def test_a_huge_generation_is_refused_up_front_with_a_size_that_fits(sd15, monkeypatch):
-    budget = 2**30
+    budget = 4 * 2**30  # the output image (1.5 GiB) fits; one forward and the VAE decode at 8192x8192 do not
     _budget(monkeypatch, budget)
     trap = ForwardTrap(sd15.denoiser, sd15.vae)
     try:
@@ -232,7 +265,9 @@ def test_a_huge_generation_is_refused_up_front_with_a_size_that_fits(sd15, monke
     finally:
         trap.close()
     message = str(err.value)
-    assert "generating 1 image of 8192x8192" in message and "VAE" in message
+    assert "generating 1 image of 8192x8192" in message
+    peak = re.search(r"the peak of one denoiser forward of 2 rows or the VAE ([\d.]+) GiB", message).group(1)
+    assert float(peak) > 4.0
     need, unit, _, _ = NUMBERS.search(message).groups()
     assert unit == "GiB" and float(need) > 1.0
     w, h = (int(v) for v in re.search(r"(\d+)x(\d+) fits", message).groups())
@@ -353,11 +388,11 @@ def nodes():
 
 def test_dfgenerate_refuses_a_huge_size_before_any_forward(sd15, nodes, monkeypatch):
     (pos,) = nodes["DFEncodePrompt"].encode(sd15, "a cat")
-    _budget(monkeypatch, 2**30)
+    _budget(monkeypatch, 4 * 2**30)
     trap = ForwardTrap(sd15.denoiser, sd15.vae)
     try:
         with pytest.raises(ValueError, match=r"generating 1 image of 8192x8192 would need [\d.]+ GiB on cpu .* "
-                                             r"but only 1\.00 GiB is free to this process: \d+x\d+ fits"):
+                                             r"but only 4\.00 GiB is free to this process: \d+x\d+ fits"):
             nodes["DFGenerate"].run(sd15, pos, 0, 20, 5.0, "ddim", 8192, 8192, 1, "", "cond")
     finally:
         trap.close()
