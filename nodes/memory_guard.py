@@ -330,19 +330,15 @@ def require(needs: dict, subject: str, advice: str, available=available_bytes) -
 
 
 def smaller_side(fits, height: int, width: int, multiple: int) -> tuple[int, int] | None:
-    """The largest (height, width) of the same aspect, sides multiples of `multiple`, for which fits(h, w) holds;
-    None when even the smallest does not fit. What fits shrinks with the size, so a bisection on the scale works."""
-    def at(scale):
-        return (max(multiple, int(height * scale) // multiple * multiple),
-                max(multiple, int(width * scale) // multiple * multiple))
+    """The largest (height, width) of about the same aspect, sides multiples of `multiple` and below the request,
+    for which fits(h, w) holds; None when even the smallest does not. What fits shrinks as the size grows, so a
+    bisection over the longer side's multiples needs about log2(side / multiple) estimates."""
+    longer = max(height, width)
 
-    lo, hi = multiple / max(height, width), 1.0
-    if not fits(*at(lo)):
-        return None
-    for _ in range(10):
-        mid = (lo + hi) / 2
-        if fits(*at(mid)):
-            lo = mid
-        else:
-            hi = mid
-    return at(lo)
+    def at(k):
+        return (max(multiple, height * k * multiple // longer // multiple * multiple),
+                max(multiple, width * k * multiple // longer // multiple * multiple))
+
+    top = max(1, (longer - 1) // multiple)  # strictly smaller than the request
+    k = largest(lambda k: fits(*at(k)), 1, top)
+    return None if k is None else at(k)
