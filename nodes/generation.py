@@ -327,6 +327,15 @@ def check_generation(model, taps, forward_rows, kept_rows, captures, height, wid
             model, taps, forward_rows, kept_rows, k, height, width, tokens, **kw)), 0, captures - 1)
         advice.append(f"at most {count(most, 'capture step')} fit at this size" if most else
                       "not one capture step fits at this size")
+    images = kw.get("images", 1)
+    if subject is None and images > 1 and forward_rows % images == 0 and kept_rows % images == 0:
+        def batch_fits(b):  # rows and kept rows grow with the batch (the same branches per image)
+            more = dict(kw, images=b, encode=b if kw.get("encode") else 0)
+            return fits(generation_needs(model, taps, forward_rows // images * b, kept_rows // images * b, captures,
+                                         height, width, tokens, **more))
+        most = memory_guard.largest(batch_fits, 1, images - 1)
+        if most:
+            advice.append(f"a batch of at most {most} fits")
     smaller = memory_guard.smaller_side(lambda h, w: fits(generation_needs(
         model, taps, forward_rows, kept_rows, captures, h, w, tokens, **kw)), height, width, 64)
     advice.append(f"{smaller[1]}x{smaller[0]} fits" if smaller else "even 64x64 does not fit")

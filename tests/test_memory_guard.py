@@ -278,6 +278,23 @@ def test_a_huge_generation_is_refused_up_front_with_a_size_that_fits(sd15, monke
     assert generation_needs(sd15, [], 2, 0, 0, h + 64, w + 64, 77)[torch.device("cpu")].total > budget
 
 
+def test_a_too_large_batch_is_refused_with_the_batch_that_fits(sd15, monkeypatch):
+    one = generation_needs(sd15, [], 2, 0, 0, 512, 512, 77, images=1)[torch.device("cpu")].total
+    eight = generation_needs(sd15, [], 16, 0, 0, 512, 512, 77, images=8)[torch.device("cpu")].total
+    _budget(monkeypatch, (one + eight) // 2)
+    trap = ForwardTrap(sd15.denoiser, sd15.vae)
+    try:
+        with pytest.raises(FeatureMemoryError) as err:
+            generate(sd15, "a cat", steps=20, cfg=5.0, width=512, height=512, batch=8)
+    finally:
+        trap.close()
+    most = int(re.search(r"a batch of at most (\d+) fits", str(err.value)).group(1))
+    assert 1 <= most < 8
+    assert generation_needs(sd15, [], 2 * most, 0, 0, 512, 512, 77, images=most)[torch.device("cpu")].total <= (
+        one + eight) // 2 < generation_needs(sd15, [], 2 * most + 2, 0, 0, 512, 512, 77,
+                                             images=most + 1)[torch.device("cpu")].total
+
+
 def test_inversion_counts_every_latent_and_captured_step(sd15, monkeypatch):
     photo = torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(0))
     taps = resolve_taps([SELF_MAP], sd15.denoiser)
