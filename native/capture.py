@@ -89,6 +89,7 @@ class NativeCapture:
         self._last_sigma: float | None = None
         self._step = -1
         self._wanted: set[int] | None = None
+        self.steps_error: str | None = None
         self._seen: set[tuple] = set()
         self._ordinals: dict[tuple, list] = {}
 
@@ -100,7 +101,11 @@ class NativeCapture:
     def _new_run(self, total: int | None) -> None:
         self.records, self._seen, self._ordinals = [], set(), {}
         self.model_calls, self.total_steps, self._step = 0, total, -1
-        self._wanted = None if total is None else set(_parse_steps(self.steps_spec, total))
+        self.steps_error = None
+        try:
+            self._wanted = None if total is None else set(_parse_steps(self.steps_spec, total))
+        except ValueError as e:  # steps the run does not have: the image still samples, collecting says why
+            self.steps_error, self._wanted = str(e), set()
 
     def _step_of(self, sigma: float, schedule: torch.Tensor | None) -> int:
         if schedule is not None:
@@ -187,10 +192,15 @@ class NativeCapture:
 
     # ---- reading ---------------------------------------------------------------------------------------
     def _final_records(self) -> list[Record]:
+        if self.steps_error is not None:
+            raise ValueError(f"capture steps {self.steps_spec!r} do not fit the sampling run: {self.steps_error}")
         if self._wanted is not None or not self.records:
             return self.records
         steps = sorted({label["step"] for r in self.records for label in r.labels})
-        wanted = set(_parse_steps(self.steps_spec, steps[-1] + 1))
+        try:
+            wanted = set(_parse_steps(self.steps_spec, steps[-1] + 1))
+        except ValueError as e:
+            raise ValueError(f"capture steps {self.steps_spec!r} do not fit the sampling run: {e}") from None
         return [r for r in self.records if r.labels and r.labels[0]["step"] in wanted]
 
     def labels(self) -> list[dict]:

@@ -49,16 +49,22 @@ def comfy_source(version: str) -> Path:
     raise ValueError(version)
 
 
-def use_comfy(version: str) -> types.SimpleNamespace:
-    """Import ComfyUI `version`'s model modules (CPU mode); returns them as a namespace."""
-    if _current.get("version") == version:
-        return _current["ns"]
+def release() -> None:
+    """Forget the imported ComfyUI (its modules and its sys.path entry), so later tests see none."""
     for name in list(sys.modules):
         if name.split(".")[0] in _TOP_LEVEL:
             del sys.modules[name]
     for old in _current.get("paths", []):
         while old in sys.path:
             sys.path.remove(old)
+    _current.clear()
+
+
+def use_comfy(version: str) -> types.SimpleNamespace:
+    """Import ComfyUI `version`'s model modules (CPU mode); returns them as a namespace."""
+    if _current.get("version") == version:
+        return _current["ns"]
+    release()
     path = str(comfy_source(version))
     sys.path.insert(0, path)
     import transformers  # noqa: F401  (before the stand-in below: transformers must see no torchvision)

@@ -11,7 +11,7 @@ import torch
 
 import native_comfy as nc
 from diffusion_feature.layer_catalog import FeatureCapture, LayerIdError, family_ids, resolve_taps
-from diffusion_feature.native import (CallHooks, NativeLayout, NoCaptureError, UnsupportedModelError, capture_layers,
+from diffusion_feature.native import (CallHooks, call_hooks, NativeLayout, NoCaptureError, UnsupportedModelError, capture_layers,
                                       hook_counts, model_layer_ids, native_family, native_ids, native_taps)
 
 LATENT = (8, 16)  # non-square on purpose
@@ -22,7 +22,8 @@ SOME_IDS = ["unet-in", "down-level1-repeat0-res-increment", "mid-vit-block0-out"
 
 @pytest.fixture(scope="module", params=nc.VERSIONS)
 def comfy(request):
-    return nc.use_comfy(request.param)
+    yield nc.use_comfy(request.param)
+    nc.release()
 
 
 @pytest.fixture(scope="module")
@@ -219,15 +220,16 @@ def _conds(comfy, kind, batch_ctx, pooled=None):
     return [[batch_ctx, extra]]
 
 
-def _sample(comfy, model, kind, steps=3, cfg=2.0, sampler="euler", seed=0, callback=None):
+def _sample(comfy, model, kind, steps=3, cfg=2.0, sampler="euler", seed=0, callback=None, two_positives=False):
     g = torch.Generator().manual_seed(7)
     dim = nc.CONFIGS[kind]["comfy"]["context_dim"]
-    pos, neg = torch.randn(1, 7, dim, generator=g), torch.randn(1, 7, dim, generator=g)
+    pos, neg, pos2 = (torch.randn(1, 7, dim, generator=g) for _ in range(3))
     pooled = (torch.randn(1, nc.POOLED, generator=g), torch.randn(1, nc.POOLED, generator=g)) if kind == "sdxl" \
         else (None, None)
     latent = torch.zeros(2, 4, *LATENT)
     noise = torch.randn(2, 4, *LATENT, generator=torch.Generator().manual_seed(seed))
-    return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", _conds(comfy, kind, pos, pooled[0]),
+    positive = _conds(comfy, kind, pos, pooled[0]) + (_conds(comfy, kind, pos2, pooled[0]) if two_positives else [])
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", positive,
                                _conds(comfy, kind, neg, pooled[1]), latent, seed=seed, callback=callback,
                                disable_pbar=True)
 
@@ -463,3 +465,82 @@ def _walk(value):
         yield value
         if hasattr(value, "__dict__") and not isinstance(value, torch.nn.Module):
             yield from _walk(vars(value))
+
+
+def test_the_native_package_imports_without_comfyui():
+    import subprocess
+    import sys
+
+    code = ("import sys, diffusion_feature.native as n; n.capture_layers; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'folder_paths', 'server', 'execution')]; "
+            "assert not bad, bad; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_branches_in_separate_calls_label_like_one_batched_call(comfy, patchers, monkeypatch):
+    """Under memory pressure ComfyUI runs cond and uncond in separate calls: the rows, labels and features are
+    those of the batched run."""
+    model = patchers["sd15"]
+    ids = ["up-level2-repeat1-vit-block0-cross-q", "down-level0-repeat0-vit-block0-self-map"]
+    tapped, batched = capture_layers(model, ids, steps="all", branch="both")
+    _sample(comfy, tapped, "sd15", steps=2)
+    calls = []
+    original = model.model.memory_required
+    monkeypatch.setattr(model.model, "memory_required", lambda *a, **k: (calls.append(1), 1e30)[1])
+    tapped, split = capture_layers(model, ids, steps="all", branch="both")
+    _sample(comfy, tapped, "sd15", steps=2)
+    monkeypatch.setattr(model.model, "memory_required", original)
+    assert calls and split.model_calls == 2 * batched.model_calls == 4
+    (la, fa), (lb, fb) = batched.stacked(), split.stacked()
+    assert la == lb and len(la) == 2 * 2 * 2
+    for i in ids:
+        assert torch.allclose(fa[i], fb[i], atol=1e-5)
+    _zero_hooks(model.model.diffusion_model)
+
+
+def test_two_positive_conditionings_and_multi_evaluation_samplers(comfy, patchers):
+    model = patchers["sd15"]
+    tapped, capture = capture_layers(model, ["mid-vit-out"], steps="all", branch="cond")
+    _sample(comfy, tapped, "sd15", steps=2, two_positives=True)
+    assert [(lab["step"], lab["cond_index"], lab["image"]) for lab in capture.labels()] == \
+        [(s, c, i) for s in range(2) for c in range(2) for i in range(2)]
+    # heun calls the model twice per step (but the last): still one row per step, branch and image
+    tapped, capture = capture_layers(model, ["mid-vit-out"], steps="all", branch="both")
+    _sample(comfy, tapped, "sd15", steps=3, sampler="heun")
+    assert capture.model_calls == 5
+    assert [(lab["step"], lab["branch"], lab["image"]) for lab in capture.labels()] == \
+        [(s, b, i) for s in range(3) for b in ("cond", "uncond") for i in range(2)]
+    # a capture list naming steps the run never had: the image samples, collecting says why
+    tapped, capture = capture_layers(model, ["mid-vit-out"], steps="0, 7", branch="cond")
+    _sample(comfy, tapped, "sd15", steps=3)
+    with pytest.raises(ValueError, match="capture step 7 is outside 0..2 for a run of 3 steps"):
+        capture.stacked()
+    _zero_hooks(model.model.diffusion_model)
+
+
+def test_direct_call_hooks_with_early_exit(comfy, patchers):
+    """One forward through ComfyUI's own apply_model (DFExtractNative's path): the hooks stop the UNet after the
+    last requested tap, the features equal a full forward's, and nothing stays on the module."""
+    model = patchers["sd15"]
+    base, unet = model.model, model.model.diffusion_model
+    ids = ["down-level1-repeat1-vit-block0-self-k", "unet-in"]
+    g = torch.Generator().manual_seed(5)
+    x, ctx, sigma = torch.randn(2, 4, *LATENT, generator=g), torch.randn(2, 7, 32, generator=g), torch.full((2,), 3.0)
+    fired = []
+    probe = dict(unet.named_modules())["output_blocks.0.0"].register_forward_hook(lambda *a: fired.append(1))
+    try:
+        with torch.no_grad():
+            with call_hooks(model, ids, early_exit=True) as early:
+                assert early.run(base.apply_model, x, sigma, c_crossattn=ctx) is None
+            assert not fired  # stopped in the down path
+            with call_hooks(model, ids) as full:
+                out = full.run(base.apply_model, x, sigma, c_crossattn=ctx)
+    finally:
+        probe.remove()
+    assert out is not None and fired
+    for i in ids:
+        assert torch.equal(early.features[i], full.features[i])
+    scale = (sigma[0] ** 2 + 1) ** 0.5  # the UNet's input is ComfyUI's x / sqrt(1 + sigma^2)
+    assert torch.allclose(early.features["unet-in"], x / scale, atol=1e-6)
+    _zero_hooks(unet)
