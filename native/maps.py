@@ -35,13 +35,3 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int, upcast: bool =
     scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
     return scores.div_(scores.sum(dim=-1, keepdim=True, dtype=torch.float32)).to(dtype)
 
-
-def heads_of(attn: torch.nn.Module) -> int:
-    heads = getattr(attn, "heads", None)
-    if not isinstance(heads, int) or heads < 1:
-        raise TypeError(f"{type(attn).__name__} has no head count: not a ComfyUI CrossAttention")
-    return heads
-
-
-def upcast_of(attn: torch.nn.Module) -> bool:
-    return getattr(attn, "attn_precision", None) == torch.float32

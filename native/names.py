@@ -35,17 +35,24 @@ def unsupported_message(what: str) -> str:
 
 @dataclass(frozen=True)
 class NativeTap:
-    """Where an id's tensor appears on the native UNet.
+    """Where an id's tensor appears on a native network.
 
-    kind: 'input' (the UNet's input, a pre-hook on the root), 'spatial' (a module output shaped (B, C, H, W)),
-    'tokens' (a module output (B, N, C), reshaped with the grid of `grid_path`'s input), 'map' (softmax(q k^T) of
-    the CrossAttention at module_path, from its own to_q / to_k outputs).
+    kind: 'input' (the network's input, a pre-hook on the root), 'spatial' (a module output shaped (B, C, H, W)),
+    'tokens' (a module output (B, N, C), reshaped with the grid of `grid_path`'s input divided by grid_divisor),
+    'map' (softmax(q k^T / sqrt(d)) per head, q from module_path's output, k from key_path's output).
+    part: (i, n) takes the i-th of n equal slices of the output's last axis (PixArt's fused qkv / kv projections).
     """
 
     id: str
     module_path: str
     kind: str
     grid_path: str | None = None
+    grid_divisor: int = 1
+    part: tuple[int, int] | None = None
+    key_path: str | None = None
+    key_part: tuple[int, int] | None = None
+    heads: int | None = None
+    upcast: bool = False
 
 
 class _Level:
@@ -164,6 +171,10 @@ class NativeLayout:
                 f"a UNet whose {where} has a transformer after some resnets but not all (diffusers cannot name it)"))
         return level
 
+    def tap(self, tap, modules) -> NativeTap:
+        """The native tap of a diffusers-side tap of this UNet."""
+        return _unet_tap(self, tap, modules)
+
     def native_path(self, diffusers_path: str) -> str:
         """The native module path for a diffusers one: the longest mapped prefix, then the same tail (inside
         transformer blocks the names match), except a resnet's conv2, whose output is native `out_layers`' output
@@ -185,16 +196,86 @@ _KINDS = {"input": "input", "spatial": "spatial", "vit-out": "spatial", "tokens"
 
 
 def native_ids(unet: torch.nn.Module) -> list[str]:
-    """Every layer id of a native UNet, in the order the taps fire during a forward."""
-    return enumerate_ids(NativeLayout(unet).view)
+    """Every layer id of a native network (UNet or PixArt), in the order the taps fire during a forward."""
+    return enumerate_ids(_layout(unet).view)
+
+
+def _layout(net: torch.nn.Module):
+    return PixArtLayout(net) if is_native_pixart(net) else NativeLayout(net)
 
 
 def native_taps(spec, unet: torch.nn.Module, family: str | None = None) -> list[NativeTap]:
-    """Taps for a layer spec (ids, presets, JSON file: as `resolve_taps`) on a native UNet. A wrong id raises
+    """Taps for a layer spec (ids, presets, JSON file: as `resolve_taps`) on a native network. A wrong id raises
     LayerIdError naming the nearest valid ids of this model."""
-    layout = NativeLayout(unet)
-    out = []
-    for tap in resolve_taps(spec, layout.view, family):
-        grid = layout.native_path(tap.grid_path) if tap.grid_path is not None else None
-        out.append(NativeTap(tap.id, layout.native_path(tap.module_path), _KINDS[tap.kind], grid))
-    return out
+    layout = _layout(unet)
+    modules = dict(unet.named_modules())
+    return [layout.tap(t, modules) for t in resolve_taps(spec, layout.view, family)]
+
+
+def _unet_tap(layout: NativeLayout, tap, modules) -> NativeTap:
+    grid = layout.native_path(tap.grid_path) if tap.grid_path is not None else None
+    path = layout.native_path(tap.module_path)
+    if tap.kind != "map":
+        return NativeTap(tap.id, path, _KINDS[tap.kind], grid)
+    attn = modules[path]
+    heads = getattr(attn, "heads", None)
+    if not isinstance(heads, int):
+        raise UnsupportedModelError(unsupported_message(f"a UNet whose {path} is a {type(attn).__name__}"))
+    return NativeTap(tap.id, f"{path}.to_q", "map", grid, key_path=f"{path}.to_k", heads=heads,
+                     upcast=getattr(attn, "attn_precision", None) == torch.float32)
+
+
+# ---- PixArt ---------------------------------------------------------------------------------------------------
+def is_native_pixart(module: torch.nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("blocks", "x_embedder", "t_block", "y_embedder"))
+
+
+class _PixArtView:
+    """Diffusers-shaped view of ComfyUI's PixArtMS for enumeration (transformer_blocks with attn2, pos_embed)."""
+
+    def __init__(self, n_blocks: int, patch: int):
+        self.transformer_blocks = [type("Block", (), {"attn2": True})() for _ in range(n_blocks)]
+        self.pos_embed = None
+        self.config = type("Config", (), {"patch_size": patch})()
+
+
+class PixArtLayout:
+    """ComfyUI's PixArt (comfy/ldm/pixart/pixartms.py) under diffusers' PixArtTransformer2DModel names.
+
+    It fuses self-attention q/k/v in one `attn.qkv` linear and cross-attention k/v in `cross_attn.kv_linear`:
+    self-q/k/v are slices of qkv's output (what diffusers' to_q/to_k/to_v produce), cross-q is q_linear's output,
+    maps come from those projections. Its text for all images is one flat sequence (1, B*T, C); cross-map splits
+    it back per image, as ComfyUI's attention does. KV-compressed blocks (sr_ratio > 1) have no diffusers twin.
+    """
+
+    def __init__(self, net: torch.nn.Module):
+        self.net = net
+        self.patch = int(getattr(net, "patch_size", 2))
+        self.view = _PixArtView(len(net.blocks), self.patch)
+
+    def tap(self, tap, modules) -> NativeTap:
+        parts = tap.module_path.split(".")  # transformer_blocks.B.<rest>
+        b, rest = int(parts[1]), ".".join(parts[2:])
+        block = f"blocks.{b}"
+        common = dict(grid_path="", grid_divisor=self.patch)
+        attn = self.net.blocks[b].attn
+        if tap.kind == "map" and (getattr(attn, "sr_ratio", 1) > 1 or not isinstance(attn.q_norm, torch.nn.Identity)):
+            raise UnsupportedModelError(f"{tap.id}: block {b} of this PixArt compresses or normalises its keys, "
+                                        f"which the diffusers PixArt cannot name; {_DF_MODEL_HINT}")
+        table = {
+            "": (block, None),
+            "ff.net.0": (f"{block}.mlp.act", None),
+            "attn1.to_q": (f"{block}.attn.qkv", (0, 3)),
+            "attn1.to_k": (f"{block}.attn.qkv", (1, 3)),
+            "attn1.to_v": (f"{block}.attn.qkv", (2, 3)),
+            "attn2.to_q": (f"{block}.cross_attn.q_linear", None),
+        }
+        if tap.kind == "map":
+            if rest == "attn1":
+                return NativeTap(tap.id, f"{block}.attn.qkv", "map", part=(0, 3), key_path=f"{block}.attn.qkv",
+                                 key_part=(1, 3), heads=attn.num_heads, **common)
+            cross = self.net.blocks[b].cross_attn
+            return NativeTap(tap.id, f"{block}.cross_attn.q_linear", "map", key_path=f"{block}.cross_attn.kv_linear",
+                             key_part=(0, 2), heads=cross.num_heads, **common)
+        path, part = table[rest]
+        return NativeTap(tap.id, path, "tokens", part=part, **common)

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .maps import attention_probs, heads_of, upcast_of
+from .maps import attention_probs
 from .names import NativeTap
 
 
@@ -70,20 +70,22 @@ class CallHooks:
 
         def module(path: str) -> torch.nn.Module:
             if path not in modules:
-                raise KeyError(f"the UNet has no module {path!r}")
+                raise KeyError(f"the network has no module {path!r}")
             return modules[path]
 
         register = self._handles.append
-        for grid_path in {t.grid_path for t in self.taps if t.kind in ("tokens", "map") and t.grid_path}:
-            register(module(grid_path).register_forward_pre_hook(self._grid_hook(grid_path), with_kwargs=True))
+        for grid in {(t.grid_path, t.grid_divisor) for t in self.taps if t.kind in ("tokens", "map")
+                     and t.grid_path is not None}:
+            register(module(grid[0]).register_forward_pre_hook(self._grid_hook(*grid), with_kwargs=True))
         for tap in self.taps:
             target = module(tap.module_path)
             if tap.kind == "input":
                 register(target.register_forward_pre_hook(self._input_hook(tap), with_kwargs=True))
+            elif tap.kind == "map" and tap.key_path == tap.module_path:  # q and k from one fused projection
+                register(target.register_forward_hook(self._fused_map_hook(tap)))
             elif tap.kind == "map":
-                heads, upcast = heads_of(target), upcast_of(target)
-                register(target.to_q.register_forward_hook(self._query_hook(tap)))
-                register(target.to_k.register_forward_hook(self._key_hook(tap, heads, upcast)))
+                register(target.register_forward_hook(self._query_hook(tap)))
+                register(module(tap.key_path).register_forward_hook(self._key_hook(tap)))
             else:
                 register(target.register_forward_hook(self._output_hook(tap)))
 
@@ -97,10 +99,10 @@ class CallHooks:
     def _select(self, x: torch.Tensor) -> torch.Tensor:
         return x.detach() if self.rows is None else x.detach().index_select(0, self.rows.to(x.device))
 
-    def _grid_hook(self, path: str):
+    def _grid_hook(self, path: str, divisor: int):
         def hook(_module, args, kwargs):
             x = _first_arg(args, kwargs)
-            self._grids[path] = (x.shape[-2], x.shape[-1])
+            self._grids[(path, divisor)] = (x.shape[-2] // divisor, x.shape[-1] // divisor)
         return hook
 
     def _input_hook(self, tap: NativeTap):
@@ -110,22 +112,33 @@ class CallHooks:
 
     def _output_hook(self, tap: NativeTap):
         def hook(_module, _args, output):
-            self._store(tap, output if isinstance(output, torch.Tensor) else output[0])
+            self._store(tap, _slice(output if isinstance(output, torch.Tensor) else output[0], tap.part))
         return hook
 
     def _query_hook(self, tap: NativeTap):
         def hook(_module, _args, output):
-            self._queries[tap.id] = self._select(output)
+            self._queries[tap.id] = (self._select(_slice(output, tap.part)), output.shape[0])
         return hook
 
-    def _key_hook(self, tap: NativeTap, heads: int, upcast: bool):
+    def _key_hook(self, tap: NativeTap):
         def hook(_module, _args, output):
-            q = self._queries.pop(tap.id, None)
-            if q is None:  # to_k without to_q first: not the CrossAttention call order we know
-                raise RuntimeError(f"{tap.id}: {tap.module_path}.to_k ran before its to_q; cannot build the map")
-            with torch.no_grad():
-                self._store(tap, attention_probs(q, self._select(output), heads, upcast), selected=True)
+            if tap.id not in self._queries:  # k before q: not the call order of the attentions we know
+                raise RuntimeError(f"{tap.id}: {tap.key_path} ran before {tap.module_path}; cannot build the map")
+            q, batch = self._queries.pop(tap.id)
+            if output.shape[0] != batch:  # PixArt: every image's text in one flat sequence (1, B*T, C)
+                output = output.reshape(batch, -1, output.shape[-1])
+            self._store_map(tap, q, self._select(_slice(output, tap.key_part)))
         return hook
+
+    def _fused_map_hook(self, tap: NativeTap):
+        def hook(_module, _args, output):
+            x = self._select(output)
+            self._store_map(tap, _slice(x, tap.part), _slice(x, tap.key_part))
+        return hook
+
+    def _store_map(self, tap: NativeTap, q: torch.Tensor, k: torch.Tensor) -> None:
+        with torch.no_grad():
+            self._store(tap, attention_probs(q, k, tap.heads, tap.upcast), selected=True)
 
     # ---- capture ---------------------------------------------------------------------------------------
     def _store(self, tap: NativeTap, x: torch.Tensor, selected: bool = False) -> None:
@@ -133,7 +146,7 @@ class CallHooks:
         if not selected:
             x = self._select(x)
         if tap.kind == "tokens":
-            h, w = self._grids[tap.grid_path]
+            h, w = self._grids[(tap.grid_path, tap.grid_divisor)]
             b, n, c = x.shape
             if n != h * w:
                 raise TokenGridError(f"{tap.id}: {n} tokens do not fit the recorded {h}x{w} grid")
@@ -157,6 +170,14 @@ class CallHooks:
             raise RuntimeError(f"these taps never fired during the call: {missing}")
         self.features = {t.id: self.features[t.id] for t in self.taps}
         return out
+
+
+def _slice(x: torch.Tensor, part: tuple[int, int] | None) -> torch.Tensor:
+    if part is None:
+        return x
+    i, n = part
+    width = x.shape[-1] // n
+    return x[..., i * width:(i + 1) * width]
 
 
 def hook_counts(module: torch.nn.Module) -> dict[str, int]:
