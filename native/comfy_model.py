@@ -10,7 +10,8 @@ import contextlib
 import torch
 
 from .capture import WRAPPER_KEY, ApplyModelWrapper, NativeCapture, UnetFunctionWrapper
-from .names import NativeLayout, UnsupportedModelError, native_ids, native_taps, unsupported_message
+from .names import (NativeLayout, UnsupportedModelError, is_native_pixart, native_ids, native_taps,
+                    unsupported_message)
 from .taps import CallHooks
 
 # ComfyUI's model configs (comfy/supported_models.py class names) -> our family ids. Playground v2 loads as SDXL in
@@ -19,7 +20,7 @@ _FAMILY_OF_CONFIG = {
     "SD15": "sd15", "SD15_instructpix2pix": "sd15",
     "SD20": "sd21", "SD21UnclipL": "sd21", "SD21UnclipH": "sd21", "SD_X4Upscaler": None,
     "SDXL": "sdxl", "SDXL_instructpix2pix": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl", "KOALA_700M": "sdxl",
-    "KOALA_1B": "sdxl", "SDXLRefiner": None,
+    "KOALA_1B": "sdxl", "SDXLRefiner": None, "PixArtSigma": "pixart-sigma", "PixArtAlpha": None,
 }
 
 
@@ -36,6 +37,8 @@ def diffusion_model(model) -> torch.nn.Module:
     base = _base_model(model)
     unet = base.diffusion_model
     config = type(getattr(base, "model_config", None)).__name__
+    if type(unet).__name__ == "PixArtMS" and is_native_pixart(unet):
+        return unet
     if type(unet).__name__ != "UNetModel" or getattr(unet, "num_classes", None) not in (None, "sequential"):
         what = f"ComfyUI's {type(base).__name__} model ({config}, network {type(unet).__name__})"
         raise UnsupportedModelError(unsupported_message(what))

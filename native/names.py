@@ -19,7 +19,7 @@ import torch
 from ..layer_catalog.resolver import resolve_taps
 from ..layer_catalog.taps import enumerate_ids
 
-SUPPORTED_FAMILIES = ("sd15", "sd21", "sdxl", "playground-v2")
+SUPPORTED_FAMILIES = ("sd15", "sd21", "sdxl", "playground-v2", "pixart-sigma")
 _DF_MODEL_HINT = ("load it with DFLoadCheckpoint or DFLoadDiffusers (DF_MODEL) to extract its features with the "
                   "diffusers backend")
 
@@ -29,8 +29,10 @@ class UnsupportedModelError(TypeError):
 
 
 def unsupported_message(what: str) -> str:
-    return (f"{what} is not supported by the native taps, which cover ComfyUI's UNetModel of the families "
-            f"{', '.join(SUPPORTED_FAMILIES)} (SD1.x, SD2.x, SDXL, Playground v2); PixArt-Sigma: {_DF_MODEL_HINT}")
+    return (f"{what} is not supported by the native taps: they cover ComfyUI's UNet models of the families sd15, "
+            f"sd21, sdxl and playground-v2 (SD1.x, SD2.x, SDXL, Playground v2) and its PixArt (pixart-sigma); "
+            f"SD3, Flux and video models have no layer ids; for PixArt taps the native model cannot reach, "
+            f"{_DF_MODEL_HINT}")
 
 
 @dataclass(frozen=True)

@@ -165,3 +165,52 @@ def model_patcher(ns, kind: str, state: dict):
     base.eval()
     cpu = torch.device("cpu")
     return ns.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+
+
+# ---- PixArt (ComfyUI >= 2024-11 has a PixArt model; the 2024-03 one has none) ---------------------------------
+PIXART_TOKENS = 7
+
+
+def diffusers_pixart(seed: int = 0):
+    """conftest's tiny PixArt at sample_size 64: ComfyUI derives its position-embedding base from the latent size
+    (rounded to 64 latent pixels), diffusers from sample_size, and they agree from 64 on."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        num_layers=3, attention_head_dim=8, num_attention_heads=2, in_channels=4, out_channels=8,
+        cross_attention_dim=16, caption_channels=12, sample_size=64, norm_type="ada_norm_single",
+        activation_fn="gelu-approximate", attention_bias=True, norm_elementwise_affine=False, norm_eps=1e-6,
+        num_embeds_ada_norm=1000, use_additional_conditions=False).eval()
+
+
+def comfy_pixart(ns, diffusers_model):
+    """ComfyUI's PixArtMS with the diffusers model's weights, placed by ComfyUI's own map (pixart_to_diffusers:
+    q/k/v go into slices of the fused qkv and kv weights)."""
+    import comfy.ldm.pixart.pixartms as pixartms
+
+    cfg = diffusers_model.config
+    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    net = pixartms.PixArtMS(input_size=cfg.sample_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
+                            hidden_size=hidden, depth=cfg.num_layers, num_heads=cfg.num_attention_heads,
+                            pred_sigma=cfg.out_channels == 2 * cfg.in_channels, caption_channels=cfg.caption_channels,
+                            pe_interpolation=1.0, micro_condition=False, model_max_length=PIXART_TOKENS,
+                            dtype=torch.float32, operations=ns.ops.disable_weight_init)
+    mapping = ns.utils.pixart_to_diffusers({"depth": cfg.num_layers, "hidden_size": hidden})
+    state = net.state_dict()
+    filled = set()
+    with torch.no_grad():
+        for key, value in diffusers_model.state_dict().items():
+            target = mapping[key]
+            if isinstance(target, tuple):
+                name, (dim, offset, size) = target
+                state[name].narrow(dim, offset, size).copy_(value)
+            else:
+                name = target
+                state[name].copy_(value)
+            filled.add(name)
+    # the caption embedder's learned null embedding only serves training-time dropout
+    assert set(state) - filled == {"y_embedder.y_embedding"}
+    state["y_embedder.y_embedding"].zero_()
+    net.load_state_dict(state, strict=True)
+    return net.eval()

@@ -544,3 +544,46 @@ def test_direct_call_hooks_with_early_exit(comfy, patchers):
     scale = (sigma[0] ** 2 + 1) ** 0.5  # the UNet's input is ComfyUI's x / sqrt(1 + sigma^2)
     assert torch.allclose(early.features["unet-in"], x / scale, atol=1e-6)
     _zero_hooks(unet)
+
+
+# ---- PixArt: ComfyUI's own PixArt exists from ComfyUI 2024-11 on, so these run on v0.3.64 ---------------------
+@pytest.fixture(scope="module")
+def comfy_new():
+    yield nc.use_comfy("0.3.64")
+    nc.release()
+
+
+def test_pixart_every_id_equals_the_diffusers_model(comfy_new):
+    """ComfyUI's PixArt fuses q/k/v (qkv) and cross k/v (kv_linear): slices of those outputs and maps built from
+    them equal diffusers' to_q/to_k/to_v outputs and probabilities, every id within 1e-5; the ids are the
+    pixart-sigma grammar (its catalog's, for this depth)."""
+    d = nc.diffusers_pixart()
+    net = nc.comfy_pixart(comfy_new, d)
+    ids = native_ids(net)
+    assert ids == [i for i in family_ids("pixart-sigma") if int(i.split("-")[1][5:]) < 3]
+    g = torch.Generator().manual_seed(1)
+    x, ctx, t = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, nc.PIXART_TOKENS, 12, generator=g), \
+        torch.full((2,), 421.0)
+    with torch.no_grad():
+        with FeatureCapture(d, resolve_taps(ids, d)) as ref:
+            ref.run(x, encoder_hidden_states=ctx, timestep=t,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+        with CallHooks(net, native_taps(ids, net, "pixart-sigma")) as hooks:
+            hooks.run(net, x, t, ctx)
+    assert list(hooks.features) == ids
+    for i in ids:
+        a, b = hooks.features[i], ref.features[i]
+        assert a.shape == b.shape, i
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), (i, (a - b).abs().max().item())
+    assert hooks.features["vit-block1-cross-map"].shape == (2, 2, 1024, nc.PIXART_TOKENS)
+    assert hooks.features["vit-block0-self-q"].shape == (2, 16, 32, 32)
+    _zero_hooks(net)
+
+
+def test_pixart_full_size_ids_are_the_catalog(comfy_new):
+    import comfy.ldm.pixart.pixartms as pixartms
+
+    net = pixartms.PixArtMS(input_size=128, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                            caption_channels=4096, pe_interpolation=2.0, micro_condition=False, model_max_length=300,
+                            dtype=torch.float32, device="meta", operations=comfy_new.ops.disable_weight_init)
+    assert native_ids(net) == family_ids("pixart-sigma")
