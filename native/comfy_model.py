@@ -36,16 +36,16 @@ def diffusion_model(model) -> torch.nn.Module:
     """The native UNet of a MODEL; a clear error for any other architecture (SD3, Flux, video, PixArt, ...)."""
     base = _base_model(model)
     unet = base.diffusion_model
-    config = type(getattr(base, "model_config", None)).__name__
+    config = getattr(base, "model_config", None)
+    owner = f"ComfyUI's {type(base).__name__} model" + (f" ({type(config).__name__})" if config is not None else "")
     if type(unet).__name__ == "PixArtMS" and is_native_pixart(unet):
         return unet
     if type(unet).__name__ != "UNetModel" or getattr(unet, "num_classes", None) not in (None, "sequential"):
-        what = f"ComfyUI's {type(base).__name__} model ({config}, network {type(unet).__name__})"
-        raise UnsupportedModelError(unsupported_message(what))
+        raise UnsupportedModelError(unsupported_message(f"{owner} with network {type(unet).__name__}"))
     try:
         NativeLayout(unet)
     except UnsupportedModelError as e:
-        raise UnsupportedModelError(f"ComfyUI's {type(base).__name__} model ({config}): {e}") from None
+        raise UnsupportedModelError(f"{owner}: {e}") from None
     return unet
 
 

@@ -214,3 +214,19 @@ def comfy_pixart(ns, diffusers_model):
     state["y_embedder.y_embedding"].zero_()
     net.load_state_dict(state, strict=True)
     return net.eval()
+
+
+def pixart_patcher(ns, net_state: dict, diffusers_model):
+    """A MODEL around ComfyUI's PixArt BaseModel (model config PixArtSigma) with the tiny PixArt's weights."""
+    cfg = diffusers_model.config
+    unet_config = dict(image_model="pixart_sigma", input_size=cfg.sample_size, patch_size=cfg.patch_size,
+                       in_channels=cfg.in_channels, hidden_size=cfg.num_attention_heads * cfg.attention_head_dim,
+                       depth=cfg.num_layers, num_heads=cfg.num_attention_heads, pred_sigma=True,
+                       caption_channels=cfg.caption_channels, pe_interpolation=1.0, micro_condition=False,
+                       model_max_length=PIXART_TOKENS)
+    config = ns.supported_models.PixArtSigma(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    base.diffusion_model.load_state_dict(net_state, strict=True)
+    cpu = torch.device("cpu")
+    return ns.model_patcher.ModelPatcher(base.eval(), load_device=cpu, offload_device=cpu)

@@ -166,6 +166,18 @@ def test_wrong_ids_and_unsupported_models(comfy, twins):
     with pytest.raises(LayerIdError, match="nearest this UNetModel ids: up-level0-repeat0-vit-block1-out"):
         native_taps("up-level0-repeat0-vit-block2-out", nc.comfy_unet(comfy, "sdxl", device="meta"))
 
+    # a video UNet (SVD's temporal resblocks and transformers) is ComfyUI's UNetModel class, but not ours
+    video = dict(nc.CONFIGS["sd15"]["comfy"], use_temporal_resblock=True, use_temporal_attention=True,
+                 num_classes="sequential", adm_in_channels=16, extra_ff_mix_layer=True, use_spatial_context=True,
+                 merge_strategy="learned_with_images", merge_factor=0.0, video_kernel_size=[3, 1, 1],
+                 disable_temporal_crossattention=False, max_ddpm_temb_period=10000)
+    video_unet = comfy.openaimodel.UNetModel(**video, dtype=torch.float32, device="meta",
+                                             operations=comfy.ops.disable_weight_init)
+    video_base = torch.nn.Module()
+    video_base.diffusion_model = video_unet
+    with pytest.raises(UnsupportedModelError, match="VideoResBlock.*sd15, sd21, sdxl and playground-v2"):
+        model_layer_ids(video_base)
+
     class FluxLike(torch.nn.Module):
         pass
 
@@ -587,3 +599,36 @@ def test_pixart_full_size_ids_are_the_catalog(comfy_new):
                             caption_channels=4096, pe_interpolation=2.0, micro_condition=False, model_max_length=300,
                             dtype=torch.float32, device="meta", operations=comfy_new.ops.disable_weight_init)
     assert native_ids(net) == family_ids("pixart-sigma")
+
+
+def test_pixart_capture_during_sampling_equals_independent_hooks(comfy_new):
+    d = nc.diffusers_pixart()
+    model = nc.pixart_patcher(comfy_new, nc.comfy_pixart(comfy_new, d).state_dict(), d)
+    assert native_family(model) == "pixart-sigma"
+    net = model.model.diffusion_model
+    tapped, capture = capture_layers(model, ["vit-block1-out", "vit-block2-self-k"], steps="all", branch="both")
+    calls = []
+    modules = dict(net.named_modules())
+    handles = [net.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append({"cou": list(kwargs["transformer_options"]["cond_or_uncond"])})
+        if "transformer_options" in kwargs else calls.append({"cou": None}), with_kwargs=True)]
+    handles.append(modules["blocks.1"].register_forward_hook(lambda m, a, o: calls[-1].__setitem__("out", o.clone())))
+    handles.append(modules["blocks.2.attn.qkv"].register_forward_hook(
+        lambda m, a, o: calls[-1].__setitem__("k", o[..., 16:32].clone())))
+    g = torch.Generator().manual_seed(7)
+    pos, neg = torch.randn(1, nc.PIXART_TOKENS, 12, generator=g), torch.randn(1, nc.PIXART_TOKENS, 12, generator=g)
+    try:
+        comfy_new.sample.sample(tapped, torch.randn(1, 4, 64, 64, generator=g), 2, 3.0, "euler", "normal",
+                                [[pos, {}]], [[neg, {}]], torch.zeros(1, 4, 64, 64), seed=0, disable_pbar=True)
+    finally:
+        for h in handles:
+            h.remove()
+    _zero_hooks(net)
+    labels, feats = capture.stacked()
+    assert [(lab["step"], lab["branch"]) for lab in labels] == [(0, "cond"), (0, "uncond"), (1, "cond"), (1, "uncond")]
+    grid = lambda t: t.transpose(0, 1).reshape(-1, 32, 32)  # noqa: E731  (tokens -> C x h x w)
+    for n, lab in enumerate(labels):
+        call = calls[lab["step"]]
+        row = call["cou"].index(0 if lab["branch"] == "cond" else 1)
+        assert torch.equal(feats["vit-block1-out"][n], grid(call["out"][row]))
+        assert torch.equal(feats["vit-block2-self-k"][n], grid(call["k"][row]))
