@@ -35,7 +35,7 @@ BRANCHES = {"cond": (0,), "uncond": (1,), "both": (0, 1)}
 BRANCH_NAMES = {0: "cond", 1: "uncond"}
 WRAPPER_KEY = "diffusion_feature.capture"
 
-_registry: "weakref.WeakValueDictionary[str, NativeCapture]" = weakref.WeakValueDictionary()
+_registry: weakref.WeakValueDictionary[str, NativeCapture] = weakref.WeakValueDictionary()
 _keys = itertools.count()
 
 

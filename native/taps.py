@@ -54,7 +54,7 @@ class CallHooks:
         self._grids: dict[str, tuple[int, int]] = {}
         self._queries: dict[str, torch.Tensor] = {}
 
-    def __enter__(self) -> "CallHooks":
+    def __enter__(self) -> CallHooks:
         try:
             self._attach()
         except BaseException:

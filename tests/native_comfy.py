@@ -67,8 +67,8 @@ def use_comfy(version: str) -> types.SimpleNamespace:
     release()
     path = str(comfy_source(version))
     sys.path.insert(0, path)
-    import transformers  # noqa: F401  (before the stand-in below: transformers must see no torchvision)
-    from transformers import CLIPTokenizer  # noqa: F401
+    import transformers
+    from transformers import CLIPTokenizer
 
     stub = importlib.util.find_spec("torchvision") is None
     if stub:

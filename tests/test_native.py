@@ -626,7 +626,7 @@ def test_pixart_capture_during_sampling_equals_independent_hooks(comfy_new):
     _zero_hooks(net)
     labels, feats = capture.stacked()
     assert [(lab["step"], lab["branch"]) for lab in labels] == [(0, "cond"), (0, "uncond"), (1, "cond"), (1, "uncond")]
-    grid = lambda t: t.transpose(0, 1).reshape(-1, 32, 32)  # noqa: E731  (tokens -> C x h x w)
+    grid = lambda t: t.transpose(0, 1).reshape(-1, 32, 32)
     for n, lab in enumerate(labels):
         call = calls[lab["step"]]
         row = call["cou"].index(0 if lab["branch"] == "cond" else 1)
