@@ -8,9 +8,13 @@ captures weakly: once the DF_CAPTURE output is gone, a stale tapped MODEL record
 Per model call the wrapper reads ComfyUI's `transformer_options`: `cond_or_uncond` (0 = positive, 1 = negative,
 one entry per chunk of rows), `uuids` (one per conditioning, ComfyUI >= 2024-12), `sigmas` (this call's) and
 `sample_sigmas` (the run's schedule, ComfyUI >= 2024-08). Rules:
-- Step: the index i of the schedule entry equal to the call's sigma; a sub-step call (heun, dpm_2, ...) at a sigma
-  between two entries belongs to the step it starts from. Without sample_sigmas (the 2024-03 ComfyUI) steps are
-  counted by distinct decreasing sigmas, and a sigma higher than the last one starts a new run.
+- Step: the index i of the schedule entry equal to the call's sigma; a sub-step call at a sigma between two entries
+  (dpm_2, dpmpp_2s, dpmpp_sde midpoints) belongs to the step it starts from. This is right for every sampler that
+  evaluates once per step, multistep ones included (uni_pc evaluates step i+1 before reporting step i). Heun-type
+  samplers (heun, heunpp2) evaluate their correction exactly at sigma i+1 before step i+1's own call: that
+  correction is then step i+1's row. (A sampler's step callback cannot tell the two cases apart either.) Without
+  sample_sigmas (the 2024-03 ComfyUI) steps are counted by distinct decreasing sigmas, and a sigma higher than the
+  last one starts a new run.
 - A new sampling run (another schedule tensor, or a sigma going up without a schedule) replaces the rows of the
   previous run, so a graph queued again does not pile rows up and memory stays flat over many prompts.
 - First call wins: per (step, branch, conditioning) only the first call's rows are kept. Extra calls made within
