@@ -517,12 +517,24 @@ def test_two_positive_conditionings_and_multi_evaluation_samplers(comfy, patcher
     _sample(comfy, tapped, "sd15", steps=2, two_positives=True)
     assert [(lab["step"], lab["cond_index"], lab["image"]) for lab in capture.labels()] == \
         [(s, c, i) for s in range(2) for c in range(2) for i in range(2)]
-    # heun calls the model twice per step (but the last): still one row per step, branch and image
+    # heun calls the model twice per step (but the last): still one row per step, branch and image; by the
+    # documented sigma rule, steps 0, 1, 2 are calls 0, 1 (step 0's correction at sigma 1) and 3
+    unet = model.model.diffusion_model
     tapped, capture = capture_layers(model, ["mid-vit-out"], steps="all", branch="both")
-    _sample(comfy, tapped, "sd15", steps=3, sampler="heun")
-    assert capture.model_calls == 5
-    assert [(lab["step"], lab["branch"], lab["image"]) for lab in capture.labels()] == \
+    log = CallLog(unet, {"mid-vit-out": NativeLayout(unet).native_path("mid_block.attentions.0")},
+                  "middle_block.1.transformer_blocks.0.attn1")
+    try:
+        _sample(comfy, tapped, "sd15", steps=3, sampler="heun")
+    finally:
+        log.close()
+    assert capture.model_calls == len(log.calls) == 5
+    labels, feats = capture.stacked()
+    assert [(lab["step"], lab["branch"], lab["image"]) for lab in labels] == \
         [(s, b, i) for s in range(3) for b in ("cond", "uncond") for i in range(2)]
+    for n, lab in enumerate(labels):
+        call = log.calls[[0, 1, 3][lab["step"]]]
+        row = 2 * call["cond_or_uncond"].index(0 if lab["branch"] == "cond" else 1) + lab["image"]
+        assert torch.equal(feats["mid-vit-out"][n], call["mid-vit-out"][row])
     # a capture list naming steps the run never had: the image samples, collecting says why
     tapped, capture = capture_layers(model, ["mid-vit-out"], steps="0, 7", branch="cond")
     _sample(comfy, tapped, "sd15", steps=3)
