@@ -225,7 +225,14 @@ class NativeCapture:
                                      "to a sampler (KSampler, SamplerCustom, ...) that runs before collecting")
             raise NoCaptureError(f"the capture saw {self.model_calls} model calls but none matched capture steps "
                                  f"{self.steps_spec!r} and branch {self.branch!r}")
-        feats = {tid: torch.stack([r.features[tid][i] for r, _, i in rows]) for tid in self.ids}
+        feats = {}
+        for tid in self.ids:
+            items = [r.features[tid][i] for r, _, i in rows]
+            shapes = sorted({tuple(t.shape) for t in items})
+            if len(shapes) > 1:  # e.g. area conditionings run on a crop of the latent
+                raise ValueError(f"{tid}: captured rows have different shapes {shapes} (area conditioning?); read "
+                                 "capture.records, which keeps each call's rows apart")
+            feats[tid] = torch.stack(items)
         return [dict(lab) for _, lab, _ in rows], feats
 
 
