@@ -33,7 +33,8 @@ def _base_model(model):
 
 
 def diffusion_model(model) -> torch.nn.Module:
-    """The native UNet of a MODEL; a clear error for any other architecture (SD3, Flux, video, PixArt, ...)."""
+    """The native network of a MODEL (ComfyUI's UNetModel or PixArtMS); a clear error naming the supported
+    families for any other architecture (SD3, Flux, video models, ...)."""
     base = _base_model(model)
     unet = base.diffusion_model
     config = getattr(base, "model_config", None)
