@@ -48,7 +48,7 @@ class NoCaptureError(RuntimeError):
 
 
 def _parse_steps(spec, steps: int) -> list[int]:
-    from ..nodes.samplers import parse_capture_steps  # the one capture-step grammar of the pack
+    from ..engine.samplers import parse_capture_steps  # the one capture-step grammar of the pack
 
     return parse_capture_steps(spec, steps)
 
