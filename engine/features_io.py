@@ -36,8 +36,9 @@ FORMATS = ("safetensors", "npy")
 LAYOUTS = ("per-sample", "per-layer", "aggregate")
 _META_KEYS = ("family", "t", "seed", "size", "input_size", "prompt", "layers", "name", "step", "ensemble",
               "aggregate_slices", "timestep", "branch", "image", "scheduler", "steps", "cfg", "denoise",
-              "denoise_from", "denoise_steps", "controlnets")
-_ROW_KEYS = ("step", "timestep", "branch", "image")  # per-row labels of features captured during generation
+              "denoise_from", "denoise_steps", "controlnets", "sigma", "cond_index")
+# per-row labels of features captured during generation (DFGenerate, DFCollectFeatures)
+_ROW_KEYS = ("step", "timestep", "sigma", "branch", "image", "cond_index")
 AGGREGATE = "aggregate"  # the one tensor key that is not a layer id: the aggregate layout's concatenation
 MAX_IMAGE_SIDE = 16384  # ComfyUI's MAX_RESOLUTION: no node of it makes a larger image, so no saved size is larger
 

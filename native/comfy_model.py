@@ -102,3 +102,117 @@ def call_hooks(model, layers, *, rows: torch.Tensor | None = None, dtype: torch.
                    early_exit=early_exit) as hooks:
         yield hooks
 
+
+
+# ---- DFCaptureLayers' MODEL seen by other nodes ------------------------------------------------------------------
+def capture_of(model) -> NativeCapture | None:
+    """The capture a MODEL from capture_layers (or a clone of it: LoraLoader, other patches) records into."""
+    from .capture import UnetFunctionWrapper, lookup
+
+    if hasattr(model, "get_wrappers"):
+        import comfy.patcher_extension
+
+        for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+            found = lookup(wrapper.key)
+            if found is not None:
+                return found
+    wrapper = getattr(model, "model_options", {}).get("model_function_wrapper")
+    while isinstance(wrapper, UnetFunctionWrapper):
+        found = lookup(wrapper.key)
+        if found is not None:
+            return found
+        wrapper = wrapper.inner
+    return None
+
+
+def without_capture(model):
+    """A clone of MODEL without our capture wrapper (other packs' wrappers stay): a direct extraction must not
+    replace the rows a DFCaptureLayers capture holds."""
+    from .capture import UnetFunctionWrapper
+
+    clone = model.clone()
+    if hasattr(clone, "remove_wrappers_with_key"):
+        import comfy.patcher_extension
+
+        clone.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    wrapper = clone.model_options.get("model_function_wrapper")
+    while isinstance(wrapper, UnetFunctionWrapper):  # the 2024-03 slot: unchain ours, keep the rest
+        wrapper = wrapper.inner
+    if wrapper is None:
+        clone.model_options.pop("model_function_wrapper", None)
+    else:
+        clone.model_options["model_function_wrapper"] = wrapper
+    return clone
+
+
+# ---- direct extraction (DFExtractNative) -------------------------------------------------------------------------
+def sigmas_at(model, timesteps: list[int]) -> torch.Tensor:
+    """The sigmas of training timesteps on the MODEL's own noise schedule: sigma_t = sqrt((1 - abar_t) / abar_t)."""
+    base = _base_model(model)
+    sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") else None
+    sampling = sampling if sampling is not None else base.model_sampling
+    table = getattr(sampling, "sigmas", None)
+    if table is None or table.shape[0] != 1000:
+        raise UnsupportedModelError(unsupported_message(f"a model whose noise schedule is {type(sampling).__name__}"
+                                                        " (not 1000 discrete training timesteps)"))
+    return torch.stack([table[t].float() for t in timesteps]).cpu()
+
+
+def encode_pixels(vae, pixels: torch.Tensor, seed: int) -> torch.Tensor:
+    """ComfyUI VAE latents (LATENT space, before the model's latent_format.process_in) of an IMAGE [B, H, W, C].
+    Current ComfyUI's encode returns the posterior mean; the 2024-03 one samples with torch's global generator,
+    which is seeded here (and restored after) so the same inputs and seed give the same latents on both."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return vae.encode(pixels[..., :3]).float().cpu()
+
+
+def conditioning_controls(positive) -> list:
+    """The ControlNets (and T2I adapters) attached to a CONDITIONING, each with its chain of previous ones."""
+    found = []
+    for _, extra in positive:
+        control = extra.get("control")
+        while control is not None:
+            found.append(control)
+            control = getattr(control, "previous_controlnet", None)
+    return found
+
+
+def run_at_sigmas(model, positive, latent: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, layers, *,
+                  seed: int = 0, dtype: torch.dtype | None = None, device=None, early_exit: bool = True
+                  ) -> dict[str, torch.Tensor]:
+    """Features of `layers` at the last of `sigmas`, through ComfyUI's own sampling path.
+
+    comfy.sample.sample_custom does what every core sampler does: loads the MODEL (with its LoRA patches) and the
+    ControlNets of `positive` through comfy.model_management.load_models_gpu, converts the conditioning (SDXL's
+    size conditioning from the latent size), runs ControlNets inside each model call and cleans up after. Our
+    sampler function makes the calls: x = latent + sigma_0 * noise (the model scales it to sqrt(abar) x0 +
+    sqrt(1 - abar) eps), deterministic DDIM (Euler in sigma) steps through the sigmas with the positive prompt only
+    (cfg 1, no negative), then one call at the last sigma with our hooks on, stopped after the last tap when
+    `early_exit`. The hooks exist only during that call.
+    """
+    import comfy.sample
+    import comfy.samplers
+
+    unet = diffusion_model(model)
+    taps = native_taps(layers, unet, native_family(model))
+    captured: dict[str, torch.Tensor] = {}
+
+    def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None, **_):
+        extra_args = extra_args or {}
+        s_in = x.new_ones([x.shape[0]])
+        for a, b in zip(sigmas[:-1], sigmas[1:]):
+            denoised = model_k(x, a * s_in, **extra_args)
+            x = denoised + (x - denoised) * (b / a)
+        with CallHooks(unet, taps, dtype=dtype, device=device, early_exit=early_exit) as hooks:
+            hooks.run(model_k, x, sigmas[-1] * s_in, **extra_args)
+        captured.update(hooks.features)
+        return x
+
+    sampler = comfy.samplers.KSAMPLER(sampler_function)
+    # the noise is x0 + sigma * eps at every t: ComfyUI's max-sigma rule (noise * sqrt(1 + sigma^2)) is for sampling
+    sampler.max_denoise = lambda model_wrap, sigmas: False
+    # positive only; 'control_apply_to_uncond' would ask to copy ControlNets to a negative that does not exist here
+    cond = [[c, {k: v for k, v in extra.items() if k != "control_apply_to_uncond"}] for c, extra in positive]
+    comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, cond, [], latent, disable_pbar=True, seed=seed)
+    return captured

@@ -25,6 +25,7 @@ from .node_generate import DFGenerate
 from .node_hooks import DFAttachHooks, DFShowLayers
 from .node_load import DFLoadCheckpoint, DFLoadDiffusers
 from .node_lora import DFLoadLoRA
+from .node_native import DFCaptureLayers, DFCollectFeatures, DFExtractNative
 from .node_pnp import DFInvert, DFPnPTranslate
 from .node_prompt import DFEncodePrompt
 from .node_save import DFLoadFeatures, DFSaveFeatures
@@ -48,6 +49,9 @@ NODE_CLASS_MAPPINGS = {
     "DFInvert": DFInvert,
     "DFPnPTranslate": DFPnPTranslate,
     "DFSelfAttentionPCA": DFSelfAttentionPCA,
+    "DFCaptureLayers": DFCaptureLayers,
+    "DFCollectFeatures": DFCollectFeatures,
+    "DFExtractNative": DFExtractNative,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DFLoadCheckpoint": "Load Checkpoint (Diffusion Feature)",
@@ -67,4 +71,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DFInvert": "DDIM Invert (Plug-and-Play)",
     "DFPnPTranslate": "Plug-and-Play Translate",
     "DFSelfAttentionPCA": "Self-Attention PCA",
+    "DFCaptureLayers": "Capture Layers (native MODEL)",
+    "DFCollectFeatures": "Collect Captured Features",
+    "DFExtractNative": "Extract Features (native MODEL)",
 }

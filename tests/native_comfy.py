@@ -127,11 +127,18 @@ SDXL = dict(
 CONFIGS = {"sd15": SD15, "sdxl": SDXL}
 
 
-def diffusers_unet(kind: str, seed: int = 0):
+# The heads ComfyUI's own model configs give these UNets (supported_models' unet_extra_config: SD15 num_heads 8,
+# SDXL num_head_channels 64), as diffusers' attention_head_dim (heads per level) for a twin of a MODEL.
+MODEL_HEADS = {"sd15": 8, "sdxl": (1, 1, 1)}
+
+
+def diffusers_unet(kind: str, seed: int = 0, as_model: bool = False):
+    """The diffusers twin; as_model=True: with the heads of `model_patcher`'s MODEL (its model config's)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**CONFIGS[kind]["diffusers"]).eval()
+    config = dict(CONFIGS[kind]["diffusers"], **({"attention_head_dim": MODEL_HEADS[kind]} if as_model else {}))
+    unet = UNet2DConditionModel(**config).eval()
     with torch.no_grad():  # diffusers zero-initialises nothing here, but make every weight clearly non-trivial
         for p in unet.parameters():
             p.add_(torch.randn_like(p) * 0.05)

@@ -1,0 +1,166 @@
+"""DFExtractNative's engine: DFExtractFeatures' semantics on ComfyUI's own MODEL, VAE and CONDITIONING.
+
+- `t` is the training timestep 0..999; its sigma comes from the MODEL's own noise schedule, and the model is called
+  with x0 + sigma_t eps, which ComfyUI scales to x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps: the same x_t as the
+  DF_MODEL path for the same x0 and eps.
+- eps is drawn on the CPU from a generator seeded by `seed`, one draw for every image (an image's features do not
+  depend on its batch); `ensemble=N` averages over seeds seed .. seed+N-1.
+- One conditional forward with the positive conditioning only, through ComfyUI's own sampling path, so ControlNets
+  attached by Apply ControlNet and LoRAs of LoraLoader apply exactly as in sampling; it stops after the last tap
+  when no ControlNet is attached.
+- denoise_from: noise to that timestep instead and take `denoise_steps` deterministic DDIM steps down to t with the
+  prompt and its ControlNets, then capture at t (engine.extraction.extract_latents' recipe).
+- Images are resized as DFExtractFeatures resizes them (keep-aspect to the family's native area by default).
+
+The ComfyUI calls themselves live in `comfy_model`; this module is ComfyUI-free.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.ddim import descending_timesteps
+from ..engine.features_io import Features, is_map
+from ..engine.schedule import check_timestep
+from ..layer_catalog import get_family
+from . import comfy_model
+
+DEFAULT_NATIVE_SIZE = 1024  # a UNet we tap but have no family for (e.g. the SDXL refiner)
+
+
+def _check_positive(positive) -> None:
+    ok = isinstance(positive, (list, tuple)) and all(
+        isinstance(c, (list, tuple)) and len(c) == 2 and torch.is_tensor(c[0]) and isinstance(c[1], dict)
+        for c in positive)
+    if not ok or not positive:
+        raise ValueError("positive must be a ComfyUI CONDITIONING (from CLIP Text Encode, Apply ControlNet, ...)")
+    if len(positive) != 1:
+        raise ValueError(f"positive holds {len(positive)} conditionings (Conditioning Combine / area prompts?): "
+                         "DFExtractNative takes one, so each feature row has one prompt; extract them one by one")
+
+
+def _layers_of(model, layers):
+    if layers:
+        return layers
+    capture = comfy_model.capture_of(model)
+    if capture is None:
+        raise ValueError("no layers to extract: connect the MODEL through DFCaptureLayers, or fill in `layers` "
+                         "(ids, a preset or a JSON file)")
+    return capture.ids
+
+
+def _pool(features: dict, factor: int) -> dict:
+    if factor == 1:
+        return features
+    out = {}
+    for k, v in features.items():
+        if is_map(k) or v.ndim != 4:
+            out[k] = v
+        else:
+            h, w = v.shape[-2:]
+            out[k] = F.adaptive_avg_pool2d(v, (max(1, h // factor), max(1, w // factor)))
+    return out
+
+
+def schedule(t: int, denoise_from: int | None, denoise_steps: int) -> list[int]:
+    """The training timesteps of one extraction: [t], or denoise_from ... t for the guided denoising."""
+    t = check_timestep(t)
+    if denoise_from is None:
+        return [t]
+    check_timestep(denoise_from)
+    if denoise_from <= t:
+        raise ValueError(f"denoise_from ({denoise_from}) must be above t ({t}): it is the timestep the guided "
+                         "denoising starts from before capturing at t (0: off)")
+    return descending_timesteps(denoise_from, t, denoise_steps)
+
+
+@torch.no_grad()
+def extract_native_latents(model, positive, latents: torch.Tensor, layers, t: int = 50, seed: int = 0, *,
+                           ensemble: int = 1, feature_resize: int = 1, dtype: torch.dtype | None = None,
+                           offload: bool = False, denoise_from: int | None = None,
+                           denoise_steps: int = 1) -> dict[str, torch.Tensor]:
+    """Features of ComfyUI latents (B, C, h, w: a LATENT's samples, before the model's process_in) at t."""
+    _check_positive(positive)
+    if not isinstance(ensemble, int) or ensemble < 1:
+        raise ValueError(f"ensemble must be an integer >= 1 (noise draws to average), got {ensemble!r}")
+    if not isinstance(feature_resize, int) or feature_resize < 1:
+        raise ValueError(f"feature_resize must be an integer >= 1, got {feature_resize!r}")
+    sigmas = comfy_model.sigmas_at(model, schedule(t, denoise_from, denoise_steps))
+    model = comfy_model.without_capture(model)
+    early_exit = not comfy_model.conditioning_controls(positive)
+    latents = latents.float().cpu()
+    total: dict[str, torch.Tensor] = {}
+    for k in range(ensemble):
+        eps = torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed + k), dtype=torch.float32)
+        noise = eps.expand_as(latents).contiguous()
+        feats = comfy_model.run_at_sigmas(model, positive, latents, noise, sigmas, layers, seed=seed + k,
+                                          dtype=dtype if ensemble == 1 else torch.float32,
+                                          device="cpu" if offload else None, early_exit=early_exit)
+        feats = _pool(feats, feature_resize)
+        for name, value in feats.items():
+            total[name] = value if name not in total else total[name] + value
+    if ensemble > 1:
+        final = dtype or next(iter(total.values())).dtype
+        total = {k: (v / ensemble).to(final) for k, v in total.items()}
+    return total
+
+
+@torch.no_grad()
+def extract_native(model, vae, positive, images: torch.Tensor, layers=None, t: int = 50, seed: int = 0, *,
+                   resize: str = "keep-aspect", size=None, ensemble: int = 1, feature_resize: int = 1,
+                   dtype: torch.dtype | None = None, offload: bool = True, batch_size: int = 4,
+                   denoise_from: int | None = None, denoise_steps: int = 1, on_batch=None) -> Features:
+    """DF_FEATURES of a ComfyUI IMAGE [B, H, W, C] on a native MODEL + VAE + positive CONDITIONING.
+
+    layers: ids, a preset or a JSON file; None takes those of the DFCaptureLayers the MODEL came through.
+    on_batch(n) runs after each chunk of `batch_size` images (progress, interrupts)."""
+    from ..engine.extraction import _pixels
+
+    check_timestep(t)
+    schedule(t, denoise_from, denoise_steps)  # a bad denoise_from is refused before the VAE runs
+    _check_positive(positive)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    layers = _layers_of(model, layers)
+    family = comfy_model.native_family(model)
+    native_side = get_family(family).native_size if family else DEFAULT_NATIVE_SIZE
+    pixels, inputs = _pixels(images, native_side, resize, size)  # (B, 3, H, W) in [-1, 1], as DFExtractFeatures
+    height, width = pixels.shape[-2:]
+    comfy_pixels = ((pixels + 1.0) / 2.0).permute(0, 2, 3, 1).contiguous()  # ComfyUI IMAGE, 0..1
+    out: dict[str, torch.Tensor] = {}
+    n = comfy_pixels.shape[0]
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        latents = comfy_model.encode_pixels(vae, comfy_pixels[start:stop], seed)
+        part = extract_native_latents(model, positive, latents, layers, t, seed, ensemble=ensemble,
+                                      feature_resize=feature_resize, dtype=dtype, offload=offload,
+                                      denoise_from=denoise_from, denoise_steps=denoise_steps)
+        if not out:
+            out = {k: v.new_empty((n, *v.shape[1:])) for k, v in part.items()}
+        for k, v in part.items():
+            out[k][start:stop].copy_(v)
+        del part
+        if on_batch is not None:
+            on_batch(stop - start)
+    meta = {"family": family, "t": t, "seed": seed, "size": [height, width], "prompt": [],
+            "layers": list(out), "ensemble": ensemble, "input_size": [inputs[0].height, inputs[0].width],
+            "backend": "native"}
+    if denoise_from is not None:
+        meta.update(denoise_from=denoise_from, denoise_steps=denoise_steps)
+    controls = comfy_model.conditioning_controls(positive)
+    if controls:
+        meta["controlnets"] = [{"name": type(c).__name__, "strength": float(getattr(c, "strength", 1.0))}
+                               for c in controls]
+    return Features(out, meta)
+
+
+def collect(capture, latent: dict | None = None) -> Features:
+    """DF_FEATURES of a capture after its sampler ran: one row per captured step x branch x conditioning x image,
+    labelled in meta['rows'] (step, timestep, sigma, branch, image, cond_index), as DFGenerate's rows."""
+    labels, tensors = capture.stacked()
+    meta = {"family": capture.family, "layers": list(tensors), "rows": labels, "steps": capture.total_steps,
+            "branch": capture.branch, "backend": "native"}
+    samples = (latent or {}).get("samples") if isinstance(latent, dict) else None
+    if torch.is_tensor(samples) and samples.ndim == 4:
+        meta["size"] = [int(samples.shape[-2]) * 8, int(samples.shape[-1]) * 8]
+    return Features(tensors, meta)

@@ -1,0 +1,134 @@
+"""The native nodes: ComfyUI's own MODEL (Load Checkpoint, LoraLoader, Apply ControlNet ...) as a feature extractor.
+
+DFCaptureLayers + any core sampler + DFCollectFeatures capture during sampling; DFExtractNative extracts at a
+training timestep. Their DF_FEATURES are the DF_MODEL nodes' type: PCA, attention maps and saving take both.
+"""
+from __future__ import annotations
+
+from . import comfy_env
+from ..engine.images import RESIZE_MODES
+from ..layer_catalog import PRESET_NAMES
+from ..native import BRANCHES, capture_layers
+from ..native.extract import collect, extract_native
+from .node_hooks import parse_layer_text
+
+_LAYERS_TIP = ("Layer ids, one per line or comma separated (e.g. up-level1-repeat1-vit-block0-cross-q), or a JSON "
+               "file in the input folder. The layer picker fills this.")
+_PRESET_TIP = "Add a preset: practical (the paper's choice), legacy (block outputs), full (every id: large)."
+
+
+def _spec(layers: str, preset: str) -> list[str]:
+    spec = parse_layer_text(layers, preset)
+    return [str(comfy_env.layer_file(s)) if s.lower().endswith(".json") else s for s in spec]
+
+
+class DFCaptureLayers:
+    DESCRIPTION = ("Capture layers of ComfyUI's own MODEL during sampling. Connect the MODEL output to any sampler "
+                   "(KSampler, SamplerCustom, ...) and the capture to DFCollectFeatures. The input MODEL is not "
+                   "changed; hooks exist only while the sampler's model calls run.")
+    CATEGORY = "diffusion_feature/native"
+    RETURN_TYPES = ("MODEL", "DF_CAPTURE")
+    RETURN_NAMES = ("model", "capture")
+    FUNCTION = "capture"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to capture from (Load Checkpoint, LoraLoader, ...)."}),
+            "layers": ("STRING", {"multiline": True, "default": "", "tooltip": _LAYERS_TIP}),
+            "preset": (["none", *PRESET_NAMES], {"default": "practical", "tooltip": _PRESET_TIP}),
+            "capture_steps": ("STRING", {"default": "all",
+                                         "tooltip": "Sampler steps to capture: 'all', 'last', 'every 5', "
+                                                    "'every 5 from 2', '0, 10, 15-19' (0 is the first step, -1 "
+                                                    "the last)."}),
+            "branch": (list(BRANCHES), {"default": "cond",
+                                        "tooltip": "The guidance branch to capture: positive (cond), negative "
+                                                   "(uncond; needs cfg > 1) or both."}),
+        }}
+
+    def capture(self, model, layers, preset="none", capture_steps="all", branch="cond"):
+        spec = _spec(layers, preset)
+        if not spec:
+            raise ValueError("no layers chosen: type layer ids or pick a preset")
+        return capture_layers(model, spec, capture_steps, branch, device="cpu")
+
+
+class DFCollectFeatures:
+    DESCRIPTION = ("The features a DFCaptureLayers capture recorded while its sampler ran: one row per captured "
+                   "step, branch and image, labelled with step, timestep, sigma and branch. The LATENT input "
+                   "(the sampler's output) makes this node run after the sampler.")
+    CATEGORY = "diffusion_feature/native"
+    RETURN_TYPES = ("DF_FEATURES",)
+    RETURN_NAMES = ("features",)
+    FUNCTION = "collect"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "capture": ("DF_CAPTURE", {"tooltip": "From DFCaptureLayers."}),
+            "latent": ("LATENT", {"tooltip": "The sampler's output latent: it orders this node after the sampler."}),
+        }}
+
+    def collect(self, capture, latent):
+        return (collect(capture, latent),)
+
+
+class DFExtractNative:
+    DESCRIPTION = ("Extract layers of ComfyUI's own MODEL at training timestep t (0..999), as DFExtractFeatures: "
+                   "the image is VAE-encoded, noised to t with a seeded draw and passed once through the model with "
+                   "the positive conditioning, through ComfyUI's own model call, so ControlNets (Apply ControlNet) "
+                   "and LoRAs (LoraLoader) apply exactly as in sampling.")
+    CATEGORY = "diffusion_feature/native"
+    RETURN_TYPES = ("DF_FEATURES",)
+    RETURN_NAMES = ("features",)
+    FUNCTION = "extract"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model (through DFCaptureLayers, whose layers are then used, or "
+                                           "with `layers` filled in)."}),
+            "vae": ("VAE", {"tooltip": "The checkpoint's VAE."}),
+            "positive": ("CONDITIONING", {"tooltip": "The prompt describing the image (CLIP Text Encode), with any "
+                                                     "ControlNets applied."}),
+            "image": ("IMAGE", {"tooltip": "The image(s) to describe."}),
+            "t": ("INT", {"default": 50, "min": 0, "max": 999,
+                          "tooltip": "Training timestep: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                             "tooltip": "Seed of the noise: same seed, same features."}),
+        }, "optional": {
+            "layers": ("STRING", {"multiline": True, "default": "",
+                                  "tooltip": _LAYERS_TIP + " Empty: the layers of DFCaptureLayers."}),
+            "preset": (["none", *PRESET_NAMES], {"default": "none", "tooltip": _PRESET_TIP}),
+            "resize": (list(RESIZE_MODES), {"default": "keep-aspect",
+                                            "tooltip": "keep-aspect: the model's native area, sides multiples of "
+                                                       "64; stretch: the native square; center-crop: crop first."}),
+            "ensemble": ("INT", {"default": 1, "min": 1, "max": 64,
+                                 "tooltip": "Average over this many noise draws (seed, seed+1, ...)."}),
+            "feature_resize": ("INT", {"default": 1, "min": 1, "max": 16,
+                                       "tooltip": "Average-pool spatial features by this factor (maps never)."}),
+            "offload": ("BOOLEAN", {"default": True, "tooltip": "Move features to the CPU as they are captured."}),
+            "batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Images per forward."}),
+            "denoise_from": ("INT", {"default": 0, "min": 0, "max": 999,
+                                     "tooltip": "0: off. Above t: noise to this timestep instead and run guided "
+                                                "DDIM steps down to t before capturing (with a ControlNet applied: "
+                                                "the content-shift recipe, e.g. 60 -> 50)."}),
+            "denoise_steps": ("INT", {"default": 1, "min": 1, "max": 100,
+                                      "tooltip": "Denoising steps from denoise_from down to t."}),
+        }}
+
+    def extract(self, model, vae, positive, image, t, seed, layers="", preset="none", resize="keep-aspect",
+                ensemble=1, feature_resize=1, offload=True, batch_size=4, denoise_from=0, denoise_steps=1):
+        progress = comfy_env.Progress(int(image.shape[0]))
+
+        def step(n):
+            progress.update(n)
+            comfy_env.check_interrupt()
+
+        comfy_env.check_interrupt()
+        # no_grad, not inference_mode: LoRA patches ComfyUI puts on the shared weights must stay ordinary tensors
+        features = extract_native(model, vae, positive, image, _spec(layers, preset) or None, t, seed,
+                                  resize=resize, ensemble=ensemble, feature_resize=feature_resize, offload=offload,
+                                  batch_size=batch_size, denoise_from=denoise_from or None,
+                                  denoise_steps=denoise_steps, on_batch=step)
+        return (features,)
