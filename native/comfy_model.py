@@ -160,11 +160,15 @@ def sigmas_at(model, timesteps: list[int]) -> torch.Tensor:
 
 def encode_pixels(vae, pixels: torch.Tensor, seed: int) -> torch.Tensor:
     """ComfyUI VAE latents (LATENT space, before the model's latent_format.process_in) of an IMAGE [B, H, W, C].
-    Current ComfyUI's encode returns the posterior mean; the 2024-03 one samples with torch's global generator,
-    which is seeded here (and restored after) so the same inputs and seed give the same latents on both."""
+    Current ComfyUI's encode returns the posterior mean; the 2024-03 one samples with torch's global generator.
+    Each image is encoded on its own with that generator seeded by `seed` (and restored after), so on both an
+    image's latent depends only on the image and the seed, never on its batch."""
+    out = []
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return vae.encode(pixels[..., :3]).float().cpu()
+        for image in pixels[..., :3].split(1):
+            torch.manual_seed(seed)
+            out.append(vae.encode(image).float().cpu())
+    return torch.cat(out)
 
 
 def conditioning_controls(positive) -> list:

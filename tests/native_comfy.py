@@ -8,6 +8,7 @@ ComfyUI's native blocks hard-code 32 normalisation groups, so the tiny models ha
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -60,6 +61,31 @@ def release() -> None:
     _current.clear()
 
 
+@contextlib.contextmanager
+def _torchvision_stub():
+    """v0.3.64's model_base (and both versions' comfy.sd) import model files (Cosmos, Cascade) that import
+    torchvision at module level; the UNet and VAE code never uses it, and PyPI's torchvision does not load beside
+    the CI's torch build. A stand-in module serves those imports only and is removed again after them."""
+    stub = importlib.util.find_spec("torchvision") is None
+    if stub:
+        tv = types.ModuleType("torchvision")
+        tv.transforms = types.ModuleType("torchvision.transforms")
+        tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
+        sys.modules["torchvision"], sys.modules["torchvision.transforms"] = tv, tv.transforms
+    try:
+        yield
+    finally:
+        if stub:
+            sys.modules.pop("torchvision", None)
+            sys.modules.pop("torchvision.transforms", None)
+
+
+def comfy_module(name: str):
+    """Another module of the imported ComfyUI (e.g. comfy.sd, comfy.controlnet), imported under the stand-in."""
+    with _torchvision_stub():
+        return importlib.import_module(name)
+
+
 def use_comfy(version: str) -> types.SimpleNamespace:
     """Import ComfyUI `version`'s model modules (CPU mode); returns them as a namespace."""
     if _current.get("version") == version:
@@ -70,28 +96,15 @@ def use_comfy(version: str) -> types.SimpleNamespace:
     import transformers
     from transformers import CLIPTokenizer
 
-    stub = importlib.util.find_spec("torchvision") is None
-    if stub:
-        # v0.3.64's model_base imports model files (Cosmos, Cascade) that import torchvision at module level; the
-        # UNet code never uses it, and PyPI's torchvision does not load beside the CI's torch build. A stand-in
-        # module serves those imports only and is removed again after them.
-        tv = types.ModuleType("torchvision")
-        tv.transforms = types.ModuleType("torchvision.transforms")
-        tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
-        sys.modules["torchvision"], sys.modules["torchvision.transforms"] = tv, tv.transforms
-    try:
+    mods = {}
+    with _torchvision_stub():
         import comfy.cli_args
 
         comfy.cli_args.args.cpu = True
-        mods = {}
         for name in ("comfy.model_management", "comfy.utils", "comfy.model_base", "comfy.model_patcher",
                      "comfy.samplers", "comfy.sample", "comfy.supported_models", "comfy.ops",
                      "comfy.ldm.modules.diffusionmodules.openaimodel", "comfy.ldm.modules.attention"):
             mods[name.split(".")[-1]] = importlib.import_module(name)
-    finally:
-        if stub:
-            sys.modules.pop("torchvision", None)
-            sys.modules.pop("torchvision.transforms", None)
     ns = types.SimpleNamespace(version=version, **mods)
     _current.update(version=version, ns=ns, paths=[path])
     return ns

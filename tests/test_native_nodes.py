@@ -1,0 +1,321 @@
+"""The native nodes (DFCaptureLayers, DFCollectFeatures, DFExtractNative) and DFExtractNative's engine, in-process
+on both supported ComfyUI versions (tests/native_comfy.py), with tiny MODELs of ComfyUI's own model configs.
+
+Fidelity: DFExtractNative's engine on a native MODEL equals engine.extraction on the same weights as a diffusers
+UNet, for every id (maps included) within 1e-5 in float32, given the same x0, t, seed, text embedding and noise
+schedule (the MODEL's own); with denoise_from too. The node faces run end to end through ComfyUI's own sampling
+(comfy.sample.sample, what KSampler calls) and ComfyUI's VAE. No hook survives any run, failed ones included.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import native_comfy as nc
+from diffusion_feature.engine.conditioning import Conditioning, with_time_ids
+from diffusion_feature.engine.extraction import extract_latents
+from diffusion_feature.engine.features_io import load_features
+from diffusion_feature.layer_catalog import LayerIdError
+from diffusion_feature.native import NoCaptureError, UnsupportedModelError, capture_layers, hook_counts, native_ids
+from diffusion_feature.native.extract import extract_native_latents
+from diffusion_feature.nodes import NODE_CLASS_MAPPINGS
+from diffusion_feature.nodes.node_native import DFCaptureLayers, DFCollectFeatures, DFExtractNative
+from diffusion_feature.nodes.node_save import DFSaveFeatures
+from diffusion_feature.nodes.node_visualize import DFAttentionMap, DFFeaturePCA
+from test_native import LATENT, CallLog, _sample, _zero_hooks
+
+SCALE = 0.18215  # SD1.x latent_format.scale_factor (SDXL has its own: see _scale)
+
+
+@pytest.fixture(scope="module", params=nc.VERSIONS)
+def comfy(request):
+    yield nc.use_comfy(request.param)
+    nc.release()
+
+
+@pytest.fixture(scope="module")
+def twins():
+    return {kind: nc.diffusers_unet(kind, as_model=True) for kind in ("sd15", "sdxl")}
+
+
+@pytest.fixture(scope="module")
+def models(comfy, twins):
+    return {kind: nc.model_patcher(comfy, kind, nc.comfy_state_dict(comfy, kind, twins[kind].state_dict()))
+            for kind in ("sd15", "sdxl")}
+
+
+def _scale(model) -> float:
+    return float(model.model.latent_format.scale_factor)
+
+
+def _inputs(kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(2, 4, *LATENT, generator=g)  # as the denoiser sees it (after process_in)
+    ctx = torch.randn(1, 7, nc.CONFIGS[kind]["comfy"]["context_dim"], generator=g)
+    pooled = torch.randn(1, nc.POOLED, generator=g) if kind == "sdxl" else None
+    return x0, ctx, pooled
+
+
+def _both_conditionings(kind, ctx, pooled):
+    """The same prompt for both paths: ComfyUI's CONDITIONING (SDXL's size conditioning comes from the latent size)
+    and the DF path's Conditioning (time_ids from the same size)."""
+    if kind == "sd15":
+        return [[ctx, {}]], Conditioning(ctx)
+    h, w = LATENT[0] * 8, LATENT[1] * 8
+    return [[ctx, {"pooled_output": pooled}]], with_time_ids(Conditioning(ctx, {"text_embeds": pooled}), h, w)
+
+
+def _model_abar(model) -> torch.Tensor:
+    """abar_t of the MODEL's own schedule (sigma_t = sqrt((1 - abar_t) / abar_t)), for the diffusers reference."""
+    return 1.0 / (1.0 + model.model.model_sampling.sigmas.double() ** 2)
+
+
+def _assert_close(native: dict, ref: dict, ids: list[str]):
+    assert list(native) == ids == list(ref)
+    for i in ids:
+        a, b = native[i], ref[i]
+        assert a.shape == b.shape, (i, a.shape, b.shape)
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), (i, (a - b).abs().max().item())
+
+
+# ---- fidelity of DFExtractNative's engine ---------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_extract_native_equals_the_diffusers_path_for_every_id(comfy, twins, models, kind):
+    model = models[kind]
+    ids = native_ids(model.model.diffusion_model)
+    assert len(ids) > 150 and any(i.endswith("-map") for i in ids)
+    x0, ctx, pooled = _inputs(kind)
+    native_cond, df_cond = _both_conditionings(kind, ctx, pooled)
+    native = extract_native_latents(model, native_cond, x0 / _scale(model), ids, t=421, seed=3)
+    ref = extract_latents(twins[kind], x0, df_cond, ids, 421, 3, _model_abar(model), family=kind)
+    _assert_close(native, ref, ids)
+    _zero_hooks(model.model.diffusion_model)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_denoise_from_equals_the_diffusers_ddim_steps(comfy, twins, models, kind):
+    """denoise_from 60 -> t 50 in two steps: ComfyUI's calls with our Euler-in-sigma steps are DDIM's steps."""
+    model = models[kind]
+    ids = ["down-level1-repeat0-res-out", "up-level1-repeat0-vit-block0-cross-map", "unet-in", "unet-out"]
+    x0, ctx, pooled = _inputs(kind, seed=1)
+    native_cond, df_cond = _both_conditionings(kind, ctx, pooled)
+    native = extract_native_latents(model, native_cond, x0 / _scale(model), ids, t=50, seed=4, denoise_from=60,
+                                    denoise_steps=2)
+    ref = extract_latents(twins[kind], x0, df_cond, ids, 50, 4, _model_abar(model), family=kind, denoise_from=60,
+                          denoise_steps=2)
+    _assert_close(native, ref, ids)
+    plain = extract_native_latents(model, native_cond, x0 / _scale(model), ids, t=50, seed=4)
+    assert not torch.allclose(plain["unet-in"], native["unet-in"])  # the steps moved x_t
+    _zero_hooks(model.model.diffusion_model)
+
+
+def test_ensemble_feature_resize_dtype_and_offload(comfy, twins, models):
+    model = models["sd15"]
+    ids = ["up-level2-repeat1-res-out", "down-level0-repeat0-vit-block0-self-map"]
+    x0, ctx, _ = _inputs("sd15", seed=2)
+    native = extract_native_latents(model, [[ctx, {}]], x0 / SCALE, ids, t=200, seed=5, ensemble=2,
+                                    feature_resize=2)
+    ref = extract_latents(twins["sd15"], x0, Conditioning(ctx), ids, 200, 5, _model_abar(model), family="sd15",
+                          ensemble=2, feature_resize=2)
+    _assert_close(native, ref, ids)
+    half = extract_native_latents(model, [[ctx, {}]], x0 / SCALE, ids, t=200, seed=5, dtype=torch.float16,
+                                  offload=True)
+    assert native[ids[0]].shape[-2:] == tuple(s // 2 for s in half[ids[0]].shape[-2:])  # pooled; maps are not
+    assert native[ids[1]].shape == half[ids[1]].shape == (2, 8, LATENT[0] * LATENT[1], LATENT[0] * LATENT[1])
+    assert all(v.dtype == torch.float16 and v.device.type == "cpu" for v in half.values())
+    # an image's features do not depend on its batch: the same draw for every image
+    one = extract_native_latents(model, [[ctx, {}]], x0[1:] / SCALE, ids, t=200, seed=5)
+    two = extract_native_latents(model, [[ctx, {}]], x0 / SCALE, ids, t=200, seed=5)
+    assert torch.allclose(one[ids[0]][0], two[ids[0]][1], atol=1e-5)
+
+
+def test_early_exit_stops_the_forward_and_leaves_no_hook(comfy, models):
+    model = models["sd15"]
+    unet = model.model.diffusion_model
+    fired = []
+    probe = dict(unet.named_modules())["output_blocks.0.0"].register_forward_hook(lambda *a: fired.append(1))
+    x0, ctx, _ = _inputs("sd15")
+    try:
+        feats = extract_native_latents(model, [[ctx, {}]], x0, ["down-level1-repeat1-vit-block0-self-k"], t=10)
+    finally:
+        probe.remove()
+    assert not fired and list(feats) == ["down-level1-repeat1-vit-block0-self-k"]
+    _zero_hooks(unet)
+
+
+def test_failed_and_interrupted_extractions_leave_no_hooks(comfy, models):
+    model = models["sd15"]
+    unet = model.model.diffusion_model
+    x0, ctx, _ = _inputs("sd15")
+    seen = []
+
+    def boom(h, hsp, transformer_options):
+        seen.append(hook_counts(unet)["forward_hooks"])
+        raise errors.pop(0)
+
+    errors = [RuntimeError("boom inside the forward"), comfy.model_management.InterruptProcessingException()]
+    failing = model.clone()
+    failing.set_model_output_block_patch(boom)
+    for expected in (RuntimeError, comfy.model_management.InterruptProcessingException):
+        with pytest.raises(expected):
+            extract_native_latents(failing, [[ctx, {}]], x0, ["up-level3-repeat2-vit-out", "unet-out"], t=10)
+        _zero_hooks(unet)
+    assert seen and all(n > 0 for n in seen)  # the failures happened while our hooks were on
+    assert list(extract_native_latents(model, [[ctx, {}]], x0, ["unet-out"], t=10)) == ["unet-out"]
+    _zero_hooks(unet)
+
+
+def test_bad_inputs_say_what_would_be_valid(comfy, models):
+    model = models["sd15"]
+    x0, ctx, _ = _inputs("sd15")
+    with pytest.raises(LayerIdError, match="nearest"):
+        extract_native_latents(model, [[ctx, {}]], x0, ["up-level4-repeat0-res-out"], t=10)
+    with pytest.raises(ValueError, match="holds 2 conditionings"):
+        extract_native_latents(model, [[ctx, {}], [ctx, {}]], x0, ["unet-out"], t=10)
+    with pytest.raises(ValueError, match=r"denoise_from \(40\) must be above t \(50\)"):
+        extract_native_latents(model, [[ctx, {}]], x0, ["unet-out"], t=50, denoise_from=40)
+    with pytest.raises(ValueError, match="t must be an integer training timestep in 0..999"):
+        extract_native_latents(model, [[ctx, {}]], x0, ["unet-out"], t=1000)
+
+    class FluxLike(torch.nn.Module):
+        pass
+
+    base = torch.nn.Module()
+    base.diffusion_model = FluxLike()
+    fake = type("Patcher", (), {"model": base, "clone": lambda self: self})()
+    with pytest.raises(UnsupportedModelError, match="FluxLike.*sd15, sd21, sdxl and playground-v2"):
+        DFCaptureLayers().capture(fake, "unet-out", "none")
+    with pytest.raises(UnsupportedModelError, match="sd15, sd21, sdxl and playground-v2"):
+        DFExtractNative().extract(fake, None, [[ctx, {}]], torch.rand(1, 64, 64, 3), 50, 0, layers="unet-out")
+
+
+# ---- the node faces end to end -----------------------------------------------------------------------------------
+def test_nodes_are_registered_with_display_names():
+    from diffusion_feature.nodes import NODE_DISPLAY_NAME_MAPPINGS
+
+    for name in ("DFCaptureLayers", "DFCollectFeatures", "DFExtractNative"):
+        assert name in NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS[name]
+        spec = NODE_CLASS_MAPPINGS[name].INPUT_TYPES()
+        for group in spec.values():
+            assert all(opts[1].get("tooltip") for opts in group.values())
+    assert NODE_CLASS_MAPPINGS["DFCaptureLayers"].RETURN_TYPES == ("MODEL", "DF_CAPTURE")
+    assert NODE_CLASS_MAPPINGS["DFCollectFeatures"].RETURN_TYPES == ("DF_FEATURES",)
+
+
+@pytest.mark.parametrize("cfg", [2.0, 1.0])
+def test_capture_collect_pca_and_save_through_the_nodes(comfy, models, tmp_path, monkeypatch, cfg):
+    """DFCaptureLayers -> ComfyUI's sampler (comfy.sample.sample: what KSampler runs) -> DFCollectFeatures ->
+    DFFeaturePCA / DFAttentionMap / DFSaveFeatures: every row equals the test's own hook on its model call, labelled
+    with its step, sigma, timestep and branch; at cfg 1 there is no uncond call and no uncond row."""
+    monkeypatch.setenv("DF_OUTPUT_DIR", str(tmp_path))
+    model = models["sd15"]
+    unet = model.model.diffusion_model
+    spatial = "up-level2-repeat1-res-out"
+    tapped, capture = DFCaptureLayers().capture(model, f"{spatial}\nup-level1-repeat0-vit-block0-cross-map",
+                                                "none", "all", "both" if cfg > 1 else "cond")
+    from diffusion_feature.native import NativeLayout
+
+    log = CallLog(unet, {spatial: NativeLayout(unet).native_path("up_blocks.2.resnets.1")},
+                  NativeLayout(unet).native_path("up_blocks.1.attentions.0.transformer_blocks.0.attn2"))
+    try:
+        latent = _sample(comfy, tapped, "sd15", steps=3, cfg=cfg)
+    finally:
+        log.close()
+    _zero_hooks(unet)
+    (features,) = DFCollectFeatures().collect(capture, {"samples": latent})
+    rows = features.meta["rows"]
+    branches = ("cond", "uncond") if cfg > 1 else ("cond",)
+    assert [(r["step"], r["branch"], r["image"]) for r in rows] == \
+        [(s, b, i) for s in range(3) for b in branches for i in range(2)]
+    assert len(log.calls) == 3
+    ms = model.model.model_sampling
+    for n, r in enumerate(rows):
+        call = log.calls[r["step"]]
+        assert call["cond_or_uncond"] == ([1, 0] if cfg > 1 else [0]) or sorted(call["cond_or_uncond"]) == [0, 1]
+        row = call["cond_or_uncond"].index(0 if r["branch"] == "cond" else 1) * 2 + r["image"]
+        assert torch.equal(features.tensors[spatial][n], call[spatial][row])
+        assert torch.allclose(features.tensors["up-level1-repeat0-vit-block0-cross-map"][n],
+                              log.cross_map(call)[row], atol=1e-6)
+        assert r["timestep"] == pytest.approx(float(call["t"][row]))
+        assert r["timestep"] == pytest.approx(float(ms.timestep(torch.tensor([r["sigma"]]))[0]))
+    assert rows[0]["sigma"] > rows[-1]["sigma"] > 0
+    assert features.meta["size"] == [LATENT[0] * 8, LATENT[1] * 8]
+    (pca,) = DFFeaturePCA().pca(features, spatial, joint=True)
+    assert tuple(pca.shape) == (len(rows), LATENT[0] * 8, LATENT[1] * 8, 3)
+    heat, mask = DFAttentionMap().show(features, "up-level1-repeat0-vit-block0-cross-map", token_index=1)
+    assert heat.shape[0] == mask.shape[0] == len(rows)
+    saved = DFSaveFeatures().save(features, "native/timeline")["ui"]["features"]
+    assert len(saved) == len(rows)
+    loaded = [load_features(tmp_path / s["subfolder"] / s["filename"]) for s in saved]
+    for n, f in enumerate(loaded):
+        assert {k: f.meta[k] for k in ("step", "branch", "image", "cond_index")} == \
+            {k: rows[n][k] for k in ("step", "branch", "image", "cond_index")}
+        assert f.meta["sigma"] == pytest.approx(rows[n]["sigma"]) and f.meta["timestep"] == rows[n]["timestep"]
+        assert torch.equal(f.tensors[spatial][0], features.tensors[spatial][n])
+
+
+def test_collect_errors_name_the_fix(comfy, models):
+    model = models["sd15"]
+    _, idle = DFCaptureLayers().capture(model, "mid-vit-out", "none", "all", "cond")
+    with pytest.raises(NoCaptureError, match="connect the MODEL output of DFCaptureLayers to a sampler"):
+        DFCollectFeatures().collect(idle, {"samples": torch.zeros(1, 4, 8, 8)})
+    tapped, capture = DFCaptureLayers().capture(model, "mid-vit-out", "none", "0, 9", "cond")
+    latent = _sample(comfy, tapped, "sd15", steps=3)
+    with pytest.raises(ValueError, match="capture step 9 is outside 0..2 for a run of 3 steps"):
+        DFCollectFeatures().collect(capture, {"samples": latent})
+    with pytest.raises(LayerIdError, match="nearest"):
+        DFCaptureLayers().capture(model, "mid-vit-block3-out", "none", "all", "cond")
+    with pytest.raises(ValueError, match="no layers chosen"):
+        DFCaptureLayers().capture(model, "", "none", "all", "cond")
+
+
+def _comfy_vae(comfy):
+    """ComfyUI's own VAE (comfy.sd.VAE) with the weights of a small diffusers AutoencoderKL (widths 32: ComfyUI's
+    VAE blocks hard-code 32 normalisation groups)."""
+    from diffusers import AutoencoderKL
+
+    sd = nc.comfy_module("comfy.sd")
+    torch.manual_seed(0)
+    d = AutoencoderKL(block_out_channels=(32,) * 4, norm_num_groups=32, latent_channels=4, layers_per_block=1,
+                      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4).eval()
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    vae = sd.VAE(sd=d.state_dict(), config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
+    converted = nc.comfy_module("comfy.diffusers_convert").convert_vae_state_dict(d.state_dict())
+    vae.first_stage_model.load_state_dict(converted, strict=True)  # every weight placed (none left uninitialised)
+    return vae
+
+
+def test_extract_native_node_end_to_end(comfy, models):
+    """DFExtractNative = resize as DFExtractFeatures, ComfyUI's VAE encode (seeded), the engine at t; the layers
+    of a DFCaptureLayers MODEL are used, and its capture keeps its own rows."""
+    from diffusion_feature.engine.extraction import _pixels
+    from diffusion_feature.native import comfy_model
+
+    model, vae = models["sd15"], _comfy_vae(comfy)
+    ids = ["up-level2-repeat1-res-out", "up-level1-repeat0-vit-block0-cross-map"]
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 48, 80, 3, generator=g)  # keep-aspect at 512 native: 384x640 -> resized
+    ctx = torch.randn(1, 7, 32, generator=g)
+    tapped, capture = DFCaptureLayers().capture(model, "\n".join(ids), "none", "all", "cond")
+    _sample(comfy, tapped, "sd15", steps=2)
+    before = capture.labels()
+    (features,) = DFExtractNative().extract(tapped, vae, [[ctx, {}]], image, t=50, seed=7, resize="stretch",
+                                            batch_size=1)
+    assert capture.labels() == before  # the extraction did not record into the capture
+    assert list(features.tensors) == ids and features.batch == 2
+    assert features.meta["size"] == [512, 512] and features.meta["input_size"] == [48, 80]
+    assert features.meta["t"] == 50 and features.meta["seed"] == 7 and features.meta["family"] == "sd15"
+    pixels, _ = _pixels(image, 512, "stretch", None)
+    latents = comfy_model.encode_pixels(vae, ((pixels + 1) / 2).permute(0, 2, 3, 1).contiguous()[1:], 7)
+    ref = extract_native_latents(model, [[ctx, {}]], latents, ids, t=50, seed=7)
+    for i in ids:
+        assert torch.allclose(features.tensors[i][1:], ref[i], atol=1e-6), i
+    assert features.tensors[ids[0]].shape[1:] == (32, 32, 32)  # up-level2 of a 512x512 image: 1/16 of its side
+    (again,) = DFExtractNative().extract(model, vae, [[ctx, {}]], image, t=50, seed=7, layers=ids[0],
+                                         resize="stretch")
+    # same inputs and seed, same features, whatever the batch (batched kernels differ in the last bits only)
+    assert torch.allclose(again.tensors[ids[0]], features.tensors[ids[0]], atol=1e-5)
+    with pytest.raises(ValueError, match="connect the MODEL through DFCaptureLayers, or fill in `layers`"):
+        DFExtractNative().extract(model, vae, [[ctx, {}]], image, t=50, seed=7)
+    _zero_hooks(model.model.diffusion_model)
