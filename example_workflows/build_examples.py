@@ -209,6 +209,77 @@ def _inversion_timeline_graph() -> dict:
     return g
 
 
+# ---- the native path: ComfyUI's own Load Checkpoint, samplers, ControlNet and LoRA nodes + ours ----------------
+NATIVE_LAYERS = "up-level1-repeat1-res-out\nup-level2-repeat1-vit-block0-cross-q"
+
+
+def _checkpoint(name: str = SD15) -> dict:
+    return {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}}
+
+
+def _clip_text(clip: list, text: str) -> dict:
+    return {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": clip}}
+
+
+def _extract_native(model: list, vae: list, positive: list, image: list, layers: str = "", denoise_from: int = 0
+                    ) -> dict:
+    return {"class_type": "DFExtractNative", "inputs": {
+        "model": model, "vae": vae, "positive": positive, "image": image, "t": 50, "seed": 0, "layers": layers,
+        "preset": "none" if layers else "practical", "resize": "keep-aspect", "ensemble": 1, "feature_resize": 1,
+        "offload": True, "batch_size": 4, "denoise_from": denoise_from, "denoise_steps": 1}}
+
+
+def _native_timeline_graph() -> dict:
+    """Load Checkpoint -> DFCaptureLayers -> KSampler -> DFCollectFeatures -> one joint PCA over the timeline."""
+    g = {"1": _checkpoint(), "2": _clip_text(_link("1", 1), "a photo of a red house by a lake"),
+         "3": _clip_text(_link("1", 1), "blurry, low quality"),
+         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+         "5": {"class_type": "DFCaptureLayers", "inputs": {"model": _link("1"), "layers": TIMELINE_LAYER,
+                                                           "preset": "none", "capture_steps": "every 4",
+                                                           "branch": "cond"}}}
+    g["6"] = {"class_type": "KSampler", "inputs": {
+        "model": _link("5"), "seed": 0, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+        "positive": _link("2"), "negative": _link("3"), "latent_image": _link("4"), "denoise": 1.0}}
+    g["7"] = {"class_type": "DFCollectFeatures", "inputs": {"capture": _link("5", 1), "latent": _link("6")}}
+    g["8"] = _pca(_link("7"), TIMELINE_LAYER)
+    g["9"] = _preview(_link("8"))
+    g["10"] = _save(_link("7"), "diffusion_feature/native_timeline")
+    g["11"] = {"class_type": "VAEDecode", "inputs": {"samples": _link("6"), "vae": _link("1", 2)}}
+    g["12"] = _preview(_link("11"))
+    return g
+
+
+def _native_controlnet_graph() -> dict:
+    """The content-shift recipe natively: Canny -> Apply ControlNet (Advanced) -> DFExtractNative 60 -> 50."""
+    g = {"1": _checkpoint(), "2": _clip_text(_link("1", 1), "a photo"), "3": _clip_text(_link("1", 1), ""),
+         "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+         "11": {"class_type": "Canny", "inputs": {"image": _link("10"), "low_threshold": 0.4,
+                                                  "high_threshold": 0.8}},
+         "12": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CANNY_CONTROLNET}}}
+    g["13"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": _link("2"), "negative": _link("3"), "control_net": _link("12"), "image": _link("11"),
+        "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
+    g["4"] = _extract_native(_link("1"), _link("1", 2), _link("13"), _link("10"), NATIVE_LAYERS, denoise_from=60)
+    g["5"] = _pca(_link("4"), "up-level1-repeat1-res-out")
+    g["6"] = _preview(_link("5"))
+    g["7"] = _save(_link("4"), "diffusion_feature/native_controlnet")
+    g["14"] = _preview(_link("11"))
+    return g
+
+
+def _native_lora_graph() -> dict:
+    """LoraLoader on ComfyUI's own MODEL and CLIP -> DFExtractNative."""
+    g = {"1": _checkpoint(), "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+         "15": {"class_type": "LoraLoader", "inputs": {"model": _link("1"), "clip": _link("1", 1), "lora_name": LORA,
+                                                       "strength_model": 1.0, "strength_clip": 1.0}}}
+    g["2"] = _clip_text(_link("15", 1), "a photo")
+    g["4"] = _extract_native(_link("15"), _link("1", 2), _link("2"), _link("10"), NATIVE_LAYERS)
+    g["5"] = _pca(_link("4"), "up-level1-repeat1-res-out")
+    g["6"] = _preview(_link("5"))
+    g["7"] = _save(_link("4"), "diffusion_feature/native_lora")
+    return g
+
+
 EXAMPLES = {
     "sd15_extract_pca_save": ("SD1.5: practical preset -> PCA -> save",
                               _extract_graph(_loader_ckpt(SD15), "up-level1-repeat2-res-out",
@@ -229,14 +300,33 @@ EXAMPLES = {
     "pnp_translate": ("Plug-and-Play: real image -> DDIM inversion -> two target prompts", _pnp_graph()),
     "inversion_timeline_pca": ("An inversion's timeline: residual-feature PCA and self-attention PCA per step",
                                _inversion_timeline_graph()),
+    "native_ksampler_capture_timeline": ("Native: Load Checkpoint -> capture during KSampler -> timeline PCA + save",
+                                         _native_timeline_graph()),
+    "native_content_shift_controlnet": ("Native: Canny + Apply ControlNet -> extract, denoise from t=60 to 50",
+                                        _native_controlnet_graph()),
+    "native_lora_extract": ("Native: LoraLoader -> extract", _native_lora_graph()),
 }
 
 # ---- UI format ------------------------------------------------------------------------------------------------
-CORE = {  # ComfyUI core nodes used here: (widget inputs in order, outputs)
-    "LoadImage": (["image", "upload"], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
-    "ImageBatch": ([], [("IMAGE", "IMAGE")]),
-    "Canny": (["low_threshold", "high_threshold"], [("IMAGE", "IMAGE")]),
-    "PreviewImage": ([], []),
+CORE = {  # ComfyUI core nodes used here: (widget inputs in order, outputs, linked inputs in order with types)
+    "LoadImage": (["image", "upload"], [("IMAGE", "IMAGE"), ("MASK", "MASK")], []),
+    "ImageBatch": ([], [("IMAGE", "IMAGE")], [("image1", "IMAGE"), ("image2", "IMAGE")]),
+    "Canny": (["low_threshold", "high_threshold"], [("IMAGE", "IMAGE")], [("image", "IMAGE")]),
+    "PreviewImage": ([], [], [("images", "IMAGE")]),
+    "CheckpointLoaderSimple": (["ckpt_name"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], []),
+    "CLIPTextEncode": (["text"], [("CONDITIONING", "CONDITIONING")], [("clip", "CLIP")]),
+    "EmptyLatentImage": (["width", "height", "batch_size"], [("LATENT", "LATENT")], []),
+    "KSampler": (["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"], [("LATENT", "LATENT")],
+                 [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT")]),
+    "VAEDecode": ([], [("IMAGE", "IMAGE")], [("samples", "LATENT"), ("vae", "VAE")]),
+    "ControlNetLoader": (["control_net_name"], [("CONTROL_NET", "CONTROL_NET")], []),
+    "ControlNetApplyAdvanced": (["strength", "start_percent", "end_percent"],
+                                [("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+                                [("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                 ("control_net", "CONTROL_NET"), ("image", "IMAGE")]),
+    "LoraLoader": (["lora_name", "strength_model", "strength_clip"], [("MODEL", "MODEL"), ("CLIP", "CLIP")],
+                   [("model", "MODEL"), ("clip", "CLIP")]),
 }
 
 
@@ -290,9 +380,11 @@ def to_ui(graph: dict) -> dict:
         ordered, outputs = _node_spec(node["class_type"])
         inputs, widgets = [], []
         if ordered is None:  # a core node
-            widget_names = CORE[node["class_type"]][0]
-            widgets = [node["inputs"].get(n, "image") for n in widget_names]
-            ordered = [(n, "IMAGE") for n, v in node["inputs"].items() if isinstance(v, list)]
+            widget_names, _, ordered = CORE[node["class_type"]]
+            for n in widget_names:
+                widgets.append(node["inputs"].get(n, "image"))
+                if n == "seed":
+                    widgets.append("fixed")  # the frontend's control_after_generate widget
         for name, typ in ordered:
             value = node["inputs"].get(name)
             if isinstance(value, list):

@@ -7,6 +7,8 @@ single `model_function_wrapper` slot of the 2024-03 one, which we chain rather t
 from __future__ import annotations
 
 import contextlib
+import weakref
+
 import torch
 
 from .capture import WRAPPER_KEY, ApplyModelWrapper, NativeCapture, UnetFunctionWrapper
@@ -22,6 +24,11 @@ _FAMILY_OF_CONFIG = {
     "SDXL": "sdxl", "SDXL_instructpix2pix": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl", "KOALA_700M": "sdxl",
     "KOALA_1B": "sdxl", "SDXLRefiner": None, "PixArtSigma": "pixart-sigma", "PixArtAlpha": None,
 }
+
+
+# The native networks this process has tapped (weakly: ComfyUI decides their lifetime), for the status route's
+# hook count: between runs every one of them carries no hook of ours.
+LIVE_NETWORKS: weakref.WeakSet = weakref.WeakSet()
 
 
 def _base_model(model):
@@ -40,6 +47,7 @@ def diffusion_model(model) -> torch.nn.Module:
     config = getattr(base, "model_config", None)
     owner = f"ComfyUI's {type(base).__name__} model" + (f" ({type(config).__name__})" if config is not None else "")
     if type(unet).__name__ == "PixArtMS" and is_native_pixart(unet):
+        LIVE_NETWORKS.add(unet)
         return unet
     if type(unet).__name__ != "UNetModel" or getattr(unet, "num_classes", None) not in (None, "sequential"):
         raise UnsupportedModelError(unsupported_message(f"{owner} with network {type(unet).__name__}"))
@@ -47,6 +55,7 @@ def diffusion_model(model) -> torch.nn.Module:
         NativeLayout(unet)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{owner}: {e}") from None
+    LIVE_NETWORKS.add(unet)
     return unet
 
 

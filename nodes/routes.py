@@ -2,7 +2,8 @@
 
     GET /diffusion_feature/layers?family=sdxl         -> {"family", "size", "layers": [{"id", "shape", "group"}]}
     GET /diffusion_feature/family?kind=checkpoints&name=x.safetensors   -> {"family": "sd15"}
-    GET /diffusion_feature/status                     -> loaded models and the hooks they carry (all 0 between runs)
+    GET /diffusion_feature/status                     -> loaded models and the hooks they carry (all 0 between runs):
+                                                         DF_MODELs and the native MODELs our nodes tapped
 """
 from __future__ import annotations
 
@@ -45,12 +46,19 @@ def status_payload() -> dict:
     from ..layer_catalog import residue
     from ..engine.loading import LIVE_DENOISERS
 
+    from ..native import hook_counts
+    from ..native.comfy_model import LIVE_NETWORKS
+
     models = list(LIVE_DENOISERS)
     totals = {"forward_hooks": 0, "forward_pre_hooks": 0, "map_processors": 0}
     for denoiser in models:
         for k, v in residue(denoiser).items():
             totals[k] += v
-    return {"models": len(models), **totals}
+    networks = list(LIVE_NETWORKS)
+    for net in networks:  # every forward hook on a native network counts, ours or not: between runs, none is ours
+        for k, v in hook_counts(net).items():
+            totals[k] += v
+    return {"models": len(models), "native_models": len(networks), **totals}
 
 
 def register() -> bool:

@@ -1,18 +1,24 @@
-// Diffusion Feature: a layer picker on DFAttachHooks, and the layer list shown on DFShowLayers.
+// Diffusion Feature: a layer picker on DFAttachHooks, DFCaptureLayers and DFExtractNative, and the layer list shown
+// on DFShowLayers.
 // The picker lists every valid id of the connected model's family (GET /diffusion_feature/layers), grouped by stage
 // and level, with shapes, searchable; "Apply" writes the chosen ids into the node's `layers` text widget. The text
 // widget stays the source of truth, so headless (API) workflows never need this file.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const LOADERS = { DFLoadCheckpoint: ["checkpoints", "ckpt_name"], DFLoadDiffusers: ["diffusers", "model_path"] };
+// Loaders whose file tells the family: ours (DF_MODEL) and ComfyUI's own Load Checkpoint (MODEL).
+const LOADERS = { DFLoadCheckpoint: ["checkpoints", "ckpt_name"], DFLoadDiffusers: ["diffusers", "model_path"],
+                  CheckpointLoaderSimple: ["checkpoints", "ckpt_name"] };
+const MODEL_TYPES = ["DF_MODEL", "MODEL"];
+const PICKER_NODES = ["DFAttachHooks", "DFCaptureLayers", "DFExtractNative"];
 const FAMILIES = ["sd15", "sd21", "sdxl", "playground-v2", "pixart-sigma"];
 
 function widget(node, name) {
     return (node.widgets || []).find((w) => w.name === name);
 }
 
-// Walk up DF_MODEL links to the loader node and ask it (or the server) for the family.
+// Walk up DF_MODEL / MODEL links (through LoraLoader, DFCaptureLayers, ...) to the loader node and ask it (or the
+// server) for the family.
 async function familyOf(node) {
     let current = node;
     for (let hops = 0; current && hops < 32; hops++) {
@@ -26,7 +32,7 @@ async function familyOf(node) {
             const body = await res.json();
             return res.ok ? body.family : null;
         }
-        const slot = (current.inputs || []).findIndex((i) => i.type === "DF_MODEL");
+        const slot = (current.inputs || []).findIndex((i) => MODEL_TYPES.includes(i.type));
         current = slot >= 0 ? current.getInputNode(slot) : null;
     }
     return null;
@@ -106,7 +112,7 @@ async function openPicker(node, family) {
 app.registerExtension({
     name: "diffusion_feature.layer_picker",
     async beforeRegisterNodeDef(nodeType, nodeData) {
-        if (nodeData.name === "DFAttachHooks") {
+        if (PICKER_NODES.includes(nodeData.name)) {
             const created = nodeType.prototype.onNodeCreated;
             nodeType.prototype.onNodeCreated = function () {
                 const result = created?.apply(this, arguments);
