@@ -1,0 +1,98 @@
+"""Test helper: a checkpoint that ComfyUI's own CheckpointLoaderSimple detects as SD1.5, plus a ControlNet and a
+LoRA for it, written from seeded random weights into a ComfyUI's model folders (cached there: ~460 MB, never
+committed).
+
+ComfyUI recognises SD1.5 by the UNet's model_channels 320 and context_dim 768, and then builds the text encoder
+(CLIP-L) and the VAE at full size from its own configs, so those two are full size here; the UNet may be smaller,
+and has two levels (320 with attention, 640 without), one resnet per down level. Weights are written in the
+original single-file layout (tests/ldm_export.py) and in float16.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+NATIVE_CKPT = "df-native-sd15-2level.safetensors"
+NATIVE_CN = "df-native-sd15-canny.safetensors"
+NATIVE_LORA = "df-native-sd15-lora.safetensors"
+
+
+def native_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(320, 640), layers_per_block=1, cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=8).eval()
+
+
+def _clip_l(seed: int = 1):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        hidden_act="quick_gelu", projection_dim=768)).eval()
+
+
+def _vae(seed: int = 2):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         sample_size=512).eval()
+
+
+def _half(state: dict) -> dict:
+    return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+
+
+def _lora(unet, seed: int = 3) -> dict:
+    """A rank-4 kohya LoRA on every attention q/v projection of the UNet (diffusers module names, as ComfyUI's
+    LoraLoader maps them)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, sub in unet.named_modules():
+        if isinstance(sub, torch.nn.Linear) and name.endswith(("to_q", "to_v")):
+            key = "lora_unet_" + name.replace(".", "_")
+            state[key + ".lora_down.weight"] = torch.randn(4, sub.in_features, generator=g) * 0.2
+            state[key + ".lora_up.weight"] = torch.randn(sub.out_features, 4, generator=g) * 0.2
+            state[key + ".alpha"] = torch.tensor(4.0)
+    return state
+
+
+def _controlnet(unet, seed: int = 4):
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet).eval()
+    with torch.no_grad():  # a fresh ControlNet adds exact zeros, which would prove nothing
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+            conv.weight.normal_(0, 0.05)
+            conv.bias.normal_(0, 0.05)
+    return net
+
+
+def write_native_models(comfy_dir: Path) -> dict[str, Path]:
+    """The three files in `comfy_dir`/models/{checkpoints,controlnet,loras}; built only when one is missing."""
+    from ldm_export import controlnet_to_ldm, sd15_single_file_state
+
+    paths = {"checkpoint": comfy_dir / "models" / "checkpoints" / NATIVE_CKPT,
+             "controlnet": comfy_dir / "models" / "controlnet" / NATIVE_CN,
+             "lora": comfy_dir / "models" / "loras" / NATIVE_LORA}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    for p in paths.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    unet = native_unet()
+    with torch.no_grad():
+        tmp = paths["checkpoint"].with_suffix(".tmp")
+        save_file(_half(sd15_single_file_state(unet, _vae(), _clip_l())), str(tmp))
+        tmp.replace(paths["checkpoint"])
+        save_file(_half(controlnet_to_ldm(_controlnet(unet))), str(paths["controlnet"]))
+        save_file(_lora(unet), str(paths["lora"]))
+    return paths

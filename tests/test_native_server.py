@@ -1,0 +1,241 @@
+"""Integration: the native nodes inside a real ComfyUI server with ComfyUI's own loaders, samplers, ControlNet and
+LoRA nodes, driven over HTTP. The checkpoint is one CheckpointLoaderSimple detects as SD1.5 (tests/native_checkpoint.py:
+full-size CLIP-L and VAE, a two-level UNet), cached in the ComfyUI home's model folders."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfyui_harness import ComfyServer, execution_error, prepare
+from diffusion_feature.nodes.features_io import load_features
+from native_checkpoint import NATIVE_CKPT, NATIVE_CN, NATIVE_LORA, write_native_models
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
+NATIVE_EXAMPLES = ("native_ksampler_capture_timeline", "native_content_shift_controlnet", "native_lora_extract")
+LAYER = "up-level1-repeat1-res-out"  # the examples' PCA layer; the two-level UNet has it (320 channels, full grid)
+LAYERS = f"{LAYER}\nup-level1-repeat1-vit-block0-cross-q\nup-level1-repeat0-vit-block0-cross-map"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = prepare()
+    write_native_models(home / "ComfyUI")
+    tmp = tmp_path_factory.mktemp("comfy-native")
+    inputs, outputs = tmp / "input", tmp / "output"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(inputs / "example.png")
+    srv = ComfyServer(home, inputs, outputs, tmp / "server.log")
+    yield srv
+    srv.stop()
+
+
+def native(name: str) -> dict:
+    """A native example workflow with the test's models, small latents and few steps substituted."""
+    graph = json.loads((EXAMPLES / f"{name}.api.json").read_text())
+    for node in graph.values():
+        inputs = node["inputs"]
+        kind = node["class_type"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = NATIVE_CKPT
+        elif kind == "ControlNetLoader":
+            inputs["control_net_name"] = NATIVE_CN
+        elif kind == "LoraLoader":
+            inputs["lora_name"] = NATIVE_LORA
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=64, height=64)
+        elif kind == "KSampler":
+            inputs["steps"] = 8
+        elif kind == "DFExtractNative":
+            inputs.update(layers=LAYERS, preset="none", resize="stretch")
+    return graph
+
+
+def run_ok(server, graph: dict) -> dict:
+    entry = server.run(graph)
+    assert "rejected" not in entry, entry
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    return entry
+
+
+def saved(server, entry: dict) -> list[Path]:
+    return [server.output_dir / item["subfolder"] / item["filename"]
+            for out in entry["outputs"].values() for item in out.get("features", [])]
+
+
+def images_of(entry: dict) -> dict:
+    return {nid: out["images"] for nid, out in entry["outputs"].items() if "images" in out}
+
+
+def no_hooks(server) -> dict:
+    status = server.get("/diffusion_feature/status")
+    assert status["forward_hooks"] == 0 and status["forward_pre_hooks"] == 0 and status["map_processors"] == 0
+    return status
+
+
+def test_every_native_example_is_here():
+    assert {p.name[:-len(".api.json")] for p in EXAMPLES.glob("native_*.api.json")} == set(NATIVE_EXAMPLES)
+    for name in NATIVE_EXAMPLES:
+        ui = json.loads((EXAMPLES / f"{name}.json").read_text())
+        api = json.loads((EXAMPLES / f"{name}.api.json").read_text())
+        assert sorted(n["type"] for n in ui["nodes"]) == sorted(n["class_type"] for n in api.values())
+        assert (EXAMPLES / f"{name}.jpg").is_file()
+
+
+def test_native_nodes_are_served(server):
+    info = server.get("/object_info")
+    for name in ("DFCaptureLayers", "DFCollectFeatures", "DFExtractNative"):
+        assert info[name]["category"] == "diffusion_feature/native"
+    assert info["DFCaptureLayers"]["output"] == ["MODEL", "DF_CAPTURE"]
+    assert NATIVE_CKPT in info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert server.get(f"/diffusion_feature/family?kind=checkpoints&name={NATIVE_CKPT}") == {"family": "sd15"}
+
+
+def test_ksampler_capture_timeline_example(server):
+    """Load Checkpoint -> DFCaptureLayers -> KSampler -> DFCollectFeatures -> PCA + save: one labelled row per
+    captured step, their noise level falling; with branch both and cfg > 1, two rows per step; at cfg 1, cond only."""
+    graph = native("native_ksampler_capture_timeline")
+    entry = run_ok(server, graph)
+    files = saved(server, entry)
+    assert len(files) == 2 and all(f.name.endswith(f"step{s:03d}_cond.safetensors") for f, s in zip(files, (0, 4)))
+    metas = [load_features(f) for f in files]
+    for feats in metas:
+        assert list(feats.tensors) == [LAYER] and tuple(feats.tensors[LAYER].shape) == (1, 320, 8, 8)
+        assert feats.meta["branch"] == "cond" and feats.meta["family"] == "sd15"
+    assert [f.meta["step"] for f in metas] == [0, 4]
+    assert metas[0].meta["sigma"] > metas[1].meta["sigma"] > 0 and metas[0].meta["timestep"] > metas[1].meta["timestep"]
+    shown = images_of(entry)
+    assert len(shown["9"]) == 2 and len(shown["12"]) == 1  # a PCA image per captured step; the generated image
+    both = copy.deepcopy(graph)
+    both["5"]["inputs"].update(branch="both", capture_steps="all")
+    both["10"]["inputs"]["filename_prefix"] = "diffusion_feature/native_both"
+    rows = [load_features(f).meta for f in saved(server, run_ok(server, both))]
+    assert [(r["step"], r["branch"]) for r in rows] == [(s, b) for s in range(8) for b in ("cond", "uncond")]
+    cfg1 = copy.deepcopy(both)
+    cfg1["6"]["inputs"]["cfg"] = 1.0
+    cfg1["10"]["inputs"]["filename_prefix"] = "diffusion_feature/native_cfg1"
+    rows = [load_features(f).meta for f in saved(server, run_ok(server, cfg1))]
+    assert [(r["step"], r["branch"]) for r in rows] == [(s, "cond") for s in range(8)]
+    no_hooks(server)
+
+
+def test_controlnet_example_extracts_with_canny_and_denoise_from(server):
+    graph = native("native_content_shift_controlnet")
+    entry = run_ok(server, graph)
+    (path,) = saved(server, entry)
+    feats = load_features(path)
+    assert feats.meta["t"] == 50 and feats.meta["denoise_from"] == 60 and feats.meta["denoise_steps"] == 1
+    assert [c["strength"] for c in feats.meta["controlnets"]] == [1.0]
+    assert list(feats.tensors) == LAYERS.split("\n")
+    assert tuple(feats.tensors[LAYER].shape) == (1, 320, 64, 64)  # 512x512 (stretch): the full latent grid
+    assert len(images_of(entry)["6"]) == 1 and len(images_of(entry)["14"]) == 1  # the PCA; the canny edges
+    # without the ControlNet and from t itself, the features differ
+    plain = copy.deepcopy(graph)
+    plain["4"]["inputs"].update(positive=["2", 0], denoise_from=0)
+    plain["7"]["inputs"]["filename_prefix"] = "diffusion_feature/native_plain"
+    other = load_features(saved(server, run_ok(server, plain))[0])
+    assert "controlnets" not in other.meta and "denoise_from" not in other.meta
+    assert not torch.allclose(feats.tensors[LAYER], other.tensors[LAYER])
+    # the ControlNet alone (no denoising steps) changes them too: it acts inside the model call
+    control_only = copy.deepcopy(graph)
+    control_only["4"]["inputs"]["denoise_from"] = 0
+    control_only["7"]["inputs"]["filename_prefix"] = "diffusion_feature/native_control_only"
+    controlled = load_features(saved(server, run_ok(server, control_only))[0])
+    assert not torch.allclose(controlled.tensors[LAYER], other.tensors[LAYER])
+    no_hooks(server)
+
+
+def test_lora_example_changes_features_and_never_leaks_into_the_plain_model(server):
+    lora_graph = native("native_lora_extract")
+    plain = copy.deepcopy(lora_graph)
+    del plain["15"]
+    plain["2"]["inputs"]["clip"] = ["1", 1]
+    plain["4"]["inputs"]["model"] = ["1", 0]
+    plain["7"]["inputs"]["filename_prefix"] = "diffusion_feature/native_plain_before"
+    before = load_features(saved(server, run_ok(server, plain))[0]).tensors
+    with_lora = load_features(saved(server, run_ok(server, lora_graph))[0]).tensors
+    after_graph = copy.deepcopy(plain)
+    after_graph["4"]["inputs"]["batch_size"] = 2  # a changed input: ComfyUI runs the node again (one image: same)
+    after_graph["7"]["inputs"]["filename_prefix"] = "diffusion_feature/native_plain_after"
+    after = load_features(saved(server, run_ok(server, after_graph))[0]).tensors
+    assert not torch.allclose(with_lora[LAYER], before[LAYER])
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    no_hooks(server)
+
+
+def test_bad_native_inputs_fail_in_one_sentence(server):
+    graph = native("native_ksampler_capture_timeline")
+    unsampled = copy.deepcopy(graph)
+    unsampled["7"]["inputs"]["latent"] = ["4", 0]  # the empty latent, not the sampler's output
+    for nid in ("6", "11", "12"):
+        del unsampled[nid]
+    err = execution_error(server.run(unsampled))
+    assert err and err["node_type"] == "DFCollectFeatures"
+    assert "connect the MODEL output of DFCaptureLayers to a sampler" in err["exception_message"]
+    bad_id = copy.deepcopy(graph)
+    bad_id["5"]["inputs"]["layers"] = "up-level2-repeat0-res-out"
+    err = execution_error(server.run(bad_id))
+    assert err and err["node_type"] == "DFCaptureLayers" and "up-level1-repeat0-res-out" in err["exception_message"]
+    bad_steps = copy.deepcopy(graph)
+    bad_steps["5"]["inputs"]["capture_steps"] = "0, 30"
+    err = execution_error(server.run(bad_steps))
+    assert err and err["node_type"] == "DFCollectFeatures" and "outside 0..7" in err["exception_message"]
+    run_ok(server, graph)  # the server keeps serving
+    no_hooks(server)
+
+
+def test_repeated_native_prompts_leave_memory_flat_and_no_hooks(server):
+    graph = native("native_ksampler_capture_timeline")
+    graph["5"]["inputs"].update(layers=LAYERS, branch="both")
+    for seed in range(3):  # warm up: models loaded, caches filled
+        graph["6"]["inputs"]["seed"] = seed
+        run_ok(server, graph)
+    before = server.rss_bytes()
+    for seed in range(3, 23):
+        graph["6"]["inputs"]["seed"] = seed
+        run_ok(server, graph)
+    growth = server.rss_bytes() - before
+    assert growth < 64 * 2**20, f"server memory grew by {growth / 2**20:.0f} MiB over 20 prompts"
+    extract = native("native_lora_extract")
+    for seed in range(3):
+        extract["4"]["inputs"]["seed"] = seed
+        run_ok(server, extract)
+    status = no_hooks(server)
+    assert status["native_models"] >= 1
+
+
+def test_layer_picker_on_capture_layers_in_a_real_browser(server):
+    """DFCaptureLayers gets the picker button; the family comes from the Load Checkpoint upstream of its MODEL."""
+    from test_comfyui_server import _browser, _wait
+
+    workflow = json.loads((EXAMPLES / "native_ksampler_capture_timeline.json").read_text())
+    for node in workflow["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple":
+            node["widgets_values"][0] = NATIVE_CKPT
+    driver = _browser()
+    try:
+        driver.get(server.url)
+        _wait(driver, "return window.app && app.extensions && "
+                      "app.extensions.some(e => e.name === 'diffusion_feature.layer_picker')")
+        driver.execute_script("return app.loadGraphData(arguments[0])", workflow)
+        node_id = _wait(driver, "const n = app.graph._nodes.find(n => n.type === 'DFCaptureLayers'); "
+                                "return n && n.widgets.some(w => w.name === 'pick layers…') && n.id")
+        driver.execute_script("diffusionFeaturePicker.open(app.graph.getNodeById(arguments[0]))", node_id)
+        assert _wait(driver, "return document.querySelectorAll('.df-picker-item').length") == 197
+        assert driver.execute_script("return document.querySelector('.df-picker-family').value") == "sd15"
+        driver.find_element("css selector", ".df-picker-search").send_keys("up-level1-repeat1 cross-q")
+        _wait(driver, "return document.querySelectorAll('.df-picker-item').length === 1")
+        driver.find_element("css selector", ".df-picker-item input").click()
+        driver.find_element("css selector", ".df-picker-apply").click()
+        prompt = driver.execute_script("return app.graphToPrompt().then(p => p.output)")
+        capture = next(n for n in prompt.values() if n["class_type"] == "DFCaptureLayers")
+        assert capture["inputs"]["layers"].split() == [LAYER, "up-level1-repeat1-vit-block0-cross-q"]
+    finally:
+        driver.quit()
