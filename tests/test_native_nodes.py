@@ -21,7 +21,7 @@ from diffusion_feature.native.extract import extract_native_latents
 from diffusion_feature.nodes import NODE_CLASS_MAPPINGS
 from diffusion_feature.nodes.node_native import DFCaptureLayers, DFCollectFeatures, DFExtractNative
 from diffusion_feature.nodes.node_save import DFSaveFeatures
-from diffusion_feature.nodes.node_visualize import DFAttentionMap, DFFeaturePCA
+from diffusion_feature.nodes.node_visualize import DFAttentionMap, DFFeaturePCA, DFSelfAttentionPCA
 from test_native import LATENT, CallLog, _sample, _zero_hooks
 
 SCALE = 0.18215  # SD1.x latent_format.scale_factor (SDXL has its own: see _scale)
@@ -318,4 +318,28 @@ def test_extract_native_node_end_to_end(comfy, models):
     assert torch.allclose(again.tensors[ids[0]], features.tensors[ids[0]], atol=1e-5)
     with pytest.raises(ValueError, match="connect the MODEL through DFCaptureLayers, or fill in `layers`"):
         DFExtractNative().extract(model, vae, [[ctx, {}]], image, t=50, seed=7)
+    _zero_hooks(model.model.diffusion_model)
+
+
+def test_extract_native_loads_the_model_through_comfyuis_memory_manager(comfy, models, monkeypatch):
+    """The MODEL (with its patches) is loaded by comfy.model_management.load_models_gpu, as every core sampler
+    loads it, and its native features go to the DF_FEATURES nodes like DFExtractFeatures' (self-attention PCA)."""
+    mm = comfy.model_management
+    loaded = []
+    original = mm.load_models_gpu
+
+    def record(models_, *args, **kwargs):
+        loaded.append(list(models_))
+        return original(models_, *args, **kwargs)
+
+    monkeypatch.setattr(mm, "load_models_gpu", record)
+    model = models["sd15"]
+    vae = _comfy_vae(comfy)
+    ctx = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1))
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2))
+    self_map = "up-level2-repeat1-vit-block0-self-map"
+    (features,) = DFExtractNative().extract(model, vae, [[ctx, {}]], image, t=100, seed=0, layers=self_map)
+    assert any(getattr(m, "model", None) is model.model for call in loaded for m in call)
+    (rgb,) = DFSelfAttentionPCA().pca(features, self_map)
+    assert tuple(rgb.shape) == (1, 64, 64, 3) and features.meta["input_size"] == [64, 64]
     _zero_hooks(model.model.diffusion_model)
