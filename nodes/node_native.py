@@ -126,7 +126,6 @@ class DFExtractNative:
             comfy_env.check_interrupt()
 
         comfy_env.check_interrupt()
-        # no_grad, not inference_mode: LoRA patches ComfyUI puts on the shared weights must stay ordinary tensors
         features = extract_native(model, vae, positive, image, _spec(layers, preset) or None, t, seed,
                                   resize=resize, ensemble=ensemble, feature_resize=feature_resize, offload=offload,
                                   batch_size=batch_size, denoise_from=denoise_from or None,

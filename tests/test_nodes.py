@@ -36,7 +36,8 @@ def test_every_node_declares_its_contract():
                                         "DFExtractFeatures", "DFShowLayers", "DFFeaturePCA", "DFAttentionMap",
                                         "DFSaveFeatures", "DFLoadFeatures", "DFGenerate", "DFLoadControlNet",
                                         "DFApplyControlNet", "DFLoadLoRA", "DFInvert", "DFPnPTranslate",
-                                        "DFSelfAttentionPCA"}
+                                        "DFSelfAttentionPCA", "DFCaptureLayers", "DFCollectFeatures",
+                                        "DFExtractNative"}
     docs = Path(__file__).resolve().parents[1] / "web" / "docs"
     for name, cls in NODE_CLASS_MAPPINGS.items():
         assert (docs / f"{name}.md").is_file(), f"{name} has no web/docs page"
