@@ -345,6 +345,10 @@ def _check_layer_list(driver, server, tmp_path):
     text = _wait(driver, "const a = document.querySelector('.df-layer-list'); return a && a.value", timeout=180)
     lines = text.splitlines()
     assert lines[0] == "# sd15: 197 layer ids at 512x512" and len(lines) == 198
+    driver.execute_script("const c = app.canvas; c.ds.scale = 1; c.centerOnNode(app.graph.getNodeById(arguments[0])); "
+                          "c.setDirty(true, true); c.draw(true, true)", show_id)
+    _wait(driver, "const a = document.querySelector('.df-layer-list'); "
+                  "return a.offsetParent !== null && a.getBoundingClientRect().height > 100")
     box = driver.execute_script(
         "const a = document.querySelector('.df-layer-list'); const r = a.getBoundingClientRect(); "
         "const line = parseFloat(getComputedStyle(a).lineHeight) || 1.2 * parseFloat(getComputedStyle(a).fontSize); "
@@ -359,5 +363,5 @@ def _check_layer_list(driver, server, tmp_path):
     saved = driver.execute_script("return JSON.stringify(app.graph.serialize())")
     for workflow in (json.dumps(prompt["workflow"]), saved):
         assert lines[1] not in workflow and "layer ids at 512x512" not in workflow
-    node = next(n for n in json.loads(saved)["nodes"] if n["id"] == show_id)
-    assert node["widgets_values"] == [512, 512], node["widgets_values"]
+    nodes = {str(n["id"]): n for n in json.loads(saved)["nodes"]}
+    assert nodes[str(show_id)]["widgets_values"] == [512, 512], (show_id, nodes.get(str(show_id)), list(nodes))
