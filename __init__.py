@@ -8,10 +8,13 @@ from .nodes.comfy_env import inside_comfyui
 
 WEB_DIRECTORY = "./web"
 
-if inside_comfyui():  # the layer picker's HTTP routes
+if inside_comfyui():
+    from .layer_catalog.resolver import restrict_layer_files as _restrict_layer_files
+    from .nodes.comfy_env import layer_file as _layer_file
     from .nodes.routes import register as _register_routes
 
-    _register_routes()
+    _restrict_layer_files(_layer_file)  # widgets are untrusted: layer files come from the input folder only
+    _register_routes()  # the layer picker's HTTP routes
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
 __version__ = "0.1.0"

@@ -3,6 +3,10 @@
 Accepted: one id; several ids separated by commas, spaces or new lines; a preset name (practical, legacy, full);
 a path to a JSON file in the reference's format {"id": true, ...} (or a JSON list of ids); a Python list or dict
 of the same. Presets and ids can be mixed ("practical, up-level0-upsampler-out"). Order is kept, duplicates dropped.
+
+Inside ComfyUI anyone may type a path into a widget, so the pack restricts layer files there
+(`restrict_layer_files`): a file name is resolved by the host's opener (ComfyUI's input folder only), every entry
+must be a layer id of the grammar, and errors name an entry by its position, never by its content.
 """
 from __future__ import annotations
 
@@ -11,17 +15,38 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .catalog import PRESET_NAMES, family_ids, preset_ids
 from .families import FAMILIES, get_family
-from .grammar import LayerIdSyntaxError, parse_id
+from .grammar import LayerIdSyntaxError, format_id, parse_id
 from .taps import Tap, enumerate_ids, taps_of
 
 
 class LayerIdError(ValueError):
     """An id that the family (or model) does not have. The message names the nearest valid ids."""
+
+
+MAX_LAYER_FILE_BYTES = 1 << 20  # a layer file listing every id of the largest catalog is ~25 KB
+_layer_file_opener: Callable[[str], Path] | None = None
+
+
+def restrict_layer_files(opener: Callable[[str], Path] | None) -> None:
+    """Resolve layer file names with opener(name) -> Path (raising ValueError for a name it refuses) and keep
+    their content out of error messages; None lifts the restriction (library and CLI use: the user's own files)."""
+    global _layer_file_opener
+    _layer_file_opener = opener
+
+
+class _FileEntry(str):
+    """An id read from a restricted layer file: errors name its position in the file, never its text."""
+
+    def __new__(cls, text: str, file: str, index: int):
+        entry = super().__new__(cls, text)
+        entry.file, entry.index = file, index
+        return entry
 
 
 def nearest_ids(wrong: str, valid: list[str], n: int = 5) -> list[str]:
@@ -30,6 +55,9 @@ def nearest_ids(wrong: str, valid: list[str], n: int = 5) -> list[str]:
 
 
 def _unknown_id_message(layer_id: str, valid: list[str], owner: str, family: str | None) -> str:
+    if isinstance(layer_id, _FileEntry):
+        return (f"entry {layer_id.index} of layer file {layer_id.file} is not a layer id of {owner} (DFShowLayers "
+                "lists the model's ids)")
     others = [f for f in FAMILIES if f != family and layer_id in family_ids(f)]
     nearest = ", ".join(nearest_ids(layer_id, valid))
     if others:
@@ -55,6 +83,8 @@ def _split_spec(spec) -> list:
             items.extend(_split_spec(s))
         return items
     if isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec.strip().lower().endswith(".json")):
+        if _layer_file_opener is not None:
+            return _read_restricted(str(spec).strip())
         return _split_spec(_read_json(Path(spec)))
     if isinstance(spec, str):
         return [s for s in re.split(r"[\s,;]+", spec) if s]
@@ -73,8 +103,46 @@ def _read_json(path: Path):
     return data
 
 
+def _read_restricted(name: str) -> list[str]:
+    """A layer file through the host's opener: only layer ids of the grammar, named in errors by position."""
+    shown = repr(name if len(name) <= 80 else name[:77] + "...")
+    try:
+        path = _layer_file_opener(name)
+    except ValueError as e:
+        raise LayerIdError(str(e)) from None
+    if not path.is_file():
+        raise LayerIdError(f"layer file {shown} is not in ComfyUI's input folder (upload it there)")
+    if path.stat().st_size > MAX_LAYER_FILE_BYTES:
+        raise LayerIdError(f"layer file {shown} is larger than {MAX_LAYER_FILE_BYTES // 1024} KiB; a layer file "
+                           "lists ids only")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LayerIdError(f"layer file {shown} is not valid JSON") from None
+    if isinstance(data, dict):
+        entries = [k for k, on in data.items() if on]
+    elif isinstance(data, list):
+        entries = data
+    else:
+        raise LayerIdError(f"layer file {shown} must hold {{\"id\": true, ...}} or a list of ids")
+    out = []
+    for i, entry in enumerate(entries, start=1):
+        if isinstance(entry, str) and entry in PRESET_NAMES:
+            out.append(_FileEntry(entry, shown, i))
+            continue
+        try:
+            if not isinstance(entry, str) or format_id(parse_id(entry)) != entry:
+                raise LayerIdSyntaxError("")
+        except LayerIdSyntaxError:
+            raise LayerIdError(f"entry {i} of layer file {shown} is not a layer id (see the layer-id grammar in "
+                               "the README, or DFShowLayers)") from None
+        out.append(_FileEntry(entry, shown, i))
+    return out
+
+
 def _expand(items: list, family: str | None) -> list[str]:
     out: list[str] = []
+    seen: set[str] = set()
     for item in items:
         if item in PRESET_NAMES:
             if family is None:
@@ -82,7 +150,10 @@ def _expand(items: list, family: str | None) -> list[str]:
             members = preset_ids(family, item)
         else:
             members = [item]
-        out.extend(m for m in members if m not in out)
+        for m in members:  # a set keeps de-duplication linear: 100,000 ids take milliseconds, not minutes
+            if m not in seen:
+                seen.add(m)
+                out.append(m)
     if not out:
         raise LayerIdError("the layer list is empty: pass ids, a preset (practical, legacy, full) or a JSON file")
     return out
@@ -97,7 +168,7 @@ def resolve_layers(spec, family: str) -> list[str]:
     for layer_id in ids:
         if layer_id not in valid_set:
             raise LayerIdError(_unknown_id_message(layer_id, valid, family, family))
-    return ids
+    return [str(i) for i in ids]  # plain strings: entries of a layer file carry their position until checked
 
 
 def resolve_taps(spec, model: torch.nn.Module, family: str | None = None) -> list[Tap]:
@@ -109,4 +180,4 @@ def resolve_taps(spec, model: torch.nn.Module, family: str | None = None) -> lis
     for layer_id in ids:
         if layer_id not in valid_set:
             raise LayerIdError(_unknown_id_message(layer_id, valid, owner, family))
-    return taps_of(model, ids)
+    return taps_of(model, [str(i) for i in ids])

@@ -94,6 +94,20 @@ def output_dir() -> Path:
     return Path(os.environ.get("DF_OUTPUT_DIR", Path.cwd() / "output"))
 
 
+def input_dir() -> Path:
+    if folder_paths is not None:
+        return Path(folder_paths.get_input_directory())
+    return Path(os.environ.get("DF_INPUT_DIR", Path.cwd() / "input"))
+
+
+def layer_file(name: str) -> Path:
+    """A layer JSON file named in a widget: only from the input folder (where users upload files)."""
+    from .safe_paths import inside
+
+    shown = name if len(name) <= 80 else name[:77] + "..."
+    return inside(input_dir(), name, f"layer file {shown!r}", "ComfyUI's input folder")
+
+
 # ---- device, progress, interrupts ----------------------------------------------------------------------------
 def default_device() -> str:
     if folder_paths is not None:

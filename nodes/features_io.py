@@ -9,6 +9,10 @@ Formats and layouts:
 
 Every file is written to a temporary name in the target folder and then linked into place, which fails rather than
 replaces when the name exists: nothing is overwritten silently, and a crash leaves no half-written file.
+
+Files to load may come from anyone who can upload to a ComfyUI server, so nothing read from them names a file or
+sizes an allocation unchecked: tensor keys and layer lists must be layer ids of the grammar, sample names plain
+names, the .npy files must lie beside their metadata, and image sizes are bounded (see safe_paths).
 """
 from __future__ import annotations
 
@@ -25,12 +29,17 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..layer_catalog.grammar import LayerIdSyntaxError, format_id, parse_id
+from .safe_paths import UnsafePathError, check_inside, check_length, component
+
 FORMATS = ("safetensors", "npy")
 LAYOUTS = ("per-sample", "per-layer", "aggregate")
 _META_KEYS = ("family", "t", "seed", "size", "input_size", "prompt", "layers", "name", "step", "ensemble",
               "aggregate_slices", "timestep", "branch", "image", "scheduler", "steps", "cfg", "denoise",
               "denoise_from", "denoise_steps", "controlnets")
 _ROW_KEYS = ("step", "timestep", "branch", "image")  # per-row labels of features captured during generation
+AGGREGATE = "aggregate"  # the one tensor key that is not a layer id: the aggregate layout's concatenation
+MAX_IMAGE_SIDE = 16384  # ComfyUI's MAX_RESOLUTION: no node of it makes a larger image, so no saved size is larger
 
 
 class FeatureFileError(ValueError):
@@ -69,10 +78,34 @@ def safe_name(name: str) -> str:
     return name
 
 
+def check_feature_key(key) -> str:
+    """A tensor key that may name a file or folder: exactly a layer id of the grammar, or 'aggregate'."""
+    if key == AGGREGATE:
+        return key
+    try:
+        if isinstance(key, str) and format_id(parse_id(key)) == key:
+            return check_length(key, "a layer id")
+    except LayerIdSyntaxError:
+        pass
+    raise FeatureFileError("these features hold a tensor key that is not a layer id of the grammar; keys name "
+                           "files, so only layer ids (and 'aggregate') are accepted")
+
+
+def check_image_size(value, key: str) -> list[int]:
+    """A (height, width) from metadata: two integers in 1..MAX_IMAGE_SIDE."""
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_IMAGE_SIDE for v in value)):
+        raise FeatureFileError(f"the metadata's {key!r} must be [height, width], two integers in 1.."
+                               f"{MAX_IMAGE_SIDE}")
+    return list(value)
+
+
 def write_atomic(final: Path, write) -> Path:
-    """write(tmp_path) then link it to `final`; FileExistsError if `final` exists. No partial file ever remains."""
+    """write(tmp_path) then link it to `final`; FileExistsError if `final` exists. No partial file ever remains.
+    The temporary name is short and fixed in length, so any final name the filesystem allows can be written."""
+    check_length(final.name, f"the file {final.name[:32]}...")
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".df-", suffix=".tmp", dir=final.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -138,20 +171,22 @@ def save_features(features: Features, out_dir, names: list[str], fmt: str = "saf
         raise ValueError(f"{len(names)} names for {features.batch} samples")
     out = Path(out_dir)
     names = [safe_name(n) for n in names]
-    written: list[Path] = []
+    for key in features.tensors:
+        check_feature_key(key)
     agg, slices = aggregate(features.tensors) if layout == "aggregate" else (None, None)
+    plan: list[tuple[Path, object]] = []  # every file of the save, checked before the first is written
     for i, name in enumerate(names):
         sample = {k: v.contiguous() for k, v in features.sample(i).items()}
         if fmt == "safetensors" and layout != "aggregate":
             meta = {k: json.dumps(v) for k, v in _meta_for(features, name, row=i).items()}
-            written.append(write_atomic(out / f"{name}.safetensors",
-                                         lambda p: save_file({k: v.cpu() for k, v in sample.items()}, p, meta)))
+            plan.append((out / f"{name}.safetensors",
+                         lambda p, s=sample, m=meta: save_file({k: v.cpu() for k, v in s.items()}, p, m)))
             continue
         if fmt == "safetensors":  # aggregate as one tensor per file
             meta = {k: json.dumps(v) for k, v in _meta_for(features, name, {"aggregate_slices": slices},
                                                            row=i).items()}
-            data = {"aggregate": agg[i].contiguous().cpu()}
-            written.append(write_atomic(out / f"{name}.safetensors", lambda p: save_file(data, p, meta)))
+            data = {AGGREGATE: agg[i].contiguous().cpu()}
+            plan.append((out / f"{name}.safetensors", lambda p, d=data, m=meta: save_file(d, p, m)))
             continue
         if layout == "aggregate":
             targets = {out / f"{name}.npy": agg[i]}
@@ -165,43 +200,124 @@ def save_features(features: Features, out_dir, names: list[str], fmt: str = "saf
         for path, tensor in targets.items():
             array = tensor.detach().cpu()
             array = (array.float() if array.dtype == torch.bfloat16 else array).numpy()
-            written.append(write_atomic(path, lambda p, a=array: _save_npy(p, a)))
+            plan.append((path, lambda p, a=array: _save_npy(p, a)))
         meta_text = json.dumps(_meta_for(features, name, extra, row=i), indent=1)
-        written.append(write_atomic(meta_path, lambda p: Path(p).write_text(meta_text)))
-    return written
+        plan.append((meta_path, lambda p, t=meta_text: Path(p).write_text(t)))
+    for path, _ in plan:
+        check_inside(out, path, f"the file {path.name}")
+        check_length(path.name, f"the file {path.name[:32]}...")
+    return [write_atomic(path, write) for path, write in plan]
 
 
-def load_features(path) -> Features:
+def _read_npy(path: Path, label: str) -> torch.Tensor:
+    """One .npy array, its header checked against the file's size before anything is allocated (a crafted header
+    could otherwise ask for any amount of memory); object arrays (pickles) are refused."""
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            data_bytes = os.fstat(fh.fileno()).st_size - fh.tell()
+    except FileNotFoundError:
+        raise FeatureFileError(f"{label} is missing") from None
+    except (OSError, ValueError) as e:
+        raise FeatureFileError(f"{label} is not a valid .npy file ({e})") from None
+    if dtype.hasobject:
+        raise FeatureFileError(f"{label} holds Python objects; only numeric arrays are read")
+    if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize != data_bytes:
+        raise FeatureFileError(f"{label}: its header's shape {tuple(shape)} does not match the file's size")
+    try:
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    except (OSError, ValueError) as e:
+        raise FeatureFileError(f"{label} is not a valid .npy file ({e})") from None
+
+
+def _checked_meta(meta, label: str) -> dict:
+    """The metadata fields that name files or size allocations, validated (see the module docstring)."""
+    if not isinstance(meta, dict):
+        raise FeatureFileError(f"{label}: its metadata must be a JSON object")
+    layers = meta.get("layers")
+    if layers is not None:
+        if not isinstance(layers, list) or not layers:
+            raise FeatureFileError(f"{label}: the metadata's 'layers' must be a non-empty list of layer ids")
+        for key in layers:
+            check_feature_key(key)
+    for key in ("size", "input_size"):
+        if key in meta:
+            meta[key] = check_image_size(meta[key], key)
+    return meta
+
+
+def load_features(path, root=None) -> Features:
     """Load one saved sample: a .safetensors file, or a sample's .npy metadata (.json / meta.json) written by
-    `save_features`. Tensors come back batched (1, ...)."""
+    `save_features`. Tensors come back batched (1, ...).
+
+    root: the folder the file must lie in (ComfyUI's output folder); errors then name the file relative to it.
+    The .npy files named by a metadata file must lie beside it, whatever its content says."""
     p = Path(path)
+    if root is not None:
+        label = repr(str(p.relative_to(root)) if p.is_relative_to(root) else p.name)
+        try:
+            p = check_inside(root, p, f"features file {label}")
+        except UnsafePathError as e:
+            raise FeatureFileError(str(e)) from None
+    else:
+        label = repr(str(p))
     if not p.exists():
-        raise FeatureFileError(f"features file {str(p)!r} does not exist")
+        raise FeatureFileError(f"features file {label} does not exist")
     if p.suffix == ".safetensors":
         try:
             tensors = load_file(str(p))
             with safe_open(str(p), "pt") as f:
                 raw = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as e:
-            raise FeatureFileError(f"{str(p)!r} is not a valid safetensors file ({e})") from None
-        meta = {k: json.loads(v) for k, v in raw.items() if k in _META_KEYS}
+            raise FeatureFileError(f"{label} is not a valid safetensors file ({e})") from None
+        try:
+            meta = {k: json.loads(v) for k, v in raw.items() if k in _META_KEYS}
+        except json.JSONDecodeError:
+            raise FeatureFileError(f"{label}: its metadata is not valid JSON") from None
+        meta = _checked_meta(meta, label)
+        for key in tensors:
+            check_feature_key(key)
+        if AGGREGATE in tensors:
+            return Features({AGGREGATE: tensors[AGGREGATE][None]}, meta)
         order = meta.get("layers") or list(tensors)
-        if "aggregate" in tensors:
-            return Features({"aggregate": tensors["aggregate"][None]}, meta)
+        if set(order) != set(tensors):
+            raise FeatureFileError(f"{label}: the metadata's layer list does not match the tensors in the file")
         return Features({k: tensors[k][None] for k in order}, meta)
     if p.is_dir():
         p = p / "meta.json"
     if p.suffix != ".json":
-        raise FeatureFileError(f"{str(p)!r}: give a .safetensors file or the .json written beside .npy features")
+        raise FeatureFileError(f"{label}: give a .safetensors file or the .json written beside .npy features")
     try:
         meta = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FeatureFileError(f"{str(p)!r} is not a features metadata file ({e})") from None
-    name = meta["name"]
+    except FileNotFoundError:
+        raise FeatureFileError(f"features file {label} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise FeatureFileError(f"{label} is not a features metadata file (not readable JSON)") from None
+    meta = _checked_meta(meta, label)
+    try:
+        name = component(meta.get("name"), "the metadata's 'name'")
+    except UnsafePathError as e:
+        raise FeatureFileError(f"{label}: {e} (the sample name written by DFSaveFeatures)") from None
+    folder = p.parent
     if "aggregate_slices" in meta:
-        return Features({"aggregate": torch.from_numpy(np.load(p.parent / f"{name}.npy"))[None]}, meta)
-    if p.name == "meta.json":
-        files = {k: p.parent / f"{k}.npy" for k in meta["layers"]}
+        files = {AGGREGATE: folder / f"{name}.npy"}
+    elif not meta.get("layers"):
+        raise FeatureFileError(f"{label}: the metadata has no 'layers' list")
+    elif p.name == "meta.json":
+        files = {k: folder / f"{k}.npy" for k in meta["layers"]}
     else:
-        files = {k: p.parent / k / f"{name}.npy" for k in meta["layers"]}
-    return Features({k: torch.from_numpy(np.load(f, allow_pickle=False))[None] for k, f in files.items()}, meta)
+        files = {k: folder / k / f"{name}.npy" for k in meta["layers"]}
+    tensors = {}
+    for key, file in files.items():
+        try:
+            file = check_inside(folder, file, f"the file of layer {key}")
+        except UnsafePathError as e:
+            raise FeatureFileError(f"{label}: {e}") from None
+        tensors[key] = _read_npy(file, f"{label}'s data file for {key}")[None]
+    return Features(tensors, meta)

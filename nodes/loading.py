@@ -163,11 +163,28 @@ def build_random(family: str, dtype="float32", device="cpu", seed: int = 0) -> F
     return _finish(model, parse_dtype(dtype), device)
 
 
+def _read_config(path: Path, folder: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder.name!r} is not a diffusers model folder: it has no "
+                              f"{path.relative_to(folder)}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{folder.name!r}: {path.relative_to(folder)} is not readable JSON") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{folder.name!r}: {path.relative_to(folder)} must hold a JSON object")
+    return data
+
+
 def detect_folder_family(folder: Path) -> str:
-    index = json.loads((folder / "model_index.json").read_text())
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder.name!r} is not a diffusers model folder (a folder holding "
+                              "model_index.json)")
+    index = _read_config(folder / "model_index.json", folder)
     if "transformer" in index:
         return "pixart-sigma"
-    unet = json.loads((folder / "unet" / "config.json").read_text())
+    unet = _read_config(folder / "unet" / "config.json", folder)
     if unet.get("addition_embed_type") == "text_time":
         return "sdxl"
     return "sd21" if unet.get("cross_attention_dim") == 1024 else "sd15"

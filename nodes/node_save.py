@@ -1,11 +1,12 @@
 """DFSaveFeatures (into ComfyUI's output folder) and DFLoadFeatures."""
 from __future__ import annotations
 
-from pathlib import Path
+import itertools
 
 from . import comfy_env
 from .features_io import FORMATS, LAYOUTS, load_features, row_label, save_features
-from .output_paths import OutputPathError, sample_names
+from .output_paths import sample_names
+from .safe_paths import UnsafePathError, inside
 
 
 class DFSaveFeatures:
@@ -52,7 +53,9 @@ class DFLoadFeatures:
     @classmethod
     def INPUT_TYPES(cls):
         root = comfy_env.output_dir()
-        files = sorted(str(p.relative_to(root)) for p in root.rglob("*.safetensors")) if root.is_dir() else []
+        # the tooltip lists a few saved files; a bounded walk keeps object_info fast in a huge output folder
+        found = itertools.islice(root.rglob("*.safetensors"), 1000) if root.is_dir() else ()
+        files = sorted(str(p.relative_to(root)) for p in found)
         return {"required": {"path": ("STRING", {"default": files[0] if files else "",
                                                  "tooltip": "A .safetensors file (or the .json of npy features), "
                                                             "relative to the output folder. Existing files: "
@@ -60,12 +63,13 @@ class DFLoadFeatures:
 
     def load(self, path):
         root = comfy_env.output_dir().resolve()
-        full = (root / path.strip()).resolve()
-        if root not in full.parents:
-            raise OutputPathError(f"{path!r} is outside the output folder; only saved features can be loaded")
-        return (load_features(Path(full)),)
+        full = inside(root, path.strip(), f"path {path.strip()[:80]!r}", "the output folder")
+        return (load_features(full, root=root),)
 
     @classmethod
     def IS_CHANGED(cls, path):
-        full = comfy_env.output_dir() / path.strip()
-        return full.stat().st_mtime if full.exists() else ""
+        try:
+            full = inside(comfy_env.output_dir(), path.strip(), "path")
+        except UnsafePathError:
+            return ""  # load() gives the error
+        return full.stat().st_mtime if full.is_file() else ""

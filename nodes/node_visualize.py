@@ -4,7 +4,36 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .features_io import check_image_size
 from .visualize import attention_heatmap, pca_rgb, self_attention_pca, to_image_size
+
+# An output image costs 3 float32 values per pixel (the IMAGE) plus the uint8 drawing and one resize buffer.
+_BYTES_PER_PIXEL = 3 * 4 + 2 * 3
+
+
+class OutputTooLargeError(ValueError):
+    """Output images that cannot fit, refused before they are drawn."""
+
+
+def _image_size(features, count: int, default=None) -> tuple[int, int]:
+    """(height, width) of the output images, from the features' metadata (the input image's size), checked before
+    anything is drawn: a bounded size, and `count` images of it must fit in the memory this process has."""
+    size = features.meta.get("input_size") or features.meta.get("size") or default
+    if size is None:
+        raise ValueError("these features record no image size; choose size 'feature grid'")
+    height, width = check_image_size(size, "input_size")
+    _check_output_memory(count, height, width)
+    return height, width
+
+
+def _check_output_memory(count: int, height: int, width: int) -> None:
+    from .extraction import _free_bytes
+
+    need = count * height * width * _BYTES_PER_PIXEL
+    free = _free_bytes(torch.device("cpu"))
+    if free is not None and need > free:
+        raise OutputTooLargeError(f"{count} output images of {width}x{height} need {need / 2**30:.1f} GiB but "
+                                  f"only {free / 2**30:.1f} GiB is free; choose size 'feature grid' or fewer images")
 
 
 def _pick(features, layer: str, want_map: bool) -> str:
@@ -68,9 +97,8 @@ class DFFeaturePCA:
                 raise ValueError(f"features_{k} holds no layer {layer!r} (it holds: {', '.join(other.tensors)})")
         items = [x for f in sets for x in f.tensors[layer]]
         rgb = pca_rgb(items, joint=joint, foreground_threshold=foreground_threshold or None)
-        first = features.meta.get("input_size") or features.meta.get("size")
-        if size == "image" and first:
-            height, width = first
+        if size == "image" and (features.meta.get("input_size") or features.meta.get("size")):
+            height, width = _image_size(features, len(items))
         else:  # the first set's feature grid; every image of the batch gets that size
             height, width = features.tensors[layer].shape[-2:]
         return (_as_image(_sized(rgb, height, width)),)
@@ -102,9 +130,12 @@ class DFAttentionMap:
 
     def show(self, features, layer="", token_index=1, query_x=0.5, query_y=0.5, image=None):
         layer = _pick(features, layer, want_map=True)
-        height, width = features.meta.get("input_size") or features.meta.get("size", (512, 512))
+        count = features.tensors[layer].shape[0]
         if image is not None:
             height, width = int(image.shape[1]), int(image.shape[2])
+            _check_output_memory(count, height, width)
+        else:
+            height, width = _image_size(features, count, default=(512, 512))
         kwargs = {"token": token_index} if "cross-map" in layer else {"query": (query_x, query_y)}
         rgb, masks = attention_heatmap(features.tensors[layer], (height, width), **kwargs)
         heat = _as_image(list(rgb))
@@ -144,6 +175,6 @@ class DFSelfAttentionPCA:
         layer = _pick(features, layer, want_map=True)
         if not layer.endswith("-self-map"):
             raise ValueError(f"{layer!r} is not a self-attention map; give a -self-map layer")
-        height, width = features.meta.get("input_size") or features.meta.get("size")
+        height, width = _image_size(features, features.tensors[layer].shape[0] if size == "image" else 0)
         rgb = self_attention_pca(features.tensors[layer], (height, width), joint=joint)
         return (_as_image(_sized(rgb, height, width) if size == "image" else rgb),)

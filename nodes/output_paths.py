@@ -5,9 +5,13 @@ continues after the highest one already there. A prefix that leaves the output f
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
+
+from .safe_paths import UnsafePathError, check_length, inside
+
+# The least a save appends to the prefix's last part (its counter); the full names are checked before any write.
+_SUFFIX_RESERVE = len("_00001_")
 
 
 class OutputPathError(ValueError):
@@ -20,13 +24,15 @@ def resolve_prefix(filename_prefix: str, output_dir) -> tuple[Path, str, str]:
     if not prefix:
         raise OutputPathError("filename_prefix is empty: give a name such as 'diffusion_feature/features'")
     root = Path(output_dir).resolve()
-    if os.path.isabs(prefix) or re.match(r"^[A-Za-z]:", prefix):
-        raise OutputPathError(f"filename_prefix {prefix!r} is an absolute path; it must stay inside the output "
-                              f"folder (e.g. 'subfolder/name')")
-    target = (root / prefix).resolve()
-    if target == root or root not in target.parents:
-        raise OutputPathError(f"filename_prefix {prefix!r} leaves the output folder; saving outside {root} is not "
-                              "allowed")
+    shown = prefix if len(prefix) <= 80 else prefix[:77] + "..."
+    try:
+        target = inside(root, prefix, f"filename_prefix {shown!r}", "the output folder")
+        if target == root:
+            raise UnsafePathError(f"filename_prefix {shown!r} names the output folder itself; add a file name")
+        check_length(target.name + "x" * _SUFFIX_RESERVE, f"filename_prefix {shown!r} with its counter and "
+                                                          "extension")
+    except UnsafePathError as e:
+        raise OutputPathError(f"{e} (e.g. 'subfolder/name')") from None
     folder, name = target.parent, target.name
     return folder, name, str(folder.relative_to(root)) if folder != root else ""
 

@@ -60,8 +60,11 @@ def register() -> bool:
         async def handler(request):
             try:
                 return web.json_response(build(request.rel_url.query))
-            except ValueError as e:
+            except ValueError as e:  # bad input: the message says what would be valid
                 return web.json_response({"error": str(e)}, status=400)
+            except Exception:  # a bug of ours: logged here, never a traceback or a path to the client
+                comfy_env.log.exception("diffusion_feature: %s failed", request.rel_url.path)
+                return web.json_response({"error": "internal error; see the server log"}, status=500)
         return handler
 
     return comfy_env.register_routes({

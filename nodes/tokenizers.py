@@ -32,9 +32,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-@lru_cache(maxsize=1)
-def _clip_files() -> Path:
-    """vocab.json + merges.txt built once per process from the bundled BPE merges, in a private temp folder."""
+def _write_clip_files(folder: Path) -> None:
+    """vocab.json + merges.txt for CLIPTokenizer, built from the bundled BPE merges."""
     if not BPE_FILE.is_file():
         raise TokenizerMissingError(f"the bundled CLIP vocabulary {BPE_FILE} is missing; reinstall the package")
     lines = gzip.open(BPE_FILE, "rt", encoding="utf-8").read().split("\n")
@@ -42,19 +41,28 @@ def _clip_files() -> Path:
     chars = list(_bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = Path(tempfile.mkdtemp(prefix="df-clip-tokenizer-"))
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return folder
+
+
+@lru_cache(maxsize=4)
+def _cached_clip_tokenizer(pad_token: str):
+    """Built once per pad token; its files live in a temporary folder only while they are read (a server
+    process must not leave a folder behind in the temp directory)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="df-clip-tokenizer-") as tmp:
+        _write_clip_files(Path(tmp))
+        return CLIPTokenizer.from_pretrained(tmp, pad_token=pad_token, model_max_length=CLIP_MAX_LENGTH,
+                                             local_files_only=True)
 
 
 def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     """The CLIP BPE tokenizer (77 tokens). SD1.x pads with <|endoftext|>; OpenCLIP encoders (SD2.x, SDXL's second
-    encoder) pad with '!'."""
-    from transformers import CLIPTokenizer
+    encoder) pad with '!'. Each call returns its own copy (a model may change its tokenizer's settings)."""
+    import copy
 
-    return CLIPTokenizer.from_pretrained(str(_clip_files()), pad_token=pad_token, model_max_length=CLIP_MAX_LENGTH,
-                                         local_files_only=True)
+    return copy.deepcopy(_cached_clip_tokenizer(pad_token))
 
 
 def load_tokenizer(folder: Path):
