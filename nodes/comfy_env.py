@@ -68,7 +68,7 @@ def _check_name(kind: str, name: str) -> None:
     folder may point anywhere, as in ComfyUI; a name may not)."""
     path = Path(name)
     if not name or path.is_absolute() or path.drive or ".." in name.replace("\\", "/").split("/"):
-        raise ValueError(f"{name!r} is not a model name of the {kind} folder: names are relative paths inside it, "
+        raise ValueError(f"{name!r} is not in the {kind} folder: names are relative paths inside it, "
                          f"without '..' (one of: {', '.join(model_names(kind)) or 'none there'})")
 
 
