@@ -170,6 +170,12 @@ def check_interrupt() -> None:
         mm.throw_exception_if_processing_interrupted()
 
 
+def interrupt_callback():
+    """What a run calls between blocks of a forward to honour Cancel: check_interrupt inside ComfyUI, None outside
+    (then no hooks are registered at all)."""
+    return check_interrupt if folder_paths is not None else None
+
+
 # ---- memory --------------------------------------------------------------------------------------------------
 def _load_managed(module, device) -> None:
     """Load `module` to `device` through ComfyUI's memory manager. Its ModelPatcher is kept on the module itself:

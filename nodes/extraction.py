@@ -20,24 +20,17 @@ import torch
 
 from ..layer_catalog import FeatureCapture, resolve_taps
 from ..layer_catalog.taps import is_pixart
+from . import memory_guard
+from .memory_guard import count
+from .interrupts import InterruptChecks
+from .memory_guard import FeatureMemoryError  # noqa: F401  (raised by every run's guard; importable from here)
 
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-class FeatureMemoryError(ValueError):
-    """The requested attention maps would not fit in free memory; raised before anything runs."""
-
-
 def _free_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None  # unknown: no check
+    """What this process can still allocate on `device` (None: unknown); every run's guard reads it here."""
+    return memory_guard.available_bytes(device)
 
 
 def map_bytes(denoiser, taps, batch: int, latent_hw: tuple[int, int], tokens: int, dtype: torch.dtype) -> list[int]:
@@ -62,20 +55,49 @@ def _map_shapes(cls, config_json: str, latent_hw: tuple[int, int], tokens: int, 
     return [tuple(shapes[m]) for m in maps]
 
 
-def check_map_memory(denoiser, taps, batch, latent_hw, tokens, dtype, store_device, compute_device) -> None:
-    """Refuse up front a request whose attention maps cannot fit: all of them where they are kept, and the largest
-    twice (scores and probabilities) where attention is computed."""
-    sizes = map_bytes(denoiser, taps, batch, latent_hw, tokens, dtype)
-    if not sizes:
-        return
-    gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"  # noqa: E731
-    free_store, free_compute = _free_bytes(store_device), _free_bytes(compute_device)
-    if free_store is not None and sum(sizes) > free_store:
-        raise FeatureMemoryError(f"the requested attention maps need {gib(sum(sizes))} on {store_device} but only "
-                                 f"{gib(free_store)} is free: request fewer maps, a smaller image or batch")
-    if free_compute is not None and compute_device != store_device and 2 * max(sizes) > free_compute:
-        raise FeatureMemoryError(f"computing the largest requested attention map needs {gib(2 * max(sizes))} on "
-                                 f"{compute_device} but only {gib(free_compute)} is free")
+def require(needs: dict, subject: str, advice: str) -> None:
+    """memory_guard.require against _free_bytes (looked up at call time, so a test or host can set it)."""
+    memory_guard.require(needs, subject, advice, available=lambda device: _free_bytes(device))
+
+
+def fits(needs: dict) -> bool:
+    return memory_guard.shortfall(needs, available=lambda device: _free_bytes(device)) is None
+
+
+EXTRACT_ADVICE = ("extract fewer layers (attention maps above all), fewer images or a smaller batch_size, offload "
+                  "features to the CPU, a smaller image size, or feature_resize > 1")
+
+
+def extraction_needs(denoiser, taps, batch: int, latent_hw, tokens: int, *, dtype=None, feature_resize: int = 1,
+                     offload: bool = False, ensemble: int = 1, kept_images: int | None = None, in_flight: int = 0,
+                     vae=None) -> dict:
+    """The memory plan of extracting `taps`, `batch` images per forward: one forward's peak (or the VAE encoder's,
+    whichever is larger) on the compute device; on the store device the features of `kept_images` images (default
+    one batch) plus `in_flight` images of a batch not yet copied into the output, and an ensemble's float32 sums."""
+    param = next(denoiser.parameters())
+    final = dtype or param.dtype
+    capture_dtype = final if ensemble == 1 else torch.float32
+    cost = memory_guard.denoiser_cost(denoiser, taps, batch, latent_hw, tokens, dtype=capture_dtype,
+                                      feature_resize=feature_resize, early_exit=True)
+    per_image = cost.kept * _itemsize(final) // _itemsize(capture_dtype) // batch
+    store = torch.device("cpu") if offload else param.device
+    needs: dict = {}
+    peak = cost.peak
+    if vae is not None:
+        pixel_hw = (latent_hw[0] * 8, latent_hw[1] * 8)
+        peak = max(peak, memory_guard.vae_encode_peak(vae, pixel_hw, batch))
+        memory_guard.add(needs, "cpu", "the batch's pixels", batch * 3 * pixel_hw[0] * pixel_hw[1] * 4)
+    memory_guard.add(needs, param.device, f"the peak of one forward of {count(batch, 'image')}", peak)
+    images = batch if kept_images is None else kept_images
+    memory_guard.add(needs, store, f"the features of {count(images, 'image')}", per_image * images)
+    memory_guard.add(needs, store, f"the features of {count(in_flight, 'image')} in flight", per_image * in_flight)
+    if ensemble > 1:
+        memory_guard.add(needs, store, "the ensemble's float32 sums", 2 * cost.kept)
+    return needs
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass
@@ -175,12 +197,15 @@ def noise_latents(x0: torch.Tensor, t: int, abar: torch.Tensor, seed: int) -> to
 def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: int, seed: int, abar: torch.Tensor,
                     *, family: str | None = None, ensemble: int = 1, feature_resize: int = 1,
                     dtype: torch.dtype | None = None, offload: bool = False, denoise_from: int | None = None,
-                    denoise_steps: int = 1, prediction_type: str = "epsilon") -> dict[str, torch.Tensor]:
+                    denoise_steps: int = 1, prediction_type: str = "epsilon",
+                    interrupt=None) -> dict[str, torch.Tensor]:
     """Features of clean latents x0 (B, C, h, w) at timestep t: the core shared by every entry point.
 
     denoise_from: noise to this higher timestep instead and take `denoise_steps` deterministic DDIM steps down to
     t, each a conditional forward guided by the prompt and any ControlNet of `cond`, before capturing at t (the
     content-shift recipe: a ControlNet pulls the imagined content back towards the image).
+    interrupt: a callback run before each block of the denoiser (it raises to stop a long forward).
+    The run is refused before any forward when its memory plan does not fit (FeatureMemoryError).
     """
     from .control import control_residuals
     from .ddim import ddim_move, descending_timesteps, eps_output
@@ -198,9 +223,9 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
     taps = resolve_taps(layers, denoiser, family)
     param = next(denoiser.parameters())
     batch = x0.shape[0]
-    store = torch.device("cpu") if offload else param.device
-    check_map_memory(denoiser, taps, batch, tuple(x0.shape[-2:]), cond.encoder_hidden_states.shape[1],
-                     dtype or param.dtype, store, param.device)
+    require(extraction_needs(denoiser, taps, batch, tuple(x0.shape[-2:]), cond.encoder_hidden_states.shape[1],
+                             dtype=dtype, feature_resize=feature_resize, offload=offload, ensemble=ensemble),
+            f"extracting {count(len(taps), 'layer')} from {count(batch, 'image')}", EXTRACT_ADVICE)
     kwargs = cond.for_batch(batch, param.device, param.dtype)
     sample_name = "hidden_states" if is_pixart(denoiser) else "sample"
     x0 = x0.to(param.device, param.dtype)
@@ -214,7 +239,7 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
     # Averaging happens in float32 on the capture device; the requested dtype is applied once, at the end.
     with FeatureCapture(denoiser, taps, dtype=dtype if ensemble == 1 else torch.float32,
                         device="cpu" if offload else None, feature_resize=feature_resize,
-                        early_exit=True) as capture:
+                        early_exit=True) as capture, InterruptChecks(interrupt, denoiser):
         for k in range(ensemble):
             x_t = noise_latents(x0, schedule[0], abar, seed + k)
             capture.enabled = False  # the denoising steps run whole and capture nothing
@@ -274,7 +299,8 @@ def with_time_ids(cond: Conditioning, height: int, width: int) -> Conditioning:
 def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *, resize: str = "keep-aspect",
             size=None, ensemble: int = 1, feature_resize: int = 1, dtype: torch.dtype | None = None,
             offload: bool = False, vae_sample: bool = True, target_side: int | None = None,
-            denoise_from: int | None = None, denoise_steps: int = 1):
+            denoise_from: int | None = None, denoise_steps: int = 1, interrupt=None, kept_images: int | None = None,
+            in_flight: int = 0):
     """Features of images at training timestep t (see the module docstring for the exact semantics).
 
     model: a FeatureModel. images: paths, PIL images, or a ComfyUI IMAGE tensor; one batch (they must share a size
@@ -282,6 +308,8 @@ def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *
     preset or a JSON file; default the taps attached to the model. target_side: keep-aspect resizing aims at
     target_side**2 pixels instead of the native area. denoise_from / denoise_steps: see extract_latents.
     ControlNets attached to the conditioning and LoRAs of the model apply. Returns Features (tensors + metadata).
+    interrupt: a callback run before each block of the VAE and the denoiser (raise to stop). kept_images /
+    in_flight: for the memory plan of a caller that keeps more than this batch (extract_in_batches).
     """
     from .control import check_controls
     from .features_io import Features
@@ -298,11 +326,22 @@ def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *
         cond = prompt if isinstance(prompt, Conditioning) else encode_prompt(model, prompt)
         check_controls(cond, model)
         cond = with_time_ids(cond, height, width)
-        x0 = encode_latents(model.vae, pixels, seed, sample=vae_sample)
+        batch = pixels.shape[0]
+        taps = resolve_taps(layers, model.denoiser, model.family)
+        require(extraction_needs(model.denoiser, taps, batch, (height // 8, width // 8),
+                                 cond.encoder_hidden_states.shape[1], dtype=dtype, feature_resize=feature_resize,
+                                 offload=offload, ensemble=ensemble, kept_images=kept_images, in_flight=in_flight,
+                                 vae=model.vae),
+                f"extracting {count(len(taps), 'layer')} from "
+                f"{count(kept_images or batch, 'image')} of {width}x{height}",
+                EXTRACT_ADVICE)
+        with InterruptChecks(interrupt, model.vae):
+            x0 = encode_latents(model.vae, pixels, seed, sample=vae_sample)
         tensors = extract_latents(model.denoiser, x0, cond, layers, t, seed, model.alphas_cumprod,
                                   family=model.family, ensemble=ensemble, feature_resize=feature_resize, dtype=dtype,
                                   offload=offload, denoise_from=denoise_from, denoise_steps=denoise_steps,
-                                  prediction_type=model.scheduler_config.get("prediction_type") or "epsilon")
+                                  prediction_type=model.scheduler_config.get("prediction_type") or "epsilon",
+                                  interrupt=interrupt)
     meta = {"family": model.family, "t": t, "seed": seed, "size": [height, width], "prompt": cond.prompts,
             "layers": list(tensors), "ensemble": ensemble, "input_size": [inputs[0].height, inputs[0].width]}
     if denoise_from is not None:
@@ -316,9 +355,14 @@ def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *
 def extract_in_batches(model, images, prompt, layers=None, t: int = 50, seed: int = 0, *, batch_size: int = 1,
                        on_batch=None, **kw):
     """`extract` over chunks of `batch_size` images, concatenated; on_batch(n) runs after each chunk (progress
-    bars, interrupt checks). images: a list or a ComfyUI IMAGE tensor, all of one size after resizing."""
+    bars, interrupt checks). images: a list or a ComfyUI IMAGE tensor, all of one size after resizing.
+
+    The memory plan of the whole run (every image's features, one batch in flight, one forward's peak) is checked
+    before the first chunk runs, and the output is allocated once and filled chunk by chunk: a final concatenation
+    would hold every feature twice."""
     from .features_io import Features
     from .lora import lora_applied
+    from .prompts import encode_prompt
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -327,8 +371,14 @@ def extract_in_batches(model, images, prompt, layers=None, t: int = 50, seed: in
         raise ValueError(f"{len(prompt)} prompts for {n} images: give one prompt or one per image")
     if isinstance(prompt, Conditioning) and prompt.batch not in (1, n):
         raise ValueError(f"conditioning holds {prompt.batch} prompts for {n} images")
-    parts = []
+    if n == 0:
+        raise ValueError("no images given")
+    out: dict[str, torch.Tensor] = {}
+    prompts: list = []
+    meta = None
     with lora_applied(model):  # merged once for every chunk (each extract's own merge is then a no-op)
+        if isinstance(prompt, str) or (isinstance(prompt, list) and len(prompt) == 1):
+            prompt = encode_prompt(model, prompt)  # once for every chunk, not once per chunk
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             chunk_prompt = prompt
@@ -336,8 +386,20 @@ def extract_in_batches(model, images, prompt, layers=None, t: int = 50, seed: in
                 chunk_prompt = prompt.take(start, stop)
             elif isinstance(prompt, list) and len(prompt) == n:
                 chunk_prompt = prompt[start:stop]
-            parts.append(extract(model, images[start:stop], chunk_prompt, layers, t, seed, **kw))
+            # The first chunk's plan covers the whole run; later chunks check their own batch against what is left.
+            first = start == 0
+            part = extract(model, images[start:stop], chunk_prompt, layers, t, seed, **kw,
+                           kept_images=n if first else None, in_flight=min(batch_size, n) if first and n > stop
+                           else 0)
+            if first:
+                meta = part.meta
+                out = (dict(part.tensors) if stop == n else
+                       {k: v.new_empty((n, *v.shape[1:])) for k, v in part.tensors.items()})
+            if stop != n or not first:
+                for k, v in part.tensors.items():
+                    out[k][start:stop].copy_(v)
+            prompts += part.meta["prompt"]
+            del part
             if on_batch is not None:
                 on_batch(stop - start)
-    meta = dict(parts[0].meta, prompt=[p for part in parts for p in part.meta["prompt"]])
-    return Features({k: torch.cat([part.tensors[k] for part in parts]) for k in parts[0].tensors}, meta)
+    return Features(out, dict(meta, prompt=prompts))

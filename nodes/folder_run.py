@@ -5,7 +5,9 @@ resize policy gives them; within a group they go in batches of `batch_size`. Nam
 Before any model work, the output names are checked: a run never overwrites earlier features.
 
 The model is the bottleneck, so nothing else waits for it: the next batch's images are decoded by a worker thread
-while the current batch runs, and features are written by another while the next batch runs.
+while the current batch runs, and features are written by another while the next batch runs. Only one batch waits
+for its write at a time, so memory holds at most two batches' features whatever the disk's speed; each batch is
+checked against the memory guard before its forward (see extraction.extract).
 """
 from __future__ import annotations
 
@@ -117,7 +119,10 @@ def extract_folder(model, files: list[Path], prompts: list[str], layers, out_dir
             features = extract(model, images, conditioning(batch), layers, t, seed, resize=resize, size=size,
                                target_side=target_side, **extract_kw)
             pending.append(saver.submit(save_features, features, out_dir, [names[i] for i in batch], fmt, layout))
-            while pending and pending[0].done():  # surface a failed write now, not at the end
+            del features
+            # At most one batch waits to be written while the next is extracted: a writer slower than the model
+            # would otherwise keep every batch's features in memory. A failed write surfaces now, not at the end.
+            while pending and (pending[0].done() or len(pending) > 1):
                 written += pending.pop(0).result()
             if progress is not None:
                 progress(len(batch))

@@ -19,7 +19,10 @@ from ..layer_catalog import FeatureCapture, resolve_taps
 from ..layer_catalog.taps import is_pixart
 from .control import check_controls, control_residuals
 from .ddim import eps_output
-from .extraction import Conditioning, _pixels, check_map_memory, with_time_ids
+from . import memory_guard
+from .memory_guard import count
+from .extraction import Conditioning, _pixels, fits, require, with_time_ids
+from .interrupts import InterruptChecks
 from .samplers import DEFAULT_SCHEDULER, make_scheduler, parse_capture_steps
 
 BRANCHES = ("cond", "uncond", "both")
@@ -97,7 +100,7 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
              scheduler: str = DEFAULT_SCHEDULER, image=None, denoise: float = 1.0, resize: str = "keep-aspect",
              layers=None, capture_steps="", capture_branch: str = "cond", feature_resize: int = 1,
              dtype: torch.dtype | None = None, offload: bool = True, latents: torch.Tensor | None = None,
-             on_step=None) -> Generation:
+             on_step=None, interrupt=None) -> Generation:
     """Generate images, capturing `layers` at `capture_steps` (see samplers.parse_capture_steps).
 
     positive / negative: prompts or Conditionings (negative None: the family's default). cfg > 1 enables
@@ -105,7 +108,9 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
     int(steps * denoise) run); without an image, text-to-image at width x height (default: the native size).
     capture_branch: "cond", "uncond" (needs cfg > 1) or "both". on_step(i, total, latents, x0) is called after
     each step (progress, previews, interrupts: raise to stop). latents: start text-to-image from these (1 or B,
-    C, h, w) instead of seeded noise (e.g. an inverted image). Returns a Generation.
+    C, h, w) instead of seeded noise (e.g. an inverted image). interrupt: a callback run before each block of the
+    denoiser and the VAE, so a long step can be stopped inside (raise to stop). Returns a Generation.
+    Refused before any forward (FeatureMemoryError) when the run's memory plan does not fit: see check_generation.
     """
     from .features_io import Features
     from .lora import lora_applied
@@ -181,19 +186,21 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
         branches = [("uncond", neg.for_batch(batch, device, model_dtype))] if guided else []
         branches.append(("cond", pos.for_batch(batch, device, model_dtype)))
         passes = _passes(branches, batch)
-        if taps:
-            rows_each = batch * max(len(names) for names, _ in passes)
-            check_map_memory(denoiser, taps, rows_each, shape[-2:], pos.encoder_hidden_states.shape[1],
-                             dtype or model_dtype, torch.device("cpu") if offload else device, device)
+        tokens = max(kw["encoder_hidden_states"].shape[1] for _, kw in branches)
+        kept_rows = batch * (2 if capture_branch == "both" else 1) if taps else 0
+        check_generation(model, taps, batch * max(len(names) for names, _ in passes), kept_rows, len(capture_at),
+                         height, width, tokens, dtype=dtype, feature_resize=feature_resize, offload=offload,
+                         images=batch, encode=pixels.shape[0] if pixels is not None else 0)
         capture = FeatureCapture(denoiser, taps, dtype=dtype, device="cpu" if offload else None,
                                  feature_resize=feature_resize) if taps else None
-        captured: dict[str, list[torch.Tensor]] = {t.id: [] for t in taps}
+        captured: dict[str, torch.Tensor] = {}  # allocated at the first capture, filled step by step
+        filled = 0
         labels: list[dict] = []
         step_kwargs = {"generator": generator} if "generator" in _step_params(sched) else {}
         if "eta" in _step_params(sched):
             step_kwargs["eta"] = 0.0
 
-        with capture if capture is not None else contextlib.nullcontext():
+        with capture if capture is not None else contextlib.nullcontext(), InterruptChecks(interrupt, denoiser):
             for i, t in enumerate(timesteps):
                 outputs = {}
                 for names, kwargs in passes:
@@ -208,8 +215,14 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
                             capture.rows = slice(wanted[0] * batch, (wanted[-1] + 1) * batch)
                         out = capture.run(**call)
                         if capture.enabled:
+                            n_rows = (wanted[-1] - wanted[0] + 1) * batch
                             for tap_id, value in capture.features.items():
-                                captured[tap_id].append(value)
+                                if tap_id not in captured:
+                                    captured[tap_id] = value.new_empty((len(capture_at) * kept_rows,
+                                                                        *value.shape[1:]))
+                                captured[tap_id][filled:filled + n_rows].copy_(value)
+                            capture.features = {}
+                            filled += n_rows
                             labels += [{"step": i, "timestep": float(t), "branch": names[k], "image": j}
                                        for k in wanted for j in range(batch)]
                     else:
@@ -226,10 +239,10 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
                 if on_step is not None:
                     on_step(i, total, latents, getattr(result, "pred_original_sample", None))
 
-        images = decode(vae, latents)
+        images = decode(vae, latents, interrupt=interrupt)
     features = None
     if taps:
-        tensors = {k: torch.cat(v) for k, v in captured.items()}
+        tensors = {t.id: captured[t.id][:filled] for t in taps}
         meta = {"family": model.family, "seed": seed, "size": [height, width], "prompt": pos.prompts,
                 "layers": list(tensors), "scheduler": scheduler, "steps": total, "cfg": cfg,
                 "denoise": denoise if pixels is not None else 1.0, "rows": labels}
@@ -252,14 +265,80 @@ def _call_kwargs(pixart: bool, x_in, t, kwargs: dict, extra: dict) -> dict:
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+def decode(vae, latents: torch.Tensor, interrupt=None) -> torch.Tensor:
     """Latents -> ComfyUI IMAGE (B, H, W, 3) in 0..1 on the CPU, one image at a time (VAE decoding at full size is
-    the memory peak of a run)."""
+    the memory peak of a run) into one output allocated up front (a concatenation would hold the images twice)."""
     vparam = next(vae.parameters())
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    out = []
-    for z in latents.split(1):
-        z = (z / vae.config.scaling_factor + shift).to(vparam.device, vparam.dtype)
-        x = vae.decode(z, return_dict=False)[0]
-        out.append((x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
-    return torch.cat(out)
+    out = None
+    with InterruptChecks(interrupt, vae):
+        for i, z in enumerate(latents.split(1)):
+            z = (z / vae.config.scaling_factor + shift).to(vparam.device, vparam.dtype)
+            x = vae.decode(z, return_dict=False)[0]
+            image = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+            if out is None:
+                out = image.new_empty((latents.shape[0], *image.shape[1:]))
+            out[i:i + 1] = image
+    return out
+
+
+GENERATE_ADVICE = "fewer layers (attention maps above all), fewer capture steps, a smaller batch, offload to the CPU"
+
+
+def generation_needs(model, taps, forward_rows: int, kept_rows: int, captures: int, height: int, width: int,
+                     tokens: int, *, dtype=None, feature_resize: int = 1, offload: bool = True, images: int = 1,
+                     encode: int = 0, extra: tuple = ()) -> dict:
+    """The memory plan of a sampling run: on the compute device the largest of one denoiser forward of
+    `forward_rows` rows, one VAE decode, and the VAE encode of `encode` images (image-to-image); where features are
+    kept, `kept_rows` rows of every tap at each of `captures` steps plus one step in flight; on the CPU the output
+    images plus one in flight; `extra`: more (device, what, bytes) a caller keeps (an inversion's latents)."""
+    param = next(model.denoiser.parameters())
+    latent_hw = (height // 8, width // 8)
+    cost = memory_guard.denoiser_cost(model.denoiser, taps, forward_rows, latent_hw, tokens,
+                                      dtype=dtype or param.dtype, feature_resize=feature_resize)
+    per_row = cost.kept // forward_rows
+    peak = max(cost.peak, memory_guard.vae_decode_peak(model.vae, latent_hw))
+    needs: dict = {}
+    if encode:
+        peak = max(peak, memory_guard.vae_encode_peak(model.vae, (height, width), encode))
+        memory_guard.add(needs, "cpu", "the input pixels", encode * 3 * height * width * 4)
+    memory_guard.add(needs, param.device, f"the peak of one denoiser forward of {count(forward_rows, 'row')} or the "
+                     "VAE", peak)
+    store = torch.device("cpu") if offload else param.device
+    memory_guard.add(needs, store, f"the features of {count(captures, 'captured step')} x "
+                     f"{count(kept_rows, 'row')}",
+                     per_row * kept_rows * (captures + 1))
+    memory_guard.add(needs, "cpu", f"{count(images, 'output image')}", (images + 1) * height * width * 3 * 4)
+    for device, what, n in extra:
+        memory_guard.add(needs, device, what, n)
+    return needs
+
+
+def check_generation(model, taps, forward_rows, kept_rows, captures, height, width, tokens, *,
+                     subject: str | None = None, **kw) -> None:
+    """Refuse, before anything runs, a sampling run whose memory plan does not fit, saying what would: how many
+    capture steps fit, and the largest size of the same aspect that fits."""
+    needs = generation_needs(model, taps, forward_rows, kept_rows, captures, height, width, tokens, **kw)
+    if fits(needs):
+        return
+    advice = []
+    if taps and captures > 1:
+        most = memory_guard.largest(lambda k: k == 0 or fits(generation_needs(
+            model, taps, forward_rows, kept_rows, k, height, width, tokens, **kw)), 0, captures - 1)
+        advice.append(f"at most {count(most, 'capture step')} fit at this size" if most else
+                      "not one capture step fits at this size")
+    images = kw.get("images", 1)
+    if subject is None and images > 1 and forward_rows % images == 0 and kept_rows % images == 0:
+        def batch_fits(b):  # rows and kept rows grow with the batch (the same branches per image)
+            more = dict(kw, images=b, encode=b if kw.get("encode") else 0)
+            return fits(generation_needs(model, taps, forward_rows // images * b, kept_rows // images * b, captures,
+                                         height, width, tokens, **more))
+        most = memory_guard.largest(batch_fits, 1, images - 1)
+        if most:
+            advice.append(f"a batch of at most {most} fits")
+    smaller = memory_guard.smaller_side(lambda h, w: fits(generation_needs(
+        model, taps, forward_rows, kept_rows, captures, h, w, tokens, **kw)), height, width, 64)
+    advice.append(f"{smaller[1]}x{smaller[0]} fits" if smaller else "even 64x64 does not fit")
+    require(needs, (subject or f"generating {count(kw.get('images', 1), 'image')} of {width}x{height}")
+            + (f" capturing {count(len(taps), 'layer')} at {count(captures, 'step')}" if taps else ""),
+            f"{'; '.join(advice)} (or use {GENERATE_ADVICE})")

@@ -20,6 +20,7 @@ from ..layer_catalog import FeatureCapture, resolve_taps
 from ..layer_catalog.taps import is_pixart
 from .ddim import eps_output, move_between
 from .extraction import Conditioning, _pixels, encode_latents, with_time_ids
+from .interrupts import InterruptChecks
 from .samplers import make_scheduler, parse_capture_steps
 
 
@@ -95,14 +96,16 @@ def _call(denoiser, x, t: int, kwargs: dict, run=None):
 
 @torch.no_grad()
 def invert(model, image, prompt="", steps: int = 50, *, resize: str = "keep-aspect", size=None, check: bool = True,
-           layers=None, capture_steps="", on_step=None) -> Inversion:
+           layers=None, capture_steps="", on_step=None, interrupt=None) -> Inversion:
     """Invert one image (a path, PIL image or IMAGE tensor of one image) with DDIM; see the module docstring.
 
     layers / capture_steps: capture these taps at these inversion steps (a timeline of the inversion).
-    on_step(i, total) runs after each step (progress, interrupts). Returns an Inversion.
+    on_step(i, total) runs after each step (progress, interrupts); interrupt, before each block of the denoiser and
+    the VAE (raise to stop a long forward). Refused before any forward when the memory plan (every latent, every
+    captured feature, one forward's peak) does not fit (FeatureMemoryError). Returns an Inversion.
     """
     from .features_io import Features
-    from .generation import decode
+    from .generation import check_generation, decode
     from .lora import lora_applied
     from .prompts import encode_prompt
 
@@ -124,40 +127,55 @@ def invert(model, image, prompt="", steps: int = 50, *, resize: str = "keep-aspe
         cond = prompt if isinstance(prompt, Conditioning) else encode_prompt(model, prompt)
         cond = with_time_ids(cond, height, width)
         kwargs = cond.for_batch(1, param.device, param.dtype)
-        x0 = encode_latents(model.vae, pixels, 0, sample=False).to(param.device, param.dtype)
         taps = resolve_taps(layers, denoiser, model.family) if layers and capture_at else []
+        h, w = height // 8, width // 8
+        channels = denoiser.config.in_channels
+        check_generation(model, taps, 1, 1 if taps else 0, len(capture_at), height, width,
+                         cond.encoder_hidden_states.shape[1], offload=True, images=1 if check else 0, encode=1,
+                         extra=(("cpu", f"{len(ascending) + 1} inverted latents",
+                                 (len(ascending) + 1) * channels * h * w * 4),),
+                         subject=f"inverting a {width}x{height} image in {len(ascending)} steps")
+        with InterruptChecks(interrupt, model.vae):
+            x0 = encode_latents(model.vae, pixels, 0, sample=False).to(param.device, param.dtype)
         capture = FeatureCapture(denoiser, taps, device="cpu") if taps else None
-        captured, labels = {t.id: [] for t in taps}, []
-        latents = [x0.float().cpu()]
+        captured, labels, filled = {}, [], 0  # allocated at the first capture, filled step by step
+        latents = torch.empty((len(ascending) + 1, *x0.shape[1:]), dtype=torch.float32)  # no final concatenation
+        latents[0] = x0[0].float().cpu()
         x, a_prev = x0, final
-        with capture if capture is not None else contextlib.nullcontext():
+        with capture if capture is not None else contextlib.nullcontext(), InterruptChecks(interrupt, denoiser):
             for i, t in enumerate(ascending):
                 if capture is not None:
                     capture.enabled = i in capture_at
                 out = _call(denoiser, x, t, kwargs, capture.run if capture is not None else None)
                 if capture is not None and capture.enabled:
                     for k, v in capture.features.items():
-                        captured[k].append(v)
+                        if k not in captured:
+                            captured[k] = v.new_empty((len(capture_at), *v.shape[1:]))
+                        captured[k][filled:filled + 1].copy_(v)
+                    capture.features = {}
+                    filled += 1
                     labels.append({"step": i, "timestep": float(t), "branch": "inversion", "image": 0})
                 # the prediction was made for timestep t on a latent of a_prev: it is read there (see ddim.py)
                 a_t = float(abar[t])
                 x = move_between(x, eps_output(out, x.shape[1]), a_prev, a_t, prediction)
                 a_prev = a_t
-                latents.append(x.float().cpu())
+                latents[i + 1] = x[0].float().cpu()
                 if on_step is not None:
                     on_step(i, len(ascending) * (2 if check else 1))
-        inversion = Inversion(torch.cat(latents), ascending, cond, prompt if isinstance(prompt, str) else
+        inversion = Inversion(latents, ascending, cond, prompt if isinstance(prompt, str) else
                               " | ".join(cond.prompts), model.family, (height, width), fingerprint(model),
                               (pixels.permute(0, 2, 3, 1) / 2 + 0.5).clamp(0, 1).cpu())
         if taps:
-            inversion.features = Features({k: torch.cat(v) for k, v in captured.items()},
+            inversion.features = Features({t.id: captured[t.id][:filled] for t in taps},
                                           {"family": model.family, "size": [height, width], "prompt": cond.prompts,
-                                           "layers": list(captured), "scheduler": "ddim", "steps": len(ascending),
+                                           "layers": [t.id for t in taps], "scheduler": "ddim",
+                                           "steps": len(ascending),
                                            "rows": labels})
         if check:
-            recon = sample_back(model, inversion, kwargs, on_step=None if on_step is None else
-                                (lambda i, _n: on_step(len(ascending) + i, 2 * len(ascending))))
-            inversion.reconstruction = decode(model.vae, recon)
+            with InterruptChecks(interrupt, denoiser):
+                recon = sample_back(model, inversion, kwargs, on_step=None if on_step is None else
+                                    (lambda i, _n: on_step(len(ascending) + i, 2 * len(ascending))))
+            inversion.reconstruction = decode(model.vae, recon, interrupt=interrupt)
             rmse = (recon.float().cpu() - inversion.latents[:1]).pow(2).mean().sqrt().item()
             mae = (inversion.reconstruction - inversion.image).abs().mean().item()
             mse = (inversion.reconstruction - inversion.image).pow(2).mean().item()

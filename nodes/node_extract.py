@@ -63,5 +63,6 @@ class DFExtractFeatures:
             features = extract_in_batches(model, image, conditioning, model.layers, t, seed, batch_size=batch_size,
                                           on_batch=step, resize=resize, ensemble=ensemble,
                                           feature_resize=feature_resize, offload=offload,
-                                          denoise_from=denoise_from or None, denoise_steps=denoise_steps)
+                                          denoise_from=denoise_from or None, denoise_steps=denoise_steps,
+                                          interrupt=comfy_env.interrupt_callback())
         return (features,)

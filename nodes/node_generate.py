@@ -72,6 +72,7 @@ class DFGenerate:
             result = generate(model, positive, negative, steps=steps, cfg=cfg, seed=seed, width=width or None,
                               height=height or None, batch=batch_size, scheduler=scheduler, image=image,
                               denoise=denoise, layers=model.layers, capture_steps=capture_steps,
-                              capture_branch=capture_branch, offload=offload, on_step=on_step)
+                              capture_branch=capture_branch, offload=offload, on_step=on_step,
+                              interrupt=comfy_env.interrupt_callback())
         features = result.features or Features.empty(result.images.shape[1:3], family=model.family, seed=seed)
         return (result.images, features)

@@ -56,7 +56,7 @@ class DFInvert:
         with torch.inference_mode():
             inversion = invert(model, image[:1] if image.shape[0] > 1 else image, prompt, steps, resize=resize,
                                check=check_reconstruction, layers=model.layers, capture_steps=capture_steps,
-                               on_step=on_step)
+                               on_step=on_step, interrupt=comfy_env.interrupt_callback())
         recon = inversion.reconstruction if inversion.reconstruction is not None else inversion.image
         features = inversion.features or Features.empty(inversion.size, family=model.family)
         text = (f"reconstruction: PSNR {inversion.error['psnr']:.2f} dB, mean abs error "
@@ -134,5 +134,6 @@ class DFPnPTranslate:
                             attention_layers=_ids(attention_layers), negative=negative_prompt.strip(),
                             negative_alpha=negative_alpha, negative_schedule=negative_schedule, eta=eta, seed=seed,
                             layers=model.layers,
-                            capture_steps=capture_steps, capture_branch=capture_branch, on_step=on_step)
+                            capture_steps=capture_steps, capture_branch=capture_branch, on_step=on_step,
+                            interrupt=comfy_env.interrupt_callback())
         return (out.images, out.features or Features.empty(inversion.size, family=model.family))

@@ -11,10 +11,6 @@ from .visualize import attention_heatmap, pca_rgb, self_attention_pca, to_image_
 _BYTES_PER_PIXEL = 3 * 4 + 2 * 3
 
 
-class OutputTooLargeError(ValueError):
-    """Output images that cannot fit, refused before they are drawn."""
-
-
 def _image_size(features, count: int, default=None) -> tuple[int, int]:
     """(height, width) of the output images, from the features' metadata (the input image's size), checked before
     anything is drawn: a bounded size, and `count` images of it must fit in the memory this process has."""
@@ -27,13 +23,13 @@ def _image_size(features, count: int, default=None) -> tuple[int, int]:
 
 
 def _check_output_memory(count: int, height: int, width: int) -> None:
-    from .extraction import _free_bytes
+    from . import memory_guard
+    from .extraction import require
 
-    need = count * height * width * _BYTES_PER_PIXEL
-    free = _free_bytes(torch.device("cpu"))
-    if free is not None and need > free:
-        raise OutputTooLargeError(f"{count} output images of {width}x{height} need {need / 2**30:.1f} GiB but "
-                                  f"only {free / 2**30:.1f} GiB is free; choose size 'feature grid' or fewer images")
+    needs: dict = {}
+    memory_guard.add(needs, "cpu", "the output images", count * height * width * _BYTES_PER_PIXEL)
+    require(needs, f"drawing {memory_guard.count(count, 'image')} of {width}x{height}",
+            "choose size 'feature grid', or show fewer images")
 
 
 def _pick(features, layer: str, want_map: bool) -> str:

@@ -21,8 +21,9 @@ import torch
 
 from ..layer_catalog import FeatureCapture, FeatureInjection, enumerate_ids, resolve_taps
 from .ddim import eps_output
-from .extraction import check_map_memory, with_time_ids
-from .generation import Generation, _stack_kwargs, decode
+from .extraction import with_time_ids
+from .generation import Generation, _stack_kwargs, check_generation, decode
+from .interrupts import InterruptChecks
 from .inversion import Inversion, InversionError, _schedule
 from .samplers import parse_capture_steps
 
@@ -93,12 +94,14 @@ def _stack(parts: list[dict]) -> dict:
 def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature_threshold: float = 0.8,
               attention_threshold: float = 0.5, feature_layers=None, attention_layers=None, negative: str = "",
               negative_alpha: float = 1.0, negative_schedule: str = "constant", eta: float = 0.0, seed: int = 0,
-              layers=None, capture_steps="", capture_branch: str = "cond", on_step=None) -> Generation:
+              layers=None, capture_steps="", capture_branch: str = "cond", on_step=None,
+              interrupt=None) -> Generation:
     """Translate the inverted image to each of `prompts` (see the module docstring). Returns a Generation: images
     (K, H, W, 3) in prompt order, and features captured on the way (rows: step x branch x row).
 
     eta: DDIM's stochasticity (0, the default and the original's: deterministic); with eta > 0 the noise of each
-    step comes from a CPU generator seeded by `seed`."""
+    step comes from a CPU generator seeded by `seed`. interrupt: a callback run before each block of the denoiser
+    and the VAE (raise to stop). Refused before any forward when the memory plan does not fit (FeatureMemoryError)."""
     from .features_io import Features
     from .generation import _negative
     from .lora import lora_applied
@@ -133,9 +136,16 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
     capture_at = set(parse_capture_steps(capture_steps, steps))
     taps = resolve_taps(layers, denoiser, model.family) if layers and capture_at else []
     rows = 1 + (2 * k if guided else k)
-    if taps:
-        check_map_memory(denoiser, taps, rows, inversion.latents.shape[-2:],
-                         inversion.conditioning.encoder_hidden_states.shape[1], dtype, torch.device("cpu"), device)
+    names = ["source"] + (["uncond"] * k if guided else []) + ["cond"] * k
+    wanted = {"cond": ["cond"], "uncond": ["uncond"], "both": ["uncond", "cond"],
+              "all": ["source", "uncond", "cond"]}[capture_branch]
+    keep = [r for r, n in enumerate(names) if n in wanted]
+    if taps and not keep:
+        raise PnPError(f"capture_branch {capture_branch!r} needs classifier-free guidance (cfg > 1)")
+    kept_rows = keep[-1] - keep[0] + 1 if taps else 0
+    check_generation(model, taps, rows, kept_rows, len(capture_at), height, width,
+                     inversion.conditioning.encoder_hidden_states.shape[1], offload=True, images=k,
+                     subject=f"translating to {k} prompt{'s' if k > 1 else ''} at {width}x{height}")
 
     features_inj = FeatureInjection(denoiser, feature_taps)  # checked now: nothing has run yet
     attention_inj = FeatureInjection(denoiser, attention_taps)
@@ -147,16 +157,11 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
         negative_text = negative or inversion.prompt
         neg = with_time_ids(encode_prompt(model, negative_text), height, width).for_batch(k, device, dtype)
         x = inversion.latents[-1:].to(device, dtype).expand(k, -1, -1, -1).clone()
-        names = ["source"] + (["uncond"] * k if guided else []) + ["cond"] * k
-        wanted = {"cond": ["cond"], "uncond": ["uncond"], "both": ["uncond", "cond"],
-                  "all": ["source", "uncond", "cond"]}[capture_branch]
-        keep = [r for r, n in enumerate(names) if n in wanted]
-        if taps and not keep:
-            raise PnPError(f"capture_branch {capture_branch!r} needs classifier-free guidance (cfg > 1)")
-        captured, labels = {t.id: [] for t in taps}, []
+        captured, labels, filled = {}, [], 0  # the output is allocated at the first capture and filled
         generator = torch.Generator().manual_seed(int(seed))
         capture = FeatureCapture(denoiser, taps, device="cpu") if taps else None
-        with features_inj, attention_inj, capture if capture is not None else contextlib.nullcontext():
+        with features_inj, attention_inj, capture if capture is not None else contextlib.nullcontext(), \
+                InterruptChecks(interrupt, denoiser):
             for i, t in enumerate(timesteps):
                 features_inj.enabled, attention_inj.enabled = i < n_feature, i < n_attention
                 parts = [source] + ([_mix(empty, neg, float(weights[i]))] if guided else []) + [targets]
@@ -171,7 +176,11 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
                     out = capture.run(**call)[0]
                     if capture.enabled:
                         for tap_id, value in capture.features.items():
-                            captured[tap_id].append(value)
+                            if tap_id not in captured:
+                                captured[tap_id] = value.new_empty((len(capture_at) * kept_rows, *value.shape[1:]))
+                            captured[tap_id][filled:filled + kept_rows].copy_(value)
+                        capture.features = {}
+                        filled += kept_rows
                         labels += [{"step": i, "timestep": float(t), "branch": names[r],
                                     "image": 0 if names[r] == "source" else (r - 1) % k}
                                    for r in range(keep[0], keep[-1] + 1)]
@@ -186,10 +195,10 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
                 x = sched.step(pred, t, x, eta=float(eta), generator=generator).prev_sample
                 if on_step is not None:
                     on_step(i, steps, x)
-        images = decode(model.vae, x)
+        images = decode(model.vae, x, interrupt=interrupt)
     features = None
     if taps:
-        tensors = {key: torch.cat(v) for key, v in captured.items()}
+        tensors = {t.id: captured[t.id][:filled] for t in taps}
         features = Features(tensors, {"family": model.family, "size": [height, width], "prompt": prompts,
                                       "layers": list(tensors), "scheduler": "ddim", "steps": steps, "cfg": cfg,
                                       "seed": seed, "rows": labels})

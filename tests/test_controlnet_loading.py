@@ -50,6 +50,9 @@ def _outputs(net):
 
 
 def _assert_same(loaded: ControlNet, original):
+    # Loaded modules are frozen, and PyTorch's CPU kernels may differ in the last bit between frozen weights and
+    # weights that require grad (seen on this CI's CPUs): compare like with like, bit for bit.
+    original.requires_grad_(False)
     got, want = _outputs(loaded.module), _outputs(original)
     assert len(got) == len(want)
     for a, b in zip(got, want):

@@ -118,14 +118,21 @@ def test_maps_that_cannot_fit_are_refused_up_front(sd15_unet, monkeypatch):
     from diffusion_feature.layer_catalog import resolve_taps
     sizes = extraction.map_bytes(sd15_unet, resolve_taps(ids, sd15_unet), 2, (8, 12), 7, torch.float32)
     assert sizes == [2 * 4 * 2 * 96 * 96, 2 * 4 * 2 * 96 * 7]  # batch x fp32 x heads x Nq x Nk
+    # the run's plan: the maps it keeps, and the peak of the forward that computes them (on the same device here)
+    need = extraction.extraction_needs(sd15_unet, resolve_taps(ids, sd15_unet), 2, (8, 12), 7)[torch.device("cpu")]
+    assert dict(need.parts)["the features of 2 images"] == sum(sizes) and need.total > sum(sizes)
     monkeypatch.setattr(extraction, "_free_bytes", lambda device: 1000)
     calls = []
     hook = sd15_unet.conv_in.register_forward_hook(lambda *a: calls.append(1))
     try:
-        with pytest.raises(extraction.FeatureMemoryError, match=r"need 0\.2 MiB on cpu but only 0\.0 MiB is free"):
+        with pytest.raises(extraction.FeatureMemoryError,
+                           match=rf"need {need.total / 2**20:.1f} MiB on cpu \(.*\) but only 0\.0 MiB is free"):
+            extract_latents(sd15_unet, x0, cond, ids, 50, 0, alphas_cumprod(SD_SCHEDULER))
+        monkeypatch.setattr(extraction, "_free_bytes", lambda device: need.total - 1)
+        with pytest.raises(extraction.FeatureMemoryError):
             extract_latents(sd15_unet, x0, cond, ids, 50, 0, alphas_cumprod(SD_SCHEDULER))
     finally:
         hook.remove()
     assert calls == []  # refused before the forward
-    monkeypatch.setattr(extraction, "_free_bytes", lambda device: sum(sizes))
+    monkeypatch.setattr(extraction, "_free_bytes", lambda device: need.total)
     extract_latents(sd15_unet, x0, cond, ids, 50, 0, alphas_cumprod(SD_SCHEDULER))  # exactly fits: runs

@@ -15,9 +15,10 @@ from safetensors.torch import save_file
 from diffusion_feature import NODE_CLASS_MAPPINGS
 from diffusion_feature.layer_catalog import LayerIdError, resolve_layers, resolve_taps
 from diffusion_feature.layer_catalog import resolver
-from diffusion_feature.nodes import comfy_env, node_visualize, routes, tokenizers
+from diffusion_feature.nodes import comfy_env, routes, tokenizers
 from diffusion_feature.nodes.features_io import (MAX_IMAGE_SIDE, FeatureFileError, Features, load_features,
                                                  save_features, write_atomic)
+from diffusion_feature.nodes.memory_guard import FeatureMemoryError
 from diffusion_feature.nodes.output_paths import OutputPathError, resolve_prefix
 
 N = {k: v() for k, v in NODE_CLASS_MAPPINGS.items()}
@@ -199,9 +200,9 @@ def test_visualization_refuses_output_that_cannot_fit_before_drawing(monkeypatch
     from diffusion_feature.nodes import extraction
 
     monkeypatch.setattr(extraction, "_free_bytes", lambda device: 2**30)
-    with pytest.raises(node_visualize.OutputTooLargeError, match="8 output images of 16384x16384 need"):
+    with pytest.raises(FeatureMemoryError, match="drawing 8 images of 16384x16384 would need 36.00 GiB on cpu"):
         N["DFFeaturePCA"].pca(feats, LAYER, True)
-    with pytest.raises(node_visualize.OutputTooLargeError, match="need"):
+    with pytest.raises(FeatureMemoryError, match="would need"):
         N["DFAttentionMap"].show(feats, MAP, 1, 0.5, 0.5)
     small = Features(feats.tensors, {"input_size": [24, 24]})
     (image,) = N["DFFeaturePCA"].pca(small, LAYER, True)
