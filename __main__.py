@@ -1,4 +1,4 @@
 """`python -m diffusion_feature ...`: the command line."""
-from .nodes.cli import main
+from .engine.cli import main
 
 raise SystemExit(main())

@@ -102,7 +102,7 @@ def input_dir() -> Path:
 
 def layer_file(name: str) -> Path:
     """A layer JSON file named in a widget: only from the input folder (where users upload files)."""
-    from .safe_paths import inside
+    from ..engine.safe_paths import inside
 
     shown = name if len(name) <= 80 else name[:77] + "..."
     return inside(input_dir(), name, f"layer file {shown!r}", "ComfyUI's input folder")

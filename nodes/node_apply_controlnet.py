@@ -1,7 +1,7 @@
 """DFApplyControlNet: attach a ControlNet hint to a conditioning (chainable)."""
 from __future__ import annotations
 
-from .control import attach_control
+from ..engine.control import attach_control
 
 
 class DFApplyControlNet:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import comfy_env
-from .controlnet import CONTROLNET_FAMILIES, SINGLE_FILE_SUFFIXES, WEIGHT_NAMES, load_controlnet
-from .file_cache import FileCache
+from ..engine.controlnet import CONTROLNET_FAMILIES, SINGLE_FILE_SUFFIXES, WEIGHT_NAMES, load_controlnet
+from ..engine.file_cache import FileCache
 
 KIND = "controlnet"
 DTYPE_CHOICES = ["auto", "float32", "float16", "bfloat16"]

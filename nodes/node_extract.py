@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from . import comfy_env
-from .extraction import extract_in_batches
-from .images import RESIZE_MODES
+from ..engine.extraction import extract_in_batches
+from ..engine.images import RESIZE_MODES
 
 
 class DFExtractFeatures:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from . import comfy_env
-from .features_io import Features
-from .generation import BRANCHES, generate
-from .samplers import DEFAULT_SCHEDULER, SCHEDULERS
+from ..engine.features_io import Features
+from ..engine.generation import BRANCHES, generate
+from ..engine.samplers import DEFAULT_SCHEDULER, SCHEDULERS
 
 
 class DFGenerate:

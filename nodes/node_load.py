@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..layer_catalog import FAMILIES
 from . import comfy_env
-from .loading import load_model
+from ..engine.loading import load_model
 
 CATEGORY = "diffusion_feature/load"
 FAMILY_CHOICES = ["auto", *FAMILIES]

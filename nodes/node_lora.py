@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 
 from . import comfy_env
-from .file_cache import FileCache
-from .lora import load_lora, with_lora
+from ..engine.file_cache import FileCache
+from ..engine.lora import load_lora, with_lora
 
 _CACHE = FileCache(size=8)  # LoraWeights by (path, mtime_ns, size)
 

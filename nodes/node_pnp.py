@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 from . import comfy_env
-from .features_io import Features
-from .images import RESIZE_MODES
-from .inversion import invert
-from .pnp import CAPTURE_BRANCHES, NEGATIVE_SCHEDULES, translate
+from ..engine.features_io import Features
+from ..engine.images import RESIZE_MODES
+from ..engine.inversion import invert
+from ..engine.pnp import CAPTURE_BRANCHES, NEGATIVE_SCHEDULES, translate
 
 
 def _ids(text: str) -> list[str] | None:

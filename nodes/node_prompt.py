@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import comfy_env
-from .prompts import encode_prompt
+from ..engine.prompts import encode_prompt
 
 
 class DFEncodePrompt:

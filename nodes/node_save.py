@@ -4,9 +4,9 @@ from __future__ import annotations
 import itertools
 
 from . import comfy_env
-from .features_io import FORMATS, LAYOUTS, load_features, row_label, save_features
-from .output_paths import sample_names
-from .safe_paths import UnsafePathError, inside
+from ..engine.features_io import FORMATS, LAYOUTS, load_features, row_label, save_features
+from ..engine.output_paths import sample_names
+from ..engine.safe_paths import UnsafePathError, inside
 
 
 class DFSaveFeatures:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .features_io import check_image_size
-from .visualize import attention_heatmap, pca_rgb, self_attention_pca, to_image_size
+from ..engine.features_io import check_image_size
+from ..engine.visualize import attention_heatmap, pca_rgb, self_attention_pca, to_image_size
 
 # An output image costs 3 float32 values per pixel (the IMAGE) plus the uint8 drawing and one resize buffer.
 _BYTES_PER_PIXEL = 3 * 4 + 2 * 3
@@ -23,8 +23,8 @@ def _image_size(features, count: int, default=None) -> tuple[int, int]:
 
 
 def _check_output_memory(count: int, height: int, width: int) -> None:
-    from . import memory_guard
-    from .extraction import require
+    from ..engine import memory_guard
+    from ..engine.extraction import require
 
     needs: dict = {}
     memory_guard.add(needs, "cpu", "the output images", count * height * width * _BYTES_PER_PIXEL)

@@ -30,7 +30,7 @@ def layers_payload(family: str) -> dict:
 
 
 def family_payload(kind: str, name: str) -> dict:
-    from .loading import detect_family, detect_folder_family, read_key_shapes
+    from ..engine.loading import detect_family, detect_folder_family, read_key_shapes
 
     if kind not in ("checkpoints", "diffusers"):
         raise ValueError("kind must be checkpoints or diffusers")
@@ -43,7 +43,7 @@ def family_payload(kind: str, name: str) -> dict:
 
 def status_payload() -> dict:
     from ..layer_catalog import residue
-    from .loading import LIVE_DENOISERS
+    from ..engine.loading import LIVE_DENOISERS
 
     models = list(LIVE_DENOISERS)
     totals = {"forward_hooks": 0, "forward_pre_hooks": 0, "map_processors": 0}

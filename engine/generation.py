@@ -21,7 +21,8 @@ from .control import check_controls, control_residuals
 from .ddim import eps_output
 from . import memory_guard
 from .memory_guard import count
-from .extraction import Conditioning, _pixels, fits, require, with_time_ids
+from .conditioning import Conditioning, with_time_ids
+from .extraction import _pixels, fits, require
 from .interrupts import InterruptChecks
 from .samplers import DEFAULT_SCHEDULER, make_scheduler, parse_capture_steps
 

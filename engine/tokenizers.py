@@ -1,7 +1,7 @@
 """Offline tokenizers.
 
 A checkpoint folder's own tokenizer files come first. When there are none (a single-file checkpoint), the CLIP
-tokenizer is built from the BPE merges bundled in nodes/data (the same file OpenCLIP ships), or taken from ComfyUI's
+tokenizer is built from the BPE merges bundled in engine/data (the same file OpenCLIP ships), or taken from ComfyUI's
 bundled copy when running inside ComfyUI. Nothing is ever downloaded: a missing tokenizer is a clear error.
 """
 from __future__ import annotations
@@ -19,6 +19,21 @@ _N_MERGES = 49152 - 256 - 2  # CLIP's vocabulary: 256 bytes, their '</w>' forms,
 
 class TokenizerMissingError(ValueError):
     pass
+
+
+def _no_host(name: str) -> Path | None:
+    return None
+
+
+# Where the host application keeps bundled tokenizer folders (ComfyUI: comfy/t5_tokenizer, ...). The engine never
+# imports ComfyUI: the node layer installs ComfyUI's finder when the pack loads there.
+host_tokenizer_dir = _no_host
+
+
+def set_host_tokenizer_dir(finder) -> None:
+    """finder(name) -> the host's bundled tokenizer folder of that name, or None."""
+    global host_tokenizer_dir
+    host_tokenizer_dir = finder or _no_host
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..layer_catalog.families import get_family
-from .loading import CheckpointError, load_pickle_state_dict, read_key_shapes
+from .checkpoint_files import CheckpointError, load_pickle_state_dict, read_key_shapes
 from .model import parse_dtype
 
 CONTROLNET_FAMILIES = ("sd15", "sd21", "sdxl")

@@ -19,7 +19,8 @@ import torch
 from ..layer_catalog import FeatureCapture, resolve_taps
 from ..layer_catalog.taps import is_pixart
 from .ddim import eps_output, move_between
-from .extraction import Conditioning, _pixels, encode_latents, with_time_ids
+from .conditioning import Conditioning, with_time_ids
+from .extraction import _pixels, encode_latents
 from .interrupts import InterruptChecks
 from .samplers import make_scheduler, parse_capture_steps
 

@@ -66,7 +66,7 @@ class FeatureModel:
 
     @cached_property
     def alphas_cumprod(self) -> torch.Tensor:
-        from .extraction import alphas_cumprod
+        from .schedule import alphas_cumprod
 
         return alphas_cumprod(self.scheduler_config)
 

@@ -96,7 +96,7 @@ def _read_tensors(path: Path) -> tuple[dict, dict]:
             return load_file(str(path)), metadata
         except (SafetensorError, OSError, ValueError) as e:
             raise LoraError(f"LoRA {str(path)!r} is not a valid safetensors file ({e})") from None
-    from .loading import CheckpointError, load_pickle_state_dict
+    from .checkpoint_files import CheckpointError, load_pickle_state_dict
 
     try:
         return load_pickle_state_dict(path), {}

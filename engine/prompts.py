@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .extraction import Conditioning
+from .conditioning import Conditioning
 from .lora import TEXT_COMPONENTS, lora_applied
 
 CLIP_WINDOW = 75

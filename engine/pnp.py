@@ -21,7 +21,7 @@ import torch
 
 from ..layer_catalog import FeatureCapture, FeatureInjection, enumerate_ids, resolve_taps
 from .ddim import eps_output
-from .extraction import with_time_ids
+from .conditioning import with_time_ids
 from .generation import Generation, _stack_kwargs, check_generation, decode
 from .interrupts import InterruptChecks
 from .inversion import Inversion, InversionError, _schedule

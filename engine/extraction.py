@@ -10,10 +10,8 @@ Semantics (also in the README):
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -21,12 +19,11 @@ import torch
 from ..layer_catalog import FeatureCapture, resolve_taps
 from ..layer_catalog.taps import is_pixart
 from . import memory_guard
-from .memory_guard import count
+from .conditioning import Conditioning, with_time_ids  # noqa: F401  (extraction's public names since 0.1)
 from .interrupts import InterruptChecks
 from .memory_guard import FeatureMemoryError  # noqa: F401  (raised by every run's guard; importable from here)
-
-NUM_TRAIN_TIMESTEPS = 1000
-
+from .memory_guard import count
+from .schedule import NUM_TRAIN_TIMESTEPS, alphas_cumprod, check_timestep, noise_latents  # noqa: F401
 
 def _free_bytes(device: torch.device) -> int | None:
     """What this process can still allocate on `device` (None: unknown); every run's guard reads it here."""
@@ -100,72 +97,6 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-@dataclass
-class Conditioning:
-    """What the denoiser needs besides the latent: text embeddings and, per family, extras.
-
-    encoder_hidden_states: (1 or B, tokens, dim). added_cond_kwargs: SDXL's text_embeds/time_ids or PixArt's
-    resolution/aspect_ratio. encoder_attention_mask: PixArt's T5 padding mask (1 or B, tokens).
-    """
-
-    encoder_hidden_states: torch.Tensor
-    added_cond_kwargs: dict | None = None
-    encoder_attention_mask: torch.Tensor | None = None
-    prompts: list[str] = field(default_factory=list)
-    controls: tuple = ()
-
-    @property
-    def batch(self) -> int:
-        return self.encoder_hidden_states.shape[0]
-
-    def take(self, start: int, stop: int) -> "Conditioning":
-        """The conditioning of images start..stop-1 (prompts and control images given one per image are cut; one
-        given for all is kept)."""
-        controls = tuple(dataclasses.replace(h, image=h.image[start:stop]) if h.image.shape[0] > 1 else h
-                         for h in self.controls)
-        if self.batch == 1:
-            return dataclasses.replace(self, controls=controls)
-        cut = lambda x: x[start:stop] if torch.is_tensor(x) and x.shape[0] == self.batch else x  # noqa: E731
-        added = {k: cut(v) for k, v in self.added_cond_kwargs.items()} if self.added_cond_kwargs else None
-        return dataclasses.replace(self, encoder_hidden_states=cut(self.encoder_hidden_states),
-                                   added_cond_kwargs=added, encoder_attention_mask=cut(self.encoder_attention_mask),
-                                   prompts=self.prompts[start:stop], controls=controls)
-
-    def for_batch(self, batch: int, device, dtype) -> dict:
-        """Forward kwargs for a batch of `batch` latents (a single prompt is repeated)."""
-        def fit(x):
-            if x is None or not torch.is_tensor(x):
-                return x
-            if x.shape[0] not in (1, batch):
-                raise ValueError(f"conditioning holds {x.shape[0]} prompts for {batch} images; give one prompt "
-                                 "for the batch or one per image")
-            x = x.expand(batch, *x.shape[1:]) if x.shape[0] == 1 else x
-            return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
-
-        kwargs = {"encoder_hidden_states": fit(self.encoder_hidden_states)}
-        if self.added_cond_kwargs is not None:
-            kwargs["added_cond_kwargs"] = {k: fit(v) for k, v in self.added_cond_kwargs.items()}
-        if self.encoder_attention_mask is not None:
-            kwargs["encoder_attention_mask"] = fit(self.encoder_attention_mask)
-        return kwargs
-
-
-def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
-    """abar_t for t = 0..999 from a checkpoint's scheduler config (its beta schedule), in float64."""
-    from diffusers import DDPMScheduler
-
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-    config = {k: scheduler_config[k] for k in keys if scheduler_config.get(k) is not None}
-    abar = DDPMScheduler.from_config(config).alphas_cumprod.double()
-    if abar.shape[0] != NUM_TRAIN_TIMESTEPS:
-        raise ValueError(f"the scheduler has {abar.shape[0]} training timesteps; expected {NUM_TRAIN_TIMESTEPS}")
-    return abar
-
-
-def check_timestep(t) -> int:
-    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < NUM_TRAIN_TIMESTEPS:
-        raise ValueError(f"t must be an integer training timestep in 0..{NUM_TRAIN_TIMESTEPS - 1}, got {t!r}")
-    return t
 
 
 def encode_latents(vae, pixels: torch.Tensor, seed: int, sample: bool = True) -> torch.Tensor:
@@ -184,13 +115,6 @@ def encode_latents(vae, pixels: torch.Tensor, seed: int, sample: bool = True) ->
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
 
-
-def noise_latents(x0: torch.Tensor, t: int, abar: torch.Tensor, seed: int) -> torch.Tensor:
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, eps from a CPU generator seeded by `seed`."""
-    eps = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-    a = abar[t].item()
-    x_t = a ** 0.5 * x0.float() + (1.0 - a) ** 0.5 * eps.to(x0.device)
-    return x_t.to(x0.dtype)
 
 
 @torch.no_grad()
@@ -285,14 +209,6 @@ def _pixels(images, native: int, resize: str, size) -> tuple[torch.Tensor, list]
         prepared = [prepare(im, native, resize) for im in pil]
     return to_tensor(prepared), pil
 
-
-def with_time_ids(cond: Conditioning, height: int, width: int) -> Conditioning:
-    """SDXL micro-conditioning from the real image size: original = target = (H, W), no crop."""
-    if cond.added_cond_kwargs is None or "text_embeds" not in cond.added_cond_kwargs:
-        return cond
-    pooled = cond.added_cond_kwargs["text_embeds"]
-    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
-    return dataclasses.replace(cond, added_cond_kwargs=dict(cond.added_cond_kwargs, time_ids=time_ids))
 
 
 @torch.no_grad()

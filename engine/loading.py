@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from ..layer_catalog import FAMILIES, get_family
-from .comfy_env import comfy_tokenizer_dir
+from .checkpoint_files import CheckpointError, load_pickle_state_dict, read_key_shapes  # noqa: F401
 from .model import FeatureModel, parse_dtype
+from . import tokenizers
 from .tokenizers import TokenizerMissingError, clip_tokenizer, load_tokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -23,45 +24,7 @@ SDXL_LIKE = ("sdxl", "playground-v2")
 LIVE_DENOISERS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # for the status route: what is loaded now
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message says what the file is or what is missing."""
-
-
 # ---- family detection ----------------------------------------------------------------------------------------
-def read_key_shapes(path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of a single-file checkpoint, reading as little as the format allows."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(p), "pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{str(p)!r} is not a valid safetensors file ({e})") from None
-    return {k: tuple(v.shape) for k, v in load_pickle_state_dict(p).items()}
-
-
-def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A .ckpt/.pt state dict through torch.load(weights_only=True): code inside the file never runs."""
-    import pickle
-
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{str(path)!r} was refused by torch.load(weights_only=True): it is not a plain "
-                              f"tensor checkpoint, and we never run the code a pickle may carry ({first}). "
-                              "Convert it to .safetensors with a tool you trust.") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise CheckpointError(f"{str(path)!r} holds no state dict of tensors")
-    return obj
-
-
 def detect_family(shapes: dict[str, tuple[int, ...]]) -> str:
     """The family of a single-file (original layout) checkpoint from its tensor names and shapes."""
     if any(k.startswith("model.diffusion_model.") for k in shapes):
@@ -100,7 +63,7 @@ def _check_family(detected: str, family: str | None, path) -> str:
 def default_tokenizers(family: str) -> list:
     """Tokenizers for a checkpoint that ships none."""
     if family == "pixart-sigma":
-        folder = comfy_tokenizer_dir("t5_tokenizer")
+        folder = tokenizers.host_tokenizer_dir("t5_tokenizer")
         if folder is None:
             raise TokenizerMissingError(
                 "pixart-sigma needs its T5 tokenizer: load PixArt from a diffusers folder that has tokenizer/, or "

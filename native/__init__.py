@@ -1,0 +1,22 @@
+"""The native backend: layer ids, taps and attention maps on ComfyUI's own UNet (the MODEL of Load Checkpoint),
+captured per model call during ordinary sampling. Only `comfy_model` touches ComfyUI objects, and it imports
+`comfy` lazily; the rest imports without ComfyUI.
+
+    from diffusion_feature.native import capture_layers
+    tapped, capture = capture_layers(model, "practical", steps="every 5", branch="both")
+    # ... sample with `tapped` (KSampler, SamplerCustom, ...) ...
+    labels, features = capture.stacked()   # one row per step x branch x conditioning x image
+"""
+from .capture import BRANCHES, NativeCapture, NoCaptureError, Record
+from .comfy_model import call_hooks, capture_layers, diffusion_model, model_layer_ids, native_family
+from .maps import attention_probs
+from .names import (SUPPORTED_FAMILIES, NativeLayout, NativeTap, UnsupportedModelError, is_native_unet, native_ids,
+                    native_taps)
+from .taps import CallHooks, TokenGridError, hook_counts
+
+__all__ = [
+    "BRANCHES", "NativeCapture", "NoCaptureError", "Record", "call_hooks", "capture_layers", "diffusion_model",
+    "model_layer_ids", "native_family", "attention_probs", "SUPPORTED_FAMILIES", "NativeLayout", "NativeTap",
+    "UnsupportedModelError", "is_native_unet", "native_ids", "native_taps", "CallHooks", "TokenGridError",
+    "hook_counts",
+]

@@ -1,0 +1,304 @@
+"""Capture during ComfyUI sampling: which model calls are recorded, how their rows are labelled, where tensors live.
+
+A `NativeCapture` holds the settings (layer taps, capture steps, branch) and the captured rows. It is reached from
+the tapped MODEL only through a small wrapper object that carries its registry key, so nothing large sits in
+`model_options` (ComfyUI deep-copies it on every clone) and the wrapper deep-copies as itself. The registry holds
+captures weakly: once the DF_CAPTURE output is gone, a stale tapped MODEL records nothing.
+
+Per model call the wrapper reads ComfyUI's `transformer_options`: `cond_or_uncond` (0 = positive, 1 = negative,
+one entry per chunk of rows), `uuids` (one per conditioning, ComfyUI >= 2024-12), `sigmas` (this call's) and
+`sample_sigmas` (the run's schedule, ComfyUI >= 2024-08). Rules:
+- Step: the index i of the schedule entry equal to the call's sigma; a sub-step call at a sigma between two entries
+  (dpm_2, dpmpp_2s, dpmpp_sde midpoints) belongs to the step it starts from. This is right for every sampler that
+  evaluates once per step, multistep ones included (uni_pc evaluates step i+1 before reporting step i). Heun-type
+  samplers (heun, heunpp2) evaluate their correction exactly at sigma i+1 before step i+1's own call: that
+  correction is then step i+1's row. (A sampler's step callback cannot tell the two cases apart either.) Without
+  sample_sigmas (the 2024-03 ComfyUI) steps are counted by distinct decreasing sigmas, and a sigma higher than the
+  last one starts a new run.
+- A new sampling run (another schedule tensor, or a sigma going up without a schedule) replaces the rows of the
+  previous run, so a graph queued again does not pile rows up and memory stays flat over many prompts.
+- First call wins: per (step, branch, conditioning) only the first call's rows are kept. Extra calls made within
+  a step (SAG, PAG, a heun correction at the next sigma) neither add nor shift rows. Without uuids the
+  conditioning is its ordinal among the call's chunks of that branch.
+- Only wanted steps and branches get hooks at all; other calls run exactly as without the taps.
+- Rows are stored only when the call returns: a call that raised leaves no partial rows.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from .names import NativeTap
+from .taps import CallHooks
+
+BRANCHES = {"cond": (0,), "uncond": (1,), "both": (0, 1)}
+BRANCH_NAMES = {0: "cond", 1: "uncond"}
+WRAPPER_KEY = "diffusion_feature.capture"
+
+_registry: weakref.WeakValueDictionary[str, NativeCapture] = weakref.WeakValueDictionary()
+_keys = itertools.count()
+
+
+class NoCaptureError(RuntimeError):
+    """The capture recorded nothing (its MODEL never reached a sampler, or no call matched)."""
+
+
+def _parse_steps(spec, steps: int) -> list[int]:
+    from ..engine.samplers import parse_capture_steps  # the one capture-step grammar of the pack
+
+    return parse_capture_steps(spec, steps)
+
+
+@dataclass
+class Record:
+    """One kept model call: a label per kept row and each tap's tensor for those rows (same order)."""
+
+    labels: list[dict]
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class CallPlan:
+    step: int
+    rows: torch.Tensor
+    labels: list[dict]
+    keys: list[tuple]
+
+
+class NativeCapture:
+    """Settings and rows of one capture. Create with `comfy_model.capture_layers`; read with `records`,
+    `labels()` / `stacked()` after the sampler ran.
+
+    steps: 'all', 'last', 'every K [from S]', a list ('0, 5, 10-12', negatives from the end), as DFGenerate's
+    capture steps. branch: 'cond', 'uncond' or 'both'. dtype / device: where captured tensors go.
+    """
+
+    def __init__(self, taps: list[NativeTap], steps="all", branch: str = "cond", *, family: str | None = None,
+                 dtype: torch.dtype | None = None, device=None):
+        if branch not in BRANCHES:
+            raise ValueError(f"branch {branch!r} is not one of {', '.join(BRANCHES)}")
+        _parse_steps(steps, 1000)  # a syntax error shows now, not in the middle of sampling
+        self.taps, self.steps_spec, self.branch, self.family = list(taps), steps, branch, family
+        self.dtype, self.device = dtype, device
+        self.key = f"df-capture-{next(_keys)}"
+        _registry[self.key] = self
+        self.records: list[Record] = []
+        self.model_calls = 0  # calls of the tapped model seen in the current run, captured or not
+        self.total_steps: int | None = None
+        self._schedule_ref = None
+        self._last_sigma: float | None = None
+        self._step = -1
+        self._wanted: set[int] | None = None
+        self.steps_error: str | None = None
+        self._seen: set[tuple] = set()
+        self._ordinals: dict[tuple, list] = {}
+
+    @property
+    def ids(self) -> list[str]:
+        return [t.id for t in self.taps]
+
+    # ---- runs and steps --------------------------------------------------------------------------------
+    def _new_run(self, total: int | None) -> None:
+        self.records, self._seen, self._ordinals = [], set(), {}
+        self.model_calls, self.total_steps, self._step = 0, total, -1
+        self.steps_error = None
+        try:
+            self._wanted = None if total is None else set(_parse_steps(self.steps_spec, total))
+        except ValueError as e:  # steps the run does not have: the image still samples, collecting says why
+            self.steps_error, self._wanted = str(e), set()
+
+    def _step_of(self, sigma: float, schedule: torch.Tensor | None) -> int:
+        if schedule is not None:
+            if self._schedule_ref is None or self._schedule_ref() is not schedule:
+                self._schedule_ref = weakref.ref(schedule)
+                self._new_run(max(len(schedule) - 1, 1))
+            s = [float(v) for v in schedule.detach().flatten().cpu()][:-1] or [sigma]
+            for i, v in enumerate(s):
+                if abs(v - sigma) <= 1e-5 * max(1.0, abs(v)):
+                    return i
+            inside = [i for i, v in enumerate(s) if v >= sigma]
+            return inside[-1] if inside else 0
+        tol = 1e-5 * max(1.0, abs(sigma))
+        if self._last_sigma is None or sigma > self._last_sigma + tol:
+            self._new_run(None)
+            self._step = 0
+        elif sigma < self._last_sigma - tol:
+            self._step += 1
+        self._last_sigma = sigma
+        if self.steps_spec == "last":  # without a schedule the last step is only known at the end: keep one
+            self.records = [r for r in self.records if r.labels and r.labels[0]["step"] == self._step]
+        return self._step
+
+    def plan(self, x: torch.Tensor, sigma: torch.Tensor | float, transformer_options: dict,
+             timestep_of=None) -> CallPlan | None:
+        """Decide what one model call contributes: its rows to keep with their labels, or None (no hooks)."""
+        sig = float(sigma.detach().flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+        schedule = transformer_options.get("sample_sigmas")
+        step = self._step_of(sig, schedule if isinstance(schedule, torch.Tensor) else None)
+        self.model_calls += 1
+        if self._wanted is not None and step not in self._wanted:
+            return None
+        cou = list(transformer_options.get("cond_or_uncond") or [0])
+        batch = x.shape[0]
+        if batch % len(cou):
+            cou = [cou[0]]  # rows do not split into the announced chunks: label the call as one chunk
+        per = batch // len(cou)
+        uuids = transformer_options.get("uuids")
+        timestep = None
+        rows, labels, keys = [], [], []
+        for j, branch in enumerate(cou):
+            if branch not in BRANCHES[self.branch]:
+                continue
+            if uuids is not None and len(uuids) == len(cou):
+                cond = uuids[j]
+            else:
+                cond = ("chunk", sum(1 for b in cou[:j] if b == branch))
+            key = (step, branch, cond)
+            if key in self._seen or key in keys:
+                continue
+            known = self._ordinals.setdefault((step, branch), [])
+            if cond not in known:
+                known.append(cond)
+            if timestep is None:
+                timestep = float(timestep_of(torch.tensor([sig]))[0]) if timestep_of is not None else None
+            keys.append(key)
+            for image in range(per):
+                rows.append(j * per + image)
+                labels.append({"step": step, "timestep": timestep, "sigma": sig, "branch": BRANCH_NAMES[branch],
+                               "image": image, "cond_index": known.index(cond)})
+        if not rows:
+            return None
+        return CallPlan(step, torch.tensor(rows, dtype=torch.long), labels, keys)
+
+    def hooks(self, unet: torch.nn.Module, plan: CallPlan) -> CallHooks:
+        return CallHooks(unet, self.taps, rows=plan.rows, dtype=self.dtype, device=self.device)
+
+    def commit(self, plan: CallPlan, hooks: CallHooks) -> None:
+        missing = [t.id for t in self.taps if t.id not in hooks.features]
+        if missing:
+            raise RuntimeError(f"these taps never fired during the model call: {missing}")
+        self._seen.update(plan.keys)
+        self.records.append(Record(plan.labels, dict(hooks.features)))
+
+    def run_call(self, unet: torch.nn.Module, x, sigma, transformer_options: dict, call, timestep_of=None):
+        """One model call under the capture's rules: hooks on `unet` only while `call()` runs."""
+        plan = self.plan(x, sigma, transformer_options or {}, timestep_of)
+        if plan is None:
+            return call()
+        with self.hooks(unet, plan) as hooks:
+            out = call()
+        self.commit(plan, hooks)
+        return out
+
+    # ---- reading ---------------------------------------------------------------------------------------
+    def _final_records(self) -> list[Record]:
+        if self.steps_error is not None:
+            raise ValueError(f"capture steps {self.steps_spec!r} do not fit the sampling run: {self.steps_error}")
+        if self._wanted is not None or not self.records:
+            return self.records
+        steps = sorted({label["step"] for r in self.records for label in r.labels})
+        try:
+            wanted = set(_parse_steps(self.steps_spec, steps[-1] + 1))
+        except ValueError as e:
+            raise ValueError(f"capture steps {self.steps_spec!r} do not fit the sampling run: {e}") from None
+        return [r for r in self.records if r.labels and r.labels[0]["step"] in wanted]
+
+    def labels(self) -> list[dict]:
+        """One label per captured row, ordered by step, then branch (cond first), conditioning and image."""
+        return [dict(lab) for _, lab, _ in self._ordered()]
+
+    def _ordered(self):
+        rows = [(r, lab, i) for r in self._final_records() for i, lab in enumerate(r.labels)]
+        order = {"cond": 0, "uncond": 1}
+        return sorted(rows, key=lambda t: (t[1]["step"], order[t[1]["branch"]], t[1]["cond_index"], t[1]["image"]))
+
+    def stacked(self) -> tuple[list[dict], dict[str, torch.Tensor]]:
+        """(labels, {id: tensor with one row per label}). Raises NoCaptureError when nothing was captured."""
+        rows = self._ordered()
+        if not rows:
+            if self.model_calls == 0:
+                raise NoCaptureError("the capture saw no model call: connect the MODEL output of DFCaptureLayers "
+                                     "to a sampler (KSampler, SamplerCustom, ...) that runs before collecting")
+            raise NoCaptureError(f"the capture saw {self.model_calls} model calls but none matched capture steps "
+                                 f"{self.steps_spec!r} and branch {self.branch!r}")
+        feats = {}
+        for tid in self.ids:
+            items = [r.features[tid][i] for r, _, i in rows]
+            shapes = sorted({tuple(t.shape) for t in items})
+            if len(shapes) > 1:  # e.g. area conditionings run on a crop of the latent
+                raise ValueError(f"{tid}: captured rows have different shapes {shapes} (area conditioning?); read "
+                                 "capture.records, which keeps each call's rows apart")
+            feats[tid] = torch.stack(items)
+        return [dict(lab) for _, lab, _ in rows], feats
+
+
+def lookup(key: str) -> NativeCapture | None:
+    return _registry.get(key)
+
+
+def _find_transformer_options(args, kwargs) -> dict:
+    if isinstance(kwargs.get("transformer_options"), dict):
+        return kwargs["transformer_options"]
+    if len(args) > 5 and isinstance(args[5], dict):  # apply_model(x, t, c_concat, c_crossattn, control, to)
+        return args[5]
+    return {}
+
+
+def _timestep_of(base_model):
+    sampling = getattr(base_model, "model_sampling", None)
+    return getattr(sampling, "timestep", None)
+
+
+class ApplyModelWrapper:
+    """ComfyUI's keyed APPLY_MODEL wrapper (ComfyUI >= 2024-12): around every `BaseModel.apply_model` call of the
+    tapped MODEL, hooks on its diffusion_model exist only while the call runs. Carries only the capture's key."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __call__(self, executor, *args, **kwargs):
+        capture = lookup(self.key)
+        if capture is None:
+            return executor(*args, **kwargs)
+        base = executor.class_obj
+        return capture.run_call(base.diffusion_model, args[0], args[1], _find_transformer_options(args, kwargs),
+                                lambda: executor(*args, **kwargs), _timestep_of(base))
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class UnetFunctionWrapper:
+    """The single-slot `model_function_wrapper` of older ComfyUI (2024-03): chains the wrapper that was there
+    before (never drops it) and calls it inside our hooks."""
+
+    def __init__(self, key: str, inner=None):
+        self.key, self.inner = key, inner
+
+    def __call__(self, apply_model, args: dict):
+        def call():
+            if self.inner is not None:
+                return self.inner(apply_model, args)
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        capture = lookup(self.key)
+        base = getattr(apply_model, "__self__", None)
+        if capture is None or base is None or not hasattr(base, "diffusion_model"):
+            return call()
+        options = dict(args.get("c", {}).get("transformer_options") or {})
+        options.setdefault("cond_or_uncond", args.get("cond_or_uncond"))
+        return capture.run_call(base.diffusion_model, args["input"], args["timestep"], options, call,
+                                _timestep_of(base))
+
+    def to(self, device):
+        """ComfyUI moves a model_function_wrapper that has .to with the model: pass it on to the chained one."""
+        if self.inner is not None and hasattr(self.inner, "to"):
+            return UnetFunctionWrapper(self.key, self.inner.to(device))
+        return self
+
+    def __deepcopy__(self, memo):
+        return UnetFunctionWrapper(self.key, copy.deepcopy(self.inner, memo))

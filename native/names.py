@@ -1,0 +1,283 @@
+"""ComfyUI's own UNet (`openaimodel.UNetModel`) seen under diffusers' module names, so one layer-id grammar serves
+both backends.
+
+ComfyUI numbers its blocks flat (`input_blocks.N`, `middle_block.N`, `output_blocks.N`); diffusers nests them by
+level (`down_blocks.L.resnets.R`, ...). The correspondence is the one `comfy.utils.unet_to_diffusers` uses for
+weights, but it is read here from the module tree itself (a Downsample closes a down level, an Upsample closes an up
+level), so a checkpoint of another depth gets its own ids without a config. The tree is wrapped in a small
+diffusers-shaped view, and the diffusers side's own enumeration and id -> tap rules (`layer_catalog.taps`) run on
+it unchanged: the same names, in the same forward order, by the same code.
+
+Imports no ComfyUI code: modules are recognised by their class names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..layer_catalog.resolver import resolve_taps
+from ..layer_catalog.taps import enumerate_ids
+
+SUPPORTED_FAMILIES = ("sd15", "sd21", "sdxl", "playground-v2", "pixart-sigma")
+_DF_MODEL_HINT = ("load it with DFLoadCheckpoint or DFLoadDiffusers (DF_MODEL) to extract its features with the "
+                  "diffusers backend")
+
+
+class UnsupportedModelError(TypeError):
+    """The MODEL's network is not a UNet we can tap natively. The message names what is supported."""
+
+
+def unsupported_message(what: str) -> str:
+    return (f"{what} is not supported by the native taps: they cover ComfyUI's UNet models of the families sd15, "
+            f"sd21, sdxl and playground-v2 (SD1.x, SD2.x, SDXL, Playground v2) and its PixArt (pixart-sigma); "
+            f"SD3, Flux and video models have no layer ids; for PixArt taps the native model cannot reach, "
+            f"{_DF_MODEL_HINT}")
+
+
+@dataclass(frozen=True)
+class NativeTap:
+    """Where an id's tensor appears on a native network.
+
+    kind: 'input' (the network's input, a pre-hook on the root), 'spatial' (a module output shaped (B, C, H, W)),
+    'tokens' (a module output (B, N, C), reshaped with the grid of `grid_path`'s input divided by grid_divisor),
+    'map' (softmax(q k^T / sqrt(d)) per head, q from module_path's output, k from key_path's output).
+    part: (i, n) takes the i-th of n equal slices of the output's last axis (PixArt's fused qkv / kv projections).
+    """
+
+    id: str
+    module_path: str
+    kind: str
+    grid_path: str | None = None
+    grid_divisor: int = 1
+    part: tuple[int, int] | None = None
+    key_path: str | None = None
+    key_part: tuple[int, int] | None = None
+    heads: int | None = None
+    upcast: bool = False
+
+
+class _Level:
+    def __init__(self):
+        self.resnets: list = []
+        self.attentions: list = []
+        self.downsamplers: list = []
+        self.upsamplers: list = []
+
+
+class UNetModel:
+    """A diffusers-shaped view of a native UNet: `down_blocks[L].resnets/attentions/downsamplers`, `mid_block`,
+    `up_blocks`, `conv_in`, whose leaves are the native modules. Only for enumeration; it runs nothing.
+    (Named UNetModel so messages read 'this UNetModel'.)"""
+
+    def __init__(self):
+        self.down_blocks: list[_Level] = []
+        self.up_blocks: list[_Level] = []
+        self.mid_block = None
+        self.conv_in = None
+
+
+def _names(block) -> list[str]:
+    return [type(m).__name__ for m in block]
+
+
+def is_native_unet(module: torch.nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("input_blocks", "middle_block", "output_blocks", "out"))
+
+
+class NativeLayout:
+    """The diffusers <-> native correspondence of one native UNet, read from its module tree.
+
+    `paths` maps a diffusers module path (down_blocks.1.attentions.0, mid_block.resnets.1, conv_out, ...) to the
+    native one (input_blocks.4.1, middle_block.2, out.2, ...). `view` is the diffusers-shaped view.
+    """
+
+    def __init__(self, unet: torch.nn.Module):
+        if not is_native_unet(unet):
+            raise UnsupportedModelError(unsupported_message(f"a {type(unet).__name__}"))
+        self.paths: dict[str, str] = {}
+        view = UNetModel()
+        first = list(unet.input_blocks[0])
+        if len(first) != 1 or not isinstance(first[0], torch.nn.Conv2d):
+            raise UnsupportedModelError(unsupported_message(f"a UNet whose input_blocks.0 holds {_names(first)}"))
+        view.conv_in = first[0]
+        self.paths["conv_in"] = "input_blocks.0.0"
+
+        level = _Level()
+        for n in range(1, len(unet.input_blocks)):
+            block, names = unet.input_blocks[n], _names(unet.input_blocks[n])
+            L = len(view.down_blocks)
+            if names == ["Downsample"]:
+                level.downsamplers.append(block[0])
+                self.paths[f"down_blocks.{L}.downsamplers.0"] = f"input_blocks.{n}.0"
+                view.down_blocks.append(self._checked(level, f"down level {L}"))
+                level = _Level()
+            elif names in (["ResBlock"], ["ResBlock", "SpatialTransformer"]):
+                r = len(level.resnets)
+                level.resnets.append(block[0])
+                self.paths[f"down_blocks.{L}.resnets.{r}"] = f"input_blocks.{n}.0"
+                if len(names) == 2:
+                    level.attentions.append(block[1])
+                    self.paths[f"down_blocks.{L}.attentions.{r}"] = f"input_blocks.{n}.1"
+            else:
+                raise UnsupportedModelError(unsupported_message(f"a UNet whose input_blocks.{n} holds {names}"))
+        if level.resnets:
+            view.down_blocks.append(self._checked(level, f"down level {len(view.down_blocks)}"))
+
+        mid = unet.middle_block
+        if mid is not None:
+            names = _names(mid)
+            if names not in (["ResBlock", "SpatialTransformer", "ResBlock"], ["ResBlock", "ResBlock"]):
+                raise UnsupportedModelError(unsupported_message(f"a UNet whose middle_block holds {names}"))
+            view.mid_block = _Level()
+            for i, name in enumerate(names):
+                if name == "ResBlock":
+                    self.paths[f"mid_block.resnets.{len(view.mid_block.resnets)}"] = f"middle_block.{i}"
+                    view.mid_block.resnets.append(mid[i])
+                else:
+                    self.paths["mid_block.attentions.0"] = f"middle_block.{i}"
+                    view.mid_block.attentions.append(mid[i])
+
+        level = _Level()
+        for n in range(len(unet.output_blocks)):
+            block, names = unet.output_blocks[n], _names(unet.output_blocks[n])
+            L = len(view.up_blocks)
+            rest = names[1:]
+            if names[:1] != ["ResBlock"] or rest not in ([], ["SpatialTransformer"], ["Upsample"],
+                                                         ["SpatialTransformer", "Upsample"]):
+                raise UnsupportedModelError(unsupported_message(f"a UNet whose output_blocks.{n} holds {names}"))
+            r = len(level.resnets)
+            level.resnets.append(block[0])
+            self.paths[f"up_blocks.{L}.resnets.{r}"] = f"output_blocks.{n}.0"
+            if "SpatialTransformer" in rest:
+                level.attentions.append(block[1])
+                self.paths[f"up_blocks.{L}.attentions.{r}"] = f"output_blocks.{n}.1"
+            if "Upsample" in rest:
+                level.upsamplers.append(block[len(names) - 1])
+                self.paths[f"up_blocks.{L}.upsamplers.0"] = f"output_blocks.{n}.{len(names) - 1}"
+                view.up_blocks.append(self._checked(level, f"up level {L}"))
+                level = _Level()
+        if level.resnets:
+            view.up_blocks.append(self._checked(level, f"up level {len(view.up_blocks)}"))
+
+        out = list(unet.out)
+        if not out or not isinstance(out[-1], torch.nn.Conv2d):
+            raise UnsupportedModelError(unsupported_message(f"a UNet whose out holds {_names(out)}"))
+        self.paths["conv_out"] = f"out.{len(out) - 1}"
+        self.view = view
+
+    @staticmethod
+    def _checked(level: _Level, where: str) -> _Level:
+        if level.attentions and len(level.attentions) != len(level.resnets):
+            raise UnsupportedModelError(unsupported_message(
+                f"a UNet whose {where} has a transformer after some resnets but not all (diffusers cannot name it)"))
+        return level
+
+    def tap(self, tap, modules) -> NativeTap:
+        """The native tap of a diffusers-side tap of this UNet."""
+        return _unet_tap(self, tap, modules)
+
+    def native_path(self, diffusers_path: str) -> str:
+        """The native module path for a diffusers one: the longest mapped prefix, then the same tail (inside
+        transformer blocks the names match), except a resnet's conv2, whose output is native `out_layers`' output
+        (norm, SiLU, dropout, conv: the residual branch before the skip add)."""
+        if diffusers_path == "":
+            return ""
+        parts = diffusers_path.split(".")
+        for cut in range(len(parts), 0, -1):
+            head = ".".join(parts[:cut])
+            if head in self.paths:
+                tail = parts[cut:]
+                if ".resnets." in f".{head}." and tail == ["conv2"]:
+                    tail = ["out_layers"]
+                return ".".join([self.paths[head], *tail])
+        raise KeyError(f"no native module for diffusers path {diffusers_path!r}")
+
+
+_KINDS = {"input": "input", "spatial": "spatial", "vit-out": "spatial", "tokens": "tokens", "map": "map"}
+
+
+def native_ids(unet: torch.nn.Module) -> list[str]:
+    """Every layer id of a native network (UNet or PixArt), in the order the taps fire during a forward."""
+    return enumerate_ids(_layout(unet).view)
+
+
+def _layout(net: torch.nn.Module):
+    return PixArtLayout(net) if is_native_pixart(net) else NativeLayout(net)
+
+
+def native_taps(spec, unet: torch.nn.Module, family: str | None = None) -> list[NativeTap]:
+    """Taps for a layer spec (ids, presets, JSON file: as `resolve_taps`) on a native network. A wrong id raises
+    LayerIdError naming the nearest valid ids of this model."""
+    layout = _layout(unet)
+    modules = dict(unet.named_modules())
+    return [layout.tap(t, modules) for t in resolve_taps(spec, layout.view, family)]
+
+
+def _unet_tap(layout: NativeLayout, tap, modules) -> NativeTap:
+    grid = layout.native_path(tap.grid_path) if tap.grid_path is not None else None
+    path = layout.native_path(tap.module_path)
+    if tap.kind != "map":
+        return NativeTap(tap.id, path, _KINDS[tap.kind], grid)
+    attn = modules[path]
+    heads = getattr(attn, "heads", None)
+    if not isinstance(heads, int):
+        raise UnsupportedModelError(unsupported_message(f"a UNet whose {path} is a {type(attn).__name__}"))
+    return NativeTap(tap.id, f"{path}.to_q", "map", grid, key_path=f"{path}.to_k", heads=heads,
+                     upcast=getattr(attn, "attn_precision", None) == torch.float32)
+
+
+# ---- PixArt ---------------------------------------------------------------------------------------------------
+def is_native_pixart(module: torch.nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("blocks", "x_embedder", "t_block", "y_embedder"))
+
+
+class _PixArtView:
+    """Diffusers-shaped view of ComfyUI's PixArtMS for enumeration (transformer_blocks with attn2, pos_embed)."""
+
+    def __init__(self, n_blocks: int, patch: int):
+        self.transformer_blocks = [type("Block", (), {"attn2": True})() for _ in range(n_blocks)]
+        self.pos_embed = None
+        self.config = type("Config", (), {"patch_size": patch})()
+
+
+class PixArtLayout:
+    """ComfyUI's PixArt (comfy/ldm/pixart/pixartms.py) under diffusers' PixArtTransformer2DModel names.
+
+    It fuses self-attention q/k/v in one `attn.qkv` linear and cross-attention k/v in `cross_attn.kv_linear`:
+    self-q/k/v are slices of qkv's output (what diffusers' to_q/to_k/to_v produce), cross-q is q_linear's output,
+    maps come from those projections. Its text for all images is one flat sequence (1, B*T, C); cross-map splits
+    it back per image, as ComfyUI's attention does. KV-compressed blocks (sr_ratio > 1) have no diffusers twin.
+    """
+
+    def __init__(self, net: torch.nn.Module):
+        self.net = net
+        self.patch = int(getattr(net, "patch_size", 2))
+        self.view = _PixArtView(len(net.blocks), self.patch)
+
+    def tap(self, tap, modules) -> NativeTap:
+        parts = tap.module_path.split(".")  # transformer_blocks.B.<rest>
+        b, rest = int(parts[1]), ".".join(parts[2:])
+        block = f"blocks.{b}"
+        common = dict(grid_path="", grid_divisor=self.patch)
+        attn = self.net.blocks[b].attn
+        if tap.kind == "map" and (getattr(attn, "sr_ratio", 1) > 1 or not isinstance(attn.q_norm, torch.nn.Identity)):
+            raise UnsupportedModelError(f"{tap.id}: block {b} of this PixArt compresses or normalises its keys, "
+                                        f"which the diffusers PixArt cannot name; {_DF_MODEL_HINT}")
+        table = {
+            "": (block, None),
+            "ff.net.0": (f"{block}.mlp.act", None),
+            "attn1.to_q": (f"{block}.attn.qkv", (0, 3)),
+            "attn1.to_k": (f"{block}.attn.qkv", (1, 3)),
+            "attn1.to_v": (f"{block}.attn.qkv", (2, 3)),
+            "attn2.to_q": (f"{block}.cross_attn.q_linear", None),
+        }
+        if tap.kind == "map":
+            if rest == "attn1":
+                return NativeTap(tap.id, f"{block}.attn.qkv", "map", part=(0, 3), key_path=f"{block}.attn.qkv",
+                                 key_part=(1, 3), heads=attn.num_heads, **common)
+            cross = self.net.blocks[b].cross_attn
+            return NativeTap(tap.id, f"{block}.cross_attn.q_linear", "map", key_path=f"{block}.cross_attn.kv_linear",
+                             key_part=(0, 2), heads=cross.num_heads, **common)
+        path, part = table[rest]
+        return NativeTap(tap.id, path, "tokens", part=part, **common)

@@ -1,0 +1,101 @@
+"""The layout keeps the engine and the faces apart: data flows one way and nothing imports in a circle.
+
+Imports are read from the source (module level and inside functions alike: a lazy import that closes a circle is
+still a circle for a reader), resolved to the pack's own modules."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("layer_catalog", "engine", "native", "nodes")
+COMFY_TOP_LEVEL = {"folder_paths", "comfy", "server", "execution", "nodes", "comfy_extras", "latent_preview",
+                   "model_management", "node_helpers", "comfy_execution", "utils"}
+HOST_MODULES = {"nodes.comfy_env", "native.comfy_model"}  # the only ones that may import ComfyUI's own modules
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            rel = path.relative_to(ROOT).with_suffix("")
+            name = ".".join(rel.parts)
+            mods[name[:-len(".__init__")] if name.endswith(".__init__") else name] = path
+    return mods
+
+
+def _imports(name: str, path: Path, mods: dict) -> tuple[set[str], set[str]]:
+    """(the pack's modules it imports, top-level names of absolute imports)."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    own, absolute = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            absolute |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                absolute.add(node.module.split(".")[0])
+                continue
+            base = package.split(".")
+            base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+            target = ".".join(base + ([node.module] if node.module else []))
+            candidates = [target] + [f"{target}.{a.name}" for a in node.names]
+            own |= {c for c in candidates if c in mods and c != name}
+    return own, absolute
+
+
+GRAPH = {}
+ABSOLUTE = {}
+for _name, _path in _modules().items():
+    GRAPH[_name], ABSOLUTE[_name] = _imports(_name, _path, _modules())
+
+
+def test_no_import_circle():
+    done, stack, cycles = set(), [], []
+
+    def visit(m):
+        if m in stack:
+            cycles.append(stack[stack.index(m):] + [m])
+            return
+        if m in done:
+            return
+        stack.append(m)
+        for dep in sorted(GRAPH[m]):
+            if dep.rpartition(".")[0] != m:  # a package importing its own submodules is not a circle
+                visit(dep)
+        stack.pop()
+        done.add(m)
+
+    for m in sorted(GRAPH):
+        visit(m)
+    assert cycles == []
+
+
+@pytest.mark.parametrize("lower", ["layer_catalog", "engine", "native"])
+def test_the_engine_never_imports_the_node_faces(lower):
+    offenders = {m: sorted(d for d in deps if d.split(".")[0] == "nodes")
+                 for m, deps in GRAPH.items() if m.split(".")[0] == lower}
+    assert {m: d for m, d in offenders.items() if d} == {}
+    if lower == "layer_catalog":  # the ids and the hook engine sit below everything else
+        assert {m: sorted(deps) for m, deps in GRAPH.items() if m.startswith(lower)
+                and any(d.split(".")[0] != lower for d in deps)} == {}
+
+
+def test_only_the_host_modules_touch_comfyui():
+    touching = {m for m, names in ABSOLUTE.items() if names & COMFY_TOP_LEVEL}
+    assert touching <= HOST_MODULES and "nodes.comfy_env" in touching
+
+
+def test_the_node_faces_are_node_classes():
+    """nodes/node_*.py hold ComfyUI node classes (each with INPUT_TYPES, its own or a base's in the same file)."""
+    for path in (ROOT / "nodes").glob("node_*.py"):
+        classes = [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef)]
+        faces = {c.name for c in classes if any(isinstance(b, ast.FunctionDef) and b.name == "INPUT_TYPES"
+                                                for b in c.body)}
+        public = [c for c in classes if not c.name.startswith("_")]
+        assert public, path.name
+        for c in public:
+            assert c.name in faces or any(isinstance(b, ast.Name) and b.id in faces for b in c.bases), \
+                f"{path.name}: {c.name}"
