@@ -284,12 +284,14 @@ def _wait(driver, script: str, timeout: float = 60):
     raise TimeoutError(f"browser condition never held: {script}")
 
 
-def tiny_ui_workflow(name: str = "sd15_extract_pca_save") -> dict:
-    """A UI-format example workflow with the tiny test checkpoint substituted and a DFShowLayers node on its
-    checkpoint loader."""
+def tiny_ui_workflow(name: str = "sd15_extract_pca_save", show_layers: bool = True) -> dict:
+    """A UI-format example workflow with the tiny test checkpoint substituted and (show_layers) a DFShowLayers node
+    on its checkpoint loader."""
     workflow = json.loads((EXAMPLES / f"{name}.json").read_text())
     loader = next(n for n in workflow["nodes"] if n["type"] == "DFLoadCheckpoint")
     loader["widgets_values"][0] = TINY_CKPT
+    if not show_layers:
+        return workflow
     node_id, link_id = workflow["last_node_id"] + 1, workflow["last_link_id"] + 1
     workflow["nodes"].append({
         "id": node_id, "type": "DFShowLayers", "pos": [loader["pos"][0], loader["pos"][1] + 400], "size": [440, 120],
