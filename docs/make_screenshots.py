@@ -11,25 +11,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
 
-from comfyui_harness import ComfyServer, prepare  # noqa: E402
-from test_comfyui_server import _browser, _wait, _write_tiny_models, tiny_ui_workflow  # noqa: E402
+from comfyui_harness import ComfyServer, prepare, write_tiny_models  # noqa: E402
+from test_comfyui_server import _browser, _wait, tiny_ui_workflow  # noqa: E402
 
 
 def main() -> None:
     from PIL import Image
 
-    home = prepare()
-    _write_tiny_models(home / "ComfyUI")
+    home = prepare("2024-03")
+    write_tiny_models(home / "ComfyUI")
     tmp = Path(tempfile.mkdtemp())
     (tmp / "in").mkdir()
     Image.open(ROOT / "nodes" / "data" / "samples" / "house.jpg").save(tmp / "in" / "example.png")
     server = ComfyServer(home, tmp / "in", tmp / "out", tmp / "server.log")
-    workflow = tiny_ui_workflow()
+    workflow = tiny_ui_workflow(show_layers=False)
     driver = _browser()
     try:
         driver.get(server.url)
         _wait(driver, "return window.app && app.extensions.some(e => e.name === 'diffusion_feature.layer_picker')")
-        driver.execute_script("return app.loadGraphData(arguments[0])", workflow)
+        driver.execute_script("return Promise.resolve(app.loadGraphData(arguments[0])).then(() => true)", workflow)
         driver.execute_script("app.queuePrompt(0, 1)")
         _wait(driver, "return app.graph._nodes.some(n => n.type === 'PreviewImage' && n.imgs && n.imgs.length)", 300)
         time.sleep(1)

@@ -27,35 +27,63 @@ def _fallback_dir(kind: str) -> Path:
     return Path(os.environ.get(f"DF_{kind.upper()}_DIR", Path.cwd() / "models" / kind))
 
 
+def _roots(kind: str) -> list[str]:
+    return folder_paths.get_folder_paths(kind) if folder_paths is not None else [str(_fallback_dir(kind))]
+
+
+def _walk_files(root: Path):
+    """Every file under `root`, relative to it. Directory links are followed, as ComfyUI's own folder walk does
+    (models often live on another drive); a folder reached twice through links (a loop) is walked once."""
+    seen = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        for f in files:
+            path = Path(folder, f)
+            if path.is_file():
+                yield path.relative_to(root)
+
+
 def model_names(kind: str) -> list[str]:
     """File (or folder, for 'diffusers') names of a model folder kind: checkpoints, diffusers, controlnet, loras."""
     if folder_paths is not None and kind != "diffusers":
         return sorted(folder_paths.get_filename_list(kind))
-    roots = folder_paths.get_folder_paths(kind) if folder_paths is not None else [str(_fallback_dir(kind))]
     names = []
-    for root in roots:
-        root = Path(root)
+    for root in map(Path, _roots(kind)):
         if not root.is_dir():
             continue
-        if kind == "diffusers":  # a diffusers model is a folder holding model_index.json
-            names += [str(p.parent.relative_to(root)) for p in root.rglob("model_index.json")]
-        else:
-            names += [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
+        for rel in _walk_files(root):
+            if kind != "diffusers":
+                names.append(str(rel))
+            elif rel.name == "model_index.json":  # a diffusers model is a folder holding model_index.json
+                names.append(str(rel.parent))
     return sorted(set(names))
+
+
+def _check_name(kind: str, name: str) -> None:
+    """A model name is a relative path inside the model folder: no '..' part, not absolute (links inside the
+    folder may point anywhere, as in ComfyUI; a name may not)."""
+    path = Path(name)
+    if not name or path.is_absolute() or path.drive or ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(f"{name!r} is not in the {kind} folder: names are relative paths inside it, "
+                         f"without '..' (one of: {', '.join(model_names(kind)) or 'none there'})")
 
 
 def model_path(kind: str, name: str) -> Path:
     """The full path of a model file or folder listed by model_names; refuses names outside the model folders."""
+    _check_name(kind, name)
     if folder_paths is not None and kind != "diffusers":
         path = folder_paths.get_full_path(kind, name)
         if path is None:
             raise ValueError(f"{name!r} is not in ComfyUI's {kind} folder")
         return Path(path)
-    roots = folder_paths.get_folder_paths(kind) if folder_paths is not None else [str(_fallback_dir(kind))]
+    roots = _roots(kind)
     for root in roots:
-        root = Path(root).resolve()
-        candidate = (root / name).resolve()
-        if root in candidate.parents and candidate.exists():
+        candidate = Path(root).absolute() / name
+        if candidate.exists():
             return candidate
     raise ValueError(f"{name!r} is not in the {kind} folder ({', '.join(map(str, roots))})")
 
@@ -186,11 +214,19 @@ def manage(model) -> None:
 
 
 def manage_module(module, device) -> None:
-    """The same for a lone module (a ControlNet): loaded to `device` under ComfyUI's memory management."""
+    """The same for a lone module (a ControlNet): loaded to `device` under ComfyUI's memory management. ComfyUI
+    hands it a holder (a ModuleDict around it, kept on the module), as it does the main model's modules: current
+    ComfyUI assigns `.device` on what it manages, which a diffusers model has as a read-only property."""
     if folder_paths is None:
         return
+    import torch
+
+    holder = module.__dict__.get("_df_comfy_holder")
+    if holder is None:
+        holder = torch.nn.ModuleDict({"module": module})
+        module.__dict__["_df_comfy_holder"] = holder
     try:
-        _load_managed(module, device)
+        _load_managed(holder, device)
     except (TypeError, AttributeError) as e:
         log.warning("diffusion_feature: this ComfyUI's memory manager did not accept a module (%s); moving it to "
                     "%s directly", e, device)

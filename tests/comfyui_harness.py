@@ -1,5 +1,8 @@
 """A real ComfyUI server for the integration tests: prepared by tests/comfyui/setup_comfyui.sh (cached), started on
-127.0.0.1 with --cpu and this pack in custom_nodes, with tiny models written into its model folders."""
+127.0.0.1 with --cpu and this pack in custom_nodes, with tiny models written into its model folders.
+
+Two ComfyUI versions are tested (VERSIONS); the browser test also runs v0.3.64 with the newest frontend of PyPI.
+The `server` fixture (conftest.py) gives one of them per test, started once per session."""
 from __future__ import annotations
 
 import json
@@ -15,9 +18,18 @@ REPO = Path(__file__).resolve().parents[1]
 SETUP = REPO / "tests" / "comfyui" / "setup_comfyui.sh"
 
 
-def prepare() -> Path:
+# test id -> (ComfyUI version for setup_comfyui.sh, frontend folder inside its home or None for its own frontend)
+VERSIONS = {"comfy2024": ("2024-03", None), "comfy0364": ("0.3.64", None)}
+FRONTENDS = {"comfy2024": ("2024-03", None), "comfy0364-fe1.27.10": ("0.3.64", None),
+             "comfy0364-fe1.58.1": ("0.3.64", "frontends/1.58.1")}
+TINY_CKPT, TINY_XL = "df-tiny-sd15.safetensors", "df-tiny-sdxl"
+TINY_CN, TINY_LORA = "df-tiny-canny.safetensors", "df-tiny-lora.safetensors"
+LINKED_XL = "df-linked/sdxl"  # the tiny sdxl again, in a folder outside models/ that models/diffusers links to
+
+
+def prepare(version: str) -> Path:
     """The prepared ComfyUI home (venv + ComfyUI/); runs the setup script, which is quick once cached."""
-    out = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=3600)
+    out = subprocess.run(["bash", str(SETUP), version], capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(f"ComfyUI setup failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return Path(out.stdout.strip().splitlines()[-1])
@@ -29,17 +41,79 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_tiny_models(comfy: Path) -> dict:
+    """Tiny random models in the ComfyUI's model folders: an sd15 checkpoint (+ its config sidecar), an sdxl diffusers
+    folder (and a linked copy), a ControlNet for the sd15 and a kohya LoRA. Returns the FeatureModels."""
+    import shutil
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    from conftest import save_sd15_folder, tiny_controlnet, tiny_feature_model
+    from ldm_export import controlnet_to_ldm, sd15_single_file_state
+
+    sd15 = tiny_feature_model("sd15")
+    ckpt_dir = comfy / "models" / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    save_file(sd15_single_file_state(sd15.denoiser, sd15.vae, sd15.text_encoders[0]), str(ckpt_dir / TINY_CKPT))
+    save_sd15_folder(sd15, ckpt_dir / (Path(TINY_CKPT).stem + ".config"))  # its architecture: a config sidecar
+    xl = tiny_feature_model("sdxl")
+    pipe = StableDiffusionXLPipeline(vae=xl.vae, text_encoder=xl.text_encoders[0], text_encoder_2=xl.text_encoders[1],
+                                     tokenizer=xl.tokenizers[0], tokenizer_2=xl.tokenizers[1], unet=xl.denoiser,
+                                     scheduler=EulerDiscreteScheduler.from_config(xl.scheduler_config))
+    folder = comfy / "models" / "diffusers" / TINY_XL
+    shutil.rmtree(folder, ignore_errors=True)
+    pipe.save_pretrained(folder)
+    # models kept on another drive: models/diffusers/df-linked is a link to a folder outside the model folders
+    elsewhere, link = comfy / "df-models-elsewhere", comfy / "models" / "diffusers" / Path(LINKED_XL).parent
+    shutil.rmtree(elsewhere, ignore_errors=True)
+    shutil.copytree(folder, elsewhere / Path(LINKED_XL).name)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(elsewhere, target_is_directory=True)
+    # a ControlNet for the tiny sd15 in the original single-file layout, its architecture in a config sidecar
+    cn_dir = comfy / "models" / "controlnet"
+    cn_dir.mkdir(parents=True, exist_ok=True)
+    net = tiny_controlnet(sd15.denoiser)
+    save_file(controlnet_to_ldm(net), str(cn_dir / TINY_CN))
+    net.save_config(cn_dir / (Path(TINY_CN).stem + ".config"))
+    lora_dir = comfy / "models" / "loras"
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    save_file(kohya_lora(sd15), str(lora_dir / TINY_LORA))
+    return {"sd15": sd15, "sdxl": xl}
+
+
+def kohya_lora(model) -> dict:
+    """A rank-2 kohya LoRA on every attention projection of the tiny sd15's UNet and on its text encoder's q_proj."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for component, prefix, module in (("unet", "lora_unet_", model.denoiser),
+                                      ("te", "lora_te_text_model_", model.text_encoders[0])):
+        for name, sub in module.named_modules():
+            if not isinstance(sub, torch.nn.Linear) or not name.endswith(("to_q", "to_v", "q_proj")):
+                continue
+            key = prefix + name.replace(".", "_")
+            state[key + ".lora_down.weight"] = torch.randn(2, sub.in_features, generator=g) * 0.5
+            state[key + ".lora_up.weight"] = torch.randn(sub.out_features, 2, generator=g) * 0.5
+            state[key + ".alpha"] = torch.tensor(2.0)
+    return state
+
+
 class ComfyServer:
-    def __init__(self, home: Path, input_dir: Path, output_dir: Path, log: Path):
-        self.home, self.input_dir, self.output_dir = home, input_dir, output_dir
+    def __init__(self, home: Path, input_dir: Path, output_dir: Path, log: Path, name: str = "",
+                 extra_args: tuple = ()):
+        self.home, self.input_dir, self.output_dir, self.name = home, input_dir, output_dir, name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
         self.log = open(log, "w")
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [str(home / "venv" / "bin" / "python"), "main.py", "--cpu", "--listen", "127.0.0.1", "--port",
              str(self.port), "--disable-auto-launch", "--input-directory", str(input_dir), "--output-directory",
-             str(output_dir)], cwd=home / "ComfyUI", stdout=self.log, stderr=subprocess.STDOUT, env=env)
+             str(output_dir), *extra_args], cwd=home / "ComfyUI", stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 300
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -54,6 +128,37 @@ class ComfyServer:
     def get(self, path: str):
         with urllib.request.urlopen(self.url + path, timeout=60) as r:
             return json.loads(r.read())
+
+    def get_with_status(self, path: str) -> tuple[int, dict]:
+        """A GET that may be refused: (status, JSON body)."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    @staticmethod
+    def wait_for(condition, timeout: float = 60) -> bool:
+        """Poll `condition()` until it holds (True) or `timeout` seconds pass (False)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if condition():
+                return True
+            time.sleep(0.25)
+        return False
+
+    def get_text(self, path: str) -> tuple[int, str]:
+        """A GET whose answer is not JSON (a static file): (status, text)."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=60) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(errors="replace")
+
+    def log_text(self) -> str:
+        """What the server printed so far."""
+        self.log.flush()
+        return Path(self.log_path).read_text(errors="replace")
 
     def post(self, path: str, body: dict) -> tuple[int, dict]:
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),

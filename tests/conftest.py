@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from comfyui_harness import FRONTENDS, VERSIONS
+
 torch.set_num_threads(1)  # two threads are slower than one for models this small on the CI machine
 
 
@@ -209,3 +211,73 @@ def tiny_controlnet(unet, seed: int = 0):
             conv.weight.normal_(0, 0.3)
             conv.bias.normal_(0, 0.1)
     return net
+
+
+# ---- a real ComfyUI server, for the integration tests (tests/comfyui_harness.py) -----------------------------------
+class _ComfyServers:
+    """ComfyUI servers started on first use and stopped at the end of the session; the tiny models are written into
+    each ComfyUI's model folders once and built once (the same seeds: the same models for every server)."""
+
+    def __init__(self, tmp_path_factory):
+        self.tmp_path_factory, self.servers, self.models, self.homes = tmp_path_factory, {}, None, {}
+
+    def get(self, name: str, version: str, frontend: str | None):
+        import numpy as np
+        from PIL import Image
+
+        from comfyui_harness import ComfyServer, prepare, write_tiny_models
+
+        if name in self.servers:
+            return self.servers[name]
+        if version not in self.homes:
+            home = prepare(version)
+            models = write_tiny_models(home / "ComfyUI")
+            self.models = self.models or models
+            self.homes[version] = home
+        home = self.homes[version]
+        tmp = self.tmp_path_factory.mktemp(name)
+        inputs, outputs = tmp / "input", tmp / "output"
+        inputs.mkdir()
+        rng = np.random.default_rng(0)
+        for image in ("example.png", "example2.png"):
+            Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(inputs / image)
+        extra = ("--front-end-root", str(home / frontend)) if frontend else ()
+        srv = ComfyServer(home, inputs, outputs, tmp / "server.log", name=name, extra_args=extra)
+        srv.models = self.models
+        self.servers[name] = srv
+        return srv
+
+    def stop(self, name: str) -> None:
+        srv = self.servers.pop(name, None)
+        if srv is not None:
+            srv.stop()
+
+    def stop_all(self) -> None:
+        for name in list(self.servers):
+            self.stop(name)
+
+
+@pytest.fixture(scope="session")
+def comfy_servers(tmp_path_factory):
+    servers = _ComfyServers(tmp_path_factory)
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture(scope="session", params=list(VERSIONS))
+def server(request, comfy_servers):
+    """A real ComfyUI with this pack, one per tested version (ids comfy2024, comfy0364), started once per session:
+    .get(path), .post(path, body) -> (code, body), .run(graph) -> history entry, .url, .input_dir, .output_dir,
+    .home, .models (the tiny FeatureModels), .log_text()."""
+    return comfy_servers.get(request.param, *VERSIONS[request.param])
+
+
+@pytest.fixture(scope="session", params=list(FRONTENDS))
+def frontend_server(request, comfy_servers):
+    """The server for the browser test, one per tested frontend: the 2024-03 ComfyUI's own, v0.3.64's pinned 1.27.10
+    (the same servers as `server`) and PyPI's newest, 1.58.1, served by v0.3.64 with --front-end-root."""
+    version, frontend = FRONTENDS[request.param]
+    if frontend is None:  # the version's own frontend: the `server` of that version
+        name = next(n for n, v in VERSIONS.items() if v[0] == version)
+        return comfy_servers.get(name, *VERSIONS[name])
+    return comfy_servers.get(request.param, version, frontend)

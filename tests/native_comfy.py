@@ -31,11 +31,11 @@ _current: dict = {}
 def comfy_source(version: str) -> Path:
     """The ComfyUI source folder of a version, prepared if missing (cached)."""
     if version == "2024-03":
-        home = Path(os.environ.get("DF_COMFY_HOME", REPO / ".comfyui-test"))
+        home = Path(os.environ.get("DF_COMFY_HOME", REPO / ".comfyui-test")) / version
         if not (home / "ComfyUI" / "comfy" / "model_base.py").is_file():
             from comfyui_harness import prepare
 
-            home = prepare()
+            home = prepare(version)
         return home / "ComfyUI"
     if version == "0.3.64":
         root = REPO / ".comfyui-src"

@@ -5,83 +5,18 @@ import copy
 import json
 import shutil
 from pathlib import Path
+from urllib.parse import quote
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import save_file
 
-from comfyui_harness import ComfyServer, execution_error, prepare
-from conftest import save_sd15_folder, tiny_controlnet, tiny_feature_model
+from comfyui_harness import LINKED_XL, TINY_CKPT, TINY_CN, TINY_LORA, TINY_XL, execution_error
 from diffusion_feature import NODE_CLASS_MAPPINGS
 from diffusion_feature.nodes.features_io import load_features
-from ldm_export import controlnet_to_ldm, sd15_single_file_state
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
-TINY_CKPT, TINY_XL = "df-tiny-sd15.safetensors", "df-tiny-sdxl"
-TINY_CN, TINY_LORA = "df-tiny-canny.safetensors", "df-tiny-lora.safetensors"
 EXTRACT_EXAMPLES = ["attention_maps", "batch_joint_pca", "sd15_extract_pca_save", "sdxl_extract_pca_save"]
 TINY_XL_LAYERS = "up-level0-repeat0-vit-block1-out\nup-level1-repeat0-vit-block0-out"
-
-
-def _write_tiny_models(comfy: Path) -> dict:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    sd15 = tiny_feature_model("sd15")
-    ckpt_dir = comfy / "models" / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    save_file(sd15_single_file_state(sd15.denoiser, sd15.vae, sd15.text_encoders[0]), str(ckpt_dir / TINY_CKPT))
-    save_sd15_folder(sd15, ckpt_dir / (Path(TINY_CKPT).stem + ".config"))  # its architecture: a config sidecar
-    xl = tiny_feature_model("sdxl")
-    pipe = StableDiffusionXLPipeline(vae=xl.vae, text_encoder=xl.text_encoders[0], text_encoder_2=xl.text_encoders[1],
-                                     tokenizer=xl.tokenizers[0], tokenizer_2=xl.tokenizers[1], unet=xl.denoiser,
-                                     scheduler=EulerDiscreteScheduler.from_config(xl.scheduler_config))
-    folder = comfy / "models" / "diffusers" / TINY_XL
-    shutil.rmtree(folder, ignore_errors=True)
-    pipe.save_pretrained(folder)
-    # a ControlNet for the tiny sd15 in the original single-file layout, its architecture in a config sidecar
-    cn_dir = comfy / "models" / "controlnet"
-    cn_dir.mkdir(parents=True, exist_ok=True)
-    net = tiny_controlnet(sd15.denoiser)
-    save_file(controlnet_to_ldm(net), str(cn_dir / TINY_CN))
-    net.save_config(cn_dir / (Path(TINY_CN).stem + ".config"))
-    lora_dir = comfy / "models" / "loras"
-    lora_dir.mkdir(parents=True, exist_ok=True)
-    save_file(_kohya_lora(sd15), str(lora_dir / TINY_LORA))
-    return {"sd15": sd15, "sdxl": xl}
-
-
-def _kohya_lora(model) -> dict:
-    """A rank-2 kohya LoRA on every attention projection of the tiny sd15's UNet and on its text encoder's q_proj."""
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for component, prefix, module in (("unet", "lora_unet_", model.denoiser),
-                                      ("te", "lora_te_text_model_", model.text_encoders[0])):
-        for name, sub in module.named_modules():
-            if not isinstance(sub, torch.nn.Linear) or not name.endswith(("to_q", "to_v", "q_proj")):
-                continue
-            key = prefix + name.replace(".", "_")
-            state[key + ".lora_down.weight"] = torch.randn(2, sub.in_features, generator=g) * 0.5
-            state[key + ".lora_up.weight"] = torch.randn(sub.out_features, 2, generator=g) * 0.5
-            state[key + ".alpha"] = torch.tensor(2.0)
-    return state
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = prepare()
-    tmp = tmp_path_factory.mktemp("comfy")
-    models = _write_tiny_models(home / "ComfyUI")
-    inputs, outputs = tmp / "input", tmp / "output"
-    inputs.mkdir()
-    rng = np.random.default_rng(0)
-    for name in ("example.png", "example2.png"):
-        Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(inputs / name)
-    srv = ComfyServer(home, inputs, outputs, tmp / "server.log")
-    srv.models = models
-    yield srv
-    srv.stop()
 
 
 def tiny(graph: dict) -> dict:
@@ -125,6 +60,30 @@ def test_object_info_lists_every_node_with_its_inputs(server):
         assert info[name]["category"].startswith("diffusion_feature/")
     assert TINY_CKPT in info["DFLoadCheckpoint"]["input"]["required"]["ckpt_name"][0]
     assert TINY_XL in info["DFLoadDiffusers"]["input"]["required"]["model_path"][0]
+
+
+def test_linked_model_folders_are_listed_and_resolved_but_names_stay_inside(server):
+    """models/diffusers/df-linked is a link to a folder outside models/ (models on another drive)."""
+    names = server.get("/object_info/DFLoadDiffusers")["DFLoadDiffusers"]["input"]["required"]["model_path"][0]
+    assert LINKED_XL in names and TINY_XL in names
+    assert server.get(f"/diffusion_feature/family?kind=diffusers&name={LINKED_XL}") == {"family": "sdxl"}
+    for name in (f"{LINKED_XL}/../../{TINY_XL}", "../diffusers/" + TINY_XL, str(server.home / "ComfyUI" / "models")):
+        code, body = server.get_with_status(f"/diffusion_feature/family?kind=diffusers&name={quote(name)}")
+        assert code == 400 and "without '..'" in body["error"] and TINY_XL in body["error"], (name, body)
+    graph = tiny(json.loads((EXAMPLES / "sdxl_extract_pca_save.api.json").read_text()))
+    loader = next(n for n in graph.values() if n["class_type"] == "DFLoadDiffusers")
+    loader["inputs"]["model_path"] = LINKED_XL
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+
+
+def test_node_docs_are_served_where_both_frontends_look(server):
+    """The frontend asks docs/<Node>/<locale>.md first, then docs/<Node>.md (for any other locale)."""
+    for name in NODE_CLASS_MAPPINGS:
+        code, localised = server.get_text(f"/extensions/diffusion_feature/docs/{name}/en.md")
+        assert code == 200 and localised.startswith("#"), name
+        code, fallback = server.get_text(f"/extensions/diffusion_feature/docs/{name}.md")
+        assert code == 200 and fallback == localised, name
 
 
 def test_layer_routes(server):
@@ -202,6 +161,8 @@ def test_controlnet_example_extracts_with_canny_guidance_and_denoise_from(server
     (plain_path,) = _saved_files(server.run(plain), server.output_dir)
     other = load_features(plain_path)
     assert not torch.allclose(feats.tensors["up-level1-repeat2-res-out"], other.tensors["up-level1-repeat2-res-out"])
+    # the ControlNet ran under ComfyUI's memory management, as the main model does (no fallback, on any version)
+    assert "memory manager did not accept" not in server.log_text()
 
 
 def test_lora_example_changes_features_and_never_leaks_into_the_plain_model(server):
@@ -287,6 +248,10 @@ def test_twenty_prompts_leave_memory_flat_and_no_hooks(server):
     assert growth < 64 * 2**20, f"server memory grew by {growth / 2**20:.0f} MiB over 20 prompts"
     # ComfyUI's "free memory" request unloads managed models; the next prompt loads them again and runs
     assert server.post("/free", {"unload_models": True, "free_memory": True})[0] == 200
+    # ComfyUI's worker handles the request between prompts: wait until it has (the models are gone), so the next
+    # prompt cannot run before it
+    assert server.wait_for(lambda: server.get("/diffusion_feature/status")["models"] == 0, timeout=120), \
+        "the /free request never unloaded the models"
     graph["4"]["inputs"]["seed"] = 99
     assert server.run(graph)["status"]["status_str"] == "success"
     status = server.get("/diffusion_feature/status")
@@ -321,23 +286,37 @@ def _wait(driver, script: str, timeout: float = 60):
     raise TimeoutError(f"browser condition never held: {script}")
 
 
-def tiny_ui_workflow(name: str = "sd15_extract_pca_save") -> dict:
-    """A UI-format example workflow with the tiny test checkpoint substituted."""
+def tiny_ui_workflow(name: str = "sd15_extract_pca_save", show_layers: bool = True) -> dict:
+    """A UI-format example workflow with the tiny test checkpoint substituted and (show_layers) a DFShowLayers node
+    on its checkpoint loader."""
     workflow = json.loads((EXAMPLES / f"{name}.json").read_text())
-    for node in workflow["nodes"]:
-        if node["type"] == "DFLoadCheckpoint":
-            node["widgets_values"][0] = TINY_CKPT
+    loader = next(n for n in workflow["nodes"] if n["type"] == "DFLoadCheckpoint")
+    loader["widgets_values"][0] = TINY_CKPT
+    if not show_layers:
+        return workflow
+    node_id, link_id = workflow["last_node_id"] + 1, workflow["last_link_id"] + 1
+    workflow["nodes"].append({
+        "id": node_id, "type": "DFShowLayers", "pos": [loader["pos"][0], loader["pos"][1] + 400], "size": [440, 120],
+        "flags": {}, "order": len(workflow["nodes"]), "mode": 0,
+        "inputs": [{"name": "model", "type": "DF_MODEL", "link": link_id}],
+        "outputs": [{"name": "layers", "type": "STRING", "links": None}],
+        "properties": {"Node name for S&R": "DFShowLayers"}, "widgets_values": [512, 512]})
+    workflow["links"].append([link_id, loader["id"], 0, node_id, 0, "DF_MODEL"])
+    loader["outputs"][0]["links"] = [*(loader["outputs"][0]["links"] or []), link_id]
+    workflow["last_node_id"], workflow["last_link_id"] = node_id, link_id
     return workflow
 
 
-def test_layer_picker_in_a_real_browser(server, tmp_path):
+def test_layer_picker_in_a_real_browser(frontend_server, tmp_path):
+    server = frontend_server
     workflow = tiny_ui_workflow()
     driver = _browser()
     try:
         driver.get(server.url)
         _wait(driver, "return window.app && app.extensions && "
                       "app.extensions.some(e => e.name === 'diffusion_feature.layer_picker')")
-        driver.execute_script("return app.loadGraphData(arguments[0])", workflow)
+        # the promise's value (a workflow object in current frontends) is no business of the test's
+        driver.execute_script("return Promise.resolve(app.loadGraphData(arguments[0])).then(() => true)", workflow)
         node_id = _wait(driver, "const n = app.graph._nodes.find(n => n.type === 'DFAttachHooks'); "
                                 "return n && n.widgets.some(w => w.name === 'pick layers…') && n.id")
         driver.execute_script("diffusionFeaturePicker.open(app.graph.getNodeById(arguments[0]))", node_id)
@@ -358,5 +337,36 @@ def test_layer_picker_in_a_real_browser(server, tmp_path):
         prompt = driver.execute_script("return app.graphToPrompt().then(p => p.output)")
         hooks = next(n for n in prompt.values() if n["class_type"] == "DFAttachHooks")
         assert hooks["inputs"]["layers"] == "up-level1-repeat1-vit-block0-cross-q"
+        _check_layer_list(driver, server, tmp_path)
     finally:
         driver.quit()
+
+
+def _check_layer_list(driver, server, tmp_path):
+    """Run the graph from the page: DFShowLayers' list shows as readable multi-line read-only text, and is sent back
+    in no later prompt and stored in no saved workflow."""
+    show_id = driver.execute_script("return app.graph._nodes.find(n => n.type === 'DFShowLayers').id")
+    driver.execute_script("app.queuePrompt(0, 1)")
+    text = _wait(driver, "const a = document.querySelector('.df-layer-list'); return a && a.value", timeout=180)
+    lines = text.splitlines()
+    assert lines[0] == "# sd15: 197 layer ids at 512x512" and len(lines) == 198
+    driver.execute_script("const c = app.canvas; c.ds.scale = 1; c.centerOnNode(app.graph.getNodeById(arguments[0])); "
+                          "c.setDirty(true, true); c.draw(true, true)", show_id)
+    _wait(driver, "const a = document.querySelector('.df-layer-list'); "
+                  "return a.offsetParent !== null && a.getBoundingClientRect().height > 100")
+    box = driver.execute_script(
+        "const a = document.querySelector('.df-layer-list'); const r = a.getBoundingClientRect(); "
+        "const line = parseFloat(getComputedStyle(a).lineHeight) || 1.2 * parseFloat(getComputedStyle(a).fontSize); "
+        "return {readOnly: a.readOnly, rows: r.height / line, width: r.width, shown: a.offsetParent !== null, "
+        "textarea: a.tagName}")
+    assert box["textarea"] == "TEXTAREA" and box["readOnly"] and box["shown"], box
+    assert box["rows"] >= 8 and box["width"] >= 300, box  # many lines at once, not one truncated line
+    driver.save_screenshot(str(tmp_path / "layer_list.png"))
+    prompt = driver.execute_script("return app.graphToPrompt().then(p => ({output: p.output, workflow: p.workflow}))")
+    show = prompt["output"][str(show_id)]
+    assert show["class_type"] == "DFShowLayers" and set(show["inputs"]) == {"model", "width", "height"}, show
+    saved = driver.execute_script("return JSON.stringify(app.graph.serialize())")
+    for workflow in (json.dumps(prompt["workflow"]), saved):
+        assert lines[1] not in workflow and "layer ids at 512x512" not in workflow
+    nodes = {str(n["id"]): n for n in json.loads(saved)["nodes"]}
+    assert nodes[str(show_id)]["widgets_values"] == [512, 512], (show_id, nodes.get(str(show_id)), list(nodes))

@@ -41,6 +41,8 @@ def test_every_node_declares_its_contract():
     docs = Path(__file__).resolve().parents[1] / "web" / "docs"
     for name, cls in NODE_CLASS_MAPPINGS.items():
         assert (docs / f"{name}.md").is_file(), f"{name} has no web/docs page"
+        # current frontends ask docs/<Node>/<locale>.md first, then docs/<Node>.md: English is the same page
+        assert (docs / name / "en.md").read_text() == (docs / f"{name}.md").read_text(), name
         assert cls.DESCRIPTION and cls.CATEGORY.startswith("diffusion_feature/"), name
         spec = cls.INPUT_TYPES()
         for group in spec.values():

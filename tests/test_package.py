@@ -36,3 +36,18 @@ def test_distribution_metadata():
     assert "comfy" in meta["tool"]
     requirements = (ROOT / "requirements.txt").read_text().splitlines()
     assert not [r for r in requirements if r.strip().lower().startswith("torch")]  # ComfyUI brings its own torch
+
+
+def test_comfy_registry_metadata_declares_versions_and_an_icon_of_our_own():
+    import xml.etree.ElementTree as ET
+
+    comfy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["comfy"]
+    assert comfy["requires-comfyui"] == ">=0.0.1"
+    repo = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    prefix = repo.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    assert comfy["Icon"].startswith(prefix), comfy["Icon"]
+    icon = ROOT / comfy["Icon"][len(prefix):]
+    root = ET.parse(icon).getroot()  # the file is in the repository and is well-formed SVG
+    assert root.tag == "{http://www.w3.org/2000/svg}svg" and root.get("viewBox") == "0 0 256 256"
+    readme = (ROOT / "README.md").read_text()
+    assert "v0.3.64" in readme and "2024-03" in readme and "1.58.1" in readme

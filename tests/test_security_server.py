@@ -11,8 +11,7 @@ import uuid
 import torch
 from safetensors.torch import save
 
-from comfyui_harness import execution_error
-from test_comfyui_server import TINY_CKPT, TINY_XL, server  # noqa: F401  (the server fixture)
+from comfyui_harness import TINY_CKPT, TINY_XL, execution_error
 
 LAYER = "up-level1-repeat1-res-out"
 
@@ -57,7 +56,7 @@ def still_serving(srv) -> None:
     assert entry["status"]["status_str"] == "success"
 
 
-def test_uploaded_features_whose_keys_are_paths_write_nothing_outside(server, tmp_path):  # noqa: F811
+def test_uploaded_features_whose_keys_are_paths_write_nothing_outside(server, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     marker = f"df-escape-{uuid.uuid4().hex[:8]}"
@@ -72,7 +71,7 @@ def test_uploaded_features_whose_keys_are_paths_write_nothing_outside(server, tm
     still_serving(server)
 
 
-def test_uploaded_metadata_cannot_read_files_outside(server, tmp_path):  # noqa: F811
+def test_uploaded_metadata_cannot_read_files_outside(server, tmp_path):
     import numpy as np
 
     secret_dir = tmp_path / "secret"
@@ -90,7 +89,7 @@ def test_uploaded_metadata_cannot_read_files_outside(server, tmp_path):  # noqa:
     still_serving(server)
 
 
-def test_layer_files_come_only_from_the_input_folder_and_their_content_is_never_echoed(server, tmp_path):  # noqa: F811
+def test_layer_files_come_only_from_the_input_folder_and_their_content_is_never_echoed(server, tmp_path):
     private = tmp_path / "private.json"
     private.write_text(json.dumps({"PRIVATE_TOKEN_1234": True}))
 
@@ -114,7 +113,7 @@ def test_layer_files_come_only_from_the_input_folder_and_their_content_is_never_
     assert server.run(attach("mine.json"))["status"]["status_str"] == "success"
 
 
-def test_sizes_from_uploaded_metadata_are_refused_before_allocation(server):  # noqa: F811
+def test_sizes_from_uploaded_metadata_are_refused_before_allocation(server):
     feats = features_file({LAYER: torch.ones(4, 2, 2)}, {"layers": [LAYER], "input_size": [40000, 40000]})
     name = upload(server, f"big-{uuid.uuid4().hex[:8]}.safetensors", feats, "output")["name"]
     graph = {"1": {"class_type": "DFLoadFeatures", "inputs": {"path": name}},
@@ -124,7 +123,7 @@ def test_sizes_from_uploaded_metadata_are_refused_before_allocation(server):  # 
     still_serving(server)
 
 
-def test_family_route_answers_a_file_inside_a_model_folder_with_400(server):  # noqa: F811
+def test_family_route_answers_a_file_inside_a_model_folder_with_400(server):
     url = f"{server.url}/diffusion_feature/family?kind=diffusers&name={TINY_XL}/model_index.json"
     try:
         urllib.request.urlopen(url, timeout=60)

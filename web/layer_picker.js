@@ -109,6 +109,41 @@ async function openPicker(node, family) {
     search.focus();
 }
 
+// DFShowLayers' list: a read-only, scrollable multi-line text box. It is output, not input: never sent back in a
+// prompt (options.serialize false: every frontend's graphToPrompt skips it) nor stored in a saved workflow
+// (widget.serialize false: current frontends skip it in widgets_values; dropLayerList covers the 2024 frontend).
+const LAYER_LIST = "layer list";
+
+function showLayerList(node, text) {
+    let shown = widget(node, LAYER_LIST);
+    if (!shown) {
+        const area = el("textarea", { className: "df-layer-list comfy-multiline-input", readOnly: true,
+                                      spellcheck: false, wrap: "off" });
+        Object.assign(area.style, { fontFamily: "monospace", fontSize: "11px", whiteSpace: "pre", overflow: "auto",
+                                    resize: "none", boxSizing: "border-box", width: "100%", height: "100%" });
+        shown = node.addDOMWidget(LAYER_LIST, "df_layer_list", area, {
+            getValue: () => area.value,
+            setValue: (v) => { area.value = v ?? ""; },
+            getMinHeight: () => 200,
+            serialize: false,
+        });
+        shown.serialize = false;
+        shown.options.serialize = false;
+        node.setSize([Math.max(node.size[0], 440), Math.max(node.size[1], 320)]);
+    }
+    shown.value = text;
+    node.setDirtyCanvas(true, true);
+}
+
+function dropLayerList(node, data) {
+    const shown = widget(node, LAYER_LIST);
+    const i = shown ? node.widgets.indexOf(shown) : -1;
+    if (i >= 0 && Array.isArray(data.widgets_values) && data.widgets_values.length > i
+            && data.widgets_values[i] === shown.value) {
+        data.widgets_values.splice(i, 1);
+    }
+}
+
 app.registerExtension({
     name: "diffusion_feature.layer_picker",
     async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -125,13 +160,12 @@ app.registerExtension({
             const executed = nodeType.prototype.onExecuted;
             nodeType.prototype.onExecuted = function (message) {
                 executed?.apply(this, arguments);
-                const text = (message?.text || []).join("\n");
-                let shown = widget(this, "layer list");
-                if (!shown) {
-                    shown = this.addWidget("text", "layer list", "", () => {}, { multiline: true });
-                }
-                shown.value = text;
-                this.setDirtyCanvas(true, true);
+                showLayerList(this, (message?.text || []).join("\n"));
+            };
+            const serialize = nodeType.prototype.onSerialize;
+            nodeType.prototype.onSerialize = function (data) {
+                serialize?.apply(this, arguments);
+                dropLayerList(this, data);
             };
         }
     },
