@@ -96,9 +96,9 @@ def test_every_example_workflow_is_tested():
     from test_native_server import NATIVE_EXAMPLES  # run by tests/test_native_server.py
 
     names = {p.name[:-len(".api.json")] for p in EXAMPLES.glob("*.api.json")}
-    assert names == set(EXTRACT_EXAMPLES) | set(NATIVE_EXAMPLES) | {"generate_capture_timeline", "controlnet_canny_denoise_from",
-                                              "extract_with_lora", "content_shift_comparison", "pnp_translate",
-                                              "inversion_timeline_pca"}
+    assert names == set(EXTRACT_EXAMPLES) | set(NATIVE_EXAMPLES) | {
+        "generate_capture_timeline", "controlnet_canny_denoise_from", "extract_with_lora", "content_shift_comparison",
+        "pnp_translate", "inversion_timeline_pca"}
 
 
 @pytest.mark.parametrize("name", EXTRACT_EXAMPLES)

@@ -1,18 +1,17 @@
-"""Integration: the native nodes inside a real ComfyUI server with ComfyUI's own loaders, samplers, ControlNet and
-LoRA nodes, driven over HTTP. The checkpoint is one CheckpointLoaderSimple detects as SD1.5 (tests/native_checkpoint.py:
-full-size CLIP-L and VAE, a two-level UNet), cached in the ComfyUI home's model folders."""
+"""Integration: the native nodes inside the real ComfyUI servers (both versions: conftest's `server`) with ComfyUI's
+own loaders, samplers, ControlNet and LoRA nodes, driven over HTTP. The checkpoint is one CheckpointLoaderSimple
+detects as SD1.5 (tests/native_checkpoint.py: full-size CLIP-L and VAE, a two-level UNet), cached in each ComfyUI
+home's model folders."""
 from __future__ import annotations
 
 import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from comfyui_harness import ComfyServer, execution_error, prepare
+from comfyui_harness import execution_error
 from diffusion_feature.nodes.features_io import load_features
 from native_checkpoint import NATIVE_CKPT, NATIVE_CN, NATIVE_LORA, write_native_models
 
@@ -22,18 +21,12 @@ LAYER = "up-level1-repeat1-res-out"  # the examples' PCA layer; the two-level UN
 LAYERS = f"{LAYER}\nup-level1-repeat1-vit-block0-cross-q\nup-level1-repeat0-vit-block0-cross-map"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = prepare()
-    write_native_models(home / "ComfyUI")
-    tmp = tmp_path_factory.mktemp("comfy-native")
-    inputs, outputs = tmp / "input", tmp / "output"
-    inputs.mkdir()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(inputs / "example.png")
-    srv = ComfyServer(home, inputs, outputs, tmp / "server.log")
-    yield srv
-    srv.stop()
+@pytest.fixture()
+def server(server):
+    """conftest's server of each ComfyUI version, with the native test models in its model folders (ComfyUI lists
+    new files without a restart)."""
+    write_native_models(server.home / "ComfyUI")
+    return server
 
 
 def native(name: str) -> dict:
@@ -209,9 +202,13 @@ def test_repeated_native_prompts_leave_memory_flat_and_no_hooks(server):
     assert status["native_models"] >= 1
 
 
-def test_layer_picker_on_capture_layers_in_a_real_browser(server):
-    """DFCaptureLayers gets the picker button; the family comes from the Load Checkpoint upstream of its MODEL."""
+def test_layer_picker_on_capture_layers_in_a_real_browser(frontend_server):
+    """DFCaptureLayers gets the picker button on every tested frontend; the family comes from the Load Checkpoint
+    upstream of its MODEL."""
     from test_comfyui_server import _browser, _wait
+
+    server = frontend_server
+    write_native_models(server.home / "ComfyUI")
 
     workflow = json.loads((EXAMPLES / "native_ksampler_capture_timeline.json").read_text())
     for node in workflow["nodes"]:
