@@ -219,7 +219,7 @@ def test_layer_picker_on_capture_layers_in_a_real_browser(frontend_server):
         driver.get(server.url)
         _wait(driver, "return window.app && app.extensions && "
                       "app.extensions.some(e => e.name === 'diffusion_feature.layer_picker')")
-        driver.execute_script("return app.loadGraphData(arguments[0])", workflow)
+        driver.execute_script("return Promise.resolve(app.loadGraphData(arguments[0])).then(() => true)", workflow)
         node_id = _wait(driver, "const n = app.graph._nodes.find(n => n.type === 'DFCaptureLayers'); "
                                 "return n && n.widgets.some(w => w.name === 'pick layers…') && n.id")
         driver.execute_script("diffusionFeaturePicker.open(app.graph.getNodeById(arguments[0]))", node_id)
@@ -229,8 +229,9 @@ def test_layer_picker_on_capture_layers_in_a_real_browser(frontend_server):
         _wait(driver, "return document.querySelectorAll('.df-picker-item').length === 1")
         driver.find_element("css selector", ".df-picker-item input").click()
         driver.find_element("css selector", ".df-picker-apply").click()
-        prompt = driver.execute_script("return app.graphToPrompt().then(p => p.output)")
-        capture = next(n for n in prompt.values() if n["class_type"] == "DFCaptureLayers")
-        assert capture["inputs"]["layers"].split() == [LAYER, "up-level1-repeat1-vit-block0-cross-q"]
+        # the API prompt carries the chosen ids
+        layers = driver.execute_script("return app.graphToPrompt().then(p => Object.values(p.output)"
+                                       ".find(n => n.class_type === 'DFCaptureLayers').inputs.layers)")
+        assert layers.split() == [LAYER, "up-level1-repeat1-vit-block0-cross-q"]
     finally:
         driver.quit()
