@@ -5,9 +5,13 @@
 
 ComfyUI's model code is imported in-process from a source tree, as the native tests do (tests/native_comfy.py:
 v0.3.64 from the shared tarball, 2024-03 from the prepared test ComfyUI). Variants, alternated and repeated, medians
-reported: ComfyUI's comfy.sample.sample on the plain MODEL (the baseline), on a DFCaptureLayers-style clone with
-one layer captured at every step (cond branch), and with the practical preset at every 5th step. Random weights
-of the real architecture: timing does not depend on the values. Writes JSON beside the script.
+reported:
+- sampling: ComfyUI's comfy.sample.sample on the plain MODEL (the baseline), on a DFCaptureLayers clone with one
+  layer captured at every step (cond branch), and with the practical preset at every 5th step (target <= 3 %);
+- extraction: DFExtractNative's engine (native.extract.extract_native_latents, through ComfyUI's own model call)
+  against DFExtractFeatures' (engine.extraction.extract_latents on the diffusers UNet), the practical preset at
+  t=50 on the same latents (target <= 1.05x).
+Random weights of the real architecture: timing does not depend on the values. Writes JSON beside the script.
 """
 from __future__ import annotations
 
@@ -25,7 +29,11 @@ sys.path.insert(0, str(ROOT.parent / "tests"))
 from bench_extraction import Timer, alternate  # noqa: E402
 
 import native_comfy as nc  # noqa: E402
+from diffusion_feature.engine.conditioning import Conditioning  # noqa: E402
+from diffusion_feature.engine.extraction import extract_latents  # noqa: E402
+from diffusion_feature.engine.loading import build_random  # noqa: E402
 from diffusion_feature.native.comfy_model import capture_layers  # noqa: E402
+from diffusion_feature.native.extract import extract_native_latents  # noqa: E402
 
 SD15_FULL = dict(nc.SD15["comfy"], model_channels=320, channel_mult=[1, 2, 4, 4], context_dim=768, num_heads=8)
 
@@ -72,13 +80,25 @@ def main(argv=None) -> int:
         "KSampler, one layer every step": sampler(one, one_capture),
         "KSampler, practical preset every 5th step": sampler(practical, practical_capture),
     }
+    df = build_random("sd15")
+    ctx = positive[0][0]
+    x0 = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(2))
+    scale = model.model.latent_format.scale_factor
+    variants["DFExtractFeatures engine (diffusers UNet)"] = lambda: extract_latents(
+        df.denoiser, x0, Conditioning(ctx), "practical", 50, 0, df.alphas_cumprod, family="sd15")
+    variants["DFExtractNative engine (ComfyUI MODEL)"] = lambda: extract_native_latents(
+        model, [[ctx, {}]], x0 / scale, "practical", t=50, seed=0)
     times = alternate(variants, args.repeats, Timer("cpu"))
     base = times["KSampler, plain MODEL"]
+    ratio = times["DFExtractNative engine (ComfyUI MODEL)"] / times["DFExtractFeatures engine (diffusers UNet)"]
+    sampling = [k for k in times if k.startswith("KSampler")]
     result = {"comfy": args.comfy, "size": args.size, "steps": args.steps, "repeats": args.repeats,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds": times,
-              "overhead": {k: v / base - 1.0 for k, v in times.items() if v is not base}}
-    for k, v in times.items():
-        print(f"{k:45s} {v:7.2f} s  {v / base - 1.0:+.1%}")
+              "capture_overhead": {k: times[k] / base - 1.0 for k in sampling if k != "KSampler, plain MODEL"},
+              "native_over_df_extraction": ratio}
+    for k in sampling:
+        print(f"{k:45s} {times[k]:7.2f} s  {times[k] / base - 1.0:+.1%}")
+    print(f"{'DFExtractNative / DFExtractFeatures':45s} {ratio:7.3f}x")
     Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
 
