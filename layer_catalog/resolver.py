@@ -58,8 +58,13 @@ def _unknown_id_message(layer_id: str, valid: list[str], owner: str, family: str
     if isinstance(layer_id, _FileEntry):
         return (f"entry {layer_id.index} of layer file {layer_id.file} is not a layer id of {owner} (DFShowLayers "
                 "lists the model's ids)")
-    others = [f for f in FAMILIES if f != family and layer_id in family_ids(f)]
     nearest = ", ".join(nearest_ids(layer_id, valid))
+    if family is not None and owner != family and layer_id in family_ids(family):
+        # A checkpoint of another depth than the family's standard one (a shallow test UNet, a pruned model):
+        # the id is right for the family, this model just does not have that module.
+        return (f"{layer_id!r} is a {family} id that {owner} lacks (its denoiser has another depth than the "
+                f"standard {family}); nearest ids of this model: {nearest}")
+    others = [f for f in FAMILIES if f != family and layer_id in family_ids(f)]
     if others:
         return (f"{layer_id!r} is a layer id of {', '.join(others)}, not of {owner}; "
                 f"nearest {owner} ids: {nearest}")

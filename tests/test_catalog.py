@@ -154,3 +154,22 @@ def test_cli_layers_text_and_size():
     assert lines["up-level1-repeat0-vit-block0-cross-map"].strip() == "8 x 384 x 77"
     bad = _cli("layers", "--family", "sd15", "--size", "100")
     assert bad.returncode == 2 and "multiples of 8" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_id_a_shallow_checkpoint_of_the_family_lacks_says_so():
+    """A two-level sd15 UNet (a pruned or test checkpoint) lacks the standard sd15's level 3: the error says the id
+    is sd15's but this model's depth differs, never that the id belongs only to other families."""
+    from diffusers import UNet2DConditionModel
+
+    from diffusion_feature.layer_catalog import resolve_taps
+
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16,
+                                attention_head_dim=2, layers_per_block=2, sample_size=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    with pytest.raises(LayerIdError) as err:
+        resolve_taps("down-level3-repeat0-res-out", unet, "sd15")
+    msg = str(err.value)
+    assert "is a sd15 id that this sd15 model lacks" in msg and "another depth" in msg
+    assert "down-level1-repeat0-res-out" in msg  # nearest ids are this model's own
+    assert "not of" not in msg
