@@ -145,11 +145,15 @@ def _read_restricted(name: str) -> list[str]:
     return out
 
 
-def _expand(items: list, family: str | None) -> list[str]:
+def _expand(items: list, family: str | None, model_ids: list[str] | None = None) -> list[str]:
+    """Presets replaced by their ids, duplicates dropped, order kept. model_ids: the ids of a loaded model, which
+    `full` means for it (a checkpoint of another depth than the family's standard one has its own set)."""
     out: list[str] = []
     seen: set[str] = set()
     for item in items:
-        if item in PRESET_NAMES:
+        if item == "full" and model_ids is not None:
+            members = model_ids
+        elif item in PRESET_NAMES:
             if family is None:
                 raise LayerIdError(f"preset {item!r} needs a known family; give the family or list the ids")
             members = preset_ids(family, item)
@@ -179,7 +183,7 @@ def resolve_layers(spec, family: str) -> list[str]:
 def resolve_taps(spec, model: torch.nn.Module, family: str | None = None) -> list[Tap]:
     """Taps of a loaded denoiser for a spec, checked against the model's own modules (custom depths included)."""
     valid = enumerate_ids(model)
-    ids = _expand(_split_spec(spec), family)
+    ids = _expand(_split_spec(spec), family, valid)
     valid_set = set(valid)
     owner = f"this {family} model" if family else f"this {type(model).__name__}"
     for layer_id in ids:

@@ -15,7 +15,8 @@ one entry per chunk of rows), `uuids` (one per conditioning, ComfyUI >= 2024-12)
   correction is then step i+1's row. (A sampler's step callback cannot tell the two cases apart either.) Without
   sample_sigmas (the 2024-03 ComfyUI) steps are counted by distinct decreasing sigmas, and a sigma higher than the
   last one starts a new run.
-- A new sampling run (another schedule tensor, or a sigma going up without a schedule) replaces the rows of the
+- A new sampling run (ComfyUI's OUTER_SAMPLE wrapper says when one starts, >= 2024-12; else another schedule
+  tensor, or a sigma going up without a schedule) replaces the rows of the
   previous run, so a graph queued again does not pile rows up and memory stays flat over many prompts.
 - First call wins: per (step, branch, conditioning) only the first call's rows are kept. Extra calls made within
   a step (SAG, PAG, a heun correction at the next sigma) neither add nor shift rows. Without uuids the
@@ -110,6 +111,12 @@ class NativeCapture:
             self._wanted = None if total is None else set(_parse_steps(self.steps_spec, total))
         except ValueError as e:  # steps the run does not have: the image still samples, collecting says why
             self.steps_error, self._wanted = str(e), set()
+
+    def begin_run(self) -> None:
+        """A sampling run starts (ComfyUI's OUTER_SAMPLE wrapper says so): the next call opens a new run even when
+        its schedule is the very tensor of the last run (a scheduler node's cached output, queued again)."""
+        self._schedule_ref = None
+        self._last_sigma = None
 
     def _step_of(self, sigma: float, schedule: torch.Tensor | None) -> int:
         if schedule is not None:
@@ -267,6 +274,23 @@ class ApplyModelWrapper:
         base = executor.class_obj
         return capture.run_call(base.diffusion_model, args[0], args[1], _find_transformer_options(args, kwargs),
                                 lambda: executor(*args, **kwargs), _timestep_of(base))
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class OuterSampleWrapper:
+    """ComfyUI's keyed OUTER_SAMPLE wrapper: marks the start of each sampling run of the tapped MODEL, the one
+    boundary a schedule tensor cannot give (SamplerCustom's cached sigmas are the same tensor every run)."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __call__(self, executor, *args, **kwargs):
+        capture = lookup(self.key)
+        if capture is not None:
+            capture.begin_run()
+        return executor(*args, **kwargs)
 
     def __deepcopy__(self, memo):
         return self

@@ -11,7 +11,7 @@ import weakref
 
 import torch
 
-from .capture import WRAPPER_KEY, ApplyModelWrapper, NativeCapture, UnetFunctionWrapper
+from .capture import WRAPPER_KEY, ApplyModelWrapper, NativeCapture, OuterSampleWrapper, UnetFunctionWrapper
 from .names import (NativeLayout, UnsupportedModelError, is_native_pixart, native_ids, native_taps,
                     unsupported_message)
 from .taps import CallHooks
@@ -72,6 +72,14 @@ def model_layer_ids(model) -> list[str]:
     return native_ids(diffusion_model(model))
 
 
+def model_layer_shapes(model, height: int, width: int) -> dict[str, list[int]]:
+    """Every layer id of this MODEL with its per-sample shape at height x width pixels (no computation: see
+    shapes.py), for DFShowLayers."""
+    from .shapes import layer_shapes
+
+    return layer_shapes(diffusion_model(model), native_family(model), height, width)
+
+
 def capture_layers(model, layers, steps="all", branch: str = "cond", *, dtype: torch.dtype | None = None,
                    device=None) -> tuple[object, NativeCapture]:
     """A clone of MODEL that records `layers` during sampling, and the capture that receives the rows.
@@ -88,8 +96,9 @@ def capture_layers(model, layers, steps="all", branch: str = "cond", *, dtype: t
     if hasattr(tapped, "add_wrapper_with_key"):
         import comfy.patcher_extension
 
-        tapped.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
-                                    ApplyModelWrapper(capture.key))
+        wrappers = comfy.patcher_extension.WrappersMP
+        tapped.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY, ApplyModelWrapper(capture.key))
+        tapped.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, OuterSampleWrapper(capture.key))
     else:
         inner = tapped.model_options.get("model_function_wrapper")
         tapped.set_model_unet_function_wrapper(UnetFunctionWrapper(capture.key, inner))

@@ -22,6 +22,29 @@ def inside_comfyui() -> bool:
     return folder_paths is not None
 
 
+# ---- socket types ------------------------------------------------------------------------------------------
+class AnyOfTypes(str):
+    """An input socket that takes several types, e.g. DF_MODEL or ComfyUI's MODEL: "DF_MODEL,MODEL".
+
+    Current ComfyUI and every frontend read the comma-separated union themselves; the 2024-03 server compares a
+    link's type with `!=`, and Python asks this subclass's __ne__ first, so the union holds there too."""
+
+    def __new__(cls, *types: str):
+        union = super().__new__(cls, ",".join(types))
+        union.types = frozenset(types)
+        return union
+
+    def __ne__(self, other) -> bool:
+        if isinstance(other, str) and set(other.split(",")) & self.types:
+            return False
+        return super().__ne__(other)
+
+    def __eq__(self, other) -> bool:
+        return not self.__ne__(other)
+
+    __hash__ = str.__hash__
+
+
 # ---- files ---------------------------------------------------------------------------------------------------
 def _fallback_dir(kind: str) -> Path:
     return Path(os.environ.get(f"DF_{kind.upper()}_DIR", Path.cwd() / "models" / kind))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..layer_catalog import PRESET_NAMES, resolve_taps
 from ..layer_catalog.catalog import parse_size
+from .comfy_env import AnyOfTypes
 
 
 def parse_layer_text(layers: str, preset: str) -> list[str]:
@@ -41,7 +42,10 @@ class DFAttachHooks:
 
 
 class DFShowLayers:
-    DESCRIPTION = "List every layer id of the model with its per-sample shape at the given size (no weights used)."
+    DESCRIPTION = ("List every layer id of the model with its per-sample shape at the given size (no weights used). "
+                   "Takes a DF_MODEL or ComfyUI's own MODEL (from Load Checkpoint, DFCaptureLayers, LoraLoader...): "
+                   "a native MODEL is described from its own module tree, so a checkpoint of another depth shows "
+                   "its own ids.")
     CATEGORY = "diffusion_feature/extract"
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("layers",)
@@ -51,14 +55,23 @@ class DFShowLayers:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("DF_MODEL", {"tooltip": "The model to describe."}),
+            "model": (AnyOfTypes("DF_MODEL", "MODEL"), {"tooltip": "The model to describe: a DF_MODEL or ComfyUI's "
+                                                                   "MODEL."}),
             "width": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 64, "tooltip": "Image width."}),
             "height": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 64, "tooltip": "Image height."}),
         }}
 
     def show(self, model, width=512, height=512):
-        shapes = model.show_layers(parse_size((height, width)))
-        lines = [f"# {model.family}: {len(shapes)} layer ids at {width}x{height}"]
+        if hasattr(model, "show_layers"):  # a DF_MODEL
+            family = model.family
+            shapes = model.show_layers(parse_size((height, width)))
+        else:  # ComfyUI's MODEL: unsupported architectures get the native backend's one-sentence error
+            from ..native.comfy_model import model_layer_shapes, native_family
+
+            height, width = parse_size((height, width))
+            family = native_family(model) or "UNet without a catalog of ours"
+            shapes = model_layer_shapes(model, height, width)
+        lines = [f"# {family}: {len(shapes)} layer ids at {width}x{height}"]
         lines += [f"{k}  {' x '.join(map(str, v))}" for k, v in shapes.items()]
         text = "\n".join(lines)
         return {"ui": {"text": [text]}, "result": (text,)}

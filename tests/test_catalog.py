@@ -173,3 +173,9 @@ def test_id_a_shallow_checkpoint_of_the_family_lacks_says_so():
     assert "is a sd15 id that this sd15 model lacks" in msg and "another depth" in msg
     assert "down-level1-repeat0-res-out" in msg  # nearest ids are this model's own
     assert "not of" not in msg
+    # `full` on a loaded model means every id of that model, not the standard family's (which it partly lacks)
+    from diffusion_feature.layer_catalog.taps import enumerate_ids
+
+    full = [t.id for t in resolve_taps("full", unet, "sd15")]
+    assert full == enumerate_ids(unet) and "down-level1-repeat0-res-out" in full
+    assert len(full) < len(resolve_layers("full", "sd15"))

@@ -1,0 +1,70 @@
+"""DFShowLayers on ComfyUI's own MODEL (both ComfyUI versions, in-process): the ids and shapes of the native network
+equal what the diffusers twin's catalog computes (an independent path: diffusers' modules on the meta device), no
+weight is touched and no hook stays; the socket type takes DF_MODEL and MODEL on both servers' validation rules."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import native_comfy as nc
+from diffusion_feature.layer_catalog.catalog import compute_shapes
+from diffusion_feature.native.names import UnsupportedModelError
+from diffusion_feature.nodes.comfy_env import AnyOfTypes
+from diffusion_feature.nodes.node_hooks import DFShowLayers
+from test_native import _zero_hooks
+
+
+@pytest.fixture(scope="module", params=nc.VERSIONS)
+def comfy(request):
+    yield nc.use_comfy(request.param)
+    nc.release()
+
+
+def _parse(text: str) -> tuple[str, dict[str, list[int]]]:
+    head, *lines = text.splitlines()
+    shapes = {}
+    for line in lines:
+        layer_id, shape = line.split("  ", 1)
+        shapes[layer_id] = [int(d) for d in shape.split(" x ")]
+    return head, shapes
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_show_layers_of_a_native_model_equals_the_diffusers_catalog(comfy, kind):
+    twin = nc.diffusers_unet(kind, as_model=True)
+    model = nc.model_patcher(comfy, kind, nc.comfy_state_dict(comfy, kind, twin.state_dict()))
+    unet = model.model.diffusion_model
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    out = DFShowLayers().show(model, width=192, height=128)
+    head, shapes = _parse(out["result"][0])
+    assert out["ui"]["text"] == [out["result"][0]]
+    assert head == f"# {kind}: {len(shapes)} layer ids at 192x128"
+    expected = compute_shapes(twin.to("meta"), 128, 192)  # diffusers' own modules on the meta device
+    assert list(shapes) == list(expected)  # same ids, forward order
+    assert shapes == expected
+    after = unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].device.type == "cpu" for k in before)
+    _zero_hooks(unet)
+
+
+def test_show_layers_refuses_an_unsupported_model(comfy):
+    class FluxLike(torch.nn.Module):
+        pass
+
+    base = torch.nn.Module()
+    base.diffusion_model = FluxLike()
+    with pytest.raises(UnsupportedModelError, match="sd15, sd21, sdxl and playground-v2"):
+        DFShowLayers().show(base, 64, 64)
+
+
+def test_the_socket_takes_both_model_types(comfy):
+    socket = DFShowLayers.INPUT_TYPES()["required"]["model"][0]
+    assert isinstance(socket, AnyOfTypes) and str(socket) == "DF_MODEL,MODEL"  # what /object_info serves
+    # the 2024-03 server compares `received != expected` with the link's plain type on the left
+    assert not ("MODEL" != socket) and not ("DF_MODEL" != socket) and not (socket != "MODEL")
+    assert "LATENT" != socket and "CONDITIONING" != socket
+    if comfy.version == "0.3.64":  # current ComfyUI's own validation function
+        from comfy_execution.validation import validate_node_input
+
+        assert validate_node_input("MODEL", socket) and validate_node_input("DF_MODEL", socket)
+        assert not validate_node_input("LATENT", socket)
