@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from conftest import hook_state, save_sd15_folder
 from diffusion_feature import NODE_CLASS_MAPPINGS
 from diffusion_feature.layer_catalog import LayerIdError
-from diffusion_feature.nodes.extraction import extract
-from diffusion_feature.nodes.output_paths import OutputPathError, resolve_prefix, sample_names
+from diffusion_feature.engine.extraction import extract
+from diffusion_feature.engine.output_paths import OutputPathError, resolve_prefix, sample_names
 from diffusion_feature.nodes.routes import group_of, layers_payload
 from ldm_export import sd15_single_file_state
 
@@ -135,7 +135,7 @@ def test_graph_attach_extract_pca_save_load(model, dirs):
 
 
 def test_graph_generate_capture_timeline_pca_save(model, dirs):
-    from diffusion_feature.nodes.generation import generate
+    from diffusion_feature.engine.generation import generate
 
     (pos,) = N["DFEncodePrompt"].encode(model, "a red house")
     (hooked,) = N["DFAttachHooks"].attach(model, "mid-repeat1-res-out", "none")
@@ -161,7 +161,7 @@ def test_graph_generate_capture_timeline_pca_save(model, dirs):
 
 
 def test_pca_of_several_feature_sets_is_one_joint_fit(model, dirs):
-    from diffusion_feature.nodes.visualize import pca_rgb
+    from diffusion_feature.engine.visualize import pca_rgb
 
     (hooked,) = N["DFAttachHooks"].attach(model, "up-level1-repeat2-res-out", "none")
     sets = []
@@ -176,8 +176,8 @@ def test_pca_of_several_feature_sets_is_one_joint_fit(model, dirs):
 
 
 def test_graph_invert_translate_and_self_attention_timeline(model, dirs):
-    from diffusion_feature.nodes.pnp import translate
-    from diffusion_feature.nodes.visualize import self_attention_pca
+    from diffusion_feature.engine.pnp import translate
+    from diffusion_feature.engine.visualize import self_attention_pca
 
     self_map = "up-level1-repeat1-vit-block0-self-map"  # 1/4 of the latent grid: 14 x 20 queries at 448 x 640
     (hooked,) = N["DFAttachHooks"].attach(model, f"{self_map}\nup-level1-repeat1-res-increment", "none")
