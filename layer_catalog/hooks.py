@@ -58,6 +58,12 @@ def tokens_to_grid(layer_id: str, x: torch.Tensor, grid: tuple[int, int]) -> tor
     return x.transpose(1, 2).reshape(b, c, h, w)
 
 
+def pool_spatial(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average-pool the last two (spatial) dimensions to (H // factor, W // factor), each at least 1."""
+    h, w = x.shape[-2:]
+    return F.adaptive_avg_pool2d(x, (max(1, h // factor), max(1, w // factor)))
+
+
 def owned(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """x, copied if it still shares memory with the model's activation `source`: the model may reuse or edit its
     activation in place afterwards (ControlNet residuals are added with +=), and a feature must not change."""
@@ -136,8 +142,7 @@ class FeatureCapture(AttachedHooks):
         if tap.kind == "tokens":
             x = tokens_to_grid(tap.id, x, self._grids[tap.grid_path])
         if tap.kind != "map" and self.feature_resize > 1:
-            h, w = x.shape[-2:]
-            x = F.adaptive_avg_pool2d(x, (max(1, h // self.feature_resize), max(1, w // self.feature_resize)))
+            x = pool_spatial(x, self.feature_resize)
         return x
 
     def _store(self, tap: Tap, x: torch.Tensor) -> None:
