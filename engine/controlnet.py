@@ -9,6 +9,7 @@ pickle is only read through torch.load(weights_only=True).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -285,24 +286,27 @@ def load_controlnet_folder(folder, family: str | None = None, dtype="float32", d
     return _finish(module, family, folder, dtype, device)
 
 
-def _safe_pickle(path: Path) -> dict:
+@contextlib.contextmanager
+def _as_controlnet_error():
+    """A checkpoint-reading error, re-raised as the ControlNetError it is here (one already is stays as it is)."""
     try:
-        return load_pickle_state_dict(path)
+        yield
     except ControlNetError:
         raise
     except CheckpointError as e:
         raise ControlNetError(str(e)) from None
+
+
+def _safe_pickle(path: Path) -> dict:
+    with _as_controlnet_error():
+        return load_pickle_state_dict(path)
 
 
 def load_controlnet_file(path, family: str | None = None, dtype="float32", device="cpu") -> ControlNet:
     """A single-file ControlNet in the original or the diffusers layout; see the module docstring for configs."""
     path = Path(path)
-    try:
+    with _as_controlnet_error():
         shapes = read_key_shapes(path)
-    except ControlNetError:
-        raise
-    except CheckpointError as e:
-        raise ControlNetError(str(e)) from None
     layout = layout_of(shapes, path)
     detected = detect_family(shapes)
     family = _settle_family(detected, family, path)

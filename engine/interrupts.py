@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..layer_catalog.hook_set import AttachedHooks, HookSet
+
 _CONTAINERS = ("down_blocks", "up_blocks", "transformer_blocks")  # UNet, VAE encoder/decoder, PixArt
 _SINGLES = ("mid_block", "conv_out")
 _INNER = ("resnets", "attentions", "downsamplers", "upsamplers")  # a level-0 block is several long steps
@@ -32,31 +34,20 @@ def block_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
-class InterruptChecks:
+class InterruptChecks(AttachedHooks):
     """`with InterruptChecks(check, unet, vae):` calls check() before each block of those modules runs."""
 
     def __init__(self, check, *modules: torch.nn.Module | None):
         self.check = check
         self.modules = [m for m in modules if m is not None]
-        self._handles: list = []
 
-    def __enter__(self) -> "InterruptChecks":
+    def _attach(self, hooks: HookSet) -> None:
         if self.check is None:
-            return self
+            return
         check = self.check
-        try:
-            seen = set()
-            for module in self.modules:
-                for block in block_modules(module):
-                    if id(block) not in seen:
-                        seen.add(id(block))
-                        self._handles.append(block.register_forward_pre_hook(lambda *_: check()))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        seen = set()
+        for module in self.modules:
+            for block in block_modules(module):
+                if id(block) not in seen:
+                    seen.add(id(block))
+                    hooks.forward_pre_hook(block, lambda *_: check())

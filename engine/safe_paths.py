@@ -61,23 +61,21 @@ def inside(root, name: str, what: str, folder: str = "its folder") -> Path:
     the root through a link is refused too). Nothing is created or opened."""
     parts = _parts(name, what, folder)
     base = Path(root).resolve()
-    try:
-        target = base.joinpath(*parts).resolve()
-    except (OSError, RuntimeError):  # a link loop
-        raise UnsafePathError(f"{what} cannot be resolved inside {folder}") from None
-    if target != base and base not in target.parents:
-        raise UnsafePathError(f"{what} leads outside {folder} through a link; only files inside it can be used")
-    return target
+    return _resolved_inside(base, base.joinpath(*parts), what, folder, " through a link")
 
 
 def check_inside(root, path, what: str) -> Path:
     """An already-built path, resolved and refused unless it lies inside `root`."""
-    base = Path(root).resolve()
+    return _resolved_inside(Path(root).resolve(), Path(path), what, "its folder")
+
+
+def _resolved_inside(base: Path, path: Path, what: str, folder: str, how: str = "") -> Path:
+    """`path` resolved (links followed), refused unless it is `base` (resolved) or lies below it."""
     try:
-        target = Path(path).resolve()
+        target = path.resolve()
     except (OSError, RuntimeError):  # a link loop
-        raise UnsafePathError(f"{what} cannot be resolved inside its folder") from None
+        raise UnsafePathError(f"{what} cannot be resolved inside {folder}") from None
     if target != base and base not in target.parents:
-        raise UnsafePathError(f"{what} leads outside its folder; only files inside it can be used")
+        raise UnsafePathError(f"{what} leads outside {folder}{how}; only files inside it can be used")
     return target
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention_maps import MapRecordingProcessor
+from .hook_set import AttachedHooks, HookSet, module_lookup
 from .taps import Tap
 
 
@@ -38,16 +39,40 @@ def _first_tensor(output):
     raise TypeError(f"cannot read a tensor from a {type(output).__name__}")
 
 
-def _hidden_states_arg(args, kwargs):
+def first_input(args, kwargs, names=("hidden_states", "sample")):
+    """The tensor a module was called with: its first positional argument, else the first of `names` given."""
     if args:
         return args[0]
-    for name in ("hidden_states", "sample"):
+    for name in names:
         if name in kwargs:
             return kwargs[name]
-    raise TypeError("the hooked module was called without hidden states")
+    raise TypeError("the hooked module was called without its input tensor")
 
 
-class FeatureCapture:
+def tokens_to_grid(layer_id: str, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, N, C) tokens -> (B, C, H, W) on the grid recorded for them (never guessed from sqrt(N))."""
+    h, w = grid
+    b, n, c = x.shape
+    if n != h * w:
+        raise TokenGridError(f"{layer_id}: {n} tokens do not fit the recorded {h}x{w} grid")
+    return x.transpose(1, 2).reshape(b, c, h, w)
+
+
+def pool_spatial(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average-pool the last two (spatial) dimensions to (H // factor, W // factor), each at least 1."""
+    h, w = x.shape[-2:]
+    return F.adaptive_avg_pool2d(x, (max(1, h // factor), max(1, w // factor)))
+
+
+def owned(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """x, copied if it still shares memory with the model's activation `source`: the model may reuse or edit its
+    activation in place afterwards (ControlNet residuals are added with +=), and a feature must not change."""
+    if x.device.type != "meta" and x.data_ptr() == source.data_ptr():
+        return x.clone()
+    return x
+
+
+class FeatureCapture(AttachedHooks):
     """Captures the tensors of `taps` on every forward of `model` while the context is open.
 
     dtype / device: where captured tensors go (None keeps the tensor's own; device="cpu" offloads as captured).
@@ -74,67 +99,34 @@ class FeatureCapture:
         self.enabled = True
         self.rows: slice | None = None
         self.features: dict[str, torch.Tensor] = {}
-        self._handles: list = []
-        self._processors: list = []  # (attention module, its original processor)
         self._grids: dict[str, tuple[int, int]] = {}
-        self._attached = False
 
-    # ---- attach / detach -------------------------------------------------------------------------------
-    def __enter__(self) -> "FeatureCapture":
-        if self._attached:
-            raise RuntimeError("this FeatureCapture is already attached")
-        self._attached = True
-        try:
-            self._attach()
-        except BaseException:
-            self._detach()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._detach()
-
-    def _attach(self) -> None:
-        modules = dict(self.model.named_modules())
-
-        def module(path: str) -> torch.nn.Module:
-            if path not in modules:
-                raise KeyError(f"the model has no module {path!r}")
-            return modules[path]
-
+    # ---- attach (AttachedHooks removes it all when the block ends) ------------------------------------------
+    def _attach(self, hooks: HookSet) -> None:
+        module = module_lookup(self.model)
         for grid_path, divisor in {(t.grid_path, t.grid_divisor) for t in self.taps if t.kind in ("tokens", "map")}:
-            self._handles.append(module(grid_path).register_forward_pre_hook(
-                self._grid_hook(grid_path, divisor), with_kwargs=True))
+            hooks.forward_pre_hook(module(grid_path), self._grid_hook(grid_path, divisor), with_kwargs=True)
         for tap in self.taps:
             target = module(tap.module_path)
             if tap.kind == "input":
-                self._handles.append(target.register_forward_pre_hook(self._input_hook(tap), with_kwargs=True))
+                hooks.forward_pre_hook(target, self._input_hook(tap), with_kwargs=True)
             elif tap.kind == "map":
                 if not hasattr(target, "set_processor"):
                     raise TypeError(f"{tap.id}: module {tap.module_path!r} is not a diffusers Attention")
-                self._processors.append((target, target.processor))
-                target.set_processor(MapRecordingProcessor(self._map_recorder(tap)))
+                hooks.processor(target, MapRecordingProcessor(self._map_recorder(tap)))
             else:
-                self._handles.append(target.register_forward_hook(self._output_hook(tap)))
-
-    def _detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        for attn, original in reversed(self._processors):
-            attn.set_processor(original)
-        self._handles, self._processors = [], []
-        self._attached = False
+                hooks.forward_hook(target, self._output_hook(tap))
 
     # ---- hooks -----------------------------------------------------------------------------------------
     def _grid_hook(self, path: str, divisor: int):
         def hook(_module, args, kwargs):
-            x = _hidden_states_arg(args, kwargs)
+            x = first_input(args, kwargs)
             self._grids[path] = (x.shape[-2] // divisor, x.shape[-1] // divisor)
         return hook
 
     def _input_hook(self, tap: Tap):
         def hook(_module, args, kwargs):
-            self._store(tap, _hidden_states_arg(args, kwargs))
+            self._store(tap, first_input(args, kwargs))
         return hook
 
     def _output_hook(self, tap: Tap):
@@ -148,14 +140,9 @@ class FeatureCapture:
     # ---- capture ---------------------------------------------------------------------------------------
     def _shape(self, tap: Tap, x: torch.Tensor) -> torch.Tensor:
         if tap.kind == "tokens":
-            h, w = self._grids[tap.grid_path]
-            b, n, c = x.shape
-            if n != h * w:
-                raise TokenGridError(f"{tap.id}: {n} tokens do not fit the recorded {h}x{w} grid")
-            x = x.transpose(1, 2).reshape(b, c, h, w)
+            x = tokens_to_grid(tap.id, x, self._grids[tap.grid_path])
         if tap.kind != "map" and self.feature_resize > 1:
-            h, w = x.shape[-2:]
-            x = F.adaptive_avg_pool2d(x, (max(1, h // self.feature_resize), max(1, w // self.feature_resize)))
+            x = pool_spatial(x, self.feature_resize)
         return x
 
     def _store(self, tap: Tap, x: torch.Tensor) -> None:
@@ -166,8 +153,8 @@ class FeatureCapture:
         source = x
         x = self._shape(tap, x.detach())
         x = x.to(dtype=self.dtype or x.dtype, device=self.device or x.device)
-        if tap.kind != "map" and x.device.type != "meta" and x.data_ptr() == source.data_ptr():
-            x = x.clone()  # the model may reuse or modify its activation; the feature must not change with it
+        if tap.kind != "map":  # a map is the processor's own tensor, made for us
+            x = owned(x, source)
         self.features[tap.id] = x
         if self.on_capture is not None:
             self.on_capture(tap.id, x)
@@ -176,7 +163,7 @@ class FeatureCapture:
 
     def run(self, *args, **kwargs):
         """One forward of the model with fresh features. Returns the model output, or None after an early exit."""
-        if not self._attached:
+        if not self.attached:
             raise RuntimeError("FeatureCapture.run needs the context to be open (use `with FeatureCapture(...)`)")
         self.features, self._grids = {}, {}
         try:

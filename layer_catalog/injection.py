@@ -15,12 +15,13 @@ from typing import Iterable
 
 import torch
 
+from .hook_set import AttachedHooks, HookSet, module_lookup
 from .taps import Tap
 
 INJECTABLE = ("spatial", "tokens", "vit-out")
 
 
-class FeatureInjection:
+class FeatureInjection(AttachedHooks):
     """Replace the outputs of `taps` in every row but `source_row` by the source row's, while `enabled`."""
 
     def __init__(self, model: torch.nn.Module, taps: Iterable[Tap], *, source_row: int = 0):
@@ -31,24 +32,11 @@ class FeatureInjection:
                              f"vit outputs, q/k/v, ...): {bad}")
         self.enabled = True
         self.injected: dict[str, int] = {}  # layer id -> how many forwards it was injected in (for checks)
-        self._handles: list = []
 
-    def __enter__(self) -> "FeatureInjection":
-        modules = dict(self.model.named_modules())
-        try:
-            for tap in self.taps:
-                if tap.module_path not in modules:
-                    raise KeyError(f"the model has no module {tap.module_path!r}")
-                self._handles.append(modules[tap.module_path].register_forward_hook(self._hook(tap.id)))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def _attach(self, hooks: HookSet) -> None:
+        module = module_lookup(self.model)
+        for tap in self.taps:
+            hooks.forward_hook(module(tap.module_path), self._hook(tap.id))
 
     def _hook(self, layer_id: str):
         def hook(_module, _args, output):

@@ -17,12 +17,12 @@ The ComfyUI calls themselves live in `comfy_model`; this module is ComfyUI-free.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..engine.ddim import descending_timesteps
 from ..engine.features_io import Features, is_map
 from ..engine.schedule import check_timestep
 from ..layer_catalog import get_family
+from ..layer_catalog.hooks import pool_spatial
 from . import comfy_model
 
 DEFAULT_NATIVE_SIZE = 1024  # a UNet we tap but have no family for (e.g. the SDXL refiner)
@@ -52,14 +52,7 @@ def _layers_of(model, layers):
 def _pool(features: dict, factor: int) -> dict:
     if factor == 1:
         return features
-    out = {}
-    for k, v in features.items():
-        if is_map(k) or v.ndim != 4:
-            out[k] = v
-        else:
-            h, w = v.shape[-2:]
-            out[k] = F.adaptive_avg_pool2d(v, (max(1, h // factor), max(1, w // factor)))
-    return out
+    return {k: v if is_map(k) or v.ndim != 4 else pool_spatial(v, factor) for k, v in features.items()}
 
 
 def schedule(t: int, denoise_from: int | None, denoise_steps: int) -> list[int]:

@@ -14,28 +14,21 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..layer_catalog.hook_set import AttachedHooks, HookSet, module_lookup
+# TokenGridError is the hook engine's (one class for both engines), still importable from here
+from ..layer_catalog.hooks import TokenGridError, first_input, owned, residue, tokens_to_grid  # noqa: F401
 from .maps import attention_probs
 from .names import NativeTap
 
+_INPUT_NAMES = ("x", "hidden_states")  # ComfyUI's blocks take x, its attention modules hidden states
+
 
 class _EarlyExit(Exception):
-    """Raised by the last tap to fire, to skip the rest of the forward. Never leaves `CallHooks.run`."""
+    """Raised by the last tap to fire, to skip the rest of the forward. Never leaves `CallHooks.run` (its own
+    class, so that an early exit of one engine is never taken for another's)."""
 
 
-class TokenGridError(RuntimeError):
-    """A token-shaped tensor does not match the spatial grid recorded for it."""
-
-
-def _first_arg(args, kwargs, names=("x", "hidden_states")):
-    if args:
-        return args[0]
-    for name in names:
-        if name in kwargs:
-            return kwargs[name]
-    raise TypeError("the hooked module was called without its input tensor")
-
-
-class CallHooks:
+class CallHooks(AttachedHooks):
     """Hooks that capture `taps` during the calls made while the context is open.
 
     rows: a 1-D LongTensor of batch rows to keep (None keeps all); rows are selected before anything is copied,
@@ -50,49 +43,28 @@ class CallHooks:
         self.device = torch.device(device) if device is not None else None
         self.early_exit = early_exit
         self.features: dict[str, torch.Tensor] = {}
-        self._handles: list = []
         self._grids: dict[str, tuple[int, int]] = {}
         self._queries: dict[str, torch.Tensor] = {}
 
-    def __enter__(self) -> CallHooks:
-        try:
-            self._attach()
-        except BaseException:
-            self._detach()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._detach()
-
-    def _attach(self) -> None:
-        modules = dict(self.unet.named_modules())
-
-        def module(path: str) -> torch.nn.Module:
-            if path not in modules:
-                raise KeyError(f"the network has no module {path!r}")
-            return modules[path]
-
-        register = self._handles.append
+    # ---- attach (AttachedHooks removes it all when the block ends) ------------------------------------------
+    def _attach(self, hooks: HookSet) -> None:
+        module = module_lookup(self.unet, "network")
         for grid in {(t.grid_path, t.grid_divisor) for t in self.taps if t.kind in ("tokens", "map")
                      and t.grid_path is not None}:
-            register(module(grid[0]).register_forward_pre_hook(self._grid_hook(*grid), with_kwargs=True))
+            hooks.forward_pre_hook(module(grid[0]), self._grid_hook(*grid), with_kwargs=True)
         for tap in self.taps:
             target = module(tap.module_path)
             if tap.kind == "input":
-                register(target.register_forward_pre_hook(self._input_hook(tap), with_kwargs=True))
+                hooks.forward_pre_hook(target, self._input_hook(tap), with_kwargs=True)
             elif tap.kind == "map" and tap.key_path == tap.module_path:  # q and k from one fused projection
-                register(target.register_forward_hook(self._fused_map_hook(tap)))
+                hooks.forward_hook(target, self._fused_map_hook(tap))
             elif tap.kind == "map":
-                register(target.register_forward_hook(self._query_hook(tap)))
-                register(module(tap.key_path).register_forward_hook(self._key_hook(tap)))
+                hooks.forward_hook(target, self._query_hook(tap))
+                hooks.forward_hook(module(tap.key_path), self._key_hook(tap))
             else:
-                register(target.register_forward_hook(self._output_hook(tap)))
+                hooks.forward_hook(target, self._output_hook(tap))
 
-    def _detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def _detached(self) -> None:
         self._queries.clear()
 
     # ---- hooks -----------------------------------------------------------------------------------------
@@ -101,13 +73,13 @@ class CallHooks:
 
     def _grid_hook(self, path: str, divisor: int):
         def hook(_module, args, kwargs):
-            x = _first_arg(args, kwargs)
+            x = first_input(args, kwargs, _INPUT_NAMES)
             self._grids[(path, divisor)] = (x.shape[-2] // divisor, x.shape[-1] // divisor)
         return hook
 
     def _input_hook(self, tap: NativeTap):
         def hook(_module, args, kwargs):
-            self._store(tap, _first_arg(args, kwargs))
+            self._store(tap, first_input(args, kwargs, _INPUT_NAMES))
         return hook
 
     def _output_hook(self, tap: NativeTap):
@@ -146,14 +118,8 @@ class CallHooks:
         if not selected:
             x = self._select(x)
         if tap.kind == "tokens":
-            h, w = self._grids[(tap.grid_path, tap.grid_divisor)]
-            b, n, c = x.shape
-            if n != h * w:
-                raise TokenGridError(f"{tap.id}: {n} tokens do not fit the recorded {h}x{w} grid")
-            x = x.transpose(1, 2).reshape(b, c, h, w)
-        x = x.to(dtype=self.dtype or x.dtype, device=self.device or x.device)
-        if x.device.type != "meta" and x.data_ptr() == source.data_ptr():
-            x = x.clone()  # the UNet may edit its activation in place afterwards; the feature must not change
+            x = tokens_to_grid(tap.id, x, self._grids[(tap.grid_path, tap.grid_divisor)])
+        x = owned(x.to(dtype=self.dtype or x.dtype, device=self.device or x.device), source)
         self.features[tap.id] = x
         if self.early_exit and len(self.features) == len(self.taps):
             raise _EarlyExit()
@@ -183,8 +149,5 @@ def _slice(x: torch.Tensor, part: tuple[int, int] | None) -> torch.Tensor:
 def hook_counts(module: torch.nn.Module) -> dict[str, int]:
     """All forward hooks and pre-hooks a module tree carries now (ours or not): after any run of ours, the counts
     are what they were before it."""
-    counts = {"forward_hooks": 0, "forward_pre_hooks": 0}
-    for m in module.modules():
-        counts["forward_hooks"] += len(m._forward_hooks)
-        counts["forward_pre_hooks"] += len(m._forward_pre_hooks)
-    return counts
+    counts = residue(module)
+    return {"forward_hooks": counts["forward_hooks"], "forward_pre_hooks": counts["forward_pre_hooks"]}

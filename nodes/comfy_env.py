@@ -164,6 +164,17 @@ class Progress:
         self.bar.update_absolute(done, total, preview)
 
 
+def batch_progress(total: int):
+    """The on_batch(n) callback of a run over `total` images: advances the node's bar by n and honours Cancel
+    between batches."""
+    progress = Progress(total)
+
+    def on_batch(n: int) -> None:
+        progress.update(n)
+        check_interrupt()
+    return on_batch
+
+
 _LATENT_FORMATS = {"sd15": "SD15", "sd21": "SD15", "sdxl": "SDXL", "playground-v2": "SDXL", "pixart-sigma": "SDXL"}
 
 

@@ -6,6 +6,9 @@ from ..layer_catalog.catalog import parse_size
 from .comfy_env import AnyOfTypes
 
 
+PRESET_TIP = "Add a preset: practical (the paper's choice), legacy (block outputs), full (every id: large)."
+
+
 def parse_layer_text(layers: str, preset: str) -> list[str]:
     """The widget text (ids separated by commas or new lines) plus an optional preset, as one spec."""
     items = [preset] if preset and preset != "none" else []
@@ -28,9 +31,7 @@ class DFAttachHooks:
             "layers": ("STRING", {"multiline": True, "default": "",
                                   "tooltip": "Layer ids, one per line or comma separated, e.g. "
                                              "up-level1-repeat1-vit-block0-cross-q. The layer picker fills this."}),
-            "preset": (["none", *PRESET_NAMES], {"default": "practical",
-                                                 "tooltip": "Add a preset: practical (the paper's choice), legacy "
-                                                            "(block outputs), full (every id: large)."}),
+            "preset": (["none", *PRESET_NAMES], {"default": "practical", "tooltip": PRESET_TIP}),
         }}
 
     def attach(self, model, layers, preset="none"):

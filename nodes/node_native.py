@@ -6,15 +6,14 @@ training timestep. Their DF_FEATURES are the DF_MODEL nodes' type: PCA, attentio
 from __future__ import annotations
 
 from . import comfy_env
-from ..engine.images import RESIZE_MODES
 from ..layer_catalog import PRESET_NAMES
 from ..native import BRANCHES, capture_layers
 from ..native.extract import collect, extract_native
-from .node_hooks import parse_layer_text
+from .extract_inputs import extraction_options, timestep_inputs
+from .node_hooks import PRESET_TIP, parse_layer_text
 
 _LAYERS_TIP = ("Layer ids, one per line or comma separated (e.g. up-level1-repeat1-vit-block0-cross-q), or a JSON "
                "file in the input folder. The layer picker fills this.")
-_PRESET_TIP = "Add a preset: practical (the paper's choice), legacy (block outputs), full (every id: large)."
 
 
 def _spec(layers: str, preset: str) -> list[str]:
@@ -36,7 +35,7 @@ class DFCaptureLayers:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to capture from (Load Checkpoint, LoraLoader, ...)."}),
             "layers": ("STRING", {"multiline": True, "default": "", "tooltip": _LAYERS_TIP}),
-            "preset": (["none", *PRESET_NAMES], {"default": "practical", "tooltip": _PRESET_TIP}),
+            "preset": (["none", *PRESET_NAMES], {"default": "practical", "tooltip": PRESET_TIP}),
             "capture_steps": ("STRING", {"default": "all",
                                          "tooltip": "Sampler steps to capture: 'all', 'last', 'every 5', "
                                                     "'every 5 from 2', '0, 10, 15-19' (0 is the first step, -1 "
@@ -92,42 +91,20 @@ class DFExtractNative:
             "positive": ("CONDITIONING", {"tooltip": "The prompt describing the image (CLIP Text Encode), with any "
                                                      "ControlNets applied."}),
             "image": ("IMAGE", {"tooltip": "The image(s) to describe."}),
-            "t": ("INT", {"default": 50, "min": 0, "max": 999,
-                          "tooltip": "Training timestep: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                             "tooltip": "Seed of the noise: same seed, same features."}),
+            **timestep_inputs("the noise"),
         }, "optional": {
             "layers": ("STRING", {"multiline": True, "default": "",
                                   "tooltip": _LAYERS_TIP + " Empty: the layers of DFCaptureLayers."}),
-            "preset": (["none", *PRESET_NAMES], {"default": "none", "tooltip": _PRESET_TIP}),
-            "resize": (list(RESIZE_MODES), {"default": "keep-aspect",
-                                            "tooltip": "keep-aspect: the model's native area, sides multiples of "
-                                                       "64; stretch: the native square; center-crop: crop first."}),
-            "ensemble": ("INT", {"default": 1, "min": 1, "max": 64,
-                                 "tooltip": "Average over this many noise draws (seed, seed+1, ...)."}),
-            "feature_resize": ("INT", {"default": 1, "min": 1, "max": 16,
-                                       "tooltip": "Average-pool spatial features by this factor (maps never)."}),
-            "offload": ("BOOLEAN", {"default": True, "tooltip": "Move features to the CPU as they are captured."}),
-            "batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Images per forward."}),
-            "denoise_from": ("INT", {"default": 0, "min": 0, "max": 999,
-                                     "tooltip": "0: off. Above t: noise to this timestep instead and run guided "
-                                                "DDIM steps down to t before capturing (with a ControlNet applied: "
-                                                "the content-shift recipe, e.g. 60 -> 50)."}),
-            "denoise_steps": ("INT", {"default": 1, "min": 1, "max": 100,
-                                      "tooltip": "Denoising steps from denoise_from down to t."}),
+            "preset": (["none", *PRESET_NAMES], {"default": "none", "tooltip": PRESET_TIP}),
+            **extraction_options("applied"),
         }}
 
     def extract(self, model, vae, positive, image, t, seed, layers="", preset="none", resize="keep-aspect",
                 ensemble=1, feature_resize=1, offload=True, batch_size=4, denoise_from=0, denoise_steps=1):
-        progress = comfy_env.Progress(int(image.shape[0]))
-
-        def step(n):
-            progress.update(n)
-            comfy_env.check_interrupt()
-
+        on_batch = comfy_env.batch_progress(int(image.shape[0]))
         comfy_env.check_interrupt()
         features = extract_native(model, vae, positive, image, _spec(layers, preset) or None, t, seed,
                                   resize=resize, ensemble=ensemble, feature_resize=feature_resize, offload=offload,
                                   batch_size=batch_size, denoise_from=denoise_from or None,
-                                  denoise_steps=denoise_steps, on_batch=step)
+                                  denoise_steps=denoise_steps, on_batch=on_batch)
         return (features,)

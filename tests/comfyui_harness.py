@@ -205,3 +205,45 @@ def execution_error(entry: dict) -> dict | None:
         if kind == "execution_error":
             return data
     return None
+
+
+def run_ok(server: ComfyServer, graph: dict) -> dict:
+    """Run a prompt that must succeed: its history entry (a refusal or an execution error fails the test, named)."""
+    entry = server.run(graph)
+    assert "rejected" not in entry, entry
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    return entry
+
+
+def saved_files(server: ComfyServer, entry: dict) -> list[Path]:
+    """The feature files a prompt's save nodes wrote, in the order they report them."""
+    return [server.output_dir / item["subfolder"] / item["filename"]
+            for out in entry["outputs"].values() for item in out.get("features", [])]
+
+
+def images_of(entry: dict) -> dict:
+    """{node id: its reported images} of a prompt's image outputs."""
+    return {nid: out["images"] for nid, out in entry["outputs"].items() if "images" in out}
+
+
+def no_hooks(server: ComfyServer) -> dict:
+    """The pack's status after runs: no hook and no map processor left on any model it knows. Returns the status."""
+    status = server.get("/diffusion_feature/status")
+    assert status["forward_hooks"] == 0 and status["forward_pre_hooks"] == 0 and status["map_processors"] == 0
+    return status
+
+
+def assert_memory_flat(server: ComfyServer, graph: dict, seed_node: str, prompts: int = 20, warmup: int = 3,
+                       limit_bytes: int = 64 * 2**20) -> None:
+    """Run `graph` `warmup` times (models loaded, caches filled), then `prompts` times more, each with a new seed on
+    node `seed_node` and each succeeding: the server's resident memory may grow by less than `limit_bytes` over
+    the counted prompts."""
+    for seed in range(warmup):
+        graph[seed_node]["inputs"]["seed"] = seed
+        run_ok(server, graph)
+    before = server.rss_bytes()
+    for seed in range(warmup, warmup + prompts):
+        graph[seed_node]["inputs"]["seed"] = seed
+        run_ok(server, graph)
+    growth = server.rss_bytes() - before
+    assert growth < limit_bytes, f"server memory grew by {growth / 2**20:.0f} MiB over {prompts} prompts"

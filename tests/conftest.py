@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from comfyui_harness import FRONTENDS, VERSIONS
+from native_comfy import VERSIONS as NATIVE_VERSIONS
 
 torch.set_num_threads(1)  # two threads are slower than one for models this small on the CI machine
 
@@ -126,8 +127,8 @@ SD_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "be
 
 def tiny_feature_model(family: str = "sd15"):
     """A FeatureModel of tiny random components with the real CLIP tokenizers."""
-    from diffusion_feature.nodes.model import FeatureModel
-    from diffusion_feature.nodes.tokenizers import clip_tokenizer
+    from diffusion_feature.engine.model import FeatureModel
+    from diffusion_feature.engine.tokenizers import clip_tokenizer
 
     if family == "sd15":
         return FeatureModel("sd15", tiny_sd15_unet(), tiny_vae(), [tiny_clip(32)], [clip_tokenizer()],
@@ -164,7 +165,7 @@ def tiny_pixart_model():
     """A tiny pixart-sigma FeatureModel with a tiny T5 and a word-level stand-in for its tokenizer."""
     from transformers import T5Config, T5EncoderModel
 
-    from diffusion_feature.nodes.model import FeatureModel
+    from diffusion_feature.engine.model import FeatureModel
 
     torch.manual_seed(0)
     t5 = T5EncoderModel(T5Config(vocab_size=16, d_model=12, d_ff=16, d_kv=6, num_heads=2, num_layers=1)).eval()
@@ -211,6 +212,17 @@ def tiny_controlnet(unet, seed: int = 0):
             conv.weight.normal_(0, 0.3)
             conv.bias.normal_(0, 0.1)
     return net
+
+
+# ---- ComfyUI's own model code in-process, for the native backend's tests (tests/native_comfy.py) -------------------
+@pytest.fixture(scope="module", params=NATIVE_VERSIONS)
+def comfy(request):
+    """ComfyUI's model code of each supported version (ids 2024-03, 0.3.64), imported for one test module's tests
+    and forgotten after them (only one `comfy` can be imported at a time)."""
+    import native_comfy
+
+    yield native_comfy.use_comfy(request.param)
+    native_comfy.release()
 
 
 # ---- a real ComfyUI server, for the integration tests (tests/comfyui_harness.py) -----------------------------------

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_feature.nodes.extraction import extract
-from diffusion_feature.nodes.features_io import load_features
-from diffusion_feature.nodes.folder_run import names_from_files, plan_batches
-from diffusion_feature.nodes.images import ImageInputError, open_image, target_size
+from diffusion_feature.engine.extraction import extract
+from diffusion_feature.engine.features_io import load_features
+from diffusion_feature.engine.folder_run import names_from_files, plan_batches
+from diffusion_feature.engine.images import ImageInputError, open_image, target_size
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,9 @@ def test_cli_extract_then_pca(tmp_path, folder, images, model):
 def test_cli_generate_pnp_lora_and_denoise_from(tmp_path, folder, images, model):
     from safetensors.torch import save_file
 
-    from diffusion_feature.nodes.generation import generate
-    from diffusion_feature.nodes.inversion import invert
-    from diffusion_feature.nodes.pnp import translate
+    from diffusion_feature.engine.generation import generate
+    from diffusion_feature.engine.inversion import invert
+    from diffusion_feature.engine.pnp import translate
 
     out = tmp_path / "gen"
     run = _cli("generate", "--model", folder, "--prompt", "a red house", "--output", out, "--steps", 3, "--size",
@@ -174,7 +174,7 @@ def test_keep_aspect_resize_policy():
 def test_center_crop_and_comfy_images(model):
     img = Image.new("RGB", (96, 64))
     img.paste((255, 0, 0), (0, 0, 16, 64))  # a red band on the left that the crop removes
-    from diffusion_feature.nodes.images import from_comfy, prepare
+    from diffusion_feature.engine.images import from_comfy, prepare
     cropped = prepare(img, 64, "center-crop")
     assert cropped.size == (64, 64) and cropped.getpixel((0, 0)) == (0, 0, 0)
     comfy = torch.rand(2, 64, 96, 3)
@@ -199,7 +199,7 @@ def test_show_layers_of_a_loaded_model(model):
 
 
 def test_demo_sample_images_ship_with_the_package():
-    from diffusion_feature.nodes.commands import SAMPLES
+    from diffusion_feature.engine.commands import SAMPLES
 
     files = sorted(p.name for p in Path(SAMPLES).glob("*.jpg"))
     assert files == ["cat.jpg", "fruit.jpg", "house.jpg"]

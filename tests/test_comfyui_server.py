@@ -10,9 +10,10 @@ from urllib.parse import quote
 import pytest
 import torch
 
-from comfyui_harness import LINKED_XL, TINY_CKPT, TINY_CN, TINY_LORA, TINY_XL, execution_error
+from comfyui_harness import (LINKED_XL, TINY_CKPT, TINY_CN, TINY_LORA, TINY_XL, assert_memory_flat, execution_error,
+                             images_of, no_hooks, run_ok, saved_files)
 from diffusion_feature import NODE_CLASS_MAPPINGS
-from diffusion_feature.nodes.features_io import load_features
+from diffusion_feature.engine.features_io import load_features
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
 EXTRACT_EXAMPLES = ["attention_maps", "batch_joint_pca", "sd15_extract_pca_save", "sdxl_extract_pca_save"]
@@ -42,14 +43,6 @@ def tiny(graph: dict) -> dict:
     return graph
 
 
-def _saved_files(entry: dict, output_dir: Path) -> list[Path]:
-    files = []
-    for out in entry["outputs"].values():
-        for item in out.get("features", []):
-            files.append(output_dir / item["subfolder"] / item["filename"])
-    return files
-
-
 def test_object_info_lists_every_node_with_its_inputs(server):
     info = server.get("/object_info")
     for name, cls in NODE_CLASS_MAPPINGS.items():
@@ -73,8 +66,7 @@ def test_linked_model_folders_are_listed_and_resolved_but_names_stay_inside(serv
     graph = tiny(json.loads((EXAMPLES / "sdxl_extract_pca_save.api.json").read_text()))
     loader = next(n for n in graph.values() if n["class_type"] == "DFLoadDiffusers")
     loader["inputs"]["model_path"] = LINKED_XL
-    entry = server.run(graph)
-    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    run_ok(server, graph)
 
 
 def test_node_docs_are_served_where_both_frontends_look(server):
@@ -104,10 +96,8 @@ def test_every_example_workflow_is_tested():
 @pytest.mark.parametrize("name", EXTRACT_EXAMPLES)
 def test_example_workflow_runs_and_saves_loadable_features(server, name):
     graph = tiny(json.loads((EXAMPLES / f"{name}.api.json").read_text()))
-    entry = server.run(graph)
-    assert "rejected" not in entry, entry
-    assert entry["status"]["status_str"] == "success", execution_error(entry)
-    files = _saved_files(entry, server.output_dir)
+    entry = run_ok(server, graph)
+    files = saved_files(server, entry)
     hooks = next(n for n in graph.values() if n["class_type"] == "DFAttachHooks")["inputs"]
     model = server.models["sdxl" if "sdxl" in name else "sd15"]
     images = 2 if name == "batch_joint_pca" else 1
@@ -126,15 +116,13 @@ def test_example_workflow_runs_and_saves_loadable_features(server, name):
 
 def _run_example(server, name: str) -> tuple[dict, dict]:
     graph = tiny(json.loads((EXAMPLES / f"{name}.api.json").read_text()))
-    entry = server.run(graph)
-    assert "rejected" not in entry, entry
-    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    entry = run_ok(server, graph)
     return graph, entry
 
 
 def test_generate_example_captures_a_labelled_timeline(server):
     graph, entry = _run_example(server, "generate_capture_timeline")
-    files = _saved_files(entry, server.output_dir)
+    files = saved_files(server, entry)
     assert [f.name.split("_", 2)[-1] for f in files] == [f"step{s:03d}_cond.safetensors" for s in (0, 4, 8, 12, 16)]
     shapes = server.models["sd15"].show_layers((96, 128))
     steps = []
@@ -144,13 +132,13 @@ def test_generate_example_captures_a_labelled_timeline(server):
         assert list(feats.tensors["up-level1-repeat1-res-out"].shape[1:]) == shapes["up-level1-repeat1-res-out"]
         steps.append((feats.meta["step"], feats.meta["timestep"]))
     assert [s for s, _ in steps] == [0, 4, 8, 12, 16] and steps[0][1] > steps[-1][1]  # noise level falls
-    images = {nid: out["images"] for nid, out in entry["outputs"].items() if "images" in out}
+    images = images_of(entry)
     assert len(images["6"]) == 1 and len(images["8"]) == 5  # the generated image; one PCA image per step
 
 
 def test_controlnet_example_extracts_with_canny_guidance_and_denoise_from(server):
     graph, entry = _run_example(server, "controlnet_canny_denoise_from")
-    (path,) = _saved_files(entry, server.output_dir)
+    (path,) = saved_files(server, entry)
     feats = load_features(path)
     assert feats.meta["denoise_from"] == 60 and feats.meta["t"] == 50
     assert feats.meta["controlnets"] == [{"name": Path(TINY_CN).stem, "strength": 1.0}]
@@ -158,7 +146,7 @@ def test_controlnet_example_extracts_with_canny_guidance_and_denoise_from(server
     plain = copy.deepcopy(graph)
     plain["4"]["inputs"].update(conditioning=["3", 0], denoise_from=0)
     plain["7"]["inputs"]["filename_prefix"] = "diffusion_feature/plain"
-    (plain_path,) = _saved_files(server.run(plain), server.output_dir)
+    (plain_path,) = saved_files(server, run_ok(server, plain))
     other = load_features(plain_path)
     assert not torch.allclose(feats.tensors["up-level1-repeat2-res-out"], other.tensors["up-level1-repeat2-res-out"])
     # the ControlNet ran under ComfyUI's memory management, as the main model does (no fallback, on any version)
@@ -167,14 +155,13 @@ def test_controlnet_example_extracts_with_canny_guidance_and_denoise_from(server
 
 def test_lora_example_changes_features_and_never_leaks_into_the_plain_model(server):
     def features_of(graph):
-        entry = server.run(graph)
-        assert entry["status"]["status_str"] == "success", execution_error(entry)
-        return load_features(_saved_files(entry, server.output_dir)[0]).tensors
+        entry = run_ok(server, graph)
+        return load_features(saved_files(server, entry)[0]).tensors
 
     plain_graph = _sd15_graph({})
     before = features_of(plain_graph)
     _, entry = _run_example(server, "extract_with_lora")
-    with_lora = load_features(_saved_files(entry, server.output_dir)[0]).tensors
+    with_lora = load_features(saved_files(server, entry)[0]).tensors
     after = features_of(plain_graph)
     layer = "up-level1-repeat2-res-out"
     assert not torch.allclose(with_lora[layer], before[layer])
@@ -184,32 +171,30 @@ def test_lora_example_changes_features_and_never_leaks_into_the_plain_model(serv
 
 def test_content_shift_comparison_shows_four_feature_sets_in_one_pca(server):
     _, entry = _run_example(server, "content_shift_comparison")
-    images = {nid: out["images"] for nid, out in entry["outputs"].items() if "images" in out}
+    images = images_of(entry)
     assert len(images["6"]) == 4 and len(images["14"]) == 1  # plain | fine-grained | ControlNet | LoRA; the edges
 
 
 def test_pnp_example_translates_a_real_image_with_two_prompts(server):
     _, entry = _run_example(server, "pnp_translate")
-    images = {nid: out["images"] for nid, out in entry["outputs"].items() if "images" in out}
+    images = images_of(entry)
     assert len(images["32"]) == 2 and len(images["33"]) == 1  # two translations; the reconstruction
     assert "PSNR" in entry["outputs"]["30"]["text"][0]  # the reconstruction error, reported on the node
-    status = server.get("/diffusion_feature/status")
-    assert status["forward_hooks"] == 0 and status["forward_pre_hooks"] == 0 and status["map_processors"] == 0
+    no_hooks(server)
 
 
 def test_inversion_timeline_example_shows_one_image_per_captured_step(server):
     graph, entry = _run_example(server, "inversion_timeline_pca")
-    files = _saved_files(entry, server.output_dir)
+    files = saved_files(server, entry)
     assert [load_features(f).meta["step"] for f in files] == [0]  # 10 steps in the tiny run: 'every 10' is step 0
-    images = {nid: out["images"] for nid, out in entry["outputs"].items() if "images" in out}
+    images = images_of(entry)
     assert len(images["6"]) == len(images["9"]) == 1
     graph["30"]["inputs"]["capture_steps"] = "every 3"
     graph["7"]["inputs"]["filename_prefix"] = "diffusion_feature/inversion3"
-    entry = server.run(graph)
-    assert entry["status"]["status_str"] == "success", execution_error(entry)
-    steps = [load_features(f).meta["step"] for f in _saved_files(entry, server.output_dir)]
+    entry = run_ok(server, graph)
+    steps = [load_features(f).meta["step"] for f in saved_files(server, entry)]
     assert steps == [0, 3, 6, 9]
-    images = {nid: out["images"] for nid, out in entry["outputs"].items() if "images" in out}
+    images = images_of(entry)
     assert len(images["6"]) == len(images["9"]) == 4
 
 
@@ -231,21 +216,12 @@ def test_bad_inputs_fail_clearly_and_the_server_keeps_serving(server):
     bad_t = server.run(_sd15_graph({("4", "t"): 1000}))
     # ComfyUI checks widget ranges before running anything: the prompt is refused with the node and the limit named
     assert "rejected" in bad_t and "999" in json.dumps(bad_t["rejected"]) and '"4"' in json.dumps(bad_t["rejected"])
-    ok = server.run(_sd15_graph({("4", "seed"): 123}))
-    assert ok["status"]["status_str"] == "success"
+    run_ok(server, _sd15_graph({("4", "seed"): 123}))
 
 
 def test_twenty_prompts_leave_memory_flat_and_no_hooks(server):
     graph = _sd15_graph({("2", "layers"): "up-level2-repeat1-vit-block0-cross-map", ("2", "preset"): "practical"})
-    for seed in range(3):  # warm up: model loaded, caches filled
-        graph["4"]["inputs"]["seed"] = seed
-        assert server.run(graph)["status"]["status_str"] == "success"
-    before = server.rss_bytes()
-    for seed in range(3, 23):
-        graph["4"]["inputs"]["seed"] = seed
-        assert server.run(graph)["status"]["status_str"] == "success"
-    growth = server.rss_bytes() - before
-    assert growth < 64 * 2**20, f"server memory grew by {growth / 2**20:.0f} MiB over 20 prompts"
+    assert_memory_flat(server, graph, "4")
     # ComfyUI's "free memory" request unloads managed models; the next prompt loads them again and runs
     assert server.post("/free", {"unload_models": True, "free_memory": True})[0] == 200
     # ComfyUI's worker handles the request between prompts: wait until it has (the models are gone), so the next
@@ -253,10 +229,8 @@ def test_twenty_prompts_leave_memory_flat_and_no_hooks(server):
     assert server.wait_for(lambda: server.get("/diffusion_feature/status")["models"] == 0, timeout=120), \
         "the /free request never unloaded the models"
     graph["4"]["inputs"]["seed"] = 99
-    assert server.run(graph)["status"]["status_str"] == "success"
-    status = server.get("/diffusion_feature/status")
-    assert status["models"] >= 1
-    assert status["forward_hooks"] == 0 and status["forward_pre_hooks"] == 0 and status["map_processors"] == 0
+    run_ok(server, graph)
+    assert no_hooks(server)["models"] >= 1
 
 
 # ---- the layer picker in a real browser (Debian's chromium, headless) -------------------------------------------
@@ -286,6 +260,30 @@ def _wait(driver, script: str, timeout: float = 60):
     raise TimeoutError(f"browser condition never held: {script}")
 
 
+def open_layer_picker(driver, server, workflow: dict, node_type: str) -> tuple[int, int]:
+    """Load a UI workflow in the server's page and open the layer picker of its `node_type` node, once that node
+    has its picker button: (the node's id, how many ids the picker lists)."""
+    driver.get(server.url)
+    _wait(driver, "return window.app && app.extensions && "
+                  "app.extensions.some(e => e.name === 'diffusion_feature.layer_picker')")
+    # the promise's value (a workflow object in current frontends) is no business of the test's
+    driver.execute_script("return Promise.resolve(app.loadGraphData(arguments[0])).then(() => true)", workflow)
+    node_id = _wait(driver, f"const n = app.graph._nodes.find(n => n.type === '{node_type}'); "
+                            "return n && n.widgets.some(w => w.name === 'pick layers…') && n.id")
+    driver.execute_script("diffusionFeaturePicker.open(app.graph.getNodeById(arguments[0]))", node_id)
+    return node_id, _wait(driver, "return document.querySelectorAll('.df-picker-item').length")
+
+
+def pick_the_one_match(driver, query: str, screenshot: Path | None = None) -> None:
+    """In the open picker: search `query`, which must leave one id, tick it and apply (a screenshot before)."""
+    driver.find_element("css selector", ".df-picker-search").send_keys(query)
+    _wait(driver, "return document.querySelectorAll('.df-picker-item').length === 1")
+    driver.find_element("css selector", ".df-picker-item input").click()
+    if screenshot is not None:
+        driver.save_screenshot(str(screenshot))
+    driver.find_element("css selector", ".df-picker-apply").click()
+
+
 def tiny_ui_workflow(name: str = "sd15_extract_pca_save", show_layers: bool = True) -> dict:
     """A UI-format example workflow with the tiny test checkpoint substituted and (show_layers) a DFShowLayers node
     on its checkpoint loader."""
@@ -312,23 +310,10 @@ def test_layer_picker_in_a_real_browser(frontend_server, tmp_path):
     workflow = tiny_ui_workflow()
     driver = _browser()
     try:
-        driver.get(server.url)
-        _wait(driver, "return window.app && app.extensions && "
-                      "app.extensions.some(e => e.name === 'diffusion_feature.layer_picker')")
-        # the promise's value (a workflow object in current frontends) is no business of the test's
-        driver.execute_script("return Promise.resolve(app.loadGraphData(arguments[0])).then(() => true)", workflow)
-        node_id = _wait(driver, "const n = app.graph._nodes.find(n => n.type === 'DFAttachHooks'); "
-                                "return n && n.widgets.some(w => w.name === 'pick layers…') && n.id")
-        driver.execute_script("diffusionFeaturePicker.open(app.graph.getNodeById(arguments[0]))", node_id)
-        count = _wait(driver, "return document.querySelectorAll('.df-picker-item').length")
+        node_id, count = open_layer_picker(driver, server, workflow, "DFAttachHooks")
         assert count == 197  # sd15's ids: the family was detected from the connected checkpoint
         assert driver.execute_script("return document.querySelector('.df-picker-family').value") == "sd15"
-        search = driver.find_element("css selector", ".df-picker-search")
-        search.send_keys("up-level1-repeat1 cross-q")
-        _wait(driver, "return document.querySelectorAll('.df-picker-item').length === 1")
-        driver.find_element("css selector", ".df-picker-item input").click()
-        driver.save_screenshot(str(tmp_path / "picker.png"))
-        driver.find_element("css selector", ".df-picker-apply").click()
+        pick_the_one_match(driver, "up-level1-repeat1 cross-q", screenshot=tmp_path / "picker.png")
         value = driver.execute_script("return app.graph.getNodeById(arguments[0]).widgets"
                                       ".find(w => w.name === 'layers').value", node_id)
         assert value.split() == ["up-level1-repeat1-vit-block0-cross-q"]

@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 
 from conftest import tiny_controlnet, tiny_feature_model, tiny_pixart, tiny_sd15_unet, tiny_sdxl_unet
 from diffusion_feature.layer_catalog.families import dummy_inputs, meta_denoiser
-from diffusion_feature.nodes.controlnet import (CONTROLNET_FAMILIES, ControlNet, ControlNetError, bundled_config,
-                                                check_compatible, detect_family, layout_of, load_controlnet)
-from diffusion_feature.nodes.loading import CheckpointError
+from diffusion_feature.engine.controlnet import (CONTROLNET_FAMILIES, ControlNet, ControlNetError, bundled_config,
+                                                 check_compatible, detect_family, layout_of, load_controlnet)
+from diffusion_feature.engine.loading import CheckpointError
 from diffusion_feature.nodes.node_controlnet import DFLoadControlNet
 from ldm_export import controlnet_to_ldm
 
@@ -185,7 +185,7 @@ def test_family_detected_from_shapes_in_both_layouts(family, meta_nets):
 def test_full_size_file_without_sidecar_uses_the_bundled_config(tmp_path, monkeypatch, meta_nets):
     """A full-size sd15 file needs no sidecar. Writing 1.4 GB is too slow for a unit test, so the reader hands
     meta tensors of the real shapes, and the build step records what it was given."""
-    import diffusion_feature.nodes.controlnet as cn
+    import diffusion_feature.engine.controlnet as cn
 
     shapes = {k: tuple(v.shape) for k, v in controlnet_to_ldm(meta_nets["sd15"]).items()}
     path = tmp_path / "control_v11p_sd15_canny.safetensors"

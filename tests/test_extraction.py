@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import inputs_for
-from diffusion_feature.nodes.extraction import (Conditioning, alphas_cumprod, encode_latents, extract_latents,
-                                                check_timestep)
+from diffusion_feature.engine.extraction import (Conditioning, alphas_cumprod, encode_latents, extract_latents,
+                                                 check_timestep)
 
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                 "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
@@ -110,7 +110,7 @@ def test_check_timestep_accepts_ints_only():
 
 
 def test_maps_that_cannot_fit_are_refused_up_front(sd15_unet, monkeypatch):
-    from diffusion_feature.nodes import extraction
+    from diffusion_feature.engine import extraction
 
     x0 = inputs_for(sd15_unet, (8, 12), batch=2)["sample"]
     cond = Conditioning(torch.randn(1, 7, 32))

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion_feature.nodes.features_io import (FeatureFileError, Features, aggregate, load_features,
-                                                 save_features)
-from diffusion_feature.nodes.visualize import attention_heatmap, grid_for, pca_rgb
+from diffusion_feature.engine.features_io import (FeatureFileError, Features, aggregate, load_features,
+                                                  save_features)
+from diffusion_feature.engine.visualize import attention_heatmap, grid_for, pca_rgb
 
 
 def sample_features(dtype=torch.float32):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import hook_state, tiny_pixart_model
-from diffusion_feature.nodes.generation import generate
-from diffusion_feature.nodes.prompts import encode_prompt
-from diffusion_feature.nodes.samplers import SCHEDULERS, make_scheduler, parse_capture_steps
+from diffusion_feature.engine.generation import generate
+from diffusion_feature.engine.prompts import encode_prompt
+from diffusion_feature.engine.samplers import SCHEDULERS, make_scheduler, parse_capture_steps
 
 SIZE = 64  # pixels: an 8x8 latent
 
@@ -242,8 +242,8 @@ def test_v_prediction_checkpoints_generate_as_diffusers_does(sd15):
 def test_ddim_moves_are_exact_for_a_closed_form_denoiser(prediction_type):
     """A stub denoiser that knows x0 and eps returns the exact prediction: a move to any timestep, down or up,
     lands exactly on sqrt(abar_s) x0 + sqrt(1 - abar_s) eps."""
-    from diffusion_feature.nodes.ddim import ddim_move, descending_timesteps
-    from diffusion_feature.nodes.extraction import alphas_cumprod
+    from diffusion_feature.engine.ddim import ddim_move, descending_timesteps
+    from diffusion_feature.engine.extraction import alphas_cumprod
     from conftest import SD_SCHEDULER
 
     abar = alphas_cumprod(SD_SCHEDULER)

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from conftest import inputs_for, tiny_feature_model
-from diffusion_feature.nodes.lora import (LoraError, load_lora, lora_applied, lora_residue, lora_snapshot,
-                                          lora_targets, with_lora)
-from diffusion_feature.nodes.prompts import encode_prompt
+from diffusion_feature.engine.lora import (LoraError, load_lora, lora_applied, lora_residue, lora_snapshot,
+                                           lora_targets, with_lora)
+from diffusion_feature.engine.prompts import encode_prompt
 
 RANK = 2
 ALPHA = 1.0  # scale alpha / rank = 0.5: a file without alpha (scale 1) would give other weights
@@ -237,7 +237,7 @@ def test_every_sdxl_unet_layer_named_the_ldm_way_resolves_to_itself(sdxl):
     """Round trip through the tests' own diffusers -> LDM renaming (ldm_export), for every linear and conv layer."""
     from types import SimpleNamespace
 
-    from diffusion_feature.nodes.lora import LoraEntry, LoraWeights
+    from diffusion_feature.engine.lora import LoraEntry, LoraWeights
     from ldm_export import unet_to_ldm
 
     unet = sdxl.denoiser
@@ -414,8 +414,8 @@ def test_half_precision_restores_bit_exactly(kohya_file, dtype):
 def test_extraction_in_batches_merges_the_lora_once(sd15, kohya_file, monkeypatch):
     """A multi-batch extraction (DFExtractFeatures) merges the LoRA once for all its chunks, not once per chunk,
     and gives the same features as chunk-by-chunk merging would."""
-    from diffusion_feature.nodes import lora as lora_module
-    from diffusion_feature.nodes.extraction import extract, extract_in_batches
+    from diffusion_feature.engine import lora as lora_module
+    from diffusion_feature.engine.extraction import extract, extract_in_batches
 
     lora_model = with_lora(sd15, load_lora(kohya_file))
     images = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(0))

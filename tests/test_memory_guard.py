@@ -14,12 +14,12 @@ import torch.nn.functional as F
 
 from conftest import hook_state
 from diffusion_feature.layer_catalog import resolve_taps
-from diffusion_feature.nodes import memory_guard
-from diffusion_feature.nodes.extraction import extract_in_batches, extraction_needs
-from diffusion_feature.nodes.generation import generate, generation_needs
-from diffusion_feature.nodes.inversion import invert
-from diffusion_feature.nodes.memory_guard import FeatureMemoryError
-from diffusion_feature.nodes.prompts import encode_prompt
+from diffusion_feature.engine import memory_guard
+from diffusion_feature.engine.extraction import extract_in_batches, extraction_needs
+from diffusion_feature.engine.generation import generate, generation_needs
+from diffusion_feature.engine.inversion import invert
+from diffusion_feature.engine.memory_guard import FeatureMemoryError
+from diffusion_feature.engine.prompts import encode_prompt
 
 SELF_MAP = "down-level0-repeat0-vit-block0-self-map"
 IDS = [SELF_MAP, "up-level3-repeat1-vit-block0-cross-map", "mid-repeat0-res-out",
@@ -368,7 +368,7 @@ def test_an_interrupt_stops_extraction_inversion_and_the_vae_inside_their_forwar
 def test_folder_run_keeps_at_most_two_batches_whatever_the_writer_speed(sd15, tmp_path, monkeypatch):
     from PIL import Image
 
-    from diffusion_feature.nodes import folder_run
+    from diffusion_feature.engine import folder_run
 
     files = []
     for i in range(5):
@@ -418,7 +418,7 @@ def test_dfgenerate_refuses_a_huge_size_before_any_forward(sd15, nodes, monkeypa
 
 
 def test_dfextract_refuses_what_its_batches_accumulate_before_any_forward(sd15, nodes, monkeypatch):
-    from diffusion_feature.nodes.images import target_size
+    from diffusion_feature.engine.images import target_size
 
     (cond,) = nodes["DFEncodePrompt"].encode(sd15, "a cat")
     (hooked,) = nodes["DFAttachHooks"].attach(sd15, SELF_MAP, "none")

@@ -20,12 +20,6 @@ SOME_IDS = ["unet-in", "down-level1-repeat0-res-increment", "mid-vit-block0-out"
             "up-level1-upsampler-out", "unet-out", *MAP_IDS]
 
 
-@pytest.fixture(scope="module", params=nc.VERSIONS)
-def comfy(request):
-    yield nc.use_comfy(request.param)
-    nc.release()
-
-
 @pytest.fixture(scope="module")
 def twins():
     return {kind: nc.diffusers_unet(kind) for kind in ("sd15", "sdxl")}

@@ -27,12 +27,6 @@ from test_native import LATENT, CallLog, _sample, _zero_hooks
 SCALE = 0.18215  # SD1.x latent_format.scale_factor (SDXL has its own: see _scale)
 
 
-@pytest.fixture(scope="module", params=nc.VERSIONS)
-def comfy(request):
-    yield nc.use_comfy(request.param)
-    nc.release()
-
-
 @pytest.fixture(scope="module")
 def twins():
     return {kind: nc.diffusers_unet(kind, as_model=True) for kind in ("sd15", "sdxl")}

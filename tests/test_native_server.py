@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyui_harness import execution_error
-from diffusion_feature.nodes.features_io import load_features
+from comfyui_harness import assert_memory_flat, execution_error, images_of, no_hooks, run_ok, saved_files
+from diffusion_feature.engine.features_io import load_features
 from native_checkpoint import NATIVE_CKPT, NATIVE_CN, NATIVE_LORA, write_native_models
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
@@ -50,28 +50,6 @@ def native(name: str) -> dict:
     return graph
 
 
-def run_ok(server, graph: dict) -> dict:
-    entry = server.run(graph)
-    assert "rejected" not in entry, entry
-    assert entry["status"]["status_str"] == "success", execution_error(entry)
-    return entry
-
-
-def saved(server, entry: dict) -> list[Path]:
-    return [server.output_dir / item["subfolder"] / item["filename"]
-            for out in entry["outputs"].values() for item in out.get("features", [])]
-
-
-def images_of(entry: dict) -> dict:
-    return {nid: out["images"] for nid, out in entry["outputs"].items() if "images" in out}
-
-
-def no_hooks(server) -> dict:
-    status = server.get("/diffusion_feature/status")
-    assert status["forward_hooks"] == 0 and status["forward_pre_hooks"] == 0 and status["map_processors"] == 0
-    return status
-
-
 def test_every_native_example_is_here():
     assert {p.name[:-len(".api.json")] for p in EXAMPLES.glob("native_*.api.json")} == set(NATIVE_EXAMPLES)
     for name in NATIVE_EXAMPLES:
@@ -95,7 +73,7 @@ def test_ksampler_capture_timeline_example(server):
     captured step, their noise level falling; with branch both and cfg > 1, two rows per step; at cfg 1, cond only."""
     graph = native("native_ksampler_capture_timeline")
     entry = run_ok(server, graph)
-    files = saved(server, entry)
+    files = saved_files(server, entry)
     assert len(files) == 2 and all(f.name.endswith(f"step{s:03d}_cond.safetensors") for f, s in zip(files, (0, 4)))
     metas = [load_features(f) for f in files]
     for feats in metas:
@@ -108,12 +86,12 @@ def test_ksampler_capture_timeline_example(server):
     both = copy.deepcopy(graph)
     both["5"]["inputs"].update(branch="both", capture_steps="all")
     both["10"]["inputs"]["filename_prefix"] = "diffusion_feature/native_both"
-    rows = [load_features(f).meta for f in saved(server, run_ok(server, both))]
+    rows = [load_features(f).meta for f in saved_files(server, run_ok(server, both))]
     assert [(r["step"], r["branch"]) for r in rows] == [(s, b) for s in range(8) for b in ("cond", "uncond")]
     cfg1 = copy.deepcopy(both)
     cfg1["6"]["inputs"]["cfg"] = 1.0
     cfg1["10"]["inputs"]["filename_prefix"] = "diffusion_feature/native_cfg1"
-    rows = [load_features(f).meta for f in saved(server, run_ok(server, cfg1))]
+    rows = [load_features(f).meta for f in saved_files(server, run_ok(server, cfg1))]
     assert [(r["step"], r["branch"]) for r in rows] == [(s, "cond") for s in range(8)]
     no_hooks(server)
 
@@ -121,7 +99,7 @@ def test_ksampler_capture_timeline_example(server):
 def test_controlnet_example_extracts_with_canny_and_denoise_from(server):
     graph = native("native_content_shift_controlnet")
     entry = run_ok(server, graph)
-    (path,) = saved(server, entry)
+    (path,) = saved_files(server, entry)
     feats = load_features(path)
     assert feats.meta["t"] == 50 and feats.meta["denoise_from"] == 60 and feats.meta["denoise_steps"] == 1
     assert [c["strength"] for c in feats.meta["controlnets"]] == [1.0]
@@ -132,14 +110,14 @@ def test_controlnet_example_extracts_with_canny_and_denoise_from(server):
     plain = copy.deepcopy(graph)
     plain["4"]["inputs"].update(positive=["2", 0], denoise_from=0)
     plain["7"]["inputs"]["filename_prefix"] = "diffusion_feature/native_plain"
-    other = load_features(saved(server, run_ok(server, plain))[0])
+    other = load_features(saved_files(server, run_ok(server, plain))[0])
     assert "controlnets" not in other.meta and "denoise_from" not in other.meta
     assert not torch.allclose(feats.tensors[LAYER], other.tensors[LAYER])
     # the ControlNet alone (no denoising steps) changes them too: it acts inside the model call
     control_only = copy.deepcopy(graph)
     control_only["4"]["inputs"]["denoise_from"] = 0
     control_only["7"]["inputs"]["filename_prefix"] = "diffusion_feature/native_control_only"
-    controlled = load_features(saved(server, run_ok(server, control_only))[0])
+    controlled = load_features(saved_files(server, run_ok(server, control_only))[0])
     assert not torch.allclose(controlled.tensors[LAYER], other.tensors[LAYER])
     no_hooks(server)
 
@@ -151,12 +129,12 @@ def test_lora_example_changes_features_and_never_leaks_into_the_plain_model(serv
     plain["2"]["inputs"]["clip"] = ["1", 1]
     plain["4"]["inputs"]["model"] = ["1", 0]
     plain["7"]["inputs"]["filename_prefix"] = "diffusion_feature/native_plain_before"
-    before = load_features(saved(server, run_ok(server, plain))[0]).tensors
-    with_lora = load_features(saved(server, run_ok(server, lora_graph))[0]).tensors
+    before = load_features(saved_files(server, run_ok(server, plain))[0]).tensors
+    with_lora = load_features(saved_files(server, run_ok(server, lora_graph))[0]).tensors
     after_graph = copy.deepcopy(plain)
     after_graph["4"]["inputs"]["batch_size"] = 2  # a changed input: ComfyUI runs the node again (one image: same)
     after_graph["7"]["inputs"]["filename_prefix"] = "diffusion_feature/native_plain_after"
-    after = load_features(saved(server, run_ok(server, after_graph))[0]).tensors
+    after = load_features(saved_files(server, run_ok(server, after_graph))[0]).tensors
     assert not torch.allclose(with_lora[LAYER], before[LAYER])
     for k in before:
         assert torch.equal(before[k], after[k]), k
@@ -188,15 +166,7 @@ def test_repeated_native_prompts_leave_memory_flat_and_no_hooks(server):
     graph = native("native_ksampler_capture_timeline")
     graph["5"]["inputs"].update(layers=LAYERS, branch="both", capture_steps="all")
     graph["6"]["inputs"]["steps"] = 2
-    for seed in range(3):  # warm up: models loaded, caches filled
-        graph["6"]["inputs"]["seed"] = seed
-        run_ok(server, graph)
-    before = server.rss_bytes()
-    for seed in range(3, 23):
-        graph["6"]["inputs"]["seed"] = seed
-        run_ok(server, graph)
-    growth = server.rss_bytes() - before
-    assert growth < 64 * 2**20, f"server memory grew by {growth / 2**20:.0f} MiB over 20 prompts"
+    assert_memory_flat(server, graph, "6")
     run_ok(server, native("native_lora_extract"))
     status = no_hooks(server)
     assert status["native_models"] >= 1
@@ -205,7 +175,7 @@ def test_repeated_native_prompts_leave_memory_flat_and_no_hooks(server):
 def test_layer_picker_on_capture_layers_in_a_real_browser(frontend_server):
     """DFCaptureLayers gets the picker button on every tested frontend; the family comes from the Load Checkpoint
     upstream of its MODEL."""
-    from test_comfyui_server import _browser, _wait
+    from test_comfyui_server import _browser, open_layer_picker, pick_the_one_match
 
     server = frontend_server
     write_native_models(server.home / "ComfyUI")
@@ -216,19 +186,10 @@ def test_layer_picker_on_capture_layers_in_a_real_browser(frontend_server):
             node["widgets_values"][0] = NATIVE_CKPT
     driver = _browser()
     try:
-        driver.get(server.url)
-        _wait(driver, "return window.app && app.extensions && "
-                      "app.extensions.some(e => e.name === 'diffusion_feature.layer_picker')")
-        driver.execute_script("return Promise.resolve(app.loadGraphData(arguments[0])).then(() => true)", workflow)
-        node_id = _wait(driver, "const n = app.graph._nodes.find(n => n.type === 'DFCaptureLayers'); "
-                                "return n && n.widgets.some(w => w.name === 'pick layers…') && n.id")
-        driver.execute_script("diffusionFeaturePicker.open(app.graph.getNodeById(arguments[0]))", node_id)
-        assert _wait(driver, "return document.querySelectorAll('.df-picker-item').length") == 197
+        _node_id, count = open_layer_picker(driver, server, workflow, "DFCaptureLayers")
+        assert count == 197
         assert driver.execute_script("return document.querySelector('.df-picker-family').value") == "sd15"
-        driver.find_element("css selector", ".df-picker-search").send_keys("up-level1-repeat1 cross-q")
-        _wait(driver, "return document.querySelectorAll('.df-picker-item').length === 1")
-        driver.find_element("css selector", ".df-picker-item input").click()
-        driver.find_element("css selector", ".df-picker-apply").click()
+        pick_the_one_match(driver, "up-level1-repeat1 cross-q")
         # the API prompt carries the chosen ids
         layers = driver.execute_script("return app.graphToPrompt().then(p => Object.values(p.output)"
                                        ".find(n => n.class_type === 'DFCaptureLayers').inputs.layers)")

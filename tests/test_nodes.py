@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from conftest import hook_state, save_sd15_folder
 from diffusion_feature import NODE_CLASS_MAPPINGS
 from diffusion_feature.layer_catalog import LayerIdError
-from diffusion_feature.nodes.extraction import extract
-from diffusion_feature.nodes.output_paths import OutputPathError, resolve_prefix, sample_names
+from diffusion_feature.engine.extraction import extract
+from diffusion_feature.engine.output_paths import OutputPathError, resolve_prefix, sample_names
 from diffusion_feature.nodes.routes import group_of, layers_payload
 from ldm_export import sd15_single_file_state
 
@@ -51,6 +51,59 @@ def test_every_node_declares_its_contract():
         assert hasattr(cls(), cls.FUNCTION)
 
 
+def _widget_names(cls) -> list[str]:
+    """The node's widgets in the order ComfyUI stores their values in a saved (UI) workflow."""
+    spec = cls.INPUT_TYPES()
+    return [name for group in ("required", "optional") for name, (kind, *_) in spec.get(group, {}).items()
+            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN")]
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
+
+
+@pytest.mark.parametrize("path", sorted(p for p in EXAMPLES.glob("*.json") if not p.name.endswith(".api.json")),
+                         ids=lambda p: p.stem)
+def test_saved_workflows_keep_their_widget_order(path):
+    """A saved workflow holds widget values by position: read back by today's widget order, every value of the
+    pack's nodes is the one its API twin (which names its inputs) gives that widget."""
+    import json
+
+    api = json.loads(path.with_name(f"{path.stem}.api.json").read_text())
+    checked = 0
+    for node in json.loads(path.read_text())["nodes"]:
+        if node["type"] not in NODE_CLASS_MAPPINGS:
+            continue
+        values, names = list(node["widgets_values"]), _widget_names(NODE_CLASS_MAPPINGS[node["type"]])
+        if "seed" in names:  # the frontend's control_after_generate value follows the seed
+            assert values.pop(names.index("seed") + 1) == "fixed"
+        inputs = api[str(node["id"])]["inputs"]
+        assert dict(zip(names, values)) == {n: inputs[n] for n in names}, (path.name, node["type"])
+        assert len(values) == len(names), (path.name, node["type"])
+        checked += 1
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("name", ["DFExtractFeatures", "DFExtractNative"])
+def test_extract_nodes_share_their_widgets_and_defaults(name):
+    """DFExtractNative offers DFExtractFeatures' widgets with the same names, order, ranges and defaults, and each
+    node's function defaults are its widgets' defaults (a workflow missing a value runs as the widget shows)."""
+    import inspect
+
+    cls = NODE_CLASS_MAPPINGS[name]
+    spec = cls.INPUT_TYPES()
+    shared = ["t", "seed", "resize", "ensemble", "feature_resize", "offload", "batch_size", "denoise_from",
+              "denoise_steps"]
+    assert [n for n in _widget_names(cls) if n in shared] == shared
+    main = NODE_CLASS_MAPPINGS["DFExtractFeatures"].INPUT_TYPES()
+    for group in ("required", "optional"):
+        for n in set(spec[group]) & set(main[group]) & set(shared):
+            strip = {k: v for k, v in spec[group][n][1].items() if k != "tooltip"}
+            assert (spec[group][n][0], strip) == (main[group][n][0],
+                                                  {k: v for k, v in main[group][n][1].items() if k != "tooltip"}), n
+    signature = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+    for n, (_kind, opts) in spec["optional"].items():
+        assert signature[n].default == opts["default"], n
+
 def _images(n=2, h=64, w=96):
     return torch.rand(n, h, w, 3, generator=torch.Generator().manual_seed(0))
 
@@ -82,7 +135,7 @@ def test_graph_attach_extract_pca_save_load(model, dirs):
 
 
 def test_graph_generate_capture_timeline_pca_save(model, dirs):
-    from diffusion_feature.nodes.generation import generate
+    from diffusion_feature.engine.generation import generate
 
     (pos,) = N["DFEncodePrompt"].encode(model, "a red house")
     (hooked,) = N["DFAttachHooks"].attach(model, "mid-repeat1-res-out", "none")
@@ -108,7 +161,7 @@ def test_graph_generate_capture_timeline_pca_save(model, dirs):
 
 
 def test_pca_of_several_feature_sets_is_one_joint_fit(model, dirs):
-    from diffusion_feature.nodes.visualize import pca_rgb
+    from diffusion_feature.engine.visualize import pca_rgb
 
     (hooked,) = N["DFAttachHooks"].attach(model, "up-level1-repeat2-res-out", "none")
     sets = []
@@ -123,8 +176,8 @@ def test_pca_of_several_feature_sets_is_one_joint_fit(model, dirs):
 
 
 def test_graph_invert_translate_and_self_attention_timeline(model, dirs):
-    from diffusion_feature.nodes.pnp import translate
-    from diffusion_feature.nodes.visualize import self_attention_pca
+    from diffusion_feature.engine.pnp import translate
+    from diffusion_feature.engine.visualize import self_attention_pca
 
     self_map = "up-level1-repeat1-vit-block0-self-map"  # 1/4 of the latent grid: 14 x 20 queries at 448 x 640
     (hooked,) = N["DFAttachHooks"].attach(model, f"{self_map}\nup-level1-repeat1-res-increment", "none")

@@ -51,3 +51,26 @@ def test_comfy_registry_metadata_declares_versions_and_an_icon_of_our_own():
     assert root.tag == "{http://www.w3.org/2000/svg}svg" and root.get("viewBox") == "0 0 256 256"
     readme = (ROOT / "README.md").read_text()
     assert "v0.3.64" in readme and "2024-03" in readme and "1.58.1" in readme
+
+
+OLD_ENGINE_PATHS = ("cli", "commands", "conditioning", "control", "controlnet", "ddim", "extraction", "features_io",
+                    "file_cache", "folder_run", "generation", "images", "interrupts", "inversion", "loading", "lora",
+                    "memory_guard", "model", "output_paths", "pnp", "prompts", "safe_paths", "samplers", "schedule",
+                    "tokenizers", "visualize")
+
+
+def test_the_engine_stays_importable_under_its_old_nodes_paths():
+    """Before 0.2 the engine lived in nodes/: user code importing diffusion_feature.nodes.<module> (in any import
+    form) gets the very module objects of diffusion_feature.engine, so a monkeypatch on either is seen by both.
+    The only test that uses the old paths: every other test imports from the real ones."""
+    import importlib
+
+    import diffusion_feature.nodes as old_package
+    from diffusion_feature.engine.extraction import extract
+    from diffusion_feature.nodes.extraction import extract as old_extract
+
+    assert old_extract is extract
+    for name in OLD_ENGINE_PATHS:
+        real = importlib.import_module(f"diffusion_feature.engine.{name}")
+        assert importlib.import_module(f"diffusion_feature.nodes.{name}") is real, name
+        assert getattr(old_package, name) is real, name

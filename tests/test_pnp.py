@@ -7,13 +7,13 @@ import torch
 
 from conftest import SD_SCHEDULER, hook_state, tiny_feature_model, tiny_sd15_unet
 from diffusion_feature.layer_catalog import LayerIdError
-from diffusion_feature.nodes.ddim import move_between
-from diffusion_feature.nodes.generation import generate
-from diffusion_feature.nodes.inversion import Inversion, InversionError, fingerprint, invert
-from diffusion_feature.nodes.pnp import PnPError, negative_weights, translate
-from diffusion_feature.nodes.extraction import with_time_ids
-from diffusion_feature.nodes.prompts import encode_prompt
-from diffusion_feature.nodes.samplers import make_scheduler
+from diffusion_feature.engine.ddim import move_between
+from diffusion_feature.engine.generation import generate
+from diffusion_feature.engine.inversion import Inversion, InversionError, fingerprint, invert
+from diffusion_feature.engine.pnp import PnPError, negative_weights, translate
+from diffusion_feature.engine.extraction import with_time_ids
+from diffusion_feature.engine.prompts import encode_prompt
+from diffusion_feature.engine.samplers import make_scheduler
 
 FEATURE = "up-level1-repeat1-res-increment"
 QUERY = "up-level2-repeat1-vit-block0-self-q"
@@ -32,7 +32,7 @@ def inversion(sd15, photo):
 def test_one_inversion_step_then_one_sampling_step_has_the_known_first_order_error():
     """With eps(x) = 0.3 x + c the two predictions differ, and the round trip misses x by exactly
     (sqrt(1 - a_s) - sqrt(a_s) sqrt(1 - a_t) / sqrt(a_t)) (eps(x_t) - eps(x_s))."""
-    from diffusion_feature.nodes.extraction import alphas_cumprod
+    from diffusion_feature.engine.extraction import alphas_cumprod
 
     abar = alphas_cumprod(SD_SCHEDULER)
     g = torch.Generator().manual_seed(0)

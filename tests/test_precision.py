@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from conftest import tiny_feature_model, tiny_pixart_model
-from diffusion_feature.nodes.extraction import extract
-from diffusion_feature.nodes.generation import generate
-from diffusion_feature.nodes.inversion import invert
-from diffusion_feature.nodes.loading import _finish
-from diffusion_feature.nodes.pnp import translate
+from diffusion_feature.engine.extraction import extract
+from diffusion_feature.engine.generation import generate
+from diffusion_feature.engine.inversion import invert
+from diffusion_feature.engine.loading import _finish
+from diffusion_feature.engine.pnp import translate
 
 DEVICE = os.environ.get("DF_TEST_DEVICE", "cpu")
 HALF = [torch.float16, torch.bfloat16]

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import tiny_pixart_model
-from diffusion_feature.nodes.extraction import extract
-from diffusion_feature.nodes.prompts import encode_prompt
-from diffusion_feature.nodes.tokenizers import clip_tokenizer
+from diffusion_feature.engine.extraction import extract
+from diffusion_feature.engine.prompts import encode_prompt
+from diffusion_feature.engine.tokenizers import clip_tokenizer
 
 LONG = " ".join(["a red house with a green door"] * 15)  # 105 words: more than one 75-token window
 

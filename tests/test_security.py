@@ -15,11 +15,12 @@ from safetensors.torch import save_file
 from diffusion_feature import NODE_CLASS_MAPPINGS
 from diffusion_feature.layer_catalog import LayerIdError, resolve_layers, resolve_taps
 from diffusion_feature.layer_catalog import resolver
-from diffusion_feature.nodes import comfy_env, routes, tokenizers
-from diffusion_feature.nodes.features_io import (MAX_IMAGE_SIDE, FeatureFileError, Features, load_features,
-                                                 save_features, write_atomic)
-from diffusion_feature.nodes.memory_guard import FeatureMemoryError
-from diffusion_feature.nodes.output_paths import OutputPathError, resolve_prefix
+from diffusion_feature.nodes import comfy_env, routes
+from diffusion_feature.engine import tokenizers
+from diffusion_feature.engine.features_io import (MAX_IMAGE_SIDE, FeatureFileError, Features, load_features,
+                                                  save_features, write_atomic)
+from diffusion_feature.engine.memory_guard import FeatureMemoryError
+from diffusion_feature.engine.output_paths import OutputPathError, resolve_prefix
 
 N = {k: v() for k, v in NODE_CLASS_MAPPINGS.items()}
 LAYER = "up-level1-repeat1-res-out"
@@ -197,7 +198,7 @@ def test_visualization_refuses_output_that_cannot_fit_before_drawing(monkeypatch
     feats = Features({LAYER: torch.randn(8, 4, 3, 3, generator=g),
                       MAP: torch.softmax(torch.randn(8, 2, 9, 5, generator=g), -1)},
                      {"input_size": [MAX_IMAGE_SIDE, MAX_IMAGE_SIDE]})
-    from diffusion_feature.nodes import extraction
+    from diffusion_feature.engine import extraction
 
     monkeypatch.setattr(extraction, "_free_bytes", lambda device: 2**30)
     with pytest.raises(FeatureMemoryError, match="drawing 8 images of 16384x16384 would need 36.00 GiB on cpu"):
