@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from comfyui_harness import no_hooks, run_ok, saved_files
 from diffusion_feature.engine.features_io import load_features
 from native_checkpoint import NATIVE_CKPT, write_native_models
-from test_native_server import no_hooks, run_ok, saved
 
 LAYER = "up-level1-repeat1-res-out"
 STEPS, CFG, SEED = 5, 5.0, 11
@@ -78,7 +78,7 @@ def _sampler_custom_advanced() -> dict:
 
 
 def _rows(server, graph: dict) -> list:
-    files = saved(server, run_ok(server, graph))
+    files = saved_files(server, run_ok(server, graph))
     return [load_features(f) for f in files]
 
 

@@ -14,12 +14,6 @@ from diffusion_feature.nodes.node_hooks import DFShowLayers
 from test_native import _zero_hooks
 
 
-@pytest.fixture(scope="module", params=nc.VERSIONS)
-def comfy(request):
-    yield nc.use_comfy(request.param)
-    nc.release()
-
-
 def _parse(text: str) -> tuple[str, dict[str, list[int]]]:
     head, *lines = text.splitlines()
     shapes = {}
