@@ -14,7 +14,8 @@ the reason. Records of earlier attempts stay: the index is the run's history, an
 depend on their order.
 
 Records: {"image": relative name, "source": path read, "status": "done"|"failed", "outputs": [{"path", "bytes"}],
-"t": [...], "seed", "prompt", "settings": digest, "rank", "seconds", "time"} ("error" instead of outputs when failed).
+"t": [...], "seed", "prompt", "settings": digest, "rank", "seconds", "time"} ("error" instead of outputs when failed). The writer is not thread-safe; the
+runner serialises its appends.
 """
 from __future__ import annotations
 
@@ -144,17 +145,17 @@ def completed(out, settings_digest: str, records=None) -> dict[str, dict]:
 
 def done_record(image: str, source, outputs: list[Path], out: Path, *, settings: str, t: list[int], seed: int,
                 prompt: str, rank: int, seconds: float) -> dict:
-    return {"image": image, "source": str(source), "status": "done", "settings": settings, "t": list(t),
-            "seed": seed, "prompt": prompt, "rank": rank, "seconds": round(seconds, 4), "time": _now(),
+    return {"image": image, "source": os.path.abspath(source), "status": "done", "settings": settings, "t": list(t),
+            "seed": seed, "prompt": prompt, "rank": rank, "seconds": round(seconds, 4), "time": now(),
             "outputs": [{"path": p.relative_to(out).as_posix(), "bytes": p.stat().st_size} for p in outputs]}
 
 
 def failed_record(image: str, source, error: str, *, settings: str, rank: int) -> dict:
-    return {"image": image, "source": str(source), "status": "failed", "settings": settings, "error": error,
-            "rank": rank, "time": _now()}
+    return {"image": image, "source": os.path.abspath(source), "status": "failed", "settings": settings, "error": error,
+            "rank": rank, "time": now()}
 
 
-def _now() -> str:
+def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
