@@ -222,7 +222,7 @@ class _Share:
         source = item[0]
         self.records.append(index.failed_record(source.relative, source.path, reason, settings=self.job.digest,
                                                 rank=self.job.rank))
-        self.stats.failures.append([source.relative, str(source.path), reason])
+        self.stats.failures.append([source.relative, os.path.abspath(source.path), reason])
         self.bar.advance(1, failed=1)
         if self.job.stop_on_error and not self.stats.stopped:
             self.stop(f"{STOP_ON_ERROR}: {source.relative} failed")
