@@ -599,3 +599,56 @@ def test_killed_or_interrupted_in_the_middle_of_a_write_then_resumed(tmp_path, c
     assert _no_temporaries(out)
     done_records = [r for r in _records(out) if r["status"] == "done"]
     assert sorted(r["image"] for r in done_records) == ["a.png", "b.png", "c.png", "d.png"]  # once each
+
+
+# ---- batches ---------------------------------------------------------------------------------------------------
+def test_batches_group_by_size_and_rows_keep_their_image(tmp_path, capsys, sd15_folder, model):
+    from diffusion_feature.engine.dataset import runner
+
+    inp = tmp_path / "in"
+    wide = [_png(inp / "a.png", 1, size=(192, 64)), _png(inp / "c.png", 3, size=(192, 64))]
+    square = _png(inp / "b.png", 2, size=(64, 64))
+    (inp / "d.png").write_bytes(b"")
+    job = runner._Job(out=tmp_path, layer_ids=[], timesteps=[50], seed=0, fmt="safetensors", layout="per-sample",
+                      resize="keep-aspect", size=None, target_side=None, native=128, batch_size=2, extract_kw={},
+                      controlnets=[], hint=None, latent_cache=None, stop_on_error=False, digest="", rank=0)
+    items = [(s, "") for s in sources.from_pattern(str(inp))]
+    failed = []
+    batches = runner._plan_batches(items, job, lambda item, reason: failed.append((item[0].relative, reason)))
+    assert [[s.relative for s, _ in b] for b in batches] == [["a.png", "c.png"], ["b.png"]]
+    assert [f[0] for f in failed] == ["d.png"] and "empty" in failed[0][1]
+    out = tmp_path / "out"  # with --size every image has one size: batches in run order, a+b then c+d
+    rc, _, _ = _run(capsys, "--model", sd15_folder, "--layers", LAYERS, "--size", SIZE, "--input", inp,
+                    "--output", out, "--batch-size", 2, "--prompt", "x")
+    assert rc == 1
+    pair = extract(model, [wide[0], square], "x", LAYERS, t=50, seed=0, size=HW)  # the run's first batch: a, b
+    for row, path in enumerate([wide[0], square]):
+        saved = load_features(out / path.with_suffix(".safetensors").name)
+        assert all(torch.equal(saved.tensors[k], pair.tensors[k][row:row + 1]) for k in pair.tensors)
+        assert saved.meta["input_size"] == [Image.open(path).height, Image.open(path).width]
+    assert sorted(_done(out)) == ["a.png", "b.png", "c.png"]
+
+
+def test_an_image_too_big_for_memory_fails_alone(tmp_path, capsys, sd15_folder, monkeypatch):
+    from diffusion_feature.engine import extraction
+
+    inp = tmp_path / "in"
+    _png(inp / "a.png", 1)
+    _png(inp / "b.png", 2)
+    monkeypatch.setattr(extraction, "_free_bytes", lambda device: 1024)  # as if the device were full
+    out = tmp_path / "out"
+    rc, stdout, _ = _run(capsys, *_base(sd15_folder, inp, out))
+    assert rc == 1 and "2 failed" in stdout
+    errors = [r["error"] for r in _records(out) if r["status"] == "failed"]
+    assert len(errors) == 2 and all("memory" in e or "MiB" in e or "GiB" in e for e in errors), errors
+    assert _files(out) == {}
+
+
+def test_output_names_are_safe_and_fit_the_filesystem():
+    assert naming.entry_stem("city/a b.png") == "city/a_b"
+    assert naming.entry_stem(".../x/..png") == "_/x/_"  # never a '..' or an empty part
+    assert naming.entry_names("city/a.png", [5, 50]) == ["city/a_t005", "city/a_t050"]
+    long = "x" * 245 + ".png"  # fits alone, not with _t025.safetensors
+    planned, problems = naming.plan(["a.png", long], [25, 50], ["mid-repeat0-res-out"], "safetensors",
+                                    "per-sample")
+    assert list(planned) == ["a.png"] and "longer than the 255 bytes" in problems[long]

@@ -16,15 +16,24 @@ from collections import defaultdict
 from pathlib import PurePosixPath
 
 from ..features_io import safe_name
+from ..safe_paths import UnsafePathError, check_length
 
 INDEX_DIR = "df_index"  # the run's own folder inside the output folder (run.json, the index parts, summary.json)
 
 
+def _safe_part(part: str) -> str:
+    try:
+        return safe_name(part)
+    except ValueError:  # nothing left of it ('...', or only characters outside [A-Za-z0-9._-] and dots)
+        return "_"
+
+
 def entry_stem(relative: str) -> str:
-    """'city/a b.png' -> 'city/a_b': the relative name without its extension, each part a safe name."""
+    """'city/a b.png' -> 'city/a_b': the relative name without its extension, each part a safe name (characters
+    outside [A-Za-z0-9._-] become '_'), so no part can be '..' or hold a separator."""
     parts = PurePosixPath(relative).parts
     stem = PurePosixPath(parts[-1]).stem
-    return PurePosixPath(*[safe_name(p) for p in parts[:-1]], safe_name(stem)).as_posix()
+    return PurePosixPath(*[_safe_part(p) for p in parts[:-1]], _safe_part(stem)).as_posix()
 
 
 def entry_names(relative: str, timesteps: list[int]) -> list[str]:
@@ -50,6 +59,25 @@ def entry_files(entry: str, layer_ids: list[str], fmt: str, layout: str) -> list
 
 def planned_files(relative: str, timesteps: list[int], layer_ids: list[str], fmt: str, layout: str) -> list[str]:
     return [f for e in entry_names(relative, timesteps) for f in entry_files(e, layer_ids, fmt, layout)]
+
+
+def plan(relatives: list[str], timesteps: list[int], layer_ids: list[str], fmt: str, layout: str
+         ) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """({relative name: its files}, {relative name: why it cannot be written}) for a run's images: a name no
+    filesystem can hold (a part over 255 bytes once the t and extension are added) or a clash (see clashes)."""
+    planned, problems = {}, {}
+    for rel in relatives:
+        files = planned_files(rel, timesteps, layer_ids, fmt, layout)
+        try:
+            for f in files:
+                for part in PurePosixPath(f).parts:
+                    check_length(part, f"the output {f[:60]}")
+        except UnsafePathError as e:
+            problems[rel] = str(e)
+            continue
+        planned[rel] = files
+    problems.update({k: v for k, v in clashes(planned).items() if k not in problems})
+    return planned, problems
 
 
 def clashes(files_by_image: dict[str, list[str]]) -> dict[str, str]:

@@ -137,7 +137,7 @@ def _decode(batch: list, job: _Job):
         try:
             image = open_image(item[0].path)
             hint = _hint_for(job, item[0], image)
-        except ImageInputError as e:
+        except ValueError as e:  # ImageInputError, or a hint name the hint folder refuses (safe_paths)
             bad.append((item, str(e)))
             continue
         good.append(item)
@@ -324,7 +324,7 @@ class _Share:
 
 # ---- the whole run -------------------------------------------------------------------------------------------
 def status_of(total: RunStats) -> int:
-    if total.interrupted:
+    if total.interrupted or (total.stopped and "interrupted" in total.stopped):
         return EXIT_INTERRUPTED
     if total.stopped and STOP_ON_ERROR not in total.stopped and "interrupted" not in total.stopped:
         return EXIT_STOPPED
@@ -406,8 +406,7 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
         denoise_steps=denoise_steps, target_side=target_side, hint=hint),
         **output_folder.model_settings(model, layer_ids, controlnets)}
     digest = run_file.digest(settings)
-    planned = {s.relative: naming.planned_files(s.relative, timesteps, layer_ids, fmt, layout) for s in sources}
-    clashes = naming.clashes(planned)
+    planned, problems = naming.plan([s.relative for s in sources], timesteps, layer_ids, fmt, layout)
 
     error = None
     if ranks.main:
@@ -415,6 +414,8 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
             output_folder.prepare(out, settings, resume, planned)
         except (ValueError, FileExistsError) as e:
             error = (type(e).__name__, str(e))
+        except OSError as e:  # the run file could not be written (a full disk, a read-only folder)
+            error = ("OSError", f"cannot start a run in {out}: {e.__class__.__name__}: {e}")
     error = ranks.broadcast(error)  # every process refuses together, with the first one's reason
     if error:
         raise (FileExistsError if error[0] == "FileExistsError" else ResumeError)(error[1])
@@ -435,8 +436,8 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
     for source, prompt in ranks.share(list(zip(sources, prompt_list))):
         if source.relative in done:
             stats.skipped += 1
-        elif source.problem is None and source.relative in clashes:
-            items.append((ImageSource(source.path, source.relative, clashes[source.relative]), prompt))
+        elif source.problem is None and source.relative in problems:
+            items.append((ImageSource(source.path, source.relative, problems[source.relative]), prompt))
         else:
             items.append((source, prompt))
     try:
