@@ -220,8 +220,12 @@ class _Share:
 
     def fail(self, item, reason: str) -> None:
         source = item[0]
-        self.records.append(index.failed_record(source.relative, source.path, reason, settings=self.job.digest,
-                                                rank=self.job.rank))
+        try:
+            self.records.append(index.failed_record(source.relative, source.path, reason,
+                                                    settings=self.job.digest, rank=self.job.rank))
+        except OSError as e:  # the index itself cannot grow (a full disk): stop as for any write that fails
+            if not self.stats.stopped:
+                self.stop(f"the index could not be written ({e.__class__.__name__}: {e})")
         self.stats.failures.append([source.relative, os.path.abspath(source.path), reason])
         self.bar.advance(1, failed=1)
         if self.job.stop_on_error and not self.stats.stopped:
@@ -445,6 +449,9 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
     except KeyboardInterrupt:
         stats.interrupted = True
         index.request_stop(out, "interrupted (Ctrl-C)")
+    except OSError as e:  # the index part or a leftover could not be written or removed: stop, as for a full disk
+        stats.stopped = f"the output folder could not be written ({e.__class__.__name__}: {e})"
+        index.request_stop(out, stats.stopped)
     # An interrupted process does not wait for the others (they may be gone too); the launcher ends the group.
     everyone = [stats] if stats.interrupted else ranks.gather(stats)
     total = merge(everyone)
