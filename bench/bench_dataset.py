@@ -14,6 +14,10 @@ warm-up extraction; medians are reported. Images go one at a time (batch 1, the 
    cold run (empty cache: the VAE runs and the entries are written). Each run makes its own LatentCache, as each CLI
    run does, so both hash the VAE's weights once.
 Also timed, to read the ratios: the VAE encoder alone (its share of a run bounds both savings).
+
+On a CPU both the wall-clock time and the process's CPU time (time.process_time, all its threads) are recorded: on a
+machine shared with other work the wall clock of one variant can double while another runs, the CPU time of a
+single-threaded run (--threads 1) barely moves, so its ratios are the steadier ones. On CUDA, CUDA events.
 The folder-throughput row (index and resume checks vs the plain loop) is measured by the folder runner's benchmark.
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -123,22 +128,27 @@ def bench_config(family: str, size: int, n_images: int, device, dtype, repeats: 
         variants = {"separate_4t": separate, "one_pass_4t": one_pass, "cold_cache": cold, "warm_cache": warm,
                     "vae_only": vae_only}
         times = {k: [] for k in variants}
+        cpu_times = {k: [] for k in variants}
         for r in range(repeats):
             for name, fn in variants.items():
+                cpu0 = time.process_time()
                 times[name].append(timer(fn))
-                print(f"  {family}@{size} repeat {r + 1}: {name} {times[name][-1]:.1f} s", flush=True)
+                cpu_times[name].append(time.process_time() - cpu0)
+                print(f"  {family}@{size} repeat {r + 1}: {name} {times[name][-1]:.1f} s wall, "
+                      f"{cpu_times[name][-1]:.1f} s CPU", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    t = {k: statistics.median(v) for k, v in times.items()}
-    runs_s = t["cold_cache"]  # one plain run over the images (the cold cache's writes are a few kB)
-    return {"family": family, "size": size, "images": n_images, "timesteps": TIMESTEPS, "layers": layers,
-            "device": str(device), "dtype": str(dtype).split(".")[-1], "repeats": repeats,
-            "seconds": t, "all_seconds": times,
-            "one_pass_vs_separate": t["one_pass_4t"] / t["separate_4t"],
-            "warm_vs_cold": t["warm_cache"] / t["cold_cache"],
-            "vae_share_of_a_run": t["vae_only"] / runs_s,
-            "bound_one_pass_vs_separate": _bound(t["vae_only"] / runs_s, len(TIMESTEPS)),
-            "bound_warm_vs_cold": 1 - t["vae_only"] / runs_s}
+    row = {"family": family, "size": size, "images": n_images, "timesteps": TIMESTEPS, "layers": layers,
+           "device": str(device), "dtype": str(dtype).split(".")[-1], "repeats": repeats,
+           "all_seconds": times, "all_cpu_seconds": cpu_times}
+    clocks = {"wall": times} if timer.cuda else {"wall": times, "cpu": cpu_times}
+    for clock, samples in clocks.items():
+        t = {k: statistics.median(v) for k, v in samples.items()}
+        share = t["vae_only"] / t["cold_cache"]  # of one plain run over the images (the cache writes are a few kB)
+        row[clock] = {"seconds": t, "one_pass_vs_separate": t["one_pass_4t"] / t["separate_4t"],
+                      "warm_vs_cold": t["warm_cache"] / t["cold_cache"], "vae_share_of_a_run": share,
+                      "bound_one_pass_vs_separate": _bound(share, len(TIMESTEPS)), "bound_warm_vs_cold": 1 - share}
+    return row
 
 
 def _bound(vae_share: float, n: int) -> float:
@@ -166,9 +176,13 @@ def main(argv=None) -> int:
         family, size = config.split("@")
         row = bench_config(family, int(size), args.images, args.device, dtype, args.repeats)
         result["configs"].append(row)
-        print(f"{family}@{size}: 4 t in one pass / 4 runs {row['one_pass_vs_separate']:.2f} (VAE share "
-              f"{row['vae_share_of_a_run']:.0%}: at best {row['bound_one_pass_vs_separate']:.2f}) | warm cache / "
-              f"cold {row['warm_vs_cold']:.2f} (at best {row['bound_warm_vs_cold']:.2f})", flush=True)
+        for clock in ("wall", "cpu"):
+            if clock in row:
+                c = row[clock]
+                print(f"{family}@{size} ({clock} time): 4 t in one pass / 4 runs {c['one_pass_vs_separate']:.2f} "
+                      f"(VAE share {c['vae_share_of_a_run']:.0%}: at best {c['bound_one_pass_vs_separate']:.2f}) | "
+                      f"warm cache / cold {c['warm_vs_cold']:.2f} (at best {c['bound_warm_vs_cold']:.2f})",
+                      flush=True)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")  # after each config: a partial run counts
     print(f"wrote {args.json}")
     return 0

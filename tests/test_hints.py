@@ -71,6 +71,26 @@ def test_thresholds_are_on_opencvs_0_to_255_gradient_scale():
     assert not np.asarray(canny_hint(Image.new("RGB", (32, 24), (90, 90, 90)))).any()  # flat: no edges
 
 
+def test_hysteresis_keeps_weak_edges_linked_to_strong_ones():
+    """A step that is strong in its top half and weak below is kept whole; a weak step alone is dropped."""
+    from kornia.filters import canny
+
+    pixels = np.full((24, 48, 3), 60, np.uint8)
+    pixels[:12, 16:] += 50
+    pixels[12:, 16:] += 30
+    pixels[:, 36:] += 30  # a second, weak step on its own
+    image = Image.fromarray(pixels)
+    weak, strong = _step_peak(30), _step_peak(50)
+    got = np.asarray(canny_hint(image, weak - 3, strong - 3))[..., 0] == 255
+    assert got[:, 14:18].any(axis=1).all()  # every row of the first step
+    assert not got[:, 30:].any()  # the weak step is linked to nothing strong
+    x = torch.from_numpy(pixels.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    _, edges = canny(x, (weak - 3) / 255, (strong - 3) / 255)  # kornia's own hysteresis loop
+    assert np.array_equal(got, edges[0, 0].numpy() > 0.5)
+    only_strong = np.asarray(canny_hint(image, strong - 3, strong - 3))[..., 0] == 255
+    assert only_strong[:12].any() and not only_strong[14:].any()  # without linking, the weak half is gone
+
+
 def test_bad_canny_thresholds(photo):
     for low, high, message in ((0, 200, "0 < low <= high"), (200, 100, "0 < low <= high"),
                                (float("nan"), 200, "low threshold must be a number"),
