@@ -101,21 +101,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_layers)
 
     p = sub.add_parser("extract", help="extract features of image files and save them",
-                       description="Extract features at training timestep t (x_t = sqrt(abar_t) x0 + "
-                                   "sqrt(1 - abar_t) eps, one conditional forward) and save one entry per image.")
+                       description="Extract features at training timesteps t (x_t = sqrt(abar_t) x0 + "
+                                   "sqrt(1 - abar_t) eps, one conditional forward) and save one entry per image and "
+                                   "t, with an index of the run in OUTPUT/df_index/ (one record per image). A bad "
+                                   "image is skipped with its reason and the run goes on; --resume continues a run "
+                                   "that was stopped or killed. Several processes: torchrun --nproc-per-node N -m "
+                                   "diffusion_feature extract ... (or accelerate launch) splits the images.",
+                       epilog="exit status: 0 every image written (or already complete); 1 some images failed "
+                              "(every other one written); 2 refused before starting (bad flags, other settings "
+                              "than the run being resumed, outputs that exist); 3 stopped because an output could "
+                              "not be written (e.g. a full disk: --resume completes it); 130 interrupted (Ctrl-C)")
     _add_model_args(p, required=True)
     p.add_argument("--layers", required=True, help="ids (comma separated), a preset (practical, legacy, full) "
                                                    "or a JSON file {\"id\": true, ...}")
-    p.add_argument("--input", required=True, help="a folder of images or a glob pattern (quote it; ** recurses)")
-    p.add_argument("--output", required=True, help="output folder (created; existing features are never "
-                                                    "overwritten)")
-    p.add_argument("--t", type=int, default=50, help="training timestep 0..999 (default 50)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="a folder of images (searched recursively), a glob pattern (quote it; ** "
+                                        "recurses) or one image; only files with an image extension are taken "
+                                        "from a folder or glob")
+    source.add_argument("--input-list", metavar="FILE", help="a text file with one image path per line (relative "
+                                                              "paths are read from the file's folder)")
+    p.add_argument("--output", required=True, help="output folder: features mirror the inputs' relative paths "
+                                                    "(in/city/a.png -> OUTPUT/city/a.safetensors); existing "
+                                                    "features are never overwritten")
+    p.add_argument("--t", default="50", metavar="T[,T...]",
+                   help="training timestep(s) 0..999, e.g. 50 or 25,50,100: the VAE encodes each image once and the "
+                        "denoiser runs once per t; with several t, names carry it (a_t025) (default 50)")
     p.add_argument("--seed", type=int, default=0, help="seed of the VAE sample and the noise (default 0)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="one prompt for every image (default: empty)")
     prompt.add_argument("--prompt-file", default=None,
-                        help="a text file: one line is the prompt for every image, or one line per image in the "
-                             "order of the sorted file names")
+                        help="a text file: one line is the prompt for every image, or one line per image in run "
+                             "order (sorted relative paths; the list's order with --input-list)")
     p.add_argument("--size", default=None, help="force every image to N or WxH pixels (default: keep the aspect "
                                                 "ratio at the model's native area, sides multiples of 64)")
     p.add_argument("--resize", default="keep-aspect", choices=["keep-aspect", "stretch", "center-crop"],
@@ -129,8 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the saved features (default: the model's)")
     p.add_argument("--vae-mean", action="store_true", help="use the VAE posterior mean instead of a sample")
     p.add_argument("--denoise-from", type=int, default=None, metavar="T0",
-                   help="noise to T0 (> t) instead and take --denoise-steps DDIM steps down to t before capturing")
+                   help="noise to T0 (> every t) instead and take --denoise-steps DDIM steps down to t before "
+                        "capturing")
     p.add_argument("--denoise-steps", type=int, default=1, help="DDIM steps for --denoise-from (default 1)")
+    p.add_argument("--latent-cache", default=None, metavar="DIR",
+                   help="keep each image's VAE posterior in DIR (keyed by the pixels entering the VAE and the VAE's "
+                        "weights), so later runs with other layers, t or seeds skip the VAE; features are "
+                        "bit-identical to a run without it")
+    p.add_argument("--controlnet", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="guide every forward with a ControlNet (a file or diffusers folder; strength default 1); "
+                        "repeatable; needs --hint")
+    p.add_argument("--hint", default=None, metavar="canny|DIR",
+                   help="the ControlNets' hint per image: canny (edges of the image as the model sees it, "
+                        "kornia.filters.canny) or a folder of hint images with the inputs' relative names")
+    p.add_argument("--canny-low", type=float, default=100, help="canny low threshold, OpenCV's 0..255 gradient "
+                                                                "scale (default 100, the content-shift recipe)")
+    p.add_argument("--canny-high", type=float, default=200, help="canny high threshold (default 200)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run in an existing output folder: images already complete with the same "
+                        "settings are skipped, the rest done; other settings are refused")
+    p.add_argument("--stop-on-error", action="store_true",
+                   help="stop at the first image that fails (default: record it and go on)")
     p.set_defaults(func=_extract)
 
     p = sub.add_parser("generate", help="generate images, capturing layers at chosen steps",
@@ -204,6 +239,9 @@ def main(argv=None) -> int:
         return args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad input: one clear sentence, no traceback
         parser.exit(2, f"error: {e}\n")
+    except KeyboardInterrupt:  # Ctrl-C before or after a run's loop (the loop itself stops cleanly, exit 130)
+        sys.stderr.write("interrupted\n")
+        return 130
     except BrokenPipeError:  # output piped into `head`: not an error
         sys.stderr.close()
         return 0

@@ -134,29 +134,92 @@ def _progress(total: int, desc: str):
     return bar, bar.update
 
 
+def _timesteps(text: str) -> list[int]:
+    from .schedule import parse_timesteps
+
+    try:
+        return parse_timesteps(text)
+    except ValueError as e:
+        raise ValueError(f"--t {text!r}: {e} (each t must be an integer training timestep in 0..999; several are "
+                         "given as 25,50,100)") from None
+
+
+def _with_strength(spec: str, flag: str) -> tuple[str, float]:
+    """'FILE[:STRENGTH]' -> (FILE, STRENGTH); a colon that is part of the path (C:\\...) stays in it."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    if not spec:
+        raise ValueError(f"{flag} needs a file: {flag} FILE[:STRENGTH]")
+    return spec, 1.0
+
+
+def _hint(args):
+    from .dataset.runner import CannyHints
+
+    if args.hint is None:
+        return None
+    if args.hint == "canny":
+        from .hints import canny_thresholds
+
+        canny_thresholds(args.canny_low, args.canny_high)  # refused now, not at the first image
+        return CannyHints(args.canny_low, args.canny_high)
+    from .hints import HintFolder
+
+    return HintFolder(args.hint)
+
+
 def run_extract(args) -> int:
+    """`extract`: a dataset run (engine/dataset/runner.py), one process or one of several under torchrun."""
     from ..layer_catalog import parse_size
-    from .folder_run import extract_folder, find_images
+    from .dataset import distributed, output_folder, runner, sources
     from .model import parse_dtype
 
-    files = find_images(args.input)
-    prompts = _prompts(args, len(files))
+    timesteps = _timesteps(args.t)
     size = parse_size(args.size) if args.size else None
-    model = _load(args)
-    bar, update = _progress(len(files), "extract")
-    start = time.perf_counter()
+    hint = _hint(args)
+    if args.controlnet and hint is None:
+        raise ValueError("--controlnet needs --hint canny (edges computed per image) or --hint DIR (a folder of hint "
+                         "images named like the inputs)")
+    if hint is not None and not args.controlnet:
+        raise ValueError("--hint is given but no --controlnet FILE[:STRENGTH] to use it")
+    if args.denoise_from is not None and args.denoise_from <= max(timesteps):
+        raise ValueError(f"--denoise-from {args.denoise_from} must be above every --t ({args.t})")
+    dtype = parse_dtype(args.feature_dtype) if args.feature_dtype else None
+    common = dict(size=size, resize=args.resize, ensemble=args.ensemble, feature_resize=args.feature_resize,
+                  vae_sample=not args.vae_mean, denoise_from=args.denoise_from, denoise_steps=args.denoise_steps,
+                  hint=hint)
+    request = output_folder.request_settings(timesteps=timesteps, seed=args.seed, fmt=args.format,
+                                             layout=args.layout, feature_dtype=dtype, **common)
+    items = sources.collect(args.input, args.input_list)
+    prompts = _prompts(args, len(items))
+    output_folder.precheck(args.output, request, args.resume)  # before minutes of model loading
+    ranks = distributed.from_env()
     try:
-        written = extract_folder(
-            model, files, prompts, args.layers, args.output, t=args.t, seed=args.seed, batch_size=args.batch_size,
-            fmt=args.format, layout=args.layout, resize=args.resize, size=size, progress=update,
-            ensemble=args.ensemble, feature_resize=args.feature_resize, vae_sample=not args.vae_mean,
-            denoise_from=args.denoise_from, denoise_steps=args.denoise_steps,
-            dtype=parse_dtype(args.feature_dtype) if args.feature_dtype else None)
+        args.device = distributed.device_for(args.device, ranks)
+        model = _load(args)
+        controlnets = []
+        if args.controlnet:
+            from .controlnet import load_controlnet
+
+            for spec in args.controlnet:
+                path, strength = _with_strength(spec, "--controlnet")
+                controlnets.append((load_controlnet(path, dtype=args.dtype, device=args.device), strength))
+        cache = None
+        if args.latent_cache:
+            from .latent_cache import LatentCache
+
+            cache = LatentCache(args.latent_cache)
+        result = runner.extract_dataset(
+            model, items, args.output, args.layers, timesteps, args.seed, prompts=prompts, batch_size=args.batch_size,
+            fmt=args.format, layout=args.layout, dtype=dtype, controlnets=controlnets, latent_cache=cache,
+            resume=args.resume, stop_on_error=args.stop_on_error, ranks=ranks, **common)
     finally:
-        bar.close()
-    print(f"wrote {len(written)} files for {len(files)} images to {args.output} "
-          f"in {time.perf_counter() - start:.1f} s")
-    return 0
+        ranks.close()
+    return result.status
 
 
 def run_pca(args) -> int:

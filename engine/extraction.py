@@ -7,6 +7,10 @@ Semantics (also in the README):
   every image of a call gets the same draw, so an image's features do not depend on its batch or its position.
 - One conditional forward, no classifier-free guidance; it stops as soon as every requested tap has fired.
 - `ensemble=N` averages the features over N noise draws (seeds seed, seed+1, ...), as DIFT does.
+- Several timesteps in one pass (extract_timesteps): the VAE encodes once and the same latent x0 and the same noise
+  draws serve every t, so each t's features are those of a run with that t alone, bit for bit.
+- A LatentCache keeps each image's VAE posterior (mean and std) on disk; the sample drawn from it is computed as
+  without the cache, so features do not change.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from .conditioning import Conditioning, with_time_ids  # noqa: F401  (extraction
 from .interrupts import InterruptChecks
 from .memory_guard import FeatureMemoryError  # noqa: F401  (raised by every run's guard; importable from here)
 from .memory_guard import count
-from .schedule import NUM_TRAIN_TIMESTEPS, alphas_cumprod, check_timestep, noise_latents  # noqa: F401
+from .schedule import (NUM_TRAIN_TIMESTEPS, alphas_cumprod, check_timestep, check_timesteps,  # noqa: F401
+                       noise_latents, parse_timesteps)
 
 def _free_bytes(device: torch.device) -> int | None:
     """What this process can still allocate on `device` (None: unknown); every run's guard reads it here."""
@@ -67,10 +72,11 @@ EXTRACT_ADVICE = ("extract fewer layers (attention maps above all), fewer images
 
 def extraction_needs(denoiser, taps, batch: int, latent_hw, tokens: int, *, dtype=None, feature_resize: int = 1,
                      offload: bool = False, ensemble: int = 1, kept_images: int | None = None, in_flight: int = 0,
-                     vae=None) -> dict:
+                     vae=None, timesteps: int = 1) -> dict:
     """The memory plan of extracting `taps`, `batch` images per forward: one forward's peak (or the VAE encoder's,
     whichever is larger) on the compute device; on the store device the features of `kept_images` images (default
-    one batch) plus `in_flight` images of a batch not yet copied into the output, and an ensemble's float32 sums."""
+    one batch) plus `in_flight` images of a batch not yet copied into the output, each at `timesteps` timesteps
+    (a multi-t pass holds every t's features), and an ensemble's float32 sums (one t at a time)."""
     param = next(denoiser.parameters())
     final = dtype or param.dtype
     capture_dtype = final if ensemble == 1 else torch.float32
@@ -86,8 +92,11 @@ def extraction_needs(denoiser, taps, batch: int, latent_hw, tokens: int, *, dtyp
         memory_guard.add(needs, "cpu", "the batch's pixels", batch * 3 * pixel_hw[0] * pixel_hw[1] * 4)
     memory_guard.add(needs, param.device, f"the peak of one forward of {count(batch, 'image')}", peak)
     images = batch if kept_images is None else kept_images
-    memory_guard.add(needs, store, f"the features of {count(images, 'image')}", per_image * images)
-    memory_guard.add(needs, store, f"the features of {count(in_flight, 'image')} in flight", per_image * in_flight)
+    at = f" at {timesteps} timesteps" if timesteps > 1 else ""
+    per_image *= timesteps
+    memory_guard.add(needs, store, f"the features of {count(images, 'image')}{at}", per_image * images)
+    memory_guard.add(needs, store, f"the features of {count(in_flight, 'image')} in flight{at}",
+                     per_image * in_flight)
     if ensemble > 1:
         memory_guard.add(needs, store, "the ensemble's float32 sums", 2 * cost.kept)
     return needs
@@ -99,22 +108,54 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 
-def encode_latents(vae, pixels: torch.Tensor, seed: int, sample: bool = True) -> torch.Tensor:
-    """VAE latents x0 of (B, 3, H, W) pixels in [-1, 1], scaled as the denoiser expects.
-
-    sample=True draws from the posterior with a CPU generator seeded by `seed` (same draw for every image);
-    sample=False takes the posterior mean.
-    """
+def vae_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior (mean, std) of (B, 3, H, W) pixels in [-1, 1], unscaled, on the VAE's device and dtype:
+    what a LatentCache stores, so any seed and both vae_sample settings can reuse it."""
     param = next(vae.parameters())
     dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+    # Contiguous, as a cached posterior is: the denoiser's convolutions may round differently for another layout.
+    return dist.mean.contiguous(), dist.std.contiguous()
+
+
+def latents_from_posterior(vae, mean: torch.Tensor, std: torch.Tensor, seed: int, sample: bool = True
+                           ) -> torch.Tensor:
+    """Scaled latents x0 from a posterior: a draw from a CPU generator seeded by `seed` (the same for every image)
+    when sample=True, else the mean."""
     if sample:
-        eps = torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(seed))
-        latents = dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype)
+        eps = torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(seed))
+        latents = mean + std * eps.to(mean.device, mean.dtype)
     else:
-        latents = dist.mean
+        latents = mean
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
 
+
+def encode_latents(vae, pixels: torch.Tensor, seed: int, sample: bool = True, *, latent_cache=None
+                   ) -> torch.Tensor:
+    """VAE latents x0 of (B, 3, H, W) pixels in [-1, 1], scaled as the denoiser expects.
+
+    sample=True draws from the posterior with a CPU generator seeded by `seed` (same draw for every image);
+    sample=False takes the posterior mean. latent_cache: a LatentCache that supplies (or stores) the posterior.
+    """
+    if latent_cache is None:
+        mean, std = vae_posterior(vae, pixels)
+    else:
+        mean, std = latent_cache.posterior(vae, pixels, vae_posterior)
+    return latents_from_posterior(vae, mean, std, seed, sample)
+
+
+def denoise_schedule(t: int, denoise_from: int | None, denoise_steps: int) -> list[int]:
+    """The timesteps of one extraction's forwards: [t], or denoise_from down to t in `denoise_steps` DDIM steps.
+    Raises ValueError for a denoise_from not above t or steps that do not fit."""
+    from .ddim import descending_timesteps
+
+    if denoise_from is None:
+        return [t]
+    check_timestep(denoise_from)
+    if denoise_from <= t:
+        raise ValueError(f"denoise_from ({denoise_from}) must be above t ({t}): it is the timestep the guided "
+                         "denoising starts from before capturing at t")
+    return descending_timesteps(denoise_from, t, denoise_steps)
 
 
 @torch.no_grad()
@@ -132,18 +173,11 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
     The run is refused before any forward when its memory plan does not fit (FeatureMemoryError).
     """
     from .control import control_residuals
-    from .ddim import ddim_move, descending_timesteps, eps_output
+    from .ddim import ddim_move, eps_output
 
     t = check_timestep(t)
-    if not isinstance(ensemble, int) or ensemble < 1:
-        raise ValueError(f"ensemble must be an integer >= 1 (noise draws to average), got {ensemble!r}")
-    schedule = [t]
-    if denoise_from is not None:
-        check_timestep(denoise_from)
-        if denoise_from <= t:
-            raise ValueError(f"denoise_from ({denoise_from}) must be above t ({t}): it is the timestep the guided "
-                             "denoising starts from before capturing at t")
-        schedule = descending_timesteps(denoise_from, t, denoise_steps)
+    _check_ensemble(ensemble)
+    schedule = denoise_schedule(t, denoise_from, denoise_steps)
     taps = resolve_taps(layers, denoiser, family)
     param = next(denoiser.parameters())
     batch = x0.shape[0]
@@ -177,6 +211,11 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
     if ensemble > 1:
         total = {k: (v / ensemble).to(dtype or param.dtype) for k, v in total.items()}
     return total
+
+
+def _check_ensemble(ensemble) -> None:
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+        raise ValueError(f"ensemble must be an integer >= 1 (noise draws to average), got {ensemble!r}")
 
 
 def _pixels(images, native: int, resize: str, size) -> tuple[torch.Tensor, list]:
@@ -216,7 +255,7 @@ def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *
             size=None, ensemble: int = 1, feature_resize: int = 1, dtype: torch.dtype | None = None,
             offload: bool = False, vae_sample: bool = True, target_side: int | None = None,
             denoise_from: int | None = None, denoise_steps: int = 1, interrupt=None, kept_images: int | None = None,
-            in_flight: int = 0):
+            in_flight: int = 0, latent_cache=None):
     """Features of images at training timestep t (see the module docstring for the exact semantics).
 
     model: a FeatureModel. images: paths, PIL images, or a ComfyUI IMAGE tensor; one batch (they must share a size
@@ -226,16 +265,46 @@ def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *
     ControlNets attached to the conditioning and LoRAs of the model apply. Returns Features (tensors + metadata).
     interrupt: a callback run before each block of the VAE and the denoiser (raise to stop). kept_images /
     in_flight: for the memory plan of a caller that keeps more than this batch (extract_in_batches).
+    latent_cache: a LatentCache (engine/latent_cache.py) that keeps each image's VAE posterior on disk, or None.
     """
+    t = check_timestep(t)
+    return _extract_pass(model, images, prompt, layers, [t], seed, resize=resize, size=size, ensemble=ensemble,
+                         feature_resize=feature_resize, dtype=dtype, offload=offload, vae_sample=vae_sample,
+                         target_side=target_side, denoise_from=denoise_from, denoise_steps=denoise_steps,
+                         interrupt=interrupt, kept_images=kept_images, in_flight=in_flight,
+                         latent_cache=latent_cache)[0]
+
+
+@torch.no_grad()
+def extract_timesteps(model, images, prompt, layers, timesteps, seed: int = 0, *, latent_cache=None, **kw):
+    """Features of the same images at several training timesteps in one pass: one Features per t, in the given
+    order, each equal (bit for bit on the CPU) to `extract(..., t=that t)` with the same arguments.
+
+    The prompt and the VAE are encoded once; the same latent x0 and the same seeded noise serve every t, and the
+    denoiser runs once per t (plus any denoise_from steps, which must start above every t). The memory plan,
+    checked before anything runs, counts every timestep's features. Takes every keyword `extract` takes.
+    """
+    timesteps = check_timesteps(timesteps)
+    return _extract_pass(model, images, prompt, layers, timesteps, seed, latent_cache=latent_cache, **kw)
+
+
+def _extract_pass(model, images, prompt, layers, timesteps: list[int], seed: int, *, resize: str = "keep-aspect",
+                  size=None, ensemble: int = 1, feature_resize: int = 1, dtype: torch.dtype | None = None,
+                  offload: bool = False, vae_sample: bool = True, target_side: int | None = None,
+                  denoise_from: int | None = None, denoise_steps: int = 1, interrupt=None,
+                  kept_images: int | None = None, in_flight: int = 0, latent_cache=None) -> list:
+    """extract for each of `timesteps` (already checked) from one VAE encoding: encode -> per t, noise -> forward."""
     from .control import check_controls
     from .features_io import Features
     from .lora import lora_applied
     from .prompts import encode_prompt
 
-    t = check_timestep(t)
     layers = layers if layers is not None else model.layers
     if not layers:
         raise ValueError("no layers to extract: pass layers= (ids, a preset or a JSON file) or attach them first")
+    _check_ensemble(ensemble)
+    for t in timesteps:  # every t's schedule is valid before the VAE runs, not after the first t's features
+        denoise_schedule(t, denoise_from, denoise_steps)
     pixels, inputs = _pixels(images, target_side or model.native_size, resize, size)
     height, width = pixels.shape[-2:]
     with lora_applied(model):
@@ -244,28 +313,39 @@ def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *
         cond = with_time_ids(cond, height, width)
         batch = pixels.shape[0]
         taps = resolve_taps(layers, model.denoiser, model.family)
+        at = f" at {count(len(timesteps), 'timestep')}" if len(timesteps) > 1 else ""
         require(extraction_needs(model.denoiser, taps, batch, (height // 8, width // 8),
                                  cond.encoder_hidden_states.shape[1], dtype=dtype, feature_resize=feature_resize,
                                  offload=offload, ensemble=ensemble, kept_images=kept_images, in_flight=in_flight,
-                                 vae=model.vae),
+                                 vae=model.vae, timesteps=len(timesteps)),
                 f"extracting {count(len(taps), 'layer')} from "
-                f"{count(kept_images or batch, 'image')} of {width}x{height}",
+                f"{count(kept_images or batch, 'image')} of {width}x{height}{at}",
                 EXTRACT_ADVICE)
         with InterruptChecks(interrupt, model.vae):
-            x0 = encode_latents(model.vae, pixels, seed, sample=vae_sample)
-        tensors = extract_latents(model.denoiser, x0, cond, layers, t, seed, model.alphas_cumprod,
-                                  family=model.family, ensemble=ensemble, feature_resize=feature_resize, dtype=dtype,
-                                  offload=offload, denoise_from=denoise_from, denoise_steps=denoise_steps,
-                                  prediction_type=model.scheduler_config.get("prediction_type") or "epsilon",
-                                  interrupt=interrupt)
-    meta = {"family": model.family, "t": t, "seed": seed, "size": [height, width], "prompt": cond.prompts,
+            x0 = encode_latents(model.vae, pixels, seed, sample=vae_sample, latent_cache=latent_cache)
+        del pixels
+        prediction_type = model.scheduler_config.get("prediction_type") or "epsilon"
+        passes = []
+        for t in timesteps:
+            tensors = extract_latents(model.denoiser, x0, cond, layers, t, seed, model.alphas_cumprod,
+                                      family=model.family, ensemble=ensemble, feature_resize=feature_resize,
+                                      dtype=dtype, offload=offload, denoise_from=denoise_from,
+                                      denoise_steps=denoise_steps, prediction_type=prediction_type,
+                                      interrupt=interrupt)
+            passes.append(Features(tensors, _meta(model, cond, inputs, t, seed, height, width, tensors, ensemble,
+                                                  denoise_from, denoise_steps)))
+    return passes
+
+
+def _meta(model, cond, inputs, t, seed, height, width, tensors, ensemble, denoise_from, denoise_steps) -> dict:
+    meta = {"family": model.family, "t": t, "seed": seed, "size": [height, width], "prompt": list(cond.prompts),
             "layers": list(tensors), "ensemble": ensemble, "input_size": [inputs[0].height, inputs[0].width]}
     if denoise_from is not None:
         meta.update(denoise_from=denoise_from, denoise_steps=denoise_steps)
     if cond.controls:
         meta["controlnets"] = [{"name": getattr(h.controlnet, "name", ""), "strength": h.strength}
                                for h in cond.controls]
-    return Features(tensors, meta)
+    return meta
 
 
 def extract_in_batches(model, images, prompt, layers=None, t: int = 50, seed: int = 0, *, batch_size: int = 1,

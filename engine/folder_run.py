@@ -1,4 +1,8 @@
-"""Extraction over many image files: group by size, batch, extract, save, with a progress bar.
+"""Extraction over a list of image files, the plain loop: group by size, batch, extract, save.
+
+The CLI's `extract` runs dataset/runner.py instead, which adds what a dataset needs (bad files skipped, an index,
+resume, several timesteps, ControlNet hints, several processes); this loop stays for library users and the demo,
+and as the baseline bench/bench_folder.py measures the runner against.
 
 Images whose resized sizes differ cannot share a batch (their latents differ), so files are grouped by the size the
 resize policy gives them; within a group they go in batches of `batch_size`. Names come from the file names.
@@ -11,7 +15,6 @@ checked against the memory guard before its forward (see extraction.extract).
 """
 from __future__ import annotations
 
-import glob
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,20 +24,20 @@ from PIL import Image
 from .extraction import extract
 from .features_io import safe_name, save_features
 from .prompts import encode_prompt
-from .images import IMAGE_SUFFIXES, ImageInputError, check_size, open_image, target_size
+from .images import ImageInputError, check_size, open_image, target_size
 from .lora import lora_applied
 
 
 def find_images(pattern: str) -> list[Path]:
-    """Image files matching a glob pattern (recursive with **), or every image in a folder."""
-    p = Path(pattern)
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    else:
-        files = sorted(Path(f) for f in glob.glob(pattern, recursive=True) if Path(f).is_file())
-    if not files:
-        raise ImageInputError(f"no image files match {pattern!r}")
-    return files
+    """Image files of a folder (recursive), a glob pattern (recursive with **) or one file, in sorted order; only
+    files with an image extension (any case) are taken from a folder or glob (see dataset.sources)."""
+    from .dataset.sources import from_pattern
+
+    found = from_pattern(pattern)
+    bad = next((s.problem for s in found if s.problem), None)
+    if bad:
+        raise ImageInputError(bad)
+    return [s.path for s in found]
 
 
 def names_from_files(files: list[Path]) -> list[str]:

@@ -24,18 +24,59 @@ class ImageInputError(ValueError):
 
 
 def open_image(path) -> Image.Image:
-    """Read one image file as RGB, with errors that name the file."""
+    """Read one image file as 8-bit RGB, with errors that name the file and say what is wrong with it.
+
+    The size is checked from the header before the pixels are decoded, so a huge image is refused without
+    allocating it. Grayscale, 16-bit, CMYK, RGBA and palette images are converted (see to_rgb), never refused."""
     p = Path(path)
+    name = repr(str(p))
+    if p.is_dir():
+        raise ImageInputError(f"{name} is a folder, not an image file")
+    if not p.exists():
+        raise ImageInputError(f"image {name} does not exist")
     if not p.is_file():
-        raise ImageInputError(f"image {str(p)!r} does not exist")
+        raise ImageInputError(f"{name} is not a regular file (a device, socket or pipe cannot be an image)")
     try:
+        if p.stat().st_size == 0:
+            raise ImageInputError(f"{name} is empty (0 bytes): not an image")
         with Image.open(p) as im:
+            check_size(im.width, im.height, name)
             im.load()
-            image = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise ImageInputError(f"{str(p)!r} is not a readable image ({e.__class__.__name__}: {e})") from None
-    check_size(image.width, image.height, str(p))
+            image = to_rgb(im)
+    except FileNotFoundError:  # deleted between the checks above and the read
+        raise ImageInputError(f"image {name} does not exist (it was removed while being read)") from None
+    except UnidentifiedImageError:
+        raise ImageInputError(f"{name} is not a readable image (not a format Pillow can decode; valid: "
+                              f"{', '.join(IMAGE_SUFFIXES)})") from None
+    except Image.DecompressionBombError as e:
+        raise ImageInputError(f"{name} is too large to decode safely ({e})") from None
+    except OSError as e:
+        what = "is truncated or corrupt" if "truncated" in str(e) or "broken" in str(e) else "is not a readable image"
+        raise ImageInputError(f"{name} {what} ({e.__class__.__name__}: {e})") from None
     return image
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB.
+
+    Pillow's own convert('RGB') clips 16-bit grayscale (I;16 / I) at 255, which turns a 16-bit scan white; those are
+    scaled by 255/65535 instead. Float images (F) are read as 0..1 when they fit it, else as 0..255. Palette images
+    with transparency go through RGBA (Pillow warns otherwise). Alpha is dropped, as ComfyUI's LoadImage and
+    diffusers' load_image do: the model sees the stored colours."""
+    if im.mode in _SIXTEEN_BIT:
+        grey = np.asarray(im).astype(np.float64).clip(0, 65535) * (255.0 / 65535.0)
+        return Image.fromarray(grey.round().astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":
+        values = np.asarray(im, dtype=np.float64)
+        scale = 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else 1.0
+        grey = np.nan_to_num(values * scale).clip(0, 255)
+        return Image.fromarray(grey.round().astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("P", "PA") and (im.mode == "PA" or "transparency" in im.info):
+        return im.convert("RGBA").convert("RGB")
+    return im.convert("RGB")
 
 
 def check_size(width: int, height: int, name: str = "image") -> None:

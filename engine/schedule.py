@@ -2,6 +2,8 @@
 x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps whatever sampler the checkpoint ships with."""
 from __future__ import annotations
 
+import re
+
 import torch
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -31,3 +33,48 @@ def noise_latents(x0: torch.Tensor, t: int, abar: torch.Tensor, seed: int) -> to
     a = abar[t].item()
     x_t = a ** 0.5 * x0.float() + (1.0 - a) ** 0.5 * eps.to(x0.device)
     return x_t.to(x0.dtype)
+
+
+def parse_timesteps(text: str) -> list[int]:
+    """"25,50,100" -> [25, 50, 100], order kept: the timesteps of one multi-t pass (the CLI's --t).
+
+    Refused with a ValueError that names the entry: an empty list or entry, a non-integer, a value outside
+    0..999, a duplicate (it would write the same features twice under one name)."""
+    if not isinstance(text, str):
+        raise ValueError(f"timesteps must be given as text such as '25,50,100', got a {type(text).__name__}")
+    entries = [e.strip() for e in text.split(",")]
+    if not text.strip():
+        raise ValueError("no timesteps given: write one or more integers in 0..999 separated by commas, "
+                         "e.g. '25,50,100'")
+    out: list[int] = []
+    for position, entry in enumerate(entries, 1):
+        if not entry:
+            raise ValueError(f"timestep entry {position} of {text!r} is empty: write integers in 0..999 "
+                             "separated by single commas, e.g. '25,50,100'")
+        if not re.fullmatch(r"[+-]?[0-9]+", entry):  # int() would also take '5_0' and non-ASCII digits
+            raise ValueError(f"timestep {entry!r} (entry {position} of {text!r}) is not an integer: timesteps "
+                             f"are training timestep indices 0..{NUM_TRAIN_TIMESTEPS - 1}")
+        value = int(entry)
+        if not 0 <= value < NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"timestep {entry!r} (entry {position} of {text!r}) is outside "
+                             f"0..{NUM_TRAIN_TIMESTEPS - 1}, the training timestep indices")
+        if value in out:
+            raise ValueError(f"timestep {value} appears twice in {text!r}: give each timestep once")
+        out.append(value)
+    return out
+
+
+def check_timesteps(timesteps) -> list[int]:
+    """A sequence of timesteps for one pass as a list: each a valid t, no duplicates, at least one."""
+    if isinstance(timesteps, (str, bytes)) or not hasattr(timesteps, "__iter__"):
+        raise ValueError(f"timesteps must be a sequence of integers such as [25, 50, 100], got {timesteps!r} "
+                         "(parse text with parse_timesteps)")
+    out = [check_timestep(t) for t in timesteps]
+    if not out:
+        raise ValueError("no timesteps given: pass one or more integers in 0..999")
+    seen = set()
+    for t in out:
+        if t in seen:
+            raise ValueError(f"timestep {t} appears twice in {list(out)}: give each timestep once")
+        seen.add(t)
+    return out

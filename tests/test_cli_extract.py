@@ -51,7 +51,8 @@ def test_cli_extract_then_pca(tmp_path, folder, images, model):
     run = _cli("extract", "--model", folder, "--layers", ids, "--input", images, "--output", out, "--t", 50,
                "--seed", 3, "--prompt", "a photo", "--size", "96x64", "--batch-size", 2)
     assert run.returncode == 0, run.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors",
+                                                     "df_index"]  # the run's index (tests/test_dataset_run.py)
     saved = load_features(out / "b.safetensors")
     assert saved.meta["t"] == 50 and saved.meta["seed"] == 3 and saved.meta["size"] == [64, 96]
     want = extract(model, [images / "b.png"], "a photo", ids, t=50, seed=3, size=(64, 96))

@@ -1,0 +1,106 @@
+"""Several processes through torch.distributed, as `torchrun` and `accelerate launch` start them.
+
+Those launchers set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; without them (or with WORLD_SIZE 1)
+a run is one process and nothing here initialises anything. We start no processes ourselves.
+
+The processes exchange only small Python objects (a refusal to share, each one's counts for the summary) and meet
+at barriers; no tensor crosses them. So the process group is always gloo: it runs on CPUs and GPUs alike, and NCCL,
+made for moving tensors between GPUs, would add nothing but the need to pin a device before the first barrier. Each
+process computes on its own device, cuda:LOCAL_RANK (see device_for).
+
+Images are split by position in the run's deterministic order: process r takes images r, r + N, r + 2N, ... Every
+image gets the same seed in any process (the draws depend on the seed only), so the union of the processes'
+outputs equals a one-process run.
+
+The group's timeout is long on purpose: a process that finishes its share waits at the final barrier for the
+slowest, which may take hours on a big dataset; a process that dies is handled by the launcher, which stops the
+others (and --resume completes the folder).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+TIMEOUT = datetime.timedelta(days=7)
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialised: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, items: list) -> list:
+        """This process's part of the run's items."""
+        return items[self.rank::self.world]
+
+    def barrier(self) -> None:
+        if self.initialised:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj):
+        """rank 0's object, on every process."""
+        if not self.initialised:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every process's object, in rank order, on every process."""
+        if not self.initialised:
+            return [obj]
+        boxes = [None] * self.world
+        torch.distributed.all_gather_object(boxes, obj)
+        return boxes
+
+    def close(self) -> None:
+        if self.initialised:
+            torch.distributed.destroy_process_group()
+            self.initialised = False
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"the environment variable {name}={value!r} must be an integer (torchrun and accelerate "
+                         "launch set it)") from None
+
+
+def from_env() -> Ranks:
+    """The process's place in a launched group (initialising gloo), or a single process."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local = _env_int("LOCAL_RANK", 0)
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} and WORLD_SIZE={world} do not describe a process group")
+    if world == 1:
+        return Ranks(0, 1, local, False)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise ValueError(f"WORLD_SIZE={world} but {name} is not set: start several processes with torchrun or "
+                             "accelerate launch, which set it")
+    if not torch.distributed.is_available():
+        raise ValueError("this torch build has no torch.distributed; run one process (without WORLD_SIZE)")
+    torch.distributed.init_process_group("gloo", init_method="env://", rank=rank, world_size=world, timeout=TIMEOUT)
+    return Ranks(rank, world, local, True)
+
+
+def device_for(device: str, ranks: Ranks) -> str:
+    """cuda (or cuda:N) means this process's own GPU, cuda:LOCAL_RANK, when launched; other devices stay as they
+    are. A single process keeps what it was given."""
+    if ranks.world == 1 or not str(device).startswith("cuda"):
+        return device
+    return f"cuda:{ranks.local_rank}"

@@ -1,0 +1,470 @@
+"""A dataset run: every image of a folder (glob, list) extracted at every t, saved and recorded; nothing stops it but
+a write that fails, Ctrl-C, or --stop-on-error.
+
+Data flows one way: sources -> (skip what the index says is complete) -> plan batches -> decode (a worker thread,
+one batch ahead) -> extract every t in one pass -> save + record (another thread, at most one batch behind) ->
+summary. An image that cannot be used (unreadable, missing, a hint missing, too big for memory, its output name
+taken by another image) is recorded as failed with its reason and the run goes on; its batch-mates are done without
+it. A write that fails (OSError, e.g. a full disk) stops the run: that image's files are removed, the index keeps
+every record written so far, and --resume completes the rest.
+
+Exit status (DatasetResult.status, the CLI's exit code): 0 every image written or already complete; 1 some images
+failed (every other one written; with --stop-on-error the run stopped at the first failure); 3 the run stopped
+because an output could not be written; 130 interrupted (Ctrl-C). The CLI exits 2 when it refuses before starting.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from ..features_io import FORMATS, LAYOUTS, Features, save_features
+from ..images import ImageInputError, open_image, prepare, target_size
+from ..memory_guard import FeatureMemoryError
+from . import index, naming, output_folder, run_file
+from .distributed import Ranks
+from .progress import Progress, RunStats, merge, summary_line
+from .run_file import ResumeError
+from .sources import ImageSource
+
+EXIT_OK, EXIT_FAILED, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 3, 130
+SUMMARY_FILE = "summary.json"
+STOP_ON_ERROR = "--stop-on-error"
+
+
+@dataclass(frozen=True)
+class CannyHints:
+    """Hints computed per image: canny edges of the image as the model sees it (thresholds on OpenCV's scale)."""
+
+    low: int = 100
+    high: int = 200
+
+
+@dataclass
+class DatasetResult:
+    status: int              # see the module docstring
+    stats: RunStats          # summed over every process
+    seconds: float
+    summary: str             # the summary line
+
+
+@dataclass
+class _Job:
+    """Everything one process needs for its share (the same on every process but `rank`)."""
+
+    out: Path
+    layer_ids: list
+    timesteps: list
+    seed: int
+    fmt: str
+    layout: str
+    resize: str
+    size: tuple | None       # (height, width), or None for the resize policy
+    target_side: int | None
+    native: int              # the side keep-aspect aims at
+    batch_size: int
+    extract_kw: dict         # ensemble, feature_resize, dtype, vae_sample, denoise_from, denoise_steps
+    controlnets: list
+    hint: object             # None, CannyHints or a hints.HintFolder
+    latent_cache: object
+    stop_on_error: bool
+    digest: str
+    rank: int
+    planned: dict = field(default_factory=dict)   # relative name -> the files it writes
+
+
+class _Records:
+    """The index writer shared by the main thread (failures) and the writer thread (done records)."""
+
+    def __init__(self, out, rank: int):
+        self._writer = index.IndexWriter(out, rank)
+        self._lock = threading.Lock()
+
+    def append(self, record: dict) -> None:
+        with self._lock:
+            self._writer.append(record)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+# ---- one process's share -------------------------------------------------------------------------------------
+def _plan_batches(items: list, job: _Job, fail) -> list[list]:
+    """Items per batch: the same target size within a batch (their latents must stack), at most batch_size each,
+    in run order. With batch size 1 or a fixed size nothing is read here; otherwise each header is (an unreadable
+    one fails its image now, with open_image's reason)."""
+    if job.batch_size == 1 or job.size is not None or job.resize != "keep-aspect":
+        return [items[i:i + job.batch_size] for i in range(0, len(items), job.batch_size)]
+    from PIL import Image
+
+    groups: dict[tuple, list] = defaultdict(list)
+    for item in items:
+        try:
+            with Image.open(item[0].path) as im:
+                key = target_size(im.width, im.height, job.native, job.resize)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            try:
+                open_image(item[0].path)
+                reason = f"{str(item[0].path)!r} is not a readable image"
+            except ImageInputError as e:
+                reason = str(e)
+            fail(item, reason)
+            continue
+        groups[key].append(item)
+    return [g[i:i + job.batch_size] for g in groups.values() for i in range(0, len(g), job.batch_size)]
+
+
+def _hint_for(job: _Job, source: ImageSource, image):
+    if job.hint is None:
+        return None
+    if isinstance(job.hint, CannyHints):
+        from ..hints import canny_hint
+
+        wh = (job.size[1], job.size[0]) if job.size else None
+        return canny_hint(prepare(image, job.native, job.resize, wh), job.hint.low, job.hint.high)
+    return job.hint.hint_for(source.relative)
+
+
+def _decode(batch: list, job: _Job):
+    """(items that decoded, their images, their hints, [(item, reason)] for those that did not)."""
+    good, images, hints, bad = [], [], [], []
+    for item in batch:
+        try:
+            image = open_image(item[0].path)
+            hint = _hint_for(job, item[0], image)
+        except ValueError as e:  # ImageInputError, or a hint name the hint folder refuses (safe_paths)
+            bad.append((item, str(e)))
+            continue
+        good.append(item)
+        images.append(image)
+        hints.append(hint)
+    return good, images, hints, bad
+
+
+def _pixel_size(image, job: _Job) -> tuple[int, int]:
+    """(height, width) the model sees for this image."""
+    if job.size is not None:
+        return tuple(job.size)
+    w, h = target_size(image.width, image.height, job.native, job.resize)
+    return h, w
+
+
+def _save_item(job: _Job, records: _Records, item, row: int, features: list, image, seconds: float) -> int:
+    """Every t's files of one image, then its record. A write that fails removes what this call wrote of the image
+    (never a file that was there before it) and raises. Returns the number of files."""
+    source, prompt = item
+    planned = job.planned[source.relative]
+    before = {f for f in planned if (job.out / f).exists()}  # empty: leftovers were cleared before the loop
+    written: list[Path] = []
+    try:
+        for name, feats in zip(naming.entry_names(source.relative, job.timesteps), features):
+            meta = dict(feats.meta, prompt=[prompt], input_size=[image.height, image.width])
+            one = Features({k: v[row:row + 1] for k, v in feats.tensors.items()}, meta)
+            entry = PurePosixPath(name)
+            written += save_features(one, job.out / entry.parent, [entry.name], job.fmt, job.layout)
+        records.append(index.done_record(source.relative, source.path, written, job.out, settings=job.digest,
+                                         t=job.timesteps, seed=job.seed, prompt=prompt, rank=job.rank,
+                                         seconds=seconds))
+    except BaseException:
+        index.remove_leftovers(job.out, [f for f in planned if f not in before])
+        raise
+    return len(written)
+
+
+def _save_batch(job: _Job, records: _Records, items, features, images, seconds) -> tuple[int, int]:
+    files = 0
+    for row, (item, image) in enumerate(zip(items, images)):
+        files += _save_item(job, records, item, row, features, image, seconds / len(items))
+    return len(items), files
+
+
+def _conditioning(model, job: _Job, prompts: list[str], hints: list, hw, encoded: dict):
+    from ..prompts import encode_prompt
+
+    if len(set(prompts)) == 1:
+        if prompts[0] not in encoded:  # a prompt is encoded once per run, not once per batch
+            encoded[prompts[0]] = encode_prompt(model, prompts[0])
+        cond = encoded[prompts[0]]
+    else:
+        cond = encode_prompt(model, prompts)
+    if job.controlnets:
+        from ..hints import attach_hints
+
+        cond = attach_hints(cond, job.controlnets, hints, hw,
+                            resize="center-crop" if job.resize == "center-crop" else "stretch")
+    return cond
+
+
+def _stop_reason(out) -> str:
+    try:
+        text = index.stop_path(out).read_text(encoding="utf-8").strip()
+    except OSError:
+        text = ""
+    return f"another process stopped the run ({text})" if text else "another process stopped the run"
+
+
+class _Share:
+    """One process's part of a run (items not yet complete), counted into `stats`."""
+
+    def __init__(self, model, job: _Job, stats: RunStats, show_progress: bool, world: int):
+        self.model, self.job, self.stats = model, job, stats
+        self.show_progress, self.world = show_progress, world
+        self.records: _Records | None = None
+        self.bar: Progress | None = None
+        self.pending: list = []  # futures of batches handed to the writer thread
+
+    def fail(self, item, reason: str) -> None:
+        source = item[0]
+        try:
+            self.records.append(index.failed_record(source.relative, source.path, reason,
+                                                    settings=self.job.digest, rank=self.job.rank))
+        except OSError as e:  # the index itself cannot grow (a full disk): stop as for any write that fails
+            if not self.stats.stopped:
+                self.stop(f"the index could not be written ({e.__class__.__name__}: {e})")
+        self.stats.failures.append([source.relative, os.path.abspath(source.path), reason])
+        self.bar.advance(1, failed=1)
+        if self.job.stop_on_error and not self.stats.stopped:
+            self.stop(f"{STOP_ON_ERROR}: {source.relative} failed")
+
+    def stop(self, reason: str) -> None:
+        self.stats.stopped = reason
+        index.request_stop(self.job.out, reason)  # the other processes stop before their next batch
+
+    def run(self, items: list) -> None:
+        self.records = _Records(self.job.out, self.job.rank)
+        self.bar = Progress(len(items), self.job.rank, self.world, self.stats.skipped, enabled=self.show_progress)
+        try:
+            todo = []
+            for item in items:
+                if item[0].problem:
+                    self.fail(item, item[0].problem)
+                    if self.stats.stopped:
+                        return
+                else:
+                    todo.append(item)
+            for item in todo:  # what a killed attempt left of an image it did not finish
+                index.remove_leftovers(self.job.out, self.job.planned[item[0].relative])
+            batches = _plan_batches(todo, self.job, self.fail)
+            if batches and not self.stats.stopped:
+                self._loop(batches)
+        finally:
+            self.bar.close()
+            self.records.close()
+        if self.job.latent_cache is not None:
+            self.stats.cache = {k: getattr(self.job.latent_cache, k, 0)
+                                for k in ("hits", "misses", "corrupt", "write_errors")}
+
+    def _collect(self, block: bool) -> None:
+        """Results of finished writes. At most one batch waits for its write while the next is extracted: a writer
+        slower than the model would otherwise keep every batch's features in memory."""
+        while self.pending and (block or self.pending[0].done() or len(self.pending) > 1):
+            future = self.pending.pop(0)
+            try:
+                images, files = future.result()
+            except OSError as e:
+                if not self.stats.stopped or self.stats.stopped.startswith("another process"):
+                    self.stop(f"an output could not be written ({e.__class__.__name__}: {e})")
+                continue
+            self.stats.written += images
+            self.stats.files += files
+
+    def _loop(self, batches: list) -> None:
+        from ..extraction import extract_timesteps
+        from ..lora import lora_applied
+
+        job, stats = self.job, self.stats
+        encoded: dict = {}
+        # LoRAs are merged once for the whole run (each extraction's own merge is then a no-op)
+        with lora_applied(self.model), ThreadPoolExecutor(1, thread_name_prefix="df-decode") as decoder, \
+                ThreadPoolExecutor(1, thread_name_prefix="df-save") as saver:
+            try:
+                upcoming = decoder.submit(_decode, batches[0], job)
+                for k in range(len(batches)):
+                    good, images, hints, bad = upcoming.result()
+                    if k + 1 < len(batches):
+                        upcoming = decoder.submit(_decode, batches[k + 1], job)
+                    for item, reason in bad:
+                        self.fail(item, reason)
+                    self._collect(block=False)
+                    if not stats.stopped and index.stop_requested(job.out):
+                        stats.stopped = _stop_reason(job.out)
+                    if stats.stopped:
+                        break
+                    if not good:
+                        continue
+                    start = time.perf_counter()
+                    try:
+                        cond = _conditioning(self.model, job, [p for _, p in good], hints,
+                                             _pixel_size(images[0], job), encoded)
+                        features = extract_timesteps(self.model, images, cond, job.layer_ids, job.timesteps,
+                                                     job.seed, latent_cache=job.latent_cache, resize=job.resize,
+                                                     size=job.size, target_side=job.target_side, **job.extract_kw)
+                    except (ImageInputError, FeatureMemoryError) as e:  # this batch's images cannot be done
+                        for item in good:
+                            self.fail(item, str(e))
+                        if stats.stopped:
+                            break
+                        continue
+                    seconds = time.perf_counter() - start
+                    self.pending.append(saver.submit(_save_batch, job, self.records, good, features, images,
+                                                     seconds))
+                    del features
+                    self.bar.advance(len(good))
+                    self._collect(block=False)
+            except KeyboardInterrupt:
+                stats.interrupted = True
+                index.request_stop(job.out, "interrupted (Ctrl-C)")
+            finally:
+                try:  # whatever ended the loop, writes already handed over finish (or fail cleanly) first
+                    self._collect(block=True)
+                except KeyboardInterrupt:  # a second Ctrl-C while the last write finishes
+                    stats.interrupted = True
+
+
+# ---- the whole run -------------------------------------------------------------------------------------------
+def status_of(total: RunStats) -> int:
+    if total.interrupted or (total.stopped and "interrupted" in total.stopped):
+        return EXIT_INTERRUPTED
+    if total.stopped and STOP_ON_ERROR not in total.stopped and "interrupted" not in total.stopped:
+        return EXIT_STOPPED
+    return EXIT_FAILED if total.failures else EXIT_OK
+
+
+def _write_summary(out: Path, total: RunStats, seconds: float, status: int, processes: int) -> None:
+    text = json.dumps({"status": status, "written": total.written, "files": total.files, "skipped": total.skipped,
+                       "failed": total.failed,
+                       "failures": [{"image": i, "source": s, "error": e} for i, s, e in total.failures],
+                       "stopped": total.stopped, "interrupted": total.interrupted, "seconds": round(seconds, 3),
+                       "processes": processes, "latent_cache": total.cache or None, "time": index.now()},
+                      indent=1)
+    path = index.index_dir(out) / SUMMARY_FILE
+    tmp = path.with_name(f"{index.TEMP_PREFIX}summary-{os.getpid()}{index.TEMP_SUFFIX}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)  # the latest attempt's summary replaces the previous one's
+    except OSError:  # a full disk: the index is what counts, and the summary line still reaches the terminal
+        tmp.unlink(missing_ok=True)
+
+
+def _flush_print(line: str) -> None:
+    print(line, flush=True)
+
+
+def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, seed: int = 0, *, prompts=None,
+                    batch_size: int = 1, fmt: str = "safetensors", layout: str = "per-sample",
+                    resize: str = "keep-aspect", size=None, target_side: int | None = None, ensemble: int = 1,
+                    feature_resize: int = 1, dtype=None, vae_sample: bool = True, denoise_from: int | None = None,
+                    denoise_steps: int = 1, controlnets=(), hint=None, latent_cache=None, resume: bool = False,
+                    stop_on_error: bool = False, ranks: Ranks | None = None, progress: bool = True,
+                    log=_flush_print) -> DatasetResult:
+    """Extract every source at every t into `out`, with an index, resumable: the library face of the CLI's
+    `extract`.
+
+    sources: from sources.collect. prompts: one string for all, or a list with one per source. size: (height,
+    width) or None. controlnets: [(ControlNet, strength)], with hint=CannyHints(low, high) or a hints.HintFolder.
+    latent_cache: a latent_cache.LatentCache or None. ranks: distributed.from_env() under torchrun (default: one
+    process). Refusals (other settings, a folder not ours, outputs that exist without resume) raise before
+    anything is written; everything after is counted in the result (see the module docstring for `status`).
+    log: where the summary line and the failures go (the first process only; None: nowhere)."""
+    from ...layer_catalog import resolve_taps
+    from ..schedule import check_timesteps
+
+    ranks = ranks or Ranks()
+    out = Path(out)
+    start = time.perf_counter()
+    timesteps = check_timesteps(timesteps)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if denoise_from is not None and denoise_from <= max(timesteps):
+        raise ValueError(f"denoise_from ({denoise_from}) must be above every t ({', '.join(map(str, timesteps))}): "
+                         "it is the timestep the guided denoising starts from before capturing")
+    if controlnets and hint is None:
+        raise ValueError("ControlNets need hints: give --hint canny (hint=CannyHints()) or --hint DIR, a folder of "
+                         "hint images named like the inputs")
+    if hint is not None and not controlnets:
+        raise ValueError("hints are given but no ControlNet to use them (--controlnet FILE[:STRENGTH])")
+    if controlnets:
+        from ..controlnet import check_compatible
+
+        for controlnet, _strength in controlnets:  # another family's ControlNet: refused before anything runs
+            check_compatible(controlnet, model)
+    if isinstance(prompts, (list, tuple)):
+        if len(prompts) != len(sources):
+            raise ValueError(f"{len(prompts)} prompts for {len(sources)} images: give one prompt or one per image")
+        prompt_list = list(prompts)
+    else:
+        prompt_list = [prompts or ""] * len(sources)
+    layer_ids = [tap.id for tap in resolve_taps(layers, model.denoiser, model.family)]
+    settings = {**output_folder.request_settings(
+        timesteps=timesteps, seed=seed, size=size, resize=resize, fmt=fmt, layout=layout, ensemble=ensemble,
+        feature_resize=feature_resize, feature_dtype=dtype, vae_sample=vae_sample, denoise_from=denoise_from,
+        denoise_steps=denoise_steps, target_side=target_side, hint=hint),
+        **output_folder.model_settings(model, layer_ids, controlnets)}
+    digest = run_file.digest(settings)
+    planned, problems = naming.plan([s.relative for s in sources], timesteps, layer_ids, fmt, layout)
+
+    error = None
+    if ranks.main:
+        try:
+            output_folder.prepare(out, settings, resume, planned)
+        except (ValueError, FileExistsError) as e:
+            error = (type(e).__name__, str(e))
+        except OSError as e:  # the run file could not be written (a full disk, a read-only folder)
+            error = ("OSError", f"cannot start a run in {out}: {e.__class__.__name__}: {e}")
+    error = ranks.broadcast(error)  # every process refuses together, with the first one's reason
+    if error:
+        raise (FileExistsError if error[0] == "FileExistsError" else ResumeError)(error[1])
+    records = index.read_records(out)
+    output_folder.check_prompts(out, records, {s.relative: p for s, p in zip(sources, prompt_list)}, digest)
+    done = index.completed(out, digest, records)
+    ranks.barrier()  # every process has read the index before any appends to it
+
+    job = _Job(out=out, layer_ids=layer_ids, timesteps=timesteps, seed=seed, fmt=fmt, layout=layout, resize=resize,
+               size=tuple(size) if size else None, target_side=target_side, native=target_side or model.native_size,
+               batch_size=batch_size, extract_kw=dict(ensemble=ensemble, feature_resize=feature_resize, dtype=dtype,
+                                                      vae_sample=vae_sample, denoise_from=denoise_from,
+                                                      denoise_steps=denoise_steps),
+               controlnets=list(controlnets), hint=hint, latent_cache=latent_cache, stop_on_error=stop_on_error,
+               digest=digest, rank=ranks.rank, planned=planned)
+    stats = RunStats()
+    items = []
+    for source, prompt in ranks.share(list(zip(sources, prompt_list))):
+        if source.relative in done:
+            stats.skipped += 1
+        elif source.problem is None and source.relative in problems:
+            items.append((ImageSource(source.path, source.relative, problems[source.relative]), prompt))
+        else:
+            items.append((source, prompt))
+    try:
+        _Share(model, job, stats, progress, ranks.world).run(items)
+    except KeyboardInterrupt:
+        stats.interrupted = True
+        index.request_stop(out, "interrupted (Ctrl-C)")
+    except OSError as e:  # the index part or a leftover could not be written or removed: stop, as for a full disk
+        stats.stopped = f"the output folder could not be written ({e.__class__.__name__}: {e})"
+        index.request_stop(out, stats.stopped)
+    # An interrupted process does not wait for the others (they may be gone too); the launcher ends the group.
+    everyone = [stats] if stats.interrupted else ranks.gather(stats)
+    total = merge(everyone)
+    seconds = time.perf_counter() - start
+    status = status_of(total)
+    line = summary_line(total, seconds, out, ranks.world)
+    if ranks.main:
+        _write_summary(out, total, seconds, status, ranks.world)
+        if log is not None:
+            log(line)
+            for image, _source, reason in total.failures:
+                log(f"  failed: {image}: {reason}")
+    if not stats.interrupted:
+        # A launcher ends every process when one exits non-zero: nobody leaves before the summary is written.
+        ranks.barrier()
+    return DatasetResult(status, total, seconds, line)

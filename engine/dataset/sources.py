@@ -1,0 +1,129 @@
+"""Which files a run reads, and the relative name each keeps.
+
+An image's relative name (`city/a.png` for `in/city/a.png`) is its identity for the whole run: its outputs mirror
+it, a hint folder is looked up by it, the index is keyed by it. So it depends only on where the file lies below the
+input's root, never on which other files are present (adding images to a folder and resuming renames nothing).
+
+- A folder recurses (symlinked folders are followed once; a link loop is not). Hidden entries (`.name`, e.g.
+  macOS's `._a.png` resource forks, which are not images) are skipped. Only files with an image extension, in any
+  case, are taken; a folder named like an image is a folder and is recursed into.
+- A glob (`**` recurses) takes the image files it matches; the root is its part before the first wildcard.
+- One file named without wildcards, and each line of `--input-list`, are explicit: they are taken as they are, and
+  one that is missing, a folder or not an image by its extension fails with that reason (the run goes on), rather
+  than being dropped silently. The list's relative paths are read against the list's own folder; the root is the
+  deepest folder common to every listed file. Blank lines and lines starting with '#' are skipped, the same file
+  listed twice is taken once, and the list's order is kept (so a --prompt-file can follow it line by line).
+- Folders and globs come sorted by relative name: the order, and so the split across ranks, is deterministic.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ..images import IMAGE_SUFFIXES, ImageInputError
+
+_MAGIC = set("*?[")
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One input of a run: the file to read and its name relative to the input's root (posix, with extension)."""
+
+    path: Path
+    relative: str
+    problem: str | None = None  # why an explicitly named entry cannot be an image (the run records it as failed)
+
+
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _walk(root: Path) -> list[Path]:
+    """Image files below root, following symlinked folders but never one already visited (no link loops)."""
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if not name.startswith(".") and is_image_name(name):
+                p = Path(folder) / name
+                if p.is_file():
+                    found.append(p)
+    return found
+
+
+def _relative(path: Path, root: Path) -> str:
+    return PurePosixPath(*path.relative_to(root).parts).as_posix()
+
+
+def _explicit(path: Path, root: Path) -> ImageSource:
+    problem = None
+    if path.is_dir():
+        problem = f"{str(path)!r} is a folder, not an image file"
+    elif not path.exists():
+        problem = f"image {str(path)!r} does not exist"
+    elif not is_image_name(path.name):
+        problem = (f"{str(path)!r} is not an image file by its extension (valid: {', '.join(IMAGE_SUFFIXES)}, "
+                   "in any case)")
+    return ImageSource(path, _relative(path, root), problem)
+
+
+def from_pattern(pattern: str) -> list[ImageSource]:
+    """The images of `--input`: a folder (recursive), a glob pattern, or one file."""
+    p = Path(pattern)
+    if p.is_dir():
+        sources = [ImageSource(f, _relative(f, p)) for f in _walk(p)]
+        if not sources:
+            raise ImageInputError(f"no image files match {pattern!r} (a folder is searched recursively for "
+                                  f"{', '.join(IMAGE_SUFFIXES)} files, in any case)")
+        return sorted(sources, key=lambda s: s.relative)
+    parts = p.parts
+    if not any(_MAGIC & set(part) for part in parts):
+        if not p.exists():
+            raise ImageInputError(f"no image files match {pattern!r}: it does not exist")
+        return [_explicit(p, p.parent)]
+    static = next(i for i, part in enumerate(parts) if _MAGIC & set(part))
+    root = Path(*parts[:static]) if static else Path(".")
+    matches = [Path(f) for f in glob.glob(pattern, recursive=True)]
+    sources = [ImageSource(f, _relative(f, root)) for f in matches if f.is_file() and is_image_name(f.name)]
+    if not sources:
+        raise ImageInputError(f"no image files match {pattern!r}")
+    return sorted(sources, key=lambda s: s.relative)
+
+
+def from_list(list_file) -> list[ImageSource]:
+    """The images of `--input-list FILE`: one path per line (see the module docstring)."""
+    lf = Path(list_file)
+    if not lf.is_file():
+        raise ImageInputError(f"input list {str(lf)!r} does not exist")
+    try:
+        lines = lf.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ImageInputError(f"input list {str(lf)!r} is not UTF-8 text (one image path per line)") from None
+    paths, seen = [], set()
+    for line in lines:
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        path = Path(entry) if os.path.isabs(entry) else lf.parent / entry
+        path = Path(os.path.abspath(path))
+        if path not in seen:
+            seen.add(path)
+            paths.append(path)
+    if not paths:
+        raise ImageInputError(f"input list {str(lf)!r} names no files (one image path per line)")
+    root = Path(os.path.commonpath([str(q.parent) for q in paths]))
+    return [_explicit(q, root) for q in paths]
+
+
+def collect(input_pattern: str | None = None, input_list=None) -> list[ImageSource]:
+    """Every input of a run, in run order."""
+    if (input_pattern is None) == (input_list is None):
+        raise ValueError("give exactly one of --input (a folder, glob or file) and --input-list (a text file)")
+    return from_list(input_list) if input_list is not None else from_pattern(input_pattern)

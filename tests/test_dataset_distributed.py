@@ -1,0 +1,95 @@
+"""Several processes through torchrun (CPU, gloo): the split, the union equal to one process, a killed rank."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffusion_feature.engine.dataset import distributed, index
+from test_dataset_run import SHIM, _base, _consistent, _content, _done, _png, _records, _run
+
+NAMES = ["a", "b", "c", "d", "e"]
+
+
+def _torchrun(*args, fault=None):
+    """`torchrun --nproc-per-node 2 --standalone -m diffusion_feature extract ...`, the venv's torchrun."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    if fault:
+        env.update(DF_TEST_FAULT=fault, DF_TEST_FAULT_RANK="1",
+                   PYTHONPATH=os.pathsep.join([str(SHIM), env.get("PYTHONPATH", "")]))
+    return subprocess.run([*launcher, "--nproc-per-node", "2", "--standalone", "-m", "diffusion_feature", "extract",
+                           *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dataset")
+    for i, name in enumerate(NAMES):
+        _png(root / "in" / ("city" if i % 2 else "town") / f"{name}.png", i)
+    (root / "in" / "town" / "zero.png").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, sd15_folder):
+    """One process's run of the same dataset and settings."""
+    from diffusion_feature.engine import cli
+
+    out = dataset / "reference"
+    try:
+        cli.main(["extract", *map(str, _base(sd15_folder, dataset / "in", out, "--t", "25,50", "--seed", 3))])
+    except SystemExit:
+        pass
+    return out
+
+
+def test_the_split_and_devices():
+    ranks = [distributed.Ranks(r, 3, r, False) for r in range(3)]
+    items = list(range(8))
+    assert [r.share(items) for r in ranks] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    assert distributed.device_for("cuda", ranks[2]) == "cuda:2" and distributed.device_for("cuda:0", ranks[1]) == \
+        "cuda:1"
+    assert distributed.device_for("cpu", ranks[1]) == "cpu"
+    assert distributed.device_for("cuda:1", distributed.Ranks()) == "cuda:1"  # one process keeps its device
+    assert distributed.from_env().world == 1  # no launcher: one process, nothing initialised
+
+
+def test_two_processes_equal_one(dataset, reference, sd15_folder, tmp_path):
+    out = tmp_path / "out"
+    run = _torchrun(*_base(sd15_folder, dataset / "in", out, "--t", "25,50", "--seed", 3))
+    assert run.returncode != 0  # zero.png failed: every process exits 1 once all good images are written
+    assert _content(out) == _content(reference)  # the union, bit for bit
+    parts = sorted(p.name for p in (out / "df_index").glob("part-*.jsonl"))
+    assert parts == ["part-00000.jsonl", "part-00001.jsonl"]
+    order = sorted(r["image"] for r in _records(reference))  # the run's order: sorted relative names
+    for record in _records(out):
+        assert order.index(record["image"]) % 2 == record["rank"]  # image i went to rank i % 2
+    summary = json.loads((out / "df_index" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["written"] == 5 and summary["status"] == 1
+    assert [f["image"] for f in summary["failures"]] == ["town/zero.png"]
+    assert "5 written" in run.stdout and "2 processes" in run.stdout  # one summary line, from rank 0
+    assert run.stdout.count("extract: ") == 1
+    assert "rank 0/2" in run.stderr and "rank 1/2" in run.stderr  # a progress bar per rank
+
+
+def test_a_killed_rank_leaves_a_folder_resume_completes(dataset, reference, sd15_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    run = _torchrun(*_base(sd15_folder, dataset / "in", out, "--t", "25,50", "--seed", 3), fault="kill:2")
+    assert run.returncode != 0
+    done = _done(out)
+    # run order: city/b, city/d, town/a, town/c, town/e, town/zero; rank 1's first image is city/d, and it was
+    # killed inside its second write (d's t050 file)
+    assert "city/d.png" not in done and all(r["rank"] == 0 for r in done.values())
+    rc, stdout, _ = _run(capsys, *_base(sd15_folder, dataset / "in", out, "--t", "25,50", "--seed", 3, "--resume"))
+    assert rc == 1 and f"{5 - len(done)} written" in stdout  # 1: zero.png still fails
+    assert _content(out) == _content(reference)
+    _consistent(out)
+    assert not index.stop_requested(out)
