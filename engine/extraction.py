@@ -28,7 +28,7 @@ from .interrupts import InterruptChecks
 from .memory_guard import FeatureMemoryError  # noqa: F401  (raised by every run's guard; importable from here)
 from .memory_guard import count
 from .schedule import (NUM_TRAIN_TIMESTEPS, alphas_cumprod, check_timestep, check_timesteps,  # noqa: F401
-                       noise_latents, parse_timesteps)
+                       denoise_schedule, noise_latents, parse_timesteps)
 
 def _free_bytes(device: torch.device) -> int | None:
     """What this process can still allocate on `device` (None: unknown); every run's guard reads it here."""
@@ -142,20 +142,6 @@ def encode_latents(vae, pixels: torch.Tensor, seed: int, sample: bool = True, *,
     else:
         mean, std = latent_cache.posterior(vae, pixels, vae_posterior)
     return latents_from_posterior(vae, mean, std, seed, sample)
-
-
-def denoise_schedule(t: int, denoise_from: int | None, denoise_steps: int) -> list[int]:
-    """The timesteps of one extraction's forwards: [t], or denoise_from down to t in `denoise_steps` DDIM steps.
-    Raises ValueError for a denoise_from not above t or steps that do not fit."""
-    from .ddim import descending_timesteps
-
-    if denoise_from is None:
-        return [t]
-    check_timestep(denoise_from)
-    if denoise_from <= t:
-        raise ValueError(f"denoise_from ({denoise_from}) must be above t ({t}): it is the timestep the guided "
-                         "denoising starts from before capturing at t")
-    return descending_timesteps(denoise_from, t, denoise_steps)
 
 
 @torch.no_grad()

@@ -27,6 +27,21 @@ def check_timestep(t) -> int:
     return t
 
 
+def denoise_schedule(t: int, denoise_from: int | None, denoise_steps: int, *, off: str = "") -> list[int]:
+    """The timesteps of one extraction's forwards: [t], or denoise_from down to t in `denoise_steps` DDIM steps.
+    Raises ValueError for a denoise_from not above t or steps that do not fit. off: how the caller's widget turns
+    denoising off, appended to the message (the native node: " (0: off)")."""
+    from .ddim import descending_timesteps
+
+    if denoise_from is None:
+        return [t]
+    check_timestep(denoise_from)
+    if denoise_from <= t:
+        raise ValueError(f"denoise_from ({denoise_from}) must be above t ({t}): it is the timestep the guided "
+                         f"denoising starts from before capturing at t{off}")
+    return descending_timesteps(denoise_from, t, denoise_steps)
+
+
 def noise_latents(x0: torch.Tensor, t: int, abar: torch.Tensor, seed: int) -> torch.Tensor:
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, eps from a CPU generator seeded by `seed`."""
     eps = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed), dtype=torch.float32)

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.ddim import descending_timesteps
 from ..engine.features_io import Features, is_map
-from ..engine.schedule import check_timestep
+from ..engine.schedule import check_timestep, denoise_schedule
 from ..layer_catalog import get_family
 from ..layer_catalog.hooks import pool_spatial
 from . import comfy_model
@@ -57,14 +56,7 @@ def _pool(features: dict, factor: int) -> dict:
 
 def schedule(t: int, denoise_from: int | None, denoise_steps: int) -> list[int]:
     """The training timesteps of one extraction: [t], or denoise_from ... t for the guided denoising."""
-    t = check_timestep(t)
-    if denoise_from is None:
-        return [t]
-    check_timestep(denoise_from)
-    if denoise_from <= t:
-        raise ValueError(f"denoise_from ({denoise_from}) must be above t ({t}): it is the timestep the guided "
-                         "denoising starts from before capturing at t (0: off)")
-    return descending_timesteps(denoise_from, t, denoise_steps)
+    return denoise_schedule(check_timestep(t), denoise_from, denoise_steps, off=" (0: off)")
 
 
 @torch.no_grad()

@@ -293,3 +293,17 @@ def frontend_server(request, comfy_servers):
         name = next(n for n, v in VERSIONS.items() if v[0] == version)
         return comfy_servers.get(name, *VERSIONS[name])
     return comfy_servers.get(request.param, version, frontend)
+
+
+class VaeCalls:
+    """Counts the VAE encoder's forwards with a hook of the test's own."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.handle = model.vae.encoder.register_forward_hook(lambda *a: setattr(self, "n", self.n + 1))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()

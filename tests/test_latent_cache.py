@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_feature_model
+from conftest import VaeCalls, tiny_feature_model
 from diffusion_feature.engine import latent_cache as latent_cache_module
 from diffusion_feature.engine.extraction import extract, extract_timesteps
 from diffusion_feature.engine.latent_cache import LatentCache
@@ -32,18 +32,6 @@ def images():
     """Two non-square photos-like images (so center-crop and stretch give other pixels)."""
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 256, (80, 112, 3), dtype=np.uint8)) for _ in range(2)]
-
-
-class VaeCalls:
-    def __init__(self, model):
-        self.n = 0
-        self.handle = model.vae.encoder.register_forward_hook(lambda *a: setattr(self, "n", self.n + 1))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 def _run(model, images, cache=None, **kw):

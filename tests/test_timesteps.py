@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_controlnet, tiny_feature_model
+from conftest import VaeCalls, tiny_controlnet, tiny_feature_model
 from diffusion_feature.engine import extraction
 from diffusion_feature.engine.control import attach_control
 from diffusion_feature.engine.controlnet import ControlNet
@@ -26,20 +26,6 @@ def sd15():
 @pytest.fixture(scope="module")
 def images():
     return torch.rand(2, 64, 96, 3, generator=torch.Generator().manual_seed(0))  # a batch of 2
-
-
-class VaeCalls:
-    """Counts the VAE encoder's forwards with a hook of the test's own."""
-
-    def __init__(self, model):
-        self.n = 0
-        self.handle = model.vae.encoder.register_forward_hook(lambda *a: setattr(self, "n", self.n + 1))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 def _conditioning(sd15, case, images):
