@@ -7,6 +7,7 @@ import torch
 from comfyui_harness import FRONTENDS, VERSIONS
 from native_comfy import VERSIONS as NATIVE_VERSIONS
 
+pytest_plugins = ["prerequisites"]  # one summary line per missing prerequisite (ComfyUI's source, chromium)
 torch.set_num_threads(1)  # two threads are slower than one for models this small on the CI machine
 
 

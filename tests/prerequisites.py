@@ -30,12 +30,26 @@ class Unavailable(Exception):
     """A prerequisite that cannot be found here; its message says how to provide it."""
 
 
+_MISSING = " is not available: "
+
+
 def require(what: str, how: str) -> None:
     """Skip the calling test (fail it under DF_TEST_REQUIRE_ALL=1) because `what` is missing."""
-    message = f"{what} is not available: {how}"
+    message = f"{what}{_MISSING}{how}"
     if STRICT:
         pytest.fail(f"{message} (DF_TEST_REQUIRE_ALL=1: every test must run)", pytrace=False)
     pytest.skip(message)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Point every skip of require() at require() itself: pytest places a skip raised in a fixture at each test,
+    and -ra would then print one line per test instead of one per missing prerequisite. (Loaded as a plugin by
+    conftest.py.)"""
+    report = yield
+    if report.skipped and isinstance(report.longrepr, tuple) and _MISSING in report.longrepr[2]:
+        report.longrepr = (__file__, require.__code__.co_firstlineno, report.longrepr[2])
+    return report
 
 
 _found: dict[str, Path | Unavailable] = {}

@@ -80,11 +80,16 @@ def test_the_tag_is_cloned_where_nothing_else_is_there(nowhere, monkeypatch):
     assert (tree / "comfyui_version.py").read_text() == VERSION_FILE and not (tree / ".git").exists()
 
 
-_TWO_TESTS = textwrap.dedent("""
+_THREE_TESTS = textwrap.dedent("""
+    import pytest
     import prerequisites
 
-    def test_one():
-        prerequisites.comfyui_source()
+    @pytest.fixture(scope="module", params=["a", "b"])
+    def comfy(request):  # as conftest's fixtures ask for it
+        return prerequisites.comfyui_source()
+
+    def test_one(comfy):
+        pass
 
     def test_two():
         prerequisites.comfyui_source()
@@ -92,18 +97,18 @@ _TWO_TESTS = textwrap.dedent("""
 
 
 def test_missing_source_skips_its_tests_with_one_summary_line(nowhere, pytester):
-    pytester.makepyfile(test_needs_comfy=_TWO_TESTS)
-    result = pytester.runpytest_inprocess("-ra", "-p", "no:cacheprovider")
-    result.assert_outcomes(skipped=2)
+    pytester.makepyfile(test_needs_comfy=_THREE_TESTS)
+    result = pytester.runpytest_inprocess("-ra", "-p", "prerequisites", "-p", "no:cacheprovider")
+    result.assert_outcomes(skipped=3)
     lines = [line for line in result.outlines if line.startswith("SKIPPED")]
-    assert len(lines) == 1 and lines[0].startswith("SKIPPED [2]"), lines
+    assert len(lines) == 1 and lines[0].startswith("SKIPPED [3]"), lines
     assert "ComfyUI v0.3.64's source is not available: set DF_COMFYUI_0364" in lines[0]
 
 
 def test_ci_fails_instead_of_skipping(nowhere, pytester, monkeypatch):
     monkeypatch.setenv("DF_TEST_REQUIRE_ALL", "1")
     monkeypatch.setattr(prerequisites, "STRICT", True)
-    pytester.makepyfile(test_needs_comfy=_TWO_TESTS)
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(failed=2)
+    pytester.makepyfile(test_needs_comfy=_THREE_TESTS)
+    result = pytester.runpytest_inprocess("-p", "prerequisites", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1, errors=2)  # the fixture's two params error in setup, the direct call fails
     assert "DF_TEST_REQUIRE_ALL=1: every test must run" in result.stdout.str()
