@@ -6,6 +6,7 @@ model), so every comparison is bit for bit."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import struct
@@ -122,7 +123,10 @@ def test_folder_recurses_and_outputs_mirror_relative_names(tmp_path, capsys, sd1
     done = _done(out)
     assert sorted(done) == ["b.PNG", "city/a.png", "sub.jpg/c.JPEG", "town/a.png"]
     rec = done["city/a.png"]
-    assert rec["outputs"] == [{"path": "city/a.safetensors", "bytes": (out / "city/a.safetensors").stat().st_size}]
+    saved = out / "city/a.safetensors"
+    assert rec["outputs"] == [{"path": "city/a.safetensors", "bytes": saved.stat().st_size,
+                               "mtime_ns": saved.stat().st_mtime_ns,
+                               "sha256": hashlib.sha256(saved.read_bytes()).hexdigest()}]
     assert rec["source"] == str(images[0]) and rec["t"] == [50] and rec["seed"] == 0
     assert "4 written" in stdout and "0 failed" in stdout
 
@@ -534,6 +538,128 @@ def test_a_full_disk_stops_the_run_cleanly_and_resume_completes_it(tmp_path, cap
     assert rc == 0 and "3 written" in stdout and "1 skipped" in stdout
     assert _content(out) == _content(reference)
     _consistent(out)
+
+
+def _serialize_with(monkeypatch, fault) -> list:
+    """safetensors' writer (what save_file calls) wrapped: fault(n, filename) runs before the n-th real write."""
+    import safetensors.torch
+
+    real, calls = safetensors.torch.serialize_file, []
+
+    def serialize_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        fault(len(calls), Path(filename))
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", serialize_file)
+    return calls
+
+
+def test_a_full_disk_in_safetensors_stops_with_3_and_a_summary(tmp_path, capsys, sd15_folder, monkeypatch):
+    from safetensors import SafetensorError
+
+    inp = tmp_path / "in"
+    for i, name in enumerate("abc"):
+        _png(inp / f"{name}.png", i)
+    reference = tmp_path / "reference"
+    assert _run(capsys, *_base(sd15_folder, inp, reference))[0] == 0
+
+    def full(n, filename):  # the error safetensors raises on a full disk
+        if n >= 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28) at "
+                                  f'path "{filename.parent}/.tmpQ1w2E3"')
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _serialize_with(m, full)
+        rc, stdout, stderr = _run(capsys, *_base(sd15_folder, inp, out))
+    assert rc == 3 and "Traceback" not in stderr
+    assert f"an output could not be written (OSError: [Errno 28] No space left on device: '{out / 'b.safetensors'}')" \
+        in stdout
+    summary = json.loads((out / "df_index" / "summary.json").read_text())
+    assert summary["status"] == 3 and "No space left on device" in summary["stopped"] and summary["written"] == 1
+    _consistent(out)
+    assert _run(capsys, *_base(sd15_folder, inp, out, "--resume"))[0] == 0
+    assert _content(out) == _content(reference)
+
+
+def test_temporaries_of_any_writer_stay_in_ours_and_resume_removes_every_kind(tmp_path, capsys, sd15_folder,
+                                                                              monkeypatch):
+    inp = tmp_path / "in"
+    for i, name in enumerate("ab"):
+        _png(inp / "city" / f"{name}.png", i)
+    out = tmp_path / "out"
+
+    def killed_writer_leaves_its_temporary(n, filename):  # what safetensors leaves beside its target when killed
+        (filename.parent / f".tmpKi11e{n}").write_bytes(b"\0" * 64)
+
+    with monkeypatch.context() as m:
+        calls = _serialize_with(m, killed_writer_leaves_its_temporary)
+        assert _run(capsys, *_base(sd15_folder, inp, out))[0] == 0
+    assert len(calls) == 2 and all(Path(c).parent.name.startswith(".df-") for c in calls)  # writes go through ours
+    assert not [p for p in out.rglob("*") if p.name.startswith((".tmp", ".df-"))]
+    before = _content(out)
+    # what killed runs of this and of older versions leave: our folder (with a whole file), our older temporary
+    # files, and safetensors' own temporaries, empty or whole
+    whole = (out / "city" / "a.safetensors").read_bytes()
+    (out / "city" / ".df-k1ll3d.tmp").mkdir()
+    (out / "city" / ".df-k1ll3d.tmp" / "file").write_bytes(whole)
+    (out / "city" / ".df-0ld3r.tmp").write_bytes(whole)
+    (out / "city" / ".tmpAb12Cd").write_bytes(b"")
+    (out / ".tmpZz98Yx").write_bytes(whole)
+    (out / "city" / ".tmp-notes.txt").write_text("a user's file, not a writer's temporary")
+    rc, stdout, _ = _run(capsys, *_base(sd15_folder, inp, out, "--resume"))
+    assert rc == 0 and "2 skipped" in stdout
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if naming.INDEX_DIR not in p.parts) == \
+        ["city", "city/.tmp-notes.txt", "city/a.safetensors", "city/b.safetensors"]
+    (out / "city" / ".tmp-notes.txt").unlink()
+    assert _content(out) == before
+
+
+def test_outputs_reach_the_disk_before_their_record(tmp_path, capsys, sd15_folder, monkeypatch):
+    """Each output file is fsync'd, then its folder (the link), and only then is its record appended."""
+    inp = tmp_path / "in"
+    for i, name in enumerate("ab"):
+        _png(inp / "sub" / f"{name}.png", i)
+    events = []
+    real_fsync, real_append = os.fsync, index.IndexWriter.append
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        return real_fsync(fd)
+
+    def append(self, record):
+        events.append(("record", record["image"]))
+        return real_append(self, record)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", fsync)
+        m.setattr(index.IndexWriter, "append", append)
+        assert _run(capsys, *_base(sd15_folder, inp, out, "--t", "25,50", "--format", "npy"))[0] == 0
+    for image, record in _done(out).items():
+        at = events.index(("record", image))
+        synced = [ino for kind, ino in events[:at] if kind == "fsync"]
+        for output in record["outputs"]:
+            path = out / output["path"]
+            assert path.stat().st_ino in synced, output["path"]
+            after_file = synced[synced.index(path.stat().st_ino) + 1:]
+            assert path.parent.stat().st_ino in after_file, output["path"]  # its folder, after the link
+
+
+def test_files_honour_the_umask(tmp_path, capsys, sd15_folder):
+    inp = tmp_path / "in"
+    _png(inp / "a.png", 1)
+    previous = os.umask(0o002)
+    try:
+        for fmt in ("safetensors", "npy"):
+            out = tmp_path / fmt
+            assert _run(capsys, *_base(sd15_folder, inp, out, "--format", fmt))[0] == 0
+            modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+            assert set(modes.values()) == {0o664}, modes  # as ComfyUI's own saves: 0666 & ~umask
+            assert {"df_index/run.json", "df_index/part-00000.jsonl", "df_index/summary.json"} <= set(modes)
+    finally:
+        os.umask(previous)
 
 
 def test_ctrl_c_stops_cleanly_with_130_and_resume_completes(tmp_path, capsys, sd15_folder, monkeypatch):
