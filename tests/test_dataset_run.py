@@ -140,15 +140,22 @@ def test_globs_take_image_files_only_and_lists_keep_their_order(tmp_path):
     got = sources.from_pattern(str(inp / "**" / "*"))
     assert [s.relative for s in got] == ["a.png", "deep/b.Jpg"]
     assert [s.relative for s in sources.from_pattern(str(inp / "*.png"))] == ["a.png"]  # d.png/ is a folder
+    (inp / "loop.png").symlink_to("loop.png")  # a link to itself
+    (inp / "dangling.png").symlink_to("gone.png")
     listing = tmp_path / "list.txt"
     listing.write_text(f"# comment\nin/deep/b.Jpg\n\n{inp / 'a.png'}\nin/a.png\nin/missing.png\nin/d.png\n"
-                       "in/c.png.txt\n")
+                       "in/c.png.txt\nin/loop.png\nin/dangling.png\n")
     got = sources.from_list(listing)
-    assert [s.relative for s in got] == ["deep/b.Jpg", "a.png", "missing.png", "d.png", "c.png.txt"]
+    assert [s.relative for s in got] == ["deep/b.Jpg", "a.png", "missing.png", "d.png", "c.png.txt", "loop.png",
+                                         "dangling.png"]
     problems = [s.problem for s in got]
     assert problems[:2] == [None, None]
     assert "does not exist" in problems[2] and "is a folder" in problems[3]
     assert "not an image file by its extension" in problems[4]
+    assert "is a symbolic link loop" in problems[5]  # not "does not exist"
+    assert "symbolic link to 'gone.png', which does not exist" in problems[6]
+    with pytest.raises(ImageInputError, match="is a symbolic link loop"):
+        sources.from_pattern(str(inp / "loop.png"))
     with pytest.raises(ImageInputError, match="no image files match"):
         sources.from_pattern(str(tmp_path / "nothing" / "*.png"))
 

@@ -17,6 +17,7 @@ input's root, never on which other files are present (adding images to a folder 
 """
 from __future__ import annotations
 
+import errno
 import glob
 import os
 from dataclasses import dataclass
@@ -62,12 +63,25 @@ def _relative(path: Path, root: Path) -> str:
     return PurePosixPath(*path.relative_to(root).parts).as_posix()
 
 
+def _missing(path: Path) -> str:
+    """Why an entry that does not exist as a file or folder cannot be read (a broken link and a link loop are not
+    missing files)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"image {str(path)!r} is a symbolic link loop (following its links never reaches a file)"
+        if os.path.islink(path):
+            return f"image {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not exist"
+    return f"image {str(path)!r} does not exist"
+
+
 def _explicit(path: Path, root: Path) -> ImageSource:
     problem = None
     if path.is_dir():
         problem = f"{str(path)!r} is a folder, not an image file"
     elif not path.exists():
-        problem = f"image {str(path)!r} does not exist"
+        problem = _missing(path)
     elif not is_image_name(path.name):
         problem = (f"{str(path)!r} is not an image file by its extension (valid: {', '.join(IMAGE_SUFFIXES)}, "
                    "in any case)")
@@ -86,7 +100,7 @@ def from_pattern(pattern: str) -> list[ImageSource]:
     parts = p.parts
     if not any(_MAGIC & set(part) for part in parts):
         if not p.exists():
-            raise ImageInputError(f"no image files match {pattern!r}: it does not exist")
+            raise ImageInputError(f"no image files match {pattern!r}: {_missing(p).removeprefix('image ')}")
         return [_explicit(p, p.parent)]
     static = next(i for i, part in enumerate(parts) if _MAGIC & set(part))
     root = Path(*parts[:static]) if static else Path(".")
