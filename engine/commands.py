@@ -196,7 +196,14 @@ def run_extract(args) -> int:
                                              layout=args.layout, feature_dtype=dtype, **common)
     items = sources.collect(args.input, args.input_list)
     prompts = _prompts(args, len(items))
-    output_folder.precheck(args.output, request, args.resume)  # before minutes of model loading
+
+    def known(old):  # the model settings these flags tell, so a refusal names their differences too
+        return output_folder.known_model_settings(
+            old, model=args.model, family=args.family, dtype=args.dtype, layers=args.layers,
+            loras=[(path, float(strength or 1.0)) for path, _, strength in (s.partition(":") for s in args.lora)],
+            controlnets=[_with_strength(spec, "--controlnet") for spec in args.controlnet])
+
+    output_folder.precheck(args.output, request, args.resume, known=known)  # before minutes of model loading
     ranks = distributed.from_env()
     try:
         args.device = distributed.device_for(args.device, ranks)

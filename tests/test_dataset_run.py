@@ -22,6 +22,8 @@ from PIL import Image
 
 from diffusion_feature.engine import cli, features_io
 from diffusion_feature.engine.dataset import index, naming, sources
+from diffusion_feature.engine.dataset.run_file import ResumeError
+from diffusion_feature.engine.dataset.runner import extract_dataset
 from diffusion_feature.engine.extraction import extract
 from diffusion_feature.engine.features_io import load_features
 from diffusion_feature.engine.images import ImageInputError, open_image
@@ -352,7 +354,7 @@ def test_resume_skips_complete_images_and_does_the_rest(tmp_path, capsys, sd15_f
     assert rc == 0 and "0 written" in stdout and "4 skipped" in stdout
 
 
-def test_resume_refuses_other_settings_naming_them(tmp_path, capsys, sd15_folder):
+def test_resume_refuses_other_settings_naming_them(tmp_path, capsys, sd15_folder, model):
     inp = tmp_path / "in"
     _png(inp / "a.png", 1)
     out = tmp_path / "out"
@@ -362,6 +364,13 @@ def test_resume_refuses_other_settings_naming_them(tmp_path, capsys, sd15_folder
     rc, _, stderr = _run(capsys, "--model", sd15_folder, "--layers", "mid-repeat0-res-out", "--size", SIZE,
                          "--input", inp, "--output", out, "--resume")
     assert rc == 2 and "layers: " in stderr and "there" in stderr
+    rc, _, stderr = _run(capsys, "--model", sd15_folder, "--layers", "mid-repeat0-res-out", "--size", SIZE,
+                         "--input", inp, "--output", out, "--resume", "--seed", 2, "--dtype", "bfloat16")
+    assert rc == 2 and "seed: 0 there, 2 now" in stderr and 'dtype: "float32" there, "bfloat16" now' in stderr
+    assert 'layers: ["mid-repeat0-res-out", "up-level1-repeat0-res-out"] there, ["mid-repeat0-res-out"] now' in stderr
+    with pytest.raises(ResumeError, match='layers: .* now; seed: 0 there, 2 now; t: .50. there, .25, 50. now'):
+        extract_dataset(model, sources.collect(str(inp)), out, "mid-repeat0-res-out", [25, 50],
+                        seed=2, size=HW, resume=True, progress=False, log=None)  # the library names them all too
     rc, _, stderr = _run(capsys, *_base(sd15_folder, inp, out, "--resume", "--prompt", "a cat"))
     assert rc == 2 and "made with prompt ''" in stderr and "'a cat'" in stderr
     other = tmp_path / "other"

@@ -64,8 +64,12 @@ def differences(old: dict, new: dict, keys=None) -> list[str]:
             if old.get(k) != new.get(k)]
 
 
+def refuse(out: Path, diff: list[str]) -> None:
+    raise ResumeError(f"--resume: {out} was made with other settings ({'; '.join(diff)}); resume with the same "
+                      "settings or choose another --output")
+
+
 def check_same(out: Path, old: dict, new: dict, keys=None) -> None:
     diff = differences(old, new, keys)
     if diff:
-        raise ResumeError(f"--resume: {out} was made with other settings ({'; '.join(diff)}); resume with the same "
-                          "settings or choose another --output")
+        refuse(out, diff)
