@@ -162,6 +162,38 @@ def test_globs_take_image_files_only_and_lists_keep_their_order(tmp_path):
         sources.from_pattern(str(tmp_path / "nothing" / "*.png"))
 
 
+def test_output_names_keep_the_first_runs_root_when_the_input_list_grows(tmp_path, capsys, sd15_folder):
+    """The naming root is fixed in run.json by the first run: a list that grows past its old common folder renames
+    nothing, and an input outside that root is refused by name."""
+    data = tmp_path / "data"
+    for i, rel in enumerate(["in/a/img01.png", "in/b/img02.png", "in/c/img03.png", "other/x.png"]):
+        _png(data / rel, i)
+    listing = data / "list.txt"
+    listing.write_text("in/a/img01.png\nin/b/img02.png\n")
+    out = tmp_path / "out"
+    args = ["--model", sd15_folder, "--layers", LAYERS, "--size", SIZE, "--input-list", listing, "--output", out]
+    assert _run(capsys, *args)[0] == 0
+    before = _files(out)
+    assert sorted(before) == ["a/img01.safetensors", "b/img02.safetensors"]
+    listing.write_text("in/a/img01.png\nin/b/img02.png\nin/c/img03.png\nother/x.png\n")  # x moves the common root
+    rc, _, stderr = _run(capsys, *args, "--resume")
+    assert rc == 2 and f"{str(data / 'other' / 'x.png')!r} lies outside {str(data / 'in')!r}" in stderr
+    assert _files(out) == before
+    run_file = out / "df_index" / "run.json"
+    run = json.loads(run_file.read_text())
+    assert run["naming_root"] == str(data / "in")
+    del run["naming_root"]  # a run file of an older version: the root comes from its index records
+    run_file.write_text(json.dumps(run))
+    rc, _, stderr = _run(capsys, *args, "--resume")
+    assert rc == 2 and "lies outside" in stderr
+    listing.write_text("in/a/img01.png\nin/b/img02.png\nin/c/img03.png\n")
+    rc, stdout, _ = _run(capsys, *args, "--resume")
+    assert rc == 0 and "1 written" in stdout and "2 skipped" in stdout
+    assert sorted(_files(out)) == ["a/img01.safetensors", "b/img02.safetensors", "c/img03.safetensors"]
+    rc, stdout, _ = _run(capsys, *_base(sd15_folder, data / "in" / "c", out, "--resume"))  # a subfolder: same names
+    assert rc == 0 and "0 written" in stdout and "1 skipped" in stdout
+
+
 def test_input_list_with_prompt_file_and_failures(tmp_path, capsys, sd15_folder, model):
     inp = tmp_path / "in"
     a, b = _png(inp / "x" / "a.png", 1), _png(inp / "y" / "b.png", 2)
@@ -383,6 +415,49 @@ def test_resume_refuses_other_settings_naming_them(tmp_path, capsys, sd15_folder
     assert rc == 2 and "was not written by" in stderr
     fresh = tmp_path / "fresh"
     assert _run(capsys, *_base(sd15_folder, inp, fresh, "--resume"))[0] == 0  # nothing to resume: a new run
+
+
+def _damage_in_place(path: Path, keep_mtime: bool) -> None:
+    """Flip the last byte (tensor data) without changing the size; keep_mtime: as bit rot would, unseen by stat."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_resume_checks_content_hashes_and_verify_rereads_all(tmp_path, capsys, sd15_folder):
+    inp = tmp_path / "in"
+    for i, name in enumerate("abc"):
+        _png(inp / f"{name}.png", i)
+    reference = tmp_path / "reference"
+    assert _run(capsys, *_base(sd15_folder, inp, reference))[0] == 0
+    out = tmp_path / "out"
+    assert _run(capsys, *_base(sd15_folder, inp, out))[0] == 0
+    _damage_in_place(out / "a.safetensors", keep_mtime=True)  # unseen by size and mtime: only --verify finds it
+    _damage_in_place(out / "b.safetensors", keep_mtime=False)  # rewritten at the same size: re-hashed on resume
+    rc, stdout, _ = _run(capsys, *_base(sd15_folder, inp, out, "--resume"))
+    assert rc == 0 and "1 written" in stdout and "2 skipped" in stdout
+    assert "1 done again" in stdout and "done again: b.png: b.safetensors does not match its recorded sha256" in stdout
+    summary = json.loads((out / "df_index" / "summary.json").read_text())
+    assert [d["image"] for d in summary["damaged"]] == ["b.png"]
+    assert _content(out)["b.safetensors"] == _content(reference)["b.safetensors"]
+    rc, stdout, _ = _run(capsys, *_base(sd15_folder, inp, out, "--resume", "--verify"))
+    assert rc == 0 and "1 written" in stdout and "done again: a.png: a.safetensors does not match" in stdout
+    assert _content(out) == _content(reference)
+    _consistent(out)
+    rc, _, stderr = _run(capsys, *_base(sd15_folder, inp, out, "--verify"))
+    assert rc == 2 and "--verify" in stderr and "--resume" in stderr
+    part = index.part_path(out, 0)  # an index of an older version: no hashes, sizes only, said once
+    old = [json.loads(line) for line in part.read_text().splitlines()]
+    for record in old:
+        for output in record.get("outputs", []):
+            del output["sha256"], output["mtime_ns"]
+    part.write_text("".join(json.dumps(r) + "\n" for r in old))
+    rc, stdout, _ = _run(capsys, *_base(sd15_folder, inp, out, "--resume", "--verify"))
+    assert rc == 0 and "0 written" in stdout and "3 skipped" in stdout
+    assert stdout.count("3 complete images checked by size only") == 1
 
 
 def test_the_index_reader_ignores_a_cut_record_and_the_writer_drops_it(tmp_path):

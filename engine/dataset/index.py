@@ -11,10 +11,11 @@ fsync'd and linked, then its folder fsync'd: features_io.write_atomic). Each out
 mtime_ns and sha256, so an image is complete exactly when some `done` record of the current settings names files
 that all exist with that content. Checking it (completion) costs a stat per file, and a re-hash only for a file
 of the recorded size whose mtime is not the recorded one (copied, touched, rewritten in place), or for every file
-with verify=True (--verify: damage that kept the size and mtime, such as bit rot). Records of older versions carry no hash: their
-files are trusted by size, as those versions did. Anything else (no record, a failure, a file missing, damaged)
-is done again on --resume, after clearing what a killed run left of it. `failed` records keep the reason. Records
-of earlier attempts stay: the index is the run's history; an image's latest done record is checked first.
+with verify=True (--verify: damage that kept the size and mtime, such as bit rot). Records of older versions carry
+no hash: their files are trusted by size, as those versions did. Anything else (no record, a failure, a file
+missing, damaged) is done again on --resume, after clearing what a killed run left of it. `failed` records keep
+the reason. Records of earlier attempts stay: the index is the run's history; an image's latest done record is
+checked first.
 
 Records: {"image": relative name, "source": path read, "status": "done"|"failed", "outputs": [{"path", "bytes",
 "mtime_ns", "sha256"}], "t": [...], "seed", "prompt", "settings": digest, "rank", "seconds", "time"} ("error"

@@ -5,6 +5,8 @@
 - --resume continues a folder made by `extract` with the same settings (run_file.check_same names each difference);
   it refuses a folder with files but no run file (another tool's, or an older version's). Resuming into a missing
   or empty folder starts a new run, so a script can always pass --resume.
+- A resumed run names its inputs from the naming root its first run recorded (sources.rebase) and refuses an input
+  outside it.
 - A resumed run first clears what a killed one left: temporary files and folders, and a stop request (index.py).
 
 The settings come in two parts: the request (flags that need no model: t, seed, size, format, ...), which the CLI
@@ -97,9 +99,23 @@ def _refuse_folder(out: Path, old: dict | None, resume: bool) -> None:
                               "--output")
 
 
-def precheck(out, request: dict, resume: bool, known=None) -> None:
-    """The refusals that need no model: a run's folder without --resume, a folder not ours with --resume, or a
-    resume asking for other settings.
+def naming_root(out, current: str) -> str:
+    """The folder a run names its outputs from: the one its run file recorded; for a run file of an older version,
+    the one its index records show (a record's source minus its relative name); for a new run, `current`."""
+    out = Path(out)
+    recorded = run_file.recorded_root(out) if out.exists() else None
+    if recorded is not None:
+        return recorded
+    for record in index.read_records(out) if out.exists() else ():
+        source, parts = record.get("source"), len(Path(record["image"]).parts)
+        if isinstance(source, str) and os.path.isabs(source) and len(Path(source).parts) > parts:
+            return str(Path(source).parents[parts - 1])
+    return current
+
+
+def precheck(out, request: dict, resume: bool, sources=None, known=None) -> None:
+    """The refusals that need no model: a run's folder without --resume, a folder not ours with --resume, a resume
+    asking for other settings, an input outside the run's naming root (when `sources` are given).
 
     known(old settings) -> the model settings the flags already tell (a path, a dtype: what needs no loading):
     when the request differs, the refusal names their differences too; when only they differ, the run goes on to
@@ -114,11 +130,15 @@ def precheck(out, request: dict, resume: bool, known=None) -> None:
         extra = known(old) if known is not None else {}
         diff += run_file.differences(old, extra, keys=[k for k in MODEL_KEYS if k in extra])
         run_file.refuse(out, diff)
+    if sources:
+        from .sources import rebase, root_of
+
+        rebase(sources, naming_root(out, root_of(sources)))
 
 
-def prepare(out, settings: dict, resume: bool, planned: dict[str, list[str]]) -> None:
+def prepare(out, settings: dict, resume: bool, planned: dict[str, list[str]], root: str | None = None) -> None:
     """On the first process, before any process writes: refuse what must be refused, then write the run file (a
-    new run) or clear what a killed run left (a resumed one)."""
+    new run, with its naming root) or clear what a killed run left (a resumed one)."""
     out = Path(out)
     old = run_file.read(out) if out.exists() else None
     _refuse_folder(out, old, resume)
@@ -133,7 +153,7 @@ def prepare(out, settings: dict, resume: bool, planned: dict[str, list[str]]) ->
             raise FileExistsError(f"{out} already holds features for these images (e.g. {out / taken}); features "
                                   "are never overwritten: choose another --output")
     out.mkdir(parents=True, exist_ok=True)
-    run_file.write(out, settings)
+    run_file.write(out, settings, root)
 
 
 def check_prompts(out, records: list[dict], prompts: dict[str, str], digest: str) -> None:

@@ -21,6 +21,8 @@ class RunStats:
     stopped: str | None = None   # why this process stopped early (None: it did its whole share)
     interrupted: bool = False
     cache: dict = field(default_factory=dict)      # latent cache counters
+    damaged: list = field(default_factory=list)    # [relative name, why]: done before, outputs changed since
+    unhashed: int = 0       # skipped images whose records (older version) have no hashes: checked by size only
 
     @property
     def failed(self) -> int:
@@ -57,6 +59,8 @@ def merge(stats: list[RunStats]) -> RunStats:
         total.failures += s.failures
         total.stopped = total.stopped or s.stopped
         total.interrupted = total.interrupted or s.interrupted
+        total.damaged += s.damaged
+        total.unhashed += s.unhashed
         for k, v in s.cache.items():
             total.cache[k] = total.cache.get(k, 0) + v
     return total
@@ -67,6 +71,11 @@ def summary_line(total: RunStats, seconds: float, out, processes: int) -> str:
     line = (f"extract: {total.written} written ({total.files} files), {total.skipped} skipped (already done), "
             f"{total.failed} failed in {seconds:.1f} s ({rate:.2f} img/s")
     line += f", {processes} processes)" if processes > 1 else ")"
+    if total.damaged:
+        line += f"; {len(total.damaged)} done again (outputs changed since they were written)"
+    if total.unhashed:
+        line += (f"; {total.unhashed} complete images checked by size only (their index records, of an older "
+                 "version, have no content hashes)")
     if total.cache:
         line += (f"; latent cache: {total.cache.get('hits', 0)} hits, {total.cache.get('misses', 0)} misses"
                  + (f", {total.cache['corrupt']} corrupt entries recomputed" if total.cache.get("corrupt") else ""))

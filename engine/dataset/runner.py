@@ -10,7 +10,8 @@ every record written so far, and --resume completes the rest.
 
 Exit status (DatasetResult.status, the CLI's exit code): 0 every image written or already complete; 1 some images
 failed (every other one written; with --stop-on-error the run stopped at the first failure); 3 the run stopped
-because an output could not be written; 130 interrupted (Ctrl-C). The CLI exits 2 when it refuses before starting.
+because an output could not be written (any write error of any format: a full disk, a read-only folder); 130
+interrupted (Ctrl-C). The CLI exits 2 when it refuses before starting.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from . import index, naming, output_folder, run_file
 from .distributed import Ranks
 from .progress import Progress, RunStats, merge, summary_line
 from .run_file import ResumeError
-from .sources import ImageSource
+from .sources import ImageSource, rebase, root_of
 
 EXIT_OK, EXIT_FAILED, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 3, 130
 SUMMARY_FILE = "summary.json"
@@ -339,8 +340,10 @@ def _write_summary(out: Path, total: RunStats, seconds: float, status: int, proc
     text = json.dumps({"status": status, "written": total.written, "files": total.files, "skipped": total.skipped,
                        "failed": total.failed,
                        "failures": [{"image": i, "source": s, "error": e} for i, s, e in total.failures],
-                       "stopped": total.stopped, "interrupted": total.interrupted, "seconds": round(seconds, 3),
-                       "processes": processes, "latent_cache": total.cache or None, "time": index.now()},
+                       "damaged": [{"image": i, "reason": why} for i, why in total.damaged],
+                       "unhashed": total.unhashed, "stopped": total.stopped, "interrupted": total.interrupted,
+                       "seconds": round(seconds, 3), "processes": processes, "latent_cache": total.cache or None,
+                       "time": index.now()},
                       indent=1)
     path = index.index_dir(out) / SUMMARY_FILE
     tmp = path.with_name(f"{index.TEMP_PREFIX}summary-{os.getpid()}{index.TEMP_SUFFIX}")
@@ -360,17 +363,19 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
                     resize: str = "keep-aspect", size=None, target_side: int | None = None, ensemble: int = 1,
                     feature_resize: int = 1, dtype=None, vae_sample: bool = True, denoise_from: int | None = None,
                     denoise_steps: int = 1, controlnets=(), hint=None, latent_cache=None, resume: bool = False,
-                    stop_on_error: bool = False, ranks: Ranks | None = None, progress: bool = True,
-                    log=_flush_print) -> DatasetResult:
+                    verify: bool = False, stop_on_error: bool = False, ranks: Ranks | None = None,
+                    progress: bool = True, log=_flush_print) -> DatasetResult:
     """Extract every source at every t into `out`, with an index, resumable: the library face of the CLI's
     `extract`.
 
     sources: from sources.collect. prompts: one string for all, or a list with one per source. size: (height,
     width) or None. controlnets: [(ControlNet, strength)], with hint=CannyHints(low, high) or a hints.HintFolder.
-    latent_cache: a latent_cache.LatentCache or None. ranks: distributed.from_env() under torchrun (default: one
-    process). Refusals (other settings, a folder not ours, outputs that exist without resume) raise before
-    anything is written; everything after is counted in the result (see the module docstring for `status`).
-    log: where the summary line and the failures go (the first process only; None: nowhere)."""
+    latent_cache: a latent_cache.LatentCache or None. verify (with resume): re-hash every output of the images
+    done before, not only those whose size or mtime changed (index.py). ranks: distributed.from_env() under
+    torchrun (default: one process). Refusals (other settings, a folder not ours, outputs that exist without
+    resume, an input outside the run's naming root) raise before anything is written; everything after is counted
+    in the result (see the module docstring for `status`). log: where the summary line and the failures go (the
+    first process only; None: nowhere)."""
     from ...layer_catalog import resolve_taps
     from ..schedule import check_timesteps
 
@@ -384,6 +389,8 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
         raise ValueError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if verify and not resume:
+        raise ValueError("verify checks the outputs of a run being resumed: give it with resume (--resume --verify)")
     if denoise_from is not None and denoise_from <= max(timesteps):
         raise ValueError(f"denoise_from ({denoise_from}) must be above every t ({', '.join(map(str, timesteps))}): "
                          "it is the timestep the guided denoising starts from before capturing")
@@ -410,23 +417,30 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
         denoise_steps=denoise_steps, target_side=target_side, hint=hint),
         **output_folder.model_settings(model, layer_ids, controlnets)}
     digest = run_file.digest(settings)
-    planned, problems = naming.plan([s.relative for s in sources], timesteps, layer_ids, fmt, layout)
 
-    error = None
+    current_root = root_of(sources) if sources else None
+    error, root = None, current_root
     if ranks.main:
         try:
-            output_folder.prepare(out, settings, resume, planned)
+            root = output_folder.naming_root(out, current_root) if sources else None
+            named = rebase(sources, root) if sources else []  # an input outside the naming root is refused here
+            output_folder.prepare(out, settings, resume, naming.plan([s.relative for s in named], timesteps,
+                                                                     layer_ids, fmt, layout)[0], root)
         except (ValueError, FileExistsError) as e:
             error = (type(e).__name__, str(e))
         except OSError as e:  # the run file could not be written (a full disk, a read-only folder)
             error = ("OSError", f"cannot start a run in {out}: {e.__class__.__name__}: {e}")
-    error = ranks.broadcast(error)  # every process refuses together, with the first one's reason
+    # every process refuses together, with the first one's reason, and names its inputs from the same root
+    error, root = ranks.broadcast((error, root))
     if error:
         raise (FileExistsError if error[0] == "FileExistsError" else ResumeError)(error[1])
+    if sources:
+        sources = rebase(sources, root)
+    planned, problems = naming.plan([s.relative for s in sources], timesteps, layer_ids, fmt, layout)
     records = index.read_records(out)
     output_folder.check_prompts(out, records, {s.relative: p for s, p in zip(sources, prompt_list)}, digest)
-    done = index.completed(out, digest, records)
-    ranks.barrier()  # every process has read the index before any appends to it
+    mine = ranks.share(list(zip(sources, prompt_list)))
+    check = index.completion(out, digest, records, images={s.relative for s, _ in mine}, verify=verify)
 
     job = _Job(out=out, layer_ids=layer_ids, timesteps=timesteps, seed=seed, fmt=fmt, layout=layout, resize=resize,
                size=tuple(size) if size else None, target_side=target_side, native=target_side or model.native_size,
@@ -435,15 +449,16 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
                                                       denoise_steps=denoise_steps),
                controlnets=list(controlnets), hint=hint, latent_cache=latent_cache, stop_on_error=stop_on_error,
                digest=digest, rank=ranks.rank, planned=planned)
-    stats = RunStats()
+    stats = RunStats(damaged=check.damaged, unhashed=check.unhashed)
     items = []
-    for source, prompt in ranks.share(list(zip(sources, prompt_list))):
-        if source.relative in done:
+    for source, prompt in mine:
+        if source.relative in check.done:
             stats.skipped += 1
         elif source.problem is None and source.relative in problems:
             items.append((ImageSource(source.path, source.relative, problems[source.relative]), prompt))
         else:
             items.append((source, prompt))
+    ranks.barrier()  # every process has read the index before any appends to it
     try:
         _Share(model, job, stats, progress, ranks.world).run(items)
     except KeyboardInterrupt:
@@ -462,6 +477,8 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
         _write_summary(out, total, seconds, status, ranks.world)
         if log is not None:
             log(line)
+            for image, reason in total.damaged:
+                log(f"  done again: {image}: {reason}")
             for image, _source, reason in total.failures:
                 log(f"  failed: {image}: {reason}")
     if not stats.interrupted:
