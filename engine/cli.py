@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "(every other one written); 2 refused before starting (bad flags, other settings "
                               "than the run being resumed, outputs that exist, an input outside the run's naming "
                               "root); 3 stopped because an output could not be written (e.g. a full disk: --resume "
-                              "completes it); 130 interrupted (Ctrl-C)")
+                              "completes it) or another process of the run died; 130 interrupted (Ctrl-C, "
+                              "SIGTERM)")
     _add_model_args(p, required=True)
     p.add_argument("--layers", required=True, help="ids (comma separated), a preset (practical, legacy, full) "
                                                    "or a JSON file {\"id\": true, ...}")

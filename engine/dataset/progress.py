@@ -66,11 +66,16 @@ def merge(stats: list[RunStats]) -> RunStats:
     return total
 
 
-def summary_line(total: RunStats, seconds: float, out, processes: int) -> str:
+def summary_line(total: RunStats, seconds: float, out, processes: int, reported: int | None = None) -> str:
+    """reported: how many of the processes' counts are in `total` (fewer than all when some are gone)."""
     rate = total.written / seconds if seconds > 0 else 0.0
     line = (f"extract: {total.written} written ({total.files} files), {total.skipped} skipped (already done), "
             f"{total.failed} failed in {seconds:.1f} s ({rate:.2f} img/s")
-    line += f", {processes} processes)" if processes > 1 else ")"
+    if processes > 1:
+        line += f", {processes} processes" + (f", counts of {reported} only" if reported not in (None, processes)
+                                              else "") + ")"
+    else:
+        line += ")"
     if total.damaged:
         line += f"; {len(total.damaged)} done again (outputs changed since they were written)"
     if total.unhashed:
