@@ -109,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "diffusion_feature extract ... (or accelerate launch) splits the images.",
                        epilog="exit status: 0 every image written (or already complete); 1 some images failed "
                               "(every other one written); 2 refused before starting (bad flags, other settings "
-                              "than the run being resumed, outputs that exist); 3 stopped because an output could "
-                              "not be written (e.g. a full disk: --resume completes it); 130 interrupted (Ctrl-C)")
+                              "than the run being resumed, outputs that exist, an input outside the run's naming "
+                              "root); 3 stopped because an output could not be written (e.g. a full disk: --resume "
+                              "completes it) or another process of the run died; 130 interrupted (Ctrl-C, "
+                              "SIGTERM)")
     _add_model_args(p, required=True)
     p.add_argument("--layers", required=True, help="ids (comma separated), a preset (practical, legacy, full) "
                                                    "or a JSON file {\"id\": true, ...}")
@@ -164,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue a run in an existing output folder: images already complete with the same "
                         "settings are skipped, the rest done; other settings are refused")
+    p.add_argument("--verify", action="store_true",
+                   help="with --resume: re-hash every output done before against its recorded sha256 (default: only "
+                        "those whose size or mtime changed) and do again the images whose outputs changed")
     p.add_argument("--stop-on-error", action="store_true",
                    help="stop at the first image that fails (default: record it and go on)")
     p.set_defaults(func=_extract)

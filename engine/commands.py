@@ -196,7 +196,16 @@ def run_extract(args) -> int:
                                              layout=args.layout, feature_dtype=dtype, **common)
     items = sources.collect(args.input, args.input_list)
     prompts = _prompts(args, len(items))
-    output_folder.precheck(args.output, request, args.resume)  # before minutes of model loading
+    if args.verify and not args.resume:
+        raise ValueError("--verify re-hashes the outputs of a run being resumed: give it with --resume")
+
+    def known(old):  # the model settings these flags tell, so a refusal names their differences too
+        return output_folder.known_model_settings(
+            old, model=args.model, family=args.family, dtype=args.dtype, layers=args.layers,
+            loras=[(path, float(strength or 1.0)) for path, _, strength in (s.partition(":") for s in args.lora)],
+            controlnets=[_with_strength(spec, "--controlnet") for spec in args.controlnet])
+
+    output_folder.precheck(args.output, request, args.resume, items, known)  # before minutes of model loading
     ranks = distributed.from_env()
     try:
         args.device = distributed.device_for(args.device, ranks)
@@ -216,7 +225,7 @@ def run_extract(args) -> int:
         result = runner.extract_dataset(
             model, items, args.output, args.layers, timesteps, args.seed, prompts=prompts, batch_size=args.batch_size,
             fmt=args.format, layout=args.layout, dtype=dtype, controlnets=controlnets, latent_cache=cache,
-            resume=args.resume, stop_on_error=args.stop_on_error, ranks=ranks, **common)
+            resume=args.resume, verify=args.verify, stop_on_error=args.stop_on_error, ranks=ranks, **common)
     finally:
         ranks.close()
     return result.status

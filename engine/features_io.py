@@ -7,8 +7,11 @@ Formats and layouts:
   or `aggregate` (<name>.npy: every spatial layer resized to the largest grid and concatenated on channels; maps
   are not spatial and are left out). Metadata goes beside them as JSON.
 
-Every file is written to a temporary name in the target folder and then linked into place, which fails rather than
-replaces when the name exists: nothing is overwritten silently, and a crash leaves no half-written file.
+Every file is written inside a temporary folder of ours in the target folder (`.df-XXXXXXXX.tmp/`), fsync'd, and
+then linked into place, which fails rather than replaces when the name exists: nothing is overwritten silently, a
+crash leaves no half-written file under a final name, and whatever a writer makes on its own (safetensors writes
+through its own `.tmpXXXXXX` file) lies inside that folder, so a killed write leaves one thing to clean: the folder.
+Files get the mode the umask gives a new file (0666 & ~umask), as ComfyUI's own saves do.
 
 Files to load may come from anyone who can upload to a ComfyUI server, so nothing read from them names a file or
 sizes an allocation unchecked: tensor keys and layer lists must be layer ids of the grammar, sample names plain
@@ -16,9 +19,11 @@ names, the .npy files must lie beside their metadata, and image sizes are bounde
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,22 +106,66 @@ def check_image_size(value, key: str) -> list[int]:
     return list(value)
 
 
+TEMP_PREFIX, TEMP_SUFFIX = ".df-", ".tmp"  # write_atomic's temporary folders (older versions: files) are named so
+
+
+def fsync_folder(folder) -> None:
+    """Make a link or rename in `folder` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path) -> None:
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows flushes only writable handles
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(final: Path, write) -> Path:
-    """write(tmp_path) then link it to `final`; FileExistsError if `final` exists. No partial file ever remains.
-    The temporary name is short and fixed in length, so any final name the filesystem allows can be written."""
+    """write(tmp_path) then link it to `final`; FileExistsError if `final` exists. No partial file ever remains
+    under a final name; the data reaches the disk (fsync of the file, then of its folder) before this returns.
+    tmp_path lies in a temporary folder of ours, which is removed however this ends (see the module docstring)."""
     check_length(final.name, f"the file {final.name[:32]}...")
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".df-", suffix=".tmp", dir=final.parent)
-    os.close(fd)
+    folder = tempfile.mkdtemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=final.parent)
+    tmp = os.path.join(folder, "file")  # short and fixed: any final name the filesystem allows can be written
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
+        mode = os.stat(tmp).st_mode & 0o777
         write(tmp)
+        if os.stat(tmp).st_mode & 0o777 != mode:  # a writer that renamed its own file over tmp (safetensors: 0600)
+            os.chmod(tmp, mode)
+        _fsync_file(tmp)
         os.link(tmp, final)  # atomic, and unlike rename it refuses to replace an existing file
+        fsync_folder(final.parent)
     except FileExistsError:
         raise FileExistsError(f"{final} already exists; features are never overwritten (choose another name or "
                               "folder)") from None
+    except OSError as e:  # a full disk, a read-only folder: the same error, naming the file it was for
+        raise OSError(e.errno, e.strerror or str(e), str(final)) from None
     finally:
-        os.unlink(tmp)
+        shutil.rmtree(folder, ignore_errors=True)  # what is left (a full disk cannot refuse it) --resume removes
     return final
+
+
+def _save_safetensors(tensors: dict, path, metadata: dict) -> None:
+    """safetensors' save_file, its write errors raised as the OSError they are (a full disk is an OSError in every
+    format: the dataset run stops on it with its own exit status instead of a traceback)."""
+    try:
+        save_file(tensors, path, metadata)
+    except SafetensorError as e:
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m is None:
+            raise OSError(errno.EIO, f"safetensors could not write the file ({e})") from None
+        raise OSError(int(m.group(1)), os.strerror(int(m.group(1)))) from None
 
 
 def _save_npy(path, array: np.ndarray) -> None:
@@ -181,13 +230,13 @@ def save_features(features: Features, out_dir, names: list[str], fmt: str = "saf
         if fmt == "safetensors" and layout != "aggregate":
             meta = {k: json.dumps(v) for k, v in _meta_for(features, name, row=i).items()}
             plan.append((out / f"{name}.safetensors",
-                         lambda p, s=sample, m=meta: save_file({k: v.cpu() for k, v in s.items()}, p, m)))
+                         lambda p, s=sample, m=meta: _save_safetensors({k: v.cpu() for k, v in s.items()}, p, m)))
             continue
         if fmt == "safetensors":  # aggregate as one tensor per file
             meta = {k: json.dumps(v) for k, v in _meta_for(features, name, {"aggregate_slices": slices},
                                                            row=i).items()}
             data = {AGGREGATE: agg[i].contiguous().cpu()}
-            plan.append((out / f"{name}.safetensors", lambda p, d=data, m=meta: save_file(d, p, m)))
+            plan.append((out / f"{name}.safetensors", lambda p, d=data, m=meta: _save_safetensors(d, p, m)))
             continue
         if layout == "aggregate":
             targets = {out / f"{name}.npy": agg[i]}

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from diffusion_feature.engine.dataset import distributed, index
-from test_dataset_run import SHIM, _base, _consistent, _content, _done, _png, _records, _run
+from diffusion_feature.engine.dataset import distributed, index, sources
+from diffusion_feature.engine.dataset.runner import extract_dataset
+from diffusion_feature.engine.loading import load_model
+from test_dataset_run import HW, LAYERS, SHIM, _base, _consistent, _content, _done, _png, _records, _run
 
 NAMES = ["a", "b", "c", "d", "e"]
 
@@ -83,7 +88,13 @@ def test_two_processes_equal_one(dataset, reference, sd15_folder, tmp_path):
 def test_a_killed_rank_leaves_a_folder_resume_completes(dataset, reference, sd15_folder, tmp_path, capsys):
     out = tmp_path / "out"
     run = _torchrun(*_base(sd15_folder, dataset / "in", out, "--t", "25,50", "--seed", 3), fault="kill:2")
-    assert run.returncode != 0
+    assert run.returncode != 0  # torchrun's own status when a child fails
+    # the survivor stops with 3 (the group is gone) or 130 (the launcher's SIGTERM came first), never 1, and
+    # writes summary.json itself
+    survivor = re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: (-?\d+)", run.stderr)
+    assert survivor and int(survivor.group(1)) in (3, 130), run.stderr[-3000:]
+    summary = json.loads((out / "df_index" / "summary.json").read_text())
+    assert summary["status"] in (3, 130) and summary["processes"] == 2 and summary["reported"] == [0]
     done = _done(out)
     # run order: city/b, city/d, town/a, town/c, town/e, town/zero; rank 1's first image is city/d, and it was
     # killed inside its second write (d's t050 file)
@@ -93,3 +104,52 @@ def test_a_killed_rank_leaves_a_folder_resume_completes(dataset, reference, sd15
     assert _content(out) == _content(reference)
     _consistent(out)
     assert not index.stop_requested(out)
+
+
+class _PartnerGone(distributed.Ranks):
+    """One process of a two-process group whose partner died: the start went through (rank 0's refusal, naming
+    root and attempt reach rank 1), every collective after it fails as gloo's do."""
+
+    start: dict = {}
+
+    def broadcast(self, obj):
+        if self.rank == 0:
+            _PartnerGone.start["obj"] = obj
+        return _PartnerGone.start["obj"]
+
+    def gather(self, obj):
+        raise distributed.GroupLost("another process of the run is gone (Connection closed by peer)")
+
+
+def test_survivors_stop_with_their_status_and_write_the_summary(dataset, reference, sd15_folder, tmp_path,
+                                                                 monkeypatch, capsys):
+    from diffusion_feature.engine import extraction
+
+    torch.set_num_threads(1)
+    model = load_model(sd15_folder)  # as the CLI loads it: the resume below continues these runs bit for bit
+    out = tmp_path / "out"
+    items = sources.collect(str(dataset / "in"))
+    kw = dict(seed=3, size=HW, progress=False, log=None)
+    first = extract_dataset(model, items, out, LAYERS, [25, 50], ranks=_PartnerGone(0, 2), **kw)
+    assert first.status == 3 and first.stats.written == 3  # its whole share, then the group was gone
+    summary = json.loads((out / "df_index" / "summary.json").read_text())
+    assert (summary["status"], summary["reported"], summary["processes"], summary["written"]) == (3, [0], 2, 3)
+    real, calls = extraction.extract_timesteps, [0]
+
+    def sigterm_on_the_second_image(*a, **k):  # the launcher stopping the survivors
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(extraction, "extract_timesteps", sigterm_on_the_second_image)
+        second = extract_dataset(model, items, out, LAYERS, [25, 50], ranks=_PartnerGone(1, 2), **kw)
+    assert second.status == 130 and second.stats.written == 3 + 1  # the counts of both survivors
+    summary = json.loads((out / "df_index" / "summary.json").read_text())
+    assert (summary["status"], summary["reported"], summary["written"], summary["interrupted"]) == (130, [0, 1], 4,
+                                                                                                   True)
+    assert "interrupted (SIGTERM)" in (out / "df_index" / "stop-requested").read_text()
+    rc, stdout, _ = _run(capsys, *_base(sd15_folder, dataset / "in", out, "--t", "25,50", "--seed", 3, "--resume"))
+    assert rc == 1 and "1 written" in stdout and "4 skipped" in stdout  # 1: zero.png fails, as in the reference
+    assert _content(out) == _content(reference)

@@ -6,6 +6,7 @@ model), so every comparison is bit for bit."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import struct
@@ -21,6 +22,8 @@ from PIL import Image
 
 from diffusion_feature.engine import cli, features_io
 from diffusion_feature.engine.dataset import index, naming, sources
+from diffusion_feature.engine.dataset.run_file import ResumeError
+from diffusion_feature.engine.dataset.runner import extract_dataset
 from diffusion_feature.engine.extraction import extract
 from diffusion_feature.engine.features_io import load_features
 from diffusion_feature.engine.images import ImageInputError, open_image
@@ -122,7 +125,10 @@ def test_folder_recurses_and_outputs_mirror_relative_names(tmp_path, capsys, sd1
     done = _done(out)
     assert sorted(done) == ["b.PNG", "city/a.png", "sub.jpg/c.JPEG", "town/a.png"]
     rec = done["city/a.png"]
-    assert rec["outputs"] == [{"path": "city/a.safetensors", "bytes": (out / "city/a.safetensors").stat().st_size}]
+    saved = out / "city/a.safetensors"
+    assert rec["outputs"] == [{"path": "city/a.safetensors", "bytes": saved.stat().st_size,
+                               "mtime_ns": saved.stat().st_mtime_ns,
+                               "sha256": hashlib.sha256(saved.read_bytes()).hexdigest()}]
     assert rec["source"] == str(images[0]) and rec["t"] == [50] and rec["seed"] == 0
     assert "4 written" in stdout and "0 failed" in stdout
 
@@ -136,17 +142,56 @@ def test_globs_take_image_files_only_and_lists_keep_their_order(tmp_path):
     got = sources.from_pattern(str(inp / "**" / "*"))
     assert [s.relative for s in got] == ["a.png", "deep/b.Jpg"]
     assert [s.relative for s in sources.from_pattern(str(inp / "*.png"))] == ["a.png"]  # d.png/ is a folder
+    (inp / "loop.png").symlink_to("loop.png")  # a link to itself
+    (inp / "dangling.png").symlink_to("gone.png")
     listing = tmp_path / "list.txt"
     listing.write_text(f"# comment\nin/deep/b.Jpg\n\n{inp / 'a.png'}\nin/a.png\nin/missing.png\nin/d.png\n"
-                       "in/c.png.txt\n")
+                       "in/c.png.txt\nin/loop.png\nin/dangling.png\n")
     got = sources.from_list(listing)
-    assert [s.relative for s in got] == ["deep/b.Jpg", "a.png", "missing.png", "d.png", "c.png.txt"]
+    assert [s.relative for s in got] == ["deep/b.Jpg", "a.png", "missing.png", "d.png", "c.png.txt", "loop.png",
+                                         "dangling.png"]
     problems = [s.problem for s in got]
     assert problems[:2] == [None, None]
     assert "does not exist" in problems[2] and "is a folder" in problems[3]
     assert "not an image file by its extension" in problems[4]
+    assert "is a symbolic link loop" in problems[5]  # not "does not exist"
+    assert "symbolic link to 'gone.png', which does not exist" in problems[6]
+    with pytest.raises(ImageInputError, match="is a symbolic link loop"):
+        sources.from_pattern(str(inp / "loop.png"))
     with pytest.raises(ImageInputError, match="no image files match"):
         sources.from_pattern(str(tmp_path / "nothing" / "*.png"))
+
+
+def test_output_names_keep_the_first_runs_root_when_the_input_list_grows(tmp_path, capsys, sd15_folder):
+    """The naming root is fixed in run.json by the first run: a list that grows past its old common folder renames
+    nothing, and an input outside that root is refused by name."""
+    data = tmp_path / "data"
+    for i, rel in enumerate(["in/a/img01.png", "in/b/img02.png", "in/c/img03.png", "other/x.png"]):
+        _png(data / rel, i)
+    listing = data / "list.txt"
+    listing.write_text("in/a/img01.png\nin/b/img02.png\n")
+    out = tmp_path / "out"
+    args = ["--model", sd15_folder, "--layers", LAYERS, "--size", SIZE, "--input-list", listing, "--output", out]
+    assert _run(capsys, *args)[0] == 0
+    before = _files(out)
+    assert sorted(before) == ["a/img01.safetensors", "b/img02.safetensors"]
+    listing.write_text("in/a/img01.png\nin/b/img02.png\nin/c/img03.png\nother/x.png\n")  # x moves the common root
+    rc, _, stderr = _run(capsys, *args, "--resume")
+    assert rc == 2 and f"{str(data / 'other' / 'x.png')!r} lies outside {str(data / 'in')!r}" in stderr
+    assert _files(out) == before
+    run_file = out / "df_index" / "run.json"
+    run = json.loads(run_file.read_text())
+    assert run["naming_root"] == str(data / "in")
+    del run["naming_root"]  # a run file of an older version: the root comes from its index records
+    run_file.write_text(json.dumps(run))
+    rc, _, stderr = _run(capsys, *args, "--resume")
+    assert rc == 2 and "lies outside" in stderr
+    listing.write_text("in/a/img01.png\nin/b/img02.png\nin/c/img03.png\n")
+    rc, stdout, _ = _run(capsys, *args, "--resume")
+    assert rc == 0 and "1 written" in stdout and "2 skipped" in stdout
+    assert sorted(_files(out)) == ["a/img01.safetensors", "b/img02.safetensors", "c/img03.safetensors"]
+    rc, stdout, _ = _run(capsys, *_base(sd15_folder, data / "in" / "c", out, "--resume"))  # a subfolder: same names
+    assert rc == 0 and "0 written" in stdout and "1 skipped" in stdout
 
 
 def test_input_list_with_prompt_file_and_failures(tmp_path, capsys, sd15_folder, model):
@@ -341,7 +386,7 @@ def test_resume_skips_complete_images_and_does_the_rest(tmp_path, capsys, sd15_f
     assert rc == 0 and "0 written" in stdout and "4 skipped" in stdout
 
 
-def test_resume_refuses_other_settings_naming_them(tmp_path, capsys, sd15_folder):
+def test_resume_refuses_other_settings_naming_them(tmp_path, capsys, sd15_folder, model):
     inp = tmp_path / "in"
     _png(inp / "a.png", 1)
     out = tmp_path / "out"
@@ -351,6 +396,13 @@ def test_resume_refuses_other_settings_naming_them(tmp_path, capsys, sd15_folder
     rc, _, stderr = _run(capsys, "--model", sd15_folder, "--layers", "mid-repeat0-res-out", "--size", SIZE,
                          "--input", inp, "--output", out, "--resume")
     assert rc == 2 and "layers: " in stderr and "there" in stderr
+    rc, _, stderr = _run(capsys, "--model", sd15_folder, "--layers", "mid-repeat0-res-out", "--size", SIZE,
+                         "--input", inp, "--output", out, "--resume", "--seed", 2, "--dtype", "bfloat16")
+    assert rc == 2 and "seed: 0 there, 2 now" in stderr and 'dtype: "float32" there, "bfloat16" now' in stderr
+    assert 'layers: ["mid-repeat0-res-out", "up-level1-repeat0-res-out"] there, ["mid-repeat0-res-out"] now' in stderr
+    with pytest.raises(ResumeError, match='layers: .* now; seed: 0 there, 2 now; t: .50. there, .25, 50. now'):
+        extract_dataset(model, sources.collect(str(inp)), out, "mid-repeat0-res-out", [25, 50],
+                        seed=2, size=HW, resume=True, progress=False, log=None)  # the library names them all too
     rc, _, stderr = _run(capsys, *_base(sd15_folder, inp, out, "--resume", "--prompt", "a cat"))
     assert rc == 2 and "made with prompt ''" in stderr and "'a cat'" in stderr
     other = tmp_path / "other"
@@ -363,6 +415,49 @@ def test_resume_refuses_other_settings_naming_them(tmp_path, capsys, sd15_folder
     assert rc == 2 and "was not written by" in stderr
     fresh = tmp_path / "fresh"
     assert _run(capsys, *_base(sd15_folder, inp, fresh, "--resume"))[0] == 0  # nothing to resume: a new run
+
+
+def _damage_in_place(path: Path, keep_mtime: bool) -> None:
+    """Flip the last byte (tensor data) without changing the size; keep_mtime: as bit rot would, unseen by stat."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_resume_checks_content_hashes_and_verify_rereads_all(tmp_path, capsys, sd15_folder):
+    inp = tmp_path / "in"
+    for i, name in enumerate("abc"):
+        _png(inp / f"{name}.png", i)
+    reference = tmp_path / "reference"
+    assert _run(capsys, *_base(sd15_folder, inp, reference))[0] == 0
+    out = tmp_path / "out"
+    assert _run(capsys, *_base(sd15_folder, inp, out))[0] == 0
+    _damage_in_place(out / "a.safetensors", keep_mtime=True)  # unseen by size and mtime: only --verify finds it
+    _damage_in_place(out / "b.safetensors", keep_mtime=False)  # rewritten at the same size: re-hashed on resume
+    rc, stdout, _ = _run(capsys, *_base(sd15_folder, inp, out, "--resume"))
+    assert rc == 0 and "1 written" in stdout and "2 skipped" in stdout
+    assert "1 done again" in stdout and "done again: b.png: b.safetensors does not match its recorded sha256" in stdout
+    summary = json.loads((out / "df_index" / "summary.json").read_text())
+    assert [d["image"] for d in summary["damaged"]] == ["b.png"]
+    assert _content(out)["b.safetensors"] == _content(reference)["b.safetensors"]
+    rc, stdout, _ = _run(capsys, *_base(sd15_folder, inp, out, "--resume", "--verify"))
+    assert rc == 0 and "1 written" in stdout and "done again: a.png: a.safetensors does not match" in stdout
+    assert _content(out) == _content(reference)
+    _consistent(out)
+    rc, _, stderr = _run(capsys, *_base(sd15_folder, inp, out, "--verify"))
+    assert rc == 2 and "--verify" in stderr and "--resume" in stderr
+    part = index.part_path(out, 0)  # an index of an older version: no hashes, sizes only, said once
+    old = [json.loads(line) for line in part.read_text().splitlines()]
+    for record in old:
+        for output in record.get("outputs", []):
+            del output["sha256"], output["mtime_ns"]
+    part.write_text("".join(json.dumps(r) + "\n" for r in old))
+    rc, stdout, _ = _run(capsys, *_base(sd15_folder, inp, out, "--resume", "--verify"))
+    assert rc == 0 and "0 written" in stdout and "3 skipped" in stdout
+    assert stdout.count("3 complete images checked by size only") == 1
 
 
 def test_the_index_reader_ignores_a_cut_record_and_the_writer_drops_it(tmp_path):
@@ -534,6 +629,128 @@ def test_a_full_disk_stops_the_run_cleanly_and_resume_completes_it(tmp_path, cap
     assert rc == 0 and "3 written" in stdout and "1 skipped" in stdout
     assert _content(out) == _content(reference)
     _consistent(out)
+
+
+def _serialize_with(monkeypatch, fault) -> list:
+    """safetensors' writer (what save_file calls) wrapped: fault(n, filename) runs before the n-th real write."""
+    import safetensors.torch
+
+    real, calls = safetensors.torch.serialize_file, []
+
+    def serialize_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        fault(len(calls), Path(filename))
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", serialize_file)
+    return calls
+
+
+def test_a_full_disk_in_safetensors_stops_with_3_and_a_summary(tmp_path, capsys, sd15_folder, monkeypatch):
+    from safetensors import SafetensorError
+
+    inp = tmp_path / "in"
+    for i, name in enumerate("abc"):
+        _png(inp / f"{name}.png", i)
+    reference = tmp_path / "reference"
+    assert _run(capsys, *_base(sd15_folder, inp, reference))[0] == 0
+
+    def full(n, filename):  # the error safetensors raises on a full disk
+        if n >= 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28) at "
+                                  f'path "{filename.parent}/.tmpQ1w2E3"')
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _serialize_with(m, full)
+        rc, stdout, stderr = _run(capsys, *_base(sd15_folder, inp, out))
+    assert rc == 3 and "Traceback" not in stderr
+    assert f"an output could not be written (OSError: [Errno 28] No space left on device: '{out / 'b.safetensors'}')" \
+        in stdout
+    summary = json.loads((out / "df_index" / "summary.json").read_text())
+    assert summary["status"] == 3 and "No space left on device" in summary["stopped"] and summary["written"] == 1
+    _consistent(out)
+    assert _run(capsys, *_base(sd15_folder, inp, out, "--resume"))[0] == 0
+    assert _content(out) == _content(reference)
+
+
+def test_temporaries_of_any_writer_stay_in_ours_and_resume_removes_every_kind(tmp_path, capsys, sd15_folder,
+                                                                              monkeypatch):
+    inp = tmp_path / "in"
+    for i, name in enumerate("ab"):
+        _png(inp / "city" / f"{name}.png", i)
+    out = tmp_path / "out"
+
+    def killed_writer_leaves_its_temporary(n, filename):  # what safetensors leaves beside its target when killed
+        (filename.parent / f".tmpKi11e{n}").write_bytes(b"\0" * 64)
+
+    with monkeypatch.context() as m:
+        calls = _serialize_with(m, killed_writer_leaves_its_temporary)
+        assert _run(capsys, *_base(sd15_folder, inp, out))[0] == 0
+    assert len(calls) == 2 and all(Path(c).parent.name.startswith(".df-") for c in calls)  # writes go through ours
+    assert not [p for p in out.rglob("*") if p.name.startswith((".tmp", ".df-"))]
+    before = _content(out)
+    # what killed runs of this and of older versions leave: our folder (with a whole file), our older temporary
+    # files, and safetensors' own temporaries, empty or whole
+    whole = (out / "city" / "a.safetensors").read_bytes()
+    (out / "city" / ".df-k1ll3d.tmp").mkdir()
+    (out / "city" / ".df-k1ll3d.tmp" / "file").write_bytes(whole)
+    (out / "city" / ".df-0ld3r.tmp").write_bytes(whole)
+    (out / "city" / ".tmpAb12Cd").write_bytes(b"")
+    (out / ".tmpZz98Yx").write_bytes(whole)
+    (out / "city" / ".tmp-notes.txt").write_text("a user's file, not a writer's temporary")
+    rc, stdout, _ = _run(capsys, *_base(sd15_folder, inp, out, "--resume"))
+    assert rc == 0 and "2 skipped" in stdout
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if naming.INDEX_DIR not in p.parts) == \
+        ["city", "city/.tmp-notes.txt", "city/a.safetensors", "city/b.safetensors"]
+    (out / "city" / ".tmp-notes.txt").unlink()
+    assert _content(out) == before
+
+
+def test_outputs_reach_the_disk_before_their_record(tmp_path, capsys, sd15_folder, monkeypatch):
+    """Each output file is fsync'd, then its folder (the link), and only then is its record appended."""
+    inp = tmp_path / "in"
+    for i, name in enumerate("ab"):
+        _png(inp / "sub" / f"{name}.png", i)
+    events = []
+    real_fsync, real_append = os.fsync, index.IndexWriter.append
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        return real_fsync(fd)
+
+    def append(self, record):
+        events.append(("record", record["image"]))
+        return real_append(self, record)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", fsync)
+        m.setattr(index.IndexWriter, "append", append)
+        assert _run(capsys, *_base(sd15_folder, inp, out, "--t", "25,50", "--format", "npy"))[0] == 0
+    for image, record in _done(out).items():
+        at = events.index(("record", image))
+        synced = [ino for kind, ino in events[:at] if kind == "fsync"]
+        for output in record["outputs"]:
+            path = out / output["path"]
+            assert path.stat().st_ino in synced, output["path"]
+            after_file = synced[synced.index(path.stat().st_ino) + 1:]
+            assert path.parent.stat().st_ino in after_file, output["path"]  # its folder, after the link
+
+
+def test_files_honour_the_umask(tmp_path, capsys, sd15_folder):
+    inp = tmp_path / "in"
+    _png(inp / "a.png", 1)
+    previous = os.umask(0o002)
+    try:
+        for fmt in ("safetensors", "npy"):
+            out = tmp_path / fmt
+            assert _run(capsys, *_base(sd15_folder, inp, out, "--format", fmt))[0] == 0
+            modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+            assert set(modes.values()) == {0o664}, modes  # as ComfyUI's own saves: 0666 & ~umask
+            assert {"df_index/run.json", "df_index/part-00000.jsonl", "df_index/summary.json"} <= set(modes)
+    finally:
+        os.umask(previous)
 
 
 def test_ctrl_c_stops_cleanly_with_130_and_resume_completes(tmp_path, capsys, sd15_folder, monkeypatch):

@@ -13,18 +13,36 @@ image gets the same seed in any process (the draws depend on the seed only), so 
 outputs equals a one-process run.
 
 The group's timeout is long on purpose: a process that finishes its share waits at the final barrier for the
-slowest, which may take hours on a big dataset; a process that dies is handled by the launcher, which stops the
-others (and --resume completes the folder).
+slowest, which may take hours on a big dataset. When a process dies the survivors see it two ways, in either
+order: a collective that fails (gloo: "Connection closed by peer"), raised here as GroupLost, and the launcher's
+SIGTERM, which sigterm_as_interrupt turns into the Ctrl-C path. Either way a survivor finishes the writes under
+way, adds its counts to summary.json itself (the group can no longer gather them) and exits with the run's
+stopped (3) or interrupted (130) status, not 1; --resume completes the folder.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 TIMEOUT = datetime.timedelta(days=7)
+
+
+class GroupLost(RuntimeError):
+    """A collective failed: another process of the run is gone (killed, crashed)."""
+
+
+def _collective(call, *args, **kwargs):
+    try:
+        return call(*args, **kwargs)
+    except RuntimeError as e:  # gloo's errors (DistBackendError is a RuntimeError) span lines: keep the first
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise GroupLost(f"another process of the run is gone ({first[:200]})") from None
 
 
 @dataclass
@@ -44,14 +62,14 @@ class Ranks:
 
     def barrier(self) -> None:
         if self.initialised:
-            torch.distributed.barrier()
+            _collective(torch.distributed.barrier)
 
     def broadcast(self, obj):
         """rank 0's object, on every process."""
         if not self.initialised:
             return obj
         box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
+        _collective(torch.distributed.broadcast_object_list, box, src=0)
         return box[0]
 
     def gather(self, obj) -> list:
@@ -59,7 +77,7 @@ class Ranks:
         if not self.initialised:
             return [obj]
         boxes = [None] * self.world
-        torch.distributed.all_gather_object(boxes, obj)
+        _collective(torch.distributed.all_gather_object, boxes, obj)
         return boxes
 
     def close(self) -> None:
@@ -104,3 +122,30 @@ def device_for(device: str, ranks: Ranks) -> str:
     if ranks.world == 1 or not str(device).startswith("cuda"):
         return device
     return f"cuda:{ranks.local_rank}"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a launcher stopping the survivors of a failed process, or `kill`), taken like Ctrl-C."""
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """While the block runs, the first SIGTERM raises Terminated in the main thread (the run stops as for Ctrl-C:
+    the writes under way finish); once `armed` is set False (the run is writing its summary), SIGTERMs are
+    ignored, so the summary is not cut short. A no-op outside the main thread."""
+    class State:
+        armed = True
+
+    def handler(signum, frame):
+        if State.armed:
+            State.armed = False
+            raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield State
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield State
+    finally:
+        signal.signal(signal.SIGTERM, previous)

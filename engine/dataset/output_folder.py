@@ -5,11 +5,15 @@
 - --resume continues a folder made by `extract` with the same settings (run_file.check_same names each difference);
   it refuses a folder with files but no run file (another tool's, or an older version's). Resuming into a missing
   or empty folder starts a new run, so a script can always pass --resume.
-- A resumed run first clears what a killed one left: temporary files and a stop request (index.py).
+- A resumed run names its inputs from the naming root its first run recorded (sources.rebase) and refuses an input
+  outside it.
+- A resumed run first clears what a killed one left: temporary files and folders, and a stop request (index.py).
 
 The settings come in two parts: the request (flags that need no model: t, seed, size, format, ...), which the CLI
 checks before loading a model, and the model part (model, family, dtype, resolved layer ids, LoRAs, ControlNets).
-Per-image prompts are not settings of the run but of each record, checked image by image (check_prompts).
+A refusal names every difference: before loading, those of the request and those of the model part the flags
+already tell (precheck's `known`); after loading, all of them. Per-image prompts are not settings of the run but of
+each record, checked image by image (check_prompts).
 """
 from __future__ import annotations
 
@@ -59,31 +63,87 @@ def model_settings(model, layer_ids, controlnets) -> dict:
             "controlnets": nets}
 
 
-def precheck(out, request: dict, resume: bool) -> None:
-    """The refusals that need no model: a run's folder without --resume, a folder not ours with --resume, or a
-    resume asking for other settings."""
-    out = Path(out)
-    old = run_file.read(out) if out.exists() else None
+def known_model_settings(old: dict, *, model=None, family=None, dtype=None, loras=(), controlnets=(),
+                         layers=None) -> dict:
+    """The model settings the flags tell before the model is loaded, in model_settings' form: the model when it is
+    a path, the family when given, the dtype, LoRAs and ControlNets as (path, strength), and the layer ids when
+    they resolve in the family given or recorded (not `full`: a checkpoint of its own depth has its own)."""
+    known = {}
+    if model is not None and os.path.exists(str(model)):
+        known["model"] = _path_or_name(model)
+    if family is not None:
+        known["family"] = family
+    if dtype is not None:
+        known["dtype"] = str(dtype).replace("torch.", "")
+    known["loras"] = [[_path_or_name(path), float(strength), float(strength)] for path, strength in loras]
+    known["controlnets"] = [[_path_or_name(path), float(strength)] for path, strength in controlnets]
+    if layers is not None and "full" not in str(layers).replace(" ", "").split(","):
+        from ...layer_catalog import resolve_layers
+
+        try:
+            known["layers"] = resolve_layers(layers, family or old.get("family"))
+        except (ValueError, KeyError, OSError):  # compared after loading, with the model's own ids
+            pass
+    return known
+
+
+def _refuse_folder(out: Path, old: dict | None, resume: bool) -> None:
+    """A run's folder without --resume, or a folder not ours with --resume."""
     if old is None:
         if resume and out.is_dir() and any(p.name != naming.INDEX_DIR for p in out.iterdir()):
             raise ResumeError(f"--resume: {out} holds files but no {naming.INDEX_DIR}/{run_file.RUN_FILE}, so it was "
                               "not made by `extract` (or by a version without an index); choose another --output")
-        return
-    if not resume:
+    elif not resume:
         raise FileExistsError(f"{out} already holds an extraction run ({naming.INDEX_DIR}/{run_file.RUN_FILE}); "
                               "features are never overwritten: pass --resume to continue it, or choose another "
                               "--output")
-    run_file.check_same(out, old, request, keys=sorted(request))
 
 
-def prepare(out, settings: dict, resume: bool, planned: dict[str, list[str]]) -> None:
-    """On the first process, before any process writes: refuse what must be refused, then write the run file (a
-    new run) or clear what a killed run left (a resumed one)."""
+def naming_root(out, current: str) -> str:
+    """The folder a run names its outputs from: the one its run file recorded; for a run file of an older version,
+    the one its index records show (a record's source minus its relative name); for a new run, `current`."""
     out = Path(out)
-    precheck(out, {k: v for k, v in settings.items() if k not in MODEL_KEYS}, resume)
+    recorded = run_file.recorded_root(out) if out.exists() else None
+    if recorded is not None:
+        return recorded
+    for record in index.read_records(out) if out.exists() else ():
+        source, parts = record.get("source"), len(Path(record["image"]).parts)
+        if isinstance(source, str) and os.path.isabs(source) and len(Path(source).parts) > parts:
+            return str(Path(source).parents[parts - 1])
+    return current
+
+
+def precheck(out, request: dict, resume: bool, sources=None, known=None) -> None:
+    """The refusals that need no model: a run's folder without --resume, a folder not ours with --resume, a resume
+    asking for other settings, an input outside the run's naming root (when `sources` are given).
+
+    known(old settings) -> the model settings the flags already tell (a path, a dtype: what needs no loading):
+    when the request differs, the refusal names their differences too; when only they differ, the run goes on to
+    load the model and prepare names every difference."""
+    out = Path(out)
     old = run_file.read(out) if out.exists() else None
+    _refuse_folder(out, old, resume)
+    if old is None:
+        return
+    diff = run_file.differences(old, request, keys=sorted(request))
+    if diff:
+        extra = known(old) if known is not None else {}
+        diff += run_file.differences(old, extra, keys=[k for k in MODEL_KEYS if k in extra])
+        run_file.refuse(out, diff)
+    if sources:
+        from .sources import rebase, root_of
+
+        rebase(sources, naming_root(out, root_of(sources)))
+
+
+def prepare(out, settings: dict, resume: bool, planned: dict[str, list[str]], root: str | None = None) -> None:
+    """On the first process, before any process writes: refuse what must be refused, then write the run file (a
+    new run, with its naming root) or clear what a killed run left (a resumed one)."""
+    out = Path(out)
+    old = run_file.read(out) if out.exists() else None
+    _refuse_folder(out, old, resume)
     if old is not None:
-        run_file.check_same(out, old, settings)
+        run_file.check_same(out, old, settings)  # every difference, of the request and of the model alike
         index.remove_temporaries(out)
         index.clear_stop(out)
         return
@@ -93,7 +153,7 @@ def prepare(out, settings: dict, resume: bool, planned: dict[str, list[str]]) ->
             raise FileExistsError(f"{out} already holds features for these images (e.g. {out / taken}); features "
                                   "are never overwritten: choose another --output")
     out.mkdir(parents=True, exist_ok=True)
-    run_file.write(out, settings)
+    run_file.write(out, settings, root)
 
 
 def check_prompts(out, records: list[dict], prompts: dict[str, str], digest: str) -> None:

@@ -21,6 +21,8 @@ class RunStats:
     stopped: str | None = None   # why this process stopped early (None: it did its whole share)
     interrupted: bool = False
     cache: dict = field(default_factory=dict)      # latent cache counters
+    damaged: list = field(default_factory=list)    # [relative name, why]: done before, outputs changed since
+    unhashed: int = 0       # skipped images whose records (older version) have no hashes: checked by size only
 
     @property
     def failed(self) -> int:
@@ -57,16 +59,28 @@ def merge(stats: list[RunStats]) -> RunStats:
         total.failures += s.failures
         total.stopped = total.stopped or s.stopped
         total.interrupted = total.interrupted or s.interrupted
+        total.damaged += s.damaged
+        total.unhashed += s.unhashed
         for k, v in s.cache.items():
             total.cache[k] = total.cache.get(k, 0) + v
     return total
 
 
-def summary_line(total: RunStats, seconds: float, out, processes: int) -> str:
+def summary_line(total: RunStats, seconds: float, out, processes: int, reported: int | None = None) -> str:
+    """reported: how many of the processes' counts are in `total` (fewer than all when some are gone)."""
     rate = total.written / seconds if seconds > 0 else 0.0
     line = (f"extract: {total.written} written ({total.files} files), {total.skipped} skipped (already done), "
             f"{total.failed} failed in {seconds:.1f} s ({rate:.2f} img/s")
-    line += f", {processes} processes)" if processes > 1 else ")"
+    if processes > 1:
+        line += f", {processes} processes" + (f", counts of {reported} only" if reported not in (None, processes)
+                                              else "") + ")"
+    else:
+        line += ")"
+    if total.damaged:
+        line += f"; {len(total.damaged)} done again (outputs changed since they were written)"
+    if total.unhashed:
+        line += (f"; {total.unhashed} complete images checked by size only (their index records, of an older "
+                 "version, have no content hashes)")
     if total.cache:
         line += (f"; latent cache: {total.cache.get('hits', 0)} hits, {total.cache.get('misses', 0)} misses"
                  + (f", {total.cache['corrupt']} corrupt entries recomputed" if total.cache.get("corrupt") else ""))

@@ -7,6 +7,9 @@ What does not change the features may differ: device, batch size, the number of 
 --stop-on-error, and the input itself (images added since are simply done, images removed are left as they are).
 
 The settings' digest goes into every index record, so a record is trusted only for the settings it was made with.
+Beside the settings, the run file keeps the run's naming root (the absolute folder its outputs' names start from,
+sources.py): fixed by the first run, so names never change when the input grows. It is no setting (the digest
+leaves it out); run files of older versions have none (output_folder.naming_root recovers it from the index).
 """
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ def run_path(out: Path) -> Path:
     return Path(out) / INDEX_DIR / RUN_FILE
 
 
-def read(out: Path) -> dict | None:
-    """The run file's settings (None when the folder holds none); ResumeError when it is not ours or unreadable."""
+def _load(out: Path) -> dict | None:
+    """The run file's content (None when the folder holds none); ResumeError when it is not ours or unreadable."""
     path = run_path(out)
     if not path.exists():
         return None
@@ -48,12 +51,25 @@ def read(out: Path) -> dict | None:
     if data.get("version") != VERSION:
         raise ResumeError(f"{path} is from index version {data.get('version')!r}; this version reads {VERSION}: "
                           "choose another --output")
-    return data["settings"]
+    return data
 
 
-def write(out: Path, settings: dict) -> Path:
-    text = json.dumps({"tool": TOOL, "version": VERSION, "settings": settings, "digest": digest(settings)},
-                      indent=1, sort_keys=True)
+def read(out: Path) -> dict | None:
+    """The run file's settings (None when the folder holds none); ResumeError when it is not ours or unreadable."""
+    data = _load(out)
+    return None if data is None else data["settings"]
+
+
+def recorded_root(out: Path) -> str | None:
+    """The naming root the run file keeps (None: no run file, or one of a version that kept none)."""
+    data = _load(out)
+    root = None if data is None else data.get("naming_root")
+    return root if isinstance(root, str) and root else None
+
+
+def write(out: Path, settings: dict, naming_root: str | None = None) -> Path:
+    text = json.dumps({"tool": TOOL, "version": VERSION, "settings": settings, "digest": digest(settings),
+                       "naming_root": naming_root}, indent=1, sort_keys=True)
     return write_atomic(run_path(out), lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
@@ -64,8 +80,12 @@ def differences(old: dict, new: dict, keys=None) -> list[str]:
             if old.get(k) != new.get(k)]
 
 
+def refuse(out: Path, diff: list[str]) -> None:
+    raise ResumeError(f"--resume: {out} was made with other settings ({'; '.join(diff)}); resume with the same "
+                      "settings or choose another --output")
+
+
 def check_same(out: Path, old: dict, new: dict, keys=None) -> None:
     diff = differences(old, new, keys)
     if diff:
-        raise ResumeError(f"--resume: {out} was made with other settings ({'; '.join(diff)}); resume with the same "
-                          "settings or choose another --output")
+        refuse(out, diff)

@@ -10,7 +10,11 @@ every record written so far, and --resume completes the rest.
 
 Exit status (DatasetResult.status, the CLI's exit code): 0 every image written or already complete; 1 some images
 failed (every other one written; with --stop-on-error the run stopped at the first failure); 3 the run stopped
-because an output could not be written; 130 interrupted (Ctrl-C). The CLI exits 2 when it refuses before starting.
+because an output could not be written (any write error of any format: a full disk, a read-only folder), or
+another process of the run died; 130 interrupted (Ctrl-C, or SIGTERM: a launcher stopping the survivors of a
+process that died). The CLI exits 2 when it refuses before starting. summary.json is written whatever the status:
+by the first process when the group ends together, else by each surviving process, which adds its own counts to
+those already there for the same attempt (under a lock on the index folder).
 """
 from __future__ import annotations
 
@@ -18,19 +22,21 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..features_io import FORMATS, LAYOUTS, Features, save_features
 from ..images import ImageInputError, open_image, prepare, target_size
 from ..memory_guard import FeatureMemoryError
 from . import index, naming, output_folder, run_file
-from .distributed import Ranks
+from .distributed import GroupLost, Ranks, Terminated, sigterm_as_interrupt
 from .progress import Progress, RunStats, merge, summary_line
 from .run_file import ResumeError
-from .sources import ImageSource
+from .sources import ImageSource, rebase, root_of
 
 EXIT_OK, EXIT_FAILED, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 3, 130
 SUMMARY_FILE = "summary.json"
@@ -316,14 +322,18 @@ class _Share:
                     del features
                     self.bar.advance(len(good))
                     self._collect(block=False)
-            except KeyboardInterrupt:
-                stats.interrupted = True
-                index.request_stop(job.out, "interrupted (Ctrl-C)")
+            except KeyboardInterrupt as e:
+                _interrupted(stats, job.out, e)
             finally:
                 try:  # whatever ended the loop, writes already handed over finish (or fail cleanly) first
                     self._collect(block=True)
                 except KeyboardInterrupt:  # a second Ctrl-C while the last write finishes
                     stats.interrupted = True
+
+
+def _interrupted(stats: RunStats, out, e: KeyboardInterrupt) -> None:
+    stats.interrupted = True
+    index.request_stop(out, "interrupted (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)")
 
 
 # ---- the whole run -------------------------------------------------------------------------------------------
@@ -335,20 +345,69 @@ def status_of(total: RunStats) -> int:
     return EXIT_FAILED if total.failures else EXIT_OK
 
 
-def _write_summary(out: Path, total: RunStats, seconds: float, status: int, processes: int) -> None:
-    text = json.dumps({"status": status, "written": total.written, "files": total.files, "skipped": total.skipped,
-                       "failed": total.failed,
-                       "failures": [{"image": i, "source": s, "error": e} for i, s, e in total.failures],
-                       "stopped": total.stopped, "interrupted": total.interrupted, "seconds": round(seconds, 3),
-                       "processes": processes, "latent_cache": total.cache or None, "time": index.now()},
-                      indent=1)
-    path = index.index_dir(out) / SUMMARY_FILE
-    tmp = path.with_name(f"{index.TEMP_PREFIX}summary-{os.getpid()}{index.TEMP_SUFFIX}")
+@contextmanager
+def _summary_lock(out: Path):
+    """Surviving processes add their counts to summary.json one at a time (flock on the index folder, POSIX)."""
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)  # the latest attempt's summary replaces the previous one's
-    except OSError:  # a full disk: the index is what counts, and the summary line still reaches the terminal
-        tmp.unlink(missing_ok=True)
+        import fcntl
+        fd = os.open(index.index_dir(out), os.O_RDONLY)
+    except (ImportError, OSError):  # Windows, or no index folder: one process writes anyway
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _read_summary_ranks(path: Path, attempt: str) -> tuple[dict[int, RunStats], float]:
+    """The per-process counts summary.json holds for this attempt ({} for another attempt's or none)."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old.get("attempt") != attempt:
+            return {}, 0.0
+        by_rank = {}
+        for rank, counts in old["ranks"].items():
+            rank = int(rank)
+            failures = [[f["image"], f["source"], f["error"]] for f in old["failures"] if f.get("rank") == rank]
+            damaged = [[d["image"], d["reason"]] for d in old["damaged"] if d.get("rank") == rank]
+            by_rank[rank] = RunStats(**counts, failures=failures, damaged=damaged)
+        return by_rank, float(old.get("seconds", 0.0))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}, 0.0
+
+
+def _write_summary(out: Path, attempt: str, mine: dict[int, RunStats], seconds: float,
+                   processes: int) -> tuple[RunStats, int]:
+    """summary.json with the counts of `mine` ({rank: stats}) and those of other processes already in it for the
+    same attempt. Returns the merged counts and how many processes they cover."""
+    path = index.index_dir(out) / SUMMARY_FILE
+    with _summary_lock(out):
+        by_rank, earlier = _read_summary_ranks(path, attempt)
+        by_rank.update(mine)
+        ranks = sorted(by_rank)
+        total = merge([by_rank[r] for r in ranks])
+        seconds = max(seconds, earlier)
+        lists = ("failures", "damaged")
+        text = json.dumps({
+            "status": status_of(total), "written": total.written, "files": total.files, "skipped": total.skipped,
+            "failed": total.failed,
+            "failures": [{"image": i, "source": s, "error": e, "rank": r} for r in ranks
+                         for i, s, e in by_rank[r].failures],
+            "damaged": [{"image": i, "reason": why, "rank": r} for r in ranks for i, why in by_rank[r].damaged],
+            "unhashed": total.unhashed, "stopped": total.stopped, "interrupted": total.interrupted,
+            "seconds": round(seconds, 3), "processes": processes, "reported": ranks,
+            "latent_cache": total.cache or None, "time": index.now(), "attempt": attempt,
+            "ranks": {str(r): {k: v for k, v in asdict(by_rank[r]).items() if k not in lists} for r in ranks}},
+            indent=1)
+        tmp = path.with_name(f"{index.TEMP_PREFIX}summary-{os.getpid()}{index.TEMP_SUFFIX}")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)  # the latest attempt's summary replaces the previous one's
+        except OSError:  # a full disk: the index is what counts, and the summary line still reaches the terminal
+            tmp.unlink(missing_ok=True)
+    return total, len(ranks)
 
 
 def _flush_print(line: str) -> None:
@@ -360,17 +419,19 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
                     resize: str = "keep-aspect", size=None, target_side: int | None = None, ensemble: int = 1,
                     feature_resize: int = 1, dtype=None, vae_sample: bool = True, denoise_from: int | None = None,
                     denoise_steps: int = 1, controlnets=(), hint=None, latent_cache=None, resume: bool = False,
-                    stop_on_error: bool = False, ranks: Ranks | None = None, progress: bool = True,
-                    log=_flush_print) -> DatasetResult:
+                    verify: bool = False, stop_on_error: bool = False, ranks: Ranks | None = None,
+                    progress: bool = True, log=_flush_print) -> DatasetResult:
     """Extract every source at every t into `out`, with an index, resumable: the library face of the CLI's
     `extract`.
 
     sources: from sources.collect. prompts: one string for all, or a list with one per source. size: (height,
     width) or None. controlnets: [(ControlNet, strength)], with hint=CannyHints(low, high) or a hints.HintFolder.
-    latent_cache: a latent_cache.LatentCache or None. ranks: distributed.from_env() under torchrun (default: one
-    process). Refusals (other settings, a folder not ours, outputs that exist without resume) raise before
-    anything is written; everything after is counted in the result (see the module docstring for `status`).
-    log: where the summary line and the failures go (the first process only; None: nowhere)."""
+    latent_cache: a latent_cache.LatentCache or None. verify (with resume): re-hash every output of the images
+    done before, not only those whose size or mtime changed (index.py). ranks: distributed.from_env() under
+    torchrun (default: one process). Refusals (other settings, a folder not ours, outputs that exist without
+    resume, an input outside the run's naming root) raise before anything is written; everything after is counted
+    in the result (see the module docstring for `status`). log: where the summary line and the failures go (the
+    first process only, or each survivor when processes are gone; None: nowhere)."""
     from ...layer_catalog import resolve_taps
     from ..schedule import check_timesteps
 
@@ -384,6 +445,8 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
         raise ValueError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if verify and not resume:
+        raise ValueError("verify checks the outputs of a run being resumed: give it with resume (--resume --verify)")
     if denoise_from is not None and denoise_from <= max(timesteps):
         raise ValueError(f"denoise_from ({denoise_from}) must be above every t ({', '.join(map(str, timesteps))}): "
                          "it is the timestep the guided denoising starts from before capturing")
@@ -410,23 +473,31 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
         denoise_steps=denoise_steps, target_side=target_side, hint=hint),
         **output_folder.model_settings(model, layer_ids, controlnets)}
     digest = run_file.digest(settings)
-    planned, problems = naming.plan([s.relative for s in sources], timesteps, layer_ids, fmt, layout)
 
-    error = None
+    current_root = root_of(sources) if sources else None
+    error, root, attempt = None, current_root, None
     if ranks.main:
+        attempt = uuid.uuid4().hex  # marks this attempt's summary.json, so survivors add to it and not to an older
         try:
-            output_folder.prepare(out, settings, resume, planned)
+            root = output_folder.naming_root(out, current_root) if sources else None
+            named = rebase(sources, root) if sources else []  # an input outside the naming root is refused here
+            output_folder.prepare(out, settings, resume, naming.plan([s.relative for s in named], timesteps,
+                                                                     layer_ids, fmt, layout)[0], root)
         except (ValueError, FileExistsError) as e:
             error = (type(e).__name__, str(e))
         except OSError as e:  # the run file could not be written (a full disk, a read-only folder)
             error = ("OSError", f"cannot start a run in {out}: {e.__class__.__name__}: {e}")
-    error = ranks.broadcast(error)  # every process refuses together, with the first one's reason
+    # every process refuses together, with the first one's reason, and names its inputs from the same root
+    error, root, attempt = ranks.broadcast((error, root, attempt))
     if error:
         raise (FileExistsError if error[0] == "FileExistsError" else ResumeError)(error[1])
+    if sources:
+        sources = rebase(sources, root)
+    planned, problems = naming.plan([s.relative for s in sources], timesteps, layer_ids, fmt, layout)
     records = index.read_records(out)
     output_folder.check_prompts(out, records, {s.relative: p for s, p in zip(sources, prompt_list)}, digest)
-    done = index.completed(out, digest, records)
-    ranks.barrier()  # every process has read the index before any appends to it
+    mine = ranks.share(list(zip(sources, prompt_list)))
+    check = index.completion(out, digest, records, images={s.relative for s, _ in mine}, verify=verify)
 
     job = _Job(out=out, layer_ids=layer_ids, timesteps=timesteps, seed=seed, fmt=fmt, layout=layout, resize=resize,
                size=tuple(size) if size else None, target_side=target_side, native=target_side or model.native_size,
@@ -435,36 +506,64 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
                                                       denoise_steps=denoise_steps),
                controlnets=list(controlnets), hint=hint, latent_cache=latent_cache, stop_on_error=stop_on_error,
                digest=digest, rank=ranks.rank, planned=planned)
-    stats = RunStats()
+    stats = RunStats(damaged=check.damaged, unhashed=check.unhashed)
     items = []
-    for source, prompt in ranks.share(list(zip(sources, prompt_list))):
-        if source.relative in done:
+    for source, prompt in mine:
+        if source.relative in check.done:
             stats.skipped += 1
         elif source.problem is None and source.relative in problems:
             items.append((ImageSource(source.path, source.relative, problems[source.relative]), prompt))
         else:
             items.append((source, prompt))
-    try:
-        _Share(model, job, stats, progress, ranks.world).run(items)
-    except KeyboardInterrupt:
-        stats.interrupted = True
-        index.request_stop(out, "interrupted (Ctrl-C)")
-    except OSError as e:  # the index part or a leftover could not be written or removed: stop, as for a full disk
-        stats.stopped = f"the output folder could not be written ({e.__class__.__name__}: {e})"
-        index.request_stop(out, stats.stopped)
+    lost = False  # another process is gone: the group can no longer gather the counts or meet at a barrier
+    with sigterm_as_interrupt() as sigterm:
+        try:
+            try:
+                ranks.barrier()  # every process has read the index before any appends to it
+                _Share(model, job, stats, progress, ranks.world).run(items)
+            finally:  # from here on a SIGTERM must not cut the summary short (one that comes sooner is caught below)
+                sigterm.armed = False
+        except KeyboardInterrupt as e:
+            _interrupted(stats, out, e)
+        except GroupLost as e:
+            lost = True
+            stats.stopped = str(e)
+            index.request_stop(out, stats.stopped)
+        except OSError as e:  # the index part or a leftover could not be written or removed: stop, as for a full disk
+            stats.stopped = f"the output folder could not be written ({e.__class__.__name__}: {e})"
+            index.request_stop(out, stats.stopped)
+        return _finish(out, ranks, stats, lost, attempt, start, log)
+
+
+def _finish(out: Path, ranks: Ranks, stats: RunStats, lost: bool, attempt: str, start: float, log) -> DatasetResult:
+    """Counts of every process gathered (or, when this one was interrupted or another is gone, this one's added to
+    summary.json alone), the summary written and logged, and the group's last barrier."""
     # An interrupted process does not wait for the others (they may be gone too); the launcher ends the group.
-    everyone = [stats] if stats.interrupted else ranks.gather(stats)
-    total = merge(everyone)
+    if not (stats.interrupted or lost):
+        try:
+            everyone = dict(enumerate(ranks.gather(stats)))
+        except GroupLost as e:
+            lost = True
+            stats.stopped = stats.stopped or str(e)
+    alone = stats.interrupted or lost
+    if alone:
+        everyone = {ranks.rank: stats}
     seconds = time.perf_counter() - start
+    total, reported = merge([everyone[r] for r in sorted(everyone)]), len(everyone)
+    if ranks.main or alone:
+        total, reported = _write_summary(out, attempt, everyone, seconds, ranks.world)
     status = status_of(total)
-    line = summary_line(total, seconds, out, ranks.world)
-    if ranks.main:
-        _write_summary(out, total, seconds, status, ranks.world)
-        if log is not None:
-            log(line)
-            for image, _source, reason in total.failures:
-                log(f"  failed: {image}: {reason}")
-    if not stats.interrupted:
+    line = summary_line(total, seconds, out, ranks.world, reported)
+    if (ranks.main or alone) and log is not None:
+        log(line)
+        for image, reason in total.damaged:
+            log(f"  done again: {image}: {reason}")
+        for image, _source, reason in total.failures:
+            log(f"  failed: {image}: {reason}")
+    if not alone:
         # A launcher ends every process when one exits non-zero: nobody leaves before the summary is written.
-        ranks.barrier()
+        try:
+            ranks.barrier()
+        except GroupLost:
+            pass
     return DatasetResult(status, total, seconds, line)

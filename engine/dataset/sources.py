@@ -3,6 +3,9 @@
 An image's relative name (`city/a.png` for `in/city/a.png`) is its identity for the whole run: its outputs mirror
 it, a hint folder is looked up by it, the index is keyed by it. So it depends only on where the file lies below the
 input's root, never on which other files are present (adding images to a folder and resuming renames nothing).
+The root a run's first attempt named its images from is its naming root, kept in its run file: a resumed run
+names every input from it (rebase), whatever root the input of the day has (a list that grew past its old common
+folder, a subfolder given as --input), and refuses an input outside it.
 
 - A folder recurses (symlinked folders are followed once; a link loop is not). Hidden entries (`.name`, e.g.
   macOS's `._a.png` resource forks, which are not images) are skipped. Only files with an image extension, in any
@@ -17,6 +20,7 @@ input's root, never on which other files are present (adding images to a folder 
 """
 from __future__ import annotations
 
+import errno
 import glob
 import os
 from dataclasses import dataclass
@@ -62,12 +66,25 @@ def _relative(path: Path, root: Path) -> str:
     return PurePosixPath(*path.relative_to(root).parts).as_posix()
 
 
+def _missing(path: Path) -> str:
+    """Why an entry that does not exist as a file or folder cannot be read (a broken link and a link loop are not
+    missing files)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"image {str(path)!r} is a symbolic link loop (following its links never reaches a file)"
+        if os.path.islink(path):
+            return f"image {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not exist"
+    return f"image {str(path)!r} does not exist"
+
+
 def _explicit(path: Path, root: Path) -> ImageSource:
     problem = None
     if path.is_dir():
         problem = f"{str(path)!r} is a folder, not an image file"
     elif not path.exists():
-        problem = f"image {str(path)!r} does not exist"
+        problem = _missing(path)
     elif not is_image_name(path.name):
         problem = (f"{str(path)!r} is not an image file by its extension (valid: {', '.join(IMAGE_SUFFIXES)}, "
                    "in any case)")
@@ -86,7 +103,7 @@ def from_pattern(pattern: str) -> list[ImageSource]:
     parts = p.parts
     if not any(_MAGIC & set(part) for part in parts):
         if not p.exists():
-            raise ImageInputError(f"no image files match {pattern!r}: it does not exist")
+            raise ImageInputError(f"no image files match {pattern!r}: {_missing(p).removeprefix('image ')}")
         return [_explicit(p, p.parent)]
     static = next(i for i, part in enumerate(parts) if _MAGIC & set(part))
     root = Path(*parts[:static]) if static else Path(".")
@@ -127,3 +144,34 @@ def collect(input_pattern: str | None = None, input_list=None) -> list[ImageSour
     if (input_pattern is None) == (input_list is None):
         raise ValueError("give exactly one of --input (a folder, glob or file) and --input-list (a text file)")
     return from_list(input_list) if input_list is not None else from_pattern(input_pattern)
+
+
+class OutsideRootError(ImageInputError):
+    """An input a run cannot name: it lies outside the folder its outputs are named from."""
+
+
+def root_of(sources: list[ImageSource]) -> str:
+    """The absolute folder the sources' relative names start from (the path minus the relative name)."""
+    roots = set()
+    for s in sources:
+        path = Path(os.path.abspath(s.path))
+        roots.add(str(path.parents[len(PurePosixPath(s.relative).parts) - 1]))
+    if len(roots) != 1:
+        raise ValueError(f"the sources of a run must share one root folder, these have {len(roots)}: "
+                         f"{', '.join(sorted(roots)[:3])}")
+    return roots.pop()
+
+
+def rebase(sources: list[ImageSource], root) -> list[ImageSource]:
+    """The sources named from `root` (a run's naming root); OutsideRootError naming the first that lies outside."""
+    root = Path(root)
+    rebased = []
+    for s in sources:
+        path = Path(os.path.abspath(s.path))
+        if root not in path.parents:
+            raise OutsideRootError(
+                f"{str(s.path)!r} lies outside {str(root)!r}, the folder this run names its outputs from (fixed "
+                "by its first run: outputs mirror paths below it); give inputs below it, or start a new run in "
+                "another --output")
+        rebased.append(ImageSource(s.path, _relative(path, root), s.problem))
+    return rebased
