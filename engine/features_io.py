@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..layer_catalog.errors import DiffusionFeatureError, echo
 from ..layer_catalog.grammar import LayerIdSyntaxError, format_id, parse_id
 from .safe_paths import UnsafePathError, check_inside, check_length, component
 
@@ -43,7 +44,7 @@ AGGREGATE = "aggregate"  # the one tensor key that is not a layer id: the aggreg
 MAX_IMAGE_SIDE = 16384  # ComfyUI's MAX_RESOLUTION: no node of it makes a larger image, so no saved size is larger
 
 
-class FeatureFileError(ValueError):
+class FeatureFileError(DiffusionFeatureError, ValueError):
     """A features file that cannot be read; the message names it."""
 
 
@@ -96,7 +97,7 @@ def check_image_size(value, key: str) -> list[int]:
     """A (height, width) from metadata: two integers in 1..MAX_IMAGE_SIDE."""
     if (not isinstance(value, (list, tuple)) or len(value) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_IMAGE_SIDE for v in value)):
-        raise FeatureFileError(f"the metadata's {key!r} must be [height, width], two integers in 1.."
+        raise FeatureFileError(f"the metadata's {echo(key)} must be [height, width], two integers in 1.."
                                f"{MAX_IMAGE_SIDE}")
     return list(value)
 
@@ -165,9 +166,9 @@ def save_features(features: Features, out_dir, names: list[str], fmt: str = "saf
                   layout: str = "per-sample") -> list[Path]:
     """Write one entry per sample; `names[i]` names sample i. Returns the paths written (data files first)."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+        raise ValueError(f"unknown format {echo(fmt)}; valid formats: {', '.join(FORMATS)}")
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
+        raise ValueError(f"unknown layout {echo(layout)}; valid layouts: {', '.join(LAYOUTS)}")
     if len(names) != features.batch:
         raise ValueError(f"{len(names)} names for {features.batch} samples")
     out = Path(out_dir)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from ..layer_catalog.errors import echo
+
 SCHEDULERS = {
     # name: (diffusers class, config overrides)
     "euler": ("EulerDiscreteScheduler", {}),
@@ -28,12 +30,12 @@ def make_scheduler(scheduler_config: dict, name: str = DEFAULT_SCHEDULER):
     import diffusers
 
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; valid schedulers: {', '.join(SCHEDULERS)}")
+        raise ValueError(f"unknown scheduler {echo(name)}; valid schedulers: {', '.join(SCHEDULERS)}")
     cls_name, overrides = SCHEDULERS[name]
     cls_name = cls_name or scheduler_config.get("_class_name") or "DDIMScheduler"
     cls = getattr(diffusers, cls_name, None)
     if cls is None:
-        raise ValueError(f"the checkpoint's scheduler {cls_name!r} is not a diffusers scheduler; pick another")
+        raise ValueError(f"the checkpoint's scheduler {echo(cls_name)} is not a diffusers scheduler; pick another")
     config = dict(scheduler_config)
     # diffusers' Stable Diffusion pipelines correct two settings of old scheduler configs; so do we, so that a
     # seed gives the same image: latents are never clipped to [-1, 1], and the timestep offset is 1.
@@ -65,7 +67,7 @@ def parse_capture_steps(spec, steps: int) -> list[int]:
         if every:
             k, start = int(every.group(1)), int(every.group(2) or 0)
             if k < 1:
-                raise ValueError(f"capture steps {spec!r}: 'every K' needs K >= 1")
+                raise ValueError(f"capture steps {echo(spec)}: 'every K' needs K >= 1")
             start = _index(start, steps, spec)
             return list(range(start, steps, k))
         items = []
@@ -75,12 +77,12 @@ def parse_capture_steps(spec, steps: int) -> list[int]:
             if span:
                 a, b = (_index(int(g), steps, spec) for g in span.groups())
                 if b < a:
-                    raise ValueError(f"capture steps {spec!r}: range {part!r} runs backwards")
+                    raise ValueError(f"capture steps {echo(spec)}: range {echo(part)} runs backwards")
                 items += range(a, b + 1)
             elif re.fullmatch(r"-?\d+", part):
                 items.append(int(part))
             else:
-                raise ValueError(f"capture steps {spec!r}: cannot read {part!r}; write e.g. 'all', 'last', "
+                raise ValueError(f"capture steps {echo(spec)}: cannot read {echo(part)}; write e.g. 'all', 'last', "
                                  "'every 5', '0, 10, 20' or '10-15' (indices 0.."
                                  f"{steps - 1}, negative from the end)")
     return sorted({_index(i, steps, spec) for i in items})
@@ -88,7 +90,7 @@ def parse_capture_steps(spec, steps: int) -> list[int]:
 
 def _index(i, steps: int, spec) -> int:
     if isinstance(i, bool) or not isinstance(i, int):
-        raise ValueError(f"capture steps {spec!r}: {i!r} is not an integer step index")
+        raise ValueError(f"capture steps {echo(spec)}: {echo(i)} is not an integer step index")
     j = i + steps if i < 0 else i
     if not 0 <= j < steps:
         raise ValueError(f"capture step {i} is outside 0..{steps - 1} for a run of {steps} steps")

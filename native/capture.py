@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..layer_catalog.errors import DiffusionFeatureError, echo
 from .names import NativeTap
 from .taps import CallHooks
 
@@ -44,7 +45,7 @@ _registry: weakref.WeakValueDictionary[str, NativeCapture] = weakref.WeakValueDi
 _keys = itertools.count()
 
 
-class NoCaptureError(RuntimeError):
+class NoCaptureError(DiffusionFeatureError, RuntimeError):
     """The capture recorded nothing (its MODEL never reached a sampler, or no call matched)."""
 
 
@@ -81,7 +82,7 @@ class NativeCapture:
     def __init__(self, taps: list[NativeTap], steps="all", branch: str = "cond", *, family: str | None = None,
                  dtype: torch.dtype | None = None, device=None):
         if branch not in BRANCHES:
-            raise ValueError(f"branch {branch!r} is not one of {', '.join(BRANCHES)}")
+            raise ValueError(f"branch {echo(branch)} is not one of {', '.join(BRANCHES)}")
         _parse_steps(steps, 1000)  # a syntax error shows now, not in the middle of sampling
         self.taps, self.steps_spec, self.branch, self.family = list(taps), steps, branch, family
         self.dtype, self.device = dtype, device
@@ -204,14 +205,14 @@ class NativeCapture:
     # ---- reading ---------------------------------------------------------------------------------------
     def _final_records(self) -> list[Record]:
         if self.steps_error is not None:
-            raise ValueError(f"capture steps {self.steps_spec!r} do not fit the sampling run: {self.steps_error}")
+            raise ValueError(f"capture steps {echo(self.steps_spec)} do not fit the sampling run: {self.steps_error}")
         if self._wanted is not None or not self.records:
             return self.records
         steps = sorted({label["step"] for r in self.records for label in r.labels})
         try:
             wanted = set(_parse_steps(self.steps_spec, steps[-1] + 1))
         except ValueError as e:
-            raise ValueError(f"capture steps {self.steps_spec!r} do not fit the sampling run: {e}") from None
+            raise ValueError(f"capture steps {echo(self.steps_spec)} do not fit the sampling run: {e}") from None
         return [r for r in self.records if r.labels and r.labels[0]["step"] in wanted]
 
     def labels(self) -> list[dict]:
@@ -231,7 +232,7 @@ class NativeCapture:
                 raise NoCaptureError("the capture saw no model call: connect the MODEL output of DFCaptureLayers "
                                      "to a sampler (KSampler, SamplerCustom, ...) that runs before collecting")
             raise NoCaptureError(f"the capture saw {self.model_calls} model calls but none matched capture steps "
-                                 f"{self.steps_spec!r} and branch {self.branch!r}")
+                                 f"{echo(self.steps_spec)} and branch {echo(self.branch)}")
         feats = {}
         for tid in self.ids:
             items = [r.features[tid][i] for r, _, i in rows]

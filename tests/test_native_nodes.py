@@ -263,6 +263,12 @@ def test_collect_errors_name_the_fix(comfy, models):
         DFCaptureLayers().capture(model, "", "none", "all", "cond")
 
 
+def test_a_100k_layers_field_gives_a_short_error(comfy, models):
+    with pytest.raises(LayerIdError) as e:
+        DFCaptureLayers().capture(models["sd15"], "x" * 100_000, "none", "all", "cond")
+    assert len(str(e.value)) < 1000 and "(100000 characters)" in str(e.value)
+
+
 def _comfy_vae(comfy):
     """ComfyUI's own VAE (comfy.sd.VAE) with the weights of a small diffusers AutoencoderKL (widths 32: ComfyUI's
     VAE blocks hard-code 32 normalisation groups)."""
