@@ -46,6 +46,44 @@ def make_scheduler(scheduler_config: dict, name: str = DEFAULT_SCHEDULER):
     return cls.from_config(config, **overrides)
 
 
+def read_capture_steps(spec) -> tuple:
+    """The form of a capture-step spec, read without knowing the run's length, so a spec no run could read is
+    refused before any run: ('all',), ('last',), ('every', K, S) or ('list', items), items being step indices and
+    (first, last) ranges ('none' is an empty list). Ranges that run backwards whatever the length are refused too;
+    whether indices fit is for `parse_capture_steps`, once the length is known."""
+    if isinstance(spec, (list, tuple)):
+        for i in spec:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise ValueError(f"capture steps {echo(spec)}: {echo(i)} is not an integer step index")
+        return ("list", list(spec))
+    text = str(spec or "").strip().lower()
+    if text in ("", "none"):
+        return ("list", [])
+    if text in ("all", "last"):
+        return (text,)
+    every = re.fullmatch(r"every\s+(\d+)(?:\s+from\s+(-?\d+))?", text)
+    if every:
+        k, start = int(every.group(1)), int(every.group(2) or 0)
+        if k < 1:
+            raise ValueError(f"capture steps {echo(spec)}: 'every K' needs K >= 1")
+        return ("every", k, start)
+    items = []
+    for part in text.split(","):
+        part = part.strip()
+        span = re.fullmatch(r"(-?\d+)\s*-\s*(-?\d+)", part)
+        if span:
+            a, b = int(span.group(1)), int(span.group(2))
+            if (a < 0) == (b < 0) and b < a:
+                raise ValueError(f"capture steps {echo(spec)}: range {echo(part)} runs backwards")
+            items.append((a, b))
+        elif re.fullmatch(r"-?\d+", part):
+            items.append(int(part))
+        else:
+            raise ValueError(f"capture steps {echo(spec)}: cannot read {echo(part)}; write e.g. 'all', 'last', "
+                             "'every 5', '0, 10, 20' or '10-15' (indices from 0, negative from the end)")
+    return ("list", items)
+
+
 def parse_capture_steps(spec, steps: int) -> list[int]:
     """Step indices 0..steps-1 to capture, from a spec:
 
@@ -53,44 +91,28 @@ def parse_capture_steps(spec, steps: int) -> list[int]:
     S, S+K, ...; otherwise a comma list of indices and ranges ("0, 5, 10-12"); negative indices count from the end
     (-1 is the last step). A list/tuple of ints is accepted too. Returns sorted unique indices.
     """
-    if isinstance(spec, (list, tuple)):
-        items = list(spec)
-    else:
-        text = str(spec or "").strip().lower()
-        if text in ("", "none"):
-            return []
-        if text == "all":
-            return list(range(steps))
-        if text == "last":
-            return [steps - 1]
-        every = re.fullmatch(r"every\s+(\d+)(?:\s+from\s+(-?\d+))?", text)
-        if every:
-            k, start = int(every.group(1)), int(every.group(2) or 0)
-            if k < 1:
-                raise ValueError(f"capture steps {echo(spec)}: 'every K' needs K >= 1")
-            start = _index(start, steps, spec)
-            return list(range(start, steps, k))
-        items = []
-        for part in text.split(","):
-            part = part.strip()
-            span = re.fullmatch(r"(-?\d+)\s*-\s*(-?\d+)", part)
-            if span:
-                a, b = (_index(int(g), steps, spec) for g in span.groups())
-                if b < a:
-                    raise ValueError(f"capture steps {echo(spec)}: range {echo(part)} runs backwards")
-                items += range(a, b + 1)
-            elif re.fullmatch(r"-?\d+", part):
-                items.append(int(part))
-            else:
-                raise ValueError(f"capture steps {echo(spec)}: cannot read {echo(part)}; write e.g. 'all', 'last', "
-                                 "'every 5', '0, 10, 20' or '10-15' (indices 0.."
-                                 f"{steps - 1}, negative from the end)")
-    return sorted({_index(i, steps, spec) for i in items})
+    form = read_capture_steps(spec)
+    if form[0] == "all":
+        return list(range(steps))
+    if form[0] == "last":
+        return [steps - 1]
+    if form[0] == "every":
+        _, k, start = form
+        return list(range(_index(start, steps), steps, k))
+    out: set[int] = set()
+    for item in form[1]:
+        if isinstance(item, tuple):
+            a, b = (_index(i, steps) for i in item)
+            if b < a:
+                raise ValueError(f"capture steps {echo(spec)}: range {item[0]}-{item[1]} runs backwards for a run "
+                                 f"of {steps} steps")
+            out.update(range(a, b + 1))
+        else:
+            out.add(_index(item, steps))
+    return sorted(out)
 
 
-def _index(i, steps: int, spec) -> int:
-    if isinstance(i, bool) or not isinstance(i, int):
-        raise ValueError(f"capture steps {echo(spec)}: {echo(i)} is not an integer step index")
+def _index(i: int, steps: int) -> int:
     j = i + steps if i < 0 else i
     if not 0 <= j < steps:
         raise ValueError(f"capture step {i} is outside 0..{steps - 1} for a run of {steps} steps")

@@ -49,9 +49,13 @@ class NoCaptureError(DiffusionFeatureError, RuntimeError):
     """The capture recorded nothing (its MODEL never reached a sampler, or no call matched)."""
 
 
-def _parse_steps(spec, steps: int) -> list[int]:
-    from ..engine.samplers import parse_capture_steps  # the one capture-step grammar of the pack
+def _parse_steps(spec, steps: int | None) -> list[int]:
+    """The steps of a run of `steps` steps; None: only read the spec (its syntax), the run's length unknown yet."""
+    from ..engine.samplers import parse_capture_steps, read_capture_steps  # the one capture-step grammar
 
+    if steps is None:
+        read_capture_steps(spec)
+        return []
     return parse_capture_steps(spec, steps)
 
 
@@ -83,7 +87,7 @@ class NativeCapture:
                  dtype: torch.dtype | None = None, device=None):
         if branch not in BRANCHES:
             raise ValueError(f"branch {echo(branch)} is not one of {', '.join(BRANCHES)}")
-        _parse_steps(steps, 1000)  # a syntax error shows now, not in the middle of sampling
+        _parse_steps(steps, None)  # a syntax error shows now; whether the steps fit, once the run's length is known
         self.taps, self.steps_spec, self.branch, self.family = list(taps), steps, branch, family
         self.dtype, self.device = dtype, device
         self.key = f"df-capture-{next(_keys)}"

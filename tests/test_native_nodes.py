@@ -263,6 +263,33 @@ def test_collect_errors_name_the_fix(comfy, models):
         DFCaptureLayers().capture(model, "", "none", "all", "cond")
 
 
+def test_capture_steps_are_read_at_capture_and_fitted_to_the_run_when_it_is_known(comfy, models):
+    """DFCaptureLayers checks the steps' syntax only: step 1200 of a 1500-step run is captured (no placeholder run
+    of 1000 steps refuses it); whether the steps fit is said at collection, for the run that happened."""
+    model = models["sd15"]
+    unet = model.model.diffusion_model
+    with pytest.raises(ValueError, match="cannot read 'x'"):
+        DFCaptureLayers().capture(model, "mid-vit-out", "none", "1, x", "cond")
+    schedule = torch.linspace(14.0, 0.0, 1501)  # the sample_sigmas of a 1500-step run
+    x = torch.randn(2, 4, *LATENT)
+    ctx = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(0))
+    for spec, fits in (("1200", True), ("every 200 from 1000", True), ("1600", False)):
+        _, capture = DFCaptureLayers().capture(model, "mid-vit-out", "none", spec, "cond")
+        for step in (0, 1200):  # one model call at each of these steps
+            sigma = schedule[step].repeat(2)
+            opts = {"cond_or_uncond": [0], "sigmas": sigma, "sample_sigmas": schedule}
+            with torch.no_grad():
+                capture.run_call(unet, x, sigma, opts, lambda: model.model.apply_model(
+                    x, sigma, c_crossattn=ctx, transformer_options=opts), model.model.model_sampling.timestep)
+        if fits:
+            (features,) = DFCollectFeatures().collect(capture, {"samples": x})
+            assert [r["step"] for r in features.meta["rows"]] == [1200, 1200] and features.meta["steps"] == 1500
+        else:
+            with pytest.raises(ValueError, match="capture step 1600 is outside 0..1499 for a run of 1500 steps"):
+                DFCollectFeatures().collect(capture, {"samples": x})
+    _zero_hooks(unet)
+
+
 def test_a_100k_layers_field_gives_a_short_error(comfy, models):
     with pytest.raises(LayerIdError) as e:
         DFCaptureLayers().capture(models["sd15"], "x" * 100_000, "none", "all", "cond")
