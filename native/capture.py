@@ -102,6 +102,7 @@ class NativeCapture:
         self.steps_error: str | None = None
         self._seen: set[tuple] = set()
         self._ordinals: dict[tuple, list] = {}
+        self._branches_called: set[int] = set()  # branches the run's model calls had, captured or not
 
     @property
     def ids(self) -> list[str]:
@@ -111,7 +112,7 @@ class NativeCapture:
     def _new_run(self, total: int | None) -> None:
         self.records, self._seen, self._ordinals = [], set(), {}
         self.model_calls, self.total_steps, self._step = 0, total, -1
-        self.steps_error = None
+        self.steps_error, self._branches_called = None, set()
         try:
             self._wanted = None if total is None else set(_parse_steps(self.steps_spec, total))
         except ValueError as e:  # steps the run does not have: the image still samples, collecting says why
@@ -152,9 +153,10 @@ class NativeCapture:
         schedule = transformer_options.get("sample_sigmas")
         step = self._step_of(sig, schedule if isinstance(schedule, torch.Tensor) else None)
         self.model_calls += 1
+        cou = list(transformer_options.get("cond_or_uncond") or [0])
+        self._branches_called.update(cou)
         if self._wanted is not None and step not in self._wanted:
             return None
-        cou = list(transformer_options.get("cond_or_uncond") or [0])
         batch = x.shape[0]
         if batch % len(cou):
             cou = [cou[0]]  # rows do not split into the announced chunks: label the call as one chunk
@@ -235,6 +237,10 @@ class NativeCapture:
             if self.model_calls == 0:
                 raise NoCaptureError("the capture saw no model call: connect the MODEL output of DFCaptureLayers "
                                      "to a sampler (KSampler, SamplerCustom, ...) that runs before collecting")
+            if self.branch == "uncond" and 1 not in self._branches_called:
+                raise NoCaptureError(f"branch 'uncond': the sampler made no negative (uncond) model call in its "
+                                     f"{self.model_calls} calls; at cfg 1 ComfyUI skips the negative prompt, so "
+                                     "set cfg above 1 to capture it, or capture branch 'cond'")
             raise NoCaptureError(f"the capture saw {self.model_calls} model calls but none matched capture steps "
                                  f"{echo(self.steps_spec)} and branch {echo(self.branch)}")
         feats = {}

@@ -290,6 +290,13 @@ def test_capture_steps_are_read_at_capture_and_fitted_to_the_run_when_it_is_know
     _zero_hooks(unet)
 
 
+def test_uncond_at_cfg_1_says_that_cfg_1_makes_no_negative_call(comfy, models):
+    tapped, capture = DFCaptureLayers().capture(models["sd15"], "mid-vit-out", "none", "all", "uncond")
+    latent = _sample(comfy, tapped, "sd15", steps=2, cfg=1.0)
+    with pytest.raises(NoCaptureError, match="no negative .uncond. model call.*at cfg 1 ComfyUI skips the negative"):
+        DFCollectFeatures().collect(capture, {"samples": latent})
+
+
 def test_a_100k_layers_field_gives_a_short_error(comfy, models):
     with pytest.raises(LayerIdError) as e:
         DFCaptureLayers().capture(models["sd15"], "x" * 100_000, "none", "all", "cond")
