@@ -297,6 +297,13 @@ def test_uncond_at_cfg_1_says_that_cfg_1_makes_no_negative_call(comfy, models):
         DFCollectFeatures().collect(capture, {"samples": latent})
 
 
+@pytest.mark.parametrize("text, what", [('{"mid-vit-out": true, "unet-out": true}', "a JSON object"),
+                                        ('  ["mid-vit-out", "unet-out"]', "a JSON list")])
+def test_json_in_the_layers_field_is_refused_by_name(comfy, models, text, what):
+    with pytest.raises(LayerIdError, match=f"the layers field does not accept {what}.*a .json file"):
+        DFCaptureLayers().capture(models["sd15"], text, "none", "all", "cond")
+
+
 def test_a_100k_layers_field_gives_a_short_error(comfy, models):
     with pytest.raises(LayerIdError) as e:
         DFCaptureLayers().capture(models["sd15"], "x" * 100_000, "none", "all", "cond")
