@@ -125,13 +125,19 @@ def _save_npy(path, array: np.ndarray) -> None:
         np.save(fh, array, allow_pickle=False)
 
 
+def check_layout_layers(layout: str, layer_ids) -> None:
+    """A layout that concatenates spatial layers (aggregate) needs at least one among `layer_ids`: checked before
+    any work where the layers are known early (DFCaptureLayers, before its sampler runs)."""
+    if layout == "aggregate" and not any(not is_map(k) for k in layer_ids):
+        raise ValueError("the aggregate layout needs at least one spatial layer (attention maps are not spatial)")
+
+
 def aggregate(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, list[int]]]:
     """Spatial layers (B, C, H, W) resized (bilinear) to the largest grid and concatenated on channels.
 
     Returns the tensor and each layer's channel slice [start, stop)."""
+    check_layout_layers("aggregate", tensors)
     spatial = {k: v for k, v in tensors.items() if not is_map(k)}
-    if not spatial:
-        raise ValueError("the aggregate layout needs at least one spatial layer (attention maps are not spatial)")
     h, w = max((v.shape[-2:] for v in spatial.values()), key=lambda s: s[0] * s[1])
     parts, slices, start = [], {}, 0
     for k, v in spatial.items():

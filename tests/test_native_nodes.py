@@ -190,7 +190,7 @@ def test_nodes_are_registered_with_display_names():
     for name in ("DFCaptureLayers", "DFCollectFeatures", "DFExtractNative"):
         assert name in NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS[name]
         spec = NODE_CLASS_MAPPINGS[name].INPUT_TYPES()
-        for group in spec.values():
+        for group in (spec["required"], spec.get("optional", {})):  # "hidden" ones are ComfyUI's, not widgets
             assert all(opts[1].get("tooltip") for opts in group.values())
     assert NODE_CLASS_MAPPINGS["DFCaptureLayers"].RETURN_TYPES == ("MODEL", "DF_CAPTURE")
     assert NODE_CLASS_MAPPINGS["DFCollectFeatures"].RETURN_TYPES == ("DF_FEATURES",)
@@ -308,6 +308,29 @@ def test_a_100k_layers_field_gives_a_short_error(comfy, models):
     with pytest.raises(LayerIdError) as e:
         DFCaptureLayers().capture(models["sd15"], "x" * 100_000, "none", "all", "cond")
     assert len(str(e.value)) < 1000 and "(100000 characters)" in str(e.value)
+
+
+def _capture_graph(layout: str) -> dict:
+    """An API prompt as ComfyUI hands it to DFCaptureLayers (hidden PROMPT): capture (5) -> KSampler (6) ->
+    DFCollectFeatures (7) -> DFSaveFeatures (10)."""
+    return {"5": {"class_type": "DFCaptureLayers", "inputs": {"model": ["1", 0]}},
+            "6": {"class_type": "KSampler", "inputs": {"model": ["5", 0]}},
+            "7": {"class_type": "DFCollectFeatures", "inputs": {"capture": ["5", 1], "latent": ["6", 0]}},
+            "10": {"class_type": "DFSaveFeatures", "inputs": {"features": ["7", 0], "layout": layout}}}
+
+
+def test_a_save_layout_that_needs_spatial_layers_fails_before_sampling(comfy, models):
+    """Maps only, saved with the aggregate layout: DFCaptureLayers (which runs before the sampler) refuses, naming
+    the save node; a spatial layer, or another layout, passes."""
+    model = models["sd15"]
+    maps = "mid-vit-block0-self-map"
+    with pytest.raises(ValueError, match=r"DFSaveFeatures \(node 10\).*aggregate layout needs at least one spatial"):
+        DFCaptureLayers().capture(model, maps, "none", "all", "cond", prompt=_capture_graph("aggregate"),
+                                  unique_id="5")
+    DFCaptureLayers().capture(model, f"{maps}, mid-vit-out", "none", "all", "cond",
+                              prompt=_capture_graph("aggregate"), unique_id="5")
+    DFCaptureLayers().capture(model, maps, "none", "all", "cond", prompt=_capture_graph("per-sample"),
+                              unique_id="5")
 
 
 def _comfy_vae(comfy):

@@ -158,6 +158,13 @@ def test_bad_native_inputs_fail_in_one_sentence(server):
     bad_steps["5"]["inputs"]["capture_steps"] = "0, 30"
     err = execution_error(server.run(bad_steps))
     assert err and err["node_type"] == "DFCollectFeatures" and "outside 0..7" in err["exception_message"]
+    maps_only = copy.deepcopy(graph)  # attention maps saved with the aggregate layout: refused before sampling
+    maps_only["5"]["inputs"]["layers"] = "up-level1-repeat0-vit-block0-cross-map"
+    maps_only["10"]["inputs"]["layout"] = "aggregate"
+    for nid in ("8", "9"):
+        del maps_only[nid]
+    err = execution_error(server.run(maps_only))
+    assert err and err["node_type"] == "DFCaptureLayers" and "aggregate layout" in err["exception_message"]
     run_ok(server, graph)  # the server keeps serving
     no_hooks(server)
 
