@@ -23,6 +23,9 @@ one entry per chunk of rows), `uuids` (one per conditioning, ComfyUI >= 2024-12)
   conditioning is its ordinal among the call's chunks of that branch.
 - Only wanted steps and branches get hooks at all; other calls run exactly as without the taps.
 - Rows are stored only when the call returns: a call that raised leaves no partial rows.
+- Rows belong to the host's job (ComfyUI's prompt, see `set_host_job_id`) whose model calls made them. ComfyUI
+  caches DFCaptureLayers, so a later prompt gets the same capture even when its sampler takes another MODEL:
+  collecting there says the capture saw no model call in this prompt instead of serving the earlier rows.
 """
 from __future__ import annotations
 
@@ -43,10 +46,26 @@ WRAPPER_KEY = "diffusion_feature.capture"
 
 _registry: weakref.WeakValueDictionary[str, NativeCapture] = weakref.WeakValueDictionary()
 _keys = itertools.count()
+_host_job_id = None  # () -> the id of the host's job running now (ComfyUI's prompt id), or None
+
+NO_CALL = ("the capture saw no model call{where}: connect the MODEL output of DFCaptureLayers to a sampler "
+           "(KSampler, SamplerCustom, ...) whose LATENT output this node receives")
 
 
 class NoCaptureError(DiffusionFeatureError, RuntimeError):
     """The capture recorded nothing (its MODEL never reached a sampler, or no call matched)."""
+
+
+def set_host_job_id(job_id) -> None:
+    """job_id() -> the id of the host's job running now, or None (ComfyUI: its prompt id). Rows then belong to the
+    job whose model calls made them: a call of another job starts a new run, and collecting in a job whose sampler
+    never called the tapped MODEL is refused rather than served another job's rows. None: no jobs (library use)."""
+    global _host_job_id
+    _host_job_id = job_id
+
+
+def _current_job():
+    return _host_job_id() if _host_job_id is not None else None
 
 
 def _parse_steps(spec, steps: int | None) -> list[int]:
@@ -102,7 +121,9 @@ class NativeCapture:
         self.steps_error: str | None = None
         self._seen: set[tuple] = set()
         self._ordinals: dict[tuple, list] = {}
+        self.job = None  # the host's job whose model calls made the rows (see set_host_job_id)
         self._branches_called: set[int] = set()  # branches the run's model calls had, captured or not
+        self._collected_with = None  # weakref to the LATENT samples these rows were first collected with
 
     @property
     def ids(self) -> list[str]:
@@ -112,7 +133,7 @@ class NativeCapture:
     def _new_run(self, total: int | None) -> None:
         self.records, self._seen, self._ordinals = [], set(), {}
         self.model_calls, self.total_steps, self._step = 0, total, -1
-        self.steps_error, self._branches_called = None, set()
+        self.steps_error, self._branches_called, self._collected_with = None, set(), None
         try:
             self._wanted = None if total is None else set(_parse_steps(self.steps_spec, total))
         except ValueError as e:  # steps the run does not have: the image still samples, collecting says why
@@ -150,6 +171,10 @@ class NativeCapture:
              timestep_of=None) -> CallPlan | None:
         """Decide what one model call contributes: its rows to keep with their labels, or None (no hooks)."""
         sig = float(sigma.detach().flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+        job = _current_job()
+        if job != self.job:  # another job's sampler: its rows never join the last job's
+            self.begin_run()
+            self.job = job
         schedule = transformer_options.get("sample_sigmas")
         step = self._step_of(sig, schedule if isinstance(schedule, torch.Tensor) else None)
         self.model_calls += 1
@@ -221,6 +246,24 @@ class NativeCapture:
             raise ValueError(f"capture steps {echo(self.steps_spec)} do not fit the sampling run: {e}") from None
         return [r for r in self.records if r.labels and r.labels[0]["step"] in wanted]
 
+    def check_current(self, samples=None) -> None:
+        """Refuse rows another job made. ComfyUI hands a cached DFCaptureLayers' capture to every later prompt,
+        also to one whose sampler took another MODEL: its rows are served only to the job whose model calls made
+        them, or again with the very LATENT `samples` they were first collected with (a sampler output ComfyUI
+        cached, collected once more)."""
+        job = _current_job()
+        if job is None:
+            return
+        if self.job == job:
+            if torch.is_tensor(samples):
+                self._collected_with = weakref.ref(samples)
+            return
+        if samples is not None and self._collected_with is not None and self._collected_with() is samples:
+            return
+        where = " in this prompt" + (" (its rows belong to an earlier prompt, whose sampler made them)"
+                                     if self.records else "")
+        raise NoCaptureError(NO_CALL.format(where=where))
+
     def labels(self) -> list[dict]:
         """One label per captured row, ordered by step, then branch (cond first), conditioning and image."""
         return [dict(lab) for _, lab, _ in self._ordered()]
@@ -235,8 +278,7 @@ class NativeCapture:
         rows = self._ordered()
         if not rows:
             if self.model_calls == 0:
-                raise NoCaptureError("the capture saw no model call: connect the MODEL output of DFCaptureLayers "
-                                     "to a sampler (KSampler, SamplerCustom, ...) that runs before collecting")
+                raise NoCaptureError(NO_CALL.format(where=""))
             if self.branch == "uncond" and 1 not in self._branches_called:
                 raise NoCaptureError(f"branch 'uncond': the sampler made no negative (uncond) model call in its "
                                      f"{self.model_calls} calls; at cfg 1 ComfyUI skips the negative prompt, so "

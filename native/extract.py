@@ -142,11 +142,13 @@ def extract_native(model, vae, positive, images: torch.Tensor, layers=None, t: i
 
 def collect(capture, latent: dict | None = None) -> Features:
     """DF_FEATURES of a capture after its sampler ran: one row per captured step x branch x conditioning x image,
-    labelled in meta['rows'] (step, timestep, sigma, branch, image, cond_index), as DFGenerate's rows."""
+    labelled in meta['rows'] (step, timestep, sigma, branch, image, cond_index), as DFGenerate's rows. `latent` is
+    the sampler's output: rows another prompt's sampler made are refused (see NativeCapture.check_current)."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    capture.check_current(samples)
     labels, tensors = capture.stacked()
     meta = {"family": capture.family, "layers": list(tensors), "rows": labels, "steps": capture.total_steps,
             "branch": capture.branch, "backend": "native"}
-    samples = (latent or {}).get("samples") if isinstance(latent, dict) else None
     if torch.is_tensor(samples) and samples.ndim == 4:
         meta["size"] = [int(samples.shape[-2]) * 8, int(samples.shape[-1]) * 8]
     return Features(tensors, meta)

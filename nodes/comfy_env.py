@@ -208,6 +208,18 @@ def check_interrupt() -> None:
         mm.throw_exception_if_processing_interrupted()
 
 
+def current_prompt_id():
+    """The id of the prompt ComfyUI is running now (the server sets it before executing one, in every supported
+    version); None outside ComfyUI."""
+    if folder_paths is None:
+        return None
+    try:
+        from server import PromptServer  # type: ignore
+    except ImportError:
+        return None
+    return getattr(getattr(PromptServer, "instance", None), "last_prompt_id", None)
+
+
 def interrupt_callback():
     """What a run calls between blocks of a forward to honour Cancel: check_interrupt inside ComfyUI, None outside
     (then no hooks are registered at all)."""

@@ -333,6 +333,40 @@ def test_a_save_layout_that_needs_spatial_layers_fails_before_sampling(comfy, mo
                               unique_id="5")
 
 
+@pytest.fixture()
+def prompt_ids():
+    """ComfyUI's running prompt as the captures see it (nodes/__init__ gives them comfy_env.current_prompt_id)."""
+    from diffusion_feature.native.capture import set_host_job_id
+
+    current = {"id": None}
+    set_host_job_id(lambda: current["id"])
+    yield current
+    set_host_job_id(None)
+
+
+def test_rows_of_an_earlier_prompt_are_never_served_as_this_ones(comfy, models, prompt_ids):
+    """ComfyUI caches DFCaptureLayers: a later prompt gets the same capture. When that prompt's sampler takes the
+    untapped MODEL, collecting says the capture saw no model call in this prompt; the earlier prompt's cached
+    sampler output still collects its own rows; the tapped graph queued again gets fresh rows."""
+    model = models["sd15"]
+    prompt_ids["id"] = "p1"
+    tapped, capture = DFCaptureLayers().capture(model, "mid-vit-out", "none", "all", "cond")
+    first = _sample(comfy, tapped, "sd15", steps=2)
+    (rows1,) = DFCollectFeatures().collect(capture, {"samples": first})
+    prompt_ids["id"] = "p2"
+    other = _sample(comfy, model, "sd15", steps=2, seed=1)
+    with pytest.raises(NoCaptureError, match="saw no model call in this prompt .its rows belong to an earlier"):
+        DFCollectFeatures().collect(capture, {"samples": other})
+    (again,) = DFCollectFeatures().collect(capture, {"samples": first})  # the first sampler's output, cached
+    assert torch.equal(again.tensors["mid-vit-out"], rows1.tensors["mid-vit-out"])
+    prompt_ids["id"] = "p3"
+    third = _sample(comfy, tapped, "sd15", steps=2, seed=1)
+    (rows3,) = DFCollectFeatures().collect(capture, {"samples": third})
+    assert [r["step"] for r in rows3.meta["rows"]] == [0, 0, 1, 1]
+    assert not torch.equal(rows3.tensors["mid-vit-out"], rows1.tensors["mid-vit-out"])  # this prompt's noise
+    _zero_hooks(model.model.diffusion_model)
+
+
 def _comfy_vae(comfy):
     """ComfyUI's own VAE (comfy.sd.VAE) with the weights of a small diffusers AutoencoderKL (widths 32: ComfyUI's
     VAE blocks hard-code 32 normalisation groups)."""
