@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ..layer_catalog.errors import echo
+
 DATA = Path(__file__).resolve().parent / "data"
 SAMPLES = DATA / "samples"
 RANDOM_WARNING = (
@@ -116,13 +118,13 @@ def _prompts(args, n: int) -> list[str]:
         return [args.prompt] * n
     path = Path(args.prompt_file)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+        raise FileNotFoundError(f"prompt file {echo(str(path))} does not exist")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     lines = [line for line in lines if line] or [""]
     if len(lines) == 1:
         return lines * n
     if len(lines) != n:
-        raise ValueError(f"prompt file {str(path)!r} has {len(lines)} lines for {n} images: give one line for all "
+        raise ValueError(f"prompt file {echo(str(path))} has {len(lines)} lines for {n} images: give one line for all "
                          "images or one per image")
     return lines
 
@@ -140,7 +142,7 @@ def _timesteps(text: str) -> list[int]:
     try:
         return parse_timesteps(text)
     except ValueError as e:
-        raise ValueError(f"--t {text!r}: {e} (each t must be an integer training timestep in 0..999; several are "
+        raise ValueError(f"--t {echo(text)}: {e} (each t must be an integer training timestep in 0..999; several are "
                          "given as 25,50,100)") from None
 
 
@@ -238,7 +240,7 @@ def run_pca(args) -> int:
     loaded = [load_features(f) for f in args.features]
     for path, feats in zip(args.features, loaded):
         if args.layer not in feats.tensors:
-            raise ValueError(f"{path} has no layer {args.layer!r}; it holds: {', '.join(feats.tensors)}")
+            raise ValueError(f"{path} has no layer {echo(args.layer)}; it holds: {', '.join(feats.tensors)}")
     tensors = [f.tensors[args.layer][0] for f in loaded]
     images = pca_rgb(tensors, joint=args.joint) if args.joint else [pca_rgb([x])[0] for x in tensors]
     out = Path(args.output)

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..layer_catalog.errors import DiffusionFeatureError, echo
 
-class ControlError(ValueError):
+
+class ControlError(DiffusionFeatureError, ValueError):
     """A bad ControlNet setting; the message names it and what would be valid."""
 
 
@@ -57,7 +59,7 @@ def attach_control(cond, controlnet, image: torch.Tensor, strength: float = 1.0,
                    end: float = 1.0):
     """A copy of `cond` with one more ControlNet hint (the input conditioning is unchanged)."""
     if not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength < 0:
-        raise ControlError(f"ControlNet strength must be a finite number >= 0, got {strength!r}")
+        raise ControlError(f"ControlNet strength must be a finite number >= 0, got {echo(strength)}")
     if not (0.0 <= start < end <= 1.0):
         raise ControlError(f"ControlNet start/end must satisfy 0 <= start < end <= 1 (fractions of the steps), "
                            f"got start={start}, end={end}")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..layer_catalog.errors import echo
 from ..layer_catalog.families import get_family
 from .checkpoint_files import CheckpointError, load_pickle_state_dict, read_key_shapes
 from .model import parse_dtype
@@ -86,8 +87,8 @@ def layout_of(shapes: dict, path="the file") -> str:
         what = "a T2I-Adapter"
     else:
         what = "no ControlNet"
-    raise ControlNetError(f"{str(path)!r} is {what}: a ControlNet has input_hint_block/zero_convs (original layout) "
-                          "or controlnet_cond_embedding/controlnet_down_blocks (diffusers layout) weights. "
+    raise ControlNetError(f"{echo(str(path))} is {what}: a ControlNet has input_hint_block/zero_convs (original "
+                          "layout) or controlnet_cond_embedding/controlnet_down_blocks (diffusers layout) weights. "
                           "Supported: ControlNets for sd15, sd21 and sdxl")
 
 
@@ -128,7 +129,7 @@ def bundled_config(family: str) -> dict:
 
 def _check_family_arg(family):
     if family is not None and family not in CONTROLNET_FAMILIES:
-        raise ControlNetError(f"unknown ControlNet family {family!r}; valid: {', '.join(CONTROLNET_FAMILIES)} "
+        raise ControlNetError(f"unknown ControlNet family {echo(family)}; valid: {', '.join(CONTROLNET_FAMILIES)} "
                               "(or None to detect it)")
 
 
@@ -136,7 +137,8 @@ def _settle_family(detected: str | None, family: str | None, path) -> str | None
     """The detected family unless the caller named another: then the file contradicts them, which is an error."""
     _check_family_arg(family)
     if family is not None and detected is not None and detected != family:
-        raise ControlNetError(f"{str(path)!r} was given as a {family} ControlNet but its weights are for {detected}; "
+        raise ControlNetError(f"{echo(str(path))} was given as a {family} ControlNet but its weights are for "
+                              f"{detected}; "
                               f"pass family={detected!r} or 'auto'")
     return detected if detected is not None else family
 
@@ -215,7 +217,7 @@ def _sidecar_config(path: Path) -> dict | None:
         try:
             config = json.loads(candidate.read_text())
         except (OSError, ValueError) as e:
-            raise ControlNetError(f"sidecar config {str(candidate)!r} of {str(path)!r} is not valid JSON "
+            raise ControlNetError(f"sidecar config {echo(str(candidate))} of {echo(str(path))} is not valid JSON "
                                   f"({e})") from None
         if isinstance(config, dict) and ("block_out_channels" in config
                                          or config.get("_class_name") == "ControlNetModel"):
@@ -246,10 +248,10 @@ def _build(config, state: dict, path) -> torch.nn.Module:
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        raise ControlNetError(f"{str(path)!r} does not fit its config ({str(e).splitlines()[0][:300]})") from None
+        raise ControlNetError(f"{echo(str(path))} does not fit its config ({str(e).splitlines()[0][:300]})") from None
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:
-        raise ControlNetError(f"{str(path)!r} lacks {len(left)} tensors (e.g. {left[0]})")
+        raise ControlNetError(f"{echo(str(path))} lacks {len(left)} tensors (e.g. {left[0]})")
     return module
 
 
@@ -264,13 +266,13 @@ def load_controlnet_folder(folder, family: str | None = None, dtype="float32", d
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        raise ControlNetError(f"{str(folder)!r} is not a diffusers ControlNet folder (no config.json)")
+        raise ControlNetError(f"{echo(str(folder))} is not a diffusers ControlNet folder (no config.json)")
     config = json.loads(cfg_path.read_text())
     if config.get("_class_name", "ControlNetModel") != "ControlNetModel":
-        raise ControlNetError(f"{str(folder)!r} holds a {config['_class_name']}, not a ControlNetModel")
+        raise ControlNetError(f"{echo(str(folder))} holds a {config['_class_name']}, not a ControlNetModel")
     weights = [folder / n for n in WEIGHT_NAMES if (folder / n).is_file()]
     if not weights:
-        raise ControlNetError(f"{str(folder)!r} has no weights (expected one of {', '.join(WEIGHT_NAMES)})")
+        raise ControlNetError(f"{echo(str(folder))} has no weights (expected one of {', '.join(WEIGHT_NAMES)})")
     family = _settle_family(family_of_config(config), family, folder)
     if weights[0].suffix == ".safetensors":
         from diffusers import ControlNetModel
@@ -280,7 +282,7 @@ def load_controlnet_folder(folder, family: str | None = None, dtype="float32", d
             module = ControlNetModel.from_pretrained(folder, local_files_only=True, variant=variant)
         except (ValueError, RuntimeError, OSError) as e:
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise ControlNetError(f"{str(folder)!r}: its weights do not fit its config.json ({first})") from None
+            raise ControlNetError(f"{echo(str(folder))}: its weights do not fit its config.json ({first})") from None
     else:  # diffusers would unpickle .bin itself; read it with weights_only and load it strictly
         module = _build(config, _safe_pickle(weights[0]), weights[0])
     return _finish(module, family, folder, dtype, device)
@@ -316,7 +318,7 @@ def load_controlnet_file(path, family: str | None = None, dtype="float32", devic
     elif family is None:
         width = _text_width(strip_prefix(shapes))
         raise ControlNetError(
-            f"cannot tell which model family {str(path)!r} is for (cross-attention width {width}; standard: 768 "
+            f"cannot tell which model family {echo(str(path))} is for (cross-attention width {width}; standard: 768 "
             f"sd15, 1024 sd21, 2048 with added text/time embedding sdxl). For a ControlNet of non-standard size, "
             f"put its diffusers config beside it as {path.stem}.json or {path.stem}.config/config.json")
     else:
@@ -327,7 +329,7 @@ def load_controlnet_file(path, family: str | None = None, dtype="float32", devic
     problems = mismatches(config, _diffusers_shapes(shapes, config))
     if problems:
         raise ControlNetError(
-            f"{str(path)!r} ({layout} layout) does not fit {where}: {'; '.join(problems[:3])}. A ControlNet of "
+            f"{echo(str(path))} ({layout} layout) does not fit {where}: {'; '.join(problems[:3])}. A ControlNet of "
             f"non-standard size needs its diffusers config beside it as {path.stem}.json or "
             f"{path.stem}.config/config.json")
     state = to_diffusers_layout(_read_state(path), config)
@@ -344,9 +346,9 @@ def load_controlnet(path, family: str | None = None, dtype="float32", device="cp
     if p.is_dir():
         return load_controlnet_folder(p, family, dtype, device)
     if not p.exists():
-        raise ControlNetError(f"ControlNet {str(p)!r} does not exist")
+        raise ControlNetError(f"ControlNet {echo(str(p))} does not exist")
     if p.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-        raise ControlNetError(f"{str(p)!r}: expected a diffusers ControlNet folder or a "
+        raise ControlNetError(f"{echo(str(p))}: expected a diffusers ControlNet folder or a "
                               f"{', '.join(SINGLE_FILE_SUFFIXES)} file")
     return load_controlnet_file(p, family, dtype, device)
 
@@ -394,5 +396,5 @@ def check_compatible(controlnet: ControlNet, model) -> None:
     cf = controlnet.family
     both_sdxl = cf in SDXL_LIKE and family in SDXL_LIKE
     head = (f"this ControlNet is for {cf}; the model is {family}" if cf and family and cf != family and not both_sdxl
-            else f"ControlNet {controlnet.name!r} does not fit this {family} model's UNet")
+            else f"ControlNet {echo(controlnet.name)} does not fit this {family} model's UNet")
     raise ControlNetError(f"{head} (ControlNet vs UNet: {'; '.join(problems)})")

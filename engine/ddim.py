@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..layer_catalog.errors import echo
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -34,7 +36,7 @@ def split_at(output: torch.Tensor, x_t: torch.Tensor, a: float, prediction_type:
         return sa * x - sb * out, sa * out + sb * x
     if prediction_type == "sample":
         return out, (x - sa * out) / sb
-    raise ValueError(f"unknown prediction type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
+    raise ValueError(f"unknown prediction type {echo(prediction_type)}; valid: {', '.join(PREDICTION_TYPES)}")
 
 
 def ddim_move(x_t: torch.Tensor, output: torch.Tensor, t: int, s: int, abar: torch.Tensor,

@@ -21,6 +21,7 @@ from functools import lru_cache
 import torch
 
 from ..layer_catalog import FeatureCapture, resolve_taps
+from ..layer_catalog.errors import echo
 from ..layer_catalog.taps import is_pixart
 from . import memory_guard
 from .conditioning import Conditioning, with_time_ids  # noqa: F401  (extraction's public names since 0.1)
@@ -201,7 +202,7 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
 
 def _check_ensemble(ensemble) -> None:
     if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
-        raise ValueError(f"ensemble must be an integer >= 1 (noise draws to average), got {ensemble!r}")
+        raise ValueError(f"ensemble must be an integer >= 1 (noise draws to average), got {echo(ensemble)}")
 
 
 def _pixels(images, native: int, resize: str, size) -> tuple[torch.Tensor, list]:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..layer_catalog.errors import DiffusionFeatureError, echo
 from ..layer_catalog.grammar import LayerIdSyntaxError, format_id, parse_id
 from .safe_paths import UnsafePathError, check_inside, check_length, component
 
@@ -48,7 +49,7 @@ AGGREGATE = "aggregate"  # the one tensor key that is not a layer id: the aggreg
 MAX_IMAGE_SIDE = 16384  # ComfyUI's MAX_RESOLUTION: no node of it makes a larger image, so no saved size is larger
 
 
-class FeatureFileError(ValueError):
+class FeatureFileError(DiffusionFeatureError, ValueError):
     """A features file that cannot be read; the message names it."""
 
 
@@ -101,7 +102,7 @@ def check_image_size(value, key: str) -> list[int]:
     """A (height, width) from metadata: two integers in 1..MAX_IMAGE_SIDE."""
     if (not isinstance(value, (list, tuple)) or len(value) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_IMAGE_SIDE for v in value)):
-        raise FeatureFileError(f"the metadata's {key!r} must be [height, width], two integers in 1.."
+        raise FeatureFileError(f"the metadata's {echo(key)} must be [height, width], two integers in 1.."
                                f"{MAX_IMAGE_SIDE}")
     return list(value)
 
@@ -173,13 +174,19 @@ def _save_npy(path, array: np.ndarray) -> None:
         np.save(fh, array, allow_pickle=False)
 
 
+def check_layout_layers(layout: str, layer_ids) -> None:
+    """A layout that concatenates spatial layers (aggregate) needs at least one among `layer_ids`: checked before
+    any work where the layers are known early (DFCaptureLayers, before its sampler runs)."""
+    if layout == "aggregate" and not any(not is_map(k) for k in layer_ids):
+        raise ValueError("the aggregate layout needs at least one spatial layer (attention maps are not spatial)")
+
+
 def aggregate(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, list[int]]]:
     """Spatial layers (B, C, H, W) resized (bilinear) to the largest grid and concatenated on channels.
 
     Returns the tensor and each layer's channel slice [start, stop)."""
+    check_layout_layers("aggregate", tensors)
     spatial = {k: v for k, v in tensors.items() if not is_map(k)}
-    if not spatial:
-        raise ValueError("the aggregate layout needs at least one spatial layer (attention maps are not spatial)")
     h, w = max((v.shape[-2:] for v in spatial.values()), key=lambda s: s[0] * s[1])
     parts, slices, start = [], {}, 0
     for k, v in spatial.items():
@@ -214,9 +221,9 @@ def save_features(features: Features, out_dir, names: list[str], fmt: str = "saf
                   layout: str = "per-sample") -> list[Path]:
     """Write one entry per sample; `names[i]` names sample i. Returns the paths written (data files first)."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+        raise ValueError(f"unknown format {echo(fmt)}; valid formats: {', '.join(FORMATS)}")
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
+        raise ValueError(f"unknown layout {echo(layout)}; valid layouts: {', '.join(LAYOUTS)}")
     if len(names) != features.batch:
         raise ValueError(f"{len(names)} names for {features.batch} samples")
     out = Path(out_dir)

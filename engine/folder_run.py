@@ -21,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..layer_catalog.errors import echo
 from .extraction import extract
 from .features_io import safe_name, save_features
 from .prompts import encode_prompt
@@ -78,7 +79,7 @@ def plan_batches(files: list[Path], native: int, resize: str, size, batch_size: 
                 with Image.open(f) as im:
                     w, h = im.size
             except (OSError, Image.DecompressionBombError) as e:
-                raise ImageInputError(f"{str(f)!r} is not a readable image ({e})") from None
+                raise ImageInputError(f"{echo(str(f))} is not a readable image ({e})") from None
             check_size(w, h, str(f))
             key = target_size(w, h, native, resize)
         groups[key].append(i)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layer_catalog import FeatureCapture, resolve_taps
+from ..layer_catalog.errors import echo
 from ..layer_catalog.taps import is_pixart
 from .control import check_controls, control_residuals
 from .ddim import eps_output
@@ -59,12 +60,12 @@ def _check_size(model, height: int, width: int) -> None:
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or value < multiple or value % multiple:
             raise ValueError(f"{name} must be a positive multiple of {multiple} pixels for {model.family}, got "
-                             f"{value!r}")
+                             f"{echo(value)}")
 
 
 def _batch_size(batch: int, *counts: int) -> int:
     if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+        raise ValueError(f"batch must be an integer >= 1, got {echo(batch)}")
     for n in counts:
         if n > 1 and batch == 1:
             batch = n
@@ -117,16 +118,16 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
     from .lora import lora_applied
 
     if capture_branch not in BRANCHES:
-        raise ValueError(f"capture_branch must be one of {', '.join(BRANCHES)}, got {capture_branch!r}")
+        raise ValueError(f"capture_branch must be one of {', '.join(BRANCHES)}, got {echo(capture_branch)}")
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        raise ValueError(f"steps must be an integer >= 1, got {echo(steps)}")
     if image is not None and latents is not None:
         raise ValueError("give an image (image-to-image) or starting latents, not both")
     if image is not None and not 0.0 < denoise <= 1.0:
         raise ValueError(f"denoise must be in (0, 1] for image-to-image, got {denoise}")
     guided = cfg > 1.0
     if capture_branch != "cond" and not guided:
-        raise ValueError(f"capture_branch {capture_branch!r} needs classifier-free guidance (cfg > 1); with cfg "
+        raise ValueError(f"capture_branch {echo(capture_branch)} needs classifier-free guidance (cfg > 1); with cfg "
                          f"{cfg} only the conditional branch runs")
     denoiser, vae = model.denoiser, model.vae
     param = next(denoiser.parameters())

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..layer_catalog.errors import echo
 from .control import ControlError, attach_control
 from .images import IMAGE_SUFFIXES, ImageInputError, open_image
 from .safe_paths import check_inside, inside
@@ -33,7 +34,7 @@ def canny_thresholds(low, high) -> tuple[float, float]:
     for name, value in (("low", low), ("high", high)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"canny {name} threshold must be a number on OpenCV's 0..255 gradient scale, "
-                             f"got {value!r}")
+                             f"got {echo(value)}")
     if not 0 < low <= high:
         raise ValueError(f"canny thresholds must satisfy 0 < low <= high (OpenCV's 0..255 gradient scale; the "
                          f"content-shift recipe uses 100/200), got low={low}, high={high}")
@@ -74,7 +75,7 @@ class HintFolder:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise ImageInputError(f"hint folder {str(self.root)!r} does not exist or is not a folder: give the "
+            raise ImageInputError(f"hint folder {echo(str(self.root))} does not exist or is not a folder: give the "
                                   "folder of hint images named like the input images")
         self._listings: dict[Path, dict[str, list[Path]]] = {}
 
@@ -84,19 +85,19 @@ class HintFolder:
     def path_for(self, relative: str | os.PathLike) -> Path:
         """The hint file of an input image's relative path; ImageInputError when there is none (or several)."""
         name = Path(relative).as_posix() if isinstance(relative, os.PathLike) else str(relative)
-        where = f"hint folder {str(self.root)!r}"
-        target = inside(self.root, name, f"the hint name {name!r}", where)
+        where = f"hint folder {echo(str(self.root))}"
+        target = inside(self.root, name, f"the hint name {echo(name)}", where)
         candidates = [target] if target.is_file() else self._same_stem(target, refresh=False)
         if not candidates:  # listed before this hint was written: look again once
             candidates = self._same_stem(target, refresh=True)
         if not candidates:
             stem = Path(name).with_suffix("").as_posix()
-            raise ImageInputError(f"no hint for image {name!r} in {where}: expected {stem}.<"
+            raise ImageInputError(f"no hint for image {echo(name)} in {where}: expected {stem}.<"
                                   f"{'|'.join(s[1:] for s in IMAGE_SUFFIXES)}> there")
         if len(candidates) > 1:
             found = ", ".join(p.name for p in candidates)
-            raise ImageInputError(f"several hints for image {name!r} in {where} ({found}): keep one")
-        return check_inside(self.root, candidates[0], f"the hint of {name!r}")
+            raise ImageInputError(f"several hints for image {echo(name)} in {where} ({found}): keep one")
+        return check_inside(self.root, candidates[0], f"the hint of {echo(name)}")
 
     def _same_stem(self, target: Path, refresh: bool) -> list[Path]:
         """Image files of target's folder with target's stem (any image extension, any case). Each folder is
@@ -130,7 +131,7 @@ def attach_hints(cond, controlnets: Sequence[tuple[object, float]], hints: Seque
     if not controlnets:
         raise ControlError("no ControlNets given for the hints")
     if resize not in ("stretch", "center-crop"):
-        raise ValueError(f"unknown hint resize {resize!r}; valid: stretch, center-crop")
+        raise ValueError(f"unknown hint resize {echo(resize)}; valid: stretch, center-crop")
     height, width = size
     pixels = []
     for hint in hints:

@@ -13,13 +13,15 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..layer_catalog.errors import DiffusionFeatureError, echo
+
 RESIZE_MODES = ("keep-aspect", "stretch", "center-crop")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MAX_SIDE = 16384  # a 16k side already needs tens of GiB of attention maps; anything larger is a mistake
 MULTIPLE = 64
 
 
-class ImageInputError(ValueError):
+class ImageInputError(DiffusionFeatureError, ValueError):
     """An input that is not a usable image; the message names it."""
 
 
@@ -90,7 +92,7 @@ def check_size(width: int, height: int, name: str = "image") -> None:
 def target_size(width: int, height: int, native: int, mode: str = "keep-aspect") -> tuple[int, int]:
     """(width, height) the model sees for an image of width x height, under `mode`, for a native side `native`."""
     if mode not in RESIZE_MODES:
-        raise ValueError(f"unknown resize mode {mode!r}; valid modes: {', '.join(RESIZE_MODES)}")
+        raise ValueError(f"unknown resize mode {echo(mode)}; valid modes: {', '.join(RESIZE_MODES)}")
     check_size(width, height)
     if mode != "keep-aspect":
         return native, native

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..layer_catalog import FeatureCapture, resolve_taps
+from ..layer_catalog.errors import DiffusionFeatureError, echo
 from ..layer_catalog.taps import is_pixart
 from .ddim import eps_output, move_between
 from .conditioning import Conditioning, with_time_ids
@@ -25,7 +26,7 @@ from .interrupts import InterruptChecks
 from .samplers import make_scheduler, parse_capture_steps
 
 
-class InversionError(ValueError):
+class InversionError(DiffusionFeatureError, ValueError):
     """An inversion that does not fit the model or the request; the message says which and why."""
 
 
@@ -82,7 +83,7 @@ class Inversion:
 
 def _schedule(model, steps: int):
     if not isinstance(steps, int) or steps < 1:
-        raise InversionError(f"steps must be an integer >= 1, got {steps!r}")
+        raise InversionError(f"steps must be an integer >= 1, got {echo(steps)}")
     sched = make_scheduler(model.scheduler_config, "ddim")
     sched.set_timesteps(steps)
     return sched

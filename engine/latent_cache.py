@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from ..layer_catalog.errors import echo
+
 FORMAT = "diffusion-feature latent cache"
 VERSION = 1
 SUFFIX = ".safetensors"
@@ -44,7 +46,7 @@ class LatentCache:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
-            raise ValueError(f"latent cache {str(self.root)!r} is a file: give a folder (it is created if missing)")
+            raise ValueError(f"latent cache {echo(str(self.root))} is a file: give a folder (it is created if missing)")
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
@@ -140,7 +142,7 @@ class LatentCache:
             tmp = None
         except OSError as e:
             self.write_errors += 1
-            warnings.warn(f"the latent cache {str(self.root)!r} could not store an entry ({e.__class__.__name__}: "
+            warnings.warn(f"the latent cache {echo(str(self.root))} could not store an entry ({e.__class__.__name__}: "
                           f"{e}); the features are unaffected and this image will be encoded again next time",
                           RuntimeWarning, stacklevel=3)
         finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..layer_catalog import FAMILIES, get_family
+from ..layer_catalog.errors import echo
 from .checkpoint_files import CheckpointError, load_pickle_state_dict, read_key_shapes  # noqa: F401
 from .model import FeatureModel, parse_dtype
 from . import tokenizers
@@ -49,13 +50,13 @@ def _check_family(detected: str, family: str | None, path) -> str:
     known = detected in FAMILIES
     if family is None:
         if not known:
-            raise CheckpointError(f"{str(path)!r} looks like {detected}; cannot tell its family (valid: "
+            raise CheckpointError(f"{echo(str(path))} looks like {detected}; cannot tell its family (valid: "
                                   f"{', '.join(FAMILIES)})")
         return detected
     get_family(family)
     if known and (family == detected or {family, detected} <= set(SDXL_LIKE)):
         return family
-    raise CheckpointError(f"{str(path)!r} was given as {family} but looks like {detected}; "
+    raise CheckpointError(f"{echo(str(path))} was given as {family} but looks like {detected}; "
                           f"pass family={detected!r}" + ("" if known else " or check the file"))
 
 
@@ -130,19 +131,19 @@ def _read_config(path: Path, folder: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{folder.name!r} is not a diffusers model folder: it has no "
+        raise CheckpointError(f"{echo(folder.name)} is not a diffusers model folder: it has no "
                               f"{path.relative_to(folder)}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{folder.name!r}: {path.relative_to(folder)} is not readable JSON") from None
+        raise CheckpointError(f"{echo(folder.name)}: {path.relative_to(folder)} is not readable JSON") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{folder.name!r}: {path.relative_to(folder)} must hold a JSON object")
+        raise CheckpointError(f"{echo(folder.name)}: {path.relative_to(folder)} must hold a JSON object")
     return data
 
 
 def detect_folder_family(folder: Path) -> str:
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder.name!r} is not a diffusers model folder (a folder holding "
+        raise CheckpointError(f"{echo(folder.name)} is not a diffusers model folder (a folder holding "
                               "model_index.json)")
     index = _read_config(folder / "model_index.json", folder)
     if "transformer" in index:
@@ -160,7 +161,7 @@ def load_diffusers_folder(folder, family: str | None = None, dtype="float32", de
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
-        raise CheckpointError(f"{str(folder)!r} is not a diffusers folder (no model_index.json)")
+        raise CheckpointError(f"{echo(str(folder))} is not a diffusers folder (no model_index.json)")
     family = _check_family(detect_folder_family(folder), family, folder)
     index = json.loads((folder / "model_index.json").read_text())
     kw = {"local_files_only": True}
@@ -218,7 +219,7 @@ def load_single_file(path, family: str | None = None, dtype="float32", device="c
         pipe = pipe_cls.from_single_file(str(source), config=str(config_dir), local_files_only=True, **extra)
     except (ValueError, RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{str(path)!r} does not fit the {family} architecture of {config_dir} ({first}). "
+        raise CheckpointError(f"{echo(str(path))} does not fit the {family} architecture of {config_dir} ({first}). "
                               f"A checkpoint of a non-standard size needs its diffusers config folder beside it "
                               f"as {path.stem}.config/") from None
     finally:
@@ -248,7 +249,8 @@ def load_model(path, family: str | None = None, dtype="float32", device="cpu") -
     if p.is_dir():
         return load_diffusers_folder(p, family, dtype, device)
     if not p.exists():
-        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+        raise CheckpointError(f"checkpoint {echo(str(p))} does not exist")
     if p.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-        raise CheckpointError(f"{str(p)!r}: expected a diffusers folder or a {', '.join(SINGLE_FILE_SUFFIXES)} file")
+        raise CheckpointError(f"{echo(str(p))}: expected a diffusers folder or a "
+                              f"{', '.join(SINGLE_FILE_SUFFIXES)} file")
     return load_single_file(p, family, dtype, device)

@@ -29,6 +29,8 @@ from types import MappingProxyType
 
 import torch
 
+from ..layer_catalog.errors import DiffusionFeatureError, echo
+
 log = logging.getLogger("diffusion_feature")
 
 COMPONENTS = ("denoiser", "text_encoder", "text_encoder_2")
@@ -36,7 +38,7 @@ TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
-class LoraError(ValueError):
+class LoraError(DiffusionFeatureError, ValueError):
     """A LoRA file that cannot be read or does not fit the model; the message names the file and what is valid."""
 
 
@@ -95,7 +97,7 @@ def _read_tensors(path: Path) -> tuple[dict, dict]:
                 metadata = f.metadata() or {}
             return load_file(str(path)), metadata
         except (SafetensorError, OSError, ValueError) as e:
-            raise LoraError(f"LoRA {str(path)!r} is not a valid safetensors file ({e})") from None
+            raise LoraError(f"LoRA {echo(str(path))} is not a valid safetensors file ({e})") from None
     from .checkpoint_files import CheckpointError, load_pickle_state_dict
 
     try:
@@ -195,9 +197,9 @@ def load_lora(path) -> LoraWeights:
     grouped by component. Nothing is matched to a model here: with_lora does that."""
     path = Path(path)
     if not path.is_file():
-        raise LoraError(f"LoRA {str(path)!r} does not exist")
+        raise LoraError(f"LoRA {echo(str(path))} does not exist")
     if path.suffix.lower() not in SUFFIXES:
-        raise LoraError(f"LoRA {str(path)!r}: expected a {', '.join(SUFFIXES)} file")
+        raise LoraError(f"LoRA {echo(str(path))}: expected a {', '.join(SUFFIXES)} file")
     tensors, metadata = _read_tensors(path)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     ignored = []
@@ -237,7 +239,7 @@ def load_lora(path) -> LoraWeights:
     if not entries:
         few = ", ".join(list(tensors)[:4]) or "none"
         kinds = sorted({reason for _, reason in ignored} - {"not a LoRA tensor"})
-        raise LoraError(f"LoRA {str(path)!r} holds no usable LoRA weights (keys: {few}"
+        raise LoraError(f"LoRA {echo(str(path))} holds no usable LoRA weights (keys: {few}"
                         f"{', ...' if len(tensors) > 4 else ''})" + (f"; skipped: {', '.join(kinds)}" if kinds
                                                                      else "")
                         + ". Supported: kohya (lora_unet_/lora_te_*.lora_down/lora_up.weight + alpha), "
@@ -387,7 +389,7 @@ def _resolve(model, lora: LoraWeights, components=COMPONENTS, check_shapes: bool
                 continue
             if check_shapes and not _fits(entry.delta_shape(), tuple(weight.shape)):
                 raise LoraError(
-                    f"LoRA {lora.name!r} does not fit this {model.family} model: {entry.key} targets "
+                    f"LoRA {echo(lora.name)} does not fit this {model.family} model: {entry.key} targets "
                     f"{component} module {name} whose weight is {tuple(weight.shape)}, but the LoRA's update is "
                     f"{entry.delta_shape()} (down {tuple(entry.down.shape)}, up {tuple(entry.up.shape)}). "
                     "Was it made for another model family?")
@@ -407,7 +409,7 @@ def _finite(value, what: str) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise LoraError(f"{what} must be a number, got {value!r}") from None
+        raise LoraError(f"{what} must be a number, got {echo(value)}") from None
     if not math.isfinite(value):
         raise LoraError(f"{what} must be a finite number, got {value}")
     return value
@@ -426,7 +428,7 @@ def with_lora(model, lora: LoraWeights, strength_model: float = 1.0, strength_cl
     if not found:
         keys = lora.keys()
         raise LoraError(
-            f"LoRA {lora.name!r} ({lora.path}) matches no module of this {model.family} model "
+            f"LoRA {echo(lora.name)} ({lora.path}) matches no module of this {model.family} model "
             f"(its keys look like: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}). Made for another "
             f"model family? It has entries for: {', '.join(lora.entries)}")
     skipped = unmatched + list(lora.ignored)

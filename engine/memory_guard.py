@@ -33,10 +33,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..layer_catalog.errors import DiffusionFeatureError
+
 _UNLIMITED = 2 ** 60  # cgroup v1 writes "no limit" as a huge page-aligned number
 
 
-class FeatureMemoryError(ValueError):
+class FeatureMemoryError(DiffusionFeatureError, ValueError):
     """A run that would not fit in the memory available to this process; raised before anything runs."""
 
 

@@ -13,6 +13,7 @@ import torch
 
 from ..layer_catalog import compute_shapes, get_family
 from ..layer_catalog.catalog import parse_size
+from ..layer_catalog.errors import echo
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -22,7 +23,7 @@ def parse_dtype(dtype) -> torch.dtype:
         return dtype
     if dtype in DTYPES:
         return DTYPES[dtype]
-    raise ValueError(f"unknown dtype {dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+    raise ValueError(f"unknown dtype {echo(dtype)}; valid dtypes: {', '.join(DTYPES)}")
 
 
 @dataclass

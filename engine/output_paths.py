@@ -8,13 +8,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..layer_catalog.errors import DiffusionFeatureError, echo
 from .safe_paths import UnsafePathError, check_length, inside
 
 # The least a save appends to the prefix's last part (its counter); the full names are checked before any write.
 _SUFFIX_RESERVE = len("_00001_")
 
 
-class OutputPathError(ValueError):
+class OutputPathError(DiffusionFeatureError, ValueError):
     pass
 
 
@@ -24,12 +25,11 @@ def resolve_prefix(filename_prefix: str, output_dir) -> tuple[Path, str, str]:
     if not prefix:
         raise OutputPathError("filename_prefix is empty: give a name such as 'diffusion_feature/features'")
     root = Path(output_dir).resolve()
-    shown = prefix if len(prefix) <= 80 else prefix[:77] + "..."
     try:
-        target = inside(root, prefix, f"filename_prefix {shown!r}", "the output folder")
+        target = inside(root, prefix, f"filename_prefix {echo(prefix)}", "the output folder")
         if target == root:
-            raise UnsafePathError(f"filename_prefix {shown!r} names the output folder itself; add a file name")
-        check_length(target.name + "x" * _SUFFIX_RESERVE, f"filename_prefix {shown!r} with its counter and "
+            raise UnsafePathError(f"filename_prefix {echo(prefix)} names the output folder itself; add a file name")
+        check_length(target.name + "x" * _SUFFIX_RESERVE, f"filename_prefix {echo(prefix)} with its counter and "
                                                           "extension")
     except UnsafePathError as e:
         raise OutputPathError(f"{e} (e.g. 'subfolder/name')") from None

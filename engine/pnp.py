@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..layer_catalog import FeatureCapture, FeatureInjection, enumerate_ids, resolve_taps
+from ..layer_catalog.errors import DiffusionFeatureError, echo
 from .ddim import eps_output
 from .conditioning import with_time_ids
 from .generation import Generation, _stack_kwargs, check_generation, decode
@@ -34,7 +35,7 @@ _FEATURE_DEFAULTS = {"sd15": ["up-level1-repeat1-res-increment"], "sd21": ["up-l
                      "playground-v2": ["up-level0-repeat1-res-increment"]}
 
 
-class PnPError(ValueError):
+class PnPError(DiffusionFeatureError, ValueError):
     """A bad Plug-and-Play setting; the message names it and what would be valid."""
 
 
@@ -55,9 +56,9 @@ def default_attention_layers(model) -> list[str]:
 def negative_weights(alpha: float, schedule: str, steps: int) -> np.ndarray:
     """w_i of the unconditional embedding w * empty + (1 - w) * negative, per step."""
     if schedule not in NEGATIVE_SCHEDULES:
-        raise PnPError(f"negative_schedule must be one of {', '.join(NEGATIVE_SCHEDULES)}, got {schedule!r}")
+        raise PnPError(f"negative_schedule must be one of {', '.join(NEGATIVE_SCHEDULES)}, got {echo(schedule)}")
     if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-        raise PnPError(f"negative_alpha must be in 0..1 (1: no negative prompting, lower: stronger), got {alpha!r}")
+        raise PnPError(f"negative_alpha must be in 0..1 (1: no negative prompting, lower: stronger), got {echo(alpha)}")
     if schedule == "linear":
         base = np.linspace(1.0, 0.0, steps)
     elif schedule == "exp":
@@ -69,7 +70,7 @@ def negative_weights(alpha: float, schedule: str, steps: int) -> np.ndarray:
 
 def _threshold(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise PnPError(f"{name} must be a fraction of the steps in 0..1, got {value!r}")
+        raise PnPError(f"{name} must be a fraction of the steps in 0..1, got {echo(value)}")
     return float(value)
 
 
@@ -116,9 +117,9 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
     f_thr, a_thr = _threshold("feature_threshold", feature_threshold), _threshold("attention_threshold",
                                                                                  attention_threshold)
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-        raise PnPError(f"eta must be in 0..1 (0: deterministic DDIM), got {eta!r}")
+        raise PnPError(f"eta must be in 0..1 (0: deterministic DDIM), got {echo(eta)}")
     if capture_branch not in CAPTURE_BRANCHES:
-        raise PnPError(f"capture_branch must be one of {', '.join(CAPTURE_BRANCHES)}, got {capture_branch!r}")
+        raise PnPError(f"capture_branch must be one of {', '.join(CAPTURE_BRANCHES)}, got {echo(capture_branch)}")
     denoiser = model.denoiser
     param = next(denoiser.parameters())
     device, dtype = param.device, param.dtype
@@ -141,7 +142,7 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
               "all": ["source", "uncond", "cond"]}[capture_branch]
     keep = [r for r, n in enumerate(names) if n in wanted]
     if taps and not keep:
-        raise PnPError(f"capture_branch {capture_branch!r} needs classifier-free guidance (cfg > 1)")
+        raise PnPError(f"capture_branch {echo(capture_branch)} needs classifier-free guidance (cfg > 1)")
     kept_rows = keep[-1] - keep[0] + 1 if taps else 0
     check_generation(model, taps, rows, kept_rows, len(capture_at), height, width,
                      inversion.conditioning.encoder_hidden_states.shape[1], offload=True, images=k,

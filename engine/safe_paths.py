@@ -11,12 +11,14 @@ import os
 import re
 from pathlib import Path, PureWindowsPath
 
+from ..layer_catalog.errors import DiffusionFeatureError
+
 NAME_MAX = 255  # bytes of one path component on every common filesystem (ext4, xfs, btrfs, NTFS, APFS)
 MAX_DEPTH = 32  # subfolders below a root that a name may ask for; deeper is refused, never recursed into
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(DiffusionFeatureError, ValueError):
     """A name that would leave its root, or that no filesystem can hold. The message names the input."""
 
 

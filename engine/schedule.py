@@ -6,6 +6,8 @@ import re
 
 import torch
 
+from ..layer_catalog.errors import echo
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -23,7 +25,7 @@ def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
 
 def check_timestep(t) -> int:
     if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < NUM_TRAIN_TIMESTEPS:
-        raise ValueError(f"t must be an integer training timestep in 0..{NUM_TRAIN_TIMESTEPS - 1}, got {t!r}")
+        raise ValueError(f"t must be an integer training timestep in 0..{NUM_TRAIN_TIMESTEPS - 1}, got {echo(t)}")
     return t
 
 
@@ -64,17 +66,17 @@ def parse_timesteps(text: str) -> list[int]:
     out: list[int] = []
     for position, entry in enumerate(entries, 1):
         if not entry:
-            raise ValueError(f"timestep entry {position} of {text!r} is empty: write integers in 0..999 "
+            raise ValueError(f"timestep entry {position} of {echo(text)} is empty: write integers in 0..999 "
                              "separated by single commas, e.g. '25,50,100'")
         if not re.fullmatch(r"[+-]?[0-9]+", entry):  # int() would also take '5_0' and non-ASCII digits
-            raise ValueError(f"timestep {entry!r} (entry {position} of {text!r}) is not an integer: timesteps "
+            raise ValueError(f"timestep {echo(entry)} (entry {position} of {echo(text)}) is not an integer: timesteps "
                              f"are training timestep indices 0..{NUM_TRAIN_TIMESTEPS - 1}")
         value = int(entry)
         if not 0 <= value < NUM_TRAIN_TIMESTEPS:
-            raise ValueError(f"timestep {entry!r} (entry {position} of {text!r}) is outside "
+            raise ValueError(f"timestep {echo(entry)} (entry {position} of {echo(text)}) is outside "
                              f"0..{NUM_TRAIN_TIMESTEPS - 1}, the training timestep indices")
         if value in out:
-            raise ValueError(f"timestep {value} appears twice in {text!r}: give each timestep once")
+            raise ValueError(f"timestep {value} appears twice in {echo(text)}: give each timestep once")
         out.append(value)
     return out
 
@@ -82,7 +84,7 @@ def parse_timesteps(text: str) -> list[int]:
 def check_timesteps(timesteps) -> list[int]:
     """A sequence of timesteps for one pass as a list: each a valid t, no duplicates, at least one."""
     if isinstance(timesteps, (str, bytes)) or not hasattr(timesteps, "__iter__"):
-        raise ValueError(f"timesteps must be a sequence of integers such as [25, 50, 100], got {timesteps!r} "
+        raise ValueError(f"timesteps must be a sequence of integers such as [25, 50, 100], got {echo(timesteps)} "
                          "(parse text with parse_timesteps)")
     out = [check_timestep(t) for t in timesteps]
     if not out:

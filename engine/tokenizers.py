@@ -12,12 +12,14 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from ..layer_catalog.errors import DiffusionFeatureError
+
 BPE_FILE = Path(__file__).resolve().parent / "data" / "clip_bpe_simple_vocab_16e6.txt.gz"
 CLIP_MAX_LENGTH = 77
 _N_MERGES = 49152 - 256 - 2  # CLIP's vocabulary: 256 bytes, their '</w>' forms, these merges, 2 specials
 
 
-class TokenizerMissingError(ValueError):
+class TokenizerMissingError(DiffusionFeatureError, ValueError):
     pass
 
 

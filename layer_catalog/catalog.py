@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import echo
 from .families import FAMILIES, dummy_inputs, get_family, meta_denoiser
 from .hooks import FeatureCapture
 from .taps import enumerate_ids, taps_of
@@ -54,9 +55,9 @@ def parse_size(size) -> tuple[int, int]:
         try:
             w, h = (int(v) for v in size.lower().split("x"))
         except ValueError:
-            raise ValueError(f"size {size!r} is not N or WxH (e.g. 512 or 768x512)") from None
+            raise ValueError(f"size {echo(size)} is not N or WxH (e.g. 512 or 768x512)") from None
     else:
-        raise ValueError(f"size {size!r} is not N or WxH (e.g. 512 or 768x512)")
+        raise ValueError(f"size {echo(size)} is not N or WxH (e.g. 512 or 768x512)")
     if h <= 0 or w <= 0 or h % 8 or w % 8:
         raise ValueError(f"size {w}x{h} (WxH) must be positive multiples of 8 (the VAE's factor)")
     return h, w
@@ -116,7 +117,7 @@ def preset_ids(family: str, preset: str) -> list[str]:
         return family_ids(family)
     presets = _load(family)["presets"]
     if preset not in presets:
-        raise ValueError(f"unknown preset {preset!r} for {family}; valid presets: {', '.join(PRESET_NAMES)}")
+        raise ValueError(f"unknown preset {echo(preset)} for {family}; valid presets: {', '.join(PRESET_NAMES)}")
     return list(presets[preset])
 
 

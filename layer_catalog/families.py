@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import DiffusionFeatureError, echo
 from .taps import is_pixart
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "model_configs"
@@ -38,7 +39,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 
-class UnknownFamilyError(ValueError):
+class UnknownFamilyError(DiffusionFeatureError, ValueError):
     pass
 
 
@@ -46,7 +47,7 @@ def get_family(name: str) -> Family:
     try:
         return FAMILIES[name]
     except KeyError:
-        raise UnknownFamilyError(f"unknown family {name!r}; valid families: {', '.join(FAMILIES)}") from None
+        raise UnknownFamilyError(f"unknown family {echo(name)}; valid families: {', '.join(FAMILIES)}") from None
 
 
 def denoiser_from_config(config: dict, device: str | torch.device = "meta") -> torch.nn.Module:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .errors import DiffusionFeatureError, echo
+
 # Taps inside one transformer block, in the order they fire during a forward.
 BLOCK_SUFFIXES = ("self-q", "self-k", "self-v", "self-map", "cross-q", "cross-map", "ffn-inner", "out")
 MAP_SUFFIXES = ("self-map", "cross-map")
@@ -29,7 +31,7 @@ _PATTERNS = (
 )
 
 
-class LayerIdSyntaxError(ValueError):
+class LayerIdSyntaxError(DiffusionFeatureError, ValueError):
     """The string is not a layer id of any family."""
 
 
@@ -64,7 +66,7 @@ def parse_id(text: str) -> LayerId:
             num = lambda k: int(g[k]) if g.get(k) is not None else None  # noqa: E731
             return LayerId(part=part, suffix=g["suffix"] if "suffix" in g else "out", stage=g.get("stage"),
                            level=num("level"), repeat=num("repeat"), block=num("block"))
-    raise LayerIdSyntaxError(f"{text!r} is not a layer id (see README: layer-id grammar)")
+    raise LayerIdSyntaxError(f"{echo(text)} is not a layer id (see README: layer-id grammar)")
 
 
 def format_id(lid: LayerId) -> str:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention_maps import MapRecordingProcessor
+from .errors import DiffusionFeatureError, echo
 from .hook_set import AttachedHooks, HookSet, module_lookup
 from .taps import Tap
 
@@ -24,7 +25,7 @@ class _EarlyExit(Exception):
     """Raised by the last tap to fire, to skip the rest of the forward. Never leaves `FeatureCapture.run`."""
 
 
-class TokenGridError(RuntimeError):
+class TokenGridError(DiffusionFeatureError, RuntimeError):
     """A token-shaped tensor does not match the spatial grid recorded for it."""
 
 
@@ -93,7 +94,7 @@ class FeatureCapture(AttachedHooks):
         if len(set(ids)) != len(ids):
             raise ValueError(f"a layer id was requested twice: {sorted({i for i in ids if ids.count(i) > 1})}")
         if not isinstance(feature_resize, int) or feature_resize < 1:
-            raise ValueError(f"feature_resize must be an integer >= 1, got {feature_resize!r}")
+            raise ValueError(f"feature_resize must be an integer >= 1, got {echo(feature_resize)}")
         self.dtype, self.device = dtype, (torch.device(device) if device is not None else None)
         self.feature_resize, self.early_exit, self.on_capture = feature_resize, early_exit, on_capture
         self.enabled = True

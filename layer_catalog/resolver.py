@@ -20,12 +20,13 @@ from typing import Callable
 import torch
 
 from .catalog import PRESET_NAMES, family_ids, preset_ids
+from .errors import DiffusionFeatureError, echo
 from .families import FAMILIES, get_family
 from .grammar import LayerIdSyntaxError, format_id, parse_id
 from .taps import Tap, enumerate_ids, taps_of
 
 
-class LayerIdError(ValueError):
+class LayerIdError(DiffusionFeatureError, ValueError):
     """An id that the family (or model) does not have. The message names the nearest valid ids."""
 
 
@@ -62,18 +63,18 @@ def _unknown_id_message(layer_id: str, valid: list[str], owner: str, family: str
     if family is not None and owner != family and layer_id in family_ids(family):
         # A checkpoint of another depth than the family's standard one (a shallow test UNet, a pruned model):
         # the id is right for the family, this model just does not have that module.
-        return (f"{layer_id!r} is a {family} id that {owner} lacks (its denoiser has another depth than the "
+        return (f"{echo(layer_id)} is a {family} id that {owner} lacks (its denoiser has another depth than the "
                 f"standard {family}); nearest ids of this model: {nearest}")
     others = [f for f in FAMILIES if f != family and layer_id in family_ids(f)]
     if others:
-        return (f"{layer_id!r} is a layer id of {', '.join(others)}, not of {owner}; "
+        return (f"{echo(layer_id)} is a layer id of {', '.join(others)}, not of {owner}; "
                 f"nearest {owner} ids: {nearest}")
     try:
         parse_id(layer_id)
         why = "does not exist in"
     except LayerIdSyntaxError:
         why = "is not a layer id of"
-    return f"{layer_id!r} {why} {owner}; nearest valid ids: {nearest}"
+    return f"{echo(layer_id)} {why} {owner}; nearest valid ids: {nearest}"
 
 
 def _split_spec(spec) -> list:
@@ -98,19 +99,19 @@ def _split_spec(spec) -> list:
 
 def _read_json(path: Path):
     if not path.is_file():
-        raise LayerIdError(f"layer file {str(path)!r} does not exist")
+        raise LayerIdError(f"layer file {echo(str(path))} does not exist")
     try:
         data = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LayerIdError(f"layer file {str(path)!r} is not valid JSON ({e})") from None
+        raise LayerIdError(f"layer file {echo(str(path))} is not valid JSON ({e})") from None
     if not isinstance(data, (dict, list)):
-        raise LayerIdError(f"layer file {str(path)!r} must hold {{\"id\": true, ...}} or a list of ids")
+        raise LayerIdError(f"layer file {echo(str(path))} must hold {{\"id\": true, ...}} or a list of ids")
     return data
 
 
 def _read_restricted(name: str) -> list[str]:
     """A layer file through the host's opener: only layer ids of the grammar, named in errors by position."""
-    shown = repr(name if len(name) <= 80 else name[:77] + "...")
+    shown = echo(name)
     try:
         path = _layer_file_opener(name)
     except ValueError as e:
@@ -155,7 +156,7 @@ def _expand(items: list, family: str | None, model_ids: list[str] | None = None)
             members = model_ids
         elif item in PRESET_NAMES:
             if family is None:
-                raise LayerIdError(f"preset {item!r} needs a known family; give the family or list the ids")
+                raise LayerIdError(f"preset {echo(item)} needs a known family; give the family or list the ids")
             members = preset_ids(family, item)
         else:
             members = [item]

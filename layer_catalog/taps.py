@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import echo
 from .grammar import BLOCK_SUFFIXES, LayerId, format_id, parse_id
 
 # How a tap's tensor is read:
@@ -59,10 +60,10 @@ def tap_for(lid: LayerId, pixart: bool, patch_size: int = 1) -> Tap:
     name = format_id(lid)
     if pixart:
         if lid.part != "block" or lid.stage is not None:
-            raise ValueError(f"{name!r} is a UNet id; PixArt ids look like 'vit-block0-out'")
+            raise ValueError(f"{echo(name)} is a UNet id; PixArt ids look like 'vit-block0-out'")
         return _block_tap(lid, "", "", patch_size)
     if lid.part == "block" and lid.stage is None:
-        raise ValueError(f"{name!r} is a PixArt id; UNet ids look like 'up-level1-repeat1-vit-block0-out'")
+        raise ValueError(f"{echo(name)} is a PixArt id; UNet ids look like 'up-level1-repeat1-vit-block0-out'")
     if lid.part == "unet":
         return {"in": Tap(name, "", "input"), "after-conv-in": Tap(name, "conv_in", "spatial"),
                 "out": Tap(name, "conv_out", "spatial")}[lid.suffix]

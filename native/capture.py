@@ -23,6 +23,9 @@ one entry per chunk of rows), `uuids` (one per conditioning, ComfyUI >= 2024-12)
   conditioning is its ordinal among the call's chunks of that branch.
 - Only wanted steps and branches get hooks at all; other calls run exactly as without the taps.
 - Rows are stored only when the call returns: a call that raised leaves no partial rows.
+- Rows belong to the host's job (ComfyUI's prompt, see `set_host_job_id`) whose model calls made them. ComfyUI
+  caches DFCaptureLayers, so a later prompt gets the same capture even when its sampler takes another MODEL:
+  collecting there says the capture saw no model call in this prompt instead of serving the earlier rows.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..layer_catalog.errors import DiffusionFeatureError, echo
 from .names import NativeTap
 from .taps import CallHooks
 
@@ -42,15 +46,35 @@ WRAPPER_KEY = "diffusion_feature.capture"
 
 _registry: weakref.WeakValueDictionary[str, NativeCapture] = weakref.WeakValueDictionary()
 _keys = itertools.count()
+_host_job_id = None  # () -> the id of the host's job running now (ComfyUI's prompt id), or None
+
+NO_CALL = ("the capture saw no model call{where}: connect the MODEL output of DFCaptureLayers to a sampler "
+           "(KSampler, SamplerCustom, ...) whose LATENT output this node receives")
 
 
-class NoCaptureError(RuntimeError):
+class NoCaptureError(DiffusionFeatureError, RuntimeError):
     """The capture recorded nothing (its MODEL never reached a sampler, or no call matched)."""
 
 
-def _parse_steps(spec, steps: int) -> list[int]:
-    from ..engine.samplers import parse_capture_steps  # the one capture-step grammar of the pack
+def set_host_job_id(job_id) -> None:
+    """job_id() -> the id of the host's job running now, or None (ComfyUI: its prompt id). Rows then belong to the
+    job whose model calls made them: a call of another job starts a new run, and collecting in a job whose sampler
+    never called the tapped MODEL is refused rather than served another job's rows. None: no jobs (library use)."""
+    global _host_job_id
+    _host_job_id = job_id
 
+
+def _current_job():
+    return _host_job_id() if _host_job_id is not None else None
+
+
+def _parse_steps(spec, steps: int | None) -> list[int]:
+    """The steps of a run of `steps` steps; None: only read the spec (its syntax), the run's length unknown yet."""
+    from ..engine.samplers import parse_capture_steps, read_capture_steps  # the one capture-step grammar
+
+    if steps is None:
+        read_capture_steps(spec)
+        return []
     return parse_capture_steps(spec, steps)
 
 
@@ -81,8 +105,8 @@ class NativeCapture:
     def __init__(self, taps: list[NativeTap], steps="all", branch: str = "cond", *, family: str | None = None,
                  dtype: torch.dtype | None = None, device=None):
         if branch not in BRANCHES:
-            raise ValueError(f"branch {branch!r} is not one of {', '.join(BRANCHES)}")
-        _parse_steps(steps, 1000)  # a syntax error shows now, not in the middle of sampling
+            raise ValueError(f"branch {echo(branch)} is not one of {', '.join(BRANCHES)}")
+        _parse_steps(steps, None)  # a syntax error shows now; whether the steps fit, once the run's length is known
         self.taps, self.steps_spec, self.branch, self.family = list(taps), steps, branch, family
         self.dtype, self.device = dtype, device
         self.key = f"df-capture-{next(_keys)}"
@@ -97,6 +121,9 @@ class NativeCapture:
         self.steps_error: str | None = None
         self._seen: set[tuple] = set()
         self._ordinals: dict[tuple, list] = {}
+        self.job = None  # the host's job whose model calls made the rows (see set_host_job_id)
+        self._branches_called: set[int] = set()  # branches the run's model calls had, captured or not
+        self._collected_with = None  # weakref to the LATENT samples these rows were first collected with
 
     @property
     def ids(self) -> list[str]:
@@ -106,7 +133,7 @@ class NativeCapture:
     def _new_run(self, total: int | None) -> None:
         self.records, self._seen, self._ordinals = [], set(), {}
         self.model_calls, self.total_steps, self._step = 0, total, -1
-        self.steps_error = None
+        self.steps_error, self._branches_called, self._collected_with = None, set(), None
         try:
             self._wanted = None if total is None else set(_parse_steps(self.steps_spec, total))
         except ValueError as e:  # steps the run does not have: the image still samples, collecting says why
@@ -144,12 +171,17 @@ class NativeCapture:
              timestep_of=None) -> CallPlan | None:
         """Decide what one model call contributes: its rows to keep with their labels, or None (no hooks)."""
         sig = float(sigma.detach().flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+        job = _current_job()
+        if job != self.job:  # another job's sampler: its rows never join the last job's
+            self.begin_run()
+            self.job = job
         schedule = transformer_options.get("sample_sigmas")
         step = self._step_of(sig, schedule if isinstance(schedule, torch.Tensor) else None)
         self.model_calls += 1
+        cou = list(transformer_options.get("cond_or_uncond") or [0])
+        self._branches_called.update(cou)
         if self._wanted is not None and step not in self._wanted:
             return None
-        cou = list(transformer_options.get("cond_or_uncond") or [0])
         batch = x.shape[0]
         if batch % len(cou):
             cou = [cou[0]]  # rows do not split into the announced chunks: label the call as one chunk
@@ -204,15 +236,33 @@ class NativeCapture:
     # ---- reading ---------------------------------------------------------------------------------------
     def _final_records(self) -> list[Record]:
         if self.steps_error is not None:
-            raise ValueError(f"capture steps {self.steps_spec!r} do not fit the sampling run: {self.steps_error}")
+            raise ValueError(f"capture steps {echo(self.steps_spec)} do not fit the sampling run: {self.steps_error}")
         if self._wanted is not None or not self.records:
             return self.records
         steps = sorted({label["step"] for r in self.records for label in r.labels})
         try:
             wanted = set(_parse_steps(self.steps_spec, steps[-1] + 1))
         except ValueError as e:
-            raise ValueError(f"capture steps {self.steps_spec!r} do not fit the sampling run: {e}") from None
+            raise ValueError(f"capture steps {echo(self.steps_spec)} do not fit the sampling run: {e}") from None
         return [r for r in self.records if r.labels and r.labels[0]["step"] in wanted]
+
+    def check_current(self, samples=None) -> None:
+        """Refuse rows another job made. ComfyUI hands a cached DFCaptureLayers' capture to every later prompt,
+        also to one whose sampler took another MODEL: its rows are served only to the job whose model calls made
+        them, or again with the very LATENT `samples` they were first collected with (a sampler output ComfyUI
+        cached, collected once more)."""
+        job = _current_job()
+        if job is None:
+            return
+        if self.job == job:
+            if torch.is_tensor(samples):
+                self._collected_with = weakref.ref(samples)
+            return
+        if samples is not None and self._collected_with is not None and self._collected_with() is samples:
+            return
+        where = " in this prompt" + (" (its rows belong to an earlier prompt, whose sampler made them)"
+                                     if self.records else "")
+        raise NoCaptureError(NO_CALL.format(where=where))
 
     def labels(self) -> list[dict]:
         """One label per captured row, ordered by step, then branch (cond first), conditioning and image."""
@@ -228,10 +278,13 @@ class NativeCapture:
         rows = self._ordered()
         if not rows:
             if self.model_calls == 0:
-                raise NoCaptureError("the capture saw no model call: connect the MODEL output of DFCaptureLayers "
-                                     "to a sampler (KSampler, SamplerCustom, ...) that runs before collecting")
+                raise NoCaptureError(NO_CALL.format(where=""))
+            if self.branch == "uncond" and 1 not in self._branches_called:
+                raise NoCaptureError(f"branch 'uncond': the sampler made no negative (uncond) model call in its "
+                                     f"{self.model_calls} calls; at cfg 1 ComfyUI skips the negative prompt, so "
+                                     "set cfg above 1 to capture it, or capture branch 'cond'")
             raise NoCaptureError(f"the capture saw {self.model_calls} model calls but none matched capture steps "
-                                 f"{self.steps_spec!r} and branch {self.branch!r}")
+                                 f"{echo(self.steps_spec)} and branch {echo(self.branch)}")
         feats = {}
         for tid in self.ids:
             items = [r.features[tid][i] for r, _, i in rows]

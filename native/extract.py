@@ -21,6 +21,7 @@ import torch
 from ..engine.features_io import Features, is_map
 from ..engine.schedule import check_timestep, denoise_schedule
 from ..layer_catalog import get_family
+from ..layer_catalog.errors import echo
 from ..layer_catalog.hooks import pool_spatial
 from . import comfy_model
 
@@ -67,9 +68,9 @@ def extract_native_latents(model, positive, latents: torch.Tensor, layers, t: in
     """Features of ComfyUI latents (B, C, h, w: a LATENT's samples, before the model's process_in) at t."""
     _check_positive(positive)
     if not isinstance(ensemble, int) or ensemble < 1:
-        raise ValueError(f"ensemble must be an integer >= 1 (noise draws to average), got {ensemble!r}")
+        raise ValueError(f"ensemble must be an integer >= 1 (noise draws to average), got {echo(ensemble)}")
     if not isinstance(feature_resize, int) or feature_resize < 1:
-        raise ValueError(f"feature_resize must be an integer >= 1, got {feature_resize!r}")
+        raise ValueError(f"feature_resize must be an integer >= 1, got {echo(feature_resize)}")
     sigmas = comfy_model.sigmas_at(model, schedule(t, denoise_from, denoise_steps))
     model = comfy_model.without_capture(model)
     early_exit = not comfy_model.conditioning_controls(positive)
@@ -105,7 +106,7 @@ def extract_native(model, vae, positive, images: torch.Tensor, layers=None, t: i
     schedule(t, denoise_from, denoise_steps)  # a bad denoise_from is refused before the VAE runs
     _check_positive(positive)
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        raise ValueError(f"batch_size must be an integer >= 1, got {echo(batch_size)}")
     layers = _layers_of(model, layers)
     family = comfy_model.native_family(model)
     native_side = get_family(family).native_size if family else DEFAULT_NATIVE_SIZE
@@ -141,11 +142,13 @@ def extract_native(model, vae, positive, images: torch.Tensor, layers=None, t: i
 
 def collect(capture, latent: dict | None = None) -> Features:
     """DF_FEATURES of a capture after its sampler ran: one row per captured step x branch x conditioning x image,
-    labelled in meta['rows'] (step, timestep, sigma, branch, image, cond_index), as DFGenerate's rows."""
+    labelled in meta['rows'] (step, timestep, sigma, branch, image, cond_index), as DFGenerate's rows. `latent` is
+    the sampler's output: rows another prompt's sampler made are refused (see NativeCapture.check_current)."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    capture.check_current(samples)
     labels, tensors = capture.stacked()
     meta = {"family": capture.family, "layers": list(tensors), "rows": labels, "steps": capture.total_steps,
             "branch": capture.branch, "backend": "native"}
-    samples = (latent or {}).get("samples") if isinstance(latent, dict) else None
     if torch.is_tensor(samples) and samples.ndim == 4:
         meta["size"] = [int(samples.shape[-2]) * 8, int(samples.shape[-1]) * 8]
     return Features(tensors, meta)

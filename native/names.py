@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..layer_catalog.errors import DiffusionFeatureError
 from ..layer_catalog.resolver import resolve_taps
 from ..layer_catalog.taps import enumerate_ids
 
@@ -24,7 +25,7 @@ _DF_MODEL_HINT = ("load it with DFLoadCheckpoint or DFLoadDiffusers (DF_MODEL) t
                   "diffusers backend")
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(DiffusionFeatureError, TypeError):
     """The MODEL's network is not a UNet we can tap natively. The message names what is supported."""
 
 

@@ -10,6 +10,9 @@ import logging
 import os
 from pathlib import Path
 
+from ..engine.safe_paths import check_length
+from ..layer_catalog.errors import echo
+
 log = logging.getLogger("diffusion_feature")
 
 try:  # inside ComfyUI these are top-level modules of the server process
@@ -91,8 +94,10 @@ def _check_name(kind: str, name: str) -> None:
     folder may point anywhere, as in ComfyUI; a name may not)."""
     path = Path(name)
     if not name or path.is_absolute() or path.drive or ".." in name.replace("\\", "/").split("/"):
-        raise ValueError(f"{name!r} is not in the {kind} folder: names are relative paths inside it, "
+        raise ValueError(f"{echo(name)} is not in the {kind} folder: names are relative paths inside it, "
                          f"without '..' (one of: {', '.join(model_names(kind)) or 'none there'})")
+    for part in Path(name).parts:  # a name no filesystem holds is refused here, not by a raw OSError later
+        check_length(part, f"{kind} name {echo(name)}")
 
 
 def model_path(kind: str, name: str) -> Path:
@@ -101,14 +106,14 @@ def model_path(kind: str, name: str) -> Path:
     if folder_paths is not None and kind != "diffusers":
         path = folder_paths.get_full_path(kind, name)
         if path is None:
-            raise ValueError(f"{name!r} is not in ComfyUI's {kind} folder")
+            raise ValueError(f"{echo(name)} is not in ComfyUI's {kind} folder")
         return Path(path)
     roots = _roots(kind)
     for root in roots:
         candidate = Path(root).absolute() / name
         if candidate.exists():
             return candidate
-    raise ValueError(f"{name!r} is not in the {kind} folder ({', '.join(map(str, roots))})")
+    raise ValueError(f"{echo(name)} is not in the {kind} folder ({', '.join(map(str, roots))})")
 
 
 def output_dir() -> Path:
@@ -127,8 +132,7 @@ def layer_file(name: str) -> Path:
     """A layer JSON file named in a widget: only from the input folder (where users upload files)."""
     from ..engine.safe_paths import inside
 
-    shown = name if len(name) <= 80 else name[:77] + "..."
-    return inside(input_dir(), name, f"layer file {shown!r}", "ComfyUI's input folder")
+    return inside(input_dir(), name, f"layer file {echo(name)}", "ComfyUI's input folder")
 
 
 # ---- device, progress, interrupts ----------------------------------------------------------------------------
@@ -202,6 +206,18 @@ def check_interrupt() -> None:
         import comfy.model_management as mm
 
         mm.throw_exception_if_processing_interrupted()
+
+
+def current_prompt_id():
+    """The id of the prompt ComfyUI is running now (the server sets it before executing one, in every supported
+    version); None outside ComfyUI."""
+    if folder_paths is None:
+        return None
+    try:
+        from server import PromptServer  # type: ignore
+    except ImportError:
+        return None
+    return getattr(getattr(PromptServer, "instance", None), "last_prompt_id", None)
 
 
 def interrupt_callback():

@@ -1,7 +1,7 @@
 """DFAttachHooks (choose the taps) and DFShowLayers (list every id of a model with its shape)."""
 from __future__ import annotations
 
-from ..layer_catalog import PRESET_NAMES, resolve_taps
+from ..layer_catalog import PRESET_NAMES, LayerIdError, resolve_taps
 from ..layer_catalog.catalog import parse_size
 from .comfy_env import AnyOfTypes
 
@@ -10,7 +10,13 @@ PRESET_TIP = "Add a preset: practical (the paper's choice), legacy (block output
 
 
 def parse_layer_text(layers: str, preset: str) -> list[str]:
-    """The widget text (ids separated by commas or new lines) plus an optional preset, as one spec."""
+    """The widget text (ids separated by commas or new lines) plus an optional preset, as one spec. JSON pasted
+    into the field is refused by name: split at commas it would only give ids that do not exist."""
+    opening = layers.lstrip()[:1]
+    if opening in ("{", "["):
+        what = 'a JSON object ({"id": true, ...})' if opening == "{" else "a JSON list"
+        raise LayerIdError(f"the layers field does not accept {what}: type the ids one per line or comma "
+                           "separated, or save the JSON as a .json file in ComfyUI's input folder and type its name")
     items = [preset] if preset and preset != "none" else []
     items += [s for s in layers.replace(",", "\n").splitlines() if s.strip()]
     return [s.strip() for s in items]

@@ -6,11 +6,13 @@ training timestep. Their DF_FEATURES are the DF_MODEL nodes' type: PCA, attentio
 from __future__ import annotations
 
 from . import comfy_env
+from ..engine.features_io import check_layout_layers
 from ..layer_catalog import PRESET_NAMES
 from ..native import BRANCHES, capture_layers
 from ..native.extract import collect, extract_native
 from .extract_inputs import extraction_options, timestep_inputs
 from .node_hooks import PRESET_TIP, parse_layer_text
+from .prompt_graph import fed_by
 
 _LAYERS_TIP = ("Layer ids, one per line or comma separated (e.g. up-level1-repeat1-vit-block0-cross-q), or a JSON "
                "file in the input folder. The layer picker fills this.")
@@ -19,6 +21,22 @@ _LAYERS_TIP = ("Layer ids, one per line or comma separated (e.g. up-level1-repea
 def _spec(layers: str, preset: str) -> list[str]:
     spec = parse_layer_text(layers, preset)
     return [str(comfy_env.layer_file(s)) if s.lower().endswith(".json") else s for s in spec]
+
+
+def _check_saves(ids: list[str], prompt, unique_id) -> None:
+    """The DFSaveFeatures nodes that this capture's features reach in the prompt: a layout they cannot write with
+    these layers fails now, before the sampler runs, rather than after it."""
+    if not isinstance(prompt, dict) or unique_id is None:
+        return
+    for nid in fed_by(prompt, unique_id, DFCaptureLayers.RETURN_TYPES.index("DF_CAPTURE")):
+        node = prompt[nid]
+        layout = (node.get("inputs") or {}).get("layout")
+        if node.get("class_type") == "DFSaveFeatures" and isinstance(layout, str):
+            try:
+                check_layout_layers(layout, ids)
+            except ValueError as e:
+                raise ValueError(f"DFSaveFeatures (node {nid}) saves these features: {e}; capture a spatial layer "
+                                 "too, or save with another layout") from None
 
 
 class DFCaptureLayers:
@@ -43,13 +61,16 @@ class DFCaptureLayers:
             "branch": (list(BRANCHES), {"default": "cond",
                                         "tooltip": "The guidance branch to capture: positive (cond), negative "
                                                    "(uncond; needs cfg > 1) or both."}),
-        }}
+        }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}
 
-    def capture(self, model, layers, preset="none", capture_steps="all", branch="cond"):
+    def capture(self, model, layers, preset="none", capture_steps="all", branch="cond", prompt=None,
+                unique_id=None):
         spec = _spec(layers, preset)
         if not spec:
             raise ValueError("no layers chosen: type layer ids or pick a preset")
-        return capture_layers(model, spec, capture_steps, branch, device="cpu")
+        tapped, capture = capture_layers(model, spec, capture_steps, branch, device="cpu")
+        _check_saves(capture.ids, prompt, unique_id)
+        return tapped, capture
 
 
 class DFCollectFeatures:

@@ -7,6 +7,7 @@ from . import comfy_env
 from ..engine.features_io import FORMATS, LAYOUTS, load_features, row_label, save_features
 from ..engine.output_paths import sample_names
 from ..engine.safe_paths import UnsafePathError, inside
+from ..layer_catalog.errors import echo
 
 
 class DFSaveFeatures:
@@ -63,7 +64,7 @@ class DFLoadFeatures:
 
     def load(self, path):
         root = comfy_env.output_dir().resolve()
-        full = inside(root, path.strip(), f"path {path.strip()[:80]!r}", "the output folder")
+        full = inside(root, path.strip(), f"path {echo(path.strip())}", "the output folder")
         return (load_features(full, root=root),)
 
     @classmethod

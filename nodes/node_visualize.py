@@ -6,6 +6,7 @@ import torch
 
 from ..engine.features_io import check_image_size
 from ..engine.visualize import attention_heatmap, pca_rgb, self_attention_pca, to_image_size
+from ..layer_catalog.errors import echo
 
 # An output image costs 3 float32 values per pixel (the IMAGE) plus the uint8 drawing and one resize buffer.
 _BYTES_PER_PIXEL = 3 * 4 + 2 * 3
@@ -41,9 +42,9 @@ def _pick(features, layer: str, want_map: bool) -> str:
     if not layer:
         return names[0]
     if layer not in features.tensors:
-        raise ValueError(f"layer {layer!r} is not in these features; they hold: {', '.join(features.tensors)}")
+        raise ValueError(f"layer {echo(layer)} is not in these features; they hold: {', '.join(features.tensors)}")
     if layer not in names:
-        raise ValueError(f"{layer!r} is {'not ' if want_map else ''}an attention map; use "
+        raise ValueError(f"{echo(layer)} is {'not ' if want_map else ''}an attention map; use "
                          f"{'DFAttentionMap' if not want_map else 'DFFeaturePCA'} for it")
     return layer
 
@@ -90,7 +91,7 @@ class DFFeaturePCA:
         sets = [features] + [f for f in (features_2, features_3, features_4) if f is not None]
         for k, other in enumerate(sets[1:], start=2):
             if layer not in other.tensors:
-                raise ValueError(f"features_{k} holds no layer {layer!r} (it holds: {', '.join(other.tensors)})")
+                raise ValueError(f"features_{k} holds no layer {echo(layer)} (it holds: {', '.join(other.tensors)})")
         items = [x for f in sets for x in f.tensors[layer]]
         rgb = pca_rgb(items, joint=joint, foreground_threshold=foreground_threshold or None)
         if size == "image" and (features.meta.get("input_size") or features.meta.get("size")):
@@ -170,7 +171,7 @@ class DFSelfAttentionPCA:
                 raise ValueError(f"these features hold no self-map layer (they hold: {', '.join(features.tensors)})")
         layer = _pick(features, layer, want_map=True)
         if not layer.endswith("-self-map"):
-            raise ValueError(f"{layer!r} is not a self-attention map; give a -self-map layer")
+            raise ValueError(f"{echo(layer)} is not a self-attention map; give a -self-map layer")
         height, width = _image_size(features, features.tensors[layer].shape[0] if size == "image" else 0)
         rgb = self_attention_pca(features.tensors[layer], (height, width), joint=joint)
         return (_as_image(_sized(rgb, height, width) if size == "image" else rgb),)

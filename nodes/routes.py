@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from ..layer_catalog import FAMILIES, load_catalog, parse_id
+from ..layer_catalog.errors import echo
 from . import comfy_env
 
 
@@ -24,7 +25,7 @@ def group_of(layer_id: str) -> str:
 
 def layers_payload(family: str) -> dict:
     if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown family {echo(family)}; valid families: {', '.join(FAMILIES)}")
     catalog = load_catalog(family)
     return {"family": family, "size": catalog["size"], "presets": catalog["presets"],
             "layers": [{"id": x["id"], "shape": x["shape"], "group": group_of(x["id"])} for x in catalog["layers"]]}
@@ -38,7 +39,7 @@ def family_payload(kind: str, name: str) -> dict:
     path = comfy_env.model_path(kind, name)
     family = detect_folder_family(path) if kind == "diffusers" else detect_family(read_key_shapes(path))
     if family not in FAMILIES:
-        raise ValueError(f"{name!r} looks like {family}")
+        raise ValueError(f"{echo(name)} looks like {family}")
     return {"family": family}
 
 

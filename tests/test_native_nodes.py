@@ -190,7 +190,7 @@ def test_nodes_are_registered_with_display_names():
     for name in ("DFCaptureLayers", "DFCollectFeatures", "DFExtractNative"):
         assert name in NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS[name]
         spec = NODE_CLASS_MAPPINGS[name].INPUT_TYPES()
-        for group in spec.values():
+        for group in (spec["required"], spec.get("optional", {})):  # "hidden" ones are ComfyUI's, not widgets
             assert all(opts[1].get("tooltip") for opts in group.values())
     assert NODE_CLASS_MAPPINGS["DFCaptureLayers"].RETURN_TYPES == ("MODEL", "DF_CAPTURE")
     assert NODE_CLASS_MAPPINGS["DFCollectFeatures"].RETURN_TYPES == ("DF_FEATURES",)
@@ -261,6 +261,110 @@ def test_collect_errors_name_the_fix(comfy, models):
         DFCaptureLayers().capture(model, "mid-vit-block3-out", "none", "all", "cond")
     with pytest.raises(ValueError, match="no layers chosen"):
         DFCaptureLayers().capture(model, "", "none", "all", "cond")
+
+
+def test_capture_steps_are_read_at_capture_and_fitted_to_the_run_when_it_is_known(comfy, models):
+    """DFCaptureLayers checks the steps' syntax only: step 1200 of a 1500-step run is captured (no placeholder run
+    of 1000 steps refuses it); whether the steps fit is said at collection, for the run that happened."""
+    model = models["sd15"]
+    unet = model.model.diffusion_model
+    with pytest.raises(ValueError, match="cannot read 'x'"):
+        DFCaptureLayers().capture(model, "mid-vit-out", "none", "1, x", "cond")
+    schedule = torch.linspace(14.0, 0.0, 1501)  # the sample_sigmas of a 1500-step run
+    x = torch.randn(2, 4, *LATENT)
+    ctx = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(0))
+    for spec, fits in (("1200", True), ("every 200 from 1000", True), ("1600", False)):
+        _, capture = DFCaptureLayers().capture(model, "mid-vit-out", "none", spec, "cond")
+        for step in (0, 1200):  # one model call at each of these steps
+            sigma = schedule[step].repeat(2)
+            opts = {"cond_or_uncond": [0], "sigmas": sigma, "sample_sigmas": schedule}
+            with torch.no_grad():
+                capture.run_call(unet, x, sigma, opts, lambda: model.model.apply_model(
+                    x, sigma, c_crossattn=ctx, transformer_options=opts), model.model.model_sampling.timestep)
+        if fits:
+            (features,) = DFCollectFeatures().collect(capture, {"samples": x})
+            assert [r["step"] for r in features.meta["rows"]] == [1200, 1200] and features.meta["steps"] == 1500
+        else:
+            with pytest.raises(ValueError, match="capture step 1600 is outside 0..1499 for a run of 1500 steps"):
+                DFCollectFeatures().collect(capture, {"samples": x})
+    _zero_hooks(unet)
+
+
+def test_uncond_at_cfg_1_says_that_cfg_1_makes_no_negative_call(comfy, models):
+    tapped, capture = DFCaptureLayers().capture(models["sd15"], "mid-vit-out", "none", "all", "uncond")
+    latent = _sample(comfy, tapped, "sd15", steps=2, cfg=1.0)
+    with pytest.raises(NoCaptureError, match="no negative .uncond. model call.*at cfg 1 ComfyUI skips the negative"):
+        DFCollectFeatures().collect(capture, {"samples": latent})
+
+
+@pytest.mark.parametrize("text, what", [('{"mid-vit-out": true, "unet-out": true}', "a JSON object"),
+                                        ('  ["mid-vit-out", "unet-out"]', "a JSON list")])
+def test_json_in_the_layers_field_is_refused_by_name(comfy, models, text, what):
+    with pytest.raises(LayerIdError, match=f"the layers field does not accept {what}.*a .json file"):
+        DFCaptureLayers().capture(models["sd15"], text, "none", "all", "cond")
+
+
+def test_a_100k_layers_field_gives_a_short_error(comfy, models):
+    with pytest.raises(LayerIdError) as e:
+        DFCaptureLayers().capture(models["sd15"], "x" * 100_000, "none", "all", "cond")
+    assert len(str(e.value)) < 1000 and "(100000 characters)" in str(e.value)
+
+
+def _capture_graph(layout: str) -> dict:
+    """An API prompt as ComfyUI hands it to DFCaptureLayers (hidden PROMPT): capture (5) -> KSampler (6) ->
+    DFCollectFeatures (7) -> DFSaveFeatures (10)."""
+    return {"5": {"class_type": "DFCaptureLayers", "inputs": {"model": ["1", 0]}},
+            "6": {"class_type": "KSampler", "inputs": {"model": ["5", 0]}},
+            "7": {"class_type": "DFCollectFeatures", "inputs": {"capture": ["5", 1], "latent": ["6", 0]}},
+            "10": {"class_type": "DFSaveFeatures", "inputs": {"features": ["7", 0], "layout": layout}}}
+
+
+def test_a_save_layout_that_needs_spatial_layers_fails_before_sampling(comfy, models):
+    """Maps only, saved with the aggregate layout: DFCaptureLayers (which runs before the sampler) refuses, naming
+    the save node; a spatial layer, or another layout, passes."""
+    model = models["sd15"]
+    maps = "mid-vit-block0-self-map"
+    with pytest.raises(ValueError, match=r"DFSaveFeatures \(node 10\).*aggregate layout needs at least one spatial"):
+        DFCaptureLayers().capture(model, maps, "none", "all", "cond", prompt=_capture_graph("aggregate"),
+                                  unique_id="5")
+    DFCaptureLayers().capture(model, f"{maps}, mid-vit-out", "none", "all", "cond",
+                              prompt=_capture_graph("aggregate"), unique_id="5")
+    DFCaptureLayers().capture(model, maps, "none", "all", "cond", prompt=_capture_graph("per-sample"),
+                              unique_id="5")
+
+
+@pytest.fixture()
+def prompt_ids():
+    """ComfyUI's running prompt as the captures see it (nodes/__init__ gives them comfy_env.current_prompt_id)."""
+    from diffusion_feature.native.capture import set_host_job_id
+
+    current = {"id": None}
+    set_host_job_id(lambda: current["id"])
+    yield current
+    set_host_job_id(None)
+
+
+def test_rows_of_an_earlier_prompt_are_never_served_as_this_ones(comfy, models, prompt_ids):
+    """ComfyUI caches DFCaptureLayers: a later prompt gets the same capture. When that prompt's sampler takes the
+    untapped MODEL, collecting says the capture saw no model call in this prompt; the earlier prompt's cached
+    sampler output still collects its own rows; the tapped graph queued again gets fresh rows."""
+    model = models["sd15"]
+    prompt_ids["id"] = "p1"
+    tapped, capture = DFCaptureLayers().capture(model, "mid-vit-out", "none", "all", "cond")
+    first = _sample(comfy, tapped, "sd15", steps=2)
+    (rows1,) = DFCollectFeatures().collect(capture, {"samples": first})
+    prompt_ids["id"] = "p2"
+    other = _sample(comfy, model, "sd15", steps=2, seed=1)
+    with pytest.raises(NoCaptureError, match="saw no model call in this prompt .its rows belong to an earlier"):
+        DFCollectFeatures().collect(capture, {"samples": other})
+    (again,) = DFCollectFeatures().collect(capture, {"samples": first})  # the first sampler's output, cached
+    assert torch.equal(again.tensors["mid-vit-out"], rows1.tensors["mid-vit-out"])
+    prompt_ids["id"] = "p3"
+    third = _sample(comfy, tapped, "sd15", steps=2, seed=1)
+    (rows3,) = DFCollectFeatures().collect(capture, {"samples": third})
+    assert [r["step"] for r in rows3.meta["rows"]] == [0, 0, 1, 1]
+    assert not torch.equal(rows3.tensors["mid-vit-out"], rows1.tensors["mid-vit-out"])  # this prompt's noise
+    _zero_hooks(model.model.diffusion_model)
 
 
 def _comfy_vae(comfy):

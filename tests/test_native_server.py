@@ -158,7 +158,38 @@ def test_bad_native_inputs_fail_in_one_sentence(server):
     bad_steps["5"]["inputs"]["capture_steps"] = "0, 30"
     err = execution_error(server.run(bad_steps))
     assert err and err["node_type"] == "DFCollectFeatures" and "outside 0..7" in err["exception_message"]
+    maps_only = copy.deepcopy(graph)  # attention maps saved with the aggregate layout: refused before sampling
+    maps_only["5"]["inputs"]["layers"] = "up-level1-repeat0-vit-block0-cross-map"
+    maps_only["10"]["inputs"]["layout"] = "aggregate"
+    for nid in ("8", "9"):
+        del maps_only[nid]
+    err = execution_error(server.run(maps_only))
+    assert err and err["node_type"] == "DFCaptureLayers" and "aggregate layout" in err["exception_message"]
     run_ok(server, graph)  # the server keeps serving
+    no_hooks(server)
+
+
+def test_a_cached_capture_never_serves_an_earlier_prompts_rows(server):
+    """ComfyUI caches DFCaptureLayers, so a later prompt gets the very capture of an earlier one. With the sampler's
+    model switched to the untapped MODEL, DFCollectFeatures says the capture saw no model call in this prompt
+    (ComfyUI names our exception by its public module); the tapped graph queued again samples anew and succeeds."""
+    graph = native("native_ksampler_capture_timeline")
+    for nid in ("8", "9", "11", "12"):  # the features only
+        del graph[nid]
+    graph["10"]["inputs"]["filename_prefix"] = "diffusion_feature/native_stale"
+    first_files = saved_files(server, run_ok(server, graph))
+    untapped = copy.deepcopy(graph)
+    untapped["6"]["inputs"]["model"] = ["1", 0]  # Load Checkpoint's own MODEL: the tapped clone reaches no sampler
+    err = execution_error(server.run(untapped))
+    assert err and err["node_type"] == "DFCollectFeatures", err
+    assert "the capture saw no model call in this prompt" in err["exception_message"]
+    assert err["exception_type"] == "diffusion_feature.native.capture.NoCaptureError"
+    again_files = saved_files(server, run_ok(server, graph))
+    assert again_files and not set(again_files) & set(first_files)  # written by this prompt
+    first, again = ([load_features(f) for f in files] for files in (first_files, again_files))
+    assert [f.meta["step"] for f in again] == [f.meta["step"] for f in first] == [0, 4]
+    for a, b in zip(first, again):  # the same graph and seed sampled again: the same rows
+        assert torch.equal(a.tensors[LAYER], b.tensors[LAYER])
     no_hooks(server)
 
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ...layer_catalog.errors import echo
+
 TIMEOUT = datetime.timedelta(days=7)
 
 
@@ -93,7 +95,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"the environment variable {name}={value!r} must be an integer (torchrun and accelerate "
+        raise ValueError(f"the environment variable {name}={echo(value)} must be an integer (torchrun and accelerate "
                          "launch set it)") from None
 
 

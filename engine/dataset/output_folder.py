@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ...layer_catalog.errors import echo
 from . import index, naming, run_file
 from .run_file import ResumeError
 
@@ -164,5 +165,6 @@ def check_prompts(out, records: list[dict], prompts: dict[str, str], digest: str
     if wrong:
         image, there, now = wrong[0]
         more = f" (and {len(wrong) - 1} more images)" if len(wrong) > 1 else ""
-        raise ResumeError(f"--resume: {out} holds {image} made with prompt {there!r}, this run gives it {now!r}{more}; "
+        raise ResumeError(f"--resume: {out} holds {image} made with prompt {echo(there)}, this run gives it "
+                          f"{echo(now)}{more}; "
                           "resume with the same prompts or choose another --output")

@@ -17,6 +17,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from ...layer_catalog.errors import DiffusionFeatureError, echo
 from ..features_io import write_atomic
 from .naming import INDEX_DIR
 
@@ -25,7 +26,7 @@ VERSION = 1
 RUN_FILE = "run.json"
 
 
-class ResumeError(ValueError):
+class ResumeError(DiffusionFeatureError, ValueError):
     """An output folder a run cannot write into or continue; the message names the folder and what to do."""
 
 
@@ -49,7 +50,7 @@ def _load(out: Path) -> dict | None:
     if not isinstance(data, dict) or data.get("tool") != TOOL or not isinstance(data.get("settings"), dict):
         raise ResumeError(f"{path} was not written by `{TOOL}`; choose another --output")
     if data.get("version") != VERSION:
-        raise ResumeError(f"{path} is from index version {data.get('version')!r}; this version reads {VERSION}: "
+        raise ResumeError(f"{path} is from index version {echo(data.get('version'))}; this version reads {VERSION}: "
                           "choose another --output")
     return data
 

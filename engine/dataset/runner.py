@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
+from ...layer_catalog.errors import echo
 from ..features_io import FORMATS, LAYOUTS, Features, save_features
 from ..images import ImageInputError, open_image, prepare, target_size
 from ..memory_guard import FeatureMemoryError
@@ -116,7 +117,7 @@ def _plan_batches(items: list, job: _Job, fail) -> list[list]:
         except (OSError, ValueError, Image.DecompressionBombError):
             try:
                 open_image(item[0].path)
-                reason = f"{str(item[0].path)!r} is not a readable image"
+                reason = f"{echo(str(item[0].path))} is not a readable image"
             except ImageInputError as e:
                 reason = str(e)
             fail(item, reason)
@@ -440,9 +441,9 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
     start = time.perf_counter()
     timesteps = check_timesteps(timesteps)
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+        raise ValueError(f"unknown format {echo(fmt)}; valid formats: {', '.join(FORMATS)}")
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
+        raise ValueError(f"unknown layout {echo(layout)}; valid layouts: {', '.join(LAYOUTS)}")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if verify and not resume:

@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from ...layer_catalog.errors import echo
 from ..images import IMAGE_SUFFIXES, ImageInputError
 
 _MAGIC = set("*?[")
@@ -73,20 +74,20 @@ def _missing(path: Path) -> str:
         os.stat(path)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            return f"image {str(path)!r} is a symbolic link loop (following its links never reaches a file)"
+            return f"image {echo(str(path))} is a symbolic link loop (following its links never reaches a file)"
         if os.path.islink(path):
-            return f"image {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not exist"
-    return f"image {str(path)!r} does not exist"
+            return f"image {echo(str(path))} is a symbolic link to {echo(os.readlink(path))}, which does not exist"
+    return f"image {echo(str(path))} does not exist"
 
 
 def _explicit(path: Path, root: Path) -> ImageSource:
     problem = None
     if path.is_dir():
-        problem = f"{str(path)!r} is a folder, not an image file"
+        problem = f"{echo(str(path))} is a folder, not an image file"
     elif not path.exists():
         problem = _missing(path)
     elif not is_image_name(path.name):
-        problem = (f"{str(path)!r} is not an image file by its extension (valid: {', '.join(IMAGE_SUFFIXES)}, "
+        problem = (f"{echo(str(path))} is not an image file by its extension (valid: {', '.join(IMAGE_SUFFIXES)}, "
                    "in any case)")
     return ImageSource(path, _relative(path, root), problem)
 
@@ -97,20 +98,20 @@ def from_pattern(pattern: str) -> list[ImageSource]:
     if p.is_dir():
         sources = [ImageSource(f, _relative(f, p)) for f in _walk(p)]
         if not sources:
-            raise ImageInputError(f"no image files match {pattern!r} (a folder is searched recursively for "
+            raise ImageInputError(f"no image files match {echo(pattern)} (a folder is searched recursively for "
                                   f"{', '.join(IMAGE_SUFFIXES)} files, in any case)")
         return sorted(sources, key=lambda s: s.relative)
     parts = p.parts
     if not any(_MAGIC & set(part) for part in parts):
         if not p.exists():
-            raise ImageInputError(f"no image files match {pattern!r}: {_missing(p).removeprefix('image ')}")
+            raise ImageInputError(f"no image files match {echo(pattern)}: {_missing(p).removeprefix('image ')}")
         return [_explicit(p, p.parent)]
     static = next(i for i, part in enumerate(parts) if _MAGIC & set(part))
     root = Path(*parts[:static]) if static else Path(".")
     matches = [Path(f) for f in glob.glob(pattern, recursive=True)]
     sources = [ImageSource(f, _relative(f, root)) for f in matches if f.is_file() and is_image_name(f.name)]
     if not sources:
-        raise ImageInputError(f"no image files match {pattern!r}")
+        raise ImageInputError(f"no image files match {echo(pattern)}")
     return sorted(sources, key=lambda s: s.relative)
 
 
@@ -118,11 +119,11 @@ def from_list(list_file) -> list[ImageSource]:
     """The images of `--input-list FILE`: one path per line (see the module docstring)."""
     lf = Path(list_file)
     if not lf.is_file():
-        raise ImageInputError(f"input list {str(lf)!r} does not exist")
+        raise ImageInputError(f"input list {echo(str(lf))} does not exist")
     try:
         lines = lf.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise ImageInputError(f"input list {str(lf)!r} is not UTF-8 text (one image path per line)") from None
+        raise ImageInputError(f"input list {echo(str(lf))} is not UTF-8 text (one image path per line)") from None
     paths, seen = [], set()
     for line in lines:
         entry = line.strip()
@@ -134,7 +135,7 @@ def from_list(list_file) -> list[ImageSource]:
             seen.add(path)
             paths.append(path)
     if not paths:
-        raise ImageInputError(f"input list {str(lf)!r} names no files (one image path per line)")
+        raise ImageInputError(f"input list {echo(str(lf))} names no files (one image path per line)")
     root = Path(os.path.commonpath([str(q.parent) for q in paths]))
     return [_explicit(q, root) for q in paths]
 
@@ -170,7 +171,7 @@ def rebase(sources: list[ImageSource], root) -> list[ImageSource]:
         path = Path(os.path.abspath(s.path))
         if root not in path.parents:
             raise OutsideRootError(
-                f"{str(s.path)!r} lies outside {str(root)!r}, the folder this run names its outputs from (fixed "
+                f"{echo(str(s.path))} lies outside {echo(str(root))}, the folder this run names its outputs from (fixed "
                 "by its first run: outputs mirror paths below it); give inputs below it, or start a new run in "
                 "another --output")
         rebased.append(ImageSource(s.path, _relative(path, root), s.problem))
