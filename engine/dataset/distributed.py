@@ -30,12 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ...layer_catalog.errors import echo
+from ...layer_catalog.errors import DiffusionFeatureError, echo
 
 TIMEOUT = datetime.timedelta(days=7)
 
 
-class GroupLost(RuntimeError):
+class GroupLost(DiffusionFeatureError, RuntimeError):
     """A collective failed: another process of the run is gone (killed, crashed)."""
 
 
