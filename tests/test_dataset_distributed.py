@@ -121,8 +121,16 @@ class _PartnerGone(distributed.Ranks):
         raise distributed.GroupLost("another process of the run is gone (Connection closed by peer)")
 
 
+@pytest.fixture
+def sigterm_restored():
+    """The test process's own SIGTERM handler back after a test whose run leaves SIGTERM ignored."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield previous
+    signal.signal(signal.SIGTERM, previous)
+
+
 def test_survivors_stop_with_their_status_and_write_the_summary(dataset, reference, sd15_folder, tmp_path,
-                                                                 monkeypatch, capsys):
+                                                                 monkeypatch, capsys, sigterm_restored):
     from diffusion_feature.engine import extraction
 
     torch.set_num_threads(1)
@@ -134,6 +142,10 @@ def test_survivors_stop_with_their_status_and_write_the_summary(dataset, referen
     assert first.status == 3 and first.stats.written == 3  # its whole share, then the group was gone
     summary = json.loads((out / "df_index" / "summary.json").read_text())
     assert (summary["status"], summary["reported"], summary["processes"], summary["written"]) == (3, [0], 2, 3)
+    # a process of a group keeps ignoring SIGTERM on its way out: the launcher's SIGTERM, sent because the other
+    # process died, must not turn its status into -15 (a race the torchrun kill test lost on a loaded machine)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    signal.signal(signal.SIGTERM, sigterm_restored)
     real, calls = extraction.extract_timesteps, [0]
 
     def sigterm_on_the_second_image(*a, **k):  # the launcher stopping the survivors

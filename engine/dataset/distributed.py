@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...layer_catalog.errors import DiffusionFeatureError, echo
+from ...layer_catalog.errors import DiffusionFeatureError, echo, public_module
 
 TIMEOUT = datetime.timedelta(days=7)
 
@@ -127,14 +127,21 @@ def device_for(device: str, ranks: Ranks) -> str:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a launcher stopping the survivors of a failed process, or `kill`), taken like Ctrl-C."""
+    """SIGTERM (a launcher stopping the survivors of a failed process, or `kill`), taken like Ctrl-C. Not under
+    DiffusionFeatureError: that is an Exception, and `except Exception` must not swallow a stop."""
+
+
+Terminated.__module__ = public_module(__name__)
 
 
 @contextmanager
-def sigterm_as_interrupt():
+def sigterm_as_interrupt(keep_ignoring: bool = False):
     """While the block runs, the first SIGTERM raises Terminated in the main thread (the run stops as for Ctrl-C:
     the writes under way finish); once `armed` is set False (the run is writing its summary), SIGTERMs are
-    ignored, so the summary is not cut short. A no-op outside the main thread."""
+    ignored, so the summary is not cut short. keep_ignoring: they stay ignored after a disarmed block, for a
+    process of a launched group that is about to exit with the run's status (the launcher's SIGTERM, sent when
+    another process died, would otherwise replace that status with -15 during the exit). A no-op outside the main
+    thread."""
     class State:
         armed = True
 
@@ -150,4 +157,4 @@ def sigterm_as_interrupt():
     try:
         yield State
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if keep_ignoring and not State.armed else previous)

@@ -517,7 +517,7 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
         else:
             items.append((source, prompt))
     lost = False  # another process is gone: the group can no longer gather the counts or meet at a barrier
-    with sigterm_as_interrupt() as sigterm:
+    with sigterm_as_interrupt(keep_ignoring=ranks.world > 1) as sigterm:
         try:
             try:
                 ranks.barrier()  # every process has read the index before any appends to it
