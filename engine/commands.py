@@ -223,7 +223,7 @@ def run_extract(args) -> int:
 
 
 def run_pca(args) -> int:
-    from .features_io import load_features
+    from .features_io import image_size, load_features
     from .visualize import pca_rgb, save_png
 
     loaded = [load_features(f) for f in args.features]
@@ -238,7 +238,7 @@ def run_pca(args) -> int:
     else:
         targets = [out / f"{Path(p).stem}_{args.layer}.png" for p in args.features]
     for rgb, target, feats in zip(images, targets, loaded):
-        height, width = feats.meta.get("size", [rgb.shape[0], rgb.shape[1]])
+        height, width = image_size(feats.meta) or rgb.shape[:2]
         size = (rgb.shape[1] * args.scale, rgb.shape[0] * args.scale) if args.scale else (width, height)
         save_png(rgb, target, size=size)
         print(f"wrote {target}")
@@ -256,7 +256,7 @@ def _fresh_folder(base: Path) -> Path:
 
 def run_demo(args) -> int:
     from ..layer_catalog import parse_size
-    from .features_io import load_features
+    from .features_io import image_size, load_features
     from .folder_run import extract_folder, find_images
     from .visualize import pca_rgb, save_png
 
@@ -279,7 +279,7 @@ def run_demo(args) -> int:
     for layer in loaded[0].tensors:
         images = pca_rgb([f.tensors[layer][0] for f in loaded], joint=True)
         for path, rgb, feats in zip(saved, images, loaded):
-            height, width = feats.meta["size"]  # PCA images are the size of the image the model saw
+            height, width = image_size(feats.meta)  # PCA images are the size of the image the model saw
             save_png(rgb, out / "pca" / f"{path.stem}_{layer}.png", size=(width, height))
     print(f"wrote {len(saved)} feature files and {len(saved) * len(loaded[0].tensors)} PCA images to {out} in "
           f"{time.perf_counter() - start:.1f} s")

@@ -54,7 +54,8 @@ def test_cli_extract_then_pca(tmp_path, folder, images, model):
     assert sorted(p.name for p in out.iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors",
                                                      "df_index"]  # the run's index (tests/test_dataset_run.py)
     saved = load_features(out / "b.safetensors")
-    assert saved.meta["t"] == 50 and saved.meta["seed"] == 3 and saved.meta["size"] == [64, 96]
+    assert saved.meta["t"] == 50 and saved.meta["seed"] == 3 and (saved.meta["width"], saved.meta["height"]) == (96, 64)
+    assert "size" not in saved.meta  # --size is WxH: the file names its sides rather than holding an [H, W] pair
     want = extract(model, [images / "b.png"], "a photo", ids, t=50, seed=3, size=(64, 96))
     for k in want.tensors:
         torch.testing.assert_close(saved.tensors[k], want.tensors[k], atol=1e-5, rtol=1e-5)

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..features_io import FORMATS, LAYOUTS, Features, save_features
+from ..features_io import FORMATS, LAYOUTS, Features, save_features, size_meta
 from ..images import ImageInputError, open_image, prepare, target_size
 from ..memory_guard import FeatureMemoryError
 from . import index, naming, output_folder, run_file
@@ -163,7 +163,7 @@ def _save_item(job: _Job, records: _Records, item, row: int, features: list, ima
     written: list[Path] = []
     try:
         for name, feats in zip(naming.entry_names(source.relative, job.timesteps), features):
-            meta = dict(feats.meta, prompt=[prompt], input_size=[image.height, image.width])
+            meta = dict(feats.meta, prompt=[prompt], **size_meta(image.height, image.width, "input_"))
             one = Features({k: v[row:row + 1] for k, v in feats.tensors.items()}, meta)
             entry = PurePosixPath(name)
             written += save_features(one, job.out / entry.parent, [entry.name], job.fmt, job.layout)
