@@ -15,7 +15,7 @@ import torch
 
 from ..layer_catalog import FAMILIES, get_family
 from .checkpoint_files import CheckpointError, load_pickle_state_dict, read_key_shapes  # noqa: F401
-from .model import FeatureModel, parse_dtype
+from .model import FeatureModel, parse_device, parse_dtype
 from . import tokenizers
 from .tokenizers import TokenizerMissingError, clip_tokenizer, load_tokenizer
 
@@ -108,6 +108,7 @@ def build_random(family: str, dtype="float32", device="cpu", seed: int = 0) -> F
     from ..layer_catalog.families import denoiser_from_config
 
     fam = get_family(family)
+    parse_device(device)  # before minutes of building
     tokenizers = default_tokenizers(family)
     torch.manual_seed(seed)
     denoiser = denoiser_from_config(fam.denoiser_config(), "cpu")
@@ -158,6 +159,7 @@ def load_diffusers_folder(folder, family: str | None = None, dtype="float32", de
     from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
     from transformers import AutoModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
+    parse_device(device)  # before reading gigabytes
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{str(folder)!r} is not a diffusers folder (no model_index.json)")
@@ -192,6 +194,7 @@ def load_single_file(path, family: str | None = None, dtype="float32", device="c
     A checkpoint of a non-standard size (a custom or test architecture) can carry its own diffusers config folder
     beside it, named `<file stem>.config/` (model_index.json and component configs); it is used instead.
     """
+    parse_device(device)  # before reading gigabytes
     path = Path(path)
     family = _check_family(detect_family(read_key_shapes(path)), family, path)
     sidecar = path.with_name(path.stem + ".config")
