@@ -9,22 +9,31 @@ import torch
 
 DATA = Path(__file__).resolve().parent / "data"
 SAMPLES = DATA / "samples"
-RANDOM_WARNING = (
-    "!" * 78 + "\n"
-    "!! No --model given: using RANDOM WEIGHTS of the real SD1.5 architecture.\n"
-    "!! Every stage runs for real (VAE, text encoder, UNet, hooks, saving, PCA), but features of random\n"
-    "!! weights are NOT meaningful. Pass --model PATH (a diffusers folder or a .safetensors checkpoint).\n"
-    + "!" * 78)
+
+
+def random_banner(family: str) -> str:
+    """The loud label of a model of random weights on the command line."""
+    import textwrap
+
+    from .loading import random_weights_notice
+
+    lines = textwrap.wrap(random_weights_notice(family), 74)
+    return "\n".join(["!" * 78, *(f"!! {line}" for line in lines), "!" * 78])
 
 
 def _load(args):
-    from .loading import build_random, load_model
+    """The model of --model (a path, or random:FAMILY; the demo's default is random:sd15), with --lora applied."""
+    import warnings
 
-    if args.model is None:
-        print(RANDOM_WARNING, file=sys.stderr)
-        model = build_random(args.family or "sd15", args.dtype, args.device)
-    else:
-        model = load_model(args.model, args.family, args.dtype, args.device)
+    from .loading import RANDOM_PREFIX, RandomWeightsWarning, load_model, random_family
+
+    spec = args.model if args.model is not None else RANDOM_PREFIX + (args.family or "sd15")
+    family = random_family(spec)
+    if family is not None:
+        print(random_banner(family), file=sys.stderr)
+    with warnings.catch_warnings():  # said by the banner above
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        model = load_model(spec, args.family, args.dtype, args.device)
     for spec in getattr(args, "lora", None) or []:
         from .lora import load_lora, with_lora
 
@@ -258,6 +267,7 @@ def run_demo(args) -> int:
     from ..layer_catalog import parse_size
     from .features_io import image_size, load_features
     from .folder_run import extract_folder, find_images
+    from .loading import RANDOM_SOURCE
     from .visualize import pca_rgb, save_png
 
     torch.manual_seed(0)
@@ -283,6 +293,6 @@ def run_demo(args) -> int:
             save_png(rgb, out / "pca" / f"{path.stem}_{layer}.png", size=(width, height))
     print(f"wrote {len(saved)} feature files and {len(saved) * len(loaded[0].tensors)} PCA images to {out} in "
           f"{time.perf_counter() - start:.1f} s")
-    if args.model is None:
+    if model.source == RANDOM_SOURCE:
         print("reminder: these features come from random weights (see the warning above)", file=sys.stderr)
     return 0
