@@ -257,7 +257,7 @@ def run_pca(args) -> int:
 def _fresh_folder(base: Path) -> Path:
     if not base.exists() or not any(base.iterdir()):
         return base
-    n = 2
+    n = 1
     while (base.parent / f"{base.name}-{n}").exists():
         n += 1
     return base.parent / f"{base.name}-{n}"
