@@ -232,9 +232,15 @@ def run_extract(args) -> int:
 
 
 def run_pca(args) -> int:
-    from .features_io import image_size, load_features
+    from .features_io import image_size, is_map, load_features
     from .visualize import pca_rgb, save_png
 
+    if is_map(args.layer):  # (heads, queries, keys) read as (C, H, W) would draw a meaningless image
+        raise ValueError(f"--layer {args.layer!r} is an attention map (heads x queries x keys), not a spatial "
+                         "feature, so pca does not draw it: show a self-map with self-attention PCA and a cross-map "
+                         "as a heatmap (engine.visualize.self_attention_pca / attention_heatmap, the "
+                         "DFSelfAttentionPCA / DFAttentionMap nodes); pca takes spatial layers (not -self-map or "
+                         "-cross-map)")
     loaded = [load_features(f) for f in args.features]
     for path, feats in zip(args.features, loaded):
         if args.layer not in feats.tensors:
