@@ -67,13 +67,14 @@ def _demo(args) -> int:
 
 
 def _add_model_args(p, required: bool) -> None:
-    p.add_argument("--model", required=required, default=None,
+    p.add_argument("--model", required=required, default=None, metavar="PATH|random:FAMILY",
                    help="a diffusers folder or a single-file checkpoint (.safetensors; .ckpt/.pt read with "
-                        "weights_only=True)" + ("" if required else "; default: random weights of the real SD1.5 "
-                                                "architecture (features then mean nothing)"))
+                        "weights_only=True), or random:FAMILY (e.g. random:sd15) for random weights of the family's "
+                        "real architecture, to try everything without a checkpoint (its features mean nothing)"
+                        + ("" if required else "; default: random:sd15"))
     p.add_argument("--family", choices=list(FAMILIES), default=None, help="model family (default: detected)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if "
-                                                                          "available, else cpu)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device: cpu, cuda, cuda:N, mps "
+                                                                          "(default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="model dtype (default float32; float16 on a GPU halves memory)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",

@@ -11,22 +11,31 @@ from ..layer_catalog.errors import echo
 
 DATA = Path(__file__).resolve().parent / "data"
 SAMPLES = DATA / "samples"
-RANDOM_WARNING = (
-    "!" * 78 + "\n"
-    "!! No --model given: using RANDOM WEIGHTS of the real SD1.5 architecture.\n"
-    "!! Every stage runs for real (VAE, text encoder, UNet, hooks, saving, PCA), but features of random\n"
-    "!! weights are NOT meaningful. Pass --model PATH (a diffusers folder or a .safetensors checkpoint).\n"
-    + "!" * 78)
+
+
+def random_banner(family: str) -> str:
+    """The loud label of a model of random weights on the command line."""
+    import textwrap
+
+    from .loading import random_weights_notice
+
+    lines = textwrap.wrap(random_weights_notice(family), 74)
+    return "\n".join(["!" * 78, *(f"!! {line}" for line in lines), "!" * 78])
 
 
 def _load(args):
-    from .loading import build_random, load_model
+    """The model of --model (a path, or random:FAMILY; the demo's default is random:sd15), with --lora applied."""
+    import warnings
 
-    if args.model is None:
-        print(RANDOM_WARNING, file=sys.stderr)
-        model = build_random(args.family or "sd15", args.dtype, args.device)
-    else:
-        model = load_model(args.model, args.family, args.dtype, args.device)
+    from .loading import RANDOM_PREFIX, RandomWeightsWarning, load_model, random_family
+
+    spec = args.model if args.model is not None else RANDOM_PREFIX + (args.family or "sd15")
+    family = random_family(spec)
+    if family is not None:
+        print(random_banner(family), file=sys.stderr)
+    with warnings.catch_warnings():  # said by the banner above
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        model = load_model(spec, args.family, args.dtype, args.device)
     for spec in getattr(args, "lora", None) or []:
         from .lora import load_lora, with_lora
 
@@ -234,9 +243,15 @@ def run_extract(args) -> int:
 
 
 def run_pca(args) -> int:
-    from .features_io import load_features
+    from .features_io import image_size, is_map, load_features
     from .visualize import pca_rgb, save_png
 
+    if is_map(args.layer):  # (heads, queries, keys) read as (C, H, W) would draw a meaningless image
+        raise ValueError(f"--layer {args.layer!r} is an attention map (heads x queries x keys), not a spatial "
+                         "feature, so pca does not draw it: show a self-map with self-attention PCA and a cross-map "
+                         "as a heatmap (engine.visualize.self_attention_pca / attention_heatmap, the "
+                         "DFSelfAttentionPCA / DFAttentionMap nodes); pca takes spatial layers (not -self-map or "
+                         "-cross-map)")
     loaded = [load_features(f) for f in args.features]
     for path, feats in zip(args.features, loaded):
         if args.layer not in feats.tensors:
@@ -249,7 +264,7 @@ def run_pca(args) -> int:
     else:
         targets = [out / f"{Path(p).stem}_{args.layer}.png" for p in args.features]
     for rgb, target, feats in zip(images, targets, loaded):
-        height, width = feats.meta.get("size", [rgb.shape[0], rgb.shape[1]])
+        height, width = image_size(feats.meta) or rgb.shape[:2]
         size = (rgb.shape[1] * args.scale, rgb.shape[0] * args.scale) if args.scale else (width, height)
         save_png(rgb, target, size=size)
         print(f"wrote {target}")
@@ -259,7 +274,7 @@ def run_pca(args) -> int:
 def _fresh_folder(base: Path) -> Path:
     if not base.exists() or not any(base.iterdir()):
         return base
-    n = 2
+    n = 1
     while (base.parent / f"{base.name}-{n}").exists():
         n += 1
     return base.parent / f"{base.name}-{n}"
@@ -267,8 +282,9 @@ def _fresh_folder(base: Path) -> Path:
 
 def run_demo(args) -> int:
     from ..layer_catalog import parse_size
-    from .features_io import load_features
+    from .features_io import image_size, load_features
     from .folder_run import extract_folder, find_images
+    from .loading import RANDOM_SOURCE
     from .visualize import pca_rgb, save_png
 
     torch.manual_seed(0)
@@ -290,10 +306,10 @@ def run_demo(args) -> int:
     for layer in loaded[0].tensors:
         images = pca_rgb([f.tensors[layer][0] for f in loaded], joint=True)
         for path, rgb, feats in zip(saved, images, loaded):
-            height, width = feats.meta["size"]  # PCA images are the size of the image the model saw
+            height, width = image_size(feats.meta)  # PCA images are the size of the image the model saw
             save_png(rgb, out / "pca" / f"{path.stem}_{layer}.png", size=(width, height))
     print(f"wrote {len(saved)} feature files and {len(saved) * len(loaded[0].tensors)} PCA images to {out} in "
           f"{time.perf_counter() - start:.1f} s")
-    if args.model is None:
+    if model.source == RANDOM_SOURCE:
         print("reminder: these features come from random weights (see the warning above)", file=sys.stderr)
     return 0

@@ -325,8 +325,10 @@ def _extract_pass(model, images, prompt, layers, timesteps: list[int], seed: int
 
 
 def _meta(model, cond, inputs, t, seed, height, width, tensors, ensemble, denoise_from, denoise_steps) -> dict:
-    meta = {"family": model.family, "t": t, "seed": seed, "size": [height, width], "prompt": list(cond.prompts),
-            "layers": list(tensors), "ensemble": ensemble, "input_size": [inputs[0].height, inputs[0].width]}
+    from .features_io import size_meta
+
+    meta = {"family": model.family, "t": t, "seed": seed, **size_meta(height, width), "prompt": list(cond.prompts),
+            "layers": list(tensors), "ensemble": ensemble, **size_meta(inputs[0].height, inputs[0].width, "input_")}
     if denoise_from is not None:
         meta.update(denoise_from=denoise_from, denoise_steps=denoise_steps)
     if cond.controls:

@@ -2,7 +2,7 @@
 
 Formats and layouts:
 - safetensors (default): one file per image, `<name>.safetensors`, holding every requested layer (C, H, W) and the
-  metadata (family, t, seed, size, prompt, layer ids).
+  metadata (family, t, seed, height and width, prompt, layer ids).
 - npy, for the reference project's layouts: `per-layer` (<layer>/<name>.npy), `per-sample` (<name>/<layer>.npy),
   or `aggregate` (<name>.npy: every spatial layer resized to the largest grid and concatenated on channels; maps
   are not spatial and are left out). Metadata goes beside them as JSON.
@@ -40,9 +40,12 @@ from .safe_paths import UnsafePathError, check_inside, check_length, component
 
 FORMATS = ("safetensors", "npy")
 LAYOUTS = ("per-sample", "per-layer", "aggregate")
-_META_KEYS = ("family", "t", "seed", "size", "input_size", "prompt", "layers", "name", "step", "ensemble",
-              "aggregate_slices", "timestep", "branch", "image", "scheduler", "steps", "cfg", "denoise",
-              "denoise_from", "denoise_steps", "controlnets", "sigma", "cond_index")
+_META_KEYS = ("family", "t", "seed", "height", "width", "input_height", "input_width", "prompt", "layers", "name",
+              "step", "ensemble", "aggregate_slices", "timestep", "branch", "image", "scheduler", "steps", "cfg",
+              "denoise", "denoise_from", "denoise_steps", "controlnets", "sigma", "cond_index")
+# Sizes are named keys: `height`, `width` (the image the model saw) and `input_height`, `input_width` (the image as
+# given). Earlier files held one [height, width] pair, easily read as the CLI's WxH; they are still read.
+_LEGACY_SIZE_KEYS = {"size": "", "input_size": "input_"}
 # per-row labels of features captured during generation (DFGenerate, DFCollectFeatures)
 _ROW_KEYS = ("step", "timestep", "sigma", "branch", "image", "cond_index")
 AGGREGATE = "aggregate"  # the one tensor key that is not a layer id: the aggregate layout's concatenation
@@ -71,7 +74,7 @@ class Features:
     def empty(cls, size, **meta) -> "Features":
         """No layers captured (a run without capture steps or without attached layers), for nodes that must
         still return DF_FEATURES."""
-        return cls({}, {"size": list(size), "rows": [], **meta})
+        return cls({}, {**size_meta(*size), "rows": [], **meta})
 
 
 def is_map(layer_id: str) -> bool:
@@ -98,8 +101,29 @@ def check_feature_key(key) -> str:
                            "files, so only layer ids (and 'aggregate') are accepted")
 
 
+def size_meta(height: int, width: int, prefix: str = "") -> dict:
+    """An image size as metadata: {prefix}height and {prefix}width, prefix "" for the image the model saw and
+    "input_" for the image as it was given."""
+    return {f"{prefix}height": int(height), f"{prefix}width": int(width)}
+
+
+def _check_side(value, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_IMAGE_SIDE:
+        raise FeatureFileError(f"the metadata's {key!r} must be an integer in 1..{MAX_IMAGE_SIDE}")
+    return value
+
+
+def image_size(meta: dict, prefix: str = "") -> tuple[int, int] | None:
+    """(height, width) recorded by size_meta under `prefix`, each checked to lie in 1..MAX_IMAGE_SIDE (metadata may
+    come from an uploaded file); None when the metadata records none."""
+    keys = (f"{prefix}height", f"{prefix}width")
+    if not all(k in meta for k in keys):
+        return None
+    return _check_side(meta[keys[0]], keys[0]), _check_side(meta[keys[1]], keys[1])
+
+
 def check_image_size(value, key: str) -> list[int]:
-    """A (height, width) from metadata: two integers in 1..MAX_IMAGE_SIDE."""
+    """A legacy (height, width) pair from metadata: two integers in 1..MAX_IMAGE_SIDE."""
     if (not isinstance(value, (list, tuple)) or len(value) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_IMAGE_SIDE for v in value)):
         raise FeatureFileError(f"the metadata's {echo(key)} must be [height, width], two integers in 1.."
@@ -303,9 +327,11 @@ def _checked_meta(meta, label: str) -> dict:
             raise FeatureFileError(f"{label}: the metadata's 'layers' must be a non-empty list of layer ids")
         for key in layers:
             check_feature_key(key)
-    for key in ("size", "input_size"):
+    for key, prefix in _LEGACY_SIZE_KEYS.items():  # a file written before the named keys
         if key in meta:
-            meta[key] = check_image_size(meta[key], key)
+            meta = {**size_meta(*check_image_size(meta.pop(key), key), prefix), **meta}
+    for prefix in _LEGACY_SIZE_KEYS.values():
+        image_size(meta, prefix)
     return meta
 
 
@@ -334,7 +360,7 @@ def load_features(path, root=None) -> Features:
         except (SafetensorError, OSError, ValueError) as e:
             raise FeatureFileError(f"{label} is not a valid safetensors file ({e})") from None
         try:
-            meta = {k: json.loads(v) for k, v in raw.items() if k in _META_KEYS}
+            meta = {k: json.loads(v) for k, v in raw.items() if k in _META_KEYS or k in _LEGACY_SIZE_KEYS}
         except json.JSONDecodeError:
             raise FeatureFileError(f"{label}: its metadata is not valid JSON") from None
         meta = _checked_meta(meta, label)

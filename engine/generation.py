@@ -114,7 +114,7 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
     denoiser and the VAE, so a long step can be stopped inside (raise to stop). Returns a Generation.
     Refused before any forward (FeatureMemoryError) when the run's memory plan does not fit: see check_generation.
     """
-    from .features_io import Features
+    from .features_io import Features, size_meta
     from .lora import lora_applied
 
     if capture_branch not in BRANCHES:
@@ -245,7 +245,7 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
     features = None
     if taps:
         tensors = {t.id: captured[t.id][:filled] for t in taps}
-        meta = {"family": model.family, "seed": seed, "size": [height, width], "prompt": pos.prompts,
+        meta = {"family": model.family, "seed": seed, **size_meta(height, width), "prompt": pos.prompts,
                 "layers": list(tensors), "scheduler": scheduler, "steps": total, "cfg": cfg,
                 "denoise": denoise if pixels is not None else 1.0, "rows": labels}
         features = Features(tensors, meta)

@@ -106,7 +106,7 @@ def invert(model, image, prompt="", steps: int = 50, *, resize: str = "keep-aspe
     the VAE (raise to stop a long forward). Refused before any forward when the memory plan (every latent, every
     captured feature, one forward's peak) does not fit (FeatureMemoryError). Returns an Inversion.
     """
-    from .features_io import Features
+    from .features_io import Features, size_meta
     from .generation import check_generation, decode
     from .lora import lora_applied
     from .prompts import encode_prompt
@@ -169,7 +169,7 @@ def invert(model, image, prompt="", steps: int = 50, *, resize: str = "keep-aspe
                               (pixels.permute(0, 2, 3, 1) / 2 + 0.5).clamp(0, 1).cpu())
         if taps:
             inversion.features = Features({t.id: captured[t.id][:filled] for t in taps},
-                                          {"family": model.family, "size": [height, width], "prompt": cond.prompts,
+                                          {"family": model.family, **size_meta(height, width), "prompt": cond.prompts,
                                            "layers": [t.id for t in taps], "scheduler": "ddim",
                                            "steps": len(ascending),
                                            "rows": labels})

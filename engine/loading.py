@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import weakref
 from pathlib import Path
 
@@ -16,13 +17,19 @@ import torch
 from ..layer_catalog import FAMILIES, get_family
 from ..layer_catalog.errors import echo
 from .checkpoint_files import CheckpointError, load_pickle_state_dict, read_key_shapes  # noqa: F401
-from .model import FeatureModel, parse_dtype
+from .model import FeatureModel, parse_device, parse_dtype
 from . import tokenizers
 from .tokenizers import TokenizerMissingError, clip_tokenizer, load_tokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 SDXL_LIKE = ("sdxl", "playground-v2")
 LIVE_DENOISERS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # for the status route: what is loaded now
+RANDOM_PREFIX = "random:"  # load_model("random:sd15"): the family's real architecture with random weights
+RANDOM_SOURCE = "random weights"  # FeatureModel.source of such a model
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model with random weights was loaded: everything runs, but its features mean nothing."""
 
 
 # ---- family detection ----------------------------------------------------------------------------------------
@@ -109,6 +116,7 @@ def build_random(family: str, dtype="float32", device="cpu", seed: int = 0) -> F
     from ..layer_catalog.families import denoiser_from_config
 
     fam = get_family(family)
+    parse_device(device)  # before minutes of building
     tokenizers = default_tokenizers(family)
     torch.manual_seed(seed)
     denoiser = denoiser_from_config(fam.denoiser_config(), "cpu")
@@ -123,7 +131,7 @@ def build_random(family: str, dtype="float32", device="cpu", seed: int = 0) -> F
                 arch, AutoModel)
             encoders.append(cls._from_config(config) if hasattr(cls, "_from_config") else cls(config))
     scheduler = json.loads((fam.config_dir / "scheduler" / "scheduler_config.json").read_text())
-    model = FeatureModel(family, denoiser, vae, encoders, tokenizers, scheduler, source="random weights")
+    model = FeatureModel(family, denoiser, vae, encoders, tokenizers, scheduler, source=RANDOM_SOURCE)
     return _finish(model, parse_dtype(dtype), device)
 
 
@@ -159,6 +167,7 @@ def load_diffusers_folder(folder, family: str | None = None, dtype="float32", de
     from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
     from transformers import AutoModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
+    parse_device(device)  # before reading gigabytes
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{echo(str(folder))} is not a diffusers folder (no model_index.json)")
@@ -193,6 +202,7 @@ def load_single_file(path, family: str | None = None, dtype="float32", device="c
     A checkpoint of a non-standard size (a custom or test architecture) can carry its own diffusers config folder
     beside it, named `<file stem>.config/` (model_index.json and component configs); it is used instead.
     """
+    parse_device(device)  # before reading gigabytes
     path = Path(path)
     family = _check_family(detect_family(read_key_shapes(path)), family, path)
     sidecar = path.with_name(path.stem + ".config")
@@ -243,8 +253,35 @@ def _as_temporary_safetensors(path: Path) -> Path:
     return Path(tmp)
 
 
+def random_family(spec) -> str | None:
+    """The family of a model spec "random:FAMILY" (None for anything else: a path)."""
+    if not (isinstance(spec, str) and spec.startswith(RANDOM_PREFIX)):
+        return None
+    family = spec[len(RANDOM_PREFIX):]
+    if family not in FAMILIES:
+        raise CheckpointError(f"model {spec!r}: unknown family {family!r}; valid: "
+                              f"{', '.join(RANDOM_PREFIX + f for f in FAMILIES)}")
+    return family
+
+
+def random_weights_notice(family: str) -> str:
+    """What a model of random weights must say wherever it is loaded (the CLI prints it as a banner)."""
+    return (f"RANDOM WEIGHTS of the real {family} architecture: every stage runs for real (VAE, text encoder, "
+            "denoiser, hooks, saving, PCA), but features of random weights are NOT meaningful. Give a checkpoint "
+            "(a diffusers folder or a .safetensors file) for real features.")
+
+
 def load_model(path, family: str | None = None, dtype="float32", device="cpu") -> FeatureModel:
-    """A diffusers folder or a single-file checkpoint; the family is detected unless given."""
+    """A diffusers folder or a single-file checkpoint; the family is detected unless given.
+
+    "random:FAMILY" (e.g. "random:sd15") builds the family's real architecture with random weights, so everything
+    can be tried without a checkpoint; it warns (RandomWeightsWarning) that its features mean nothing."""
+    random_of = random_family(path)
+    if random_of is not None:
+        if family is not None and family != random_of:
+            raise CheckpointError(f"model {path!r} was given with family {family!r}; give one of them")
+        warnings.warn(random_weights_notice(random_of), RandomWeightsWarning, stacklevel=2)
+        return build_random(random_of, dtype, device)
     p = Path(path)
     if p.is_dir():
         return load_diffusers_folder(p, family, dtype, device)

@@ -26,6 +26,28 @@ def parse_dtype(dtype) -> torch.dtype:
     raise ValueError(f"unknown dtype {echo(dtype)}; valid dtypes: {', '.join(DTYPES)}")
 
 
+def parse_device(device) -> torch.device:
+    """A torch device this process can use, or a one-sentence ValueError: torch's own answer for `cuda` on a
+    CPU-only build is an assertion deep inside the first `.to()`, after the weights were read."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device; valid: cpu, cuda, cuda:N, mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None
+                   else "torch sees no CUDA device (check the driver and CUDA_VISIBLE_DEVICES)")
+            raise ValueError(f"device {device!r}: {why} (torch {torch.__version__}); use device cpu, or install "
+                             "a CUDA build of torch")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s); valid: cuda, "
+                             f"cuda:0..cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS (Apple GPU) is not available here; use device cpu")
+    return dev
+
+
 @dataclass
 class FeatureModel:
     family: str

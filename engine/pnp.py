@@ -103,7 +103,7 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
     eta: DDIM's stochasticity (0, the default and the original's: deterministic); with eta > 0 the noise of each
     step comes from a CPU generator seeded by `seed`. interrupt: a callback run before each block of the denoiser
     and the VAE (raise to stop). Refused before any forward when the memory plan does not fit (FeatureMemoryError)."""
-    from .features_io import Features
+    from .features_io import Features, size_meta
     from .generation import _negative
     from .lora import lora_applied
     from .prompts import encode_prompt
@@ -200,7 +200,7 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
     features = None
     if taps:
         tensors = {t.id: captured[t.id][:filled] for t in taps}
-        features = Features(tensors, {"family": model.family, "size": [height, width], "prompt": prompts,
+        features = Features(tensors, {"family": model.family, **size_meta(height, width), "prompt": prompts,
                                       "layers": list(tensors), "scheduler": "ddim", "steps": steps, "cfg": cfg,
                                       "seed": seed, "rows": labels})
     return Generation(images, x, features)

@@ -73,6 +73,10 @@ def _unknown_id_message(layer_id: str, valid: list[str], owner: str, family: str
         parse_id(layer_id)
         why = "does not exist in"
     except LayerIdSyntaxError:
+        preset = difflib.get_close_matches(layer_id.lower(), PRESET_NAMES, n=1, cutoff=0.6)
+        if preset:  # a misspelt preset ('practicle'): the nearest layer ids would only mislead
+            return (f"{layer_id!r} is neither a layer id nor a preset of {owner}; did you mean the preset "
+                    f"{preset[0]!r}? (presets: {', '.join(PRESET_NAMES)})")
         why = "is not a layer id of"
     return f"{echo(layer_id)} {why} {owner}; nearest valid ids: {nearest}"
 

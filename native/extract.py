@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.features_io import Features, is_map
+from ..engine.features_io import Features, is_map, size_meta
 from ..engine.schedule import check_timestep, denoise_schedule
 from ..layer_catalog import get_family
 from ..layer_catalog.errors import echo
@@ -128,8 +128,8 @@ def extract_native(model, vae, positive, images: torch.Tensor, layers=None, t: i
         del part
         if on_batch is not None:
             on_batch(stop - start)
-    meta = {"family": family, "t": t, "seed": seed, "size": [height, width], "prompt": [],
-            "layers": list(out), "ensemble": ensemble, "input_size": [inputs[0].height, inputs[0].width],
+    meta = {"family": family, "t": t, "seed": seed, **size_meta(height, width), "prompt": [],
+            "layers": list(out), "ensemble": ensemble, **size_meta(inputs[0].height, inputs[0].width, "input_"),
             "backend": "native"}
     if denoise_from is not None:
         meta.update(denoise_from=denoise_from, denoise_steps=denoise_steps)
@@ -150,5 +150,5 @@ def collect(capture, latent: dict | None = None) -> Features:
     meta = {"family": capture.family, "layers": list(tensors), "rows": labels, "steps": capture.total_steps,
             "branch": capture.branch, "backend": "native"}
     if torch.is_tensor(samples) and samples.ndim == 4:
-        meta["size"] = [int(samples.shape[-2]) * 8, int(samples.shape[-1]) * 8]
+        meta.update(size_meta(int(samples.shape[-2]) * 8, int(samples.shape[-1]) * 8))
     return Features(tensors, meta)

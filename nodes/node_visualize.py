@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..engine.features_io import check_image_size
+from ..engine.features_io import image_size
 from ..engine.visualize import attention_heatmap, pca_rgb, self_attention_pca, to_image_size
 from ..layer_catalog.errors import echo
 
@@ -12,13 +12,18 @@ from ..layer_catalog.errors import echo
 _BYTES_PER_PIXEL = 3 * 4 + 2 * 3
 
 
+def _recorded_size(features) -> tuple[int, int] | None:
+    """(height, width) of the image the features came from, as given (else as the model saw it), when recorded."""
+    return image_size(features.meta, "input_") or image_size(features.meta)
+
+
 def _image_size(features, count: int, default=None) -> tuple[int, int]:
     """(height, width) of the output images, from the features' metadata (the input image's size), checked before
     anything is drawn: a bounded size, and `count` images of it must fit in the memory this process has."""
-    size = features.meta.get("input_size") or features.meta.get("size") or default
+    size = _recorded_size(features) or default
     if size is None:
         raise ValueError("these features record no image size; choose size 'feature grid'")
-    height, width = check_image_size(size, "input_size")
+    height, width = size
     _check_output_memory(count, height, width)
     return height, width
 
@@ -94,7 +99,7 @@ class DFFeaturePCA:
                 raise ValueError(f"features_{k} holds no layer {echo(layer)} (it holds: {', '.join(other.tensors)})")
         items = [x for f in sets for x in f.tensors[layer]]
         rgb = pca_rgb(items, joint=joint, foreground_threshold=foreground_threshold or None)
-        if size == "image" and (features.meta.get("input_size") or features.meta.get("size")):
+        if size == "image" and _recorded_size(features):
             height, width = _image_size(features, len(items))
         else:  # the first set's feature grid; every image of the batch gets that size
             height, width = features.tensors[layer].shape[-2:]

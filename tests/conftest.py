@@ -308,3 +308,23 @@ class VaeCalls:
 
     def __exit__(self, *exc):
         self.handle.remove()
+
+
+@pytest.fixture()
+def tiny_random_weights(monkeypatch, request):
+    """load_model("random:FAMILY") (the CLI's --model random:FAMILY, the demo's default) gives the family's shared
+    tiny model (sd15, sdxl) instead of building the full-size architecture (gigabytes, tens of seconds); yields the
+    families asked for, in order."""
+    import dataclasses
+
+    from diffusion_feature.engine import loading
+
+    built = []
+
+    def build_random(family, dtype="float32", device="cpu", seed=0):
+        built.append(family)
+        shared = request.getfixturevalue({"sd15": "tiny_sd15", "sdxl": "sdxl"}[family])
+        return dataclasses.replace(shared, source=loading.RANDOM_SOURCE)
+
+    monkeypatch.setattr(loading, "build_random", build_random)
+    yield built

@@ -1,5 +1,5 @@
-"""The CLI commands end to end on a tiny diffusers folder (extract, pca, generate, pnp); image inputs and the resize
-policy."""
+"""The CLI commands end to end on a tiny diffusers folder (extract, pca, generate, pnp) and on random weights
+(random:FAMILY, the demo); its one-line errors; image inputs and the resize policy."""
 from __future__ import annotations
 
 import json
@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion_feature.engine import cli
 from diffusion_feature.engine.extraction import extract
-from diffusion_feature.engine.features_io import load_features
+from diffusion_feature.engine.features_io import Features, load_features, save_features, size_meta
 from diffusion_feature.engine.folder_run import names_from_files, plan_batches
 from diffusion_feature.engine.images import ImageInputError, open_image, target_size
 
@@ -39,6 +40,21 @@ def images(tmp_path):
     return folder
 
 
+def _main(*args) -> int:
+    """The CLI in this process: its exit status (bad input exits 2 through SystemExit)."""
+    try:
+        return cli.main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
 def _cli(*args, cwd=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, "-m", "diffusion_feature", *map(str, args)], capture_output=True,
@@ -54,7 +70,8 @@ def test_cli_extract_then_pca(tmp_path, folder, images, model):
     assert sorted(p.name for p in out.iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors",
                                                      "df_index"]  # the run's index (tests/test_dataset_run.py)
     saved = load_features(out / "b.safetensors")
-    assert saved.meta["t"] == 50 and saved.meta["seed"] == 3 and saved.meta["size"] == [64, 96]
+    assert saved.meta["t"] == 50 and saved.meta["seed"] == 3 and (saved.meta["width"], saved.meta["height"]) == (96, 64)
+    assert "size" not in saved.meta  # --size is WxH: the file names its sides rather than holding an [H, W] pair
     want = extract(model, [images / "b.png"], "a photo", ids, t=50, seed=3, size=(64, 96))
     for k in want.tensors:
         torch.testing.assert_close(saved.tensors[k], want.tensors[k], atol=1e-5, rtol=1e-5)
@@ -205,3 +222,90 @@ def test_demo_sample_images_ship_with_the_package():
     files = sorted(p.name for p in Path(SAMPLES).glob("*.jpg"))
     assert files == ["cat.jpg", "fruit.jpg", "house.jpg"]
     assert json.loads(json.dumps(files))
+
+
+def test_every_command_runs_offline_on_random_weights(tmp_path, images, capsys, tiny_random_weights):
+    """--model random:FAMILY: no checkpoint needed to try extract, generate and pnp; each run says loudly that its
+    weights are random."""
+    rand = ["--model", "random:sd15"]
+    assert _main("extract", *rand, "--layers", "practical", "--input", images, "--output", tmp_path / "feats",
+                 "--size", "96x64") == 0
+    assert "RANDOM WEIGHTS of the real sd15 architecture" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "feats").glob("*.safetensors")) == ["a.safetensors", "b.safetensors",
+                                                                                  "c.safetensors"]
+    assert _main("generate", *rand, "--prompt", "a house", "--output", tmp_path / "gen", "--steps", 2, "--size", 64,
+                 "--layers", "mid-repeat0-res-out", "--capture-steps", "last") == 0
+    assert "RANDOM WEIGHTS" in capsys.readouterr().err
+    assert Image.open(tmp_path / "gen" / "gen_000.png").size == (64, 64)
+    assert (tmp_path / "gen" / "features" / "gen_step001_cond_000.safetensors").is_file()
+    assert _main("pnp", *rand, "--image", images / "a.png", "--prompts", "a cat", "--output", tmp_path / "pnp",
+                 "--steps", 2, "--size", "96x64") == 0
+    assert "RANDOM WEIGHTS" in capsys.readouterr().err
+    assert Image.open(tmp_path / "pnp" / "a_00_a_cat.png").size == (96, 64)
+    assert tiny_random_weights == ["sd15", "sd15", "sd15"]
+    assert _main("extract", "--model", "random:sd16", "--layers", "practical", "--input", images, "--output",
+                 tmp_path / "x") == 2
+    assert "unknown family 'sd16'; valid: random:sd15, random:sd21, random:sdxl" in _one_line_error(capsys)
+    assert _main("extract", *rand, "--family", "sdxl", "--layers", "practical", "--input", images, "--output",
+                 tmp_path / "x") == 2
+    assert "'random:sd15' was given with family 'sdxl'" in _one_line_error(capsys)
+    assert tiny_random_weights == ["sd15", "sd15", "sd15"] and not (tmp_path / "x").exists()
+
+
+def test_demo_numbers_a_second_output_folder_from_one(tmp_path, capsys, tiny_random_weights):
+    base = tmp_path / "demo_output"
+    assert _main("demo", "--output", base) == 0 and _main("demo", "--output", base) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_output", "demo_output-1"]
+    for folder in tmp_path.iterdir():
+        assert len(list(folder.glob("*.safetensors"))) == 3 and len(list((folder / "pca").glob("*.png"))) == 12
+    err = capsys.readouterr().err
+    assert err.count("RANDOM WEIGHTS of the real sd15 architecture") == 2
+    assert err.count("reminder: these features come from random weights") == 2
+
+
+def test_a_device_this_torch_cannot_use_is_a_one_line_error(tmp_path, images, folder, capsys, monkeypatch):
+    """Not torch's assertion from deep inside the first .to(), after the weights were read."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = ["extract", "--model", folder, "--layers", "unet-out", "--input", images, "--output", tmp_path / "o"]
+    assert _main(*run, "--device", "cuda") == 2
+    message = _one_line_error(capsys)
+    assert "device 'cuda':" in message and "use device cpu, or install a CUDA build of torch" in message
+    assert _main(*run, "--device", "gpu") == 2
+    assert "device 'gpu' is not a torch device; valid: cpu, cuda, cuda:N, mps" in _one_line_error(capsys)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _main(*run, "--device", "cuda:2") == 2
+    assert "this machine has 2 CUDA device(s); valid: cuda, cuda:0..cuda:1" in _one_line_error(capsys)
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_pca_refuses_attention_maps_and_points_to_their_views(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    self_map, spatial = "up-level1-repeat0-vit-block0-self-map", "up-level1-repeat1-res-out"
+    feats = Features({self_map: torch.softmax(torch.randn(1, 2, 24, 24, generator=g), -1),
+                      spatial: torch.randn(1, 4, 4, 6, generator=g)}, size_meta(32, 48))
+    (path,) = save_features(feats, tmp_path, ["x"])
+    assert _main("pca", "--features", path, "--layer", self_map, "--output", tmp_path / "map.png") == 2
+    message = _one_line_error(capsys)
+    assert "is an attention map (heads x queries x keys)" in message
+    assert "self_attention_pca" in message and "DFAttentionMap" in message
+    assert not (tmp_path / "map.png").exists()
+    assert _main("pca", "--features", path, "--layer", spatial, "--output", tmp_path / "spatial.png") == 0
+    assert Image.open(tmp_path / "spatial.png").size == (48, 32)  # the recorded width x height
+
+
+def test_a_misspelt_preset_is_suggested_as_the_preset(tmp_path, images, capsys, tiny_random_weights, model):
+    from diffusion_feature.layer_catalog import LayerIdError, resolve_layers, resolve_taps
+
+    assert _main("extract", "--model", "random:sd15", "--layers", "practicle", "--input", images, "--output",
+                 tmp_path / "o") == 2
+    message = _one_line_error(capsys)
+    assert "'practicle' is neither a layer id nor a preset of" in message
+    assert "did you mean the preset 'practical'? (presets: practical, legacy, full)" in message
+    assert "nearest valid ids" not in message
+    with pytest.raises(LayerIdError, match=r"did you mean the preset 'legacy'\?"):
+        resolve_layers("mid-repeat0-res-out, Legasy", "sd15")
+    with pytest.raises(LayerIdError, match=r"did you mean the preset 'full'\?"):
+        resolve_taps("ful", model.denoiser, family="sd15")
+    with pytest.raises(LayerIdError, match="nearest valid ids: up-level1-repeat1-res-out"):  # an id's typo: ids
+        resolve_layers("up-level1-repeat1-res-outt", "sd15")

@@ -106,7 +106,7 @@ def test_example_workflow_runs_and_saves_loadable_features(server, name):
         expected_ids = (hooks["layers"].split() if hooks["preset"] == "none"
                         else __import__("diffusion_feature").layer_catalog.preset_ids("sd15", hooks["preset"]))
         assert list(feats.tensors) == expected_ids
-        shapes = model.show_layers(tuple(feats.meta["size"]))
+        shapes = model.show_layers((feats.meta["height"], feats.meta["width"]))
         for layer_id, tensor in feats.tensors.items():
             assert list(tensor.shape[1:]) == shapes[layer_id], layer_id
     previews = [o for o in entry["outputs"].values() if "images" in o]

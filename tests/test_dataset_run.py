@@ -842,7 +842,7 @@ def test_batches_group_by_size_and_rows_keep_their_image(tmp_path, capsys, sd15_
     for row, path in enumerate([wide[0], square]):
         saved = load_features(out / path.with_suffix(".safetensors").name)
         assert all(torch.equal(saved.tensors[k], pair.tensors[k][row:row + 1]) for k in pair.tensors)
-        assert saved.meta["input_size"] == [Image.open(path).height, Image.open(path).width]
+        assert (saved.meta["input_width"], saved.meta["input_height"]) == Image.open(path).size
     assert sorted(_done(out)) == ["a.png", "b.png", "c.png"]
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_feature.engine.features_io import (FeatureFileError, Features, aggregate, load_features,
-                                                  save_features)
+                                                  save_features, size_meta)
 from diffusion_feature.engine.visualize import attention_heatmap, grid_for, pca_rgb
 
 
@@ -18,7 +18,7 @@ def sample_features(dtype=torch.float32):
         "up-level3-repeat0-vit-block0-self-k": torch.randn(2, 3, 8, 12, generator=g).to(dtype),
         "up-level2-repeat1-vit-block0-cross-map": torch.softmax(torch.randn(2, 2, 24, 5, generator=g), -1).to(dtype),
     }
-    meta = {"family": "sd15", "t": 50, "seed": 0, "size": [64, 96], "prompt": ["a cat", "a dog"]}
+    meta = {"family": "sd15", "t": 50, "seed": 0, **size_meta(64, 96), "prompt": ["a cat", "a dog"]}
     return Features(tensors, meta)
 
 
@@ -34,9 +34,42 @@ def test_round_trip(tmp_path, fmt, layout):
     assert list(back.tensors) == list(feats.tensors)
     for k, v in feats.tensors.items():
         assert torch.equal(back.tensors[k], v[:1])
-    assert back.meta["family"] == "sd15" and back.meta["t"] == 50 and back.meta["size"] == [64, 96]
+    assert back.meta["family"] == "sd15" and back.meta["t"] == 50
+    assert (back.meta["height"], back.meta["width"]) == (64, 96)
     assert back.meta["layers"] == list(feats.tensors) and back.meta["name"] == "cat"
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_sizes_are_named_and_files_with_the_old_pair_still_load(tmp_path):
+    """A [H, W] pair under 'size' read as the CLI's WxH swapped the sides: files name them; old files still load."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    sizes = {**size_meta(16, 24), **size_meta(5, 7, "input_")}
+    (path,) = save_features(Features({"mid-repeat0-res-out": torch.ones(1, 2, 2, 3)}, sizes), tmp_path / "new", ["a"])
+    with safe_open(str(path), "pt") as f:
+        stored = f.metadata()
+    assert {k: json.loads(stored[k]) for k in ("height", "width", "input_height", "input_width")} == {
+        "height": 16, "width": 24, "input_height": 5, "input_width": 7}
+    assert "size" not in stored and "input_size" not in stored
+    old = {"layers": ["mid-repeat0-res-out"], "size": [16, 24], "input_size": [5, 7]}
+    save_file({"mid-repeat0-res-out": torch.ones(2, 2, 3)}, str(tmp_path / "old.safetensors"),
+              {k: json.dumps(v) for k, v in old.items()})
+    (tmp_path / "old-npy").mkdir()
+    np.save(tmp_path / "old-npy" / "mid-repeat0-res-out.npy", np.ones((2, 2, 3), np.float32))
+    (tmp_path / "old-npy" / "meta.json").write_text(json.dumps({**old, "name": "old-npy"}))
+    for entry in ("old.safetensors", "old-npy/meta.json"):
+        meta = load_features(tmp_path / entry).meta
+        assert (meta["height"], meta["width"], meta["input_height"], meta["input_width"]) == (16, 24, 5, 7), entry
+        assert "size" not in meta and "input_size" not in meta
+    for bad in (0, 40000, 2.5, True, "16"):
+        save_file({"mid-repeat0-res-out": torch.ones(2, 2, 3)}, str(tmp_path / "bad.safetensors"),
+                  {"height": json.dumps(bad), "width": "24"})
+        with pytest.raises(FeatureFileError, match="'height' must be an integer in 1..16384"):
+            load_features(tmp_path / "bad.safetensors")
+        (tmp_path / "bad.safetensors").unlink()
 
 
 def test_bfloat16_survives_safetensors(tmp_path):

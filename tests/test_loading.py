@@ -51,6 +51,23 @@ def test_diffusers_folder_loads_offline_with_same_features(monkeypatch, diffuser
         torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
 
 
+def test_loading_says_nothing_about_accelerate(diffusers_folder):
+    """accelerate is a dependency: without it diffusers logged 'accelerate was not found' twice per load (the UNet
+    and the VAE). A failure here means the environment lacks it: pip install accelerate."""
+    import logging
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    diffusers_log = logging.getLogger("diffusers")  # its own handler; records do not reach the root logger
+    diffusers_log.addHandler(handler)
+    try:
+        load_model(diffusers_folder)
+    finally:
+        diffusers_log.removeHandler(handler)
+    assert not [m for m in messages if "accelerate" in m]
+
+
 def test_single_file_equals_the_folder_it_came_from(monkeypatch, diffusers_folder, single_file, tiny_sd15):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert detect_family(read_key_shapes(single_file)) == "sd15"

@@ -233,7 +233,7 @@ def test_capture_collect_pca_and_save_through_the_nodes(comfy, models, tmp_path,
         assert r["timestep"] == pytest.approx(float(call["t"][row]))
         assert r["timestep"] == pytest.approx(float(ms.timestep(torch.tensor([r["sigma"]]))[0]))
     assert rows[0]["sigma"] > rows[-1]["sigma"] > 0
-    assert features.meta["size"] == [LATENT[0] * 8, LATENT[1] * 8]
+    assert (features.meta["height"], features.meta["width"]) == (LATENT[0] * 8, LATENT[1] * 8)
     (pca,) = DFFeaturePCA().pca(features, spatial, joint=True)
     assert tuple(pca.shape) == (len(rows), LATENT[0] * 8, LATENT[1] * 8, 3)
     heat, mask = DFAttentionMap().show(features, "up-level1-repeat0-vit-block0-cross-map", token_index=1)
@@ -402,7 +402,8 @@ def test_extract_native_node_end_to_end(comfy, models):
                                             batch_size=1)
     assert capture.labels() == before  # the extraction did not record into the capture
     assert list(features.tensors) == ids and features.batch == 2
-    assert features.meta["size"] == [512, 512] and features.meta["input_size"] == [48, 80]
+    assert (features.meta["height"], features.meta["width"]) == (512, 512)
+    assert (features.meta["input_height"], features.meta["input_width"]) == (48, 80)
     assert features.meta["t"] == 50 and features.meta["seed"] == 7 and features.meta["family"] == "sd15"
     pixels, _ = _pixels(image, 512, "stretch", None)
     latents = comfy_model.encode_pixels(vae, ((pixels + 1) / 2).permute(0, 2, 3, 1).contiguous()[1:], 7)
@@ -439,5 +440,6 @@ def test_extract_native_loads_the_model_through_comfyuis_memory_manager(comfy, m
     (features,) = DFExtractNative().extract(model, vae, [[ctx, {}]], image, t=100, seed=0, layers=self_map)
     assert any(getattr(m, "model", None) is model.model for call in loaded for m in call)
     (rgb,) = DFSelfAttentionPCA().pca(features, self_map)
-    assert tuple(rgb.shape) == (1, 64, 64, 3) and features.meta["input_size"] == [64, 64]
+    assert tuple(rgb.shape) == (1, 64, 64, 3)
+    assert (features.meta["input_height"], features.meta["input_width"]) == (64, 64)
     _zero_hooks(model.model.diffusion_model)

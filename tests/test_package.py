@@ -38,6 +38,14 @@ def test_distribution_metadata():
     assert not [r for r in requirements if r.strip().lower().startswith("torch")]  # ComfyUI brings its own torch
 
 
+def test_accelerate_is_a_dependency_in_both_lists():
+    """diffusers loads weights faster with accelerate, and without it warns once per component of every load."""
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    requirements = (ROOT / "requirements.txt").read_text().splitlines()
+    pinned = [d for d in deps if d.startswith("accelerate>=")]
+    assert pinned and pinned == [r for r in requirements if r.startswith("accelerate>=")]
+
+
 def test_comfy_registry_metadata_declares_versions_and_an_icon_of_our_own():
     import xml.etree.ElementTree as ET
 

@@ -18,7 +18,7 @@ from diffusion_feature.layer_catalog import resolver
 from diffusion_feature.nodes import comfy_env, routes
 from diffusion_feature.engine import tokenizers
 from diffusion_feature.engine.features_io import (MAX_IMAGE_SIDE, FeatureFileError, Features, load_features,
-                                                  save_features, write_atomic)
+                                                  save_features, size_meta, write_atomic)
 from diffusion_feature.engine.memory_guard import FeatureMemoryError
 from diffusion_feature.engine.output_paths import OutputPathError, resolve_prefix
 
@@ -197,7 +197,7 @@ def test_visualization_refuses_output_that_cannot_fit_before_drawing(monkeypatch
     g = torch.Generator().manual_seed(0)
     feats = Features({LAYER: torch.randn(8, 4, 3, 3, generator=g),
                       MAP: torch.softmax(torch.randn(8, 2, 9, 5, generator=g), -1)},
-                     {"input_size": [MAX_IMAGE_SIDE, MAX_IMAGE_SIDE]})
+                     size_meta(MAX_IMAGE_SIDE, MAX_IMAGE_SIDE, "input_"))
     from diffusion_feature.engine import extraction
 
     monkeypatch.setattr(extraction, "_free_bytes", lambda device: 2**30)
@@ -205,11 +205,11 @@ def test_visualization_refuses_output_that_cannot_fit_before_drawing(monkeypatch
         N["DFFeaturePCA"].pca(feats, LAYER, True)
     with pytest.raises(FeatureMemoryError, match="would need"):
         N["DFAttentionMap"].show(feats, MAP, 1, 0.5, 0.5)
-    small = Features(feats.tensors, {"input_size": [24, 24]})
+    small = Features(feats.tensors, size_meta(24, 24, "input_"))
     (image,) = N["DFFeaturePCA"].pca(small, LAYER, True)
     assert image.shape == (8, 24, 24, 3)
-    with pytest.raises(ValueError, match="two integers"):  # metadata from Python is bounded too
-        N["DFFeaturePCA"].pca(Features(feats.tensors, {"input_size": [40000, 40000]}), LAYER, True)
+    with pytest.raises(ValueError, match="'input_height' must be an integer in 1..16384"):  # from Python: bounded too
+        N["DFFeaturePCA"].pca(Features(feats.tensors, size_meta(40000, 40000, "input_")), LAYER, True)
 
 
 # ---- 7: the smaller ones -----------------------------------------------------------------------------------------

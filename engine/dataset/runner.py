@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ...layer_catalog.errors import echo
-from ..features_io import FORMATS, LAYOUTS, Features, save_features
+from ..features_io import FORMATS, LAYOUTS, Features, save_features, size_meta
 from ..images import ImageInputError, open_image, prepare, target_size
 from ..memory_guard import FeatureMemoryError
 from . import index, naming, output_folder, run_file
@@ -170,7 +170,7 @@ def _save_item(job: _Job, records: _Records, item, row: int, features: list, ima
     written: list[Path] = []
     try:
         for name, feats in zip(naming.entry_names(source.relative, job.timesteps), features):
-            meta = dict(feats.meta, prompt=[prompt], input_size=[image.height, image.width])
+            meta = dict(feats.meta, prompt=[prompt], **size_meta(image.height, image.width, "input_"))
             one = Features({k: v[row:row + 1] for k, v in feats.tensors.items()}, meta)
             entry = PurePosixPath(name)
             written += save_features(one, job.out / entry.parent, [entry.name], job.fmt, job.layout)
