@@ -285,6 +285,15 @@ def server(request, comfy_servers):
     return comfy_servers.get(request.param, *VERSIONS[request.param])
 
 
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's chromium and chromedriver for the browser tests, found before their server starts (ask for it
+    before `frontend_server`): a test is skipped without them (one summary line), CI fails instead."""
+    from prerequisites import chromium as find
+
+    return find()
+
+
 @pytest.fixture(scope="session", params=list(FRONTENDS))
 def frontend_server(request, comfy_servers):
     """The server for the browser test, one per tested frontend: the 2024-03 ComfyUI's own, v0.3.64's pinned 1.27.10

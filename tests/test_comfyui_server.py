@@ -233,15 +233,6 @@ def test_twenty_prompts_leave_memory_flat_and_no_hooks(server):
 
 
 # ---- the layer picker in a real browser (Debian's chromium, headless) -------------------------------------------
-@pytest.fixture(scope="session")
-def chromium():
-    """Debian's chromium and chromedriver, found before any server starts (or the test is skipped, one summary
-    line; CI fails instead)."""
-    from prerequisites import chromium as find
-
-    return find()
-
-
 def _browser(chromium):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

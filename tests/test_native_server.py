@@ -203,7 +203,7 @@ def test_repeated_native_prompts_leave_memory_flat_and_no_hooks(server):
     assert status["native_models"] >= 1
 
 
-def test_layer_picker_on_capture_layers_in_a_real_browser(frontend_server):
+def test_layer_picker_on_capture_layers_in_a_real_browser(chromium, frontend_server):
     """DFCaptureLayers gets the picker button on every tested frontend; the family comes from the Load Checkpoint
     upstream of its MODEL."""
     from test_comfyui_server import _browser, open_layer_picker, pick_the_one_match
@@ -215,7 +215,7 @@ def test_layer_picker_on_capture_layers_in_a_real_browser(frontend_server):
     for node in workflow["nodes"]:
         if node["type"] == "CheckpointLoaderSimple":
             node["widgets_values"][0] = NATIVE_CKPT
-    driver = _browser()
+    driver = _browser(chromium)
     try:
         _node_id, count = open_layer_picker(driver, server, workflow, "DFCaptureLayers")
         assert count == 197
