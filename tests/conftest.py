@@ -1,6 +1,10 @@
 """Tiny random models built in-process (no weights, no network) and small helpers shared by the tests."""
 from __future__ import annotations
 
+import contextlib
+import io
+import subprocess
+
 import pytest
 import torch
 
@@ -215,6 +219,21 @@ def tiny_controlnet(unet, seed: int = 0):
     return net
 
 
+# ---- tiers: what a test needs beyond the package, as markers (the fast tier: -m "not integration and not browser
+# and not distributed") -----------------------------------------------------------------------------------------------
+_INTEGRATION = {"comfy", "comfy_new", "server", "frontend_server", "comfy_servers"}  # a real ComfyUI
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test by the fixtures it asks for, so a new test that needs a ComfyUI is in its tier unasked."""
+    for item in items:
+        needs = set(getattr(item, "fixturenames", ()))
+        if needs & _INTEGRATION:
+            item.add_marker(pytest.mark.integration)
+        if "chromium" in needs:
+            item.add_marker(pytest.mark.browser)
+
+
 # ---- ComfyUI's own model code in-process, for the native backend's tests (tests/native_comfy.py) -------------------
 @pytest.fixture(scope="module", params=NATIVE_VERSIONS)
 def comfy(request):
@@ -337,3 +356,18 @@ def tiny_random_weights(monkeypatch, request):
 
     monkeypatch.setattr(loading, "build_random", build_random)
     yield built
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`python -m diffusion_feature ARGS` in this process (a new process re-imports torch and pays seconds a call;
+    test_catalog keeps one real subprocess for the entry point): exit status, stdout and stderr as text."""
+    from diffusion_feature.engine import cli
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(argv)
+        except SystemExit as e:  # argparse's exit(2) and the commands' own exits
+            code = e.code
+    return subprocess.CompletedProcess(argv, code or 0, out.getvalue(), err.getvalue())

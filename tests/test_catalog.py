@@ -146,6 +146,7 @@ def test_cli_layers_json_lists_612_sdxl_ids():
 
 
 def test_cli_layers_text_and_size():
+    from conftest import run_cli as _cli  # in this process: the test above runs the entry point for real
     out = _cli("layers", "--family", "sd15", "--size", "768x512")
     assert out.returncode == 0, out.stderr
     lines = dict(line.split(None, 1) for line in out.stdout.splitlines() if not line.startswith("#"))

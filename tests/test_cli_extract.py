@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_cli
 from diffusion_feature.engine import cli
 from diffusion_feature.engine.extraction import extract
 from diffusion_feature.engine.features_io import Features, load_features, save_features, size_meta
@@ -55,10 +53,7 @@ def _one_line_error(capsys) -> str:
     return lines[0]
 
 
-def _cli(*args, cwd=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "diffusion_feature", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=600, cwd=cwd)
+_cli = run_cli
 
 
 def test_cli_extract_then_pca(tmp_path, folder, images, model):

@@ -67,6 +67,7 @@ def test_the_split_and_devices():
     assert distributed.from_env().world == 1  # no launcher: one process, nothing initialised
 
 
+@pytest.mark.distributed
 def test_two_processes_equal_one(dataset, reference, sd15_folder, tmp_path):
     out = tmp_path / "out"
     run = _torchrun(*_base(sd15_folder, dataset / "in", out, "--t", "25,50", "--seed", 3))
@@ -85,6 +86,7 @@ def test_two_processes_equal_one(dataset, reference, sd15_folder, tmp_path):
     assert "rank 0/2" in run.stderr and "rank 1/2" in run.stderr  # a progress bar per rank
 
 
+@pytest.mark.distributed
 def test_a_killed_rank_leaves_a_folder_resume_completes(dataset, reference, sd15_folder, tmp_path, capsys):
     out = tmp_path / "out"
     run = _torchrun(*_base(sd15_folder, dataset / "in", out, "--t", "25,50", "--seed", 3), fault="kill:2")
