@@ -5,6 +5,7 @@ still a circle for a reader), resolved to the pack's own modules."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,7 @@ def _module_file(dotted: str) -> Path | None:
     return base.with_suffix(".py") if base.with_suffix(".py").is_file() else None
 
 
+@functools.lru_cache(maxsize=None)
 def _reexports(path: Path) -> set[str]:
     """Names a module's top level binds only by importing them (not in function or class bodies)."""
     imported, defined, todo = set(), set(), list(ast.parse(path.read_text()).body)
