@@ -15,8 +15,8 @@ variants, repeats them, and reports medians; CUDA timings use CUDA events. It pr
 4. memory: peak extra memory of an extraction over a bare forward, against the bytes of the features requested
    (CUDA: allocator peaks; CPU: peak RSS (VmHWM, reset after the model is built) of a fresh process per variant,
    with freed buffers returned to the OS at once so the peak follows live tensors; see LIVE_HEAP).
-5. folder throughput: the CLI's folder run (decode, VAE, denoiser, save) vs a bare loop (VAE + bare forward on
-   pre-decoded images), images per second.
+5. folder throughput: the CLI's dataset run (decode, VAE, denoiser, save, index) vs a bare loop (VAE + bare
+   forward on pre-decoded images), images per second.
 """
 from __future__ import annotations
 
@@ -242,10 +242,11 @@ def folder_throughput(size: int, n_images: int, device, dtype, repeats: int) -> 
     import numpy as np
     from PIL import Image
 
-    from diffusion_feature.nodes.extraction import encode_latents
-    from diffusion_feature.nodes.folder_run import extract_folder
-    from diffusion_feature.nodes.images import prepare, to_tensor
-    from diffusion_feature.nodes.loading import build_random
+    from diffusion_feature.engine.dataset.runner import extract_dataset
+    from diffusion_feature.engine.dataset.sources import from_pattern
+    from diffusion_feature.engine.extraction import encode_latents
+    from diffusion_feature.engine.images import prepare, to_tensor
+    from diffusion_feature.engine.loading import build_random
 
     model = build_random("sd15", dtype, device)
     folder = Path(tempfile.mkdtemp(prefix="df-bench-"))
@@ -257,7 +258,7 @@ def folder_throughput(size: int, n_images: int, device, dtype, repeats: int) -> 
         Image.fromarray(rng.integers(0, 255, (size * 3 // 4, size, 3), dtype=np.uint8)).save(path, quality=90)
         files.append(path)
     decoded = [prepare(Image.open(f).convert("RGB"), size) for f in files]
-    from diffusion_feature.nodes.prompts import encode_prompt
+    from diffusion_feature.engine.prompts import encode_prompt
 
     cond = encode_prompt(model, "a photo")
     layers = preset_ids("sd15", "practical")
@@ -270,11 +271,13 @@ def folder_throughput(size: int, n_images: int, device, dtype, repeats: int) -> 
                 model.denoiser(x0.to(model.dtype), torch.tensor([50], device=model.device), **text)
 
     runs = {"n": 0}
+    sources = from_pattern(str(folder / "in"))
 
     def cli_loop():
         runs["n"] += 1
-        extract_folder(model, files, ["a photo"] * len(files), layers, folder / f"out{runs['n']}", t=50, seed=0,
-                       target_side=size)
+        result = extract_dataset(model, sources, folder / f"out{runs['n']}", layers, [50], 0, prompts="a photo",
+                                 target_side=size, progress=False, log=None)
+        assert result.status == 0, result.summary
 
     t = alternate({"bare_loop": bare_loop, "cli": cli_loop}, repeats, Timer(device))
     return {"size": size, "images": n_images, "seconds": t, "images_per_s_bare": n_images / t["bare_loop"],

@@ -8,11 +8,11 @@ Both variants run in this one process on the same model (the real SD1.5 architec
 does not depend on the values) and the same JPEG files, alternated (plain, dataset, plain, dataset, ...) after one
 warm-up each, each into a fresh output folder; medians are compared.
 
-- plain: engine/folder_run.extract_folder, the loop the CLI ran before dataset runs (decode one batch ahead,
-  extract, write one batch behind).
+- plain: the loop a user would write with the library (`plain_loop` below): per image, open it, extract, save
+  its features; the prompt encoded once, nothing in worker threads.
 - dataset: engine/dataset/runner.extract_dataset, what `extract` runs now: the run file, the planned names and
-  their collision check, the index read and each output's completeness check, the same decode/extract/write
-  threads, and one index record per image appended with fsync.
+  their collision check, the index read and each output's completeness check, decoding one batch ahead and
+  writing one batch behind in worker threads, and one index record per image appended with fsync.
 
 The target is dataset >= 0.95 x plain in images per second. On a shared machine wall-clock rounds differ by tens of
 percent, so three estimates are reported: the ratio of the medians, the median of each round's ratio (a round's two
@@ -47,6 +47,19 @@ def _images(folder: Path, n: int, size: int) -> list[Path]:
         Image.fromarray(rng.integers(0, 255, (size * 3 // 4, size, 3), dtype=np.uint8)).save(path, quality=90)
         files.append(path)
     return sorted(files)
+
+
+def plain_loop(model, files: list[Path], prompt: str, layers, out: Path, side: int) -> None:
+    """The baseline: load, extract, save, one image after the other."""
+    from diffusion_feature.engine.extraction import extract
+    from diffusion_feature.engine.features_io import save_features
+    from diffusion_feature.engine.images import open_image
+    from diffusion_feature.engine.prompts import encode_prompt
+
+    cond = encode_prompt(model, prompt)
+    for path in files:
+        features = extract(model, [open_image(path)], cond, layers, 50, 0, target_side=side)
+        save_features(features, out, [path.stem])
 
 
 def _record_append_seconds(folder: Path, n: int = 200) -> float:
@@ -84,7 +97,6 @@ def main(argv=None) -> int:
 
     from diffusion_feature.engine.dataset.runner import extract_dataset
     from diffusion_feature.engine.dataset.sources import from_pattern
-    from diffusion_feature.engine.folder_run import extract_folder
     from diffusion_feature.engine.loading import build_random
 
     model = build_random("sd15", args.dtype, args.device)
@@ -101,8 +113,7 @@ def main(argv=None) -> int:
 
         def plain():
             count["n"] += 1
-            extract_folder(model, files, ["a photo"] * len(files), args.layers, work / f"plain{count['n']}", t=50,
-                           seed=0, target_side=args.size)
+            plain_loop(model, files, "a photo", args.layers, work / f"plain{count['n']}", args.size)
 
         def dataset():
             count["n"] += 1

@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench_extraction import Timer  # noqa: E402
 
-from diffusion_feature.nodes.generation import generate  # noqa: E402
-from diffusion_feature.nodes.loading import build_random  # noqa: E402
-from diffusion_feature.nodes.prompts import encode_prompt  # noqa: E402
-from diffusion_feature.nodes.samplers import make_scheduler  # noqa: E402
+from diffusion_feature.engine.generation import generate  # noqa: E402
+from diffusion_feature.engine.loading import build_random  # noqa: E402
+from diffusion_feature.engine.prompts import encode_prompt  # noqa: E402
+from diffusion_feature.engine.samplers import make_scheduler  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -138,13 +138,6 @@ def _prompts(args, n: int) -> list[str]:
     return lines
 
 
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
-    return bar, bar.update
-
-
 def _timesteps(text: str) -> list[int]:
     from .schedule import parse_timesteps
 
@@ -281,27 +274,28 @@ def _fresh_folder(base: Path) -> Path:
 
 
 def run_demo(args) -> int:
+    """A dataset run of the bundled samples (the engine `extract` runs), then PCA images of every layer."""
     from ..layer_catalog import parse_size
+    from .dataset import index, sources
+    from .dataset.runner import extract_dataset
     from .features_io import image_size, load_features
-    from .folder_run import extract_folder, find_images
     from .loading import RANDOM_SOURCE
     from .visualize import pca_rgb, save_png
 
     torch.manual_seed(0)
     out = _fresh_folder(Path(args.output))
-    files = find_images(str(SAMPLES))
+    samples = sources.collect(str(SAMPLES))
     prompts = {"house": "a red house under the sun", "cat": "a black cat", "fruit": "fruit on a wooden table"}
     start = time.perf_counter()
     model = _load(args)
     print(f"model ready ({model.family}, {model.source}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    side = parse_size(args.side)[0]
-    bar, update = _progress(len(files), "demo")
-    try:
-        written = extract_folder(model, files, [prompts.get(f.stem, "") for f in files], "practical", out, t=50,
-                                 seed=0, size=None, resize="keep-aspect", progress=update, target_side=side)
-    finally:
-        bar.close()
-    saved = [p for p in written if p.suffix == ".safetensors"]
+    report: list[str] = []  # the run's summary and failures, shown only if something went wrong
+    result = extract_dataset(model, samples, out, "practical", [50], 0, target_side=parse_size(args.side)[0],
+                             prompts=[prompts.get(Path(s.relative).stem, "") for s in samples], log=report.append)
+    if result.status != 0:
+        print("\n".join(report), file=sys.stderr)
+        return result.status
+    saved = [out / o["path"] for r in index.read_records(out) if r["status"] == "done" for o in r["outputs"]]
     loaded = [load_features(p) for p in saved]
     for layer in loaded[0].tensors:
         images = pca_rgb([f.tensors[layer][0] for f in loaded], joint=True)
@@ -309,7 +303,7 @@ def run_demo(args) -> int:
             height, width = image_size(feats.meta)  # PCA images are the size of the image the model saw
             save_png(rgb, out / "pca" / f"{path.stem}_{layer}.png", size=(width, height))
     print(f"wrote {len(saved)} feature files and {len(saved) * len(loaded[0].tensors)} PCA images to {out} in "
-          f"{time.perf_counter() - start:.1f} s")
+          f"{time.perf_counter() - start:.1f} s (the run's index: {index.index_dir(out).name}/)")
     if model.source == RANDOM_SOURCE:
         print("reminder: these features come from random weights (see the warning above)", file=sys.stderr)
     return 0

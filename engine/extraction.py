@@ -24,12 +24,10 @@ from ..layer_catalog import FeatureCapture, resolve_taps
 from ..layer_catalog.errors import echo
 from ..layer_catalog.taps import is_pixart
 from . import memory_guard
-from .conditioning import Conditioning, with_time_ids  # noqa: F401  (extraction's public names since 0.1)
+from .conditioning import Conditioning, with_time_ids
 from .interrupts import InterruptChecks
-from .memory_guard import FeatureMemoryError  # noqa: F401  (raised by every run's guard; importable from here)
 from .memory_guard import count
-from .schedule import (NUM_TRAIN_TIMESTEPS, alphas_cumprod, check_timestep, check_timesteps,  # noqa: F401
-                       denoise_schedule, noise_latents, parse_timesteps)
+from .schedule import check_timestep, check_timesteps, denoise_schedule, noise_latents
 
 def _free_bytes(device: torch.device) -> int | None:
     """What this process can still allocate on `device` (None: unknown); every run's guard reads it here."""

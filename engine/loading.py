@@ -16,7 +16,7 @@ import torch
 
 from ..layer_catalog import FAMILIES, get_family
 from ..layer_catalog.errors import echo
-from .checkpoint_files import CheckpointError, load_pickle_state_dict, read_key_shapes  # noqa: F401
+from .checkpoint_files import CheckpointError, load_pickle_state_dict, read_key_shapes
 from .model import FeatureModel, parse_device, parse_dtype
 from . import tokenizers
 from .tokenizers import TokenizerMissingError, clip_tokenizer, load_tokenizer

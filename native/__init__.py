@@ -7,12 +7,13 @@ captured per model call during ordinary sampling. Only `comfy_model` touches Com
     # ... sample with `tapped` (KSampler, SamplerCustom, ...) ...
     labels, features = capture.stacked()   # one row per step x branch x conditioning x image
 """
+from ..layer_catalog.hooks import TokenGridError  # the hook engine's: one class for both engines
 from .capture import BRANCHES, NativeCapture, NoCaptureError, Record
 from .comfy_model import call_hooks, capture_layers, diffusion_model, model_layer_ids, native_family
 from .maps import attention_probs
 from .names import (SUPPORTED_FAMILIES, NativeLayout, NativeTap, UnsupportedModelError, is_native_unet, native_ids,
                     native_taps)
-from .taps import CallHooks, TokenGridError, hook_counts
+from .taps import CallHooks, hook_counts
 
 __all__ = [
     "BRANCHES", "NativeCapture", "NoCaptureError", "Record", "call_hooks", "capture_layers", "diffusion_model",

@@ -15,8 +15,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..layer_catalog.hook_set import AttachedHooks, HookSet, module_lookup
-# TokenGridError is the hook engine's (one class for both engines), still importable from here
-from ..layer_catalog.hooks import TokenGridError, first_input, owned, residue, tokens_to_grid  # noqa: F401
+from ..layer_catalog.hooks import first_input, owned, residue, tokens_to_grid
 from .maps import attention_probs
 from .names import NativeTap
 

@@ -3,21 +3,10 @@
 class_type names are public API (headless workflows use them): never rename them. `comfy_env` is the one module
 here that touches ComfyUI; `routes` serves the pack's HTTP routes.
 """
-import importlib as _importlib
-import sys as _sys
-
 from ..engine import tokenizers as _tokenizers
 from ..native.capture import set_host_job_id as _set_host_job_id
 from .comfy_env import comfy_tokenizer_dir as _comfy_tokenizer_dir
 from .comfy_env import current_prompt_id as _current_prompt_id
-
-# The engine lived in this package before 0.2: `diffusion_feature.nodes.extraction` and the other documented
-# module paths stay importable, as the same module objects.
-for _name in ("cli", "commands", "conditioning", "control", "controlnet", "ddim", "extraction", "features_io",
-              "file_cache", "folder_run", "generation", "images", "interrupts", "inversion", "loading", "lora",
-              "memory_guard", "model", "output_paths", "pnp", "prompts", "safe_paths", "samplers", "schedule",
-              "tokenizers", "visualize"):
-    _sys.modules[f"{__name__}.{_name}"] = globals()[_name] = _importlib.import_module(f"..engine.{_name}", __name__)
 
 _tokenizers.set_host_tokenizer_dir(_comfy_tokenizer_dir)  # ComfyUI's bundled T5 tokenizer, when inside ComfyUI
 _set_host_job_id(_current_prompt_id)  # native captures keep their rows per prompt, when inside ComfyUI

@@ -32,7 +32,8 @@ def layers_payload(family: str) -> dict:
 
 
 def family_payload(kind: str, name: str) -> dict:
-    from ..engine.loading import detect_family, detect_folder_family, read_key_shapes
+    from ..engine.checkpoint_files import read_key_shapes
+    from ..engine.loading import detect_family, detect_folder_family
 
     if kind not in ("checkpoints", "diffusers"):
         raise ValueError("kind must be checkpoints or diffusers")

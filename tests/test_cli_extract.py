@@ -12,9 +12,9 @@ from PIL import Image
 
 from conftest import run_cli
 from diffusion_feature.engine import cli
+from diffusion_feature.engine.dataset import index
 from diffusion_feature.engine.extraction import extract
 from diffusion_feature.engine.features_io import Features, load_features, save_features, size_meta
-from diffusion_feature.engine.folder_run import names_from_files, plan_batches
 from diffusion_feature.engine.images import ImageInputError, open_image, target_size
 
 
@@ -196,14 +196,6 @@ def test_center_crop_and_comfy_images(model):
     assert feats.tensors["mid-repeat0-res-out"].shape == (2, 32, 1, 2)
 
 
-def test_batches_group_by_size_and_names_stay_unique(tmp_path, images):
-    files = sorted(images.glob("*.png"))
-    assert plan_batches(files, 64, "keep-aspect", None, 2) == [[0, 1], [2]]
-    assert plan_batches(files, 64, "stretch", None, 2) == [[0, 1], [2]]
-    twins = [tmp_path / "x" / "img.png", tmp_path / "y" / "img.png"]
-    assert names_from_files(twins) == ["x_img", "y_img"]
-
-
 def test_show_layers_of_a_loaded_model(model):
     shapes = model.show_layers((64, 96))
     assert shapes["mid-repeat0-res-out"] == [32, 1, 2]
@@ -253,6 +245,10 @@ def test_demo_numbers_a_second_output_folder_from_one(tmp_path, capsys, tiny_ran
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_output", "demo_output-1"]
     for folder in tmp_path.iterdir():
         assert len(list(folder.glob("*.safetensors"))) == 3 and len(list((folder / "pca").glob("*.png"))) == 12
+        # the demo is a dataset run, the engine `extract` runs: its index records every image with its file
+        done = {r["image"]: [o["path"] for o in r["outputs"]] for r in index.read_records(folder)
+                if r["status"] == "done"}
+        assert done == {f"{n}.jpg": [f"{n}.safetensors"] for n in ("cat", "fruit", "house")}
     err = capsys.readouterr().err
     assert err.count("RANDOM WEIGHTS of the real sd15 architecture") == 2
     assert err.count("reminder: these features come from random weights") == 2

@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from conftest import tiny_controlnet, tiny_feature_model, tiny_pixart_model
+from diffusion_feature.engine.conditioning import with_time_ids
 from diffusion_feature.engine.control import ControlError, attach_control
 from diffusion_feature.engine.controlnet import ControlNet, ControlNetError
-from diffusion_feature.engine.extraction import encode_latents, extract, noise_latents, with_time_ids
+from diffusion_feature.engine.extraction import encode_latents, extract
 from diffusion_feature.engine.generation import generate
 from diffusion_feature.engine.prompts import encode_prompt
 from diffusion_feature.engine.samplers import make_scheduler
+from diffusion_feature.engine.schedule import noise_latents
 
 SIZE = 64
 DOWN = ["down-level1-repeat1-res-out", "down-level2-repeat0-vit-out"]

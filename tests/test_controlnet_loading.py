@@ -15,7 +15,7 @@ from conftest import tiny_controlnet, tiny_feature_model, tiny_pixart, tiny_sd15
 from diffusion_feature.layer_catalog.families import dummy_inputs, meta_denoiser
 from diffusion_feature.engine.controlnet import (CONTROLNET_FAMILIES, ControlNet, ControlNetError, bundled_config,
                                                  check_compatible, detect_family, layout_of, load_controlnet)
-from diffusion_feature.engine.loading import CheckpointError
+from diffusion_feature.engine.checkpoint_files import CheckpointError
 from diffusion_feature.nodes.node_controlnet import DFLoadControlNet
 from ldm_export import controlnet_to_ldm
 

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from conftest import inputs_for
-from diffusion_feature.engine.extraction import (Conditioning, alphas_cumprod, encode_latents, extract_latents,
-                                                 check_timestep)
+from diffusion_feature.engine.conditioning import Conditioning
+from diffusion_feature.engine.extraction import encode_latents, extract_latents
+from diffusion_feature.engine.memory_guard import FeatureMemoryError
+from diffusion_feature.engine.schedule import alphas_cumprod, check_timestep
 
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                 "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
@@ -125,11 +127,11 @@ def test_maps_that_cannot_fit_are_refused_up_front(sd15_unet, monkeypatch):
     calls = []
     hook = sd15_unet.conv_in.register_forward_hook(lambda *a: calls.append(1))
     try:
-        with pytest.raises(extraction.FeatureMemoryError,
+        with pytest.raises(FeatureMemoryError,
                            match=rf"need {need.total / 2**20:.1f} MiB on cpu \(.*\) but only 0\.0 MiB is free"):
             extract_latents(sd15_unet, x0, cond, ids, 50, 0, alphas_cumprod(SD_SCHEDULER))
         monkeypatch.setattr(extraction, "_free_bytes", lambda device: need.total - 1)
-        with pytest.raises(extraction.FeatureMemoryError):
+        with pytest.raises(FeatureMemoryError):
             extract_latents(sd15_unet, x0, cond, ids, 50, 0, alphas_cumprod(SD_SCHEDULER))
     finally:
         hook.remove()

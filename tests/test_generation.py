@@ -243,7 +243,7 @@ def test_ddim_moves_are_exact_for_a_closed_form_denoiser(prediction_type):
     """A stub denoiser that knows x0 and eps returns the exact prediction: a move to any timestep, down or up,
     lands exactly on sqrt(abar_s) x0 + sqrt(1 - abar_s) eps."""
     from diffusion_feature.engine.ddim import ddim_move, descending_timesteps
-    from diffusion_feature.engine.extraction import alphas_cumprod
+    from diffusion_feature.engine.schedule import alphas_cumprod
     from conftest import SD_SCHEDULER
 
     abar = alphas_cumprod(SD_SCHEDULER)

@@ -5,6 +5,7 @@ still a circle for a reader), resolved to the pack's own modules."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,67 @@ def test_the_node_faces_are_node_classes():
         for c in public:
             assert c.name in faces or any(isinstance(b, ast.Name) and b.id in faces for b in c.bases), \
                 f"{path.name}: {c.name}"
+
+
+def _module_file(dotted: str) -> Path | None:
+    """The file of the pack's module `engine.extraction` ('' is the pack itself), or None if there is none."""
+    base = ROOT.joinpath(*dotted.split(".")) if dotted else ROOT
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return base.with_suffix(".py") if base.with_suffix(".py").is_file() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _reexports(path: Path) -> set[str]:
+    """Names a module's top level binds only by importing them (not in function or class bodies)."""
+    imported, defined, todo = set(), set(), list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            imported |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        else:  # assignments, and the statements inside a top-level if / try / with / for
+            defined |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            todo += [c for c in ast.iter_child_nodes(node) if isinstance(c, (ast.stmt, ast.excepthandler))]
+    return imported - defined
+
+
+def _misplaced_imports(source: str, where: str, package: str | None) -> list[str]:
+    """`from <a module of the pack> import NAME` where that module has no such file or only imports NAME itself.
+    package: the importing module's package, for relative imports (None: absolute imports only)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level and package is not None:
+            parts = package.split(".") if package else []
+            target = ".".join(parts[:len(parts) - (node.level - 1)] + ([node.module] if node.module else []))
+        elif not node.level and node.module and node.module.split(".")[0] == "diffusion_feature":
+            target = node.module.partition(".")[2]
+        else:
+            continue
+        path = _module_file(target)
+        if path is None:
+            found.append(f"{where}:{node.lineno}: no module diffusion_feature.{target}")
+        elif path.name != "__init__.py":  # a package's __init__ exports are its documented imports
+            found += [f"{where}:{node.lineno}: {a.name} from {target}, which only imports it"
+                      for a in node.names if a.name in _reexports(path)]
+    return found
+
+
+def test_every_name_is_imported_from_the_module_that_defines_it():
+    """No re-export shims: the pack, its tests, benchmarks, scripts and the README's Python blocks import each name
+    from the module that defines it (or from a package's documented exports), never from a module that merely
+    imports it too, so each name has one home."""
+    import re
+
+    found = []
+    for path in sorted(ROOT.glob("*.py")) + sorted(p for d in (*PACKAGES, "tests", "bench", "docs",
+                                                               "example_workflows") for p in (ROOT / d).rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        own = rel.parts[0] in PACKAGES or len(rel.parts) == 1
+        found += _misplaced_imports(path.read_text(), str(rel), ".".join(rel.parts[:-1]) if own else None)
+    for n, block in enumerate(re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)):
+        found += _misplaced_imports(block, f"README.md python block {n + 1}", None)
+    assert found == []

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from diffusion_feature.engine.checkpoint_files import CheckpointError, read_key_shapes
 from diffusion_feature.engine.extraction import extract
-from diffusion_feature.engine.loading import (CheckpointError, _check_family, detect_family, load_model,
-                                              load_single_file, read_key_shapes)
+from diffusion_feature.engine.loading import _check_family, detect_family, load_model, load_single_file
 from ldm_export import sd15_single_file_state
 
 IDS = ["down-level1-repeat0-vit-block0-self-k", "mid-repeat1-res-out", "up-level2-repeat1-vit-block0-cross-map",

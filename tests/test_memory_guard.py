@@ -364,36 +364,36 @@ def test_an_interrupt_stops_extraction_inversion_and_the_vae_inside_their_forwar
         assert hook_state(sd15.denoiser) == before_unet and hook_state(sd15.vae) == before_vae
 
 
-# ---- the folder run never piles up batches ---------------------------------------------------------------------
-def test_folder_run_keeps_at_most_two_batches_whatever_the_writer_speed(sd15, tmp_path, monkeypatch):
+# ---- a dataset run never piles up batches -----------------------------------------------------------------------
+def test_dataset_run_keeps_at_most_two_batches_whatever_the_writer_speed(sd15, tmp_path, monkeypatch):
     from PIL import Image
 
-    from diffusion_feature.engine import folder_run
+    from diffusion_feature.engine import extraction
+    from diffusion_feature.engine.dataset import runner, sources
 
-    files = []
     for i in range(5):
-        path = tmp_path / f"im{i}.png"
-        Image.new("RGB", (96, 64), (40 * i, 0, 0)).save(path)
-        files.append(path)
+        Image.new("RGB", (96, 64), (40 * i, 0, 0)).save(tmp_path / f"im{i}.png")
     alive, most = [], []
-    real_extract = folder_run.extract
+    real_extract, real_save = extraction.extract_timesteps, runner._save_batch
 
-    def extract(*a, **kw):
+    def extract_timesteps(*a, **kw):
         features = real_extract(*a, **kw)
-        alive.append(weakref.ref(features))
+        alive.append(weakref.ref(features[0]))
         most.append(sum(r() is not None for r in alive))
         return features
 
     lock = threading.Lock()
 
-    def slow_save(features, out_dir, names, fmt, layout):
+    def slow_save(*a):
         with lock:
             time.sleep(0.6)  # a writer much slower than the model
-        return []
+        return real_save(*a)
 
-    monkeypatch.setattr(folder_run, "extract", extract)
-    monkeypatch.setattr(folder_run, "save_features", slow_save)
-    folder_run.extract_folder(sd15, files, ["a cat"] * 5, IDS, tmp_path / "out", t=50, seed=0, size="96x64")
+    monkeypatch.setattr(extraction, "extract_timesteps", extract_timesteps)
+    monkeypatch.setattr(runner, "_save_batch", slow_save)
+    result = runner.extract_dataset(sd15, sources.collect(str(tmp_path)), tmp_path / "out", IDS, [50], 0,
+                                    prompts="a cat", size=(64, 96), progress=False, log=None)
+    assert result.status == 0 and result.stats.written == 5
     assert len(most) == 5 and max(most) <= 2
 
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -61,24 +63,16 @@ def test_comfy_registry_metadata_declares_versions_and_an_icon_of_our_own():
     assert "v0.3.64" in readme and "2024-03" in readme and "1.58.1" in readme
 
 
-OLD_ENGINE_PATHS = ("cli", "commands", "conditioning", "control", "controlnet", "ddim", "extraction", "features_io",
-                    "file_cache", "folder_run", "generation", "images", "interrupts", "inversion", "loading", "lora",
-                    "memory_guard", "model", "output_paths", "pnp", "prompts", "safe_paths", "samplers", "schedule",
-                    "tokenizers", "visualize")
-
-
-def test_the_engine_stays_importable_under_its_old_nodes_paths():
-    """Before 0.2 the engine lived in nodes/: user code importing diffusion_feature.nodes.<module> (in any import
-    form) gets the very module objects of diffusion_feature.engine, so a monkeypatch on either is seen by both.
-    The only test that uses the old paths: every other test imports from the real ones."""
+def test_every_module_of_the_pack_is_importable_under_one_name_only():
+    """The engine lives in engine/ and nowhere else: no module is also registered under a second name (such as
+    diffusion_feature.nodes.extraction for a layout no release had), so a monkeypatch reaches the one module."""
     import importlib
 
-    import diffusion_feature.nodes as old_package
-    from diffusion_feature.engine.extraction import extract
-    from diffusion_feature.nodes.extraction import extract as old_extract
-
-    assert old_extract is extract
-    for name in OLD_ENGINE_PATHS:
-        real = importlib.import_module(f"diffusion_feature.engine.{name}")
-        assert importlib.import_module(f"diffusion_feature.nodes.{name}") is real, name
-        assert getattr(old_package, name) is real, name
+    importlib.import_module("diffusion_feature.nodes")  # the node faces and everything they import
+    names: dict[int, list[str]] = {}
+    for name, module in list(sys.modules.items()):
+        if name == "diffusion_feature" or name.startswith("diffusion_feature."):
+            names.setdefault(id(module), []).append(name)
+    assert [sorted(n) for n in names.values() if len(n) > 1] == []
+    with pytest.raises(ModuleNotFoundError, match="diffusion_feature.nodes.extraction"):
+        importlib.import_module("diffusion_feature.nodes.extraction")

@@ -11,7 +11,7 @@ from diffusion_feature.engine.ddim import move_between
 from diffusion_feature.engine.generation import generate
 from diffusion_feature.engine.inversion import Inversion, InversionError, fingerprint, invert
 from diffusion_feature.engine.pnp import PnPError, negative_weights, translate
-from diffusion_feature.engine.extraction import with_time_ids
+from diffusion_feature.engine.conditioning import with_time_ids
 from diffusion_feature.engine.prompts import encode_prompt
 from diffusion_feature.engine.samplers import make_scheduler
 
@@ -32,7 +32,7 @@ def inversion(sd15, photo):
 def test_one_inversion_step_then_one_sampling_step_has_the_known_first_order_error():
     """With eps(x) = 0.3 x + c the two predictions differ, and the round trip misses x by exactly
     (sqrt(1 - a_s) - sqrt(a_s) sqrt(1 - a_t) / sqrt(a_t)) (eps(x_t) - eps(x_s))."""
-    from diffusion_feature.engine.extraction import alphas_cumprod
+    from diffusion_feature.engine.schedule import alphas_cumprod
 
     abar = alphas_cumprod(SD_SCHEDULER)
     g = torch.Generator().manual_seed(0)

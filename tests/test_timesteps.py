@@ -9,6 +9,7 @@ from diffusion_feature.engine import extraction
 from diffusion_feature.engine.control import attach_control
 from diffusion_feature.engine.controlnet import ControlNet
 from diffusion_feature.engine.extraction import extract, extract_timesteps
+from diffusion_feature.engine.memory_guard import FeatureMemoryError
 from diffusion_feature.engine.prompts import encode_prompt
 from diffusion_feature.engine.schedule import parse_timesteps
 
@@ -98,7 +99,7 @@ def test_the_memory_plan_counts_every_timestep(sd15, images, monkeypatch):
     monkeypatch.setattr(extraction, "_free_bytes", lambda device: (one.total + three.total) // 2)
     extract(sd15, images, "a cat", LAYERS, t=50, size=SIZE)
     with VaeCalls(sd15) as calls:
-        with pytest.raises(extraction.FeatureMemoryError, match="at 3 timesteps"):
+        with pytest.raises(FeatureMemoryError, match="at 3 timesteps"):
             extract_timesteps(sd15, images, "a cat", LAYERS, TS, size=SIZE)
     assert calls.n == 0
 
