@@ -39,8 +39,8 @@ def _load(args):
     for spec in getattr(args, "lora", None) or []:
         from .lora import load_lora, with_lora
 
-        path, _, strength = spec.partition(":")
-        model = with_lora(model, load_lora(path), float(strength or 1.0), float(strength or 1.0))
+        path, strength = _with_strength(spec, "--lora")
+        model = with_lora(model, load_lora(path), strength, strength)
     return model
 
 
@@ -206,7 +206,7 @@ def run_extract(args) -> int:
     def known(old):  # the model settings these flags tell, so a refusal names their differences too
         return output_folder.known_model_settings(
             old, model=args.model, family=args.family, dtype=args.dtype, layers=args.layers,
-            loras=[(path, float(strength or 1.0)) for path, _, strength in (s.partition(":") for s in args.lora)],
+            loras=[_with_strength(spec, "--lora") for spec in args.lora],
             controlnets=[_with_strength(spec, "--controlnet") for spec in args.controlnet])
 
     output_folder.precheck(args.output, request, args.resume, items, known)  # before minutes of model loading

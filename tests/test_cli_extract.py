@@ -132,6 +132,14 @@ def test_cli_generate_pnp_lora_and_denoise_from(tmp_path, folder, images, model)
     assert not torch.allclose(a.tensors[layer], b.tensors[layer]) and not torch.allclose(a.tensors[layer],
                                                                                          c.tensors[layer])
     assert c.meta["denoise_from"] == 70 and c.meta["denoise_steps"] == 2
+    # a colon inside the LoRA's path (C:\loras\... on Windows) stays in the path: only a number after the last
+    # colon is a strength
+    drive = tmp_path / "C:loras"
+    drive.mkdir()
+    (drive / "style.safetensors").write_bytes(lora.read_bytes())
+    again = tmp_path / "styled-again"
+    assert _cli("extract", *args, "--output", again, "--lora", f"{drive / 'style.safetensors'}:0.5").returncode == 0
+    assert torch.equal(load_features(again / "a.safetensors").tensors[layer], b.tensors[layer])
     bad = _cli("pnp", "--model", folder, "--image", images / "a.png", "--prompts", "x", "--output", tmp_path / "p2",
                "--steps", 2, "--feature-threshold", 2)
     assert bad.returncode == 2 and "feature_threshold must be a fraction" in bad.stderr
