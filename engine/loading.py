@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..layer_catalog import FAMILIES, get_family
-from ..layer_catalog.errors import echo
+from ..layer_catalog.errors import echo, public_module
 from .checkpoint_files import CheckpointError, load_pickle_state_dict, read_key_shapes
 from .model import FeatureModel, parse_device, parse_dtype
 from . import tokenizers
@@ -30,6 +30,9 @@ RANDOM_SOURCE = "random weights"  # FeatureModel.source of such a model
 
 class RandomWeightsWarning(UserWarning):
     """A model with random weights was loaded: everything runs, but its features mean nothing."""
+
+
+RandomWeightsWarning.__module__ = public_module(__name__)  # a warning, not under DiffusionFeatureError
 
 
 # ---- family detection ----------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ if _spec and (_rank is None or os.environ.get("RANK") == _rank):
 
     _kind, _n = _spec.split(":")
     _n = int(_n)
+    if _kind == "sigint":  # Ctrl-C as a terminal gives it, even when this test run was started in the background
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background job inherits SIGINT ignored)
     _real = features_io.write_atomic
     _count = [0]
 
