@@ -240,7 +240,7 @@ def run_pca(args) -> int:
     from .visualize import pca_rgb, save_png
 
     if is_map(args.layer):  # (heads, queries, keys) read as (C, H, W) would draw a meaningless image
-        raise ValueError(f"--layer {args.layer!r} is an attention map (heads x queries x keys), not a spatial "
+        raise ValueError(f"--layer {echo(args.layer)} is an attention map (heads x queries x keys), not a spatial "
                          "feature, so pca does not draw it: show a self-map with self-attention PCA and a cross-map "
                          "as a heatmap (engine.visualize.self_attention_pca / attention_heatmap, the "
                          "DFSelfAttentionPCA / DFAttentionMap nodes); pca takes spatial layers (not -self-map or "

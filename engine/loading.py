@@ -262,7 +262,7 @@ def random_family(spec) -> str | None:
         return None
     family = spec[len(RANDOM_PREFIX):]
     if family not in FAMILIES:
-        raise CheckpointError(f"model {spec!r}: unknown family {family!r}; valid: "
+        raise CheckpointError(f"model {echo(spec)}: unknown family {echo(family)}; valid: "
                               f"{', '.join(RANDOM_PREFIX + f for f in FAMILIES)}")
     return family
 
@@ -282,7 +282,7 @@ def load_model(path, family: str | None = None, dtype="float32", device="cpu") -
     random_of = random_family(path)
     if random_of is not None:
         if family is not None and family != random_of:
-            raise CheckpointError(f"model {path!r} was given with family {family!r}; give one of them")
+            raise CheckpointError(f"model {echo(path)} was given with family {echo(family)}; give one of them")
         warnings.warn(random_weights_notice(random_of), RandomWeightsWarning, stacklevel=2)
         return build_random(random_of, dtype, device)
     p = Path(path)

@@ -32,19 +32,19 @@ def parse_device(device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a torch device; valid: cpu, cuda, cuda:N, mps") from None
+        raise ValueError(f"device {echo(device)} is not a torch device; valid: cpu, cuda, cuda:N, mps") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = ("this torch is a CPU-only build" if torch.version.cuda is None
                    else "torch sees no CUDA device (check the driver and CUDA_VISIBLE_DEVICES)")
-            raise ValueError(f"device {device!r}: {why} (torch {torch.__version__}); use device cpu, or install "
+            raise ValueError(f"device {echo(device)}: {why} (torch {torch.__version__}); use device cpu, or install "
                              "a CUDA build of torch")
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
-            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s); valid: cuda, "
+            raise ValueError(f"device {echo(device)}: this machine has {count} CUDA device(s); valid: cuda, "
                              f"cuda:0..cuda:{count - 1}")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r}: MPS (Apple GPU) is not available here; use device cpu")
+        raise ValueError(f"device {echo(device)}: MPS (Apple GPU) is not available here; use device cpu")
     return dev
 
 

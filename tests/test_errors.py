@@ -26,6 +26,8 @@ def test_echo_keeps_short_values_and_cuts_long_ones_saying_their_length():
 def _places(tmp_path):
     """Every kind of place that quotes a user's value in an error: (what, call raising ValueError)."""
     from diffusion_feature.engine.dataset.output_folder import check_prompts
+    from diffusion_feature.engine.loading import random_family
+    from diffusion_feature.engine.model import parse_device
     from diffusion_feature.engine.output_paths import resolve_prefix
     from diffusion_feature.engine.samplers import parse_capture_steps
     from diffusion_feature.engine.schedule import parse_timesteps
@@ -46,12 +48,14 @@ def _places(tmp_path):
         "filename prefix": lambda: resolve_prefix(big, tmp_path),
         "model name": lambda: comfy_env.model_path("checkpoints", big),
         "layer file name": lambda: comfy_env.layer_file(big + ".json"),
+        "device": lambda: parse_device(big),
+        "random model": lambda: random_family("random:" + big),
     }
 
 
 @pytest.mark.parametrize("place", ["layer id", "layer id syntax", "layer file", "capture steps", "timesteps",
                                    "preset", "family", "prompt", "filename prefix", "model name",
-                                   "layer file name"])
+                                   "layer file name", "device", "random model"])
 def test_errors_quote_user_input_at_a_bounded_length(tmp_path, monkeypatch, place):
     monkeypatch.setenv("DF_CHECKPOINTS_DIR", str(tmp_path))
     monkeypatch.setenv("DF_INPUT_DIR", str(tmp_path))
