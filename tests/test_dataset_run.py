@@ -48,6 +48,12 @@ def _png(path: Path, seed: int, size=(96, 64), mode="RGB") -> Path:
     return path
 
 
+def _pngs(folder: Path, names: str) -> None:
+    """One random PNG per letter of `names` in `folder` (a.png, b.png, ...), seeded by its position."""
+    for i, name in enumerate(names):
+        _png(folder / f"{name}.png", i)
+
+
 def _run(capsys, *args) -> tuple[int, str, str]:
     capsys.readouterr()
     try:
@@ -346,8 +352,7 @@ def test_an_image_deleted_during_the_run_fails_alone(tmp_path, capsys, sd15_fold
     from diffusion_feature.engine.dataset import runner
 
     inp = tmp_path / "in"
-    for i, name in enumerate("abc"):
-        _png(inp / f"{name}.png", i)
+    _pngs(inp, "abc")
     real = runner._decode
 
     def decode_after_deleting(batch, job):
@@ -366,8 +371,7 @@ def test_an_image_deleted_during_the_run_fails_alone(tmp_path, capsys, sd15_fold
 # ---- resume ------------------------------------------------------------------------------------------------
 def test_resume_skips_complete_images_and_does_the_rest(tmp_path, capsys, sd15_folder, model):
     inp = tmp_path / "in"
-    for i, name in enumerate("abc"):
-        _png(inp / f"{name}.png", i)
+    _pngs(inp, "abc")
     out = tmp_path / "out"
     assert _run(capsys, *_base(sd15_folder, inp, out))[0] == 0
     rc, _, stderr = _run(capsys, *_base(sd15_folder, inp, out))
@@ -429,8 +433,7 @@ def _damage_in_place(path: Path, keep_mtime: bool) -> None:
 
 def test_resume_checks_content_hashes_and_verify_rereads_all(tmp_path, capsys, sd15_folder):
     inp = tmp_path / "in"
-    for i, name in enumerate("abc"):
-        _png(inp / f"{name}.png", i)
+    _pngs(inp, "abc")
     reference = tmp_path / "reference"
     assert _run(capsys, *_base(sd15_folder, inp, reference))[0] == 0
     out = tmp_path / "out"
@@ -614,8 +617,7 @@ def _consistent(out: Path) -> None:
 
 def test_a_full_disk_stops_the_run_cleanly_and_resume_completes_it(tmp_path, capsys, sd15_folder, monkeypatch):
     inp = tmp_path / "in"
-    for i, name in enumerate("abcd"):
-        _png(inp / f"{name}.png", i)
+    _pngs(inp, "abcd")
     reference = tmp_path / "reference"
     assert _run(capsys, *_base(sd15_folder, inp, reference, "--t", "25,50"))[0] == 0
     out = tmp_path / "out"
@@ -650,8 +652,7 @@ def test_a_full_disk_in_safetensors_stops_with_3_and_a_summary(tmp_path, capsys,
     from safetensors import SafetensorError
 
     inp = tmp_path / "in"
-    for i, name in enumerate("abc"):
-        _png(inp / f"{name}.png", i)
+    _pngs(inp, "abc")
     reference = tmp_path / "reference"
     assert _run(capsys, *_base(sd15_folder, inp, reference))[0] == 0
 
@@ -677,8 +678,7 @@ def test_a_full_disk_in_safetensors_stops_with_3_and_a_summary(tmp_path, capsys,
 def test_temporaries_of_any_writer_stay_in_ours_and_resume_removes_every_kind(tmp_path, capsys, sd15_folder,
                                                                               monkeypatch):
     inp = tmp_path / "in"
-    for i, name in enumerate("ab"):
-        _png(inp / "city" / f"{name}.png", i)
+    _pngs(inp / "city", "ab")
     out = tmp_path / "out"
 
     def killed_writer_leaves_its_temporary(n, filename):  # what safetensors leaves beside its target when killed
@@ -710,8 +710,7 @@ def test_temporaries_of_any_writer_stay_in_ours_and_resume_removes_every_kind(tm
 def test_outputs_reach_the_disk_before_their_record(tmp_path, capsys, sd15_folder, monkeypatch):
     """Each output file is fsync'd, then its folder (the link), and only then is its record appended."""
     inp = tmp_path / "in"
-    for i, name in enumerate("ab"):
-        _png(inp / "sub" / f"{name}.png", i)
+    _pngs(inp / "sub", "ab")
     events = []
     real_fsync, real_append = os.fsync, index.IndexWriter.append
 
@@ -757,8 +756,7 @@ def test_ctrl_c_stops_cleanly_with_130_and_resume_completes(tmp_path, capsys, sd
     from diffusion_feature.engine import extraction
 
     inp = tmp_path / "in"
-    for i, name in enumerate("abc"):
-        _png(inp / f"{name}.png", i)
+    _pngs(inp, "abc")
     reference = tmp_path / "reference"
     assert _run(capsys, *_base(sd15_folder, inp, reference))[0] == 0
     real = extraction.extract_timesteps
@@ -796,8 +794,7 @@ def test_killed_or_interrupted_in_the_middle_of_a_write_then_resumed(tmp_path, c
     Ctrl-C there:
     --resume afterwards loses nothing, duplicates nothing and leaves no partial or temporary file."""
     inp = tmp_path / "in"
-    for i, name in enumerate("abcd"):
-        _png(inp / f"{name}.png", i)
+    _pngs(inp, "abcd")
     reference = tmp_path / "reference"
     assert _run(capsys, *_base(sd15_folder, inp, reference, "--format", "npy"))[0] == 0
     out = tmp_path / "out"
