@@ -9,9 +9,9 @@ variants, repeats them, and reports medians; CUDA timings use CUDA events. It pr
 1. capture overhead: extraction hooks (practical preset, no early exit) vs a bare forward; also the real extraction
    (with early exit) vs the bare forward.
 2. early exit: a down-level-only request vs a full forward.
-3. attention maps: one self-map with our processor on that module only, vs the reference's approach (every attention
-   module swapped to diffusers' classic explicit-softmax AttnProcessor, the asked one recording), vs the same
-   extraction without maps; also the swap with our in-place recorder everywhere, the cheapest explicit attention.
+3. attention maps: one self-map rebuilt from that module's q and k (every attention keeps its fused kernel), vs the
+   reference's approach (every attention module swapped to diffusers' classic explicit-softmax AttnProcessor), vs
+   the same extraction without maps.
 4. memory: peak extra memory of an extraction over a bare forward, against the bytes of the features requested
    (CUDA: allocator peaks; CPU: peak RSS (VmHWM, reset after the model is built) of a fresh process per variant,
    with freed buffers returned to the OS at once so the peak follows live tensors; see LIVE_HEAP).
@@ -35,7 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from diffusion_feature.layer_catalog import (FeatureCapture, dummy_inputs, get_family,  # noqa: E402
                                              meta_denoiser, preset_ids, resolve_taps)
-from diffusion_feature.layer_catalog.attention_maps import MapRecordingProcessor  # noqa: E402
 
 DOWN_ONLY = {"sd15": "down-level1-repeat1-res-out", "sdxl": "down-level1-repeat1-res-out"}
 ONE_MAP = {"sd15": "up-level3-repeat0-vit-block0-self-map", "sdxl": "up-level1-repeat0-vit-block0-self-map"}
@@ -82,27 +81,18 @@ def alternate(variants: dict, repeats: int, timer: Timer) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def swap_all_processors(model, record_id: str, taps, classic: bool = True):
-    """The reference's way: when any map is asked for, every attention module's processor is replaced.
-
-    The reference's replacement is diffusers' classic AttnProcessor with two store calls added (explicit
-    baddbmm scores, an out-of-place softmax, bmm), so with `classic` every module that is not recorded gets
-    diffusers' own AttnProcessor, and the recorded one gets our MapRecordingProcessor (cheaper than the reference's
-    recorder: this only favours the baseline). With `classic=False` every module gets our in-place
-    MapRecordingProcessor, the cheapest explicit attention we have (the maps nobody asked for are discarded).
-    """
+def swap_all_processors(model):
+    """The reference's way: when any map is asked for, every attention module's processor is replaced by diffusers'
+    classic AttnProcessor with store calls added (explicit baddbmm scores, an out-of-place softmax, bmm). Here every
+    module gets diffusers' own AttnProcessor and the asked map is still read by our q/k hooks (one extra q k^T on
+    one module, against the reference's stores on every module: a wash)."""
     from diffusers.models.attention_processor import AttnProcessor
 
-    target = next(t for t in taps if t.id == record_id).module_path
-    kept = {}
     originals = []
-    for name, module in model.named_modules():
+    for module in model.modules():
         if hasattr(module, "set_processor"):
             originals.append((module, module.processor))
-            if name == target:
-                module.set_processor(MapRecordingProcessor(lambda p: kept.__setitem__("map", p)))
-            else:
-                module.set_processor(AttnProcessor() if classic else MapRecordingProcessor(lambda p: None))
+            module.set_processor(AttnProcessor())
     return originals
 
 
@@ -132,25 +122,22 @@ def bench_config(family: str, size: int, batch: int, device, dtype, repeats: int
     down = resolve_taps([DOWN_ONLY[fam]], model, family)
     with_map = resolve_taps(preset_ids(family, "practical") + [ONE_MAP[fam]], model, family)
 
-    def swap_all(classic):
-        def run():
-            originals = swap_all_processors(model, ONE_MAP[fam], with_map, classic)
-            try:
-                capture([t for t in with_map if t.kind != "map"], True)()
-            finally:
-                restore(originals)
-        return run
+    def swap_all():
+        originals = swap_all_processors(model)
+        try:
+            capture(with_map, True)()
+        finally:
+            restore(originals)
 
     t = alternate({"bare": bare, "hooks": capture(practical, False), "extract": capture(practical, True),
                    "down_only": capture(down, True), "one_map": capture(with_map, True),
-                   "swap_all": swap_all(True), "swap_all_inplace": swap_all(False)},
+                   "swap_all": swap_all},
                   repeats, timer)
     row = {"family": family, "size": size, "batch": batch, "device": str(device), "dtype": str(dtype).split(".")[-1],
            "seconds": t,
            "capture_overhead": t["hooks"] / t["bare"] - 1, "extract_vs_bare": t["extract"] / t["bare"],
            "early_exit_ratio": t["down_only"] / t["bare"], "one_map_vs_no_map": t["one_map"] / t["extract"],
            "swap_all_vs_one_map": t["swap_all"] / t["one_map"],
-           "swap_all_inplace_vs_one_map": t["swap_all_inplace"] / t["one_map"],
            "images_per_s_bare": batch / t["bare"], "images_per_s_extract": batch / t["extract"]}
     if torch.device(device).type == "cuda":
         row["memory"] = cuda_memory(model, inputs, with_map)
@@ -313,8 +300,7 @@ def main(argv=None) -> int:
             print(f"{family}@{size} b{batch}: bare {row['seconds']['bare']:.3f}s | capture overhead "
                   f"{row['capture_overhead']:+.1%} | extract/bare {row['extract_vs_bare']:.2f} | down-only/full "
                   f"{row['early_exit_ratio']:.2f} | one map/no map {row['one_map_vs_no_map']:.2f} | swap-all/one "
-                  f"map {row['swap_all_vs_one_map']:.2f} (in-place recorders everywhere "
-                  f"{row['swap_all_inplace_vs_one_map']:.2f})", flush=True)
+                  f"map {row['swap_all_vs_one_map']:.2f}", flush=True)
             if "memory" in row:
                 m = row["memory"]
                 print(f"    memory: extra {m['extra'] / 2**20:.0f} MiB for {m['feature_bytes'] / 2**20:.0f} MiB of "

@@ -26,6 +26,7 @@ from .conditioning import Conditioning, with_time_ids
 from .extraction import _pixels, fits, require
 from .interrupts import InterruptChecks
 from .samplers import DEFAULT_SCHEDULER, make_scheduler, parse_capture_steps
+from .timeline import Timeline
 
 BRANCHES = ("cond", "uncond", "both")
 
@@ -195,9 +196,7 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
                          images=batch, encode=pixels.shape[0] if pixels is not None else 0)
         capture = FeatureCapture(denoiser, taps, dtype=dtype, device="cpu" if offload else None,
                                  feature_resize=feature_resize) if taps else None
-        captured: dict[str, torch.Tensor] = {}  # allocated at the first capture, filled step by step
-        filled = 0
-        labels: list[dict] = []
+        timeline = Timeline(capture, len(capture_at), kept_rows) if taps else None
         step_kwargs = {"generator": generator} if "generator" in _step_params(sched) else {}
         if "eta" in _step_params(sched):
             step_kwargs["eta"] = 0.0
@@ -217,16 +216,8 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
                             capture.rows = slice(wanted[0] * batch, (wanted[-1] + 1) * batch)
                         out = capture.run(**call)
                         if capture.enabled:
-                            n_rows = (wanted[-1] - wanted[0] + 1) * batch
-                            for tap_id, value in capture.features.items():
-                                if tap_id not in captured:
-                                    captured[tap_id] = value.new_empty((len(capture_at) * kept_rows,
-                                                                        *value.shape[1:]))
-                                captured[tap_id][filled:filled + n_rows].copy_(value)
-                            capture.features = {}
-                            filled += n_rows
-                            labels += [{"step": i, "timestep": float(t), "branch": names[k], "image": j}
-                                       for k in wanted for j in range(batch)]
+                            timeline.record([{"step": i, "timestep": float(t), "branch": names[k], "image": j}
+                                             for k in range(wanted[0], wanted[-1] + 1) for j in range(batch)])
                     else:
                         out = denoiser(**call)
                     out = eps_output(out[0], latent_channels)
@@ -244,10 +235,10 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
         images = decode(vae, latents, interrupt=interrupt)
     features = None
     if taps:
-        tensors = {t.id: captured[t.id][:filled] for t in taps}
+        tensors = timeline.tensors()
         meta = {"family": model.family, "seed": seed, **size_meta(height, width), "prompt": pos.prompts,
                 "layers": list(tensors), "scheduler": scheduler, "steps": total, "cfg": cfg,
-                "denoise": denoise if pixels is not None else 1.0, "rows": labels}
+                "denoise": denoise if pixels is not None else 1.0, "rows": timeline.labels}
         features = Features(tensors, meta)
     return Generation(images, latents, features)
 

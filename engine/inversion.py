@@ -24,6 +24,7 @@ from .conditioning import Conditioning, with_time_ids
 from .extraction import _pixels, encode_latents
 from .interrupts import InterruptChecks
 from .samplers import make_scheduler, parse_capture_steps
+from .timeline import Timeline
 
 
 class InversionError(DiffusionFeatureError, ValueError):
@@ -140,7 +141,7 @@ def invert(model, image, prompt="", steps: int = 50, *, resize: str = "keep-aspe
         with InterruptChecks(interrupt, model.vae):
             x0 = encode_latents(model.vae, pixels, 0, sample=False).to(param.device, param.dtype)
         capture = FeatureCapture(denoiser, taps, device="cpu") if taps else None
-        captured, labels, filled = {}, [], 0  # allocated at the first capture, filled step by step
+        timeline = Timeline(capture, len(capture_at), 1) if taps else None
         latents = torch.empty((len(ascending) + 1, *x0.shape[1:]), dtype=torch.float32)  # no final concatenation
         latents[0] = x0[0].float().cpu()
         x, a_prev = x0, final
@@ -150,13 +151,7 @@ def invert(model, image, prompt="", steps: int = 50, *, resize: str = "keep-aspe
                     capture.enabled = i in capture_at
                 out = _call(denoiser, x, t, kwargs, capture.run if capture is not None else None)
                 if capture is not None and capture.enabled:
-                    for k, v in capture.features.items():
-                        if k not in captured:
-                            captured[k] = v.new_empty((len(capture_at), *v.shape[1:]))
-                        captured[k][filled:filled + 1].copy_(v)
-                    capture.features = {}
-                    filled += 1
-                    labels.append({"step": i, "timestep": float(t), "branch": "inversion", "image": 0})
+                    timeline.record([{"step": i, "timestep": float(t), "branch": "inversion", "image": 0}])
                 # the prediction was made for timestep t on a latent of a_prev: it is read there (see ddim.py)
                 a_t = float(abar[t])
                 x = move_between(x, eps_output(out, x.shape[1]), a_prev, a_t, prediction)
@@ -168,11 +163,11 @@ def invert(model, image, prompt="", steps: int = 50, *, resize: str = "keep-aspe
                               " | ".join(cond.prompts), model.family, (height, width), fingerprint(model),
                               (pixels.permute(0, 2, 3, 1) / 2 + 0.5).clamp(0, 1).cpu())
         if taps:
-            inversion.features = Features({t.id: captured[t.id][:filled] for t in taps},
+            inversion.features = Features(timeline.tensors(),
                                           {"family": model.family, **size_meta(height, width), "prompt": cond.prompts,
                                            "layers": [t.id for t in taps], "scheduler": "ddim",
                                            "steps": len(ascending),
-                                           "rows": labels})
+                                           "rows": timeline.labels})
         if check:
             with InterruptChecks(interrupt, denoiser):
                 recon = sample_back(model, inversion, kwargs, on_step=None if on_step is None else

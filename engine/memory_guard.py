@@ -11,8 +11,8 @@ denoiser forward, a VAE pass) and refuses with the numbers when that exceeds wha
   and one forward runs there with the run's own taps attached, while a dispatch mode counts the bytes of every
   tensor alive at each moment; its maximum is the forward's activation peak. Attention through SDPA is counted as
   the fused kernels CPUs and GPUs run (only the output is allocated): the meta device alone would take the math
-  path and count scores that a real run never materialises. Attention maps are computed explicitly by our map
-  processor, so their scores are counted, as they really are allocated.
+  path and count scores that a real run never materialises. Attention maps are computed explicitly from the
+  module's q and k by the capture's hooks, so their scores are counted, as they really are allocated.
 
 Only torch and the hook engine below are imported: every part of the pack may use this module.
 """

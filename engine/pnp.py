@@ -27,6 +27,7 @@ from .generation import Generation, _stack_kwargs, check_generation, decode
 from .interrupts import InterruptChecks
 from .inversion import Inversion, InversionError, _schedule
 from .samplers import parse_capture_steps
+from .timeline import Timeline
 
 NEGATIVE_SCHEDULES = ("constant", "linear", "exp")
 CAPTURE_BRANCHES = ("cond", "uncond", "both", "all")
@@ -158,9 +159,9 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
         negative_text = negative or inversion.prompt
         neg = with_time_ids(encode_prompt(model, negative_text), height, width).for_batch(k, device, dtype)
         x = inversion.latents[-1:].to(device, dtype).expand(k, -1, -1, -1).clone()
-        captured, labels, filled = {}, [], 0  # the output is allocated at the first capture and filled
         generator = torch.Generator().manual_seed(int(seed))
         capture = FeatureCapture(denoiser, taps, device="cpu") if taps else None
+        timeline = Timeline(capture, len(capture_at), kept_rows) if taps else None
         with features_inj, attention_inj, capture if capture is not None else contextlib.nullcontext(), \
                 InterruptChecks(interrupt, denoiser):
             for i, t in enumerate(timesteps):
@@ -176,15 +177,9 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
                     capture.rows = slice(keep[0], keep[-1] + 1)
                     out = capture.run(**call)[0]
                     if capture.enabled:
-                        for tap_id, value in capture.features.items():
-                            if tap_id not in captured:
-                                captured[tap_id] = value.new_empty((len(capture_at) * kept_rows, *value.shape[1:]))
-                            captured[tap_id][filled:filled + kept_rows].copy_(value)
-                        capture.features = {}
-                        filled += kept_rows
-                        labels += [{"step": i, "timestep": float(t), "branch": names[r],
-                                    "image": 0 if names[r] == "source" else (r - 1) % k}
-                                   for r in range(keep[0], keep[-1] + 1)]
+                        timeline.record([{"step": i, "timestep": float(t), "branch": names[r],
+                                          "image": 0 if names[r] == "source" else (r - 1) % k}
+                                         for r in range(keep[0], keep[-1] + 1)])
                 else:
                     out = denoiser(**call)[0]
                 out = eps_output(out, x.shape[1])
@@ -199,9 +194,9 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
         images = decode(model.vae, x, interrupt=interrupt)
     features = None
     if taps:
-        tensors = {t.id: captured[t.id][:filled] for t in taps}
+        tensors = timeline.tensors()
         features = Features(tensors, {"family": model.family, **size_meta(height, width), "prompt": prompts,
                                       "layers": list(tensors), "scheduler": "ddim", "steps": steps, "cfg": cfg,
-                                      "seed": seed, "rows": labels})
+                                      "seed": seed, "rows": timeline.labels})
     return Generation(images, x, features)
 

@@ -1,81 +1,53 @@
-"""An attention processor that also hands out its softmax probabilities.
+"""Attention maps from an attention module's own projections, on every backend, without touching its attention.
 
-SDPA never materialises the probabilities, so a map can only be had by computing attention explicitly. This
-processor does that and nothing else differently; it is installed only on the attention modules whose maps were
-asked for, so every other module keeps its fast processor (SDPA, or xformers on CUDA).
+Fused kernels (SDPA, xformers, ComfyUI's optimized_attention) never materialise the probabilities, and swapping an
+attention's processor or forward would fork code that keeps changing upstream (and ComfyUI's attn replace patches
+are a single slot other packs use). So a map is rebuilt from what the module computes anyway: forward hooks on its
+query and key projections keep their outputs, and once both have fired softmax(q k^T / sqrt(d_head)) is built per
+head (plus the module's additive attention mask, where diffusers passes one: PixArt's text padding). Only modules
+whose maps were asked for get these hooks; every attention still runs its own kernel.
+
+What is recorded is what the projections produced: a patch of another pack that edits the attention's inputs
+before them is seen, one that computes attention on other keys than the key projection's output is not.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 
 
-class MapRecordingProcessor:
-    """Computes diffusers' Attention exactly as AttnProcessor2_0 does, with explicit softmax(q k^T * scale).
+def attention_params(attention: torch.nn.Module) -> tuple[int, bool]:
+    """(heads, upcast) of an attention module of either backend: diffusers' Attention (`heads`, `upcast_attention`
+    / `upcast_softmax`), ComfyUI's CrossAttention (`heads`, `attn_precision`) or its PixArt attention (`num_heads`)."""
+    heads = getattr(attention, "heads", None)
+    if not isinstance(heads, int):
+        heads = getattr(attention, "num_heads", None)
+    if not isinstance(heads, int):
+        raise TypeError(f"a {type(attention).__name__} does not say its number of heads; cannot build its maps")
+    upcast = bool(getattr(attention, "upcast_attention", False) or getattr(attention, "upcast_softmax", False)
+                  or getattr(attention, "attn_precision", None) == torch.float32)
+    return heads, upcast
 
-    `record(probs)` receives the probabilities shaped (B, heads, Nq, Nk), in the attention's compute dtype.
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int, upcast: bool = False,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) per head from projections shaped (B, N, heads * d): (B, heads, Nq, Nk).
+
+    The map can be GiBs (SD1.5's first level: 8 x 4096 x 4096 per image), so it is built in one buffer: scale, mask
+    and a numerically stable softmax happen in place, with float32 sums as torch's softmax. `upcast` computes the
+    scores in float32 (diffusers' upcast_attention, ComfyUI's attn_precision=float32). `mask`: an additive bias
+    broadcastable to (B, heads, Nq, Nk). The result has q's dtype.
     """
-
-    def __init__(self, record: Callable[[torch.Tensor], None]):
-        self.record = record
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch, key_len = context.shape[0], context.shape[1]
-
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, key_len, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        dtype = query.dtype
-        if attn.upcast_attention:
-            query, key = query.float(), key.float()
-        # The map can be GiBs (SD1.5's first level: 8 x 4096 x 4096 per image), so it is built in one buffer:
-        # scale, mask and a numerically stable softmax all happen in place, and the probabilities reuse the scores.
-        scores = torch.matmul(query, key.transpose(-1, -2)).mul_(attn.scale)
-        if attention_mask is not None:
-            scores.add_(attention_mask)
-        if attn.upcast_softmax:
-            scores = scores.float()
-        scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-        probs = scores.div_(scores.sum(dim=-1, keepdim=True, dtype=torch.float32)).to(dtype)  # fp32 sums, as softmax
-        del scores
-        self.record(probs)
-
-        hidden_states = torch.matmul(probs, value)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+    b, nq, inner = q.shape
+    if inner % heads:
+        raise ValueError(f"projection width {inner} is not a multiple of {heads} heads")
+    d = inner // heads
+    dtype = q.dtype
+    qh = q.reshape(b, nq, heads, d).transpose(1, 2)
+    kh = k.reshape(k.shape[0], k.shape[1], heads, d).transpose(1, 2)
+    if upcast:
+        qh, kh = qh.float(), kh.float()
+    scores = torch.matmul(qh, kh.transpose(-1, -2)).mul_(d ** -0.5)
+    if mask is not None:
+        scores.add_(mask.to(scores.dtype))
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(dim=-1, keepdim=True, dtype=torch.float32)).to(dtype)

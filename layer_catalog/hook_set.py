@@ -3,13 +3,12 @@
     hooks = HookSet()
     hooks.forward_hook(module, fn)                  # torch forward hook (kwargs as register_forward_hook's)
     hooks.forward_pre_hook(module, fn, with_kwargs=True)
-    hooks.processor(attention, MapRecordingProcessor(...))   # a diffusers attention processor, swapped
     hooks.remove()                                  # every one of them, newest first; safe to call again
 
 `AttachedHooks` is the base of the context managers that hook a model for one `with` block (FeatureCapture,
-FeatureInjection, InterruptChecks, the native CallHooks): a subclass says what to attach in `_attach(hooks)`; the
+FeatureInjection, InterruptChecks): a subclass says what to attach in `_attach(hooks)`; the
 base removes all of it when the block ends, however it ends (an exception, KeyboardInterrupt, an early exit), and
-when attaching itself fails half-way. Only what was registered through the set is removed: hooks and processors of
+when attaching itself fails half-way. Only what was registered through the set is removed: hooks of
 other code on the same modules stay as they are.
 """
 from __future__ import annotations
@@ -20,7 +19,7 @@ import torch
 
 
 class HookSet:
-    """The handles of the hooks one run registered, and the processors it swapped, to undo all at once."""
+    """The handles of the hooks one run registered, to undo all at once."""
 
     def __init__(self):
         self._undo: list[Callable[[], None]] = []  # newest last; undone newest first
@@ -37,12 +36,6 @@ class HookSet:
         handle = module.register_forward_pre_hook(hook, **kwargs)
         self._undo.append(handle.remove)
         return handle
-
-    def processor(self, attention: torch.nn.Module, processor) -> None:
-        """Install `processor` on a diffusers Attention; `remove` puts the one it had back."""
-        original = attention.processor
-        attention.set_processor(processor)
-        self._undo.append(lambda: attention.set_processor(original))
 
     def remove(self) -> None:
         """Undo everything, newest first. If one undo fails the rest still run; the first error is raised after."""

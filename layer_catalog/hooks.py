@@ -1,12 +1,14 @@
-"""The hook engine: attach taps to a denoiser for one run, capture their tensors, always detach.
+"""The capture core of both backends: attach taps to a network for one run, capture their tensors, always detach.
 
     with FeatureCapture(unet, taps, device="cpu", early_exit=True) as cap:
-        cap.run(sample, t, encoder_hidden_states=text)
+        cap.run(sample, t, encoder_hidden_states=text)     # a forward of the network itself
+        cap.call(model.apply_model, x, sigma, **cond)      # or anything that calls it (ComfyUI's model call)
     features = cap.features            # {layer id: tensor}, in the order the ids were requested
 
-Spatial taps are read by plain forward hooks; attention maps by `MapRecordingProcessor`, installed only on the
-attention modules whose maps were requested and restored afterwards. Whatever happens inside the `with` block
-(an exception, KeyboardInterrupt, an early exit), the model leaves it with exactly the hooks and processors it had.
+Everything is read by plain forward hooks: module outputs, the network's input, and attention maps rebuilt from
+each attention's own query and key projections (attention_maps.py). The same class serves diffusers denoisers and
+ComfyUI's networks; only the taps' module paths differ. Whatever happens inside the `with` block (an exception,
+KeyboardInterrupt, an early exit), the network leaves it with exactly the hooks it had.
 """
 from __future__ import annotations
 
@@ -15,10 +17,14 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .attention_maps import MapRecordingProcessor
+from .attention_maps import attention_params, attention_probs
 from .errors import DiffusionFeatureError, echo
 from .hook_set import AttachedHooks, HookSet, module_lookup
 from .taps import Tap
+
+# The names under which the hooked modules take their input: diffusers' blocks and attentions take hidden_states,
+# its UNet sample, ComfyUI's blocks x.
+_INPUT_NAMES = ("hidden_states", "sample", "x")
 
 
 class _EarlyExit(Exception):
@@ -40,7 +46,7 @@ def _first_tensor(output):
     raise TypeError(f"cannot read a tensor from a {type(output).__name__}")
 
 
-def first_input(args, kwargs, names=("hidden_states", "sample")):
+def first_input(args, kwargs, names=_INPUT_NAMES):
     """The tensor a module was called with: its first positional argument, else the first of `names` given."""
     if args:
         return args[0]
@@ -66,11 +72,21 @@ def pool_spatial(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def owned(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """x, copied if it still shares memory with the model's activation `source`: the model may reuse or edit its
-    activation in place afterwards (ControlNet residuals are added with +=), and a feature must not change."""
-    if x.device.type != "meta" and x.data_ptr() == source.data_ptr():
+    """x, copied if it still shares memory with the model's activation `source` (a view, a row slice): the model
+    may reuse or edit its activation in place afterwards (ControlNet residuals are added with +=), and a feature
+    must not change."""
+    if x.device.type != "meta" and x.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
         return x.clone()
     return x
+
+
+def _slice(x: torch.Tensor, part: tuple[int, int] | None) -> torch.Tensor:
+    """The i-th of n equal slices of the last axis (one projection of a fused qkv linear)."""
+    if part is None:
+        return x
+    i, n = part
+    width = x.shape[-1] // n
+    return x[..., i * width:(i + 1) * width]
 
 
 class FeatureCapture(AttachedHooks):
@@ -78,16 +94,18 @@ class FeatureCapture(AttachedHooks):
 
     dtype / device: where captured tensors go (None keeps the tensor's own; device="cpu" offloads as captured).
     feature_resize: an integer factor f >= 1; spatial taps are average-pooled to (H // f, W // f). Maps never.
-    early_exit: `run` stops the forward once every tap has fired (its return value is then None).
+    early_exit: `run` / `call` stop the forward once every tap has fired (returning None).
     on_capture: optional callback(layer_id, tensor) after each capture (e.g. to count or stream).
     enabled / rows: attributes a multi-step run may change between forwards: `enabled = False` makes the hooks
-    return at once (steps that are not captured); `rows` (a slice, or None for all) keeps only those batch rows,
-    e.g. the conditional half of a classifier-free-guidance batch, before any copy is made.
+    return at once (steps that are not captured); `rows` (None for all, a slice, or a 1-D LongTensor of row
+    indices) keeps only those batch rows, e.g. the conditional half of a classifier-free-guidance batch, before any
+    copy is made; maps are computed for those rows only.
     """
 
     def __init__(self, model: torch.nn.Module, taps: Iterable[Tap], *, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, feature_resize: int = 1, early_exit: bool = False,
-                 on_capture: Callable[[str, torch.Tensor], None] | None = None):
+                 on_capture: Callable[[str, torch.Tensor], None] | None = None,
+                 rows: slice | torch.Tensor | None = None):
         self.model = model
         self.taps = list(taps)
         ids = [t.id for t in self.taps]
@@ -98,31 +116,52 @@ class FeatureCapture(AttachedHooks):
         self.dtype, self.device = dtype, (torch.device(device) if device is not None else None)
         self.feature_resize, self.early_exit, self.on_capture = feature_resize, early_exit, on_capture
         self.enabled = True
-        self.rows: slice | None = None
+        self.rows = rows
         self.features: dict[str, torch.Tensor] = {}
-        self._grids: dict[str, tuple[int, int]] = {}
+        self._grids: dict[tuple[str, int], tuple[int, int]] = {}
+        self._queries: dict[str, tuple[torch.Tensor, int]] = {}
+        self._masks: dict[str, torch.Tensor] = {}
 
     # ---- attach (AttachedHooks removes it all when the block ends) ------------------------------------------
     def _attach(self, hooks: HookSet) -> None:
-        module = module_lookup(self.model)
-        for grid_path, divisor in {(t.grid_path, t.grid_divisor) for t in self.taps if t.kind in ("tokens", "map")}:
-            hooks.forward_pre_hook(module(grid_path), self._grid_hook(grid_path, divisor), with_kwargs=True)
+        module = module_lookup(self.model, "network")
+        for grid in {(t.grid_path, t.grid_divisor) for t in self.taps if t.kind in ("tokens", "map")
+                     and t.grid_path is not None}:
+            hooks.forward_pre_hook(module(grid[0]), self._grid_hook(grid), with_kwargs=True)
         for tap in self.taps:
             target = module(tap.module_path)
             if tap.kind == "input":
                 hooks.forward_pre_hook(target, self._input_hook(tap), with_kwargs=True)
-            elif tap.kind == "map":
-                if not hasattr(target, "set_processor"):
-                    raise TypeError(f"{tap.id}: module {tap.module_path!r} is not a diffusers Attention")
-                hooks.processor(target, MapRecordingProcessor(self._map_recorder(tap)))
-            else:
+            elif tap.kind != "map":
                 hooks.forward_hook(target, self._output_hook(tap))
+            else:
+                attention = module(tap.attention_path)
+                heads, upcast = attention_params(attention)
+                if hasattr(attention, "prepare_attention_mask"):  # diffusers: the mask arrives as a keyword
+                    hooks.forward_pre_hook(attention, self._mask_hook(tap, attention, heads), with_kwargs=True)
+                if tap.key_path == tap.module_path:  # q and k from one fused projection
+                    hooks.forward_hook(target, self._fused_map_hook(tap, heads, upcast))
+                else:
+                    hooks.forward_hook(target, self._query_hook(tap))
+                    hooks.forward_hook(module(tap.key_path), self._key_hook(tap, heads, upcast))
+
+    def _detached(self) -> None:
+        self._queries.clear()
+        self._masks.clear()
 
     # ---- hooks -----------------------------------------------------------------------------------------
-    def _grid_hook(self, path: str, divisor: int):
+    def _select(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.rows
+        if rows is None:
+            return x
+        if isinstance(rows, slice):
+            return x[rows]
+        return x.index_select(0, rows.to(x.device))
+
+    def _grid_hook(self, grid: tuple[str, int]):
         def hook(_module, args, kwargs):
             x = first_input(args, kwargs)
-            self._grids[path] = (x.shape[-2] // divisor, x.shape[-1] // divisor)
+            self._grids[grid] = (x.shape[-2] // grid[1], x.shape[-1] // grid[1])
         return hook
 
     def _input_hook(self, tap: Tap):
@@ -132,29 +171,71 @@ class FeatureCapture(AttachedHooks):
 
     def _output_hook(self, tap: Tap):
         def hook(_module, _args, output):
-            self._store(tap, _first_tensor(output))
+            self._store(tap, _slice(_first_tensor(output), tap.part))
         return hook
 
-    def _map_recorder(self, tap: Tap):
-        return lambda probs: self._store(tap, probs)
+    def _mask_hook(self, tap: Tap, attention, heads: int):
+        def hook(_module, args, kwargs):
+            mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+            if mask is None or not self.enabled:
+                self._masks.pop(tap.id, None)
+                return
+            context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            x = first_input(args, kwargs)
+            keys, batch = (context if context is not None else x).shape[1], x.shape[0]
+            mask = attention.prepare_attention_mask(mask, keys, batch)  # diffusers' own reading of its mask
+            self._masks[tap.id] = mask.view(batch, heads, -1, mask.shape[-1]).detach()
+        return hook
+
+    def _query_hook(self, tap: Tap):
+        def hook(_module, _args, output):
+            if self.enabled:
+                self._queries[tap.id] = (self._select(_slice(output, tap.part).detach()), output.shape[0])
+        return hook
+
+    def _key_hook(self, tap: Tap, heads: int, upcast: bool):
+        def hook(_module, _args, output):
+            if not self.enabled:
+                return
+            if tap.id not in self._queries:  # k before q: not the call order of any attention we know
+                raise RuntimeError(f"{tap.id}: {tap.key_path} ran before {tap.module_path}; cannot build the map")
+            q, batch = self._queries.pop(tap.id)
+            if output.shape[0] != batch:  # ComfyUI's PixArt: every image's text in one flat sequence (1, B*T, C)
+                output = output.reshape(batch, -1, output.shape[-1])
+            self._store_map(tap, q, self._select(_slice(output, tap.key_part).detach()), heads, upcast)
+        return hook
+
+    def _fused_map_hook(self, tap: Tap, heads: int, upcast: bool):
+        def hook(_module, _args, output):
+            if self.enabled:
+                x = self._select(output.detach())
+                self._store_map(tap, _slice(x, tap.part), _slice(x, tap.key_part), heads, upcast)
+        return hook
+
+    def _store_map(self, tap: Tap, q: torch.Tensor, k: torch.Tensor, heads: int, upcast: bool) -> None:
+        mask = self._masks.pop(tap.id, None)
+        if mask is not None and mask.shape[0] > 1:
+            mask = self._select(mask)
+        with torch.no_grad():
+            self._store(tap, attention_probs(q, k, heads, upcast, mask), selected=True)
 
     # ---- capture ---------------------------------------------------------------------------------------
     def _shape(self, tap: Tap, x: torch.Tensor) -> torch.Tensor:
         if tap.kind == "tokens":
-            x = tokens_to_grid(tap.id, x, self._grids[tap.grid_path])
+            x = tokens_to_grid(tap.id, x, self._grids[(tap.grid_path, tap.grid_divisor)])
         if tap.kind != "map" and self.feature_resize > 1:
             x = pool_spatial(x, self.feature_resize)
         return x
 
-    def _store(self, tap: Tap, x: torch.Tensor) -> None:
+    def _store(self, tap: Tap, x: torch.Tensor, selected: bool = False) -> None:
         if not self.enabled:
             return
-        if self.rows is not None:
-            x = x[self.rows]
         source = x
-        x = self._shape(tap, x.detach())
+        if not selected:
+            x = self._select(x.detach())
+        x = self._shape(tap, x)
         x = x.to(dtype=self.dtype or x.dtype, device=self.device or x.device)
-        if tap.kind != "map":  # a map is the processor's own tensor, made for us
+        if tap.kind != "map":  # a map is a tensor made for us
             x = owned(x, source)
         self.features[tap.id] = x
         if self.on_capture is not None:
@@ -163,12 +244,16 @@ class FeatureCapture(AttachedHooks):
             raise _EarlyExit()
 
     def run(self, *args, **kwargs):
-        """One forward of the model with fresh features. Returns the model output, or None after an early exit."""
+        """One forward of the network with fresh features. Returns its output, or None after an early exit."""
+        return self.call(self.model, *args, **kwargs)
+
+    def call(self, fn: Callable, *args, **kwargs):
+        """Call fn (the network, or anything that calls it once) with fresh features; None after an early exit."""
         if not self.attached:
-            raise RuntimeError("FeatureCapture.run needs the context to be open (use `with FeatureCapture(...)`)")
+            raise RuntimeError("FeatureCapture needs the context to be open (use `with FeatureCapture(...)`)")
         self.features, self._grids = {}, {}
         try:
-            output = self.model(*args, **kwargs)
+            output = fn(*args, **kwargs)
         except _EarlyExit:
             output = None
         missing = [t.id for t in self.taps if t.id not in self.features]
@@ -179,11 +264,10 @@ class FeatureCapture(AttachedHooks):
 
 
 def residue(model: torch.nn.Module) -> dict[str, int]:
-    """What hooks and map processors a model carries now (all of them, ours or not): after any run of ours the
+    """What hooks a model carries now (all of them, ours or not): after any run of ours the
     counts are what they were before it. Used by tests and by the pack's status route."""
-    counts = {"forward_hooks": 0, "forward_pre_hooks": 0, "map_processors": 0}
+    counts = {"forward_hooks": 0, "forward_pre_hooks": 0}
     for module in model.modules():
         counts["forward_hooks"] += len(module._forward_hooks)
         counts["forward_pre_hooks"] += len(module._forward_pre_hooks)
-        counts["map_processors"] += isinstance(getattr(module, "processor", None), MapRecordingProcessor)
     return counts

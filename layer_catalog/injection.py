@@ -18,7 +18,7 @@ import torch
 from .hook_set import AttachedHooks, HookSet, module_lookup
 from .taps import Tap
 
-INJECTABLE = ("spatial", "tokens", "vit-out")
+INJECTABLE = ("spatial", "tokens")
 
 
 class FeatureInjection(AttachedHooks):

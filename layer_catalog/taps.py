@@ -15,20 +15,33 @@ from .grammar import BLOCK_SUFFIXES, LayerId, format_id, parse_id
 
 # How a tap's tensor is read:
 #   input     the denoiser's own input sample (a forward pre-hook on the root)
-#   spatial   a module output already shaped (B, C, H, W)
-#   vit-out   a Transformer2DModel output (a tuple or an output object whose first item is (B, C, H, W))
+#   spatial   a module output already shaped (B, C, H, W) (or a tuple / output object whose first item is)
 #   tokens    a module output shaped (B, N, C); reshaped to (B, C, h, w) from the grid of `grid_path`
-#   map       softmax attention probabilities (B, heads, Nq, Nk), recorded by our attention processor
-KINDS = ("input", "spatial", "vit-out", "tokens", "map")
+#   map       softmax attention probabilities (B, heads, Nq, Nk), from the outputs of module_path (q) and key_path (k)
+KINDS = ("input", "spatial", "tokens", "map")
 
 
 @dataclass(frozen=True)
 class Tap:
+    """Where a layer id's tensor appears in a network, on either backend: paths into that network's module tree.
+
+    part: (i, n) takes the i-th of n equal slices of the output's last axis (fused qkv / kv projections); key_part
+    likewise for the key. attention_path: the attention module of a map (its heads, upcast and mask).
+    """
+
     id: str
-    module_path: str  # "" is the denoiser itself
+    module_path: str  # "" is the network itself
     kind: str
     grid_path: str | None = None  # module whose input (B, C, H, W) gives the token grid
-    grid_divisor: int = 1  # PixArt patchifies its input: grid = input size // patch size
+    grid_divisor: int = 1  # patchified inputs: grid = input size // patch size
+    part: tuple[int, int] | None = None
+    key_path: str | None = None
+    key_part: tuple[int, int] | None = None
+    attention_path: str | None = None
+
+    @property
+    def paths(self) -> tuple[str | None, ...]:
+        return (self.module_path, self.grid_path, self.key_path, self.attention_path)
 
 
 def is_unet(model: torch.nn.Module) -> bool:
@@ -52,6 +65,9 @@ def _block_tap(lid: LayerId, transformer_path: str, block_root: str, grid_diviso
         "cross-map": (f"{block}.attn2", "map"),
     }
     path, kind = where[lid.suffix]
+    if kind == "map":
+        return Tap(format_id(lid), f"{path}.to_q", kind, grid_path=transformer_path, grid_divisor=grid_divisor,
+                   key_path=f"{path}.to_k", attention_path=path)
     return Tap(format_id(lid), path, kind, grid_path=transformer_path, grid_divisor=grid_divisor)
 
 
@@ -77,7 +93,7 @@ def tap_for(lid: LayerId, pixart: bool, patch_size: int = 1) -> Tap:
     if lid.part == "res":
         return Tap(name, resnet + (".conv2" if lid.suffix == "increment" else ""), "spatial")
     if lid.part == "vit":
-        return Tap(name, transformer, "vit-out")
+        return Tap(name, transformer, "spatial")
     return _block_tap(lid, transformer, transformer + ".", 1)
 
 

@@ -10,14 +10,10 @@ captured per model call during ordinary sampling. Only `comfy_model` touches Com
 from ..layer_catalog.hooks import TokenGridError  # the hook engine's: one class for both engines
 from .capture import BRANCHES, NativeCapture, NoCaptureError, Record
 from .comfy_model import call_hooks, capture_layers, diffusion_model, model_layer_ids, native_family
-from .maps import attention_probs
-from .names import (SUPPORTED_FAMILIES, NativeLayout, NativeTap, UnsupportedModelError, is_native_unet, native_ids,
-                    native_taps)
-from .taps import CallHooks, hook_counts
+from .names import SUPPORTED_FAMILIES, NativeLayout, UnsupportedModelError, is_native_unet, native_ids, native_taps
 
 __all__ = [
     "BRANCHES", "NativeCapture", "NoCaptureError", "Record", "call_hooks", "capture_layers", "diffusion_model",
-    "model_layer_ids", "native_family", "attention_probs", "SUPPORTED_FAMILIES", "NativeLayout", "NativeTap",
-    "UnsupportedModelError", "is_native_unet", "native_ids", "native_taps", "CallHooks", "TokenGridError",
-    "hook_counts",
+    "model_layer_ids", "native_family", "SUPPORTED_FAMILIES", "NativeLayout", "UnsupportedModelError",
+    "is_native_unet", "native_ids", "native_taps", "TokenGridError",
 ]

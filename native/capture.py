@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..layer_catalog.errors import DiffusionFeatureError, echo
-from .names import NativeTap
-from .taps import CallHooks
+from ..layer_catalog.hooks import FeatureCapture
+from ..layer_catalog.taps import Tap
 
 BRANCHES = {"cond": (0,), "uncond": (1,), "both": (0, 1)}
 BRANCH_NAMES = {0: "cond", 1: "uncond"}
@@ -102,7 +102,7 @@ class NativeCapture:
     capture steps. branch: 'cond', 'uncond' or 'both'. dtype / device: where captured tensors go.
     """
 
-    def __init__(self, taps: list[NativeTap], steps="all", branch: str = "cond", *, family: str | None = None,
+    def __init__(self, taps: list[Tap], steps="all", branch: str = "cond", *, family: str | None = None,
                  dtype: torch.dtype | None = None, device=None):
         if branch not in BRANCHES:
             raise ValueError(f"branch {echo(branch)} is not one of {', '.join(BRANCHES)}")
@@ -213,10 +213,10 @@ class NativeCapture:
             return None
         return CallPlan(step, torch.tensor(rows, dtype=torch.long), labels, keys)
 
-    def hooks(self, unet: torch.nn.Module, plan: CallPlan) -> CallHooks:
-        return CallHooks(unet, self.taps, rows=plan.rows, dtype=self.dtype, device=self.device)
+    def hooks(self, unet: torch.nn.Module, plan: CallPlan) -> FeatureCapture:
+        return FeatureCapture(unet, self.taps, rows=plan.rows, dtype=self.dtype, device=self.device)
 
-    def commit(self, plan: CallPlan, hooks: CallHooks) -> None:
+    def commit(self, plan: CallPlan, hooks: FeatureCapture) -> None:
         missing = [t.id for t in self.taps if t.id not in hooks.features]
         if missing:
             raise RuntimeError(f"these taps never fired during the model call: {missing}")

@@ -14,7 +14,7 @@ import torch
 from .capture import WRAPPER_KEY, ApplyModelWrapper, NativeCapture, OuterSampleWrapper, UnetFunctionWrapper
 from .names import (NativeLayout, UnsupportedModelError, is_native_pixart, native_ids, native_taps,
                     unsupported_message)
-from .taps import CallHooks
+from ..layer_catalog.hooks import FeatureCapture
 
 # ComfyUI's model configs (comfy/supported_models.py class names) -> our family ids. Playground v2 loads as SDXL in
 # ComfyUI (same UNet): its ids are the same, so 'sdxl' presets serve it.
@@ -111,12 +111,12 @@ def call_hooks(model, layers, *, rows: torch.Tensor | None = None, dtype: torch.
     """Hooks on MODEL's UNet for the calls made inside the block (direct extraction, one forward):
 
         with call_hooks(model, ids, early_exit=True) as hooks:
-            hooks.run(model.model.apply_model, x, sigma, c_crossattn=context)
+            hooks.call(model.model.apply_model, x, sigma, c_crossattn=context)
         hooks.features
 
     Removed on exit, whatever happened inside."""
     unet = diffusion_model(model)
-    with CallHooks(unet, native_taps(layers, unet, native_family(model)), rows=rows, dtype=dtype, device=device,
+    with FeatureCapture(unet, native_taps(layers, unet, native_family(model)), rows=rows, dtype=dtype, device=device,
                    early_exit=early_exit) as hooks:
         yield hooks
 
@@ -226,8 +226,8 @@ def run_at_sigmas(model, positive, latent: torch.Tensor, noise: torch.Tensor, si
         for a, b in zip(sigmas[:-1], sigmas[1:]):
             denoised = model_k(x, a * s_in, **extra_args)
             x = denoised + (x - denoised) * (b / a)
-        with CallHooks(unet, taps, dtype=dtype, device=device, early_exit=early_exit) as hooks:
-            hooks.run(model_k, x, sigmas[-1] * s_in, **extra_args)
+        with FeatureCapture(unet, taps, dtype=dtype, device=device, early_exit=early_exit) as hooks:
+            hooks.call(model_k, x, sigmas[-1] * s_in, **extra_args)
         captured.update(hooks.features)
         return x
 

@@ -12,13 +12,13 @@ Imports no ComfyUI code: modules are recognised by their class names.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import torch
 
 from ..layer_catalog.errors import DiffusionFeatureError
 from ..layer_catalog.resolver import resolve_taps
-from ..layer_catalog.taps import enumerate_ids
+from ..layer_catalog.taps import Tap, enumerate_ids
 
 SUPPORTED_FAMILIES = ("sd15", "sd21", "sdxl", "playground-v2", "pixart-sigma")
 _DF_MODEL_HINT = ("load it with DFLoadCheckpoint or DFLoadDiffusers (DF_MODEL) to extract its features with the "
@@ -34,28 +34,6 @@ def unsupported_message(what: str) -> str:
             f"sd21, sdxl and playground-v2 (SD1.x, SD2.x, SDXL, Playground v2) and its PixArt (pixart-sigma); "
             f"SD3, Flux and video models have no layer ids; for PixArt taps the native model cannot reach, "
             f"{_DF_MODEL_HINT}")
-
-
-@dataclass(frozen=True)
-class NativeTap:
-    """Where an id's tensor appears on a native network.
-
-    kind: 'input' (the network's input, a pre-hook on the root), 'spatial' (a module output shaped (B, C, H, W)),
-    'tokens' (a module output (B, N, C), reshaped with the grid of `grid_path`'s input divided by grid_divisor),
-    'map' (softmax(q k^T / sqrt(d)) per head, q from module_path's output, k from key_path's output).
-    part: (i, n) takes the i-th of n equal slices of the output's last axis (PixArt's fused qkv / kv projections).
-    """
-
-    id: str
-    module_path: str
-    kind: str
-    grid_path: str | None = None
-    grid_divisor: int = 1
-    part: tuple[int, int] | None = None
-    key_path: str | None = None
-    key_part: tuple[int, int] | None = None
-    heads: int | None = None
-    upcast: bool = False
 
 
 class _Level:
@@ -174,9 +152,16 @@ class NativeLayout:
                 f"a UNet whose {where} has a transformer after some resnets but not all (diffusers cannot name it)"))
         return level
 
-    def tap(self, tap, modules) -> NativeTap:
-        """The native tap of a diffusers-side tap of this UNet."""
-        return _unet_tap(self, tap, modules)
+    def tap(self, tap: Tap, modules) -> Tap:
+        """The native tap of a diffusers-side tap of this UNet: the same tap at the native module paths."""
+        native = dataclasses.replace(tap, **{f: self.native_path(getattr(tap, f)) for f in
+                                             ("module_path", "grid_path", "key_path", "attention_path")
+                                             if getattr(tap, f) is not None})
+        if tap.kind == "map" and not isinstance(getattr(modules[native.attention_path], "heads", None), int):
+            attn = modules[native.attention_path]
+            raise UnsupportedModelError(unsupported_message(
+                f"a UNet whose {native.attention_path} is a {type(attn).__name__}"))
+        return native
 
     def native_path(self, diffusers_path: str) -> str:
         """The native module path for a diffusers one: the longest mapped prefix, then the same tail (inside
@@ -195,9 +180,6 @@ class NativeLayout:
         raise KeyError(f"no native module for diffusers path {diffusers_path!r}")
 
 
-_KINDS = {"input": "input", "spatial": "spatial", "vit-out": "spatial", "tokens": "tokens", "map": "map"}
-
-
 def native_ids(unet: torch.nn.Module) -> list[str]:
     """Every layer id of a native network (UNet or PixArt), in the order the taps fire during a forward."""
     return enumerate_ids(_layout(unet).view)
@@ -207,25 +189,12 @@ def _layout(net: torch.nn.Module):
     return PixArtLayout(net) if is_native_pixart(net) else NativeLayout(net)
 
 
-def native_taps(spec, unet: torch.nn.Module, family: str | None = None) -> list[NativeTap]:
+def native_taps(spec, unet: torch.nn.Module, family: str | None = None) -> list[Tap]:
     """Taps for a layer spec (ids, presets, JSON file: as `resolve_taps`) on a native network. A wrong id raises
     LayerIdError naming the nearest valid ids of this model."""
     layout = _layout(unet)
     modules = dict(unet.named_modules())
     return [layout.tap(t, modules) for t in resolve_taps(spec, layout.view, family)]
-
-
-def _unet_tap(layout: NativeLayout, tap, modules) -> NativeTap:
-    grid = layout.native_path(tap.grid_path) if tap.grid_path is not None else None
-    path = layout.native_path(tap.module_path)
-    if tap.kind != "map":
-        return NativeTap(tap.id, path, _KINDS[tap.kind], grid)
-    attn = modules[path]
-    heads = getattr(attn, "heads", None)
-    if not isinstance(heads, int):
-        raise UnsupportedModelError(unsupported_message(f"a UNet whose {path} is a {type(attn).__name__}"))
-    return NativeTap(tap.id, f"{path}.to_q", "map", grid, key_path=f"{path}.to_k", heads=heads,
-                     upcast=getattr(attn, "attn_precision", None) == torch.float32)
 
 
 # ---- PixArt ---------------------------------------------------------------------------------------------------
@@ -256,7 +225,7 @@ class PixArtLayout:
         self.patch = int(getattr(net, "patch_size", 2))
         self.view = _PixArtView(len(net.blocks), self.patch)
 
-    def tap(self, tap, modules) -> NativeTap:
+    def tap(self, tap: Tap, modules) -> Tap:
         parts = tap.module_path.split(".")  # transformer_blocks.B.<rest>
         b, rest = int(parts[1]), ".".join(parts[2:])
         block = f"blocks.{b}"
@@ -274,11 +243,10 @@ class PixArtLayout:
             "attn2.to_q": (f"{block}.cross_attn.q_linear", None),
         }
         if tap.kind == "map":
-            if rest == "attn1":
-                return NativeTap(tap.id, f"{block}.attn.qkv", "map", part=(0, 3), key_path=f"{block}.attn.qkv",
-                                 key_part=(1, 3), heads=attn.num_heads, **common)
-            cross = self.net.blocks[b].cross_attn
-            return NativeTap(tap.id, f"{block}.cross_attn.q_linear", "map", key_path=f"{block}.cross_attn.kv_linear",
-                             key_part=(0, 2), heads=cross.num_heads, **common)
+            if rest == "attn1.to_q":
+                return Tap(tap.id, f"{block}.attn.qkv", "map", part=(0, 3), key_path=f"{block}.attn.qkv",
+                           key_part=(1, 3), attention_path=f"{block}.attn", **common)
+            return Tap(tap.id, f"{block}.cross_attn.q_linear", "map", key_path=f"{block}.cross_attn.kv_linear",
+                       key_part=(0, 2), attention_path=f"{block}.cross_attn", **common)
         path, part = table[rest]
-        return NativeTap(tap.id, path, "tokens", part=part, **common)
+        return Tap(tap.id, path, "tokens", part=part, **common)

@@ -12,7 +12,7 @@ import torch
 
 from ..layer_catalog import get_family
 from .names import is_native_pixart, native_taps
-from .taps import CallHooks
+from ..layer_catalog.hooks import FeatureCapture
 
 
 def _context_width(net: torch.nn.Module) -> int:
@@ -42,6 +42,6 @@ def layer_shapes(net: torch.nn.Module, family: str | None, height: int, width: i
         if getattr(net, "num_classes", None) == "sequential":  # SDXL's pooled text + size embedding
             extra["y"] = torch.empty(1, net.label_emb[0][0].in_features, dtype=param.dtype, device=param.device)
         # device="meta": stored copies are shapes only too (no data-pointer checks on fake tensors)
-        with CallHooks(net, taps, device="meta") as hooks:
-            hooks.run(net, x, timestep, context=context, **extra)
+        with FeatureCapture(net, taps, device="meta") as hooks:
+            hooks.run(x, timestep, context=context, **extra)
     return {t.id: list(hooks.features[t.id].shape[1:]) for t in taps}

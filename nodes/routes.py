@@ -48,17 +48,12 @@ def status_payload() -> dict:
     from ..layer_catalog import residue
     from ..engine.loading import LIVE_DENOISERS
 
-    from ..native import hook_counts
     from ..native.comfy_model import LIVE_NETWORKS
 
-    models = list(LIVE_DENOISERS)
-    totals = {"forward_hooks": 0, "forward_pre_hooks": 0, "map_processors": 0}
-    for denoiser in models:
-        for k, v in residue(denoiser).items():
-            totals[k] += v
-    networks = list(LIVE_NETWORKS)
-    for net in networks:  # every forward hook on a native network counts, ours or not: between runs, none is ours
-        for k, v in hook_counts(net).items():
+    models, networks = list(LIVE_DENOISERS), list(LIVE_NETWORKS)
+    totals = {"forward_hooks": 0, "forward_pre_hooks": 0}
+    for net in models + networks:  # every hook counts, ours or not: between runs, none is ours
+        for k, v in residue(net).items():
             totals[k] += v
     return {"models": len(models), "native_models": len(networks), **totals}
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers.models.attention_processor import AttnProcessor
 
 from conftest import hook_state, inputs_for
 from diffusion_feature.engine.interrupts import InterruptChecks
@@ -18,27 +17,23 @@ def _calls(log, name):
     return lambda *_: log.append(name)
 
 
-def test_remove_takes_off_every_hook_and_processor_and_only_those(sd15_unet):
-    """Other code's hooks and processor on the very modules the set hooks stay, and keep firing."""
-    conv, attn = sd15_unet.conv_in, dict(sd15_unet.named_modules())[ATTN]
+def test_remove_takes_off_every_hook_and_only_those(sd15_unet):
+    """Other code's hooks on the very modules the set hooks stay, and keep firing."""
+    conv = sd15_unet.conv_in
     log = []
     theirs = [conv.register_forward_hook(_calls(log, "their hook")),
               conv.register_forward_pre_hook(_calls(log, "their pre-hook"))]
-    original, their_processor = attn.processor, AttnProcessor()
-    attn.set_processor(their_processor)
     before = hook_state(sd15_unet)
     try:
         hooks = HookSet()
         hooks.forward_hook(conv, _calls(log, "our hook"))
         hooks.forward_pre_hook(conv, _calls(log, "our pre-hook"), with_kwargs=True)
-        ours = AttnProcessor()
-        hooks.processor(attn, ours)
-        assert len(hooks) == 3 and attn.processor is ours
+        assert len(hooks) == 2
         with torch.no_grad():
             sd15_unet(**inputs_for(sd15_unet))
         assert sorted(log) == ["our hook", "our pre-hook", "their hook", "their pre-hook"]
         hooks.remove()
-        assert len(hooks) == 0 and attn.processor is their_processor
+        assert len(hooks) == 0
         assert hook_state(sd15_unet) == before
         log.clear()
         with torch.no_grad():
@@ -47,7 +42,6 @@ def test_remove_takes_off_every_hook_and_processor_and_only_those(sd15_unet):
     finally:
         for handle in theirs:
             handle.remove()
-        attn.set_processor(original)
 
 
 def test_the_set_as_a_context_removes_all_on_an_exception_and_exits_twice_safely(sd15_unet):
@@ -65,24 +59,23 @@ def test_the_set_as_a_context_removes_all_on_an_exception_and_exits_twice_safely
     assert hook_state(sd15_unet) == before
 
 
-class _StuckAttention(torch.nn.Module):
-    """An attention whose processor can be set once but never put back."""
+class _StuckModule(torch.nn.Module):
+    """A module whose hooks can be registered but never taken off."""
 
-    processor = None
-
-    def set_processor(self, processor):
-        if processor is None:
-            raise OSError("cannot restore the processor")
-        self.processor = processor
+    def register_forward_hook(self, hook, **kwargs):
+        class Handle:
+            def remove(self):
+                raise OSError("cannot remove the hook")
+        return Handle()
 
 
 def test_a_failing_undo_does_not_keep_the_others_on():
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     hooks = HookSet()
     hooks.forward_hook(net[0], lambda *_: None)
-    hooks.processor(_StuckAttention(), AttnProcessor())  # undone between the hooks registered before and after it
+    hooks.forward_hook(_StuckModule(), lambda *_: None)  # undone between the hooks registered before and after it
     hooks.forward_pre_hook(net[1], lambda *_: None)
-    with pytest.raises(OSError, match="cannot restore the processor"):
+    with pytest.raises(OSError, match="cannot remove the hook"):
         hooks.remove()
     assert not net[0]._forward_hooks and not net[1]._forward_pre_hooks and len(hooks) == 0
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import native_comfy as nc
-from diffusion_feature.layer_catalog import FeatureCapture, LayerIdError, family_ids, resolve_taps
-from diffusion_feature.native import (CallHooks, call_hooks, NativeLayout, NoCaptureError, UnsupportedModelError, capture_layers,
-                                      hook_counts, model_layer_ids, native_family, native_ids, native_taps)
+from diffusion_feature.layer_catalog import FeatureCapture, LayerIdError, family_ids, residue, resolve_taps
+from diffusion_feature.native import (call_hooks, NativeLayout, NoCaptureError, UnsupportedModelError, capture_layers,
+                                      model_layer_ids, native_family, native_ids, native_taps)
 
 LATENT = (8, 16)  # non-square on purpose
 MAP_IDS = ["down-level0-repeat1-vit-block0-self-map", "up-level2-repeat0-vit-block0-cross-map"]
@@ -42,7 +42,7 @@ def _inputs(diffusers_unet, batch=2, seed=1):
 
 
 def _zero_hooks(module):
-    assert hook_counts(module) == {"forward_hooks": 0, "forward_pre_hooks": 0}
+    assert residue(module) == {"forward_hooks": 0, "forward_pre_hooks": 0}
     for m in module.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks
         assert not m._forward_hooks_with_kwargs and not m._forward_pre_hooks_with_kwargs
@@ -113,8 +113,8 @@ def test_every_id_equals_the_diffusers_model(comfy, twins, kind):
     with torch.no_grad():
         with FeatureCapture(d, resolve_taps(ids, d)) as ref:
             ref_out = ref.run(x, t, encoder_hidden_states=ctx, **kwargs).sample
-        with CallHooks(unet, native_taps(ids, unet)) as hooks:
-            out = hooks.run(unet, x, t, context=ctx, y=y)
+        with FeatureCapture(unet, native_taps(ids, unet)) as hooks:
+            out = hooks.run(x, t, context=ctx, y=y)
     assert torch.allclose(out, ref_out, atol=1e-5)
     assert list(hooks.features) == ids == list(ref.features)
     for i in ids:
@@ -137,8 +137,8 @@ def test_maps_are_softmax_of_the_module_q_and_k(comfy, twins):
                attn.to_k.register_forward_hook(lambda m, a, o: seen.__setitem__("k", o.clone()))]
     x, t, ctx, _, _ = _inputs(d)
     try:
-        with torch.no_grad(), CallHooks(unet, native_taps("up-level3-repeat0-vit-block0-cross-map", unet)) as h:
-            h.run(unet, x, t, context=ctx)
+        with torch.no_grad(), FeatureCapture(unet, native_taps("up-level3-repeat0-vit-block0-cross-map", unet)) as h:
+            h.run(x, t, context=ctx)
     finally:
         for handle in handles:
             handle.remove()
@@ -376,7 +376,7 @@ def test_failed_and_interrupted_calls_leave_no_hooks_and_no_rows(comfy, patchers
     def boom(h, hsp, transformer_options):
         if transformer_options["block"][1] == 5:
             calls["n"] += 1
-            assert hook_counts(unet)["forward_hooks"] > 0  # the failure happens while our hooks are on
+            assert residue(unet)["forward_hooks"] > 0  # the failure happens while our hooks are on
             if calls["n"] == 2:
                 raise RuntimeError("boom in the middle of the forward")
             if calls["n"] == 3:
@@ -451,7 +451,7 @@ def test_clones_of_the_tapped_model_share_the_capture_by_key(comfy, patchers):
     assert lookup(key) is None
     seen = []
     unet = model.model.diffusion_model
-    probe = unet.register_forward_pre_hook(lambda m, a: seen.append(hook_counts(unet)["forward_hooks"]))
+    probe = unet.register_forward_pre_hook(lambda m, a: seen.append(residue(unet)["forward_hooks"]))
     try:
         _sample(comfy, tapped, "sd15", steps=2)
     finally:
@@ -550,10 +550,10 @@ def test_direct_call_hooks_with_early_exit(comfy, patchers):
     try:
         with torch.no_grad():
             with call_hooks(model, ids, early_exit=True) as early:
-                assert early.run(base.apply_model, x, sigma, c_crossattn=ctx) is None
+                assert early.call(base.apply_model, x, sigma, c_crossattn=ctx) is None
             assert not fired  # stopped in the down path
             with call_hooks(model, ids) as full:
-                out = full.run(base.apply_model, x, sigma, c_crossattn=ctx)
+                out = full.call(base.apply_model, x, sigma, c_crossattn=ctx)
     finally:
         probe.remove()
     assert out is not None and fired
@@ -562,6 +562,29 @@ def test_direct_call_hooks_with_early_exit(comfy, patchers):
     scale = (sigma[0] ** 2 + 1) ** 0.5  # the UNet's input is ComfyUI's x / sqrt(1 + sigma^2)
     assert torch.allclose(early.features["unet-in"], x / scale, atol=1e-6)
     _zero_hooks(unet)
+
+
+def test_both_backends_capture_through_the_one_core(comfy, patchers, sd15, monkeypatch):
+    """DFExtractFeatures' engine on a diffusers UNet and DFCaptureLayers' sampling on ComfyUI's UNetModel attach the
+    very same FeatureCapture (one tap type, one hook set), only at each network's own module paths."""
+    from diffusion_feature.engine.extraction import extract
+    from diffusion_feature.layer_catalog.taps import Tap
+
+    attached = []
+    original = FeatureCapture._attach
+
+    def spy(self, hooks):
+        attached.append((type(self).__name__, type(self.model).__name__, {type(t) for t in self.taps}))
+        return original(self, hooks)
+
+    monkeypatch.setattr(FeatureCapture, "_attach", spy)
+    ids = ["down-level1-repeat0-vit-block0-cross-map", "mid-repeat0-res-out"]
+    extract(sd15, torch.rand(1, 64, 64, 3), "a cat", ids, t=50)
+    tapped, capture = capture_layers(patchers["sd15"], ids, steps="all", branch="cond")
+    _sample(comfy, tapped, "sd15", steps=1)
+    assert capture.stacked()[1]["mid-repeat0-res-out"].shape[0] == 2
+    assert {a[1] for a in attached} == {"UNet2DConditionModel", "UNetModel"}
+    assert all(a[0] == "FeatureCapture" and a[2] == {Tap} for a in attached)
 
 
 # ---- PixArt: ComfyUI's own PixArt exists from ComfyUI 2024-11 on, so these run on v0.3.64 ---------------------
@@ -586,8 +609,8 @@ def test_pixart_every_id_equals_the_diffusers_model(comfy_new):
         with FeatureCapture(d, resolve_taps(ids, d)) as ref:
             ref.run(x, encoder_hidden_states=ctx, timestep=t,
                     added_cond_kwargs={"resolution": None, "aspect_ratio": None})
-        with CallHooks(net, native_taps(ids, net, "pixart-sigma")) as hooks:
-            hooks.run(net, x, t, ctx)
+        with FeatureCapture(net, native_taps(ids, net, "pixart-sigma")) as hooks:
+            hooks.run(x, t, ctx)
     assert list(hooks.features) == ids
     for i in ids:
         a, b = hooks.features[i], ref.features[i]

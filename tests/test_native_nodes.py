@@ -15,8 +15,8 @@ import native_comfy as nc
 from diffusion_feature.engine.conditioning import Conditioning, with_time_ids
 from diffusion_feature.engine.extraction import extract_latents
 from diffusion_feature.engine.features_io import load_features
-from diffusion_feature.layer_catalog import LayerIdError
-from diffusion_feature.native import NoCaptureError, UnsupportedModelError, capture_layers, hook_counts, native_ids
+from diffusion_feature.layer_catalog import LayerIdError, residue
+from diffusion_feature.native import NoCaptureError, UnsupportedModelError, capture_layers, native_ids
 from diffusion_feature.native.extract import extract_native_latents
 from diffusion_feature.nodes import NODE_CLASS_MAPPINGS
 from diffusion_feature.nodes.node_native import DFCaptureLayers, DFCollectFeatures, DFExtractNative
@@ -144,7 +144,7 @@ def test_failed_and_interrupted_extractions_leave_no_hooks(comfy, models):
     seen = []
 
     def boom(h, hsp, transformer_options):
-        seen.append(hook_counts(unet)["forward_hooks"])
+        seen.append(residue(unet)["forward_hooks"])
         raise errors.pop(0)
 
     errors = [RuntimeError("boom inside the forward"), comfy.model_management.InterruptProcessingException()]

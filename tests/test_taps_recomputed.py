@@ -146,7 +146,7 @@ def test_every_tap_equals_independent_recomputation(make, latent_hw):
         torch.testing.assert_close(got, want.to(got.dtype), atol=ATOL, rtol=RTOL, msg=lambda m: f"{tap.id}: {m}")
         kinds_seen.add(tap.kind)
     pixart = make is tiny_pixart
-    assert kinds_seen == ({"tokens", "map"} if pixart else {"input", "spatial", "vit-out", "tokens", "map"})
+    assert kinds_seen == ({"tokens", "map"} if pixart else {"input", "spatial", "tokens", "map"})
 
 
 def test_self_q_is_to_q_of_layer_norm_of_block_input(sd15_unet):
@@ -167,3 +167,30 @@ def test_self_q_is_to_q_of_layer_norm_of_block_input(sd15_unet):
     normed = F.layer_norm(x, (x.shape[-1],), block.norm1.weight, block.norm1.bias, block.norm1.eps)
     want = _tokens_to_grid(F.linear(normed, block.attn1.to_q.weight), h, w)
     torch.testing.assert_close(cap.features["down-level1-repeat0-vit-block0-self-q"], want, atol=ATOL, rtol=RTOL)
+
+
+def test_pixart_cross_map_honours_the_text_padding_mask(pixart):
+    """PixArt's T5 padding is masked out of its cross-attention: the map, rebuilt from the module's q and k, adds
+    the same bias, so padding keys get no probability and the rest is softmax over the real tokens only."""
+    lid = "vit-block1-cross-map"
+    kwargs = inputs_for(pixart, (8, 8), batch=2, tokens=5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    kwargs["encoder_attention_mask"] = mask
+    path = "transformer_blocks.1.attn2"
+    rec = InputRecorder(pixart, [path])
+    try:
+        with torch.no_grad(), FeatureCapture(pixart, resolve_taps(lid, pixart)) as cap:
+            cap.run(**kwargs)
+    finally:
+        rec.close()
+    got = cap.features[lid]
+    call = rec.inputs[path]
+    attn = dict(pixart.named_modules())[path]
+    q = F.linear(_arg(call, 0, "hidden_states"), attn.to_q.weight, attn.to_q.bias)
+    k = F.linear(_arg(call, 1, "encoder_hidden_states"), attn.to_k.weight, attn.to_k.bias)
+    d = q.shape[-1] // attn.heads
+    q, k = (x.reshape(2, x.shape[1], attn.heads, d).transpose(1, 2) for x in (q, k))
+    bias = (1 - mask.float()) * -10000.0  # diffusers' own reading of a 0/1 mask
+    want = torch.softmax(q @ k.transpose(-1, -2) / d**0.5 + bias[:, None, None, :], dim=-1)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert got[0, ..., 3:].max() < 1e-6 and got[1, ..., 3:].min() > 0  # image 0's padding gets nothing
