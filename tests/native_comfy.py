@@ -93,6 +93,9 @@ def use_comfy(version: str) -> types.SimpleNamespace:
         import comfy.cli_args
 
         comfy.cli_args.args.cpu = True
+        # the kernel diffusers runs (SDPA), so the two backends' tensors differ by the taps' mapping, not by the
+        # attention kernel (ComfyUI's CPU default is its chunked sub-quadratic attention)
+        comfy.cli_args.args.use_pytorch_cross_attention = True
         for name in ("comfy.model_management", "comfy.utils", "comfy.model_base", "comfy.model_patcher",
                      "comfy.samplers", "comfy.sample", "comfy.supported_models", "comfy.ops",
                      "comfy.ldm.modules.diffusionmodules.openaimodel", "comfy.ldm.modules.attention"):
