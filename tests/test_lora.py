@@ -277,6 +277,35 @@ def test_the_base_model_never_sees_the_lora(sd15, kohya_file):
     assert torch.equal(again, patched)
 
 
+def test_a_lora_run_never_writes_the_shared_weights_and_waits_for_a_base_run(sd15, kohya_file):
+    """The LoRA is an adapter beside the shared weights, not merged into them; a base run that is going on is
+    never changed under it by a LoRA run starting."""
+    lora_model = with_lora(sd15, load_lora(kohya_file))
+    shared = {n: p.detach().clone() for n, p in sd15.denoiser.named_parameters() if ".lora_" not in n}
+    first = run_denoiser(sd15)
+    with lora_applied(lora_model):
+        patched = run_denoiser(lora_model)
+        assert [n for n, p in sd15.denoiser.named_parameters() if n in shared and not torch.equal(p, shared[n])] == []
+    assert not torch.allclose(patched, first)
+    with lora_applied(sd15):
+        with pytest.raises(RuntimeError, match="different set of LoRAs"), lora_applied(lora_model):
+            pass
+        assert torch.equal(run_denoiser(sd15), first)
+
+
+def test_an_adapter_goes_away_with_its_lora(sd15, tmp_path):
+    import gc
+
+    lora = load_lora(save(tmp_path, kohya_state(sd15, seed=11)))
+    lora_model, adapter = with_lora(sd15, lora), lora.adapter
+    roots = [sd15.denoiser, sd15.text_encoders[0]]
+    holders = lambda: [n for r in roots for n, m in r.named_modules() if adapter in getattr(m, "lora_A", {})]  # noqa
+    assert len(holders()) == len(SD15_TARGETS)
+    del lora, lora_model
+    gc.collect()
+    assert holders() == [] and all(adapter not in r.peft_config for r in roots)
+
+
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_an_interrupted_run_restores_every_weight(sd15, kohya_file, error):
     lora_model = with_lora(sd15, load_lora(kohya_file))
