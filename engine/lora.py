@@ -59,7 +59,7 @@ class LoraWeights:
     path: str
     tensors: Mapping[str, torch.Tensor]
     groups: Mapping[str, tuple]
-    metadata: Mapping[str, dict] = field(default_factory=dict)  # peft's lora_adapter_metadata, by file prefix (unet, ...)
+    metadata: Mapping[str, dict] = field(default_factory=dict)  # peft's lora_adapter_metadata, by prefix (unet, ...)
     ignored: tuple[str, ...] = ()  # keys of the file that are no usable LoRA tensor (with the reason)
     adapter: str = field(default_factory=lambda: f"df_lora_{next(_ADAPTER_IDS)}")
 
@@ -100,8 +100,8 @@ _ROLE_SUFFIXES = (
     (".lora_down.weight", "down"), (".lora_up.weight", "up"),
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
-    (".down.weight", "down"), (".up.weight", "up"),  # attention-processor style (to_q_lora.down.weight)
-    (".alpha", "alpha"),
+    (".down.weight.alpha", "alpha"), (".down.weight", "down"), (".up.weight", "up"),  # to_q_lora.down.weight
+    (".lora.alpha", "alpha"), (".alpha", "alpha"),
     # parts that make a module's update something other than up @ down: the module is skipped, not half-applied
     (".lora_mid.weight", "LoCon with a Tucker middle (lora_mid)"), (".dora_scale", "DoRA"),
     (".lora_magnitude_vector.weight", "DoRA"), (".lora_magnitude_vector", "DoRA"),
@@ -118,7 +118,8 @@ def _split_key(key: str) -> tuple[str | None, str | None]:
     for suffix, role in _ROLE_SUFFIXES:
         if key.endswith(suffix):
             group = key[: -len(suffix)]
-            if suffix in (".down.weight", ".up.weight") and not re.search(r"\.(to_q|to_k|to_v|to_out)_lora$", group):
+            processor = re.search(r"\.(to_q|to_k|to_v|to_out)_lora$", group)
+            if suffix in (".down.weight.alpha", ".down.weight", ".up.weight") and not processor:
                 return None, None  # a plain module's weight, not a LoRA
             return group, role
     return None, None
