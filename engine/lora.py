@@ -1,29 +1,33 @@
-"""LoRA files (kohya / sd-scripts, diffusers and peft formats) applied to a FeatureModel without ever leaking.
+"""LoRA files (kohya / sd-scripts, diffusers and peft formats) on a FeatureModel as peft adapters, active only in
+the runs of the clone that carries them.
 
-A DF_MODEL's clones share their weight tensors, so a LoRA cannot be merged into the weights once and left there:
-every other branch of the graph would see it. Instead (as ComfyUI's ModelPatcher does) `with_lora` returns a clone
-that only *carries* the LoRA, and `lora_applied(model)` merges the clone's LoRAs into the shared weights for the
-duration of one run and copies the original weights back, bit for bit, when the run ends, however it ends.
+Names: diffusers reads the file's spelling (`StableDiffusionLoraLoaderMixin.lora_state_dict` converts kohya names,
+SDXL's LDM block names through the UNet's config; `convert_unet_state_dict_to_peft` and `DIFFUSERS_OLD_TO_PEFT` the
+older diffusers spellings, `.processor.to_q_lora` included). Our own code only reads the file safely (safetensors,
+or a pickle through torch.load(weights_only=True)), skips parts that are no plain LoRA (DoRA, LoHa, ...) instead of
+half-applying them, and finds a CLIP text module with or without `text_model.` (transformers >= 5.6 dropped it
+from CLIPTextModel, while diffusers still writes it).
 
-File keys name modules in several spellings; each is matched against the real module names of the model
-(`named_modules()`), never guessed by splitting on underscores:
-- kohya: `lora_unet_<path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`, text encoders `lora_te_`
-  (one encoder) or `lora_te1_` / `lora_te2_` (SDXL); SDXL files may use the original LDM block names
-  (input_blocks / middle_block / output_blocks), which are mapped to diffusers' blocks.
-- peft / diffusers: `unet.<dotted path>.lora_A.weight` / `.lora_B.weight`, the older `.lora.down.weight` /
-  `.lora.up.weight` and `<attn>.processor.to_q_lora.down.weight`; prefixes unet., transformer., text_encoder.,
-  text_encoder_2.; a file without prefixes applies to the denoiser.
+Sharing: a DF_MODEL's clones share their modules. `with_lora` injects the LoRA once into those modules as a peft
+adapter (`inject_adapter_in_model` + `set_peft_model_state_dict`) and returns a clone that carries it; every adapter
+is disabled outside `lora_applied`, which enables the clone's own adapters at the clone's strengths for one run
+and disables them again however the run ends. The weights themselves are never written, and the other branches
+(the base model, another LoRA or strength) compute exactly what they computed before. An adapter goes away with
+its LoraWeights.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import re
 import threading
+import warnings
+import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
@@ -36,6 +40,9 @@ log = logging.getLogger("diffusion_feature")
 COMPONENTS = ("denoiser", "text_encoder", "text_encoder_2")
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_PREFIX_COMPONENT = {"unet": "denoiser", "transformer": "denoiser", "text_encoder": "text_encoder",
+                     "text_encoder_2": "text_encoder_2"}
+_ADAPTER_IDS = itertools.count()
 
 
 class LoraError(DiffusionFeatureError, ValueError):
@@ -43,46 +50,27 @@ class LoraError(DiffusionFeatureError, ValueError):
 
 
 @dataclass(frozen=True, eq=False)
-class LoraEntry:
-    """One module's low-rank update: delta W = scale * up @ down (times the user's strength)."""
-
-    key: str  # the file's name for the module, for messages (e.g. lora_unet_down_blocks_1_..._to_q)
-    target: str  # the module path as the file spells it, without the component prefix (dots or underscores)
-    down: torch.Tensor  # (rank, in) or (rank, in, kh, kw)
-    up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
-    scale: float  # alpha / rank (1 when the file stores no alpha)
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    def __repr__(self) -> str:
-        return (f"LoraEntry({self.key!r}, down={tuple(self.down.shape)}, up={tuple(self.up.shape)}, "
-                f"scale={self.scale:g})")
-
-    def delta_shape(self) -> tuple[int, ...]:
-        return (self.up.shape[0], *self.down.shape[1:])
-
-
-@dataclass(frozen=True, eq=False)
 class LoraWeights:
-    """A loaded LoRA file: its entries grouped by component ("denoiser", "text_encoder", "text_encoder_2").
-    Compared by identity: two loads of one file are two LoRAs."""
+    """A loaded LoRA file: its usable tensors as the file names them, and per module (`groups`, the file's name of
+    it) the (down, up, alpha or None) of its update. Compared by identity: two loads of one file are two LoRAs,
+    two peft adapters."""
 
     name: str
     path: str
-    entries: Mapping[str, tuple[LoraEntry, ...]]
+    tensors: Mapping[str, torch.Tensor]
+    groups: Mapping[str, tuple]
+    metadata: Mapping[str, dict] = field(default_factory=dict)  # peft's lora_adapter_metadata, by prefix (unet, ...)
     ignored: tuple[str, ...] = ()  # keys of the file that are no usable LoRA tensor (with the reason)
+    adapter: str = field(default_factory=lambda: f"df_lora_{next(_ADAPTER_IDS)}")
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self.entries.values())
+        return len(self.groups)
 
     def keys(self) -> list[str]:
-        return [e.key for v in self.entries.values() for e in v]
+        return list(self.groups)
 
     def __repr__(self) -> str:  # short: a DF_MODEL's repr shows its LoRAs, never their tensors
-        counts = ", ".join(f"{k}: {len(v)}" for k, v in self.entries.items())
-        return f"LoraWeights({self.name!r}, {counts})"
+        return f"LoraWeights({self.name!r}, {len(self)} modules)"
 
 
 # ---- reading a file ------------------------------------------------------------------------------------------
@@ -112,53 +100,29 @@ _ROLE_SUFFIXES = (
     (".lora_down.weight", "down"), (".lora_up.weight", "up"),
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
-    (".down.weight.alpha", "alpha"), (".down.weight", "down"), (".up.weight", "up"),  # attention-processor style
+    (".down.weight.alpha", "alpha"), (".down.weight", "down"), (".up.weight", "up"),  # to_q_lora.down.weight
     (".lora.alpha", "alpha"), (".alpha", "alpha"),
     # parts that make a module's update something other than up @ down: the module is skipped, not half-applied
     (".lora_mid.weight", "LoCon with a Tucker middle (lora_mid)"), (".dora_scale", "DoRA"),
     (".lora_magnitude_vector.weight", "DoRA"), (".lora_magnitude_vector", "DoRA"),
     (".lora_B.bias", "LoRA bias"), (".lora_up.bias", "LoRA bias"),
 )
-_ROLES = ("down", "up", "alpha")
 # other network types we cannot apply, by the name given to the user
 _UNSUPPORTED = ((("hada_w", "hada_t"), "LoHa (LyCORIS)"), (("lokr_w", "lokr_t"), "LoKr (LyCORIS)"),
                 ((".diff", ".diff_b"), "full-weight diffs"), ((".oft_", ".boft_"), "OFT"))
-_PROCESSOR = re.compile(r"(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora")
-_PROCESSOR_TARGET = {"denoiser": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
-                     "text": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
-_PREFIXES = (  # (prefix, component), kohya's underscore names first
-    ("lora_unet_", "denoiser"), ("lora_transformer_", "denoiser"), ("lora_te1_", "text_encoder"),
-    ("lora_te2_", "text_encoder_2"), ("lora_te_", "text_encoder"),
-    ("unet.", "denoiser"), ("transformer.", "denoiser"), ("text_encoder.", "text_encoder"),
-    ("text_encoder_2.", "text_encoder_2"), ("model.diffusion_model.", "denoiser"), ("diffusion_model.", "denoiser"),
-)
 
 
 def _split_key(key: str) -> tuple[str | None, str | None]:
     """(module name as the file spells it, role) of a tensor name: role is down / up / alpha, or the name of a
     part we cannot apply; (None, None) for a tensor that is no part of a LoRA."""
-    key = re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", key)  # peft adapter names: lora_A.default
     for suffix, role in _ROLE_SUFFIXES:
         if key.endswith(suffix):
             group = key[: -len(suffix)]
-            if suffix in (".down.weight.alpha", ".down.weight", ".up.weight") and not _PROCESSOR.fullmatch(group):
+            processor = re.search(r"\.(to_q|to_k|to_v|to_out)_lora$", group)
+            if suffix in (".down.weight.alpha", ".down.weight", ".up.weight") and not processor:
                 return None, None  # a plain module's weight, not a LoRA
             return group, role
     return None, None
-
-
-def _component_and_target(group: str) -> tuple[str, str]:
-    """Split a module name into its component and the path inside it; old processor names become module paths."""
-    component, target = "denoiser", group  # no prefix at all: the denoiser
-    for prefix, comp in _PREFIXES:
-        if group.startswith(prefix):
-            component, target = comp, group[len(prefix):]
-            break
-    m = _PROCESSOR.fullmatch(target)
-    if m:
-        table = _PROCESSOR_TARGET["denoiser" if component == "denoiser" else "text"]
-        target = f"{m[1]}.{table[m[2]]}"
-    return component, target
 
 
 def _unsupported_reason(key: str) -> str:
@@ -168,99 +132,82 @@ def _unsupported_reason(key: str) -> str:
     return "not a LoRA tensor"
 
 
-def _peft_alpha(metadata: dict, component_prefix: str, target: str, rank: int) -> float | None:
-    """The scale diffusers/peft recorded in the file's lora_adapter_metadata (alpha / rank, or alpha / sqrt(rank)
-    with rsLoRA); None when the file says nothing."""
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return None
+def _peft_metadata(metadata: dict) -> dict[str, dict]:
+    """The LoraConfig fields diffusers/peft recorded in a file (lora_adapter_metadata), by prefix (unet, ...)."""
     try:
-        meta = json.loads(raw)
+        flat = json.loads(metadata.get("lora_adapter_metadata") or "{}")
     except ValueError:
-        return None
-    alpha = meta.get(f"{component_prefix}.lora_alpha")
-    for pattern, value in (meta.get(f"{component_prefix}.alpha_pattern") or {}).items():
-        try:
-            if re.fullmatch(rf"(.*\.)?{pattern}", target):
-                alpha = value
-                break
-        except re.error:
-            continue
-    if alpha is None:
-        return None
-    rslora = bool(meta.get(f"{component_prefix}.use_rslora"))
-    return float(alpha) / (math.sqrt(rank) if rslora else rank)
+        return {}
+    out: dict[str, dict] = {}
+    for key, value in flat.items() if isinstance(flat, dict) else ():
+        prefix, _, name = key.partition(".")
+        out.setdefault(prefix, {})[name] = value
+    return out
 
 
 def load_lora(path) -> LoraWeights:
-    """Read a LoRA file (.safetensors, or a .ckpt/.pt/.bin through torch.load(weights_only=True)) into entries
-    grouped by component. Nothing is matched to a model here: with_lora does that."""
+    """Read a LoRA file (.safetensors, or a .ckpt/.pt/.bin through torch.load(weights_only=True)) and group its
+    tensors by module. Nothing is matched to a model here: with_lora does that."""
     path = Path(path)
     if not path.is_file():
         raise LoraError(f"LoRA {echo(str(path))} does not exist")
     if path.suffix.lower() not in SUFFIXES:
         raise LoraError(f"LoRA {echo(str(path))}: expected a {', '.join(SUFFIXES)} file")
     tensors, metadata = _read_tensors(path)
-    groups: dict[str, dict[str, torch.Tensor]] = {}
+    parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     ignored = []
     for key, value in tensors.items():
+        key = re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", key)  # peft adapter names: lora_A.default
         group, role = _split_key(key) if torch.is_tensor(value) else (None, None)
         if group is None:
             ignored.append((key, _unsupported_reason(key)))
-            continue
-        groups.setdefault(group, {})[role] = value
-    entries: dict[str, list[LoraEntry]] = {}
-    for group, parts in groups.items():
-        unsupported = sorted(set(parts) - set(_ROLES))
-        if unsupported:
-            ignored += [(group, reason) for reason in unsupported]
-            continue
-        if "down" not in parts or "up" not in parts:
-            ignored += [(f"{group}.{role}", f"no matching {'up' if role == 'down' else 'down'} weight")
-                        for role in parts if role != "alpha"]
-            continue
-        down, up = parts["down"], parts["up"]
-        problem = _entry_problem(down, up)
-        if problem:
-            ignored.append((group, problem))
-            continue
-        component, target = _component_and_target(group)
-        rank = down.shape[0]
-        if "alpha" in parts and parts["alpha"].numel() != 1:
-            ignored.append((f"{group}.alpha", f"alpha of shape {tuple(parts['alpha'].shape)}, not one number"))
-            continue
-        if "alpha" in parts:
-            scale = float(parts["alpha"]) / rank
         else:
-            prefix = group.split(".", 1)[0] if "." in group else ""
-            peft = _peft_alpha(metadata, prefix, target, rank) if prefix else None
-            scale = 1.0 if peft is None else peft
-        entries.setdefault(component, []).append(LoraEntry(group, target, down, up, scale))
-    if not entries:
+            parts.setdefault(group, {})[role] = (key, value)
+    usable, groups = {}, {}
+    for group, found in parts.items():
+        problem = _group_problem(group, {role: value for role, (_, value) in found.items()})
+        if problem:
+            ignored.append(problem)
+            continue
+        usable.update(dict(found.values()))
+        alpha = found.get("alpha")
+        groups[group] = (found["down"][1], found["up"][1], float(alpha[1]) if alpha else None)
+    if not groups:
         few = ", ".join(list(tensors)[:4]) or "none"
         kinds = sorted({reason for _, reason in ignored} - {"not a LoRA tensor"})
         raise LoraError(f"LoRA {echo(str(path))} holds no usable LoRA weights (keys: {few}"
                         f"{', ...' if len(tensors) > 4 else ''})" + (f"; skipped: {', '.join(kinds)}" if kinds
                                                                      else "")
-                        + ". Supported: kohya (lora_unet_/lora_te_*.lora_down/lora_up.weight + alpha), "
+                        + ". Supported: kohya (lora_unet_/lora_te*.lora_down/lora_up.weight + alpha), "
                         "peft (unet./text_encoder.*.lora_A/lora_B.weight) and diffusers (*.lora.down/up.weight)")
-    return LoraWeights(path.name, str(path), MappingProxyType({k: tuple(v) for k, v in entries.items()}),
+    return LoraWeights(path.name, str(path), MappingProxyType(usable), MappingProxyType(groups),
+                       MappingProxyType(_peft_metadata(metadata)),
                        tuple(f"{key} ({reason})" for key, reason in ignored))
 
 
-def _entry_problem(down: torch.Tensor, up: torch.Tensor) -> str | None:
+def _group_problem(group: str, parts: dict) -> tuple[str, str] | None:
+    """(key, reason) when a module's tensors are no plain LoRA update we can apply; None when they are."""
+    unsupported = sorted(set(parts) - {"down", "up", "alpha"})
+    if unsupported:
+        return group, ", ".join(unsupported)
+    if "down" not in parts or "up" not in parts:
+        role = "down" if "down" in parts else "up" if "up" in parts else "alpha"
+        return f"{group}.{role}", f"no matching {'up' if role == 'down' else 'down'} weight"
+    down, up = parts["down"], parts["up"]
+    if "alpha" in parts and parts["alpha"].numel() != 1:
+        return f"{group}.alpha", f"alpha of shape {tuple(parts['alpha'].shape)}, not one number"
     if not (down.is_floating_point() and up.is_floating_point()):
-        return "not floating point"
+        return group, "not floating point"
     if down.ndim not in (2, 4) or up.ndim not in (2, 4):
-        return f"down {tuple(down.shape)} / up {tuple(up.shape)} are neither linear nor conv weights"
+        return group, f"down {tuple(down.shape)} / up {tuple(up.shape)} are neither linear nor conv weights"
     if up.ndim == 4 and tuple(up.shape[2:]) != (1, 1):
-        return f"up {tuple(up.shape)} is not a 1x1 convolution"
+        return group, f"up {tuple(up.shape)} is not a 1x1 convolution"
     if up.shape[1] != down.shape[0]:
-        return f"rank of down {tuple(down.shape)} and up {tuple(up.shape)} differ"
+        return group, f"rank of down {tuple(down.shape)} and up {tuple(up.shape)} differ"
     return None
 
 
-# ---- matching entries to modules -----------------------------------------------------------------------------
+# ---- matching modules: diffusers' names ----------------------------------------------------------------------
 def _component_module(model, component: str):
     if component == "denoiser":
         return model.denoiser
@@ -268,87 +215,60 @@ def _component_module(model, component: str):
     return model.text_encoders[index] if len(model.text_encoders) > index else None
 
 
-_RESNET_LDM = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
-               "skip_connection": "conv_shortcut"}
-_LDM_FIXED = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
-              "time_embed_2": "time_embedding_linear_2", "label_emb_0_0": "add_embedding_linear_1",
-              "label_emb_0_2": "add_embedding_linear_2"}
+def _diffusers_names(model, lora: LoraWeights) -> dict[str, tuple[str, str]]:
+    """group -> (component, module path) as diffusers converts the file's names (its tensors are followed by
+    identity through the renaming)."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils.state_dict_utils import (DIFFUSERS_OLD_TO_PEFT, convert_state_dict,
+                                                  convert_unet_state_dict_to_peft)
+
+    config = getattr(model.denoiser, "config", None)
+    unet_config = config if isinstance(getattr(config, "layers_per_block", None), int) else None
+    try:
+        state, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(lora.tensors), unet_config=unet_config)
+    except (ValueError, KeyError, IndexError) as e:  # diffusers' kohya converter refuses a name it does not know
+        raise LoraError(f"LoRA {echo(lora.name)}: diffusers cannot read its key names ({e})") from None
+    group_of = {id(down): group for group, (down, _, _) in lora.groups.items()}
+    out = {}
+    for key, value in state.items():
+        prefix, _, rest = key.partition(".")
+        component = _PREFIX_COMPONENT.get(prefix)
+        if component is None:  # a file without prefixes applies to the denoiser
+            component, rest = "denoiser", key
+        text = component != "denoiser"
+        peft_key = next(iter(convert_unet_state_dict_to_peft(
+            convert_state_dict({rest: value}, DIFFUSERS_OLD_TO_PEFT) if text else {rest: value})))
+        if id(value) in group_of and peft_key.endswith(".lora_A.weight"):
+            out[group_of[id(value)]] = (component, peft_key[: -len(".lora_A.weight")])
+    return out
 
 
-def _ldm_to_diffusers(path: str, per_level: int) -> str | None:
-    """An LDM (original SD / SGM) UNet module path, underscored, as diffusers' underscored path; None if it is
-    not one. per_level = layers_per_block + 1 (resnets of a level plus its downsampler slot)."""
-    if path in _LDM_FIXED:
-        return _LDM_FIXED[path]
-
-    def inner(block: str, kind: int, pos: int, rest: str) -> str | None:
-        if kind == 0:
-            return f"{block}_resnets_{pos}_{_RESNET_LDM.get(rest, rest)}"
-        return f"{block}_attentions_{pos}_{rest}" if kind == 1 else None
-
-    m = re.fullmatch(r"input_blocks_(\d+)_(\d+)_(.+)", path)
-    if m:
-        i, kind, rest = int(m[1]), int(m[2]), m[3]
-        level, pos = divmod(i - 1, per_level)
-        if pos == per_level - 1:  # the level's downsampler
-            return f"down_blocks_{level}_downsamplers_0_" + ("conv" if rest == "op" else rest)
-        return inner(f"down_blocks_{level}", kind, pos, rest)
-    m = re.fullmatch(r"middle_block_(\d+)_(.+)", path)
-    if m:
-        part, rest = {0: "resnets_0", 1: "attentions_0", 2: "resnets_1"}.get(int(m[1])), m[2]
-        if part is None:
-            return None
-        return f"mid_block_{part}_" + (_RESNET_LDM.get(rest, rest) if part.startswith("resnets") else rest)
-    m = re.fullmatch(r"output_blocks_(\d+)_(\d+)_(.+)", path)
-    if m:
-        i, kind, rest = int(m[1]), int(m[2]), m[3]
-        level, pos = divmod(i, per_level)
-        if kind >= 1 and rest == "conv":  # the upsampler (index 1 when the level has no attention, else 2)
-            return f"up_blocks_{level}_upsamplers_0_conv"
-        return inner(f"up_blocks_{level}", kind, pos, rest)
-    return None
-
-
-class _ModuleIndex:
-    """The real module names of one component, by dotted name and by kohya's underscored spelling."""
-
-    def __init__(self, component: str, module: torch.nn.Module):
-        self.component = component
-        self.modules = dict(module.named_modules())
-        self.underscored: dict[str, str | None] = {}
-        for name in self.modules:
-            u = name.replace(".", "_")
-            self.underscored[u] = None if u in self.underscored else name  # None: two names collide, never match
-        self.per_level = None
-        if component == "denoiser":
-            lpb = getattr(getattr(module, "config", None), "layers_per_block", None)
-            if isinstance(lpb, (list, tuple)) and len(set(lpb)) == 1:
-                lpb = lpb[0]
-            self.per_level = lpb + 1 if isinstance(lpb, int) else None
-
-    def resolve(self, target: str) -> str | None:
-        """The module name of a target, trying: as written, without / with CLIP's `text_model.` (transformers
-        >= 5.6 dropped it from CLIPTextModel), kohya's underscores, LDM block names."""
-        text = self.component != "denoiser"
-        dotted = [target]
-        if text:
-            dotted.append(target[len("text_model."):] if target.startswith("text_model.") else f"text_model.{target}")
-        for candidate in dotted:
-            if candidate in self.modules:
-                return candidate
-        u = target.replace(".", "_")
-        underscored = [u]
-        if text:
-            underscored.append(u[len("text_model_"):] if u.startswith("text_model_") else f"text_model_{u}")
-        elif self.per_level is not None:
-            ldm = _ldm_to_diffusers(underscored[0], self.per_level)
-            if ldm is not None:
-                underscored.append(ldm)
-        for candidate in underscored:
-            name = self.underscored.get(candidate)
-            if name is not None:
-                return name
-        return None
+def _resolve(model, lora: LoraWeights, check_shapes: bool = True):
+    """([(group, component, module name, module)], [unmatched groups]) of a LoRA on a model; a shape mismatch is a
+    LoraError."""
+    names = _diffusers_names(model, lora)
+    found, unmatched, modules = [], [], {}
+    for group, (down, up, _) in lora.groups.items():
+        component, path = names.get(group, ("denoiser", None))
+        root = _component_module(model, component)
+        if root is not None and component not in modules:
+            modules[component] = dict(root.named_modules())
+        # CLIP with or without text_model. (transformers >= 5.6 dropped it from CLIPTextModel, diffusers writes it)
+        candidates = [path] if component == "denoiser" or path is None else \
+            [path, path.removeprefix("text_model."), f"text_model.{path}"]
+        name = next((c for c in candidates if c in modules.get(component, {})), None)
+        module = modules[component][name] if name is not None else None
+        if not isinstance(_base(module), (torch.nn.Linear, torch.nn.Conv2d)):
+            unmatched.append(group)
+            continue
+        delta, weight = (up.shape[0], *down.shape[1:]), tuple(_base(module).weight.shape)
+        if check_shapes and not _fits(delta, weight):
+            raise LoraError(
+                f"LoRA {echo(lora.name)} does not fit this {model.family} model: {group} targets "
+                f"{component} module {name} whose weight is {weight}, but the LoRA's update is {delta} "
+                f"(down {tuple(down.shape)}, up {tuple(up.shape)}). Was it made for another model family?")
+        found.append((group, component, name, module))
+    return found, unmatched
 
 
 def _fits(delta_shape: tuple, weight_shape: tuple) -> bool:
@@ -360,47 +280,20 @@ def _fits(delta_shape: tuple, weight_shape: tuple) -> bool:
     return len(delta_shape) in (2, 4) and squeeze(delta_shape) == squeeze(weight_shape)
 
 
-@dataclass(frozen=True, eq=False)
-class _Resolved:
-    entry: LoraEntry
-    component: str
-    name: str  # module name inside the component
-    module: torch.nn.Module  # the component's root module (who owns the weight)
-    weight: torch.nn.Parameter
+def _is_lora_layer(module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer)
 
 
-def _resolve(model, lora: LoraWeights, components=COMPONENTS, check_shapes: bool = True):
-    """([_Resolved], [unmatched entry keys]) of a LoRA on a model; a shape mismatch is a LoraError."""
-    found, unmatched = [], []
-    for component in components:
-        entries = lora.entries.get(component, ())
-        if not entries:
-            continue
-        root = _component_module(model, component)
-        if root is None:
-            unmatched += [e.key for e in entries]
-            continue
-        index = _ModuleIndex(component, root)
-        for entry in entries:
-            name = index.resolve(entry.target)
-            weight = getattr(index.modules[name], "weight", None) if name is not None else None
-            if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-                unmatched.append(entry.key)
-                continue
-            if check_shapes and not _fits(entry.delta_shape(), tuple(weight.shape)):
-                raise LoraError(
-                    f"LoRA {echo(lora.name)} does not fit this {model.family} model: {entry.key} targets "
-                    f"{component} module {name} whose weight is {tuple(weight.shape)}, but the LoRA's update is "
-                    f"{entry.delta_shape()} (down {tuple(entry.down.shape)}, up {tuple(entry.up.shape)}). "
-                    "Was it made for another model family?")
-            found.append(_Resolved(entry, component, name, root, weight))
-    return found, unmatched
+def _base(module):
+    return module.get_base_layer() if _is_lora_layer(module) else module
 
 
 def lora_targets(model, lora: LoraWeights) -> dict[str, str | None]:
-    """Where each entry of a LoRA lands on a model: file key -> "component:module name" (None: no module)."""
+    """Where each module of a LoRA lands on a model: the file's name -> "component:module name" (None: none)."""
     found, unmatched = _resolve(model, lora, check_shapes=False)
-    out = {r.entry.key: f"{r.component}:{r.name}" for r in found}
+    out = {group: f"{component}:{name}" for group, component, name, _ in found}
     out.update({k: None for k in unmatched})
     return out
 
@@ -418,8 +311,9 @@ def _finite(value, what: str) -> float:
 def with_lora(model, lora: LoraWeights, strength_model: float = 1.0, strength_clip: float = 1.0):
     """A clone of `model` that carries `lora` (its runs see it; `model` and its other clones never do).
 
-    Every entry is matched to a module of this model and its shape checked now, so a wrong LoRA fails here rather
-    than in the middle of a run. Strengths are any finite numbers (negative ones subtract the LoRA)."""
+    Every module is matched and its shape checked now, so a wrong LoRA fails here rather than in the middle of a
+    run; the LoRA becomes a (disabled) peft adapter of the shared modules. Strengths are any finite numbers
+    (negative ones subtract the LoRA)."""
     strength_model = _finite(strength_model, "strength_model")
     strength_clip = _finite(strength_clip, "strength_clip")
     if not isinstance(lora, LoraWeights):
@@ -430,138 +324,156 @@ def with_lora(model, lora: LoraWeights, strength_model: float = 1.0, strength_cl
         raise LoraError(
             f"LoRA {echo(lora.name)} ({lora.path}) matches no module of this {model.family} model "
             f"(its keys look like: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}). Made for another "
-            f"model family? It has entries for: {', '.join(lora.entries)}")
+            "model family?")
     skipped = unmatched + list(lora.ignored)
     if skipped:
         log.warning("diffusion_feature: LoRA %r: %d of its %d entries apply to this %s model; %d keys are skipped, "
                     "e.g. %s", lora.name, len(found), len(found) + len(unmatched), model.family, len(skipped),
                     ", ".join(skipped[:5]))
+    for component in {c for _, c, _, _ in found}:
+        _inject(_component_module(model, component), component, lora, [f for f in found if f[1] == component])
     return model.clone(loras=tuple(model.loras) + ((lora, strength_model, strength_clip),))
 
 
-# ---- merging for one run -------------------------------------------------------------------------------------
-# id(weight) -> (owner token, weight, id(component root)) for every weight merged by an active lora_applied
-_ACTIVE: dict[int, tuple[tuple, torch.Tensor, int]] = {}
-_ACTIVE_LOCK = threading.Lock()
+# ---- adapters on the shared modules --------------------------------------------------------------------------
+def _inject(root: torch.nn.Module, component: str, lora: LoraWeights, found: list) -> None:
+    """Add the LoRA's modules of one component to it as a disabled peft adapter named lora.adapter (once)."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    with _LOCK:
+        if lora.adapter in getattr(root, "peft_config", {}):
+            return
+        if id(root) in _ACTIVE:
+            raise RuntimeError("a LoRA cannot be added to a model while a run of it (or of a clone) is going on")
+        meta = next((lora.metadata[p] for p, c in _PREFIX_COMPONENT.items() if c == component and p in lora.metadata),
+                    {})
+        ranks, alphas, state = {}, {}, {}
+        for group, _, name, module in found:
+            down, up, alpha = lora.groups[group]
+            ranks[re.escape(name)] = down.shape[0]
+            if alpha is not None or not meta.get("lora_alpha"):  # no alpha anywhere: scale 1
+                alphas[re.escape(name)] = alpha if alpha is not None else down.shape[0]
+            conv = isinstance(_base(module), torch.nn.Conv2d)  # 1x1 conv <-> linear: as the module wants it
+            for part, tensor in (("lora_A", down), ("lora_B", up)):
+                state[f"{name}.{part}.weight"] = (tensor if tensor.ndim == 4 else tensor[..., None, None]) if conv \
+                    else tensor.flatten(1)
+        config = LoraConfig(r=max(ranks.values()), lora_alpha=meta.get("lora_alpha", 1), rank_pattern=ranks,
+                            alpha_pattern={**alphas, **(meta.get("alpha_pattern") or {})},
+                            use_rslora=bool(meta.get("use_rslora")), target_modules=[f[2] for f in found])
+        with warnings.catch_warnings():  # several adapters on one model is what we want
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            inject_adapter_in_model(config, root, adapter_name=lora.adapter)
+        set_peft_model_state_dict(root, state, adapter_name=lora.adapter)
+        for layer in _lora_layers(root):
+            layer.enable_adapters(False)
+        weakref.finalize(lora, _forget, lora.adapter, weakref.ref(root))
+
+
+def _forget(adapter: str, root_ref) -> None:
+    """Remove an adapter whose LoraWeights is gone from the modules that still exist."""
+    root = root_ref()
+    if root is None:
+        return
+    for layer in _lora_layers(root):
+        if adapter in layer.lora_A:
+            layer.delete_adapter(adapter)
+    getattr(root, "peft_config", {}).pop(adapter, None)
+
+
+def _lora_layers(root: torch.nn.Module) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in root.modules() if isinstance(m, LoraLayer)]
+
+
+# ---- enabled for one run -------------------------------------------------------------------------------------
+# id(component root) -> (owner token, depth) for every component inside an active lora_applied
+_ACTIVE: dict[int, tuple[tuple, int]] = {}
+_LOCK = threading.RLock()
 
 
 def _token(loras) -> tuple:
-    return tuple((id(lora), sm, sc) for lora, sm, sc in loras)
-
-
-def _backup(weight: torch.Tensor) -> torch.Tensor:
-    """An exact copy of a weight: beside it on the CPU, in (pinned) host memory for an accelerator, so merging a
-    large LoRA does not double the VRAM of the weights it touches."""
-    weight = weight.detach()
-    if weight.device.type == "cpu":
-        return weight.clone()
-    try:
-        copy = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
-    except RuntimeError:  # no pinned memory here (another accelerator): a plain synchronous copy
-        return weight.to("cpu", copy=True)
-    copy.copy_(weight, non_blocking=True)  # ordered before the in-place merge on the same stream
-    return copy
-
-
-def _check_no_other_owner(model, token: tuple, components) -> None:
-    roots = {id(m) for m in (_component_module(model, c) for c in components) if m is not None}
-    for owner, _weight, root in _ACTIVE.values():
-        if root in roots and owner != token:
-            raise RuntimeError(
-                "a different set of LoRAs is merged into this model's weights by a run that is still going on: "
-                "differently patched clones of one model cannot run at the same time (nested or in parallel)")
+    return tuple((lora.adapter, sm, sc) for lora, sm, sc in loras)
 
 
 @contextmanager
 def lora_applied(model, components=COMPONENTS):
-    """Merge the model's LoRAs into its (shared) weights for the body of the with-block; on exit, however it
-    exits (exception, KeyboardInterrupt), copy the original weights back bit for bit.
+    """Enable the model's LoRA adapters (at its strengths) for the body of the with-block and disable them on exit,
+    however it exits; the base weights are never written.
 
-    Free when the model carries no LoRA. Re-entrant: an inner block for the same LoRAs (the same model, or a
-    clone with the same LoRAs) leaves the weights as the outer one merged them. A model with another set of LoRAs
-    (none included) entered while this one's weights are merged is a RuntimeError: it would see the wrong
-    weights. `components` limits the merge (encoding a prompt needs only the text encoders).
-    Deltas are computed at entry on the weights' current device, in float32, then merged in the weights' dtype.
-    """
-    if not getattr(model, "loras", ()):
-        if _ACTIVE:  # something is merged somewhere: make sure it is not into this model
-            with _ACTIVE_LOCK:
-                _check_no_other_owner(model, (), components)
-        yield model
-        return
-    token = _token(model.loras)
-    plan: dict[int, tuple[_Resolved, list]] = {}  # id(weight) -> (first resolution, [(entry, strength)])
-    for lora, strength_model, strength_clip in model.loras:
-        found, _ = _resolve(model, lora, components)
-        for r in found:
-            strength = strength_model if r.component == "denoiser" else strength_clip
-            if strength != 0.0:
-                plan.setdefault(id(r.weight), (r, []))[1].append((r.entry, strength))
-    claimed, saved = [], []
+    Re-entrant: an inner block for the same LoRAs (the same model, or a clone with the same LoRAs) leaves them as
+    the outer one set them. A model with another set of LoRAs (none included) entered while this one runs is a
+    RuntimeError: its modules would compute with the wrong adapters. `components` limits it (encoding a prompt
+    needs only the text encoders)."""
+    token = _token(getattr(model, "loras", ()))
+    roots = {c: r for c in components if (r := _component_module(model, c)) is not None}
+    entered = []
     try:
-        with _ACTIVE_LOCK:
-            _check_no_other_owner(model, token, components)
-            for key, (r, _) in plan.items():
-                if key not in _ACTIVE:  # already merged by an outer block for these LoRAs: leave it
-                    _ACTIVE[key] = (token, r.weight, id(r.module))
-                    claimed.append(key)
-        with torch.no_grad():
-            for key in claimed:
-                r, parts = plan[key]
-                weight = r.weight
-                saved.append((weight, _backup(weight)))
-                total = None
-                for entry, strength in parts:
-                    d = _delta(entry, weight, strength)
-                    total = d if total is None else total + d
-                weight.copy_(weight.float() + total)
+        with _LOCK:
+            for root in roots.values():
+                if _ACTIVE.get(id(root), (token,))[0] != token:
+                    raise RuntimeError(
+                        "a different set of LoRAs is enabled on this model's modules by a run that is still going "
+                        "on: differently patched clones of one model cannot run at the same time (nested or in "
+                        "parallel)")
+            for component, root in roots.items():
+                owner, depth = _ACTIVE.get(id(root), (token, 0))
+                if depth == 0 and token:
+                    _enable(root, _strengths(model, component))
+                _ACTIVE[id(root)] = (owner, depth + 1)
+                entered.append(root)
         yield model
     finally:
-        try:
-            _restore(saved)
-        finally:
-            with _ACTIVE_LOCK:
-                for key in claimed:
-                    _ACTIVE.pop(key, None)
+        with _LOCK:
+            for root in entered:
+                owner, depth = _ACTIVE.pop(id(root))
+                if depth > 1:
+                    _ACTIVE[id(root)] = (owner, depth - 1)
+                elif owner:
+                    for layer in _lora_layers(root):
+                        layer.enable_adapters(False)
 
 
-def _restore(saved: list) -> None:
-    """Copy every original weight back. A KeyboardInterrupt arriving meanwhile (a second Ctrl-C) waits until all
-    are back: a copy is idempotent, so the interrupted one is simply done again."""
-    interrupted = None
-    for weight, original in reversed(saved):
-        while True:
-            try:
-                with torch.no_grad():
-                    weight.copy_(original, non_blocking=original.is_pinned())
-                break
-            except KeyboardInterrupt as e:
-                interrupted = e
-    if interrupted is not None:
-        raise interrupted
+def _strengths(model, component: str) -> dict[str, float]:
+    """adapter -> the summed strength of the model's LoRAs on one component (zero: not enabled at all)."""
+    out: dict[str, float] = {}
+    for lora, strength_model, strength_clip in model.loras:
+        out[lora.adapter] = out.get(lora.adapter, 0.0) + (strength_model if component == "denoiser"
+                                                          else strength_clip)
+    return {k: v for k, v in out.items() if v != 0.0}
 
 
-def _delta(entry: LoraEntry, weight: torch.Tensor, strength: float) -> torch.Tensor:
-    """strength * scale * up @ down in float32 on the weight's device, shaped like the weight. A conv LoRA is the
-    composition of its down convolution and its 1x1 up convolution."""
-    down = entry.down.to(device=weight.device, dtype=torch.float32)
-    up = entry.up.to(device=weight.device, dtype=torch.float32)
-    delta = (up.flatten(1) @ down.flatten(1)) * (strength * entry.scale)
-    return delta.reshape(weight.shape)
+def _enable(root: torch.nn.Module, strengths: dict[str, float]) -> None:
+    for layer in _lora_layers(root):
+        names = [name for name in strengths if name in layer.lora_A]
+        if names:
+            layer.enable_adapters(True)
+            layer.set_adapter(names)
+            for name in names:
+                layer.set_scale(name, strengths[name])
 
 
+# ---- what a run computes with --------------------------------------------------------------------------------
 def lora_residue(model, reference: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the model's tensors (denoiser, text encoders) that differ bit-wise from `reference` (a saved
+    """Names of the model's weights (denoiser, text encoders) that differ bit-wise from `reference` (a saved
     state, see lora_snapshot): what a run left behind. Empty when nothing leaked."""
     now = lora_snapshot(model)
     return sorted(k for k in reference if k not in now or not torch.equal(now[k], reference[k]))
 
 
 def lora_snapshot(model) -> dict[str, torch.Tensor]:
-    """A copy of every tensor a LoRA can touch (denoiser and text encoders), to compare with after a run."""
+    """A copy of every weight the denoiser and text encoders compute with now, under the modules' own names: a
+    LoRA layer's base weight plus the updates of its enabled adapters."""
     out = {}
     for component in COMPONENTS:
-        module = _component_module(model, component)
-        if module is not None:
-            out.update({f"{component}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
+        root = _component_module(model, component)
+        if root is None:
+            continue
+        out.update({f"{component}.{k.replace('.base_layer', '')}": v.detach().clone()
+                    for k, v in root.state_dict().items() if ".lora_" not in k})
+        for name, layer in root.named_modules():
+            if _is_lora_layer(layer) and not layer.disable_adapters:
+                weight = out[f"{component}.{name}.weight"]
+                for adapter in layer.active_adapters:
+                    weight += layer.get_delta_weight(adapter).to(weight.dtype)
     return out

@@ -59,7 +59,7 @@ class FeatureModel:
     source: str = ""  # where it came from (a path, or "random weights")
     layers: list[str] | None = None  # taps attached by DFAttachHooks (None: none yet)
     extra: dict = field(default_factory=dict)
-    loras: tuple = ()  # (LoraWeights, strength_model, strength_clip), merged only inside lora_applied (see lora.py)
+    loras: tuple = ()  # (LoraWeights, strength_model, strength_clip), enabled only inside lora_applied (lora.py)
 
     def __post_init__(self):
         get_family(self.family)
@@ -69,7 +69,7 @@ class FeatureModel:
         return dataclasses.replace(self, **changes)
 
     def lora_applied(self, components=None):
-        """A with-block during which this model's LoRAs are merged into its shared weights (nothing without
+        """A with-block during which this model's LoRA adapters are enabled on its shared modules (none without
         LoRAs); every run of a model that may carry LoRAs goes inside one. See lora.lora_applied."""
         from .lora import COMPONENTS, lora_applied
 

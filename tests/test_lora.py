@@ -90,21 +90,24 @@ def test_each_module_computes_its_hand_merged_weight(sd15, kohya_file, strength)
     lora_model = with_lora(sd15, lora, strength, strength)
     g = torch.Generator().manual_seed(3)
     for key, (comp, path) in SD15_TARGETS.items():
-        m = module_of(sd15, comp, path)
-        w = m.weight.detach().clone()
+        m = module_of(sd15, comp, path)  # the module as the model calls it (a peft LoRA layer around the original)
+        base = m.get_base_layer()
+        w = base.weight.detach().double()
         merged = w + hand_delta(state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"], w, strength)
-        if isinstance(m, torch.nn.Conv2d):
+        bias = None if base.bias is None else base.bias.double()
+        if isinstance(base, torch.nn.Conv2d):
             x = torch.randn(1, w.shape[1], 8, 8, generator=g)
-            want = F.conv2d(x, merged, m.bias, m.stride, m.padding)
+            want = F.conv2d(x.double(), merged, bias, base.stride, base.padding)
         else:
             x = torch.randn(3, w.shape[1], generator=g)
-            want = F.linear(x, merged, m.bias)
+            want = F.linear(x.double(), merged, bias)
         with torch.no_grad():
             before = m(x)
             with lora_applied(lora_model):
                 got = m(x)
             after = m(x)
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        # the merged weight in float64 against float32's W x + s * up (down x): float32 rounding apart
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(got, before), path  # the LoRA does change this module
         assert torch.equal(after, before), path
 
@@ -165,7 +168,7 @@ def test_a_file_without_alpha_has_scale_one_and_peft_metadata_gives_alpha(tmp_pa
     import json
 
     comp, path = next(iter(SD15_TARGETS.values()))
-    w = module_of(sd15, comp, path).weight.detach().clone()
+    w = module_of(sd15, comp, path).weight.detach().clone()  # a LoRA layer's weight is its base layer's
     down, up = make_pair(w, 0)
     name = f"unet.{path}"
     plain = save(tmp_path, {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up}, "plain.safetensors")
@@ -174,7 +177,7 @@ def test_a_file_without_alpha_has_scale_one_and_peft_metadata_gives_alpha(tmp_pa
               metadata={"lora_adapter_metadata": json.dumps({"unet.r": RANK, "unet.lora_alpha": 8})})
     for path_, scale in ((plain, 1.0), (meta_path, 8 / RANK)):
         with lora_applied(with_lora(sd15, load_lora(path_))):
-            got = module_of(sd15, comp, path).weight.detach().clone()
+            got = lora_snapshot(sd15)[f"{comp}.{path}.weight"]
         torch.testing.assert_close(got, w + scale * (up @ down), rtol=1e-6, atol=1e-6)
 
 
@@ -233,25 +236,27 @@ def test_sdxl_kohya_keys_reach_both_encoders_and_ldm_blocks(tmp_path, sdxl):
     assert lora_residue(sdxl, before) == []
 
 
-def test_every_sdxl_unet_layer_named_the_ldm_way_resolves_to_itself(sdxl):
+def test_every_sdxl_unet_layer_named_the_ldm_way_resolves_to_itself(tmp_path, sdxl):
     """Round trip through the tests' own diffusers -> LDM renaming (ldm_export), for every linear and conv layer."""
     from types import SimpleNamespace
 
-    from diffusion_feature.engine.lora import LoraEntry, LoraWeights
     from ldm_export import unet_to_ldm
 
     unet = sdxl.denoiser
     layers = {f"{n}.weight" for n, m in unet.named_modules()
-              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not n.startswith("add_embedding")}
-    state = {k: v for k, v in unet.state_dict().items() if k in layers}
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not n.startswith("add_embedding")
+              and ".lora_" not in n and not n.endswith(".base_layer")}  # the original layers, not peft's parts
+    state = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items()
+             if k.replace(".base_layer", "") in layers}
     ldm = unet_to_ldm(SimpleNamespace(state_dict=lambda: state, config=unet.config, up_blocks=unet.up_blocks))
     assert len(ldm) == len(layers) > 100
-    want = {}
+    want, tensors = {}, {}
     for diffusers_key, ldm_key in zip(state, ldm):
-        path = ldm_key[len("model.diffusion_model."):-len(".weight")].replace(".", "_")
-        want[f"lora_unet_{path}"] = f"denoiser:{diffusers_key[:-len('.weight')]}"
-    entries = tuple(LoraEntry(k, k[len("lora_unet_"):], torch.zeros(1, 1), torch.zeros(1, 1), 1.0) for k in want)
-    assert lora_targets(sdxl, LoraWeights("ldm", "ldm", {"denoiser": entries})) == want
+        key = "lora_unet_" + ldm_key[len("model.diffusion_model."):-len(".weight")].replace(".", "_")
+        want[key] = f"denoiser:{diffusers_key[:-len('.weight')]}"
+        tensors.update({f"{key}.lora_down.weight": torch.zeros(1, 1), f"{key}.lora_up.weight": torch.zeros(1, 1)})
+    got = lora_targets(sdxl, load_lora(save(tmp_path, tensors)))
+    assert {k: v for k, v in got.items() if v != want[k]} == {}
 
 
 # ---- nothing leaks -------------------------------------------------------------------------------------------
@@ -270,6 +275,35 @@ def test_the_base_model_never_sees_the_lora(sd15, kohya_file):
     assert torch.equal(run_denoiser(base), first)
     assert not torch.allclose(patched, first)
     assert torch.equal(again, patched)
+
+
+def test_a_lora_run_never_writes_the_shared_weights_and_waits_for_a_base_run(sd15, kohya_file):
+    """The LoRA is an adapter beside the shared weights, not merged into them; a base run that is going on is
+    never changed under it by a LoRA run starting."""
+    lora_model = with_lora(sd15, load_lora(kohya_file))
+    shared = {n: p.detach().clone() for n, p in sd15.denoiser.named_parameters() if ".lora_" not in n}
+    first = run_denoiser(sd15)
+    with lora_applied(lora_model):
+        patched = run_denoiser(lora_model)
+        assert [n for n, p in sd15.denoiser.named_parameters() if n in shared and not torch.equal(p, shared[n])] == []
+    assert not torch.allclose(patched, first)
+    with lora_applied(sd15):
+        with pytest.raises(RuntimeError, match="different set of LoRAs"), lora_applied(lora_model):
+            pass
+        assert torch.equal(run_denoiser(sd15), first)
+
+
+def test_an_adapter_goes_away_with_its_lora(sd15, tmp_path):
+    import gc
+
+    lora = load_lora(save(tmp_path, kohya_state(sd15, seed=11)))
+    lora_model, adapter = with_lora(sd15, lora), lora.adapter
+    roots = [sd15.denoiser, sd15.text_encoders[0]]
+    holders = lambda: [n for r in roots for n, m in r.named_modules() if adapter in getattr(m, "lora_A", {})]  # noqa
+    assert len(holders()) == len(SD15_TARGETS)
+    del lora, lora_model
+    gc.collect()
+    assert holders() == [] and all(adapter not in r.peft_config for r in roots)
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
@@ -308,7 +342,7 @@ def test_stacked_loras_add_up(sd15, kohya_file, tmp_path):
     key, (comp, path) = next(iter(SD15_TARGETS.items()))
     w = module_of(sd15, comp, path).weight.detach().clone()
     with lora_applied(with_lora(with_lora(sd15, a, 1.0), b, 0.5)):
-        got = module_of(sd15, comp, path).weight.detach().clone()
+        got = lora_snapshot(sd15)[f"{comp}.{path}.weight"]
     want = w + (hand_delta(state_a[f"{key}.lora_down.weight"], state_a[f"{key}.lora_up.weight"], w, 1.0)
                 + hand_delta(state_b[f"{key}.lora_down.weight"], state_b[f"{key}.lora_up.weight"], w, 0.5))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -411,22 +445,21 @@ def test_half_precision_restores_bit_exactly(kohya_file, dtype):
     assert torch.equal(run_denoiser(model), first) and not torch.equal(patched, first)
 
 
-def test_extraction_in_batches_merges_the_lora_once(sd15, kohya_file, monkeypatch):
-    """A multi-batch extraction (DFExtractFeatures) merges the LoRA once for all its chunks, not once per chunk,
-    and gives the same features as chunk-by-chunk merging would."""
+def test_extraction_in_batches_enables_the_lora_once(sd15, kohya_file, monkeypatch):
+    """A multi-batch extraction (DFExtractFeatures) enables the LoRA's adapters once for all its chunks, not once
+    per chunk, and gives the same features as chunk-by-chunk runs would."""
     from diffusion_feature.engine import lora as lora_module
     from diffusion_feature.engine.extraction import extract, extract_in_batches
 
     lora_model = with_lora(sd15, load_lora(kohya_file))
     images = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(0))
-    merges = []
-    real_delta = lora_module._delta
-    monkeypatch.setattr(lora_module, "_delta", lambda *a: merges.append(1) or real_delta(*a))
+    enabled = []
+    real_enable = lora_module._enable
+    monkeypatch.setattr(lora_module, "_enable", lambda root, *a: enabled.append(root) or real_enable(root, *a))
     feats = extract_in_batches(lora_model, images, "a cat", ["mid-repeat1-res-out"], batch_size=1, size="64x64")
-    entries = sum(len(v) for v in lora_model.loras[0][0].entries.values())
-    assert len(merges) == entries  # one merge of every entry, for three chunks
-    merges.clear()
+    assert enabled == [sd15.denoiser, *sd15.text_encoders]  # once per component, for three chunks
+    enabled.clear()
     one = extract(lora_model, images[1:2], "a cat", ["mid-repeat1-res-out"], size="64x64")
-    assert len(merges) == entries
+    assert enabled == [sd15.denoiser, *sd15.text_encoders]
     torch.testing.assert_close(feats.tensors["mid-repeat1-res-out"][1:2], one.tensors["mid-repeat1-res-out"],
                                atol=1e-6, rtol=1e-5)
