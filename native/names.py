@@ -31,8 +31,10 @@ class UnsupportedModelError(DiffusionFeatureError, TypeError):
 
 
 def unsupported_message(what: str) -> str:
-    return (f"{what} is not supported by the native taps: they cover ComfyUI's models of the families "
-            f"{spoken(SUPPORTED_FAMILIES)}; "
+    unets = family_names(lambda f: f.native and f.denoiser == "unet")
+    others = family_names(lambda f: f.native and f.denoiser != "unet")
+    return (f"{what} is not supported by the native taps: they cover ComfyUI's UNet models of the families "
+            f"{spoken(unets)}, and its diffusion transformers of {spoken(others)}; "
             f"SD3, Flux and video models have no layer ids; for PixArt taps the native model cannot reach, "
             f"{_DF_MODEL_HINT}")
 
