@@ -147,9 +147,9 @@ def detect_folder_family(folder: Path) -> str:
         raise CheckpointError(f"{echo(folder.name)} is not a diffusers model folder (a folder holding "
                               "model_index.json)")
     index = _read_config(folder / "model_index.json", folder)
-    transformers = [f.name for f in FAMILIES.values() if f.denoiser in index and f.denoiser != "unet"]
-    if transformers:
-        return transformers[0]
+    other = [f.name for f in FAMILIES.values() if f.denoiser != "unet" and f.denoiser in index]  # a transformer
+    if other:
+        return other[0]
     unet = _read_config(folder / "unet" / "config.json", folder)
     return family_of_unet(unet.get("cross_attention_dim"), unet.get("addition_embed_type") == "text_time",
                           exact=False)
