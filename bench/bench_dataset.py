@@ -56,10 +56,10 @@ def random_model(family: str, device, dtype) -> FeatureModel:
 
     fam = get_family(family)
     torch.manual_seed(0)
-    vae = AutoencoderKL.from_config(json.loads((fam.config_dir / "vae" / "config.json").read_text()))
-    vae_dtype = torch.float32 if family == "sdxl" else dtype  # SDXL's VAE overflows in float16, as in loading.py
+    vae = AutoencoderKL.from_config(fam.config("vae"))
+    vae_dtype = torch.float32 if fam.vae_float32 else dtype  # SDXL's VAE overflows in float16, as in loading.py
     vae = vae.to(device=device, dtype=vae_dtype).eval()
-    scheduler = json.loads((fam.config_dir / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = fam.config("scheduler", "scheduler_config.json")
     return FeatureModel(family, random_denoiser(family, device, dtype), vae, [], [], scheduler,
                         source="random weights")
 

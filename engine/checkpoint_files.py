@@ -9,6 +9,8 @@ import torch
 
 from ..layer_catalog.errors import DiffusionFeatureError, echo
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # what a checkpoint, ControlNet or LoRA is
+
 
 class CheckpointError(DiffusionFeatureError, ValueError):
     """A checkpoint that cannot be loaded as asked; the message says what the file is or what is missing."""

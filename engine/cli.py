@@ -14,6 +14,7 @@ import json
 import sys
 
 from ..layer_catalog import FAMILIES, build_catalog, get_family, load_catalog, parse_size
+from ..layer_catalog.families import DEFAULT_FAMILY
 
 
 def _layers(args) -> int:
@@ -69,9 +70,9 @@ def _demo(args) -> int:
 def _add_model_args(p, required: bool) -> None:
     p.add_argument("--model", required=required, default=None, metavar="PATH|random:FAMILY",
                    help="a diffusers folder or a single-file checkpoint (.safetensors; .ckpt/.pt read with "
-                        "weights_only=True), or random:FAMILY (e.g. random:sd15) for random weights of the family's "
-                        "real architecture, to try everything without a checkpoint (its features mean nothing)"
-                        + ("" if required else "; default: random:sd15"))
+                        f"weights_only=True), or random:FAMILY (e.g. random:{DEFAULT_FAMILY}) for random weights of "
+                        "the family's real architecture, to try everything without a checkpoint (its features mean "
+                        "nothing)" + ("" if required else f"; default: random:{DEFAULT_FAMILY}"))
     p.add_argument("--family", choices=list(FAMILIES), default=None, help="model family (default: detected)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device: cpu, cuda, cuda:N, mps "
                                                                           "(default: cuda if available, else cpu)")
@@ -225,10 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_pca)
 
     p = sub.add_parser("demo", help="offline demo on the bundled sample images",
-                       description="Extract the practical preset of sd15 at t=50 from the bundled sample images, "
-                                   "save safetensors and jointly fitted PCA images. Without --model it builds "
-                                   "random weights of the real SD1.5 architecture: the pipeline runs for real, but "
-                                   "the features of random weights mean nothing.")
+                       description=f"Extract the practical preset of {DEFAULT_FAMILY} at t=50 from the bundled sample "
+                                   "images, save safetensors and jointly fitted PCA images. Without --model it builds "
+                                   f"random weights of the real {DEFAULT_FAMILY} architecture: the pipeline runs for "
+                                   "real, but the features of random weights mean nothing.")
     _add_model_args(p, required=False)
     p.add_argument("--output", default="demo_output", help="output folder (default demo_output; a new numbered "
                                                            "folder is used when it exists)")

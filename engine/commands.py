@@ -27,9 +27,10 @@ def _load(args):
     """The model of --model (a path, or random:FAMILY; the demo's default is random:sd15), with --lora applied."""
     import warnings
 
+    from ..layer_catalog.families import DEFAULT_FAMILY
     from .loading import RANDOM_PREFIX, RandomWeightsWarning, load_model, random_family
 
-    spec = args.model if args.model is not None else RANDOM_PREFIX + (args.family or "sd15")
+    spec = args.model if args.model is not None else RANDOM_PREFIX + (args.family or DEFAULT_FAMILY)
     family = random_family(spec)
     if family is not None:
         print(random_banner(family), file=sys.stderr)

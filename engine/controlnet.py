@@ -18,14 +18,11 @@ from pathlib import Path
 import torch
 
 from ..layer_catalog.errors import echo
-from ..layer_catalog.families import get_family
-from .checkpoint_files import CheckpointError, load_pickle_state_dict, read_key_shapes
+from ..layer_catalog.families import FAMILIES, family_names, family_of_unet, get_family, spoken
+from .checkpoint_files import SINGLE_FILE_SUFFIXES, CheckpointError, load_pickle_state_dict, read_key_shapes
 from .model import parse_dtype
 
-CONTROLNET_FAMILIES = ("sd15", "sd21", "sdxl")
-SDXL_LIKE = ("sdxl", "playground-v2")  # playground-v2 is the SDXL UNet: SDXL ControlNets fit it
-WIDTH_TO_FAMILY = {768: "sd15", 1024: "sd21"}  # cross-attention width of a UNet without added conditioning
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+CONTROLNET_FAMILIES = family_names(lambda f: f.controlnet)  # families a ControlNet is made for (and detected as)
 LDM_PREFIX = "control_model."
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
@@ -89,7 +86,7 @@ def layout_of(shapes: dict, path="the file") -> str:
         what = "no ControlNet"
     raise ControlNetError(f"{echo(str(path))} is {what}: a ControlNet has input_hint_block/zero_convs (original "
                           "layout) or controlnet_cond_embedding/controlnet_down_blocks (diffusers layout) weights. "
-                          "Supported: ControlNets for sd15, sd21 and sdxl")
+                          f"Supported: ControlNets for {spoken(CONTROLNET_FAMILIES)}")
 
 
 def _text_width(keys_to_shapes: dict) -> int | None:
@@ -99,23 +96,25 @@ def _text_width(keys_to_shapes: dict) -> int | None:
 
 def detect_family(shapes: dict) -> str | None:
     """The family a ControlNet was trained for, from its tensor names and shapes (either layout): the width of
-    its cross-attention (768 sd15, 1024 sd21) and SDXL's added text/time embedding (with width 2048). None when
-    the sizes are not a standard family's (custom or test models)."""
+    its cross-attention and whether it has SDXL's added text/time embedding. None when the sizes are not a
+    standard family's (custom or test models)."""
     keys = strip_prefix(shapes)
-    width = _text_width(keys)
-    if "add_embedding.linear_1.weight" in keys or "label_emb.0.0.weight" in keys:
-        return "sdxl" if width == 2048 else None
-    return WIDTH_TO_FAMILY.get(width)
+    pooled = "add_embedding.linear_1.weight" in keys or "label_emb.0.0.weight" in keys
+    return family_of_unet(_text_width(keys), pooled)
 
 
 def family_of_config(config) -> str | None:
     """The family a ControlNet config is the architecture of (same rule as detect_family)."""
-    width = config.get("cross_attention_dim")
-    if config.get("addition_embed_type") == "text_time":
-        return "sdxl" if width == 2048 else None
-    if config.get("addition_embed_type") or config.get("class_embed_type"):
+    pooled = config.get("addition_embed_type") == "text_time"
+    if not pooled and (config.get("addition_embed_type") or config.get("class_embed_type")):
         return None
-    return WIDTH_TO_FAMILY.get(width)
+    return family_of_unet(config.get("cross_attention_dim"), pooled)
+
+
+def _standard_widths() -> str:
+    """'768 sd15, ...': the cross-attention width of each ControlNet family."""
+    return ", ".join(f"{FAMILIES[f].text_width}{' with added text/time embedding' if FAMILIES[f].pooled_text else ''}"
+                     f" {f}" for f in CONTROLNET_FAMILIES)
 
 
 def bundled_config(family: str) -> dict:
@@ -124,7 +123,7 @@ def bundled_config(family: str) -> dict:
     if family not in CONTROLNET_FAMILIES:
         get_family(family)  # an unknown name gets the family list
         raise ControlNetError(f"ControlNet is supported for {', '.join(CONTROLNET_FAMILIES)}; not for {family}")
-    return json.loads((get_family(family).config_dir / "controlnet" / "config.json").read_text())
+    return get_family(family).config("controlnet")
 
 
 def _check_family_arg(family):
@@ -318,8 +317,8 @@ def load_controlnet_file(path, family: str | None = None, dtype="float32", devic
     elif family is None:
         width = _text_width(strip_prefix(shapes))
         raise ControlNetError(
-            f"cannot tell which model family {echo(str(path))} is for (cross-attention width {width}; standard: 768 "
-            f"sd15, 1024 sd21, 2048 with added text/time embedding sdxl). For a ControlNet of non-standard size, "
+            f"cannot tell which model family {echo(str(path))} is for (cross-attention width {width}; standard: "
+            f"{_standard_widths()}). For a ControlNet of non-standard size, "
             f"put its diffusers config beside it as {path.stem}.json or {path.stem}.config/config.json")
     else:
         config, where = bundled_config(family), f"the bundled {family} ControlNet config"
@@ -377,8 +376,9 @@ def check_compatible(controlnet: ControlNet, model) -> None:
     input channels and widths, and one residual of the right width for every skip tensor of the UNet."""
     family = getattr(model, "family", None)
     unet = model.denoiser
-    if family == "pixart-sigma" or not hasattr(unet, "down_blocks"):
-        raise ControlNetError(f"ControlNet is supported for sd15, sd21 and sdxl UNets; this model is {family}")
+    if not hasattr(unet, "down_blocks"):
+        raise ControlNetError(f"ControlNet is supported for {spoken(CONTROLNET_FAMILIES)} UNets; this model is "
+                              f"{family}")
     c, u = controlnet.module.config, unet.config
     problems = [f"{f} {_norm(c.get(f))} vs {_norm(u.get(f))}" for f in COMPARED_FIELDS
                 if _norm(c.get(f)) != _norm(u.get(f))]
@@ -394,7 +394,7 @@ def check_compatible(controlnet: ControlNet, model) -> None:
     if not problems:
         return
     cf = controlnet.family
-    both_sdxl = cf in SDXL_LIKE and family in SDXL_LIKE
-    head = (f"this ControlNet is for {cf}; the model is {family}" if cf and family and cf != family and not both_sdxl
+    other = cf and family and get_family(cf).denoiser_family != get_family(family).denoiser_family
+    head = (f"this ControlNet is for {cf}; the model is {family}" if other
             else f"ControlNet {echo(controlnet.name)} does not fit this {family} model's UNet")
     raise ControlNetError(f"{head} (ControlNet vs UNet: {'; '.join(problems)})")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layer_catalog import FeatureCapture, resolve_taps
+from ..layer_catalog import FeatureCapture, get_family, resolve_taps
 from ..layer_catalog.errors import echo
 from ..layer_catalog.taps import is_pixart
 from .control import check_controls, control_residuals
@@ -49,7 +49,7 @@ def _negative(model, negative, positive: Conditioning) -> Conditioning:
     zeros for SDXL-type models (force_zeros_for_empty_prompt), the empty prompt otherwise."""
     if negative is not None:
         return _encode(model, negative)
-    if model.family in ("sdxl", "playground-v2") and model.extra.get("force_zeros_for_empty_prompt", True):
+    if get_family(model.family).zero_negative and model.extra.get("force_zeros_for_empty_prompt", True):
         added = {k: torch.zeros_like(v) if torch.is_tensor(v) else v
                  for k, v in (positive.added_cond_kwargs or {}).items()}
         return Conditioning(torch.zeros_like(positive.encoder_hidden_states), added or None, None, [""])

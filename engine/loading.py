@@ -15,16 +15,15 @@ from pathlib import Path
 import torch
 
 from ..layer_catalog import FAMILIES, get_family
+from ..layer_catalog.families import denoiser_from_config, family_of_checkpoint, family_of_unet
 from ..layer_catalog.errors import echo, public_module
-from .checkpoint_files import CheckpointError, load_pickle_state_dict, read_key_shapes
+from .checkpoint_files import SINGLE_FILE_SUFFIXES, CheckpointError, load_pickle_state_dict, read_key_shapes
 from .model import FeatureModel, parse_device, parse_dtype
 from . import tokenizers
 from .tokenizers import TokenizerMissingError, clip_tokenizer, load_tokenizer
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-SDXL_LIKE = ("sdxl", "playground-v2")
 LIVE_DENOISERS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # for the status route: what is loaded now
-RANDOM_PREFIX = "random:"  # load_model("random:sd15"): the family's real architecture with random weights
+RANDOM_PREFIX = "random:"  # load_model("random:FAMILY"): the family's real architecture with random weights
 RANDOM_SOURCE = "random weights"  # FeatureModel.source of such a model
 
 
@@ -37,20 +36,14 @@ RandomWeightsWarning.__module__ = public_module(__name__)  # a warning, not unde
 
 # ---- family detection ----------------------------------------------------------------------------------------
 def detect_family(shapes: dict[str, tuple[int, ...]]) -> str:
-    """The family of a single-file (original layout) checkpoint from its tensor names and shapes."""
-    if any(k.startswith("model.diffusion_model.") for k in shapes):
-        if "model.diffusion_model.label_emb.0.0.weight" in shapes:
-            return "sdxl"
-        # the text encoder tells SD1 (HF CLIP-L) from SD2 (OpenCLIP-H); the UNet's text width is the fallback
-        if any(k.startswith("cond_stage_model.model.") for k in shapes):
-            return "sd21"
-        if any(k.startswith("cond_stage_model.transformer.") for k in shapes):
-            return "sd15"
-        ctx = [s for k, s in shapes.items() if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")]
-        if ctx:
-            return {768: "sd15", 1024: "sd21"}.get(ctx[0][-1], f"an unknown UNet with text width {ctx[0][-1]}")
-    if "x_embedder.proj.weight" in shapes or "transformer.x_embedder.proj.weight" in shapes:
-        return "pixart-sigma"
+    """The family of a single-file (original layout) checkpoint from its tensor names and shapes: the families'
+    checkpoint marks (the text encoder tells SD1 from SD2), else the width of a bare UNet's cross-attention."""
+    family = family_of_checkpoint(shapes)
+    if family is not None:
+        return family
+    ctx = [s for k, s in shapes.items() if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")]
+    if ctx:
+        return family_of_unet(ctx[0][-1], pooled=False) or f"an unknown UNet with text width {ctx[0][-1]}"
     if "conv_in.weight" in shapes and any(k.startswith("down_blocks.") for k in shapes):
         return "a diffusers UNet state dict (not a full checkpoint)"
     return "no known diffusion checkpoint"
@@ -64,7 +57,7 @@ def _check_family(detected: str, family: str | None, path) -> str:
                                   f"{', '.join(FAMILIES)})")
         return detected
     get_family(family)
-    if known and (family == detected or {family, detected} <= set(SDXL_LIKE)):
+    if known and get_family(family).denoiser_family == get_family(detected).denoiser_family:
         return family
     raise CheckpointError(f"{echo(str(path))} was given as {family} but looks like {detected}; "
                           f"pass family={detected!r}" + ("" if known else " or check the file"))
@@ -72,25 +65,24 @@ def _check_family(detected: str, family: str | None, path) -> str:
 
 # ---- tokenizers ----------------------------------------------------------------------------------------------
 def default_tokenizers(family: str) -> list:
-    """Tokenizers for a checkpoint that ships none."""
-    if family == "pixart-sigma":
-        folder = tokenizers.host_tokenizer_dir("t5_tokenizer")
-        if folder is None:
-            raise TokenizerMissingError(
-                "pixart-sigma needs its T5 tokenizer: load PixArt from a diffusers folder that has tokenizer/, or "
-                "run inside ComfyUI (which bundles one). It is never downloaded.")
-        return [load_tokenizer(folder)]
-    if family == "sd15":
-        return [clip_tokenizer("<|endoftext|>")]
-    if family == "sd21":
-        return [clip_tokenizer("!")]
-    return [clip_tokenizer("<|endoftext|>"), clip_tokenizer("!")]
+    """Tokenizers for a checkpoint that ships none: the bundled CLIP vocabulary, or ComfyUI's T5 tokenizer."""
+    return [clip_tokenizer(e.pad) if e.kind == "clip" else _host_t5_tokenizer(family)
+            for e in get_family(family).text_encoders]
+
+
+def _host_t5_tokenizer(family: str):
+    folder = tokenizers.host_tokenizer_dir("t5_tokenizer")
+    if folder is None:
+        raise TokenizerMissingError(
+            f"{family} needs its T5 tokenizer: load it from a diffusers folder that has tokenizer/, or "
+            "run inside ComfyUI (which bundles one). It is never downloaded.")
+    return load_tokenizer(folder)
 
 
 # ---- loaders -------------------------------------------------------------------------------------------------
 def _finish(model: FeatureModel, dtype: torch.dtype, device) -> FeatureModel:
     """Move to device/dtype. SDXL's VAE stays float32 below float32: it overflows in float16."""
-    vae_dtype = torch.float32 if (dtype != torch.float32 and model.family in SDXL_LIKE + ("pixart-sigma",)) else dtype
+    vae_dtype = torch.float32 if (dtype != torch.float32 and get_family(model.family).vae_float32) else dtype
     for module, want in [(model.denoiser, dtype), (model.vae, vae_dtype)] + [(e, dtype) for e in model.text_encoders]:
         module.to(device)
         if next(module.parameters()).dtype != want:
@@ -116,14 +108,12 @@ def build_random(family: str, dtype="float32", device="cpu", seed: int = 0) -> F
     from diffusers import AutoencoderKL
     from transformers import AutoConfig, AutoModel, CLIPTextModel, CLIPTextModelWithProjection
 
-    from ..layer_catalog.families import denoiser_from_config
-
     fam = get_family(family)
     parse_device(device)  # before minutes of building
     tokenizers = default_tokenizers(family)
     torch.manual_seed(seed)
     denoiser = denoiser_from_config(fam.denoiser_config(), "cpu")
-    vae = AutoencoderKL.from_config(json.loads((fam.config_dir / "vae" / "config.json").read_text()))
+    vae = AutoencoderKL.from_config(fam.config("vae"))
     encoders = []
     for sub in ("text_encoder", "text_encoder_2"):
         cfg_path = fam.config_dir / sub / "config.json"
@@ -133,7 +123,7 @@ def build_random(family: str, dtype="float32", device="cpu", seed: int = 0) -> F
             cls = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}.get(
                 arch, AutoModel)
             encoders.append(cls._from_config(config) if hasattr(cls, "_from_config") else cls(config))
-    scheduler = json.loads((fam.config_dir / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = fam.config("scheduler", "scheduler_config.json")
     model = FeatureModel(family, denoiser, vae, encoders, tokenizers, scheduler, source=RANDOM_SOURCE)
     return _finish(model, parse_dtype(dtype), device)
 
@@ -157,17 +147,18 @@ def detect_folder_family(folder: Path) -> str:
         raise CheckpointError(f"{echo(folder.name)} is not a diffusers model folder (a folder holding "
                               "model_index.json)")
     index = _read_config(folder / "model_index.json", folder)
-    if "transformer" in index:
-        return "pixart-sigma"
+    other = [f.name for f in FAMILIES.values() if f.denoiser != "unet" and f.denoiser in index]  # a transformer
+    if other:
+        return other[0]
     unet = _read_config(folder / "unet" / "config.json", folder)
-    if unet.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    return "sd21" if unet.get("cross_attention_dim") == 1024 else "sd15"
+    return family_of_unet(unet.get("cross_attention_dim"), unet.get("addition_embed_type") == "text_time",
+                          exact=False)
 
 
 def load_diffusers_folder(folder, family: str | None = None, dtype="float32", device="cpu") -> FeatureModel:
     """A diffusers folder (model_index.json + component subfolders), read locally only."""
-    from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
+    import diffusers
+    from diffusers import AutoencoderKL
     from transformers import AutoModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
     parse_device(device)  # before reading gigabytes
@@ -177,8 +168,9 @@ def load_diffusers_folder(folder, family: str | None = None, dtype="float32", de
     family = _check_family(detect_folder_family(folder), family, folder)
     index = json.loads((folder / "model_index.json").read_text())
     kw = {"local_files_only": True}
-    denoiser_cls = PixArtTransformer2DModel if family == "pixart-sigma" else UNet2DConditionModel
-    denoiser = denoiser_cls.from_pretrained(folder, subfolder="transformer" if family == "pixart-sigma" else "unet", **kw)
+    fam = get_family(family)
+    denoiser_cls = getattr(diffusers, fam.denoiser_config()["_class_name"])
+    denoiser = denoiser_cls.from_pretrained(folder, subfolder=fam.denoiser, **kw)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
     classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
                "T5EncoderModel": T5EncoderModel}
@@ -211,16 +203,17 @@ def load_single_file(path, family: str | None = None, dtype="float32", device="c
     sidecar = path.with_name(path.stem + ".config")
     if config_dir is None and (sidecar / "model_index.json").is_file():
         config_dir = sidecar
-    if family == "pixart-sigma":
-        raise CheckpointError("single-file PixArt checkpoints are not supported: load PixArt-Sigma from its "
+    fam = get_family(family)
+    if not fam.single_file:
+        raise CheckpointError(f"single-file {family} checkpoints are not supported: load {family} from its "
                               "diffusers folder")
-    config_dir = Path(config_dir) if config_dir is not None else get_family(family).config_dir
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    config_dir = Path(config_dir) if config_dir is not None else fam.config_dir
+    import diffusers
 
     tokenizers = default_tokenizers(family)
-    pipe_cls = StableDiffusionXLPipeline if family in SDXL_LIKE else StableDiffusionPipeline
+    pipe_cls = getattr(diffusers, fam.pipeline)
     extra = {"tokenizer": tokenizers[0]}
-    if family in SDXL_LIKE:
+    if len(tokenizers) > 1:
         extra["tokenizer_2"] = tokenizers[1]
     else:
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -238,7 +231,7 @@ def load_single_file(path, family: str | None = None, dtype="float32", device="c
     finally:
         if source != path:
             os.unlink(source)
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family in SDXL_LIKE else [])
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if len(tokenizers) > 1 else [])
     scheduler = dict(pipe.scheduler.config)
     model = FeatureModel(family, pipe.unet, pipe.vae, encoders, tokenizers, scheduler, source=str(path))
     return _finish(model, parse_dtype(dtype), device)

@@ -19,7 +19,8 @@ import contextlib
 import numpy as np
 import torch
 
-from ..layer_catalog import FeatureCapture, FeatureInjection, enumerate_ids, resolve_taps
+from ..layer_catalog import FeatureCapture, FeatureInjection, enumerate_ids, get_family, resolve_taps
+from ..layer_catalog.families import family_names, spoken
 from ..layer_catalog.errors import DiffusionFeatureError, echo
 from .ddim import eps_output
 from .conditioning import with_time_ids
@@ -31,9 +32,6 @@ from .timeline import Timeline
 
 NEGATIVE_SCHEDULES = ("constant", "linear", "exp")
 CAPTURE_BRANCHES = ("cond", "uncond", "both", "all")
-_FEATURE_DEFAULTS = {"sd15": ["up-level1-repeat1-res-increment"], "sd21": ["up-level1-repeat1-res-increment"],
-                     "sdxl": ["up-level0-repeat1-res-increment"],
-                     "playground-v2": ["up-level0-repeat1-res-increment"]}
 
 
 class PnPError(DiffusionFeatureError, ValueError):
@@ -41,17 +39,19 @@ class PnPError(DiffusionFeatureError, ValueError):
 
 
 def default_feature_layers(family: str) -> list[str]:
-    if family not in _FEATURE_DEFAULTS:
-        raise PnPError(f"Plug-and-Play runs on sd15, sd21, sdxl and playground-v2 UNets, not {family}")
-    return list(_FEATURE_DEFAULTS[family])
+    layers = get_family(family).pnp_feature_layers
+    if not layers:
+        raise PnPError(f"Plug-and-Play runs on {spoken(family_names(lambda f: f.pnp_feature_layers))} UNets, "
+                       f"not {family}")
+    return list(layers)
 
 
 def default_attention_layers(model) -> list[str]:
-    """The decoder's self-attention queries and keys; for SD1.x/2.x without the first one, as the original."""
+    """The decoder's self-attention queries and keys, less the family's exception (for SD1.x/2.x the first one,
+    as the original)."""
     ids = [i for i in enumerate_ids(model.denoiser) if i.startswith("up-") and i.endswith(("-self-q", "-self-k"))]
-    if model.family in ("sd15", "sd21"):
-        ids = [i for i in ids if not i.startswith("up-level1-repeat0-")]
-    return ids
+    skip = get_family(model.family).pnp_attention_skip
+    return [i for i in ids if not (skip and i.startswith(skip))]
 
 
 def negative_weights(alpha: float, schedule: str, steps: int) -> np.ndarray:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..layer_catalog import get_family
 from .conditioning import Conditioning
 from .lora import TEXT_COMPONENTS, lora_applied
 
@@ -64,14 +65,13 @@ def encode_prompt(model, prompts) -> Conditioning:
 
 
 def _encode(model, prompts: list[str]) -> Conditioning:
-    family, dtype = model.family, model.dtype
-    if family == "pixart-sigma":
+    fam, dtype = get_family(model.family), model.dtype
+    if fam.text_encoders[0].kind == "t5":
         return _encode_t5(model, prompts)
-    sdxl = family in ("sdxl", "playground-v2")
-    tokenizers = model.tokenizers[:2] if sdxl else model.tokenizers[:1]
-    encoders = model.text_encoders[:2] if sdxl else model.text_encoders[:1]
-    if len(tokenizers) != len(encoders) or not encoders:
-        raise ValueError(f"a {family} model needs {2 if sdxl else 1} text encoder(s) and tokenizer(s)")
+    n = len(fam.text_encoders)
+    tokenizers, encoders = model.tokenizers[:n], model.text_encoders[:n]
+    if len(tokenizers) != n or len(encoders) != n:
+        raise ValueError(f"a {fam.name} model needs {n} text encoder(s) and tokenizer(s)")
     empty = _clip_windows(tokenizers[0], "")[0]
     # One window list per prompt, from the first tokenizer; SDXL's second tokenizer differs only in padding.
     per_prompt = _pad_to_same_length([_clip_windows(tokenizers[0], p) for p in prompts], empty)
@@ -81,16 +81,16 @@ def _encode(model, prompts: list[str]) -> Conditioning:
         rows = []
         for windows in per_prompt:
             windows = [_repad(w, tokenizer.eos_token_id, pad_from, pad_to) for w in windows]
-            h, p = _run_clip(encoder, windows, penultimate=sdxl)
+            h, p = _run_clip(encoder, windows, penultimate=fam.penultimate_text)
             rows.append((h, p))
         hidden.append(torch.cat([h for h, _ in rows]))
-        if sdxl and rows[0][1] is not None:
+        if fam.pooled_text and rows[0][1] is not None:
             pooled.append(torch.cat([p for _, p in rows]))
     states = torch.cat(hidden, dim=-1).to(dtype)
-    added = {"text_embeds": pooled[-1].to(dtype)} if sdxl else None
-    if sdxl and not pooled:
-        raise ValueError("SDXL's second text encoder must be a CLIPTextModelWithProjection (it gives the pooled "
-                         "embedding)")
+    added = {"text_embeds": pooled[-1].to(dtype)} if fam.pooled_text else None
+    if fam.pooled_text and not pooled:
+        raise ValueError(f"{fam.name}'s last text encoder must be a CLIPTextModelWithProjection (it gives the "
+                         "pooled embedding)")
     return Conditioning(states, added_cond_kwargs=added, prompts=prompts)
 
 
@@ -104,7 +104,7 @@ def _repad(window: list[int], eos: int, pad_from: int, pad_to: int) -> list[int]
 
 def _encode_t5(model, prompts: list[str]) -> Conditioning:
     if not model.tokenizers or not model.text_encoders:
-        raise ValueError("a pixart-sigma model needs its T5 text encoder and tokenizer")
+        raise ValueError(f"a {model.family} model needs its T5 text encoder and tokenizer")
     tokenizer, encoder = model.tokenizers[0], model.text_encoders[0]
     empty = _t5_windows(tokenizer, "")[0]
     per_prompt = _pad_to_same_length([_t5_windows(tokenizer, p) for p in prompts], empty)

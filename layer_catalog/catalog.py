@@ -19,29 +19,6 @@ from .taps import enumerate_ids, taps_of
 
 CATALOG_DIR = Path(__file__).resolve().parent / "catalogs"
 
-# Presets from the paper (Meng et al., NeurIPS 2024). "practical" is its recommended choice, "legacy" the
-# conventional one (block outputs between up-levels). sd21 shares sd15's structure, playground-v2 sdxl's.
-_SD15_PRESETS = {
-    "practical": ["up-level1-repeat1-vit-block0-cross-q", "up-level1-repeat2-res-out",
-                  "up-level2-repeat1-vit-block0-cross-q", "up-level3-repeat0-vit-block0-self-k"],
-    "legacy": ["up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-upsampler-out",
-               "up-level3-repeat2-vit-out"],
-}
-_SDXL_PRESETS = {
-    "practical": ["up-level0-repeat0-vit-block7-out", "up-level0-repeat0-vit-block5-out",
-                  "up-level1-repeat0-vit-block0-cross-q", "up-level1-repeat0-vit-block0-out"],
-    "legacy": ["up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-repeat2-res-out"],
-}
-# PixArt is not covered by the paper's tables: practical = outputs of three middle blocks (DiT features are
-# known to peak mid-depth), legacy = the last block's output. Our choice; documented as such in the README.
-_PIXART_PRESETS = {
-    "practical": ["vit-block12-out", "vit-block14-out", "vit-block16-out"],
-    "legacy": ["vit-block27-out"],
-}
-PRESETS: dict[str, dict[str, list[str]]] = {
-    "sd15": _SD15_PRESETS, "sd21": _SD15_PRESETS, "sdxl": _SDXL_PRESETS, "playground-v2": _SDXL_PRESETS,
-    "pixart-sigma": _PIXART_PRESETS,
-}
 PRESET_NAMES = ("practical", "legacy", "full")
 
 
@@ -82,11 +59,11 @@ def build_catalog(family: str, size=None) -> dict:
     height, width = parse_size(size if size is not None else fam.native_size)
     shapes = compute_shapes(meta_denoiser(family), height, width, fam.text_tokens)
     ids = list(shapes)
-    presets = {name: list(v) for name, v in PRESETS[family].items()}
+    presets = {name: list(v) for name, v in fam.presets.items()}
     presets["full"] = ids
     for name, members in presets.items():
         unknown = [m for m in members if m not in shapes]
-        if unknown:  # a preset naming an id the architecture lacks is a bug in this file
+        if unknown:  # a preset naming an id the architecture lacks is a bug in its family module
             raise AssertionError(f"preset {family}/{name} names unknown ids {unknown}")
     return {"family": family, "size": [height, width], "text_tokens": fam.text_tokens,
             "layers": [{"id": i, "shape": shapes[i]} for i in ids],

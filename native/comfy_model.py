@@ -11,20 +11,11 @@ import weakref
 
 import torch
 
+from ..layer_catalog.families import family_of_comfy_config
 from .capture import WRAPPER_KEY, ApplyModelWrapper, NativeCapture, OuterSampleWrapper, UnetFunctionWrapper
 from .names import (NativeLayout, UnsupportedModelError, is_native_pixart, native_ids, native_taps,
                     unsupported_message)
 from ..layer_catalog.hooks import FeatureCapture
-
-# ComfyUI's model configs (comfy/supported_models.py class names) -> our family ids. Playground v2 loads as SDXL in
-# ComfyUI (same UNet): its ids are the same, so 'sdxl' presets serve it.
-_FAMILY_OF_CONFIG = {
-    "SD15": "sd15", "SD15_instructpix2pix": "sd15",
-    "SD20": "sd21", "SD21UnclipL": "sd21", "SD21UnclipH": "sd21", "SD_X4Upscaler": None,
-    "SDXL": "sdxl", "SDXL_instructpix2pix": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl", "KOALA_700M": "sdxl",
-    "KOALA_1B": "sdxl", "SDXLRefiner": None, "PixArtSigma": "pixart-sigma", "PixArtAlpha": None,
-}
-
 
 # The native networks this process has tapped (weakly: ComfyUI decides their lifetime), for the status route's
 # hook count: between runs every one of them carries no hook of ours.
@@ -64,7 +55,7 @@ def native_family(model) -> str | None:
     e.g. the SDXL refiner; its ids still come from its module tree)."""
     diffusion_model(model)
     config = type(getattr(_base_model(model), "model_config", None)).__name__
-    return _FAMILY_OF_CONFIG.get(config)
+    return family_of_comfy_config(config)
 
 
 def model_layer_ids(model) -> list[str]:

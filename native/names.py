@@ -17,10 +17,11 @@ import dataclasses
 import torch
 
 from ..layer_catalog.errors import DiffusionFeatureError
+from ..layer_catalog.families import family_names, spoken
 from ..layer_catalog.resolver import resolve_taps
 from ..layer_catalog.taps import Tap, enumerate_ids
 
-SUPPORTED_FAMILIES = ("sd15", "sd21", "sdxl", "playground-v2", "pixart-sigma")
+SUPPORTED_FAMILIES = family_names(lambda f: f.native)
 _DF_MODEL_HINT = ("load it with DFLoadCheckpoint or DFLoadDiffusers (DF_MODEL) to extract its features with the "
                   "diffusers backend")
 
@@ -30,8 +31,10 @@ class UnsupportedModelError(DiffusionFeatureError, TypeError):
 
 
 def unsupported_message(what: str) -> str:
-    return (f"{what} is not supported by the native taps: they cover ComfyUI's UNet models of the families sd15, "
-            f"sd21, sdxl and playground-v2 (SD1.x, SD2.x, SDXL, Playground v2) and its PixArt (pixart-sigma); "
+    unets = family_names(lambda f: f.native and f.denoiser == "unet")
+    others = family_names(lambda f: f.native and f.denoiser != "unet")
+    return (f"{what} is not supported by the native taps: they cover ComfyUI's UNet models of the families "
+            f"{spoken(unets)}, and its diffusion transformers of {spoken(others)}; "
             f"SD3, Flux and video models have no layer ids; for PixArt taps the native model cannot reach, "
             f"{_DF_MODEL_HINT}")
 

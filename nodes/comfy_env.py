@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..engine.safe_paths import check_length
 from ..layer_catalog.errors import echo
+from ..layer_catalog.families import FAMILIES
 
 log = logging.getLogger("diffusion_feature")
 
@@ -179,9 +180,6 @@ def batch_progress(total: int):
     return on_batch
 
 
-_LATENT_FORMATS = {"sd15": "SD15", "sd21": "SD15", "sdxl": "SDXL", "playground-v2": "SDXL", "pixart-sigma": "SDXL"}
-
-
 def _preview(family: str, latents):
     """ComfyUI's own latent previewer (its preview-method setting decides: none, latent2rgb, taesd); None when
     this ComfyUI has no compatible previewer API."""
@@ -190,7 +188,7 @@ def _preview(family: str, latents):
         import comfy.model_management as mm
         import latent_preview  # type: ignore
 
-        fmt = getattr(comfy.latent_formats, _LATENT_FORMATS.get(family, "SD15"))()
+        fmt = getattr(comfy.latent_formats, FAMILIES[family].latent_format)()
         previewer = latent_preview.get_previewer(mm.get_torch_device(), fmt)
         if previewer is None:
             return None

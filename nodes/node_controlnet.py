@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import comfy_env
-from ..engine.controlnet import CONTROLNET_FAMILIES, SINGLE_FILE_SUFFIXES, WEIGHT_NAMES, load_controlnet
+from ..engine.checkpoint_files import SINGLE_FILE_SUFFIXES
+from ..engine.controlnet import CONTROLNET_FAMILIES, WEIGHT_NAMES, load_controlnet
 from ..engine.file_cache import FileCache
 
 KIND = "controlnet"

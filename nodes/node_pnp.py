@@ -8,6 +8,7 @@ from ..engine.features_io import Features
 from ..engine.images import RESIZE_MODES
 from ..engine.inversion import invert
 from ..engine.pnp import CAPTURE_BRANCHES, NEGATIVE_SCHEDULES, translate
+from ..layer_catalog.families import family_names
 
 
 def _ids(text: str) -> list[str] | None:
@@ -28,7 +29,8 @@ class DFInvert:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("DF_MODEL", {"tooltip": "An sd15, sd21 or sdxl model (with layers attached to capture them)."}),
+            "model": ("DF_MODEL", {"tooltip": f"A {' / '.join(family_names(lambda f: f.pnp_feature_layers))} model "
+                                              "(with layers attached to capture them)."}),
             "image": ("IMAGE", {"tooltip": "The image to invert (one)."}),
             "prompt": ("STRING", {"multiline": True, "default": "",
                                   "tooltip": "The inversion prompt; empty as in Plug-and-Play."}),

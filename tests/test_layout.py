@@ -164,3 +164,63 @@ def test_every_name_is_imported_from_the_module_that_defines_it():
     for n, block in enumerate(re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)):
         found += _misplaced_imports(block, f"README.md python block {n + 1}", None)
     assert found == []
+
+
+FAMILY_PACKAGE = ROOT / "layer_catalog" / "families"
+FAMILY_MACHINERY = {"__init__", "family", "registry", "meta"}  # the rest of families/ is one module per family
+
+
+def test_each_family_is_one_module_plus_its_catalog():
+    """A family is one module of families/ declaring FAMILY, its shipped configs and its generated catalog."""
+    import importlib
+
+    from diffusion_feature.layer_catalog import FAMILIES
+
+    modules = {p.stem for p in FAMILY_PACKAGE.glob("*.py")} - FAMILY_MACHINERY
+    assert modules == {name.replace("-", "_") for name in FAMILIES}
+    for name, fam in FAMILIES.items():
+        module = importlib.import_module(f"diffusion_feature.layer_catalog.families.{name.replace('-', '_')}")
+        assert module.FAMILY is fam and fam.name == name
+        assert (ROOT / "layer_catalog" / "catalogs" / f"{name}.json").is_file()
+        assert (fam.config_dir / "model_index.json").is_file()
+
+
+def _docstrings(tree) -> set[int]:
+    return {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+
+
+def family_literals(source: str, where: str, names) -> list[str]:
+    """file:line of each string constant (docstrings aside) that names a family as a word of its own: a test like
+    `family == "sdxl"`, a table keyed by family, or a message listing families by hand."""
+    import re
+
+    word = re.compile(r"(?<![\w-])(" + "|".join(re.escape(n) for n in names) + r")(?!\w)")
+    tree = ast.parse(source)
+    docs = _docstrings(tree)
+    hits = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docs and word.search(n.value)]
+    return [f"{where}:{n.lineno}: {n.value[:60]!r}" for n in sorted(hits, key=lambda n: n.lineno)]
+
+
+def test_family_names_are_literals_only_in_the_families_package():
+    """Everything outside layer_catalog/families asks the family table; no code names a family. Benchmarks and
+    example builders pick families as their data, and tests and docs are not the package."""
+    from diffusion_feature.layer_catalog import FAMILIES
+
+    found = []
+    for path in sorted(ROOT.glob("*.py")) + sorted(p for d in PACKAGES for p in (ROOT / d).rglob("*.py")):
+        if FAMILY_PACKAGE not in path.parents:
+            found += family_literals(path.read_text(), str(path.relative_to(ROOT)), FAMILIES)
+    assert found == []
+
+
+def test_the_family_literal_guard_sees_tests_messages_and_tables():
+    names = ("sd15", "playground-v2")
+    source = ('"""sd15 in a docstring is prose."""\n'
+              'if family == "sd15": pass\n'
+              'X = {"playground-v2": 1, "control_v11p_sd15_canny": 2}\n'
+              'raise ValueError(f"runs on sd15 and {other}")\n'
+              'Y = "random:sd15"\n')
+    assert [f.split(":")[1] for f in family_literals(source, "m", names)] == ["2", "3", "4", "5"]

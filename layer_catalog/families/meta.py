@@ -1,63 +1,23 @@
-"""The model families we know: their denoiser architecture (shipped diffusers configs, JSON only), native size and
-text length, and how to build a weightless copy on the meta device (shapes without weights)."""
+"""A family's denoiser without weights, and inputs for one forward of a denoiser: shapes for free."""
 from __future__ import annotations
-
-import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .errors import DiffusionFeatureError, echo
-from .taps import is_pixart
-
-CONFIG_ROOT = Path(__file__).resolve().parent / "model_configs"
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    denoiser: str  # the diffusers subfolder of the denoiser: "unet" or "transformer"
-    native_size: int  # the side, in pixels, the shipped catalog's shapes are computed at
-    text_tokens: int  # tokens the text encoder hands the denoiser (cross-map's last axis)
-    description: str
-
-    @property
-    def config_dir(self) -> Path:
-        return CONFIG_ROOT / self.name
-
-    def denoiser_config(self) -> dict:
-        return json.loads((self.config_dir / self.denoiser / "config.json").read_text())
-
-
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("sd15", "unet", 512, 77, "Stable Diffusion 1.x (CLIP-L)"),
-    Family("sd21", "unet", 768, 77, "Stable Diffusion 2.x (OpenCLIP-H); 768 is the v-model's size, the base is 512"),
-    Family("sdxl", "unet", 1024, 77, "Stable Diffusion XL (CLIP-L + OpenCLIP-bigG)"),
-    Family("playground-v2", "unet", 1024, 77, "Playground v2 (the SDXL UNet)"),
-    Family("pixart-sigma", "transformer", 1024, 300, "PixArt-Sigma (DiT, T5 with 300 tokens)"),
-)}
-
-
-class UnknownFamilyError(DiffusionFeatureError, ValueError):
-    pass
-
-
-def get_family(name: str) -> Family:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise UnknownFamilyError(f"unknown family {echo(name)}; valid families: {', '.join(FAMILIES)}") from None
+from ..taps import is_pixart
+from .registry import FAMILIES, get_family
 
 
 def denoiser_from_config(config: dict, device: str | torch.device = "meta") -> torch.nn.Module:
-    """Instantiate a denoiser from its diffusers config (random or empty weights)."""
-    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
+    """Instantiate a denoiser of one of the families' classes from its diffusers config (random or empty
+    weights)."""
+    import diffusers
 
-    classes = {"UNet2DConditionModel": UNet2DConditionModel, "PixArtTransformer2DModel": PixArtTransformer2DModel}
-    cls = classes[config["_class_name"]]
+    known = sorted({f.denoiser_config()["_class_name"] for f in FAMILIES.values()})
+    if config.get("_class_name") not in known:
+        raise ValueError(f"denoiser class {config.get('_class_name')!r} is not one of the families' "
+                         f"({', '.join(known)})")
     with torch.device(device):
-        return cls.from_config(config)
+        return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
 def meta_denoiser(family: str) -> torch.nn.Module:

@@ -1,0 +1,71 @@
+"""What a model family is: every fact the rest of the pack asks about one (architecture, text encoders,
+conditioning, latents, ComfyUI's names for it, presets, PnP defaults). One module per family declares one."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "model_configs"
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    kind: str  # "clip" or "t5"
+    width: int  # the hidden width it hands the denoiser
+    pad: str | None = None  # a CLIP tokenizer's pad token: the bundled CLIP vocabulary serves every CLIP encoder
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    description: str
+    denoiser: str  # the diffusers subfolder of the denoiser: "unet" or "transformer"
+    native_size: int  # the side, in pixels, the shipped catalog's shapes are computed at
+    text_encoders: tuple[TextEncoder, ...]
+    presets: dict = field(default_factory=dict)  # preset name -> layer ids ("full" is every id, not listed)
+    text_tokens: int = 77  # tokens the text encoder hands the denoiser (cross-map's last axis)
+    penultimate_text: bool = False  # CLIP's penultimate hidden state instead of the last
+    pooled_text: bool = False  # SDXL's added conditioning: the last encoder's pooled projection and the time ids
+    zero_negative: bool = False  # unconditional branch = zeros (diffusers' force_zeros_for_empty_prompt default)
+    vae_float32: bool = False  # the VAE overflows in float16: keep it float32 below float32
+    latent_format: str = "SD15"  # comfy.latent_formats class of its latents (previews)
+    comfy_configs: tuple[str, ...] = ()  # comfy/supported_models.py classes ComfyUI loads this family as
+    checkpoint_marks: tuple[str, ...] = ()  # regexes that each match a key of its single-file checkpoints
+    single_file: bool = True  # single-file checkpoints load (through the pipeline of model_index.json)
+    same_denoiser_as: str | None = None  # another family with this very denoiser (its ControlNets, LoRAs fit)
+    native: bool = True  # the native (ComfyUI MODEL) taps cover it
+    pnp_feature_layers: tuple[str, ...] = ()  # Plug-and-Play's injected residual features; empty: no PnP
+    pnp_attention_skip: str | None = None  # decoder self-attention ids under this prefix are not injected
+
+    @property
+    def config_dir(self) -> Path:
+        return CONFIG_ROOT / self.name
+
+    def config(self, component: str, file: str = "config.json") -> dict:
+        """A shipped diffusers config of one component (unet, vae, text_encoder, scheduler, ...)."""
+        return json.loads((self.config_dir / component / file).read_text())
+
+    def denoiser_config(self) -> dict:
+        return self.config(self.denoiser)
+
+    @property
+    def pipeline(self) -> str:
+        """The diffusers pipeline class of the family (model_index.json), which converts its single files."""
+        return self.config(".", "model_index.json")["_class_name"]
+
+    @property
+    def text_width(self) -> int:
+        """The denoiser's cross-attention width: the encoders' hidden states side by side."""
+        return sum(e.width for e in self.text_encoders)
+
+    @property
+    def controlnet(self) -> bool:
+        """Standard ControlNets are made for it (one ships as its bundled controlnet config)."""
+        return (self.config_dir / "controlnet" / "config.json").is_file()
+
+    @property
+    def denoiser_family(self) -> str:
+        """The family whose denoiser this is: itself, or the one it shares it with."""
+        return self.same_denoiser_as or self.name
+

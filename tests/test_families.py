@@ -1,0 +1,69 @@
+"""The family table: each family is one entry with every fact the pack asks about it, so a family added to the
+table is served everywhere without its name appearing in code."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from diffusion_feature.layer_catalog import FAMILIES, UnknownFamilyError, get_family
+from diffusion_feature.layer_catalog.families import (denoiser_from_config, family_of_checkpoint,
+                                                      family_of_comfy_config, family_of_unet)
+
+
+@pytest.fixture
+def toy_xl(monkeypatch):
+    """A family added to the table for one test: SDXL's facts under a new name, ComfyUI class, single-file mark
+    and Plug-and-Play layer."""
+    fam = dataclasses.replace(get_family("sdxl"), name="toy-xl", comfy_configs=("ToyXL",),
+                              checkpoint_marks=(r"toy\.marker$",), pnp_feature_layers=("up-level0-repeat0-res-out",))
+    monkeypatch.setitem(FAMILIES, fam.name, fam)
+    return fam
+
+
+def test_a_family_added_to_the_table_is_served_everywhere(toy_xl, sdxl):
+    from diffusion_feature.engine.generation import _negative
+    from diffusion_feature.engine.loading import default_tokenizers
+    from diffusion_feature.engine.pnp import PnPError, default_feature_layers
+    from diffusion_feature.engine.prompts import encode_prompt
+    from diffusion_feature.native.names import unsupported_message
+
+    toy = sdxl.clone(family="toy-xl")
+    got, want = encode_prompt(toy, "a cat"), encode_prompt(sdxl, "a cat")  # two encoders, penultimate, pooled
+    assert torch.equal(got.encoder_hidden_states, want.encoder_hidden_states)
+    assert torch.equal(got.added_cond_kwargs["text_embeds"], want.added_cond_kwargs["text_embeds"])
+    assert not _negative(toy, None, got).encoder_hidden_states.any()  # SDXL's zero negative
+    assert [t.pad_token for t in default_tokenizers("toy-xl")] == ["<|endoftext|>", "!"]
+    assert default_feature_layers("toy-xl") == ["up-level0-repeat0-res-out"]
+    with pytest.raises(PnPError, match=r"runs on sd15, sd21, sdxl, playground-v2 and toy-xl UNets, not pixart"):
+        default_feature_layers("pixart-sigma")
+    assert family_of_comfy_config("ToyXL") == "toy-xl"
+    assert family_of_checkpoint({"toy.marker": (1,)}) == "toy-xl"
+    assert "playground-v2 and toy-xl" in unsupported_message("a thing")
+
+
+def test_the_lookups_answer_from_the_table():
+    assert [family_of_unet(768, False), family_of_unet(1024, False), family_of_unet(2048, True)] == \
+        ["sd15", "sd21", "sdxl"]  # playground-v2 shares sdxl's UNet: never the answer
+    assert family_of_unet(32, False) is None and family_of_unet(32, False, exact=False) == "sd15"
+    assert family_of_unet(32, True, exact=False) == "sdxl" and family_of_unet(4096, False) is None
+    assert [family_of_comfy_config(c) for c in ("SD15", "SD20", "SSD1B", "PixArtSigma", "SDXLRefiner")] == \
+        ["sd15", "sd21", "sdxl", "pixart-sigma", None]
+    unet = {"model.diffusion_model.input_blocks.0.0.weight": (1,)}
+    assert family_of_checkpoint({**unet, "cond_stage_model.transformer.x": (1,)}) == "sd15"
+    assert family_of_checkpoint({**unet, "cond_stage_model.model.x": (1,)}) == "sd21"
+    assert family_of_checkpoint({**unet, "model.diffusion_model.label_emb.0.0.weight": (1,)}) == "sdxl"
+    assert family_of_checkpoint({"transformer.x_embedder.proj.weight": (1,)}) == "pixart-sigma"
+    assert family_of_checkpoint({"cond_stage_model.model.x": (1,)}) is None  # a text encoder alone
+    assert get_family("playground-v2").denoiser_family == "sdxl" and get_family("sd21").denoiser_family == "sd21"
+    assert [get_family(f).controlnet for f in FAMILIES] == [True, True, True, False, False]
+
+
+def test_bad_family_names_and_denoiser_classes_get_the_valid_ones():
+    for bad in ("sd3", ["sd15"], None):
+        with pytest.raises(UnknownFamilyError, match="valid families: sd15, sd21, sdxl, playground-v2, pixart-sigma"):
+            get_family(bad)
+    with pytest.raises(ValueError, match="'FluxTransformer2DModel' is not one of the families' "
+                                         r"\(PixArtTransformer2DModel, UNet2DConditionModel\)"):
+        denoiser_from_config({"_class_name": "FluxTransformer2DModel"})
