@@ -34,12 +34,12 @@ from types import MappingProxyType
 import torch
 
 from ..layer_catalog.errors import DiffusionFeatureError, echo
+from .checkpoint_files import SINGLE_FILE_SUFFIXES
 
 log = logging.getLogger("diffusion_feature")
 
 COMPONENTS = ("denoiser", "text_encoder", "text_encoder_2")
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
-SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _PREFIX_COMPONENT = {"unet": "denoiser", "transformer": "denoiser", "text_encoder": "text_encoder",
                      "text_encoder_2": "text_encoder_2"}
 _ADAPTER_IDS = itertools.count()
@@ -151,8 +151,8 @@ def load_lora(path) -> LoraWeights:
     path = Path(path)
     if not path.is_file():
         raise LoraError(f"LoRA {echo(str(path))} does not exist")
-    if path.suffix.lower() not in SUFFIXES:
-        raise LoraError(f"LoRA {echo(str(path))}: expected a {', '.join(SUFFIXES)} file")
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise LoraError(f"LoRA {echo(str(path))}: expected a {', '.join(SINGLE_FILE_SUFFIXES)} file")
     tensors, metadata = _read_tensors(path)
     parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     ignored = []
