@@ -8,6 +8,8 @@ schedule (the MODEL's own); with denoise_from too. The node faces run end to end
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -181,6 +183,31 @@ def test_bad_inputs_say_what_would_be_valid(comfy, models):
         DFCaptureLayers().capture(fake, "unet-out", "none")
     with pytest.raises(UnsupportedModelError, match="sd15, sd21, sdxl and playground-v2"):
         DFExtractNative().extract(fake, None, [[ctx, {}]], torch.rand(1, 64, 64, 3), 50, 0, layers="unet-out")
+
+
+def test_comfyui_bundled_tokenizers_are_found_in_both_layouts(comfy, monkeypatch, tmp_path):
+    """v0.3.64 keeps its T5 tokenizer in comfy/text_encoders/ (the 2024-03 copy has none), sd1_tokenizer stays in
+    comfy/ on both; PixArt's default tokenizer loads from there. A folder in both places comes from text_encoders/."""
+    import sys
+    import types
+
+    from diffusion_feature.engine.loading import default_tokenizers
+    from diffusion_feature.nodes import comfy_env
+
+    monkeypatch.setattr(comfy_env, "folder_paths", types.SimpleNamespace())  # as inside ComfyUI
+    root = Path(comfy.model_base.__file__).resolve().parent
+    assert comfy_env.comfy_tokenizer_dir("sd1_tokenizer") == root / "sd1_tokenizer"
+    t5 = comfy_env.comfy_tokenizer_dir("t5_tokenizer")
+    if comfy.version == "2024-03":
+        assert t5 is None
+    else:
+        assert t5 == root / "text_encoders" / "t5_tokenizer"
+        assert default_tokenizers("pixart-sigma")[0]("a photo of a cat").input_ids == [3, 9, 1202, 13, 3, 9, 1712, 1]
+    fake = tmp_path / "comfy"
+    for folder in (fake / "t5_tokenizer", fake / "text_encoders" / "t5_tokenizer"):
+        folder.mkdir(parents=True)
+    monkeypatch.setitem(sys.modules, "comfy", types.SimpleNamespace(__path__=[str(fake)]))
+    assert comfy_env.comfy_tokenizer_dir("t5_tokenizer") == fake.resolve() / "text_encoders" / "t5_tokenizer"
 
 
 # ---- the node faces end to end -----------------------------------------------------------------------------------
