@@ -77,7 +77,16 @@ def model_layer_shapes(model, height: int, width: int) -> dict[str, list[int]]:
     shapes.py), for DFShowLayers."""
     from .shapes import layer_shapes
 
-    return layer_shapes(diffusion_model(model), native_family(model), height, width)
+    return layer_shapes(diffusion_model(model), native_family(model), height, width, inference_dtype(model))
+
+
+def inference_dtype(model) -> torch.dtype:
+    """The dtype ComfyUI runs the MODEL's network in: its manual-cast dtype when the weights are stored in another
+    (fp8, quantized), else the weights' own (BaseModel.get_dtype_inference, where ComfyUI has it)."""
+    base = _base_model(model)
+    if hasattr(base, "get_dtype_inference"):
+        return base.get_dtype_inference()
+    return base.manual_cast_dtype or base.get_dtype()
 
 
 def capture_layers(model, layers, steps="all", branch: str = "cond", *, dtype: torch.dtype | None = None,
