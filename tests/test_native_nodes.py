@@ -139,6 +139,46 @@ def test_early_exit_stops_the_forward_and_leaves_no_hook(comfy, models):
     _zero_hooks(unet)
 
 
+def _sample_with(comfy, monkeypatch, base):
+    """Make ComfyUI's sampler run `base` instead of the MODEL's own BaseModel, as current ComfyUI's CFGGuider does
+    when the conditioning carries hooks (a non-dynamic delegate: another copy of the network)."""
+    owner = comfy.sample if comfy.version == "2024-03" else nc.comfy_module("comfy.sampler_helpers")
+    original = owner.prepare_sampling
+
+    def swapped(patcher, *args, **kwargs):
+        _, *rest = original(patcher, *args, **kwargs)
+        base.current_patcher = patcher  # v0.3.64's model calls ask it for the conditioning's hooks
+        return (base, *rest)
+
+    monkeypatch.setattr(owner, "prepare_sampling", swapped)
+
+
+def test_taps_go_on_the_network_the_sampler_runs(comfy, models, monkeypatch):
+    """DFExtractNative and DFCaptureLayers hook the network each model call runs, not the MODEL's found before
+    sampling: features from a sampler that runs another copy equal the MODEL's own."""
+    import copy
+
+    model = models["sd15"]
+    ids = ["mid-vit-block0-out", "up-level2-repeat0-vit-block0-cross-map", "unet-out"]
+    x0, ctx, _ = _inputs("sd15", seed=4)
+    expected = extract_native_latents(model, [[ctx, {}]], x0 / SCALE, ids, t=300, seed=2)
+    other = copy.deepcopy(model.model)
+    _sample_with(comfy, monkeypatch, other)
+    ran = []
+    probe = other.diffusion_model.register_forward_pre_hook(lambda *_: ran.append(1))
+    try:
+        got = extract_native_latents(model, [[ctx, {}]], x0 / SCALE, ids, t=300, seed=2)
+        tapped, capture = capture_layers(model, ["unet-out"], steps="all", branch="cond")
+        _sample(comfy, tapped, "sd15", steps=2)
+    finally:
+        probe.remove()
+    assert ran
+    assert all(torch.equal(got[i], expected[i]) for i in ids)
+    assert [(lab["step"], lab["image"]) for lab in capture.labels()] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    _zero_hooks(model.model.diffusion_model)
+    _zero_hooks(other.diffusion_model)
+
+
 def test_failed_and_interrupted_extractions_leave_no_hooks(comfy, models):
     model = models["sd15"]
     unet = model.model.diffusion_model
