@@ -27,8 +27,8 @@ def _no_host(name: str) -> Path | None:
     return None
 
 
-# Where the host application keeps bundled tokenizer folders (ComfyUI: comfy/t5_tokenizer, ...). The engine never
-# imports ComfyUI: the node layer installs ComfyUI's finder when the pack loads there.
+# Where the host application keeps bundled tokenizer folders (ComfyUI: comfy/text_encoders/t5_tokenizer, ...). The
+# engine never imports ComfyUI: the node layer installs ComfyUI's finder when the pack loads there.
 host_tokenizer_dir = _no_host
 
 

@@ -17,7 +17,12 @@ one entry per chunk of rows), `uuids` (one per conditioning, ComfyUI >= 2024-12)
   last one starts a new run.
 - A new sampling run (ComfyUI's OUTER_SAMPLE wrapper says when one starts, >= 2024-12; else another schedule
   tensor, or a sigma going up without a schedule) replaces the rows of the
-  previous run, so a graph queued again does not pile rows up and memory stays flat over many prompts.
+  previous run, so a graph queued again does not pile rows up and memory stays flat over many prompts. Within a run
+  the OUTER_SAMPLE wrapper marked, a schedule with the same values is the same run whatever its tensor: ComfyUI's
+  MultiGPU node hands each extra device its own copy of `sample_sigmas` on every call.
+- MultiGPU calls run in threads, each on its own device's copy of the network (the wrappers hook the network the
+  call runs, never one found before sampling) and share one capture: a lock guards its run state and rows, hooks and
+  rows in flight belong to their call, and a call whose run was replaced while it ran adds nothing.
 - First call wins: per (step, branch, conditioning) only the first call's rows are kept. Extra calls made within
   a step (SAG, PAG, a heun correction at the next sigma) neither add nor shift rows. Without uuids the
   conditioning is its ordinal among the call's chunks of that branch.
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -44,7 +50,7 @@ BRANCHES = {"cond": (0,), "uncond": (1,), "both": (0, 1)}
 BRANCH_NAMES = {0: "cond", 1: "uncond"}
 WRAPPER_KEY = "diffusion_feature.capture"
 
-_registry: weakref.WeakValueDictionary[str, NativeCapture] = weakref.WeakValueDictionary()
+_registry: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _keys = itertools.count()
 _host_job_id = None  # () -> the id of the host's job running now (ComfyUI's prompt id), or None
 
@@ -88,6 +94,7 @@ class Record:
 
 @dataclass
 class CallPlan:
+    run: int
     step: int
     rows: torch.Tensor
     labels: list[dict]
@@ -109,11 +116,15 @@ class NativeCapture:
         _parse_steps(steps, None)  # a syntax error shows now; whether the steps fit, once the run's length is known
         self.taps, self.steps_spec, self.branch, self.family = list(taps), steps, branch, family
         self.dtype, self.device = dtype, device
-        self.key = f"df-capture-{next(_keys)}"
-        _registry[self.key] = self
+        self.key = register(self)
+        self._lock = threading.RLock()  # MultiGPU: calls on several devices' threads share this capture
+        self._run = 0  # counts runs: a call planned in a run that was replaced meanwhile adds nothing
         self.records: list[Record] = []
         self.model_calls = 0  # calls of the tapped model seen in the current run, captured or not
         self.total_steps: int | None = None
+        self._pending = True  # the next call opens a new run
+        self._marked = False  # the OUTER_SAMPLE wrapper opened the current run
+        self._schedule: list[float] | None = None
         self._schedule_ref = None
         self._last_sigma: float | None = None
         self._step = -1
@@ -131,6 +142,7 @@ class NativeCapture:
 
     # ---- runs and steps --------------------------------------------------------------------------------
     def _new_run(self, total: int | None) -> None:
+        self._run, self._pending = self._run + 1, False
         self.records, self._seen, self._ordinals = [], set(), {}
         self.model_calls, self.total_steps, self._step = 0, total, -1
         self.steps_error, self._branches_called, self._collected_with = None, set(), None
@@ -139,18 +151,21 @@ class NativeCapture:
         except ValueError as e:  # steps the run does not have: the image still samples, collecting says why
             self.steps_error, self._wanted = str(e), set()
 
-    def begin_run(self) -> None:
-        """A sampling run starts (ComfyUI's OUTER_SAMPLE wrapper says so): the next call opens a new run even when
-        its schedule is the very tensor of the last run (a scheduler node's cached output, queued again)."""
-        self._schedule_ref = None
-        self._last_sigma = None
+    def begin_run(self, marked: bool = False) -> None:
+        """A sampling run starts: the next call opens a new run even when its schedule is the very tensor of the
+        last run (a scheduler node's cached output, queued again). marked: ComfyUI's OUTER_SAMPLE wrapper says so;
+        the run's calls are then told by their schedule's values, not its tensor."""
+        with self._lock:
+            self._pending, self._marked = True, marked
+            self._last_sigma = None
 
     def _step_of(self, sigma: float, schedule: torch.Tensor | None) -> int:
         if schedule is not None:
-            if self._schedule_ref is None or self._schedule_ref() is not schedule:
-                self._schedule_ref = weakref.ref(schedule)
-                self._new_run(max(len(schedule) - 1, 1))
-            s = [float(v) for v in schedule.detach().flatten().cpu()][:-1] or [sigma]
+            values = [float(v) for v in schedule.detach().flatten().cpu()]
+            if self._pending or values != self._schedule or not (self._marked or self._schedule_ref() is schedule):
+                self._schedule, self._schedule_ref = values, weakref.ref(schedule)
+                self._new_run(max(len(values) - 1, 1))
+            s = values[:-1] or [sigma]
             for i, v in enumerate(s):
                 if abs(v - sigma) <= 1e-5 * max(1.0, abs(v)):
                     return i
@@ -173,7 +188,7 @@ class NativeCapture:
         sig = float(sigma.detach().flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
         job = _current_job()
         if job != self.job:  # another job's sampler: its rows never join the last job's
-            self.begin_run()
+            self.begin_run(self._marked)
             self.job = job
         schedule = transformer_options.get("sample_sigmas")
         step = self._step_of(sig, schedule if isinstance(schedule, torch.Tensor) else None)
@@ -211,7 +226,7 @@ class NativeCapture:
                                "image": image, "cond_index": known.index(cond)})
         if not rows:
             return None
-        return CallPlan(step, torch.tensor(rows, dtype=torch.long), labels, keys)
+        return CallPlan(self._run, step, torch.tensor(rows, dtype=torch.long), labels, keys)
 
     def hooks(self, unet: torch.nn.Module, plan: CallPlan) -> FeatureCapture:
         return FeatureCapture(unet, self.taps, rows=plan.rows, dtype=self.dtype, device=self.device)
@@ -220,17 +235,21 @@ class NativeCapture:
         missing = [t.id for t in self.taps if t.id not in hooks.features]
         if missing:
             raise RuntimeError(f"these taps never fired during the model call: {missing}")
+        if plan.run != self._run or not self._seen.isdisjoint(plan.keys):  # replaced meanwhile, or came second
+            return
         self._seen.update(plan.keys)
         self.records.append(Record(plan.labels, dict(hooks.features)))
 
     def run_call(self, unet: torch.nn.Module, x, sigma, transformer_options: dict, call, timestep_of=None):
         """One model call under the capture's rules: hooks on `unet` only while `call()` runs."""
-        plan = self.plan(x, sigma, transformer_options or {}, timestep_of)
+        with self._lock:
+            plan = self.plan(x, sigma, transformer_options or {}, timestep_of)
         if plan is None:
             return call()
         with self.hooks(unet, plan) as hooks:
             out = call()
-        self.commit(plan, hooks)
+        with self._lock:
+            self.commit(plan, hooks)
         return out
 
     # ---- reading ---------------------------------------------------------------------------------------
@@ -296,7 +315,14 @@ class NativeCapture:
         return [dict(lab) for _, lab, _ in rows], feats
 
 
-def lookup(key: str) -> NativeCapture | None:
+def register(capture) -> str:
+    """A key for the wrappers to find `capture` by (held weakly); anything with run_call and begin_run."""
+    key = f"df-capture-{next(_keys)}"
+    _registry[key] = capture
+    return key
+
+
+def lookup(key: str):
     return _registry.get(key)
 
 
@@ -342,7 +368,7 @@ class OuterSampleWrapper:
     def __call__(self, executor, *args, **kwargs):
         capture = lookup(self.key)
         if capture is not None:
-            capture.begin_run()
+            capture.begin_run(marked=True)
         return executor(*args, **kwargs)
 
     def __deepcopy__(self, memo):

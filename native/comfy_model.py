@@ -12,10 +12,11 @@ import weakref
 import torch
 
 from ..layer_catalog.families import family_of_comfy_config
-from .capture import WRAPPER_KEY, ApplyModelWrapper, NativeCapture, OuterSampleWrapper, UnetFunctionWrapper
+from ..layer_catalog.hooks import FeatureCapture
+from .capture import (WRAPPER_KEY, ApplyModelWrapper, NativeCapture, OuterSampleWrapper, UnetFunctionWrapper,
+                      register)
 from .names import (NativeLayout, UnsupportedModelError, is_native_pixart, native_ids, native_taps,
                     unsupported_message)
-from ..layer_catalog.hooks import FeatureCapture
 
 # The native networks this process has tapped (weakly: ComfyUI decides their lifetime), for the status route's
 # hook count: between runs every one of them carries no hook of ours.
@@ -68,7 +69,16 @@ def model_layer_shapes(model, height: int, width: int) -> dict[str, list[int]]:
     shapes.py), for DFShowLayers."""
     from .shapes import layer_shapes
 
-    return layer_shapes(diffusion_model(model), native_family(model), height, width)
+    return layer_shapes(diffusion_model(model), native_family(model), height, width, inference_dtype(model))
+
+
+def inference_dtype(model) -> torch.dtype:
+    """The dtype ComfyUI runs the MODEL's network in: its manual-cast dtype when the weights are stored in another
+    (fp8, quantized), else the weights' own (BaseModel.get_dtype_inference, where ComfyUI has it)."""
+    base = _base_model(model)
+    if hasattr(base, "get_dtype_inference"):
+        return base.get_dtype_inference()
+    return base.manual_cast_dtype or base.get_dtype()
 
 
 def capture_layers(model, layers, steps="all", branch: str = "cond", *, dtype: torch.dtype | None = None,
@@ -83,17 +93,24 @@ def capture_layers(model, layers, steps="all", branch: str = "cond", *, dtype: t
     family = native_family(model)
     capture = NativeCapture(native_taps(layers, unet, family), steps, branch, family=family, dtype=dtype,
                             device=device)
+    return _wrapped(model, capture.key), capture
+
+
+def _wrapped(model, key: str):
+    """A clone of MODEL whose model calls run through the capture registered under `key` (capture.register). The
+    wrappers hand it the network each call runs, which need not be MODEL's own: current ComfyUI swaps in a
+    non-dynamic copy when the conditioning carries hooks, and MultiGPU runs each device's copy."""
     tapped = model.clone()
     if hasattr(tapped, "add_wrapper_with_key"):
         import comfy.patcher_extension
 
         wrappers = comfy.patcher_extension.WrappersMP
-        tapped.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY, ApplyModelWrapper(capture.key))
-        tapped.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, OuterSampleWrapper(capture.key))
+        tapped.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY, ApplyModelWrapper(key))
+        tapped.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, OuterSampleWrapper(key))
     else:
         inner = tapped.model_options.get("model_function_wrapper")
-        tapped.set_model_unet_function_wrapper(UnetFunctionWrapper(capture.key, inner))
-    return tapped, capture
+        tapped.set_model_unet_function_wrapper(UnetFunctionWrapper(key, inner))
+    return tapped
 
 
 @contextlib.contextmanager
@@ -202,14 +219,13 @@ def run_at_sigmas(model, positive, latent: torch.Tensor, noise: torch.Tensor, si
     sampler function makes the calls: x = latent + sigma_0 * noise (the model scales it to sqrt(abar) x0 +
     sqrt(1 - abar) eps), deterministic DDIM (Euler in sigma) steps through the sigmas with the positive prompt only
     (cfg 1, no negative), then one call at the last sigma with our hooks on, stopped after the last tap when
-    `early_exit`. The hooks exist only during that call.
+    `early_exit`. The hooks exist only during that call, on the network it runs (see _wrapped).
     """
     import comfy.sample
     import comfy.samplers
 
-    unet = diffusion_model(model)
-    taps = native_taps(layers, unet, native_family(model))
-    captured: dict[str, torch.Tensor] = {}
+    last = _LastCall(native_taps(layers, diffusion_model(model), native_family(model)),
+                     dict(dtype=dtype, device=device, early_exit=early_exit))
 
     def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None, **_):
         extra_args = extra_args or {}
@@ -217,9 +233,11 @@ def run_at_sigmas(model, positive, latent: torch.Tensor, noise: torch.Tensor, si
         for a, b in zip(sigmas[:-1], sigmas[1:]):
             denoised = model_k(x, a * s_in, **extra_args)
             x = denoised + (x - denoised) * (b / a)
-        with FeatureCapture(unet, taps, dtype=dtype, device=device, early_exit=early_exit) as hooks:
-            hooks.call(model_k, x, sigmas[-1] * s_in, **extra_args)
-        captured.update(hooks.features)
+        last.armed = True
+        try:
+            model_k(x, sigmas[-1] * s_in, **extra_args)
+        except _TapsDone:
+            pass
         return x
 
     sampler = comfy.samplers.KSAMPLER(sampler_function)
@@ -227,5 +245,35 @@ def run_at_sigmas(model, positive, latent: torch.Tensor, noise: torch.Tensor, si
     sampler.max_denoise = lambda model_wrap, sigmas: False
     # positive only; 'control_apply_to_uncond' would ask to copy ControlNets to a negative that does not exist here
     cond = [[c, {k: v for k, v in extra.items() if k != "control_apply_to_uncond"}] for c, extra in positive]
-    comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, cond, [], latent, disable_pbar=True, seed=seed)
-    return captured
+    tapped = _wrapped(model, register(last))
+    comfy.sample.sample_custom(tapped, noise, 1.0, sampler, sigmas, cond, [], latent, disable_pbar=True, seed=seed)
+    if last.features is None:
+        raise RuntimeError("the sampler's last model call never reached the MODEL's network")
+    return last.features
+
+
+class _TapsDone(Exception):
+    """Raised out of the last model call once every tap fired (early exit): run_at_sigmas needs nothing more."""
+
+
+class _LastCall:
+    """run_at_sigmas' taps, for the model call made while armed, on the network that call runs (see _wrapped)."""
+
+    def __init__(self, taps, options: dict):
+        self.taps, self.options = taps, options
+        self.armed, self.features = False, None
+
+    def begin_run(self, marked: bool = False) -> None:
+        pass
+
+    def run_call(self, unet, x, sigma, transformer_options, call, timestep_of=None):
+        if not self.armed:
+            return call()
+        self.armed = False
+        LIVE_NETWORKS.add(unet)
+        with FeatureCapture(unet, self.taps, **self.options) as hooks:
+            out = hooks.call(call)
+        self.features = hooks.features
+        if out is None:  # stopped after the last tap
+            raise _TapsDone()
+        return out

@@ -4,15 +4,17 @@ DFShowLayers on a ComfyUI MODEL answers from the model's own module tree (a chec
 own ids and shapes). ComfyUI's attention picks its kernel from the free memory of the tensors' device, so a meta-
 device copy cannot run it; instead the real network runs once under torch's FakeTensorMode: every op propagates
 shapes only, no weight is read or copied and nothing is allocated, and the taps' own hooks (maps from q and k
-included) report the shapes they would store.
+included) report the shapes they would store. The inputs take the model's inference dtype, as ComfyUI's own call
+does (fp8 and quantized weights compute in another dtype). Layers may cache per-device state on themselves (current
+ComfyUI's streamed weights do): every attribute the pass set is put back, so no fake tensor outlives it.
 """
 from __future__ import annotations
 
 import torch
 
 from ..layer_catalog import get_family
-from .names import is_native_pixart, native_taps
 from ..layer_catalog.hooks import FeatureCapture
+from .names import is_native_pixart, native_taps
 
 
 def _context_width(net: torch.nn.Module) -> int:
@@ -25,23 +27,34 @@ def _context_width(net: torch.nn.Module) -> int:
     raise ValueError("this network has no cross-attention to size the text embedding for")
 
 
-def layer_shapes(net: torch.nn.Module, family: str | None, height: int, width: int) -> dict[str, list[int]]:
-    """{layer id: per-sample shape} of a native UNetModel / PixArtMS at height x width pixels (multiples of 8)."""
+def layer_shapes(net: torch.nn.Module, family: str | None, height: int, width: int,
+                 dtype: torch.dtype) -> dict[str, list[int]]:
+    """{layer id: per-sample shape} of a native UNetModel / PixArtMS at height x width pixels (multiples of 8);
+    dtype: the model's inference dtype (comfy_model.inference_dtype)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if height % 8 or width % 8 or height < 8 or width < 8:
         raise ValueError(f"image size must be positive multiples of 8 pixels, got {width}x{height}")
     tokens = get_family(family).text_tokens if family else 77
     taps = native_taps("full", net, family)
-    param = next(net.parameters())
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        x = torch.empty(1, net.in_channels, height // 8, width // 8, dtype=param.dtype, device=param.device)
-        timestep = torch.empty(1, dtype=param.dtype, device=param.device)
-        context = torch.empty(1, tokens, _context_width(net), dtype=param.dtype, device=param.device)
-        extra = {}
-        if getattr(net, "num_classes", None) == "sequential":  # SDXL's pooled text + size embedding
-            extra["y"] = torch.empty(1, net.label_emb[0][0].in_features, dtype=param.dtype, device=param.device)
-        # device="meta": stored copies are shapes only too (no data-pointer checks on fake tensors)
-        with FeatureCapture(net, taps, device="meta") as hooks:
-            hooks.run(x, timestep, context=context, **extra)
+    like = {"dtype": dtype, "device": next(net.parameters()).device}
+    saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in net.modules()]
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            x = torch.empty(1, net.in_channels, height // 8, width // 8, **like)
+            context = torch.empty(1, tokens, _context_width(net), **like)
+            extra = {}
+            if getattr(net, "num_classes", None) == "sequential":  # SDXL's pooled text + size embedding
+                extra["y"] = torch.empty(1, net.label_emb[0][0].in_features, **like)
+            # device="meta": stored copies are shapes only too (no data-pointer checks on fake tensors)
+            with FeatureCapture(net, taps, device="meta") as hooks:
+                hooks.run(x, torch.empty(1, device=like["device"]), context=context, **extra)  # t: float32
+    finally:
+        for module, attributes, parameters, buffers in saved:
+            vars(module).clear()
+            vars(module).update(attributes)
+            module._parameters.clear()
+            module._parameters.update(parameters)
+            module._buffers.clear()
+            module._buffers.update(buffers)
     return {t.id: list(hooks.features[t.id].shape[1:]) for t in taps}

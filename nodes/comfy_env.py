@@ -297,10 +297,11 @@ def register_routes(handlers: dict) -> bool:
 
 
 def comfy_tokenizer_dir(name: str) -> Path | None:
-    """ComfyUI's bundled tokenizer folder (comfy/sd1_tokenizer, comfy/t5_tokenizer), when running inside ComfyUI."""
+    """ComfyUI's bundled tokenizer folder of that name, when running inside ComfyUI. Current ComfyUI keeps them in
+    comfy/text_encoders/ (t5_tokenizer), older ones and sd1_tokenizer in comfy/: both are looked in, current first."""
     if folder_paths is None:
         return None
     import comfy
 
-    folder = Path(comfy.__file__).resolve().parent / name
-    return folder if folder.is_dir() else None
+    root = Path(next(iter(comfy.__path__))).resolve()  # the 2024-03 `comfy` is a namespace package: no __file__
+    return next((folder for folder in (root / "text_encoders" / name, root / name) if folder.is_dir()), None)

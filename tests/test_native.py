@@ -367,6 +367,71 @@ def test_extra_calls_within_a_step_neither_add_nor_shift_rows(comfy, patchers):
     _zero_hooks(unet)
 
 
+def test_multigpu_threads_with_copied_schedules_record_one_run(comfy, patchers):
+    """ComfyUI's MultiGPU node: each device runs its own copy of the network, gets its own copy of sample_sigmas on
+    every call (equal values, another tensor), and the calls of a step run at once in threads sharing the capture.
+    One run is recorded, each row from its own call."""
+    import copy
+    import threading
+
+    from diffusion_feature.native.capture import OuterSampleWrapper
+
+    model = patchers["sd15"]
+    bases = [model.model, copy.deepcopy(model.model)]  # device 0's network, device 1's copy
+    logs = [CallLog(base.diffusion_model, {"unet-out": "out.2"}, "middle_block.1.transformer_blocks.0.attn2")
+            for base in bases]
+    both_inside = threading.Barrier(2, timeout=30)  # each step's two calls run at the same time, taps on
+
+    def meet(*_):
+        both_inside.wait()
+
+    probes = [b.diffusion_model.register_forward_pre_hook(meet) for b in bases]
+    _, capture = capture_layers(model, ["unet-out"], steps="all", branch="both")
+    schedule = [2.0, 1.0, 0.5, 0.0]
+    g = torch.Generator().manual_seed(5)
+    xs = torch.randn(3, 2, 2, 4, *LATENT, generator=g)  # (step, device, image, ...)
+    ctx = torch.randn(2, 7, 32, generator=g)
+    errors = []
+
+    def call(device, step):  # device 0 runs the positive prompt, device 1 the negative one
+        base, x, sigma = bases[device], xs[step, device], torch.full((2,), schedule[step])
+        opts = {"cond_or_uncond": [device], "uuids": ["pu"[device]], "sigmas": sigma,
+                "sample_sigmas": torch.tensor(schedule)}
+        try:
+            with torch.no_grad():
+                capture.run_call(base.diffusion_model, x, sigma, opts,
+                                 lambda: base.apply_model(x, sigma, c_crossattn=ctx, transformer_options=opts),
+                                 base.model_sampling.timestep)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def run():
+        for step in range(3):
+            threads = [threading.Thread(target=call, args=(device, step)) for device in (0, 1)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+    try:
+        OuterSampleWrapper(capture.key)(run)
+    finally:
+        for handle in probes:
+            handle.remove()
+        for log in logs:
+            log.close()
+    assert errors == []
+    labels, feats = capture.stacked()
+    assert [(lab["step"], lab["branch"], lab["image"]) for lab in labels] == \
+        [(s, b, i) for s in range(3) for b in ("cond", "uncond") for i in (0, 1)]
+    for n, lab in enumerate(labels):
+        device = 0 if lab["branch"] == "cond" else 1
+        log_call = logs[device].calls[lab["step"]]  # each device's calls come in step order
+        assert torch.equal(feats["unet-out"][n], log_call["unet-out"][lab["image"]])
+    for base in bases:
+        _zero_hooks(base.diffusion_model)
+
+
 def test_failed_and_interrupted_calls_leave_no_hooks_and_no_rows(comfy, patchers):
     model = patchers["sd15"]
     unet = model.model.diffusion_model

@@ -8,6 +8,8 @@ schedule (the MODEL's own); with denoise_from too. The node faces run end to end
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -137,6 +139,46 @@ def test_early_exit_stops_the_forward_and_leaves_no_hook(comfy, models):
     _zero_hooks(unet)
 
 
+def _sample_with(comfy, monkeypatch, base):
+    """Make ComfyUI's sampler run `base` instead of the MODEL's own BaseModel, as current ComfyUI's CFGGuider does
+    when the conditioning carries hooks (a non-dynamic delegate: another copy of the network)."""
+    owner = comfy.sample if comfy.version == "2024-03" else nc.comfy_module("comfy.sampler_helpers")
+    original = owner.prepare_sampling
+
+    def swapped(patcher, *args, **kwargs):
+        _, *rest = original(patcher, *args, **kwargs)
+        base.current_patcher = patcher  # v0.3.64's model calls ask it for the conditioning's hooks
+        return (base, *rest)
+
+    monkeypatch.setattr(owner, "prepare_sampling", swapped)
+
+
+def test_taps_go_on_the_network_the_sampler_runs(comfy, models, monkeypatch):
+    """DFExtractNative and DFCaptureLayers hook the network each model call runs, not the MODEL's found before
+    sampling: features from a sampler that runs another copy equal the MODEL's own."""
+    import copy
+
+    model = models["sd15"]
+    ids = ["mid-vit-block0-out", "up-level2-repeat0-vit-block0-cross-map", "unet-out"]
+    x0, ctx, _ = _inputs("sd15", seed=4)
+    expected = extract_native_latents(model, [[ctx, {}]], x0 / SCALE, ids, t=300, seed=2)
+    other = copy.deepcopy(model.model)
+    _sample_with(comfy, monkeypatch, other)
+    ran = []
+    probe = other.diffusion_model.register_forward_pre_hook(lambda *_: ran.append(1))
+    try:
+        got = extract_native_latents(model, [[ctx, {}]], x0 / SCALE, ids, t=300, seed=2)
+        tapped, capture = capture_layers(model, ["unet-out"], steps="all", branch="cond")
+        _sample(comfy, tapped, "sd15", steps=2)
+    finally:
+        probe.remove()
+    assert ran
+    assert all(torch.equal(got[i], expected[i]) for i in ids)
+    assert [(lab["step"], lab["image"]) for lab in capture.labels()] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    _zero_hooks(model.model.diffusion_model)
+    _zero_hooks(other.diffusion_model)
+
+
 def test_failed_and_interrupted_extractions_leave_no_hooks(comfy, models):
     model = models["sd15"]
     unet = model.model.diffusion_model
@@ -181,6 +223,31 @@ def test_bad_inputs_say_what_would_be_valid(comfy, models):
         DFCaptureLayers().capture(fake, "unet-out", "none")
     with pytest.raises(UnsupportedModelError, match="sd15, sd21, sdxl and playground-v2"):
         DFExtractNative().extract(fake, None, [[ctx, {}]], torch.rand(1, 64, 64, 3), 50, 0, layers="unet-out")
+
+
+def test_comfyui_bundled_tokenizers_are_found_in_both_layouts(comfy, monkeypatch, tmp_path):
+    """v0.3.64 keeps its T5 tokenizer in comfy/text_encoders/ (the 2024-03 copy has none), sd1_tokenizer stays in
+    comfy/ on both; PixArt's default tokenizer loads from there. A folder in both places comes from text_encoders/."""
+    import sys
+    import types
+
+    from diffusion_feature.engine.loading import default_tokenizers
+    from diffusion_feature.nodes import comfy_env
+
+    monkeypatch.setattr(comfy_env, "folder_paths", types.SimpleNamespace())  # as inside ComfyUI
+    root = Path(comfy.model_base.__file__).resolve().parent
+    assert comfy_env.comfy_tokenizer_dir("sd1_tokenizer") == root / "sd1_tokenizer"
+    t5 = comfy_env.comfy_tokenizer_dir("t5_tokenizer")
+    if comfy.version == "2024-03":
+        assert t5 is None
+    else:
+        assert t5 == root / "text_encoders" / "t5_tokenizer"
+        assert default_tokenizers("pixart-sigma")[0]("a photo of a cat").input_ids == [3, 9, 1202, 13, 3, 9, 1712, 1]
+    fake = tmp_path / "comfy"
+    for folder in (fake / "t5_tokenizer", fake / "text_encoders" / "t5_tokenizer"):
+        folder.mkdir(parents=True)
+    monkeypatch.setitem(sys.modules, "comfy", types.SimpleNamespace(__path__=[str(fake)]))
+    assert comfy_env.comfy_tokenizer_dir("t5_tokenizer") == fake.resolve() / "text_encoders" / "t5_tokenizer"
 
 
 # ---- the node faces end to end -----------------------------------------------------------------------------------

@@ -41,6 +41,46 @@ def test_show_layers_of_a_native_model_equals_the_diffusers_catalog(comfy, kind)
     _zero_hooks(unet)
 
 
+def test_show_layers_runs_in_the_inference_dtype_and_leaves_no_layer_state(comfy):
+    """fp8-stored weights that ComfyUI computes in float32 (manual cast): the pass feeds the network float32, as
+    ComfyUI's call does, and reports the right shapes. A layer that caches a cast weight on itself (current
+    ComfyUI's streamed weights) keeps no fake tensor: a sample after DFShowLayers is bit-identical to one before."""
+    from test_native import _sample
+
+    twin = nc.diffusers_unet("sd15", as_model=True)
+    state = nc.comfy_state_dict(comfy, "sd15", twin.state_dict())
+    config = comfy.supported_models.SD15(dict(nc.CONFIGS["sd15"]["comfy"]))
+    config.set_inference_dtype(torch.float8_e4m3fn, torch.float32)
+    base = config.get_model({})
+    base.diffusion_model.load_state_dict(state, strict=True)
+    cpu = torch.device("cpu")
+    fp8 = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    assert next(base.diffusion_model.parameters()).dtype == torch.float8_e4m3fn
+    seen = []
+    probe = base.diffusion_model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    try:
+        _, shapes = _parse(DFShowLayers().show(fp8, width=192, height=128)["result"][0])
+    finally:
+        probe.remove()
+    assert seen == [torch.float32]
+    assert shapes == compute_shapes(twin.to("meta"), 128, 192)
+
+    model = nc.model_patcher(comfy, "sd15", state)
+    before = _sample(comfy, model, "sd15", steps=2)
+    layer = model.model.diffusion_model.output_blocks[3][1].transformer_blocks[0].attn2.to_k
+
+    def streamed(x):  # the cast weight is cached on the layer on first use, reused after
+        if getattr(layer, "cached_weight", None) is None:
+            layer.cached_weight = layer.weight.to(x.dtype, copy=True)
+        return torch.nn.functional.linear(x, layer.cached_weight, layer.bias)
+
+    layer.forward = streamed
+    DFShowLayers().show(model, width=192, height=128)
+    assert "cached_weight" not in vars(layer)
+    assert torch.equal(_sample(comfy, model, "sd15", steps=2), before)
+    _zero_hooks(model.model.diffusion_model)
+
+
 def test_show_layers_refuses_an_unsupported_model(comfy):
     class FluxLike(torch.nn.Module):
         pass
