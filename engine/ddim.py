@@ -19,12 +19,6 @@ def eps_output(output: torch.Tensor, latent_channels: int) -> torch.Tensor:
     return output[:, :latent_channels] if output.shape[1] == 2 * latent_channels else output
 
 
-def split_prediction(output: torch.Tensor, x_t: torch.Tensor, t: int, abar: torch.Tensor,
-                     prediction_type: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, eps) implied by a denoiser `output` at x_t, in float32."""
-    return split_at(output, x_t, float(abar[t]), prediction_type)
-
-
 def split_at(output: torch.Tensor, x_t: torch.Tensor, a: float, prediction_type: str = "epsilon"):
     """(x0, eps) implied by a denoiser `output` at a latent of noise level abar = a, in float32 at least."""
     sa, sb = a ** 0.5, (1.0 - a) ** 0.5
