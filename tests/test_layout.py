@@ -224,3 +224,23 @@ def test_the_family_literal_guard_sees_tests_messages_and_tables():
               'raise ValueError(f"runs on sd15 and {other}")\n'
               'Y = "random:sd15"\n')
     assert [f.split(":")[1] for f in family_literals(source, "m", names)] == ["2", "3", "4", "5"]
+
+
+_TAPPING = {"register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook", "set_processor",
+            "set_attn_processor", "add_object_patch", "set_model_attn1_replace", "set_model_attn2_replace"}
+
+
+def test_every_tap_goes_through_the_one_hook_set():
+    """Both backends tap networks only through layer_catalog/hook_set.py's HookSet (plain forward hooks, removed
+    when the run ends): no other module registers a hook, swaps an attention processor or patches a forward."""
+    found = []
+    for name, path in _modules().items():
+        if path == ROOT / "layer_catalog" / "hook_set.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr in _TAPPING:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.attr}")
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr == "forward"
+                                                    for t in node.targets):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} assigns a forward")
+    assert not found, found
