@@ -109,6 +109,7 @@ class NativeCapture:
         _parse_steps(steps, None)  # a syntax error shows now; whether the steps fit, once the run's length is known
         self.taps, self.steps_spec, self.branch, self.family = list(taps), steps, branch, family
         self.dtype, self.device = dtype, device
+        self.sizes = None  # native.memory.FeatureSizes of the taps, for the memory guard (set by capture_layers)
         self.key = f"df-capture-{next(_keys)}"
         _registry[self.key] = self
         self.records: list[Record] = []
@@ -228,6 +229,11 @@ class NativeCapture:
         plan = self.plan(x, sigma, transformer_options or {}, timestep_of)
         if plan is None:
             return call()
+        if not self.records and self.sizes is not None:  # the run's first captured call: refuse what would not fit before it runs
+            from .memory import check_capture
+
+            check_capture(unet, self.sizes, x.shape, len(plan.rows), len(self._wanted) if self._wanted else 1,
+                          dtype=self.dtype, device=self.device)
         with self.hooks(unet, plan) as hooks:
             out = call()
         self.commit(plan, hooks)

@@ -12,6 +12,7 @@ import weakref
 import torch
 
 from .capture import WRAPPER_KEY, ApplyModelWrapper, NativeCapture, OuterSampleWrapper, UnetFunctionWrapper
+from .memory import feature_sizes
 from .names import (NativeLayout, UnsupportedModelError, is_native_pixart, native_ids, native_taps,
                     unsupported_message)
 from .taps import CallHooks
@@ -92,6 +93,7 @@ def capture_layers(model, layers, steps="all", branch: str = "cond", *, dtype: t
     family = native_family(model)
     capture = NativeCapture(native_taps(layers, unet, family), steps, branch, family=family, dtype=dtype,
                             device=device)
+    capture.sizes = feature_sizes(unet, family, capture.taps)  # before sampling: see memory.FeatureSizes
     tapped = model.clone()
     if hasattr(tapped, "add_wrapper_with_key"):
         import comfy.patcher_extension
