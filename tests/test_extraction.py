@@ -138,3 +138,16 @@ def test_maps_that_cannot_fit_are_refused_up_front(sd15_unet, monkeypatch):
     assert calls == []  # refused before the forward
     monkeypatch.setattr(extraction, "_free_bytes", lambda device: need.total)
     extract_latents(sd15_unet, x0, cond, ids, 50, 0, alphas_cumprod(SD_SCHEDULER))  # exactly fits: runs
+
+
+def test_an_image_tensor_reaches_the_vae_in_floating_point():
+    """A ComfyUI IMAGE is prepared in floats (no 8-bit round trip): at the model's size it is passed on exactly;
+    resized, it stays close to a float resize rather than to 8-bit steps; its input size is recorded."""
+    from diffusion_feature.engine.extraction import _pixels
+
+    image = torch.rand(2, 64, 96, 3, generator=torch.Generator().manual_seed(0))
+    pixels, input_size = _pixels(image, 64, "stretch", "96x64")
+    assert input_size == (96, 64) and pixels.dtype == torch.float32
+    assert torch.equal(pixels, image.permute(0, 3, 1, 2) * 2 - 1)
+    half, _ = _pixels(image, 64, "stretch", "48x32")
+    assert half.shape == (2, 3, 32, 48) and not torch.equal(half, (half * 127.5).round() / 127.5)
