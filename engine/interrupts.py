@@ -11,8 +11,9 @@ import torch
 
 from ..layer_catalog.hook_set import AttachedHooks, HookSet
 
-_CONTAINERS = ("down_blocks", "up_blocks", "transformer_blocks")  # UNet, VAE encoder/decoder, PixArt
-_SINGLES = ("mid_block", "conv_out")
+# diffusers' UNet, VAE encoder/decoder and PixArt; ComfyUI's UNetModel and PixArtMS (DFExtractNative)
+_CONTAINERS = ("down_blocks", "up_blocks", "transformer_blocks", "input_blocks", "output_blocks", "blocks")
+_SINGLES = ("mid_block", "conv_out", "middle_block")
 _INNER = ("resnets", "attentions", "downsamplers", "upsamplers")  # a level-0 block is several long steps
 
 

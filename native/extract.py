@@ -10,9 +10,12 @@
   when no ControlNet is attached.
 - denoise_from: noise to that timestep instead and take `denoise_steps` deterministic DDIM steps down to t with the
   prompt and its ControlNets, then capture at t (engine.extraction.extract_latents' recipe).
-- Images are resized as DFExtractFeatures resizes them (keep-aspect to the family's native area by default).
+- Images are resized as DFExtractFeatures resizes them (keep-aspect to the family's native area by default), in
+  floating point.
+- A run whose features would not fit in memory is refused before the VAE runs (native/memory.py).
 
-The ComfyUI calls themselves live in `comfy_model`; this module is ComfyUI-free.
+The loop around the model calls (validation, ensemble, noise draws, batching, metadata) is engine/driver.py's,
+shared with DFExtractFeatures. The ComfyUI calls themselves live in `comfy_model`; this module is ComfyUI-free.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 from ..engine.driver import capture_dtype, check_batch_size, check_ensemble, ensemble_features, features_meta, \
     fill_batches
 from ..engine.features_io import Features, is_map, size_meta
+from ..engine.interrupts import InterruptChecks
 from ..engine.schedule import check_timestep, denoise_schedule, seeded_eps
 from ..layer_catalog import get_family
 from ..layer_catalog.errors import echo
@@ -66,8 +70,9 @@ def schedule(t: int, denoise_from: int | None, denoise_steps: int) -> list[int]:
 def extract_native_latents(model, positive, latents: torch.Tensor, layers, t: int = 50, seed: int = 0, *,
                            ensemble: int = 1, feature_resize: int = 1, dtype: torch.dtype | None = None,
                            offload: bool = False, denoise_from: int | None = None,
-                           denoise_steps: int = 1) -> dict[str, torch.Tensor]:
-    """Features of ComfyUI latents (B, C, h, w: a LATENT's samples, before the model's process_in) at t."""
+                           denoise_steps: int = 1, interrupt=None) -> dict[str, torch.Tensor]:
+    """Features of ComfyUI latents (B, C, h, w: a LATENT's samples, before the model's process_in) at t.
+    interrupt: a callback run before each block of the network (it raises to stop a long forward)."""
     _check_positive(positive)
     check_ensemble(ensemble)
     if not isinstance(feature_resize, int) or feature_resize < 1:
@@ -84,7 +89,8 @@ def extract_native_latents(model, positive, latents: torch.Tensor, layers, t: in
                                                device="cpu" if offload else None, early_exit=early_exit),
                      feature_resize)
 
-    return ensemble_features(draw, seed, ensemble, dtype)
+    with InterruptChecks(interrupt, comfy_model.diffusion_model(model)):
+        return ensemble_features(draw, seed, ensemble, dtype)
 
 
 @torch.no_grad()
@@ -92,11 +98,12 @@ def extract_native(model, vae, positive, images: torch.Tensor, layers=None, t: i
                    resize: str = "keep-aspect", size=None, ensemble: int = 1, feature_resize: int = 1,
                    dtype: torch.dtype | None = None, offload: bool = True, batch_size: int = 4,
                    denoise_from: int | None = None, denoise_steps: int = 1, on_batch=None,
-                   prompt: str | None = None) -> Features:
+                   prompt: str | None = None, interrupt=None) -> Features:
     """DF_FEATURES of a ComfyUI IMAGE [B, H, W, C] on a native MODEL + VAE + positive CONDITIONING.
 
     layers: ids, a preset or a JSON file; None takes those of the DFCaptureLayers the MODEL came through.
-    on_batch(n) runs after each chunk of `batch_size` images (progress, interrupts). prompt: the text `positive`
+    on_batch(n) runs after each chunk of `batch_size` images (progress), interrupt() before each block of the
+    network (raise to stop). prompt: the text `positive`
     was encoded from, for the metadata (a CONDITIONING carries no text): None records no prompt.
     The run is refused before the VAE runs when its features would not fit in memory (native.memory)."""
     from ..engine.extraction import _pixels
@@ -120,7 +127,7 @@ def extract_native(model, vae, positive, images: torch.Tensor, layers=None, t: i
         latents = comfy_model.encode_pixels(vae, comfy_pixels[start:stop], seed)
         return extract_native_latents(model, positive, latents, layers, t, seed, ensemble=ensemble,
                                       feature_resize=feature_resize, dtype=dtype, offload=offload,
-                                      denoise_from=denoise_from, denoise_steps=denoise_steps)
+                                      denoise_from=denoise_from, denoise_steps=denoise_steps, interrupt=interrupt)
 
     out = fill_batches(comfy_pixels.shape[0], batch_size, chunk, on_batch)
     controls = [{"name": type(c).__name__, "strength": float(getattr(c, "strength", 1.0))}

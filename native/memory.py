@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import memory_guard
+from ..engine.extraction import fits, require
 from ..engine.features_io import is_map
 from ..engine.memory_guard import count
 from .names import native_taps
@@ -75,14 +76,6 @@ def feature_sizes(net: torch.nn.Module, family: str | None, taps) -> FeatureSize
     return FeatureSizes(tuple((t.id, tuple(shapes[t.id])) for t in taps))
 
 
-def _fits(needs: dict) -> bool:
-    return memory_guard.shortfall(needs, available=lambda device: memory_guard.available_bytes(device)) is None
-
-
-def _require(needs: dict, subject: str, advice: str) -> None:
-    memory_guard.require(needs, subject, advice, available=lambda device: memory_guard.available_bytes(device))
-
-
 def capture_needs(per_row: int, rows: int, steps: int, store) -> dict:
     needs: dict = {}
     memory_guard.add(needs, store, f"the features of {count(steps, 'captured step')} x {count(rows, 'row')}",
@@ -98,12 +91,12 @@ def check_capture(net: torch.nn.Module, sizes: FeatureSizes, x_shape, rows: int,
     height, width = int(x_shape[-2]) * 8, int(x_shape[-1]) * 8
     per_row = sizes.sample_bytes(x_shape[-2:], dtype or inference_dtype(net))
     store = torch.device(device) if device is not None else next(net.parameters()).device
-    if _fits(capture_needs(per_row, rows, steps, store)):
+    if fits(capture_needs(per_row, rows, steps, store)):
         return
-    most = memory_guard.largest(lambda k: _fits(capture_needs(per_row, rows, k, store)), 1, steps)
+    most = memory_guard.largest(lambda k: fits(capture_needs(per_row, rows, k, store)), 1, steps)
     fit = (f"at most {count(most, 'capture step')} fit at this size" if most else
            "not one capture step fits at this size")
-    _require(capture_needs(per_row, rows, steps, store),
+    require(capture_needs(per_row, rows, steps, store),
              f"capturing {count(len(sizes.shapes), 'layer')} at {count(steps, 'step')} of {count(rows, 'row')} at "
              f"{width}x{height}", f"{fit} (or {CAPTURE_ADVICE})")
 
@@ -134,9 +127,9 @@ def check_extraction(model, layers, images: int, height: int, width: int, *, dty
     def needs(n):
         return extraction_needs(per_image, n, min(batch_size, n), ensemble, final, store)
 
-    if _fits(needs(images)):
+    if fits(needs(images)):
         return
-    most = memory_guard.largest(lambda n: _fits(needs(n)), 1, images)
+    most = memory_guard.largest(lambda n: fits(needs(n)), 1, images)
     fit = f"at most {count(most, 'image')} fit" if most else "not one image fits"
-    _require(needs(images), f"extracting {count(len(taps), 'layer')} from {count(images, 'image')} of "
+    require(needs(images), f"extracting {count(len(taps), 'layer')} from {count(images, 'image')} of "
              f"{width}x{height}", f"{fit} (or {EXTRACT_ADVICE})")

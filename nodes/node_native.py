@@ -129,5 +129,6 @@ class DFExtractNative:
                                   resize=resize, ensemble=ensemble, feature_resize=feature_resize, offload=offload,
                                   batch_size=batch_size, denoise_from=denoise_from or None,
                                   denoise_steps=denoise_steps, on_batch=on_batch,
-                                  prompt=conditioning_text(prompt, unique_id, "positive"))
+                                  prompt=conditioning_text(prompt, unique_id, "positive"),
+                                  interrupt=comfy_env.interrupt_callback())
         return (features,)

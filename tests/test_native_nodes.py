@@ -158,6 +158,17 @@ def test_failed_and_interrupted_extractions_leave_no_hooks(comfy, models):
     assert seen and all(n > 0 for n in seen)  # the failures happened while our hooks were on
     assert list(extract_native_latents(model, [[ctx, {}]], x0, ["unet-out"], t=10)) == ["unet-out"]
     _zero_hooks(unet)
+    checks = []
+
+    def cancel():  # Cancel pressed during the forward: honoured at the next block, not after the whole call
+        checks.append(hook_counts(unet)["forward_pre_hooks"])
+        if len(checks) == 3:
+            raise comfy.model_management.InterruptProcessingException()
+
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        extract_native_latents(model, [[ctx, {}]], x0, ["unet-out"], t=10, interrupt=cancel)
+    assert len(checks) == 3 and checks[0] > 0
+    _zero_hooks(unet)
 
 
 def test_bad_inputs_say_what_would_be_valid(comfy, models):
