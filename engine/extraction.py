@@ -21,7 +21,6 @@ from functools import lru_cache
 import torch
 
 from ..layer_catalog import FeatureCapture, resolve_taps
-from ..layer_catalog.errors import echo
 from ..layer_catalog.taps import is_pixart
 from . import memory_guard
 from .conditioning import Conditioning, with_time_ids

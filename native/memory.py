@@ -29,10 +29,6 @@ EXTRACT_ADVICE = ("extract fewer layers (attention maps above all), fewer images
                   "feature_resize > 1")
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def inference_dtype(net: torch.nn.Module) -> torch.dtype:
     """The dtype the network's activations (and so captured features) have: ComfyUI's networks cast their input
     to their `dtype`; else the weights' dtype."""
@@ -65,7 +61,7 @@ class FeatureSizes:
                 if feature_resize > 1:
                     shape = (shape[0], max(1, shape[1] // feature_resize), max(1, shape[2] // feature_resize))
             total += math.prod(shape)
-        return total * _itemsize(dtype)
+        return total * dtype.itemsize
 
 
 def feature_sizes(net: torch.nn.Module, family: str | None, taps) -> FeatureSizes:
@@ -76,46 +72,38 @@ def feature_sizes(net: torch.nn.Module, family: str | None, taps) -> FeatureSize
     return FeatureSizes(tuple((t.id, tuple(shapes[t.id])) for t in taps))
 
 
-def capture_needs(per_row: int, rows: int, steps: int, store) -> dict:
-    needs: dict = {}
-    memory_guard.add(needs, store, f"the features of {count(steps, 'captured step')} x {count(rows, 'row')}",
-                     per_row * rows * steps)
-    memory_guard.add(needs, store, "DFCollectFeatures' stacked copy of them", per_row * rows * steps)
-    return needs
+def _check(needs_of, n: int, unit: str, subject: str, advice: str, where: str = "") -> None:
+    """Refuse (FeatureMemoryError) when needs_of(n) does not fit, naming how many `unit`s do."""
+    if fits(needs_of(n)):
+        return
+    most = memory_guard.largest(lambda k: fits(needs_of(k)), 1, n)
+    fit = f"at most {count(most, unit)} fit{where}" if most else f"not one {unit} fits{where}"
+    require(needs_of(n), subject, f"{fit} (or {advice})")
 
 
 def check_capture(net: torch.nn.Module, sizes: FeatureSizes, x_shape, rows: int, steps: int, *,
                   dtype: torch.dtype | None, device) -> None:
-    """Refuse (FeatureMemoryError) a capture of `rows` rows at each of `steps` steps of latents shaped x_shape
-    whose features would not fit where they are stored, naming the most steps that fit."""
-    height, width = int(x_shape[-2]) * 8, int(x_shape[-1]) * 8
+    """Refuse a capture of `rows` rows at each of `steps` steps of latents shaped x_shape whose features (and
+    DFCollectFeatures' stacked copy) would not fit where they are stored, naming the most steps that fit."""
     per_row = sizes.sample_bytes(x_shape[-2:], dtype or inference_dtype(net))
     store = torch.device(device) if device is not None else next(net.parameters()).device
-    if fits(capture_needs(per_row, rows, steps, store)):
-        return
-    most = memory_guard.largest(lambda k: fits(capture_needs(per_row, rows, k, store)), 1, steps)
-    fit = (f"at most {count(most, 'capture step')} fit at this size" if most else
-           "not one capture step fits at this size")
-    require(capture_needs(per_row, rows, steps, store),
-             f"capturing {count(len(sizes.shapes), 'layer')} at {count(steps, 'step')} of {count(rows, 'row')} at "
-             f"{width}x{height}", f"{fit} (or {CAPTURE_ADVICE})")
 
+    def needs(k):
+        plan: dict = {}
+        memory_guard.add(plan, store, f"the features of {count(k, 'captured step')} x {count(rows, 'row')}",
+                         per_row * rows * k)
+        memory_guard.add(plan, store, "DFCollectFeatures' stacked copy of them", per_row * rows * k)
+        return plan
 
-def extraction_needs(per_image: int, images: int, batch: int, ensemble: int, final: torch.dtype, store) -> dict:
-    """DFExtractNative's plan: the output's features of every image, one batch in flight, an ensemble's sums."""
-    needs: dict = {}
-    memory_guard.add(needs, store, f"the features of {count(images, 'image')}", per_image * images)
-    memory_guard.add(needs, store, f"the features of {count(batch, 'image')} in flight", per_image * batch)
-    if ensemble > 1:
-        memory_guard.add(needs, store, "the ensemble's float32 sums",
-                         per_image * batch * 4 // _itemsize(final))
-    return needs
+    _check(needs, steps, "capture step", f"capturing {count(len(sizes.shapes), 'layer')} at {count(steps, 'step')} "
+           f"of {count(rows, 'row')} at {int(x_shape[-1]) * 8}x{int(x_shape[-2]) * 8}", CAPTURE_ADVICE,
+           " at this size")
 
 
 def check_extraction(model, layers, images: int, height: int, width: int, *, dtype: torch.dtype | None,
                      offload: bool, ensemble: int = 1, feature_resize: int = 1, batch_size: int = 4) -> None:
-    """Refuse (FeatureMemoryError) a DFExtractNative run of `images` images whose features would not fit,
-    naming how many images do."""
+    """Refuse a DFExtractNative run whose features would not fit: every image's in the output, a batch in flight
+    and an ensemble's float32 sums; naming how many images do."""
     from .comfy_model import diffusion_model, native_family
 
     net, family = diffusion_model(model), native_family(model)
@@ -125,11 +113,13 @@ def check_extraction(model, layers, images: int, height: int, width: int, *, dty
     store = torch.device("cpu") if offload else getattr(model, "load_device", next(net.parameters()).device)
 
     def needs(n):
-        return extraction_needs(per_image, n, min(batch_size, n), ensemble, final, store)
+        plan: dict = {}
+        memory_guard.add(plan, store, f"the features of {count(n, 'image')}", per_image * n)
+        batch = min(batch_size, n)
+        memory_guard.add(plan, store, f"the features of {count(batch, 'image')} in flight", per_image * batch)
+        if ensemble > 1:
+            memory_guard.add(plan, store, "the ensemble's float32 sums", per_image * batch * 4 // final.itemsize)
+        return plan
 
-    if fits(needs(images)):
-        return
-    most = memory_guard.largest(lambda n: fits(needs(n)), 1, images)
-    fit = f"at most {count(most, 'image')} fit" if most else "not one image fits"
-    require(needs(images), f"extracting {count(len(taps), 'layer')} from {count(images, 'image')} of "
-             f"{width}x{height}", f"{fit} (or {EXTRACT_ADVICE})")
+    _check(needs, images, "image", f"extracting {count(len(taps), 'layer')} from {count(images, 'image')} of "
+           f"{width}x{height}", EXTRACT_ADVICE)
