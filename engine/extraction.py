@@ -14,10 +14,6 @@ Semantics (also in the README):
 """
 from __future__ import annotations
 
-import json
-import math
-from functools import lru_cache
-
 import torch
 
 from ..layer_catalog import FeatureCapture, resolve_taps
@@ -32,28 +28,6 @@ from .schedule import check_timestep, check_timesteps, denoise_schedule, noise_l
 def _free_bytes(device: torch.device) -> int | None:
     """What this process can still allocate on `device` (None: unknown); every run's guard reads it here."""
     return memory_guard.available_bytes(device)
-
-
-def map_bytes(denoiser, taps, batch: int, latent_hw: tuple[int, int], tokens: int, dtype: torch.dtype) -> list[int]:
-    """Bytes of each requested attention map for this batch, from a meta-device forward (no memory used)."""
-    maps = tuple(t.id for t in taps if t.kind == "map")
-    if not maps:
-        return []
-    config = json.dumps(dict(denoiser.config), sort_keys=True, default=str)
-    shapes = _map_shapes(type(denoiser), config, tuple(latent_hw), tokens, maps)
-    size = torch.empty((), dtype=dtype).element_size()
-    return [batch * size * math.prod(shape) for shape in shapes]
-
-
-@lru_cache(maxsize=64)
-def _map_shapes(cls, config_json: str, latent_hw: tuple[int, int], tokens: int, maps: tuple[str, ...]):
-    """Per-sample map shapes, cached: a folder run asks the same question for every batch."""
-    from ..layer_catalog import compute_shapes
-
-    with torch.device("meta"):
-        meta = cls.from_config(json.loads(config_json))
-    shapes = compute_shapes(meta, latent_hw[0] * 8, latent_hw[1] * 8, tokens, ids=list(maps))
-    return [tuple(shapes[m]) for m in maps]
 
 
 def require(needs: dict, subject: str, advice: str) -> None:

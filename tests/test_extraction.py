@@ -118,8 +118,7 @@ def test_maps_that_cannot_fit_are_refused_up_front(sd15_unet, monkeypatch):
     cond = Conditioning(torch.randn(1, 7, 32))
     ids = ["down-level0-repeat0-vit-block0-self-map", "up-level3-repeat1-vit-block0-cross-map"]
     from diffusion_feature.layer_catalog import resolve_taps
-    sizes = extraction.map_bytes(sd15_unet, resolve_taps(ids, sd15_unet), 2, (8, 12), 7, torch.float32)
-    assert sizes == [2 * 4 * 2 * 96 * 96, 2 * 4 * 2 * 96 * 7]  # batch x fp32 x heads x Nq x Nk
+    sizes = [2 * 4 * 2 * 96 * 96, 2 * 4 * 2 * 96 * 7]  # the two maps: batch x fp32 x heads x Nq x Nk
     # the run's plan: the maps it keeps, and the peak of the forward that computes them (on the same device here)
     need = extraction.extraction_needs(sd15_unet, resolve_taps(ids, sd15_unet), 2, (8, 12), 7)[torch.device("cpu")]
     assert dict(need.parts)["the features of 2 images"] == sum(sizes) and need.total > sum(sizes)
