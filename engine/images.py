@@ -123,19 +123,15 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def _check_comfy(images: torch.Tensor) -> None:
-    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-        raise ImageInputError(f"expected an IMAGE tensor [B, H, W, C], got shape {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise ImageInputError("no images given")
-
-
 def prepare_comfy(images: torch.Tensor, native: int, mode: str = "keep-aspect",
                   size: tuple[int, int] | None = None) -> torch.Tensor:
     """ComfyUI IMAGE [B, H, W, C] (floats in 0..1) -> (B, 3, H', W') float32 in [-1, 1], cropped and sized as
     `prepare` does, in floating point: no 8-bit round trip, so an image already at the model's size reaches the
     VAE exactly (a resize is bicubic with antialiasing, PIL's filter for downscaling)."""
-    _check_comfy(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise ImageInputError(f"expected an IMAGE tensor [B, H, W, C], got shape {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ImageInputError("no images given")
     x = images[..., :3].float().clamp(0, 1).permute(0, 3, 1, 2)
     x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
     height, width = x.shape[-2:]
@@ -149,12 +145,3 @@ def prepare_comfy(images: torch.Tensor, native: int, mode: str = "keep-aspect",
         x = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", antialias=True,
                                             align_corners=False).clamp(0, 1)
     return (x * 2.0 - 1.0).contiguous()
-
-
-def from_comfy(images: torch.Tensor) -> list[Image.Image]:
-    """ComfyUI IMAGE ([B, H, W, C] floats in 0..1) -> PIL images."""
-    _check_comfy(images)
-    arr = (images[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    return [Image.fromarray(a) for a in arr]
