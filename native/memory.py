@@ -100,17 +100,14 @@ def check_capture(net: torch.nn.Module, sizes: FeatureSizes, x_shape, rows: int,
            " at this size")
 
 
-def check_extraction(model, layers, images: int, height: int, width: int, *, dtype: torch.dtype | None,
-                     offload: bool, ensemble: int = 1, feature_resize: int = 1, batch_size: int = 4) -> None:
-    """Refuse a DFExtractNative run whose features would not fit: every image's in the output, a batch in flight
-    and an ensemble's float32 sums; naming how many images do."""
-    from .comfy_model import diffusion_model, native_family
-
-    net, family = diffusion_model(model), native_family(model)
+def check_extraction(net: torch.nn.Module, family: str | None, layers, images: int, height: int, width: int, *,
+                     dtype: torch.dtype | None, store, ensemble: int = 1, feature_resize: int = 1,
+                     batch_size: int = 4) -> None:
+    """Refuse a DFExtractNative run whose features would not fit on `store`: every image's in the output, a batch
+    in flight and an ensemble's float32 sums; naming how many images do."""
     final = dtype or inference_dtype(net)
     taps = native_taps(layers, net, family)
     per_image = feature_sizes(net, family, taps).sample_bytes((height // 8, width // 8), final, feature_resize)
-    store = torch.device("cpu") if offload else getattr(model, "load_device", next(net.parameters()).device)
 
     def needs(n):
         plan: dict = {}
