@@ -74,6 +74,17 @@ def _assert_close(native: dict, ref: dict, ids: list[str]):
 
 
 # ---- fidelity of DFExtractNative's engine ---------------------------------------------------------------------
+def test_both_backends_extract_through_one_driver():
+    """DFExtractFeatures' and DFExtractNative's engines share the driver's loop: validation, the ensemble of seeded
+    draws, batching into one output and the metadata (engine/driver.py), and the noise draw (schedule.seeded_eps)."""
+    from diffusion_feature.engine import driver, extraction, schedule
+    from diffusion_feature.native import extract as native_extract
+
+    for name in ("check_ensemble", "capture_dtype", "ensemble_features", "fill_batches", "features_meta"):
+        assert getattr(native_extract, name) is getattr(extraction, name) is getattr(driver, name), name
+    assert native_extract.seeded_eps is schedule.seeded_eps
+
+
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_extract_native_equals_the_diffusers_path_for_every_id(comfy, twins, models, kind):
     model = models[kind]
