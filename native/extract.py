@@ -103,8 +103,8 @@ def extract_native(model, vae, positive, images: torch.Tensor, layers=None, t: i
 
     layers: ids, a preset or a JSON file; None takes those of the DFCaptureLayers the MODEL came through.
     on_batch(n) runs after each chunk of `batch_size` images (progress), interrupt() before each block of the
-    network (raise to stop). prompt: the text `positive`
-    was encoded from, for the metadata (a CONDITIONING carries no text): None records no prompt.
+    network (raise to stop). prompt: the text `positive` was encoded from, for the metadata (a CONDITIONING
+    carries no text); None records no prompt.
     The run is refused before the VAE runs when its features would not fit in memory (native.memory)."""
     from ..engine.extraction import _pixels
     from .memory import check_extraction
