@@ -126,14 +126,18 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 def prepare_comfy(images: torch.Tensor, native: int, mode: str = "keep-aspect",
                   size: tuple[int, int] | None = None) -> torch.Tensor:
     """ComfyUI IMAGE [B, H, W, C] (floats in 0..1) -> (B, 3, H', W') float32 in [-1, 1], cropped and sized as
-    `prepare` does, in floating point: no 8-bit round trip, so an image already at the model's size reaches the
-    VAE exactly (a resize is bicubic with antialiasing, PIL's filter for downscaling)."""
+    `prepare` does. An IMAGE of 8-bit values (LoadImage's value / 255) is the file it came from: prepared exactly
+    as that file, so both give the same features and LatentCache entries. Any other IMAGE stays in floating point,
+    never rounded to 8 bits (a resize is bicubic with antialiasing, like Pillow's)."""
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
         raise ImageInputError(f"expected an IMAGE tensor [B, H, W, C], got shape {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise ImageInputError("no images given")
-    x = images[..., :3].float().clamp(0, 1).permute(0, 3, 1, 2)
-    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    x = images[..., :3].float().clamp(0, 1)
+    x = x.expand(-1, -1, -1, 3) * 255.0
+    if torch.equal(x, x.round()):
+        return to_tensor([prepare(Image.fromarray(a), native, mode, size) for a in x.to(torch.uint8).cpu().numpy()])
+    x = x.permute(0, 3, 1, 2)
     height, width = x.shape[-2:]
     if mode == "center-crop":
         side = min(height, width)
@@ -143,5 +147,5 @@ def prepare_comfy(images: torch.Tensor, native: int, mode: str = "keep-aspect",
     w, h = size if size is not None else target_size(width, height, native, mode)
     if (w, h) != (width, height):
         x = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", antialias=True,
-                                            align_corners=False).clamp(0, 1)
-    return (x * 2.0 - 1.0).contiguous()
+                                            align_corners=False).clamp(0, 255)
+    return (x / 127.5 - 1.0).contiguous()  # to_tensor's scaling

@@ -229,7 +229,7 @@ class NativeCapture:
         plan = self.plan(x, sigma, transformer_options or {}, timestep_of)
         if plan is None:
             return call()
-        if not self.records and self.sizes is not None:  # the run's first captured call: refuse what would not fit before it runs
+        if not self.records and self.sizes is not None:  # a run's first captured call: refuse what would not fit
             from .memory import check_capture
 
             check_capture(unet, self.sizes, x.shape, len(plan.rows), len(self._wanted) if self._wanted else 1,
