@@ -133,10 +133,10 @@ def prepare_comfy(images: torch.Tensor, native: int, mode: str = "keep-aspect",
         raise ImageInputError(f"expected an IMAGE tensor [B, H, W, C], got shape {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise ImageInputError("no images given")
-    x = images[..., :3].float().clamp(0, 1)
-    x = x.expand(-1, -1, -1, 3) * 255.0
-    if torch.equal(x, x.round()):
-        return to_tensor([prepare(Image.fromarray(a), native, mode, size) for a in x.to(torch.uint8).cpu().numpy()])
+    x = images[..., :3].float().clamp(0, 1).expand(-1, -1, -1, 3)
+    eight = x * 255.0
+    if torch.equal(eight, eight.round()):
+        return to_tensor([prepare(Image.fromarray(a), native, mode, size) for a in eight.to(torch.uint8).cpu().numpy()])
     x = x.permute(0, 3, 1, 2)
     height, width = x.shape[-2:]
     if mode == "center-crop":
@@ -147,5 +147,5 @@ def prepare_comfy(images: torch.Tensor, native: int, mode: str = "keep-aspect",
     w, h = size if size is not None else target_size(width, height, native, mode)
     if (w, h) != (width, height):
         x = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", antialias=True,
-                                            align_corners=False).clamp(0, 255)
-    return (x / 127.5 - 1.0).contiguous()  # to_tensor's scaling
+                                            align_corners=False).clamp(0, 1)
+    return (x * 2.0 - 1.0).contiguous()  # exact: (pixels + 1) / 2 gives the IMAGE back bit for bit
