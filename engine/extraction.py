@@ -14,17 +14,13 @@ Semantics (also in the README):
 """
 from __future__ import annotations
 
-import json
-import math
-from functools import lru_cache
-
 import torch
 
 from ..layer_catalog import FeatureCapture, resolve_taps
-from ..layer_catalog.errors import echo
 from ..layer_catalog.taps import is_pixart
 from . import memory_guard
 from .conditioning import Conditioning, with_time_ids
+from .driver import capture_dtype, check_batch_size, check_ensemble, ensemble_features, features_meta, fill_batches
 from .interrupts import InterruptChecks
 from .memory_guard import count
 from .schedule import check_timestep, check_timesteps, denoise_schedule, noise_latents
@@ -32,28 +28,6 @@ from .schedule import check_timestep, check_timesteps, denoise_schedule, noise_l
 def _free_bytes(device: torch.device) -> int | None:
     """What this process can still allocate on `device` (None: unknown); every run's guard reads it here."""
     return memory_guard.available_bytes(device)
-
-
-def map_bytes(denoiser, taps, batch: int, latent_hw: tuple[int, int], tokens: int, dtype: torch.dtype) -> list[int]:
-    """Bytes of each requested attention map for this batch, from a meta-device forward (no memory used)."""
-    maps = tuple(t.id for t in taps if t.kind == "map")
-    if not maps:
-        return []
-    config = json.dumps(dict(denoiser.config), sort_keys=True, default=str)
-    shapes = _map_shapes(type(denoiser), config, tuple(latent_hw), tokens, maps)
-    size = torch.empty((), dtype=dtype).element_size()
-    return [batch * size * math.prod(shape) for shape in shapes]
-
-
-@lru_cache(maxsize=64)
-def _map_shapes(cls, config_json: str, latent_hw: tuple[int, int], tokens: int, maps: tuple[str, ...]):
-    """Per-sample map shapes, cached: a folder run asks the same question for every batch."""
-    from ..layer_catalog import compute_shapes
-
-    with torch.device("meta"):
-        meta = cls.from_config(json.loads(config_json))
-    shapes = compute_shapes(meta, latent_hw[0] * 8, latent_hw[1] * 8, tokens, ids=list(maps))
-    return [tuple(shapes[m]) for m in maps]
 
 
 def require(needs: dict, subject: str, advice: str) -> None:
@@ -78,10 +52,10 @@ def extraction_needs(denoiser, taps, batch: int, latent_hw, tokens: int, *, dtyp
     (a multi-t pass holds every t's features), and an ensemble's float32 sums (one t at a time)."""
     param = next(denoiser.parameters())
     final = dtype or param.dtype
-    capture_dtype = final if ensemble == 1 else torch.float32
-    cost = memory_guard.denoiser_cost(denoiser, taps, batch, latent_hw, tokens, dtype=capture_dtype,
+    kept_dtype = capture_dtype(final, ensemble)
+    cost = memory_guard.denoiser_cost(denoiser, taps, batch, latent_hw, tokens, dtype=kept_dtype,
                                       feature_resize=feature_resize, early_exit=True)
-    per_image = cost.kept * _itemsize(final) // _itemsize(capture_dtype) // batch
+    per_image = cost.kept * _itemsize(final) // _itemsize(kept_dtype) // batch
     store = torch.device("cpu") if offload else param.device
     needs: dict = {}
     peak = cost.peak
@@ -161,7 +135,7 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
     from .ddim import ddim_move, eps_output
 
     t = check_timestep(t)
-    _check_ensemble(ensemble)
+    check_ensemble(ensemble)
     schedule = denoise_schedule(t, denoise_from, denoise_steps)
     taps = resolve_taps(layers, denoiser, family)
     param = next(denoiser.parameters())
@@ -172,67 +146,55 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
     kwargs = cond.for_batch(batch, param.device, param.dtype)
     sample_name = "hidden_states" if is_pixart(denoiser) else "sample"
     x0 = x0.to(param.device, param.dtype)
-    total: dict[str, torch.Tensor] = {}
 
     def forward(capture, x, step_t):
         timestep = torch.full((batch,), step_t, device=param.device, dtype=torch.long)
         extra = control_residuals(cond.controls, x, timestep, kwargs)
         return capture.run(**{sample_name: x}, timestep=timestep, **kwargs, **extra)
 
-    # Averaging happens in float32 on the capture device; the requested dtype is applied once, at the end.
-    with FeatureCapture(denoiser, taps, dtype=dtype if ensemble == 1 else torch.float32,
-                        device="cpu" if offload else None, feature_resize=feature_resize,
-                        early_exit=True) as capture, InterruptChecks(interrupt, denoiser):
-        for k in range(ensemble):
-            x_t = noise_latents(x0, schedule[0], abar, seed + k)
-            capture.enabled = False  # the denoising steps run whole and capture nothing
-            for a, b in zip(schedule[:-1], schedule[1:]):
-                out = eps_output(forward(capture, x_t, a)[0], x0.shape[1])
-                x_t = ddim_move(x_t, out, a, b, abar, prediction_type)
-            capture.enabled = True
-            forward(capture, x_t, t)
-            for name, value in capture.features.items():
-                total[name] = value if name not in total else total[name] + value
-    if ensemble > 1:
-        total = {k: (v / ensemble).to(dtype or param.dtype) for k, v in total.items()}
-    return total
+    def draw(draw_seed):
+        x_t = noise_latents(x0, schedule[0], abar, draw_seed)
+        capture.enabled = False  # the denoising steps run whole and capture nothing
+        for a, b in zip(schedule[:-1], schedule[1:]):
+            out = eps_output(forward(capture, x_t, a)[0], x0.shape[1])
+            x_t = ddim_move(x_t, out, a, b, abar, prediction_type)
+        capture.enabled = True
+        forward(capture, x_t, t)
+        return capture.features
+
+    with FeatureCapture(denoiser, taps, dtype=capture_dtype(dtype, ensemble), device="cpu" if offload else None,
+                        feature_resize=feature_resize, early_exit=True) as capture, \
+            InterruptChecks(interrupt, denoiser):
+        return ensemble_features(draw, seed, ensemble, dtype or param.dtype)
 
 
-def _check_ensemble(ensemble) -> None:
-    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
-        raise ValueError(f"ensemble must be an integer >= 1 (noise draws to average), got {echo(ensemble)}")
-
-
-def _pixels(images, native: int, resize: str, size) -> tuple[torch.Tensor, list]:
-    """Images (paths, PIL images, or a ComfyUI IMAGE tensor) -> (B, 3, H, W) in [-1, 1] and the PIL inputs."""
+def _pixels(images, native: int, resize: str, size) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Images (paths, PIL images, or a ComfyUI IMAGE tensor) -> (B, 3, H, W) in [-1, 1] and the first input's
+    (width, height). An IMAGE stays in floating point (see images.prepare_comfy)."""
     from PIL import Image
 
-    from .images import ImageInputError, from_comfy, open_image, prepare, to_tensor
+    from .images import ImageInputError, open_image, prepare, prepare_comfy, to_tensor
 
-    if torch.is_tensor(images):
-        pil = from_comfy(images)
-    else:
-        items = images if isinstance(images, (list, tuple)) else [images]
-        pil = []
-        for item in items:
-            if isinstance(item, Image.Image):
-                pil.append(item.convert("RGB"))
-            elif isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
-                pil.append(open_image(item))
-            else:
-                raise ImageInputError(f"cannot use a {type(item).__name__} as an image: give paths, PIL images or "
-                                      "an IMAGE tensor [B, H, W, C]")
-    if not pil:
-        raise ImageInputError("no images given")
     if size is not None:
         from ..layer_catalog import parse_size
 
         h, w = parse_size(size)
-        prepared = [prepare(im, native, resize, (w, h)) for im in pil]
-    else:
-        prepared = [prepare(im, native, resize) for im in pil]
-    return to_tensor(prepared), pil
-
+        size = (w, h)
+    if torch.is_tensor(images):
+        return prepare_comfy(images, native, resize, size), (int(images.shape[2]), int(images.shape[1]))
+    items = images if isinstance(images, (list, tuple)) else [images]
+    pil = []
+    for item in items:
+        if isinstance(item, Image.Image):
+            pil.append(item.convert("RGB"))
+        elif isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
+            pil.append(open_image(item))
+        else:
+            raise ImageInputError(f"cannot use a {type(item).__name__} as an image: give paths, PIL images or "
+                                  "an IMAGE tensor [B, H, W, C]")
+    if not pil:
+        raise ImageInputError("no images given")
+    return to_tensor([prepare(im, native, resize, size) for im in pil]), pil[0].size
 
 
 @torch.no_grad()
@@ -287,10 +249,10 @@ def _extract_pass(model, images, prompt, layers, timesteps: list[int], seed: int
     layers = layers if layers is not None else model.layers
     if not layers:
         raise ValueError("no layers to extract: pass layers= (ids, a preset or a JSON file) or attach them first")
-    _check_ensemble(ensemble)
+    check_ensemble(ensemble)
     for t in timesteps:  # every t's schedule is valid before the VAE runs, not after the first t's features
         denoise_schedule(t, denoise_from, denoise_steps)
-    pixels, inputs = _pixels(images, target_side or model.native_size, resize, size)
+    pixels, input_size = _pixels(images, target_side or model.native_size, resize, size)
     height, width = pixels.shape[-2:]
     with lora_applied(model):
         cond = prompt if isinstance(prompt, Conditioning) else encode_prompt(model, prompt)
@@ -317,22 +279,15 @@ def _extract_pass(model, images, prompt, layers, timesteps: list[int], seed: int
                                       dtype=dtype, offload=offload, denoise_from=denoise_from,
                                       denoise_steps=denoise_steps, prediction_type=prediction_type,
                                       interrupt=interrupt)
-            passes.append(Features(tensors, _meta(model, cond, inputs, t, seed, height, width, tensors, ensemble,
+            passes.append(Features(tensors, _meta(model, cond, input_size, t, seed, height, width, tensors, ensemble,
                                                   denoise_from, denoise_steps)))
     return passes
 
 
-def _meta(model, cond, inputs, t, seed, height, width, tensors, ensemble, denoise_from, denoise_steps) -> dict:
-    from .features_io import size_meta
-
-    meta = {"family": model.family, "t": t, "seed": seed, **size_meta(height, width), "prompt": list(cond.prompts),
-            "layers": list(tensors), "ensemble": ensemble, **size_meta(inputs[0].height, inputs[0].width, "input_")}
-    if denoise_from is not None:
-        meta.update(denoise_from=denoise_from, denoise_steps=denoise_steps)
-    if cond.controls:
-        meta["controlnets"] = [{"name": getattr(h.controlnet, "name", ""), "strength": h.strength}
-                               for h in cond.controls]
-    return meta
+def _meta(model, cond, input_size, t, seed, height, width, tensors, ensemble, denoise_from, denoise_steps) -> dict:
+    controls = [{"name": getattr(h.controlnet, "name", ""), "strength": h.strength} for h in cond.controls]
+    return features_meta(model.family, t, seed, height, width, input_size, tensors, ensemble, cond.prompts,
+                         denoise_from, denoise_steps, controls)
 
 
 def extract_in_batches(model, images, prompt, layers=None, t: int = 50, seed: int = 0, *, batch_size: int = 1,
@@ -347,8 +302,7 @@ def extract_in_batches(model, images, prompt, layers=None, t: int = 50, seed: in
     from .lora import lora_applied
     from .prompts import encode_prompt
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_batch_size(batch_size)
     n = images.shape[0] if torch.is_tensor(images) else len(images)
     if isinstance(prompt, list) and len(prompt) not in (1, n):
         raise ValueError(f"{len(prompt)} prompts for {n} images: give one prompt or one per image")
@@ -356,14 +310,14 @@ def extract_in_batches(model, images, prompt, layers=None, t: int = 50, seed: in
         raise ValueError(f"conditioning holds {prompt.batch} prompts for {n} images")
     if n == 0:
         raise ValueError("no images given")
-    out: dict[str, torch.Tensor] = {}
     prompts: list = []
     meta = None
     with lora_applied(model):  # merged once for every chunk (each extract's own merge is then a no-op)
         if isinstance(prompt, str) or (isinstance(prompt, list) and len(prompt) == 1):
             prompt = encode_prompt(model, prompt)  # once for every chunk, not once per chunk
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
+
+        def chunk(start, stop):
+            nonlocal meta
             chunk_prompt = prompt
             if isinstance(prompt, Conditioning):
                 chunk_prompt = prompt.take(start, stop)
@@ -374,15 +328,9 @@ def extract_in_batches(model, images, prompt, layers=None, t: int = 50, seed: in
             part = extract(model, images[start:stop], chunk_prompt, layers, t, seed, **kw,
                            kept_images=n if first else None, in_flight=min(batch_size, n) if first and n > stop
                            else 0)
-            if first:
-                meta = part.meta
-                out = (dict(part.tensors) if stop == n else
-                       {k: v.new_empty((n, *v.shape[1:])) for k, v in part.tensors.items()})
-            if stop != n or not first:
-                for k, v in part.tensors.items():
-                    out[k][start:stop].copy_(v)
-            prompts += part.meta["prompt"]
-            del part
-            if on_batch is not None:
-                on_batch(stop - start)
+            meta = meta or part.meta
+            prompts.extend(part.meta["prompt"])
+            return part.tensors
+
+        out = fill_batches(n, batch_size, chunk, on_batch)
     return Features(out, dict(meta, prompt=prompts))

@@ -123,11 +123,29 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def from_comfy(images: torch.Tensor) -> list[Image.Image]:
-    """ComfyUI IMAGE ([B, H, W, C] floats in 0..1) -> PIL images."""
+def prepare_comfy(images: torch.Tensor, native: int, mode: str = "keep-aspect",
+                  size: tuple[int, int] | None = None) -> torch.Tensor:
+    """ComfyUI IMAGE [B, H, W, C] (floats in 0..1) -> (B, 3, H', W') float32 in [-1, 1], cropped and sized as
+    `prepare` does. An IMAGE of 8-bit values (LoadImage's value / 255) is the file it came from: prepared exactly
+    as that file, so both give the same features and LatentCache entries. Any other IMAGE stays in floating point,
+    never rounded to 8 bits (a resize is bicubic with antialiasing, like Pillow's)."""
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
         raise ImageInputError(f"expected an IMAGE tensor [B, H, W, C], got shape {tuple(images.shape)}")
-    arr = (images[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    return [Image.fromarray(a) for a in arr]
+    if images.shape[0] == 0:
+        raise ImageInputError("no images given")
+    x = images[..., :3].float().clamp(0, 1).expand(-1, -1, -1, 3)
+    eight = x * 255.0
+    if torch.equal(eight, eight.round()):
+        return to_tensor([prepare(Image.fromarray(a), native, mode, size) for a in eight.to(torch.uint8).cpu().numpy()])
+    x = x.permute(0, 3, 1, 2)
+    height, width = x.shape[-2:]
+    if mode == "center-crop":
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        x = x[..., top:top + side, left:left + side]
+        height = width = side
+    w, h = size if size is not None else target_size(width, height, native, mode)
+    if (w, h) != (width, height):
+        x = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", antialias=True,
+                                            align_corners=False).clamp(0, 1)
+    return (x * 2.0 - 1.0).contiguous()  # exact: (pixels + 1) / 2 gives the IMAGE back bit for bit

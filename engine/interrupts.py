@@ -11,8 +11,10 @@ import torch
 
 from ..layer_catalog.hook_set import AttachedHooks, HookSet
 
-_CONTAINERS = ("down_blocks", "up_blocks", "transformer_blocks")  # UNet, VAE encoder/decoder, PixArt
+_CONTAINERS = ("down_blocks", "up_blocks", "transformer_blocks", "blocks")  # UNet, VAE encoder/decoder, PixArt
 _SINGLES = ("mid_block", "conv_out")
+# ComfyUI's UNetModel (DFExtractNative) calls the layers of these blocks one by one, never the blocks themselves
+_LAYERED = ("input_blocks", "middle_block", "output_blocks")
 _INNER = ("resnets", "attentions", "downsamplers", "upsamplers")  # a level-0 block is several long steps
 
 
@@ -27,6 +29,9 @@ def block_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
                 found.append(block)
                 for inner in _INNER:
                     found += list(getattr(block, inner, None) or ())
+        for name in _LAYERED:
+            for block in getattr(part, name, None) or ():
+                found += list(block) if isinstance(block, torch.nn.Sequential) else [block]
         for name in _SINGLES:
             single = getattr(part, name, None)
             if isinstance(single, torch.nn.Module):

@@ -44,9 +44,15 @@ def denoise_schedule(t: int, denoise_from: int | None, denoise_steps: int, *, of
     return descending_timesteps(denoise_from, t, denoise_steps)
 
 
+def seeded_eps(shape, seed: int) -> torch.Tensor:
+    """The noise of one draw: float32 from a CPU generator seeded by `seed`, one sample's `shape` (every image of a
+    batch gets the same draw, so an image's features never depend on its batch). Both backends draw it here."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
 def noise_latents(x0: torch.Tensor, t: int, abar: torch.Tensor, seed: int) -> torch.Tensor:
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, eps from a CPU generator seeded by `seed`."""
-    eps = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, eps = seeded_eps(seed)."""
+    eps = seeded_eps(x0.shape[1:], seed)
     a = abar[t].item()
     x_t = a ** 0.5 * x0.float() + (1.0 - a) ** 0.5 * eps.to(x0.device)
     return x_t.to(x0.dtype)

@@ -116,6 +116,7 @@ class NativeCapture:
         _parse_steps(steps, None)  # a syntax error shows now; whether the steps fit, once the run's length is known
         self.taps, self.steps_spec, self.branch, self.family = list(taps), steps, branch, family
         self.dtype, self.device = dtype, device
+        self.sizes = None  # native.memory.FeatureSizes of the taps, for the memory guard (set by capture_layers)
         self.key = register(self)
         self._lock = threading.RLock()  # MultiGPU: calls on several devices' threads share this capture
         self._run = 0  # counts runs: a call planned in a run that was replaced meanwhile adds nothing
@@ -246,6 +247,11 @@ class NativeCapture:
             plan = self.plan(x, sigma, transformer_options or {}, timestep_of)
         if plan is None:
             return call()
+        if not self.records and self.sizes is not None:  # a run's first captured call: refuse what would not fit
+            from .memory import check_capture
+
+            check_capture(unet, self.sizes, x.shape, len(plan.rows), len(self._wanted) if self._wanted else 1,
+                          dtype=self.dtype, device=self.device)
         with self.hooks(unet, plan) as hooks:
             out = call()
         with self._lock:

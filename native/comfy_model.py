@@ -15,6 +15,7 @@ from ..layer_catalog.families import family_of_comfy_config
 from ..layer_catalog.hooks import FeatureCapture
 from .capture import (WRAPPER_KEY, ApplyModelWrapper, NativeCapture, OuterSampleWrapper, UnetFunctionWrapper,
                       register)
+from .memory import feature_sizes
 from .names import (NativeLayout, UnsupportedModelError, is_native_pixart, native_ids, native_taps,
                     unsupported_message)
 
@@ -93,6 +94,7 @@ def capture_layers(model, layers, steps="all", branch: str = "cond", *, dtype: t
     family = native_family(model)
     capture = NativeCapture(native_taps(layers, unet, family), steps, branch, family=family, dtype=dtype,
                             device=device)
+    capture.sizes = feature_sizes(unet, family, capture.taps)  # before sampling: see memory.FeatureSizes
     return _wrapped(model, capture.key), capture
 
 

@@ -10,16 +10,22 @@
   when no ControlNet is attached.
 - denoise_from: noise to that timestep instead and take `denoise_steps` deterministic DDIM steps down to t with the
   prompt and its ControlNets, then capture at t (engine.extraction.extract_latents' recipe).
-- Images are resized as DFExtractFeatures resizes them (keep-aspect to the family's native area by default).
+- Images are resized as DFExtractFeatures resizes them (keep-aspect to the family's native area by default), in
+  floating point.
+- A run whose features would not fit in memory is refused before the VAE runs (native/memory.py).
 
-The ComfyUI calls themselves live in `comfy_model`; this module is ComfyUI-free.
+The loop around the model calls (validation, ensemble, noise draws, batching, metadata) is engine/driver.py's,
+shared with DFExtractFeatures. The ComfyUI calls themselves live in `comfy_model`; this module is ComfyUI-free.
 """
 from __future__ import annotations
 
 import torch
 
+from ..engine.driver import capture_dtype, check_batch_size, check_ensemble, ensemble_features, features_meta, \
+    fill_batches
 from ..engine.features_io import Features, is_map, size_meta
-from ..engine.schedule import check_timestep, denoise_schedule
+from ..engine.interrupts import InterruptChecks
+from ..engine.schedule import check_timestep, denoise_schedule, seeded_eps
 from ..layer_catalog import get_family
 from ..layer_catalog.errors import echo
 from ..layer_catalog.hooks import pool_spatial
@@ -64,80 +70,73 @@ def schedule(t: int, denoise_from: int | None, denoise_steps: int) -> list[int]:
 def extract_native_latents(model, positive, latents: torch.Tensor, layers, t: int = 50, seed: int = 0, *,
                            ensemble: int = 1, feature_resize: int = 1, dtype: torch.dtype | None = None,
                            offload: bool = False, denoise_from: int | None = None,
-                           denoise_steps: int = 1) -> dict[str, torch.Tensor]:
-    """Features of ComfyUI latents (B, C, h, w: a LATENT's samples, before the model's process_in) at t."""
+                           denoise_steps: int = 1, interrupt=None) -> dict[str, torch.Tensor]:
+    """Features of ComfyUI latents (B, C, h, w: a LATENT's samples, before the model's process_in) at t.
+    interrupt: a callback run before each block of the network (it raises to stop a long forward)."""
     _check_positive(positive)
-    if not isinstance(ensemble, int) or ensemble < 1:
-        raise ValueError(f"ensemble must be an integer >= 1 (noise draws to average), got {echo(ensemble)}")
+    check_ensemble(ensemble)
     if not isinstance(feature_resize, int) or feature_resize < 1:
         raise ValueError(f"feature_resize must be an integer >= 1, got {echo(feature_resize)}")
     sigmas = comfy_model.sigmas_at(model, schedule(t, denoise_from, denoise_steps))
     model = comfy_model.without_capture(model)
     early_exit = not comfy_model.conditioning_controls(positive)
     latents = latents.float().cpu()
-    total: dict[str, torch.Tensor] = {}
-    for k in range(ensemble):
-        eps = torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed + k), dtype=torch.float32)
-        noise = eps.expand_as(latents).contiguous()
-        feats = comfy_model.run_at_sigmas(model, positive, latents, noise, sigmas, layers, seed=seed + k,
-                                          dtype=dtype if ensemble == 1 else torch.float32,
-                                          device="cpu" if offload else None, early_exit=early_exit)
-        feats = _pool(feats, feature_resize)
-        for name, value in feats.items():
-            total[name] = value if name not in total else total[name] + value
-    if ensemble > 1:
-        final = dtype or next(iter(total.values())).dtype
-        total = {k: (v / ensemble).to(final) for k, v in total.items()}
-    return total
+
+    def draw(draw_seed):
+        noise = seeded_eps(latents.shape[1:], draw_seed).expand_as(latents).contiguous()
+        return _pool(comfy_model.run_at_sigmas(model, positive, latents, noise, sigmas, layers, seed=draw_seed,
+                                               dtype=capture_dtype(dtype, ensemble),
+                                               device="cpu" if offload else None, early_exit=early_exit),
+                     feature_resize)
+
+    with InterruptChecks(interrupt, comfy_model.diffusion_model(model)):
+        return ensemble_features(draw, seed, ensemble, dtype)
 
 
 @torch.no_grad()
 def extract_native(model, vae, positive, images: torch.Tensor, layers=None, t: int = 50, seed: int = 0, *,
                    resize: str = "keep-aspect", size=None, ensemble: int = 1, feature_resize: int = 1,
                    dtype: torch.dtype | None = None, offload: bool = True, batch_size: int = 4,
-                   denoise_from: int | None = None, denoise_steps: int = 1, on_batch=None) -> Features:
+                   denoise_from: int | None = None, denoise_steps: int = 1, on_batch=None,
+                   prompt: str | None = None, interrupt=None) -> Features:
     """DF_FEATURES of a ComfyUI IMAGE [B, H, W, C] on a native MODEL + VAE + positive CONDITIONING.
 
     layers: ids, a preset or a JSON file; None takes those of the DFCaptureLayers the MODEL came through.
-    on_batch(n) runs after each chunk of `batch_size` images (progress, interrupts)."""
+    on_batch(n) runs after each chunk of `batch_size` images (progress), interrupt() before each block of the
+    network (raise to stop). prompt: the text `positive` was encoded from, for the metadata (a CONDITIONING
+    carries no text); None records no prompt.
+    The run is refused before the VAE runs when its features would not fit in memory (native.memory)."""
     from ..engine.extraction import _pixels
+    from .memory import check_extraction
 
     check_timestep(t)
     schedule(t, denoise_from, denoise_steps)  # a bad denoise_from is refused before the VAE runs
     _check_positive(positive)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {echo(batch_size)}")
+    check_ensemble(ensemble)
+    check_batch_size(batch_size)
     layers = _layers_of(model, layers)
     family = comfy_model.native_family(model)
     native_side = get_family(family).native_size if family else DEFAULT_NATIVE_SIZE
-    pixels, inputs = _pixels(images, native_side, resize, size)  # (B, 3, H, W) in [-1, 1], as DFExtractFeatures
+    pixels, input_size = _pixels(images, native_side, resize, size)  # (B, 3, H, W) in [-1, 1], as DFExtractFeatures
     height, width = pixels.shape[-2:]
+    net = comfy_model.diffusion_model(model)
+    check_extraction(net, family, layers, pixels.shape[0], height, width, dtype=dtype, ensemble=ensemble,
+                     store="cpu" if offload else getattr(model, "load_device", next(net.parameters()).device),
+                     feature_resize=feature_resize, batch_size=batch_size)
     comfy_pixels = ((pixels + 1.0) / 2.0).permute(0, 2, 3, 1).contiguous()  # ComfyUI IMAGE, 0..1
-    out: dict[str, torch.Tensor] = {}
-    n = comfy_pixels.shape[0]
-    for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
+
+    def chunk(start, stop):
         latents = comfy_model.encode_pixels(vae, comfy_pixels[start:stop], seed)
-        part = extract_native_latents(model, positive, latents, layers, t, seed, ensemble=ensemble,
+        return extract_native_latents(model, positive, latents, layers, t, seed, ensemble=ensemble,
                                       feature_resize=feature_resize, dtype=dtype, offload=offload,
-                                      denoise_from=denoise_from, denoise_steps=denoise_steps)
-        if not out:
-            out = {k: v.new_empty((n, *v.shape[1:])) for k, v in part.items()}
-        for k, v in part.items():
-            out[k][start:stop].copy_(v)
-        del part
-        if on_batch is not None:
-            on_batch(stop - start)
-    meta = {"family": family, "t": t, "seed": seed, **size_meta(height, width), "prompt": [],
-            "layers": list(out), "ensemble": ensemble, **size_meta(inputs[0].height, inputs[0].width, "input_"),
-            "backend": "native"}
-    if denoise_from is not None:
-        meta.update(denoise_from=denoise_from, denoise_steps=denoise_steps)
-    controls = comfy_model.conditioning_controls(positive)
-    if controls:
-        meta["controlnets"] = [{"name": type(c).__name__, "strength": float(getattr(c, "strength", 1.0))}
-                               for c in controls]
-    return Features(out, meta)
+                                      denoise_from=denoise_from, denoise_steps=denoise_steps, interrupt=interrupt)
+
+    out = fill_batches(comfy_pixels.shape[0], batch_size, chunk, on_batch)
+    controls = [{"name": type(c).__name__, "strength": float(getattr(c, "strength", 1.0))}
+                for c in comfy_model.conditioning_controls(positive)]
+    return Features(out, features_meta(family, t, seed, height, width, input_size, out, ensemble,
+                                       [] if prompt is None else [prompt], denoise_from, denoise_steps, controls,
+                                       backend="native"))
 
 
 def collect(capture, latent: dict | None = None) -> Features:

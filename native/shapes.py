@@ -27,16 +27,16 @@ def _context_width(net: torch.nn.Module) -> int:
     raise ValueError("this network has no cross-attention to size the text embedding for")
 
 
-def layer_shapes(net: torch.nn.Module, family: str | None, height: int, width: int,
-                 dtype: torch.dtype) -> dict[str, list[int]]:
-    """{layer id: per-sample shape} of a native UNetModel / PixArtMS at height x width pixels (multiples of 8);
-    dtype: the model's inference dtype (comfy_model.inference_dtype)."""
+def layer_shapes(net: torch.nn.Module, family: str | None, height: int, width: int, dtype: torch.dtype,
+                 layers="full") -> dict[str, list[int]]:
+    """{layer id: per-sample shape} of `layers` (default every id) of a native UNetModel / PixArtMS at height x
+    width pixels (multiples of 8); dtype: the model's inference dtype (comfy_model.inference_dtype)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if height % 8 or width % 8 or height < 8 or width < 8:
         raise ValueError(f"image size must be positive multiples of 8 pixels, got {width}x{height}")
     tokens = get_family(family).text_tokens if family else 77
-    taps = native_taps("full", net, family)
+    taps = native_taps(layers, net, family)
     like = {"dtype": dtype, "device": next(net.parameters()).device}
     saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in net.modules()]
     try:

@@ -12,7 +12,7 @@ from ..native import BRANCHES, capture_layers
 from ..native.extract import collect, extract_native
 from .extract_inputs import extraction_options, timestep_inputs
 from .node_hooks import PRESET_TIP, parse_layer_text
-from .prompt_graph import fed_by
+from .prompt_graph import conditioning_text, fed_by
 
 _LAYERS_TIP = ("Layer ids, one per line or comma separated (e.g. up-level1-repeat1-vit-block0-cross-q), or a JSON "
                "file in the input folder. The layer picker fills this.")
@@ -118,14 +118,17 @@ class DFExtractNative:
                                   "tooltip": _LAYERS_TIP + " Empty: the layers of DFCaptureLayers."}),
             "preset": (["none", *PRESET_NAMES], {"default": "none", "tooltip": PRESET_TIP}),
             **extraction_options("applied"),
-        }}
+        }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}
 
     def extract(self, model, vae, positive, image, t, seed, layers="", preset="none", resize="keep-aspect",
-                ensemble=1, feature_resize=1, offload=True, batch_size=4, denoise_from=0, denoise_steps=1):
+                ensemble=1, feature_resize=1, offload=True, batch_size=4, denoise_from=0, denoise_steps=1,
+                prompt=None, unique_id=None):
         on_batch = comfy_env.batch_progress(int(image.shape[0]))
         comfy_env.check_interrupt()
         features = extract_native(model, vae, positive, image, _spec(layers, preset) or None, t, seed,
                                   resize=resize, ensemble=ensemble, feature_resize=feature_resize, offload=offload,
                                   batch_size=batch_size, denoise_from=denoise_from or None,
-                                  denoise_steps=denoise_steps, on_batch=on_batch)
+                                  denoise_steps=denoise_steps, on_batch=on_batch,
+                                  prompt=conditioning_text(prompt, unique_id, "positive"),
+                                  interrupt=comfy_env.interrupt_callback())
         return (features,)

@@ -195,11 +195,12 @@ def test_keep_aspect_resize_policy():
 def test_center_crop_and_comfy_images(model):
     img = Image.new("RGB", (96, 64))
     img.paste((255, 0, 0), (0, 0, 16, 64))  # a red band on the left that the crop removes
-    from diffusion_feature.engine.images import from_comfy, prepare
+    from diffusion_feature.engine.images import prepare, prepare_comfy
     cropped = prepare(img, 64, "center-crop")
     assert cropped.size == (64, 64) and cropped.getpixel((0, 0)) == (0, 0, 0)
     comfy = torch.rand(2, 64, 96, 3)
-    assert [im.size for im in from_comfy(comfy)] == [(96, 64), (96, 64)]
+    comfy[:, :, :16] = torch.tensor([1.0, 0.0, 0.0])  # the same band in an IMAGE: cropped in floats
+    assert torch.equal(prepare_comfy(comfy, 64, "center-crop"), comfy[:, :, 16:80].permute(0, 3, 1, 2) * 2 - 1)
     feats = extract(model, comfy, "", ["mid-repeat0-res-out"], size=(64, 96))
     assert feats.tensors["mid-repeat0-res-out"].shape == (2, 32, 1, 2)
 

@@ -65,7 +65,7 @@ def test_chained_controlnets_add_their_residuals(sd15, nets, photo, edges):
     chained = attach_control(attach_control(cond, nets[0], edges, 0.7), nets[1], other, 1.3)
     got = _extract(sd15, photo, chained)
     # by hand: the same noisy latent, each ControlNet called directly, residuals summed, one UNet call recorded
-    pixels = torch.from_numpy((photo[0].numpy() * 255).round() / 127.5 - 1.0).permute(2, 0, 1)[None].float()
+    pixels = photo.permute(0, 3, 1, 2) * 2 - 1  # an IMAGE reaches the VAE in floats
     x_t = noise_latents(encode_latents(sd15.vae, pixels, 3), 50, sd15.alphas_cumprod, 3)
     t = torch.tensor([50])
     text = cond.encoder_hidden_states
@@ -121,7 +121,7 @@ def test_denoise_from_runs_guided_ddim_steps_down_to_t(sd15, nets, photo, edges,
         UP[0]])
     # by hand: x_60 from the seeded noise, eps at 60 and 55, the DDIM formula, then the taps at 50
     abar = sd15.alphas_cumprod
-    pixels = torch.from_numpy((photo[0].numpy() * 255).round() / 127.5 - 1.0).permute(2, 0, 1)[None].float()
+    pixels = photo.permute(0, 3, 1, 2) * 2 - 1  # an IMAGE reaches the VAE in floats
     x = noise_latents(encode_latents(sd15.vae, pixels, 4), 60, abar, 4)
     text = cond.encoder_hidden_states
 

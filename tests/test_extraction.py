@@ -118,8 +118,7 @@ def test_maps_that_cannot_fit_are_refused_up_front(sd15_unet, monkeypatch):
     cond = Conditioning(torch.randn(1, 7, 32))
     ids = ["down-level0-repeat0-vit-block0-self-map", "up-level3-repeat1-vit-block0-cross-map"]
     from diffusion_feature.layer_catalog import resolve_taps
-    sizes = extraction.map_bytes(sd15_unet, resolve_taps(ids, sd15_unet), 2, (8, 12), 7, torch.float32)
-    assert sizes == [2 * 4 * 2 * 96 * 96, 2 * 4 * 2 * 96 * 7]  # batch x fp32 x heads x Nq x Nk
+    sizes = [2 * 4 * 2 * 96 * 96, 2 * 4 * 2 * 96 * 7]  # the two maps: batch x fp32 x heads x Nq x Nk
     # the run's plan: the maps it keeps, and the peak of the forward that computes them (on the same device here)
     need = extraction.extraction_needs(sd15_unet, resolve_taps(ids, sd15_unet), 2, (8, 12), 7)[torch.device("cpu")]
     assert dict(need.parts)["the features of 2 images"] == sum(sizes) and need.total > sum(sizes)
@@ -138,3 +137,20 @@ def test_maps_that_cannot_fit_are_refused_up_front(sd15_unet, monkeypatch):
     assert calls == []  # refused before the forward
     monkeypatch.setattr(extraction, "_free_bytes", lambda device: need.total)
     extract_latents(sd15_unet, x0, cond, ids, 50, 0, alphas_cumprod(SD_SCHEDULER))  # exactly fits: runs
+
+
+def test_an_image_tensor_reaches_the_vae_in_floating_point():
+    """A ComfyUI IMAGE is prepared in floats (no 8-bit round trip): at the model's size it is passed on exactly;
+    resized, it stays close to a float resize rather than to 8-bit steps; its input size is recorded."""
+    from diffusion_feature.engine.extraction import _pixels
+
+    image = torch.rand(2, 64, 96, 3, generator=torch.Generator().manual_seed(0))
+    pixels, input_size = _pixels(image, 64, "stretch", "96x64")
+    assert input_size == (96, 64) and pixels.dtype == torch.float32
+    assert torch.equal(pixels, image.permute(0, 3, 1, 2) * 2 - 1)
+    eight_bit = (image[:1] * 255).round() / 255  # what ComfyUI's LoadImage makes of a file: its very pixels
+    from PIL import Image
+    png = Image.fromarray((eight_bit[0] * 255).round().to(torch.uint8).numpy())
+    assert torch.equal(_pixels(eight_bit, 64, "stretch", "96x64")[0], _pixels([png], 64, "stretch", "96x64")[0])
+    half, _ = _pixels(image, 64, "stretch", "48x32")
+    assert half.shape == (2, 3, 32, 48) and not torch.equal(half, (half * 127.5).round() / 127.5)

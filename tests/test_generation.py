@@ -46,7 +46,7 @@ def test_sd15_image_to_image_equals_the_diffusers_pipeline(sd15):
     ours = generate(sd15, pos, "", steps=5, cfg=4.0, seed=7, image=image, denoise=0.6, scheduler="ddim",
                     width=SIZE, height=SIZE, batch=2)
     pipe = _sd15_pipeline(sd15, "ddim", "StableDiffusionImg2ImgPipeline")
-    pixels = (torch.from_numpy((image[0].numpy() * 255).round() / 127.5 - 1.0)).permute(2, 0, 1)[None].float()
+    pixels = image.permute(0, 3, 1, 2) * 2 - 1  # an IMAGE reaches the VAE in floats
     ref = pipe(prompt_embeds=pos.encoder_hidden_states,
                negative_prompt_embeds=encode_prompt(sd15, "").encoder_hidden_states, image=pixels, strength=0.6,
                num_inference_steps=5, guidance_scale=4.0, num_images_per_prompt=2,

@@ -23,6 +23,7 @@ from diffusion_feature.native.extract import extract_native_latents
 from diffusion_feature.nodes import NODE_CLASS_MAPPINGS
 from diffusion_feature.nodes.node_native import DFCaptureLayers, DFCollectFeatures, DFExtractNative
 from diffusion_feature.nodes.node_save import DFSaveFeatures
+from diffusion_feature.nodes.prompt_graph import conditioning_text
 from diffusion_feature.nodes.node_visualize import DFAttentionMap, DFFeaturePCA, DFSelfAttentionPCA
 from test_native import LATENT, CallLog, _sample, _zero_hooks
 
@@ -75,6 +76,17 @@ def _assert_close(native: dict, ref: dict, ids: list[str]):
 
 
 # ---- fidelity of DFExtractNative's engine ---------------------------------------------------------------------
+def test_both_backends_extract_through_one_driver():
+    """DFExtractFeatures' and DFExtractNative's engines share the driver's loop: validation, the ensemble of seeded
+    draws, batching into one output and the metadata (engine/driver.py), and the noise draw (schedule.seeded_eps)."""
+    from diffusion_feature.engine import driver, extraction, schedule
+    from diffusion_feature.native import extract as native_extract
+
+    for name in ("check_ensemble", "capture_dtype", "ensemble_features", "fill_batches", "features_meta"):
+        assert getattr(native_extract, name) is getattr(extraction, name) is getattr(driver, name), name
+    assert native_extract.seeded_eps is schedule.seeded_eps
+
+
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_extract_native_equals_the_diffusers_path_for_every_id(comfy, twins, models, kind):
     model = models[kind]
@@ -198,6 +210,17 @@ def test_failed_and_interrupted_extractions_leave_no_hooks(comfy, models):
         _zero_hooks(unet)
     assert seen and all(n > 0 for n in seen)  # the failures happened while our hooks were on
     assert list(extract_native_latents(model, [[ctx, {}]], x0, ["unet-out"], t=10)) == ["unet-out"]
+    _zero_hooks(unet)
+    checks = []
+
+    def cancel():  # Cancel pressed during the forward: honoured at the next block, not after the whole call
+        checks.append(hook_counts(unet)["forward_pre_hooks"])
+        if len(checks) == 3:
+            raise comfy.model_management.InterruptProcessingException()
+
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        extract_native_latents(model, [[ctx, {}]], x0, ["unet-out"], t=10, interrupt=cancel)
+    assert len(checks) == 3 and checks[0] > 0
     _zero_hooks(unet)
 
 
@@ -509,4 +532,83 @@ def test_extract_native_loads_the_model_through_comfyuis_memory_manager(comfy, m
     (rgb,) = DFSelfAttentionPCA().pca(features, self_map)
     assert tuple(rgb.shape) == (1, 64, 64, 3)
     assert (features.meta["input_height"], features.meta["input_width"]) == (64, 64)
+    _zero_hooks(model.model.diffusion_model)
+
+
+# ---- the native memory guard, the prompt text and float images ---------------------------------------------------
+def _bytes(tensors: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in tensors.values())
+
+
+def _free(monkeypatch, n: int) -> None:
+    from diffusion_feature.engine import memory_guard
+
+    monkeypatch.setattr(memory_guard, "available_bytes", lambda device, root="/": n)
+
+
+def test_native_memory_guard_refuses_a_capture_at_its_first_model_call(comfy, models, monkeypatch):
+    """The capture's plan (every wanted step's rows plus DFCollectFeatures' stacked copy) is exactly what a run
+    keeps: it samples with that much free, and one byte less is refused before the first tapped call runs, naming
+    the steps that fit. The 2024-03 ComfyUI gives no schedule, so one step is checked there."""
+    from diffusion_feature.engine.memory_guard import FeatureMemoryError
+
+    model = models["sd15"]
+    ids = "up-level2-repeat1-res-out\nup-level1-repeat0-vit-block0-self-map"
+    tapped, capture = DFCaptureLayers().capture(model, ids, "none", "all", "both")
+    (features,) = DFCollectFeatures().collect(capture, {"samples": _sample(comfy, tapped, "sd15", steps=3)})
+    assert features.batch == 12  # 3 steps x 2 branches x 2 images
+    known = capture.total_steps is not None
+    planned = 2 * _bytes(features.tensors) // (1 if known else 3)
+    _free(monkeypatch, planned)
+    _sample(comfy, tapped, "sd15", steps=3)
+    _free(monkeypatch, planned - 1)
+    fit = "at most 2 capture steps fit at this size" if known else "not one capture step fits at this size"
+    with pytest.raises(FeatureMemoryError, match=rf"^capturing 2 layers at {3 if known else 1} steps? of 4 rows at "
+                                                 rf"128x64 would need .* on cpu .* is free to this process: {fit}"):
+        _sample(comfy, tapped, "sd15", steps=3)
+    assert capture.records == []
+    _zero_hooks(model.model.diffusion_model)
+
+
+def test_native_extraction_guard_float_images_and_the_prompt_text(comfy, models, monkeypatch):
+    """DFExtractNative: the prompt text comes from the graph's CLIP Text Encode, through Apply ControlNet; a float
+    IMAGE reaches the VAE as it is (no 8-bit round trip: the features equal those of the image encoded directly);
+    refused before the VAE runs when every image's features plus a batch in flight would not fit, naming how many
+    images do."""
+    from diffusion_feature.engine.memory_guard import FeatureMemoryError
+    from diffusion_feature.native import comfy_model
+    from diffusion_feature.native.extract import extract_native
+
+    model, vae = models["sd15"], _comfy_vae(comfy)
+    ids = ["up-level2-repeat1-res-out", "up-level1-repeat0-vit-block0-self-map"]
+    ctx = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(4))
+    graph = {"1": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["0", 1]}},
+             "2": {"class_type": "ControlNetApplyAdvanced", "inputs": {"positive": ["1", 0], "negative": ["3", 0]}},
+             "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["0", 1]}},
+             "4": {"class_type": "DFExtractNative", "inputs": {"positive": ["2", 0]}}}
+    (node,) = DFExtractNative().extract(model, vae, [[ctx, {}]], torch.rand(1, 8, 8, 3), t=50, seed=7,
+                                        layers=ids[0], prompt=graph, unique_id="4")
+    assert node.meta["prompt"] == ["a photo of a cat"]
+    graph["4"]["inputs"]["positive"] = ["2", 1]  # Apply ControlNet's negative output
+    assert conditioning_text(graph, "4", "positive") == "blurry"
+    graph["3"]["inputs"]["text"] = ["5", 0]  # a text made by another node: not known from the graph
+    assert conditioning_text(graph, "4", "positive") is None
+    image = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(3))
+    assert not torch.equal((image * 255).round() / 255, image)  # values 8 bits would change
+
+    def run(**kw):
+        return extract_native(model, vae, [[ctx, {}]], image, ids, t=50, seed=7, size="64x64", **kw)
+
+    features = run()
+    ref = extract_native_latents(model, [[ctx, {}]], comfy_model.encode_pixels(vae, image, 7), ids, t=50, seed=7)
+    for i in ids:
+        assert torch.allclose(features.tensors[i], ref[i], atol=1e-6), i
+    per_image = _bytes(features.tensors) // 2
+    _free(monkeypatch, 3 * per_image)  # the output's two images and one in flight: runs
+    run(batch_size=1)
+    _free(monkeypatch, 3 * per_image - 1)
+    monkeypatch.setattr(vae, "encode", lambda *a: pytest.fail("the VAE ran"))
+    with pytest.raises(FeatureMemoryError, match=r"^extracting 2 layers from 2 images of 64x64 would need .* on "
+                                                 r"cpu .* is free to this process: at most 1 image fit"):
+        run(batch_size=1)
     _zero_hooks(model.model.diffusion_model)

@@ -169,6 +169,22 @@ def test_bad_native_inputs_fail_in_one_sentence(server):
     no_hooks(server)
 
 
+def test_an_over_large_capture_is_refused_before_it_samples(server):
+    """The native memory guard on the server: 1024 images of 1024x1024 with a cross-attention map would keep
+    about 80 GiB per captured step; the sampler's first tapped model call refuses it in one sentence that names what
+    fits, and the server keeps serving with no hook left."""
+    graph = native("native_ksampler_capture_timeline")
+    graph["4"]["inputs"].update(width=1024, height=1024, batch_size=1024)
+    graph["5"]["inputs"].update(layers=LAYERS, branch="both")
+    err = execution_error(server.run(graph))
+    assert err and err["node_type"] == "KSampler", err
+    message = err["exception_message"]
+    assert message.startswith("capturing 3 layers at ") and " at 1024x1024 would need " in message, message
+    assert "is free to this process: not one capture step fits at this size (or capture fewer layers" in message
+    run_ok(server, native("native_ksampler_capture_timeline"))
+    no_hooks(server)
+
+
 def test_a_cached_capture_never_serves_an_earlier_prompts_rows(server):
     """ComfyUI caches DFCaptureLayers, so a later prompt gets the very capture of an earlier one. With the sampler's
     model switched to the untapped MODEL, DFCollectFeatures says the capture saw no model call in this prompt
