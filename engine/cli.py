@@ -37,55 +37,30 @@ def _layers(args) -> int:
     return 0
 
 
-def _extract(args) -> int:
-    from .commands import run_extract
+def _command(name: str):
+    """The `run_<name>` of commands.py, imported when the command runs (torch loads only for commands that need it)."""
+    def run(args) -> int:
+        from . import commands
 
-    return run_extract(args)
-
-
-def _pca(args) -> int:
-    from .commands import run_pca
-
-    return run_pca(args)
-
-
-def _generate(args) -> int:
-    from .commands import run_generate
-
-    return run_generate(args)
-
-
-def _pnp(args) -> int:
-    from .commands import run_pnp
-
-    return run_pnp(args)
-
-
-def _demo(args) -> int:
-    from .commands import run_demo
-
-    return run_demo(args)
+        return getattr(commands, f"run_{name}")(args)
+    return run
 
 
 def _add_model_args(p, required: bool) -> None:
+    import torch
+
     p.add_argument("--model", required=required, default=None, metavar="PATH|random:FAMILY",
                    help="a diffusers folder or a single-file checkpoint (.safetensors; .ckpt/.pt read with "
                         f"weights_only=True), or random:FAMILY (e.g. random:{DEFAULT_FAMILY}) for random weights of "
                         "the family's real architecture, to try everything without a checkpoint (its features mean "
                         "nothing)" + ("" if required else f"; default: random:{DEFAULT_FAMILY}"))
     p.add_argument("--family", choices=list(FAMILIES), default=None, help="model family (default: detected)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device: cpu, cuda, cuda:N, mps "
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device: cpu, cuda, cuda:N, mps "
                                                                           "(default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="model dtype (default float32; float16 on a GPU halves memory)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="apply a LoRA (kohya or diffusers/peft) to the denoiser and text encoders; repeatable")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "those whose size or mtime changed) and do again the images whose outputs changed")
     p.add_argument("--stop-on-error", action="store_true",
                    help="stop at the first image that fails (default: record it and go on)")
-    p.set_defaults(func=_extract)
+    p.set_defaults(func=_command("extract"))
 
     p = sub.add_parser("generate", help="generate images, capturing layers at chosen steps",
                        description="Text-to-image with diffusers' sampling loop (the same seed gives the same image "
@@ -193,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="layer ids, a preset or a JSON file to capture (default: none)")
     p.add_argument("--capture-steps", default="every 5", help="'all', 'last', 'every K [from S]', '0, 10-12'")
     p.add_argument("--capture-branch", default="cond", choices=["cond", "uncond", "both"])
-    p.set_defaults(func=_generate)
+    p.set_defaults(func=_command("generate"))
 
     p = sub.add_parser("pnp", help="Plug-and-Play: invert an image and translate it to new prompts",
                        description="DDIM-invert --image, report the reconstruction error, and generate it anew for "
@@ -212,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", default="", help="negative prompt (default: the inversion prompt)")
     p.add_argument("--negative-alpha", type=float, default=1.0, help="1: no negative prompting; lower: stronger")
     p.add_argument("--negative-schedule", default="linear", choices=["constant", "linear", "exp"])
-    p.set_defaults(func=_pnp)
+    p.set_defaults(func=_command("pnp"))
 
     p = sub.add_parser("pca", help="PCA images of one layer of saved features",
                        description="PCA of one spatial layer to RGB. With several files and --joint, one PCA for "
@@ -223,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--joint", action="store_true", help="fit one PCA over all files")
     p.add_argument("--scale", type=int, default=0, help="upscale the feature grid by this factor (nearest); "
                                                        "default: the size of the image the features came from")
-    p.set_defaults(func=_pca)
+    p.set_defaults(func=_command("pca"))
 
     p = sub.add_parser("demo", help="offline demo on the bundled sample images",
                        description=f"Extract the practical preset of {DEFAULT_FAMILY} at t=50 from the bundled sample "
@@ -235,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "folder is used when it exists)")
     p.add_argument("--side", default="256", help="images keep their aspect ratio at about side x side pixels "
                                                  "(default 256 for a quick CPU run; 512 is SD1.5's native size)")
-    p.set_defaults(func=_demo)
+    p.set_defaults(func=_command("demo"))
     return parser
 
 

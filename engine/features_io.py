@@ -198,6 +198,13 @@ def _save_npy(path, array: np.ndarray) -> None:
         np.save(fh, array, allow_pickle=False)
 
 
+def check_format(fmt: str, layout: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {echo(fmt)}; valid formats: {', '.join(FORMATS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {echo(layout)}; valid layouts: {', '.join(LAYOUTS)}")
+
+
 def check_layout_layers(layout: str, layer_ids) -> None:
     """A layout that concatenates spatial layers (aggregate) needs at least one among `layer_ids`: checked before
     any work where the layers are known early (DFCaptureLayers, before its sampler runs)."""
@@ -244,10 +251,7 @@ def _meta_for(features: Features, name: str, extra: dict | None = None, row: int
 def save_features(features: Features, out_dir, names: list[str], fmt: str = "safetensors",
                   layout: str = "per-sample") -> list[Path]:
     """Write one entry per sample; `names[i]` names sample i. Returns the paths written (data files first)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {echo(fmt)}; valid formats: {', '.join(FORMATS)}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {echo(layout)}; valid layouts: {', '.join(LAYOUTS)}")
+    check_format(fmt, layout)
     if len(names) != features.batch:
         raise ValueError(f"{len(names)} names for {features.batch} samples")
     out = Path(out_dir)

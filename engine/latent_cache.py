@@ -19,6 +19,7 @@ entry or temporary file is left, a RuntimeWarning names the folder and `write_er
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -147,10 +148,8 @@ class LatentCache:
                           RuntimeWarning, stacklevel=3)
         finally:
             if tmp is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(tmp)
-                except OSError:
-                    pass
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:

@@ -23,28 +23,11 @@ from .node_prompt import DFEncodePrompt
 from .node_save import DFLoadFeatures, DFSaveFeatures
 from .node_visualize import DFAttentionMap, DFFeaturePCA, DFSelfAttentionPCA
 
-NODE_CLASS_MAPPINGS = {
-    "DFLoadCheckpoint": DFLoadCheckpoint,
-    "DFLoadDiffusers": DFLoadDiffusers,
-    "DFEncodePrompt": DFEncodePrompt,
-    "DFAttachHooks": DFAttachHooks,
-    "DFExtractFeatures": DFExtractFeatures,
-    "DFShowLayers": DFShowLayers,
-    "DFFeaturePCA": DFFeaturePCA,
-    "DFAttentionMap": DFAttentionMap,
-    "DFSaveFeatures": DFSaveFeatures,
-    "DFLoadFeatures": DFLoadFeatures,
-    "DFGenerate": DFGenerate,
-    "DFLoadControlNet": DFLoadControlNet,
-    "DFApplyControlNet": DFApplyControlNet,
-    "DFLoadLoRA": DFLoadLoRA,
-    "DFInvert": DFInvert,
-    "DFPnPTranslate": DFPnPTranslate,
-    "DFSelfAttentionPCA": DFSelfAttentionPCA,
-    "DFCaptureLayers": DFCaptureLayers,
-    "DFCollectFeatures": DFCollectFeatures,
-    "DFExtractNative": DFExtractNative,
-}
+# keyed by class name: the class_type of each node
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
+    DFLoadCheckpoint, DFLoadDiffusers, DFEncodePrompt, DFAttachHooks, DFExtractFeatures, DFShowLayers, DFFeaturePCA,
+    DFAttentionMap, DFSaveFeatures, DFLoadFeatures, DFGenerate, DFLoadControlNet, DFApplyControlNet, DFLoadLoRA,
+    DFInvert, DFPnPTranslate, DFSelfAttentionPCA, DFCaptureLayers, DFCollectFeatures, DFExtractNative)}
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DFLoadCheckpoint": "Load Checkpoint (Diffusion Feature)",
     "DFLoadDiffusers": "Load Diffusers Model (Diffusion Feature)",

@@ -147,37 +147,38 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class Progress:
-    """ComfyUI's progress bar on the node when inside ComfyUI; silent otherwise."""
+def _bar(total: int):
+    """ComfyUI's progress bar on the node; None outside ComfyUI, where progress is silent."""
+    if folder_paths is None:
+        return None
+    import comfy.utils
 
-    def __init__(self, total: int):
-        self.bar = None
-        if folder_paths is not None:
-            import comfy.utils
-
-            self.bar = comfy.utils.ProgressBar(total)
-
-    def update(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def step(self, done: int, total: int, family: str | None = None, latents=None) -> None:
-        """Set the bar to done/total, with a preview of `latents` when ComfyUI's preview method allows one."""
-        if self.bar is None:
-            return
-        preview = _preview(family, latents) if latents is not None and family else None
-        self.bar.update_absolute(done, total, preview)
+    return comfy.utils.ProgressBar(total)
 
 
 def batch_progress(total: int):
     """The on_batch(n) callback of a run over `total` images: advances the node's bar by n and honours Cancel
     between batches."""
-    progress = Progress(total)
+    bar = _bar(total)
 
     def on_batch(n: int) -> None:
-        progress.update(n)
+        if bar is not None:
+            bar.update(n)
         check_interrupt()
     return on_batch
+
+
+def step_progress(total: int, family: str | None = None):
+    """The on_step(i, steps, latents=None, x0=None) callback of a sampling loop: sets the node's bar, with a preview
+    of x0 (else latents) when `family` is given and ComfyUI's preview method allows one, and honours Cancel."""
+    bar = _bar(total)
+
+    def on_step(i: int, steps: int, latents=None, x0=None) -> None:
+        if bar is not None:
+            shown = x0 if x0 is not None else latents
+            bar.update_absolute(i + 1, steps, _preview(family, shown) if shown is not None and family else None)
+        check_interrupt()
+    return on_step
 
 
 def _preview(family: str, latents):

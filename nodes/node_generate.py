@@ -61,12 +61,7 @@ class DFGenerate:
         comfy_env.manage(model)
         for hint in positive.controls:
             comfy_env.manage_module(hint.controlnet.module, model.device)
-        progress = comfy_env.Progress(steps)
-
-        def on_step(i, total, latents, x0):
-            progress.step(i + 1, total, model.family, x0 if x0 is not None else latents)
-            comfy_env.check_interrupt()
-
+        on_step = comfy_env.step_progress(steps, model.family)
         comfy_env.check_interrupt()
         with torch.inference_mode():
             result = generate(model, positive, negative, steps=steps, cfg=cfg, seed=seed, width=width or None,

@@ -49,12 +49,7 @@ class DFInvert:
 
     def run(self, model, image, prompt, steps, resize="keep-aspect", check_reconstruction=True, capture_steps=""):
         comfy_env.manage(model)
-        progress = comfy_env.Progress(steps * (2 if check_reconstruction else 1))
-
-        def on_step(i, total):
-            progress.step(i + 1, total)
-            comfy_env.check_interrupt()
-
+        on_step = comfy_env.step_progress(steps * (2 if check_reconstruction else 1))
         with torch.inference_mode():
             inversion = invert(model, image[:1] if image.shape[0] > 1 else image, prompt, steps, resize=resize,
                                check=check_reconstruction, layers=model.layers, capture_steps=capture_steps,
@@ -124,12 +119,7 @@ class DFPnPTranslate:
             capture_steps="", capture_branch="cond"):
         comfy_env.manage(model)
         targets = [line.strip() for line in prompts.splitlines() if line.strip()]
-        progress = comfy_env.Progress(inversion.steps)
-
-        def on_step(i, total, latents):
-            progress.step(i + 1, total, model.family, latents)
-            comfy_env.check_interrupt()
-
+        on_step = comfy_env.step_progress(inversion.steps, model.family)
         with torch.inference_mode():
             out = translate(model, inversion, targets, cfg=cfg, feature_threshold=feature_threshold,
                             attention_threshold=attention_threshold, feature_layers=_ids(feature_layers),

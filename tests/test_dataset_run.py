@@ -611,7 +611,7 @@ def _consistent(out: Path) -> None:
     named = {o["path"] for r in done.values() for o in r["outputs"]}
     assert set(_files(out)) == named
     if done:
-        assert index.completed(out, next(iter(done.values()))["settings"]) == done
+        assert index.completion(out, next(iter(done.values()))["settings"]).done == done
     assert _no_temporaries(out)
 
 

@@ -198,11 +198,6 @@ def completion(out, settings_digest: str, records=None, images=None, verify: boo
     return result
 
 
-def completed(out, settings_digest: str, records=None) -> dict[str, dict]:
-    """{relative image name: its done record} for the images whose outputs are complete under these settings."""
-    return completion(out, settings_digest, records).done
-
-
 def done_record(image: str, source, outputs: list[Path], out: Path, *, settings: str, t: list[int], seed: int,
                 prompt: str, rank: int, seconds: float) -> dict:
     return {"image": image, "source": os.path.abspath(source), "status": "done", "settings": settings, "t": list(t),

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ...layer_catalog.errors import echo
-from ..features_io import FORMATS, LAYOUTS, Features, save_features, size_meta
+from ..features_io import Features, check_format, save_features, size_meta
 from ..images import ImageInputError, open_image, prepare, target_size
 from ..memory_guard import FeatureMemoryError
 from . import index, naming, output_folder, run_file
@@ -440,10 +440,7 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
     out = Path(out)
     start = time.perf_counter()
     timesteps = check_timesteps(timesteps)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {echo(fmt)}; valid formats: {', '.join(FORMATS)}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {echo(layout)}; valid layouts: {', '.join(LAYOUTS)}")
+    check_format(fmt, layout)
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if verify and not resume:
