@@ -451,29 +451,3 @@ def _enable(root: torch.nn.Module, strengths: dict[str, float]) -> None:
             layer.set_adapter(names)
             for name in names:
                 layer.set_scale(name, strengths[name])
-
-
-# ---- what a run computes with --------------------------------------------------------------------------------
-def lora_residue(model, reference: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the model's weights (denoiser, text encoders) that differ bit-wise from `reference` (a saved
-    state, see lora_snapshot): what a run left behind. Empty when nothing leaked."""
-    now = lora_snapshot(model)
-    return sorted(k for k in reference if k not in now or not torch.equal(now[k], reference[k]))
-
-
-def lora_snapshot(model) -> dict[str, torch.Tensor]:
-    """A copy of every weight the denoiser and text encoders compute with now, under the modules' own names: a
-    LoRA layer's base weight plus the updates of its enabled adapters."""
-    out = {}
-    for component in COMPONENTS:
-        root = _component_module(model, component)
-        if root is None:
-            continue
-        out.update({f"{component}.{k.replace('.base_layer', '')}": v.detach().clone()
-                    for k, v in root.state_dict().items() if ".lora_" not in k})
-        for name, layer in root.named_modules():
-            if _is_lora_layer(layer) and not layer.disable_adapters:
-                weight = out[f"{component}.{name}.weight"]
-                for adapter in layer.active_adapters:
-                    weight += layer.get_delta_weight(adapter).to(weight.dtype)
-    return out

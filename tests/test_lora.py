@@ -10,9 +10,35 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from conftest import inputs_for, tiny_feature_model
-from diffusion_feature.engine.lora import (LoraError, load_lora, lora_applied, lora_residue, lora_snapshot,
-                                           lora_targets, with_lora)
+from diffusion_feature.engine.lora import (COMPONENTS, LoraError, _component_module, _is_lora_layer, load_lora,
+                                          lora_applied, lora_targets, with_lora)
 from diffusion_feature.engine.prompts import encode_prompt
+
+
+# What a run computes with: the tests' own reading of the model's weights (base weight plus enabled adapters).
+def lora_residue(model, reference: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the model's weights (denoiser, text encoders) that differ bit-wise from `reference` (a saved
+    state, see lora_snapshot): what a run left behind. Empty when nothing leaked."""
+    now = lora_snapshot(model)
+    return sorted(k for k in reference if k not in now or not torch.equal(now[k], reference[k]))
+
+
+def lora_snapshot(model) -> dict[str, torch.Tensor]:
+    """A copy of every weight the denoiser and text encoders compute with now, under the modules' own names: a
+    LoRA layer's base weight plus the updates of its enabled adapters."""
+    out = {}
+    for component in COMPONENTS:
+        root = _component_module(model, component)
+        if root is None:
+            continue
+        out.update({f"{component}.{k.replace('.base_layer', '')}": v.detach().clone()
+                    for k, v in root.state_dict().items() if ".lora_" not in k})
+        for name, layer in root.named_modules():
+            if _is_lora_layer(layer) and not layer.disable_adapters:
+                weight = out[f"{component}.{name}.weight"]
+                for adapter in layer.active_adapters:
+                    weight += layer.get_delta_weight(adapter).to(weight.dtype)
+    return out
 
 RANK = 2
 ALPHA = 1.0  # scale alpha / rank = 0.5: a file without alpha (scale 1) would give other weights
