@@ -211,8 +211,8 @@ def conditioning_controls(positive) -> list:
 
 
 def run_at_sigmas(model, positive, latent: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, layers, *,
-                  seed: int = 0, dtype: torch.dtype | None = None, device=None, early_exit: bool = True
-                  ) -> dict[str, torch.Tensor]:
+                  seed: int = 0, dtype: torch.dtype | None = None, device=None, early_exit: bool = True,
+                  feature_resize: int = 1) -> dict[str, torch.Tensor]:
     """Features of `layers` at the last of `sigmas`, through ComfyUI's own sampling path.
 
     comfy.sample.sample_custom does what every core sampler does: loads the MODEL (with its LoRA patches) and the
@@ -227,7 +227,7 @@ def run_at_sigmas(model, positive, latent: torch.Tensor, noise: torch.Tensor, si
     import comfy.samplers
 
     last = _LastCall(native_taps(layers, diffusion_model(model), native_family(model)),
-                     dict(dtype=dtype, device=device, early_exit=early_exit))
+                     dict(dtype=dtype, device=device, early_exit=early_exit, feature_resize=feature_resize))
 
     def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None, **_):
         extra_args = extra_args or {}

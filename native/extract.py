@@ -23,12 +23,11 @@ import torch
 
 from ..engine.driver import capture_dtype, check_batch_size, check_ensemble, ensemble_features, features_meta, \
     fill_batches
-from ..engine.features_io import Features, is_map, size_meta
+from ..engine.features_io import Features, size_meta
 from ..engine.interrupts import InterruptChecks
 from ..engine.schedule import check_timestep, denoise_schedule, seeded_eps
 from ..layer_catalog import get_family
 from ..layer_catalog.errors import echo
-from ..layer_catalog.hooks import pool_spatial
 from . import comfy_model
 
 DEFAULT_NATIVE_SIZE = 1024  # a UNet we tap but have no family for (e.g. the SDXL refiner)
@@ -55,12 +54,6 @@ def _layers_of(model, layers):
     return capture.ids
 
 
-def _pool(features: dict, factor: int) -> dict:
-    if factor == 1:
-        return features
-    return {k: v if is_map(k) or v.ndim != 4 else pool_spatial(v, factor) for k, v in features.items()}
-
-
 def schedule(t: int, denoise_from: int | None, denoise_steps: int) -> list[int]:
     """The training timesteps of one extraction: [t], or denoise_from ... t for the guided denoising."""
     return denoise_schedule(check_timestep(t), denoise_from, denoise_steps, off=" (0: off)")
@@ -84,10 +77,9 @@ def extract_native_latents(model, positive, latents: torch.Tensor, layers, t: in
 
     def draw(draw_seed):
         noise = seeded_eps(latents.shape[1:], draw_seed).expand_as(latents).contiguous()
-        return _pool(comfy_model.run_at_sigmas(model, positive, latents, noise, sigmas, layers, seed=draw_seed,
-                                               dtype=capture_dtype(dtype, ensemble),
-                                               device="cpu" if offload else None, early_exit=early_exit),
-                     feature_resize)
+        return comfy_model.run_at_sigmas(model, positive, latents, noise, sigmas, layers, seed=draw_seed,
+                                         dtype=capture_dtype(dtype, ensemble), device="cpu" if offload else None,
+                                         early_exit=early_exit, feature_resize=feature_resize)
 
     with InterruptChecks(interrupt, comfy_model.diffusion_model(model)):
         return ensemble_features(draw, seed, ensemble, dtype)
