@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..layer_catalog.errors import echo
 from .control import ControlError, attach_control
-from .images import IMAGE_SUFFIXES, ImageInputError, open_image
+from .images import IMAGE_SUFFIXES, ImageInputError, open_image, prepare
 from .safe_paths import check_inside, inside
 
 CANNY_SCALE = 255.0  # our thresholds (OpenCV's, on 0..255 pixels) / kornia's (on 0..1 pixels)
@@ -134,14 +134,8 @@ def attach_hints(cond, controlnets: Sequence[tuple[object, float]], hints: Seque
         raise ValueError(f"unknown hint resize {echo(resize)}; valid: stretch, center-crop")
     height, width = size
     pixels = []
-    for hint in hints:
-        hint = hint.convert("RGB")
-        if resize == "center-crop" and hint.width != hint.height:
-            side = min(hint.size)
-            left, top = (hint.width - side) // 2, (hint.height - side) // 2
-            hint = hint.crop((left, top, left + side, top + side))
-        if hint.size != (width, height):
-            hint = hint.resize((width, height), Image.Resampling.BICUBIC)
+    for hint in hints:  # cropped and sized as the images were (images.prepare; native unused with a size)
+        hint = prepare(hint.convert("RGB"), 0, resize, (width, height))
         pixels.append(np.asarray(hint, dtype=np.float32) / 255.0)
     stacked = torch.from_numpy(np.stack(pixels))  # ComfyUI's IMAGE layout [B, H, W, 3]: no shape ambiguity
     for entry in controlnets:
