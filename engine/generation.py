@@ -11,6 +11,7 @@ runs never share counters or history.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -197,9 +198,8 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
         capture = FeatureCapture(denoiser, taps, dtype=dtype, device="cpu" if offload else None,
                                  feature_resize=feature_resize) if taps else None
         timeline = Timeline(capture, len(capture_at), kept_rows) if taps else None
-        step_kwargs = {"generator": generator} if "generator" in _step_params(sched) else {}
-        if "eta" in _step_params(sched):
-            step_kwargs["eta"] = 0.0
+        step_params = inspect.signature(sched.step).parameters  # only what this scheduler's step() takes
+        step_kwargs = {k: v for k, v in (("generator", generator), ("eta", 0.0)) if k in step_params}
 
         with capture if capture is not None else contextlib.nullcontext(), InterruptChecks(interrupt, denoiser):
             for i, t in enumerate(timesteps):
@@ -241,12 +241,6 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
                 "denoise": denoise if pixels is not None else 1.0, "rows": timeline.labels}
         features = Features(tensors, meta)
     return Generation(images, latents, features)
-
-
-def _step_params(sched) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(sched.step).parameters)
 
 
 def _call_kwargs(pixart: bool, x_in, t, kwargs: dict, extra: dict) -> dict:
