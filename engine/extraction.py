@@ -25,6 +25,7 @@ from .interrupts import InterruptChecks
 from .memory_guard import count
 from .schedule import check_timestep, check_timesteps, denoise_schedule, noise_latents
 
+
 def _free_bytes(device: torch.device) -> int | None:
     """What this process can still allocate on `device` (None: unknown); every run's guard reads it here."""
     return memory_guard.available_bytes(device)
@@ -77,8 +78,6 @@ def extraction_needs(denoiser, taps, batch: int, latent_hw, tokens: int, *, dtyp
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
 
 
 def vae_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,37 +214,32 @@ def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *
     latent_cache: a LatentCache (engine/latent_cache.py) that keeps each image's VAE posterior on disk, or None.
     """
     t = check_timestep(t)
-    return _extract_pass(model, images, prompt, layers, [t], seed, resize=resize, size=size, ensemble=ensemble,
-                         feature_resize=feature_resize, dtype=dtype, offload=offload, vae_sample=vae_sample,
-                         target_side=target_side, denoise_from=denoise_from, denoise_steps=denoise_steps,
-                         interrupt=interrupt, kept_images=kept_images, in_flight=in_flight,
-                         latent_cache=latent_cache)[0]
+    return extract_timesteps(model, images, prompt, layers, [t], seed, resize=resize, size=size, ensemble=ensemble,
+                             feature_resize=feature_resize, dtype=dtype, offload=offload, vae_sample=vae_sample,
+                             target_side=target_side, denoise_from=denoise_from, denoise_steps=denoise_steps,
+                             interrupt=interrupt, kept_images=kept_images, in_flight=in_flight,
+                             latent_cache=latent_cache)[0]
 
 
 @torch.no_grad()
-def extract_timesteps(model, images, prompt, layers, timesteps, seed: int = 0, *, latent_cache=None, **kw):
+def extract_timesteps(model, images, prompt, layers, timesteps, seed: int = 0, *, resize: str = "keep-aspect",
+                      size=None, ensemble: int = 1, feature_resize: int = 1, dtype: torch.dtype | None = None,
+                      offload: bool = False, vae_sample: bool = True, target_side: int | None = None,
+                      denoise_from: int | None = None, denoise_steps: int = 1, interrupt=None,
+                      kept_images: int | None = None, in_flight: int = 0, latent_cache=None) -> list:
     """Features of the same images at several training timesteps in one pass: one Features per t, in the given
     order, each equal (bit for bit on the CPU) to `extract(..., t=that t)` with the same arguments.
 
-    The prompt and the VAE are encoded once; the same latent x0 and the same seeded noise serve every t, and the
-    denoiser runs once per t (plus any denoise_from steps, which must start above every t). The memory plan,
-    checked before anything runs, counts every timestep's features. Takes every keyword `extract` takes.
+    The prompt and the VAE are encoded once (encode -> per t, noise -> forward); the same latent x0 and the same
+    seeded noise serve every t, and the denoiser runs once per t (plus any denoise_from steps, which must start
+    above every t). The memory plan, checked before anything runs, counts every timestep's features.
     """
-    timesteps = check_timesteps(timesteps)
-    return _extract_pass(model, images, prompt, layers, timesteps, seed, latent_cache=latent_cache, **kw)
-
-
-def _extract_pass(model, images, prompt, layers, timesteps: list[int], seed: int, *, resize: str = "keep-aspect",
-                  size=None, ensemble: int = 1, feature_resize: int = 1, dtype: torch.dtype | None = None,
-                  offload: bool = False, vae_sample: bool = True, target_side: int | None = None,
-                  denoise_from: int | None = None, denoise_steps: int = 1, interrupt=None,
-                  kept_images: int | None = None, in_flight: int = 0, latent_cache=None) -> list:
-    """extract for each of `timesteps` (already checked) from one VAE encoding: encode -> per t, noise -> forward."""
     from .control import check_controls
     from .features_io import Features
     from .lora import lora_applied
     from .prompts import encode_prompt
 
+    timesteps = check_timesteps(timesteps)
     layers = layers if layers is not None else model.layers
     if not layers:
         raise ValueError("no layers to extract: pass layers= (ids, a preset or a JSON file) or attach them first")
