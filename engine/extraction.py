@@ -56,7 +56,7 @@ def extraction_needs(denoiser, taps, batch: int, latent_hw, tokens: int, *, dtyp
     kept_dtype = capture_dtype(final, ensemble)
     cost = memory_guard.denoiser_cost(denoiser, taps, batch, latent_hw, tokens, dtype=kept_dtype,
                                       feature_resize=feature_resize, early_exit=True)
-    per_image = cost.kept * _itemsize(final) // _itemsize(kept_dtype) // batch
+    per_image = cost.kept * final.itemsize // kept_dtype.itemsize // batch
     store = torch.device("cpu") if offload else param.device
     needs: dict = {}
     peak = cost.peak
@@ -74,10 +74,6 @@ def extraction_needs(denoiser, taps, batch: int, latent_hw, tokens: int, *, dtyp
     if ensemble > 1:
         memory_guard.add(needs, store, "the ensemble's float32 sums", 2 * cost.kept)
     return needs
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def vae_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
