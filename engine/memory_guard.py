@@ -199,6 +199,11 @@ def traced_peak(module: torch.nn.Module, run) -> int:
 _lock = threading.Lock()  # meta copies are shared: one trace at a time attaches taps to them
 
 
+def _key(module) -> tuple:
+    """(class, config as JSON, dtype): what a module's meta copy and its cached costs are keyed by."""
+    return type(module), json.dumps(dict(module.config), sort_keys=True, default=str), next(module.parameters()).dtype
+
+
 @lru_cache(maxsize=8)
 def _meta_copy(cls, config_json: str, dtype: torch.dtype) -> torch.nn.Module:
     with torch.device("meta"):
@@ -223,11 +228,9 @@ def denoiser_cost(denoiser, taps, batch: int, latent_hw, tokens: int, *, dtype: 
     """What one forward of `batch` rows at latent_hw costs with `taps` captured (features kept in `dtype`, pooled
     by feature_resize, only `rows`): measured on a meta copy (see the module docstring). The features are dropped
     as captured, so `peak` is the activations only; `features` is what a run keeps of each tap per forward."""
-    config = json.dumps(dict(denoiser.config), sort_keys=True, default=str)
     key_rows = None if rows is None else (rows.start, rows.stop)
-    return _denoiser_cost(type(denoiser), config, next(denoiser.parameters()).dtype, tuple(taps), int(batch),
-                          tuple(int(v) for v in latent_hw), int(tokens), dtype, int(feature_resize), key_rows,
-                          bool(early_exit))
+    return _denoiser_cost(*_key(denoiser), tuple(taps), int(batch), tuple(int(v) for v in latent_hw), int(tokens),
+                          dtype, int(feature_resize), key_rows, bool(early_exit))
 
 
 @lru_cache(maxsize=128)
@@ -250,10 +253,6 @@ def _denoiser_cost(cls, config_json, model_dtype, taps, batch, latent_hw, tokens
             peak = traced_peak(meta, lambda: capture.run(**dummy_inputs(
                 meta, latent_hw[0] * 8, latent_hw[1] * 8, batch=batch, text_tokens=tokens)))
     return ForwardCost(peak, {t.id: kept.get(t.id, 0) for t in taps})
-
-
-def _key(module) -> tuple:
-    return type(module), json.dumps(dict(module.config), sort_keys=True, default=str), next(module.parameters()).dtype
 
 
 def vae_decode_peak(vae, latent_hw) -> int:
