@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ import torch
 from ..layer_catalog.errors import echo
 from ..layer_catalog.families import FAMILIES, family_names, family_of_unet, get_family, spoken
 from .checkpoint_files import SINGLE_FILE_SUFFIXES, CheckpointError, load_pickle_state_dict, read_key_shapes
+from .memory_guard import meta_copy
 from .model import parse_dtype
 
 CONTROLNET_FAMILIES = family_names(lambda f: f.controlnet)  # families a ControlNet is made for (and detected as)
@@ -161,18 +161,12 @@ def to_diffusers_layout(state: dict, config) -> dict:
     return {k: v for k, v in out.items() if v is not None}  # the converter .get()s entries a file may lack
 
 
-@lru_cache(maxsize=8)
-def _expected_shapes(config_json: str) -> dict[str, tuple[int, ...]]:
-    from diffusers import ControlNetModel
-
-    with torch.device("meta"):
-        module = ControlNetModel.from_config(json.loads(config_json))
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
-
-
 def mismatches(config, shapes: dict) -> list[str]:
     """How diffusers-named shapes differ from the architecture of `config` (empty when the file fits)."""
-    want = _expected_shapes(json.dumps(dict(config), sort_keys=True))
+    from diffusers import ControlNetModel
+
+    meta = meta_copy(ControlNetModel, json.dumps(dict(config), sort_keys=True, default=str), torch.float32)
+    want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     problems = [f"{k} {tuple(shapes[k])} where the config has {want[k]}"
                 for k in want if k in shapes and tuple(shapes[k]) != want[k]]
     missing = [k for k in want if k not in shapes]

@@ -205,7 +205,8 @@ def _key(module) -> tuple:
 
 
 @lru_cache(maxsize=8)
-def _meta_copy(cls, config_json: str, dtype: torch.dtype) -> torch.nn.Module:
+def meta_copy(cls, config_json: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A module of `cls` built from its config on the meta device: shapes without memory or weights (cached)."""
     with torch.device("meta"):
         module = cls.from_config(json.loads(config_json))
     return torch.nn.Module.to(module, dtype).eval()  # diffusers' own .to() only adds a warning here
@@ -238,7 +239,7 @@ def _denoiser_cost(cls, config_json, model_dtype, taps, batch, latent_hw, tokens
                    early_exit) -> ForwardCost:
     from ..layer_catalog import FeatureCapture, dummy_inputs
 
-    meta = _meta_copy(cls, config_json, model_dtype)
+    meta = meta_copy(cls, config_json, model_dtype)
     kept: dict[str, int] = {}
 
     def dropped(tap_id, x):  # counted, then let go: where features are kept is the caller's sum
@@ -267,7 +268,7 @@ def vae_encode_peak(vae, pixel_hw, batch: int) -> int:
 
 @lru_cache(maxsize=64)
 def _vae_peak(cls, config_json, dtype, direction: str, hw: tuple[int, int], batch: int) -> int:
-    meta = _meta_copy(cls, config_json, dtype)
+    meta = meta_copy(cls, config_json, dtype)
 
     def run():
         if direction == "decode":
