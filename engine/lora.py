@@ -381,9 +381,7 @@ def _forget(adapter: str, root_ref) -> None:
 
 
 def _lora_layers(root: torch.nn.Module) -> list:
-    from peft.tuners.lora import LoraLayer
-
-    return [m for m in root.modules() if isinstance(m, LoraLayer)]
+    return [m for m in root.modules() if _is_lora_layer(m)]
 
 
 # ---- enabled for one run -------------------------------------------------------------------------------------
