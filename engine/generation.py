@@ -10,7 +10,6 @@ runs never share counters or history.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -195,13 +194,14 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
         check_generation(model, taps, batch * max(len(names) for names, _ in passes), kept_rows, len(capture_at),
                          height, width, tokens, dtype=dtype, feature_resize=feature_resize, offload=offload,
                          images=batch, encode=pixels.shape[0] if pixels is not None else 0)
+        # without taps the capture attaches nothing and its run is the denoiser's call: one code path
         capture = FeatureCapture(denoiser, taps, dtype=dtype, device="cpu" if offload else None,
-                                 feature_resize=feature_resize) if taps else None
-        timeline = Timeline(capture, len(capture_at), kept_rows) if taps else None
+                                 feature_resize=feature_resize)
+        timeline = Timeline(capture, len(capture_at), kept_rows)
         step_params = inspect.signature(sched.step).parameters  # only what this scheduler's step() takes
         step_kwargs = {k: v for k, v in (("generator", generator), ("eta", 0.0)) if k in step_params}
 
-        with capture if capture is not None else contextlib.nullcontext(), InterruptChecks(interrupt, denoiser):
+        with capture, InterruptChecks(interrupt, denoiser):
             for i, t in enumerate(timesteps):
                 outputs = {}
                 for names, kwargs in passes:
@@ -209,17 +209,14 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
                     x_in = sched.scale_model_input(x_in, t)
                     extra = control_residuals(pos.controls, x_in, t, kwargs, step=i, steps=total)
                     call = _call_kwargs(pixart, x_in, t, kwargs, extra)
-                    if capture is not None:
-                        wanted = [k for k, n in enumerate(names) if capture_branch in (n, "both")]
-                        capture.enabled = i in capture_at and bool(wanted)
-                        if capture.enabled:
-                            capture.rows = slice(wanted[0] * batch, (wanted[-1] + 1) * batch)
-                        out = capture.run(**call)
-                        if capture.enabled:
-                            timeline.record([{"step": i, "timestep": float(t), "branch": names[k], "image": j}
-                                             for k in range(wanted[0], wanted[-1] + 1) for j in range(batch)])
-                    else:
-                        out = denoiser(**call)
+                    wanted = [k for k, n in enumerate(names) if capture_branch in (n, "both")]
+                    capture.enabled = bool(taps and wanted) and i in capture_at
+                    if capture.enabled:
+                        capture.rows = slice(wanted[0] * batch, (wanted[-1] + 1) * batch)
+                    out = capture.run(**call)
+                    if capture.enabled:
+                        timeline.record([{"step": i, "timestep": float(t), "branch": names[k], "image": j}
+                                         for k in range(wanted[0], wanted[-1] + 1) for j in range(batch)])
                     out = eps_output(out[0], latent_channels)
                     for k, name in enumerate(names):
                         outputs[name] = out[k * batch:(k + 1) * batch]

@@ -8,7 +8,6 @@ reconstruction error is reported: DDIM inversion is exact only in the limit of s
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -140,17 +139,16 @@ def invert(model, image, prompt="", steps: int = 50, *, resize: str = "keep-aspe
                          subject=f"inverting a {width}x{height} image in {len(ascending)} steps")
         with InterruptChecks(interrupt, model.vae):
             x0 = encode_latents(model.vae, pixels, 0, sample=False).to(param.device, param.dtype)
-        capture = FeatureCapture(denoiser, taps, device="cpu") if taps else None
-        timeline = Timeline(capture, len(capture_at), 1) if taps else None
+        capture = FeatureCapture(denoiser, taps, device="cpu")  # without taps: attaches nothing, runs the denoiser
+        timeline = Timeline(capture, len(capture_at), 1)
         latents = torch.empty((len(ascending) + 1, *x0.shape[1:]), dtype=torch.float32)  # no final concatenation
         latents[0] = x0[0].float().cpu()
         x, a_prev = x0, final
-        with capture if capture is not None else contextlib.nullcontext(), InterruptChecks(interrupt, denoiser):
+        with capture, InterruptChecks(interrupt, denoiser):
             for i, t in enumerate(ascending):
-                if capture is not None:
-                    capture.enabled = i in capture_at
-                out = _call(denoiser, x, t, kwargs, capture.run if capture is not None else None)
-                if capture is not None and capture.enabled:
+                capture.enabled = bool(taps) and i in capture_at
+                out = _call(denoiser, x, t, kwargs, capture.run)
+                if capture.enabled:
                     timeline.record([{"step": i, "timestep": float(t), "branch": "inversion", "image": 0}])
                 # the prediction was made for timestep t on a latent of a_prev: it is read there (see ddim.py)
                 a_t = float(abar[t])

@@ -14,8 +14,6 @@ schedule is no negative prompting. The negative prompt defaults to the inversion
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
@@ -160,10 +158,10 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
         neg = with_time_ids(encode_prompt(model, negative_text), height, width).for_batch(k, device, dtype)
         x = inversion.latents[-1:].to(device, dtype).expand(k, -1, -1, -1).clone()
         generator = torch.Generator().manual_seed(int(seed))
-        capture = FeatureCapture(denoiser, taps, device="cpu") if taps else None
-        timeline = Timeline(capture, len(capture_at), kept_rows) if taps else None
-        with features_inj, attention_inj, capture if capture is not None else contextlib.nullcontext(), \
-                InterruptChecks(interrupt, denoiser):
+        # without taps the capture attaches nothing and its run is the denoiser's call: one code path
+        capture = FeatureCapture(denoiser, taps, device="cpu", rows=slice(keep[0], keep[-1] + 1) if taps else None)
+        timeline = Timeline(capture, len(capture_at), kept_rows)
+        with features_inj, attention_inj, capture, InterruptChecks(interrupt, denoiser):
             for i, t in enumerate(timesteps):
                 features_inj.enabled, attention_inj.enabled = i < n_feature, i < n_attention
                 parts = [source] + ([_mix(empty, neg, float(weights[i]))] if guided else []) + [targets]
@@ -172,16 +170,12 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
                 latent_in = sched.scale_model_input(latent_in, t)
                 call = {"sample": latent_in, "timestep": torch.tensor(t, device=device), "return_dict": False,
                         **kwargs}
-                if capture is not None:
-                    capture.enabled = i in capture_at
-                    capture.rows = slice(keep[0], keep[-1] + 1)
-                    out = capture.run(**call)[0]
-                    if capture.enabled:
-                        timeline.record([{"step": i, "timestep": float(t), "branch": names[r],
-                                          "image": 0 if names[r] == "source" else (r - 1) % k}
-                                         for r in range(keep[0], keep[-1] + 1)])
-                else:
-                    out = denoiser(**call)[0]
+                capture.enabled = bool(taps) and i in capture_at
+                out = capture.run(**call)[0]
+                if capture.enabled:
+                    timeline.record([{"step": i, "timestep": float(t), "branch": names[r],
+                                      "image": 0 if names[r] == "source" else (r - 1) % k}
+                                     for r in range(keep[0], keep[-1] + 1)])
                 out = eps_output(out, x.shape[1])
                 if guided:
                     uncond, cond = out[1:1 + k], out[1 + k:]
