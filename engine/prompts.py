@@ -78,11 +78,8 @@ def _encode(model, prompts: list[str]) -> Conditioning:
     hidden, pooled = [], []
     for tokenizer, encoder in zip(tokenizers, encoders):
         pad_from, pad_to = tokenizers[0].pad_token_id, tokenizer.pad_token_id
-        rows = []
-        for windows in per_prompt:
-            windows = [_repad(w, tokenizer.eos_token_id, pad_from, pad_to) for w in windows]
-            h, p = _run_clip(encoder, windows, penultimate=fam.penultimate_text)
-            rows.append((h, p))
+        rows = [_run_clip(encoder, [_repad(w, tokenizer.eos_token_id, pad_from, pad_to) for w in windows],
+                          penultimate=fam.penultimate_text) for windows in per_prompt]
         hidden.append(torch.cat([h for h, _ in rows]))
         if fam.pooled_text and rows[0][1] is not None:
             pooled.append(torch.cat([p for _, p in rows]))
