@@ -105,8 +105,8 @@ def _use_xformers_when_possible(denoiser) -> None:
 
 def build_random(family: str, dtype="float32", device="cpu", seed: int = 0) -> FeatureModel:
     """The family's full architecture with random weights (for demos and benchmarks: its features mean nothing)."""
+    import transformers
     from diffusers import AutoencoderKL
-    from transformers import AutoConfig, AutoModel, CLIPTextModel, CLIPTextModelWithProjection
 
     fam = get_family(family)
     parse_device(device)  # before minutes of building
@@ -118,11 +118,9 @@ def build_random(family: str, dtype="float32", device="cpu", seed: int = 0) -> F
     for sub in ("text_encoder", "text_encoder_2"):
         cfg_path = fam.config_dir / sub / "config.json"
         if cfg_path.exists():
-            config = AutoConfig.from_pretrained(str(cfg_path.parent), local_files_only=True)
-            arch = json.loads(cfg_path.read_text())["architectures"][0]
-            cls = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}.get(
-                arch, AutoModel)
-            encoders.append(cls._from_config(config) if hasattr(cls, "_from_config") else cls(config))
+            config = transformers.AutoConfig.from_pretrained(str(cfg_path.parent), local_files_only=True)
+            # the class the config names (T5EncoderModel for PixArt: AutoModel would build T5's decoder too)
+            encoders.append(getattr(transformers, config.architectures[0])._from_config(config))
     scheduler = fam.config("scheduler", "scheduler_config.json")
     model = FeatureModel(family, denoiser, vae, encoders, tokenizers, scheduler, source=RANDOM_SOURCE)
     return _finish(model, parse_dtype(dtype), device)
