@@ -95,21 +95,23 @@ def _split_spec(spec) -> list:
     if isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec.strip().lower().endswith(".json")):
         if _layer_file_opener is not None:
             return _read_restricted(str(spec).strip())
-        return _split_spec(_read_json(Path(spec)))
+        return _split_spec(_read_json(Path(spec), echo(str(spec))))
     if isinstance(spec, str):
         return [s for s in re.split(r"[\s,;]+", spec) if s]
     raise LayerIdError(f"cannot read layers from a {type(spec).__name__}: pass ids, a preset or a JSON file")
 
 
-def _read_json(path: Path):
+def _read_json(path: Path, shown: str, detail: bool = True):
+    """A layer file's JSON: {"id": true, ...} or a list. detail: the parser's message in the error (not for
+    restricted files, whose content stays out of messages)."""
     if not path.is_file():
-        raise LayerIdError(f"layer file {echo(str(path))} does not exist")
+        raise LayerIdError(f"layer file {shown} does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LayerIdError(f"layer file {echo(str(path))} is not valid JSON ({e})") from None
+        raise LayerIdError(f"layer file {shown} is not valid JSON" + (f" ({e})" if detail else "")) from None
     if not isinstance(data, (dict, list)):
-        raise LayerIdError(f"layer file {echo(str(path))} must hold {{\"id\": true, ...}} or a list of ids")
+        raise LayerIdError(f"layer file {shown} must hold {{\"id\": true, ...}} or a list of ids")
     return data
 
 
@@ -125,16 +127,8 @@ def _read_restricted(name: str) -> list[str]:
     if path.stat().st_size > MAX_LAYER_FILE_BYTES:
         raise LayerIdError(f"layer file {shown} is larger than {MAX_LAYER_FILE_BYTES // 1024} KiB; a layer file "
                            "lists ids only")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise LayerIdError(f"layer file {shown} is not valid JSON") from None
-    if isinstance(data, dict):
-        entries = [k for k, on in data.items() if on]
-    elif isinstance(data, list):
-        entries = data
-    else:
-        raise LayerIdError(f"layer file {shown} must hold {{\"id\": true, ...}} or a list of ids")
+    data = _read_json(path, shown, detail=False)
+    entries = [k for k, on in data.items() if on] if isinstance(data, dict) else data
     out = []
     for i, entry in enumerate(entries, start=1):
         if isinstance(entry, str) and entry in PRESET_NAMES:
@@ -173,25 +167,23 @@ def _expand(items: list, family: str | None, model_ids: list[str] | None = None)
     return out
 
 
-def resolve_layers(spec, family: str) -> list[str]:
-    """Valid ids of `family` for a spec; an unknown id raises LayerIdError naming the nearest valid ids."""
-    get_family(family)
-    ids = _expand(_split_spec(spec), family)
-    valid = family_ids(family)
+def _check_ids(ids: list, valid: list[str], owner: str, family: str | None) -> list[str]:
+    """ids, each checked against `valid`; an unknown one raises LayerIdError naming the nearest valid ids."""
     valid_set = set(valid)
     for layer_id in ids:
         if layer_id not in valid_set:
-            raise LayerIdError(_unknown_id_message(layer_id, valid, family, family))
+            raise LayerIdError(_unknown_id_message(layer_id, valid, owner, family))
     return [str(i) for i in ids]  # plain strings: entries of a layer file carry their position until checked
+
+
+def resolve_layers(spec, family: str) -> list[str]:
+    """Valid ids of `family` for a spec; an unknown id raises LayerIdError naming the nearest valid ids."""
+    get_family(family)
+    return _check_ids(_expand(_split_spec(spec), family), family_ids(family), family, family)
 
 
 def resolve_taps(spec, model: torch.nn.Module, family: str | None = None) -> list[Tap]:
     """Taps of a loaded denoiser for a spec, checked against the model's own modules (custom depths included)."""
     valid = enumerate_ids(model)
-    ids = _expand(_split_spec(spec), family, valid)
-    valid_set = set(valid)
     owner = f"this {family} model" if family else f"this {type(model).__name__}"
-    for layer_id in ids:
-        if layer_id not in valid_set:
-            raise LayerIdError(_unknown_id_message(layer_id, valid, owner, family))
-    return taps_of(model, [str(i) for i in ids])
+    return taps_of(model, _check_ids(_expand(_split_spec(spec), family, valid), valid, owner, family))

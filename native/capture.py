@@ -345,12 +345,19 @@ def _timestep_of(base_model):
     return getattr(sampling, "timestep", None)
 
 
-class ApplyModelWrapper:
-    """ComfyUI's keyed APPLY_MODEL wrapper (ComfyUI >= 2024-12): around every `BaseModel.apply_model` call of the
-    tapped MODEL, hooks on its diffusion_model exist only while the call runs. Carries only the capture's key."""
+class _KeyedWrapper:
+    """A wrapper that carries only the capture's key, and deep-copies as itself (ComfyUI copies model_options)."""
 
     def __init__(self, key: str):
         self.key = key
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class ApplyModelWrapper(_KeyedWrapper):
+    """ComfyUI's keyed APPLY_MODEL wrapper (ComfyUI >= 2024-12): around every `BaseModel.apply_model` call of the
+    tapped MODEL, hooks on its diffusion_model exist only while the call runs."""
 
     def __call__(self, executor, *args, **kwargs):
         capture = lookup(self.key)
@@ -360,25 +367,16 @@ class ApplyModelWrapper:
         return capture.run_call(base.diffusion_model, args[0], args[1], _find_transformer_options(args, kwargs),
                                 lambda: executor(*args, **kwargs), _timestep_of(base))
 
-    def __deepcopy__(self, memo):
-        return self
 
-
-class OuterSampleWrapper:
+class OuterSampleWrapper(_KeyedWrapper):
     """ComfyUI's keyed OUTER_SAMPLE wrapper: marks the start of each sampling run of the tapped MODEL, the one
     boundary a schedule tensor cannot give (SamplerCustom's cached sigmas are the same tensor every run)."""
-
-    def __init__(self, key: str):
-        self.key = key
 
     def __call__(self, executor, *args, **kwargs):
         capture = lookup(self.key)
         if capture is not None:
             capture.begin_run(marked=True)
         return executor(*args, **kwargs)
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 class UnetFunctionWrapper:

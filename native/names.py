@@ -59,6 +59,10 @@ class UNetModel:
         self.conv_in = None
 
 
+_KINDS = {"ResBlock": "resnets", "SpatialTransformer": "attentions", "Downsample": "downsamplers",
+          "Upsample": "upsamplers"}
+
+
 def _names(block) -> list[str]:
     return [type(m).__name__ for m in block]
 
@@ -85,27 +89,8 @@ class NativeLayout:
         view.conv_in = first[0]
         self.paths["conv_in"] = "input_blocks.0.0"
 
-        level = _Level()
-        for n in range(1, len(unet.input_blocks)):
-            block, names = unet.input_blocks[n], _names(unet.input_blocks[n])
-            L = len(view.down_blocks)
-            if names == ["Downsample"]:
-                level.downsamplers.append(block[0])
-                self.paths[f"down_blocks.{L}.downsamplers.0"] = f"input_blocks.{n}.0"
-                view.down_blocks.append(self._checked(level, f"down level {L}"))
-                level = _Level()
-            elif names in (["ResBlock"], ["ResBlock", "SpatialTransformer"]):
-                r = len(level.resnets)
-                level.resnets.append(block[0])
-                self.paths[f"down_blocks.{L}.resnets.{r}"] = f"input_blocks.{n}.0"
-                if len(names) == 2:
-                    level.attentions.append(block[1])
-                    self.paths[f"down_blocks.{L}.attentions.{r}"] = f"input_blocks.{n}.1"
-            else:
-                raise UnsupportedModelError(unsupported_message(f"a UNet whose input_blocks.{n} holds {names}"))
-        if level.resnets:
-            view.down_blocks.append(self._checked(level, f"down level {len(view.down_blocks)}"))
-
+        view.down_blocks = self._levels(unet.input_blocks, 1, "down_blocks", "input_blocks", "Downsample",
+                                        (["Downsample"], ["ResBlock"], ["ResBlock", "SpatialTransformer"]))
         mid = unet.middle_block
         if mid is not None:
             names = _names(mid)
@@ -113,47 +98,40 @@ class NativeLayout:
                 raise UnsupportedModelError(unsupported_message(f"a UNet whose middle_block holds {names}"))
             view.mid_block = _Level()
             for i, name in enumerate(names):
-                if name == "ResBlock":
-                    self.paths[f"mid_block.resnets.{len(view.mid_block.resnets)}"] = f"middle_block.{i}"
-                    view.mid_block.resnets.append(mid[i])
-                else:
-                    self.paths["mid_block.attentions.0"] = f"middle_block.{i}"
-                    view.mid_block.attentions.append(mid[i])
-
-        level = _Level()
-        for n in range(len(unet.output_blocks)):
-            block, names = unet.output_blocks[n], _names(unet.output_blocks[n])
-            L = len(view.up_blocks)
-            rest = names[1:]
-            if names[:1] != ["ResBlock"] or rest not in ([], ["SpatialTransformer"], ["Upsample"],
-                                                         ["SpatialTransformer", "Upsample"]):
-                raise UnsupportedModelError(unsupported_message(f"a UNet whose output_blocks.{n} holds {names}"))
-            r = len(level.resnets)
-            level.resnets.append(block[0])
-            self.paths[f"up_blocks.{L}.resnets.{r}"] = f"output_blocks.{n}.0"
-            if "SpatialTransformer" in rest:
-                level.attentions.append(block[1])
-                self.paths[f"up_blocks.{L}.attentions.{r}"] = f"output_blocks.{n}.1"
-            if "Upsample" in rest:
-                level.upsamplers.append(block[len(names) - 1])
-                self.paths[f"up_blocks.{L}.upsamplers.0"] = f"output_blocks.{n}.{len(names) - 1}"
-                view.up_blocks.append(self._checked(level, f"up level {L}"))
-                level = _Level()
-        if level.resnets:
-            view.up_blocks.append(self._checked(level, f"up level {len(view.up_blocks)}"))
-
+                self._add(view.mid_block, "mid_block", name, mid, "middle_block", i)
+        view.up_blocks = self._levels(unet.output_blocks, 0, "up_blocks", "output_blocks", "Upsample",
+                                      [["ResBlock", *rest] for rest in ([], ["SpatialTransformer"], ["Upsample"],
+                                                                        ["SpatialTransformer", "Upsample"])])
         out = list(unet.out)
         if not out or not isinstance(out[-1], torch.nn.Conv2d):
             raise UnsupportedModelError(unsupported_message(f"a UNet whose out holds {_names(out)}"))
         self.paths["conv_out"] = f"out.{len(out) - 1}"
         self.view = view
 
-    @staticmethod
-    def _checked(level: _Level, where: str) -> _Level:
-        if level.attentions and len(level.attentions) != len(level.resnets):
-            raise UnsupportedModelError(unsupported_message(
-                f"a UNet whose {where} has a transformer after some resnets but not all (diffusers cannot name it)"))
-        return level
+    def _levels(self, blocks, start: int, side: str, native: str, closer: str, allowed) -> list[_Level]:
+        """The diffusers levels of a flat list of native blocks (from `start`): a block holding `closer` (a
+        Downsample, an Upsample) ends a level."""
+        levels, level = [], _Level()
+        for n in range(start, len(blocks)):
+            names = _names(blocks[n])
+            if names not in allowed:
+                raise UnsupportedModelError(unsupported_message(f"a UNet whose {native}.{n} holds {names}"))
+            for i, name in enumerate(names):
+                self._add(level, f"{side}.{len(levels)}", name, blocks[n], f"{native}.{n}", i)
+            if names[-1] == closer or (n == len(blocks) - 1 and level.resnets):
+                if level.attentions and len(level.attentions) != len(level.resnets):
+                    raise UnsupportedModelError(unsupported_message(
+                        f"a UNet whose {side.split('_')[0]} level {len(levels)} has a transformer after some "
+                        "resnets but not all (diffusers cannot name it)"))
+                levels.append(level)
+                level = _Level()
+        return levels
+
+    def _add(self, level: _Level, at: str, name: str, block, native: str, i: int) -> None:
+        """Module i of the native `block` (at path `native`) as the next of its kind in `level` (at path `at`)."""
+        kind = _KINDS[name]
+        getattr(level, kind).append(block[i])
+        self.paths[f"{at}.{kind}.{len(getattr(level, kind)) - 1}"] = f"{native}.{i}"
 
     def tap(self, tap: Tap, modules) -> Tap:
         """The native tap of a diffusers-side tap of this UNet: the same tap at the native module paths."""

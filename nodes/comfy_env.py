@@ -226,17 +226,23 @@ def interrupt_callback():
 
 
 # ---- memory --------------------------------------------------------------------------------------------------
-def _load_managed(module, device) -> None:
-    """Load `module` to `device` through ComfyUI's memory manager. Its ModelPatcher is kept on the module itself:
-    they live and die together (a registry outside would keep every module alive, as the patcher refers to it)."""
+def _load_managed(store: dict, key: str, modules: dict, device) -> None:
+    """Load `modules` to `device` through ComfyUI's memory manager, as one holder (a ModuleDict) built once and
+    cached in `store` under `key`: current ComfyUI assigns `.device` on what it manages, which a diffusers model
+    has as a read-only property. The holder's ModelPatcher is kept on the holder itself: they live and die
+    together (a registry outside would keep every module alive, as the patcher refers to it)."""
     import comfy.model_management as mm
     import comfy.model_patcher
+    import torch
 
-    patcher = module.__dict__.get("_df_comfy_patcher")
+    if key not in store:
+        store[key] = torch.nn.ModuleDict(modules)
+    holder = store[key]
+    patcher = holder.__dict__.get("_df_comfy_patcher")
     if patcher is None:
-        patcher = comfy.model_patcher.ModelPatcher(module, load_device=device,
+        patcher = comfy.model_patcher.ModelPatcher(holder, load_device=device,
                                                    offload_device=mm.unet_offload_device())
-        module.__dict__["_df_comfy_patcher"] = patcher
+        holder.__dict__["_df_comfy_patcher"] = patcher
     mm.load_models_gpu([patcher])
 
 
@@ -248,13 +254,9 @@ def manage(model) -> None:
         return
     import torch
 
-    holder = model.extra.get("comfy_holder")  # shared by the model's clones, like their modules
-    if holder is None:
-        holder = torch.nn.ModuleDict({"denoiser": model.denoiser, "vae": model.vae,
-                                      "text": torch.nn.ModuleList(model.text_encoders)})
-        model.extra["comfy_holder"] = holder
-    try:
-        _load_managed(holder, model.device)
+    try:  # the holder is kept in model.extra, shared by the model's clones like their modules
+        _load_managed(model.extra, "comfy_holder", {"denoiser": model.denoiser, "vae": model.vae,
+                                                    "text": torch.nn.ModuleList(model.text_encoders)}, model.device)
     except (TypeError, AttributeError) as e:  # another ComfyUI's ModelPatcher API: run unmanaged, say so once
         if not model.extra.get("unmanaged_warned"):
             log.warning("diffusion_feature: this ComfyUI's memory manager did not accept the model (%s); it stays "
@@ -263,19 +265,12 @@ def manage(model) -> None:
 
 
 def manage_module(module, device) -> None:
-    """The same for a lone module (a ControlNet): loaded to `device` under ComfyUI's memory management. ComfyUI
-    hands it a holder (a ModuleDict around it, kept on the module), as it does the main model's modules: current
-    ComfyUI assigns `.device` on what it manages, which a diffusers model has as a read-only property."""
+    """The same for a lone module (a ControlNet): loaded to `device` under ComfyUI's memory management, its
+    holder kept on the module."""
     if folder_paths is None:
         return
-    import torch
-
-    holder = module.__dict__.get("_df_comfy_holder")
-    if holder is None:
-        holder = torch.nn.ModuleDict({"module": module})
-        module.__dict__["_df_comfy_holder"] = holder
     try:
-        _load_managed(holder, device)
+        _load_managed(module.__dict__, "_df_comfy_holder", {"module": module}, device)
     except (TypeError, AttributeError) as e:
         log.warning("diffusion_feature: this ComfyUI's memory manager did not accept a module (%s); moving it to "
                     "%s directly", e, device)
