@@ -9,9 +9,10 @@ from .comfy_env import AnyOfTypes
 PRESET_TIP = "Add a preset: practical (the paper's choice), legacy (block outputs), full (every id: large)."
 
 
-def parse_layer_text(layers: str, preset: str) -> list[str]:
+def parse_layer_text(layers: str, preset: str, required: bool = True) -> list[str]:
     """The widget text (ids separated by commas or new lines) plus an optional preset, as one spec. JSON pasted
-    into the field is refused by name: split at commas it would only give ids that do not exist."""
+    into the field is refused by name: split at commas it would only give ids that do not exist. required: an
+    empty choice is an error (DFExtractNative may take its layers from DFCaptureLayers instead)."""
     opening = layers.lstrip()[:1]
     if opening in ("{", "["):
         what = 'a JSON object ({"id": true, ...})' if opening == "{" else "a JSON list"
@@ -19,6 +20,8 @@ def parse_layer_text(layers: str, preset: str) -> list[str]:
                            "separated, or save the JSON as a .json file in ComfyUI's input folder and type its name")
     items = [preset] if preset and preset != "none" else []
     items += [s for s in layers.replace(",", "\n").splitlines() if s.strip()]
+    if required and not items:
+        raise ValueError("no layers chosen: type layer ids or pick a preset")
     return [s.strip() for s in items]
 
 
@@ -41,10 +44,7 @@ class DFAttachHooks:
         }}
 
     def attach(self, model, layers, preset="none"):
-        spec = parse_layer_text(layers, preset)
-        if not spec:
-            raise ValueError("no layers chosen: type layer ids or pick a preset")
-        taps = resolve_taps(spec, model.denoiser, model.family)
+        taps = resolve_taps(parse_layer_text(layers, preset), model.denoiser, model.family)
         return (model.clone(layers=[t.id for t in taps]),)
 
 

@@ -18,8 +18,8 @@ _LAYERS_TIP = ("Layer ids, one per line or comma separated (e.g. up-level1-repea
                "file in the input folder. The layer picker fills this.")
 
 
-def _spec(layers: str, preset: str) -> list[str]:
-    spec = parse_layer_text(layers, preset)
+def _spec(layers: str, preset: str, required: bool = True) -> list[str]:
+    spec = parse_layer_text(layers, preset, required)
     return [str(comfy_env.layer_file(s)) if s.lower().endswith(".json") else s for s in spec]
 
 
@@ -66,8 +66,6 @@ class DFCaptureLayers:
     def capture(self, model, layers, preset="none", capture_steps="all", branch="cond", prompt=None,
                 unique_id=None):
         spec = _spec(layers, preset)
-        if not spec:
-            raise ValueError("no layers chosen: type layer ids or pick a preset")
         tapped, capture = capture_layers(model, spec, capture_steps, branch, device="cpu")
         _check_saves(capture.ids, prompt, unique_id)
         return tapped, capture
@@ -125,7 +123,8 @@ class DFExtractNative:
                 prompt=None, unique_id=None):
         on_batch = comfy_env.batch_progress(int(image.shape[0]))
         comfy_env.check_interrupt()
-        features = extract_native(model, vae, positive, image, _spec(layers, preset) or None, t, seed,
+        spec = _spec(layers, preset, required=False) or None  # None: the layers of DFCaptureLayers
+        features = extract_native(model, vae, positive, image, spec, t, seed,
                                   resize=resize, ensemble=ensemble, feature_resize=feature_resize, offload=offload,
                                   batch_size=batch_size, denoise_from=denoise_from or None,
                                   denoise_steps=denoise_steps, on_batch=on_batch,
