@@ -6,9 +6,12 @@ device copy cannot run it; instead the real network runs once under torch's Fake
 shapes only, no weight is read or copied and nothing is allocated, and the taps' own hooks (maps from q and k
 included) report the shapes they would store. The inputs take the model's inference dtype, as ComfyUI's own call
 does (fp8 and quantized weights compute in another dtype). Layers may cache per-device state on themselves (current
-ComfyUI's streamed weights do): every attribute the pass set is put back, so no fake tensor outlives it.
+ComfyUI's streamed weights do): every attribute the pass set is put back, so no fake tensor outlives it. Other
+code's hooks on the network are set aside for the pass (and put back after it): this is no model call of theirs.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -27,6 +30,10 @@ def _context_width(net: torch.nn.Module) -> int:
     raise ValueError("this network has no cross-attention to size the text embedding for")
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
 def layer_shapes(net: torch.nn.Module, family: str | None, height: int, width: int, dtype: torch.dtype,
                  layers="full") -> dict[str, list[int]]:
     """{layer id: per-sample shape} of `layers` (default every id) of a native UNetModel / PixArtMS at height x
@@ -40,6 +47,10 @@ def layer_shapes(net: torch.nn.Module, family: str | None, height: int, width: i
     like = {"dtype": dtype, "device": next(net.parameters()).device}
     saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in net.modules()]
     try:
+        for module, attributes, _, _ in saved:  # fresh hook dicts: the originals stay in `attributes`, untouched
+            for name in _HOOK_DICTS:
+                if name in attributes:
+                    vars(module)[name] = OrderedDict()
         with FakeTensorMode(allow_non_fake_inputs=True):
             x = torch.empty(1, net.in_channels, height // 8, width // 8, **like)
             context = torch.empty(1, tokens, _context_width(net), **like)

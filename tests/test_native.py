@@ -378,17 +378,15 @@ def test_multigpu_threads_with_copied_schedules_record_one_run(comfy, patchers):
 
     model = patchers["sd15"]
     bases = [model.model, copy.deepcopy(model.model)]  # device 0's network, device 1's copy
+    logs = [CallLog(base.diffusion_model, {"unet-out": "out.2"}, "middle_block.1.transformer_blocks.0.attn2")
+            for base in bases]
     both_inside = threading.Barrier(2, timeout=30)  # each step's two calls run at the same time, taps on
 
     def meet(*_):
         both_inside.wait()
 
-    # DFCaptureLayers sizes its features with one fake-tensor pass through the network (native/memory.py): the
-    # test's own hooks come after it, so that they see the sampling calls only
-    _, capture = capture_layers(model, ["unet-out"], steps="all", branch="both")
-    logs = [CallLog(base.diffusion_model, {"unet-out": "out.2"}, "middle_block.1.transformer_blocks.0.attn2")
-            for base in bases]
     probes = [b.diffusion_model.register_forward_pre_hook(meet) for b in bases]
+    _, capture = capture_layers(model, ["unet-out"], steps="all", branch="both")
     schedule = [2.0, 1.0, 0.5, 0.0]
     g = torch.Generator().manual_seed(5)
     xs = torch.randn(3, 2, 2, 4, *LATENT, generator=g)  # (step, device, image, ...)

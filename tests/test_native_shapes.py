@@ -41,10 +41,35 @@ def test_show_layers_of_a_native_model_equals_the_diffusers_catalog(comfy, kind)
     _zero_hooks(unet)
 
 
-def test_show_layers_runs_in_the_inference_dtype_and_leaves_no_layer_state(comfy):
+def test_the_shape_pass_is_no_model_call_for_other_hooks(comfy):
+    """DFShowLayers and DFCaptureLayers' memory plan run the network once on fake tensors: other code's hooks on it
+    do not see that pass, stay registered, and see the next real call."""
+    from diffusion_feature.native import capture_layers
+
+    twin = nc.diffusers_unet("sd15", as_model=True)
+    model = nc.model_patcher(comfy, "sd15", nc.comfy_state_dict(comfy, "sd15", twin.state_dict()))
+    unet = model.model.diffusion_model
+    seen = []
+    handles = [unet.register_forward_pre_hook(lambda m, a: seen.append("pre")),
+               unet.output_blocks[0][0].register_forward_hook(lambda m, a, o: seen.append(type(o).__name__))]
+    try:
+        DFShowLayers().show(model, width=64, height=64)
+        capture_layers(model, "practical")
+        assert seen == []
+        with torch.no_grad():
+            unet(torch.randn(1, 4, 8, 8), torch.tensor([1.0]), context=torch.randn(1, 7, 32))
+        assert seen == ["pre", "Tensor"]
+    finally:
+        for h in handles:
+            h.remove()
+    _zero_hooks(unet)
+
+
+def test_show_layers_runs_in_the_inference_dtype_and_leaves_no_layer_state(comfy, monkeypatch):
     """fp8-stored weights that ComfyUI computes in float32 (manual cast): the pass feeds the network float32, as
     ComfyUI's call does, and reports the right shapes. A layer that caches a cast weight on itself (current
     ComfyUI's streamed weights) keeps no fake tensor: a sample after DFShowLayers is bit-identical to one before."""
+    from diffusion_feature.native import shapes as shapes_module
     from test_native import _sample
 
     twin = nc.diffusers_unet("sd15", as_model=True)
@@ -57,11 +82,14 @@ def test_show_layers_runs_in_the_inference_dtype_and_leaves_no_layer_state(comfy
     fp8 = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
     assert next(base.diffusion_model.parameters()).dtype == torch.float8_e4m3fn
     seen = []
-    probe = base.diffusion_model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
-    try:
-        _, shapes = _parse(DFShowLayers().show(fp8, width=192, height=128)["result"][0])
-    finally:
-        probe.remove()
+
+    class Spy(shapes_module.FeatureCapture):  # the pass's input, as the network receives it
+        def run(self, x, *args, **kwargs):
+            seen.append(x.dtype)
+            return super().run(x, *args, **kwargs)
+
+    monkeypatch.setattr(shapes_module, "FeatureCapture", Spy)
+    _, shapes = _parse(DFShowLayers().show(fp8, width=192, height=128)["result"][0])
     assert seen == [torch.float32]
     assert shapes == compute_shapes(twin.to("meta"), 128, 192)
 
