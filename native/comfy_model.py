@@ -94,7 +94,7 @@ def capture_layers(model, layers, steps="all", branch: str = "cond", *, dtype: t
     family = native_family(model)
     capture = NativeCapture(native_taps(layers, unet, family), steps, branch, family=family, dtype=dtype,
                             device=device)
-    capture.sizes = feature_sizes(unet, family, capture.taps)  # before sampling: see memory.FeatureSizes
+    capture.sizes = feature_sizes(unet, family, capture.taps, inference_dtype(model))  # see memory.FeatureSizes
     return _wrapped(model, capture.key), capture
 
 

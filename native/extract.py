@@ -112,7 +112,8 @@ def extract_native(model, vae, positive, images: torch.Tensor, layers=None, t: i
     pixels, input_size = _pixels(images, native_side, resize, size)  # (B, 3, H, W) in [-1, 1], as DFExtractFeatures
     height, width = pixels.shape[-2:]
     net = comfy_model.diffusion_model(model)
-    check_extraction(net, family, layers, pixels.shape[0], height, width, dtype=dtype, ensemble=ensemble,
+    check_extraction(net, family, layers, pixels.shape[0], height, width, dtype=dtype,
+                     compute_dtype=comfy_model.inference_dtype(model), ensemble=ensemble,
                      store="cpu" if offload else getattr(model, "load_device", next(net.parameters()).device),
                      feature_resize=feature_resize, batch_size=batch_size)
     comfy_pixels = ((pixels + 1.0) / 2.0).permute(0, 2, 3, 1).contiguous()  # ComfyUI IMAGE, 0..1

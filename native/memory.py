@@ -29,13 +29,6 @@ EXTRACT_ADVICE = ("extract fewer layers (attention maps above all), fewer images
                   "feature_resize > 1")
 
 
-def inference_dtype(net: torch.nn.Module) -> torch.dtype:
-    """The dtype the network's activations (and so captured features) have: ComfyUI's networks cast their input
-    to their `dtype`; else the weights' dtype."""
-    dtype = getattr(net, "dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) else next(net.parameters()).dtype
-
-
 _REF = 64  # the latent side of the reference pass (512 pixels for the SD families)
 
 
@@ -46,6 +39,7 @@ class FeatureSizes:
     queries follow the latent grid, self-attention keys too, cross-attention keys (text tokens) stay."""
 
     shapes: tuple  # ((tap id, shape at _REF x _REF latent), ...)
+    dtype: torch.dtype  # the network's compute dtype: its activations', so the features' unless told otherwise
 
     def sample_bytes(self, latent_hw, dtype: torch.dtype, feature_resize: int = 1) -> int:
         """Bytes of one sample's features at latent_hw, stored in `dtype`, spatial ones pooled by feature_resize."""
@@ -64,12 +58,13 @@ class FeatureSizes:
         return total * dtype.itemsize
 
 
-def feature_sizes(net: torch.nn.Module, family: str | None, taps) -> FeatureSizes:
-    """FeatureSizes of `taps` from one fake-tensor pass (shapes.layer_shapes: nothing computed or allocated)."""
+def feature_sizes(net: torch.nn.Module, family: str | None, taps, dtype: torch.dtype) -> FeatureSizes:
+    """FeatureSizes of `taps` from one fake-tensor pass (shapes.layer_shapes: nothing computed or allocated) in the
+    model's compute dtype (comfy_model.inference_dtype)."""
     from .shapes import layer_shapes
 
-    shapes = layer_shapes(net, family, _REF * 8, _REF * 8, inference_dtype(net), [t.id for t in taps])
-    return FeatureSizes(tuple((t.id, tuple(shapes[t.id])) for t in taps))
+    shapes = layer_shapes(net, family, _REF * 8, _REF * 8, dtype, [t.id for t in taps])
+    return FeatureSizes(tuple((t.id, tuple(shapes[t.id])) for t in taps), dtype)
 
 
 def _check(needs_of, n: int, unit: str, subject: str, advice: str, where: str = "") -> None:
@@ -85,7 +80,7 @@ def check_capture(net: torch.nn.Module, sizes: FeatureSizes, x_shape, rows: int,
                   dtype: torch.dtype | None, device) -> None:
     """Refuse a capture of `rows` rows at each of `steps` steps of latents shaped x_shape whose features (and
     DFCollectFeatures' stacked copy) would not fit where they are stored, naming the most steps that fit."""
-    per_row = sizes.sample_bytes(x_shape[-2:], dtype or inference_dtype(net))
+    per_row = sizes.sample_bytes(x_shape[-2:], dtype or sizes.dtype)
     store = torch.device(device) if device is not None else next(net.parameters()).device
 
     def needs(k):
@@ -101,13 +96,15 @@ def check_capture(net: torch.nn.Module, sizes: FeatureSizes, x_shape, rows: int,
 
 
 def check_extraction(net: torch.nn.Module, family: str | None, layers, images: int, height: int, width: int, *,
-                     dtype: torch.dtype | None, store, ensemble: int = 1, feature_resize: int = 1,
-                     batch_size: int = 4) -> None:
+                     dtype: torch.dtype | None, compute_dtype: torch.dtype, store, ensemble: int = 1,
+                     feature_resize: int = 1, batch_size: int = 4) -> None:
     """Refuse a DFExtractNative run whose features would not fit on `store`: every image's in the output, a batch
-    in flight and an ensemble's float32 sums; naming how many images do."""
-    final = dtype or inference_dtype(net)
+    in flight and an ensemble's float32 sums; naming how many images do. compute_dtype: the model's
+    (comfy_model.inference_dtype), the features' unless `dtype` says otherwise."""
+    final = dtype or compute_dtype
     taps = native_taps(layers, net, family)
-    per_image = feature_sizes(net, family, taps).sample_bytes((height // 8, width // 8), final, feature_resize)
+    sizes = feature_sizes(net, family, taps, compute_dtype)
+    per_image = sizes.sample_bytes((height // 8, width // 8), final, feature_resize)
 
     def needs(n):
         plan: dict = {}
