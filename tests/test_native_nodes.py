@@ -214,7 +214,7 @@ def test_failed_and_interrupted_extractions_leave_no_hooks(comfy, models):
     checks = []
 
     def cancel():  # Cancel pressed during the forward: honoured at the next block, not after the whole call
-        checks.append(hook_counts(unet)["forward_pre_hooks"])
+        checks.append(residue(unet)["forward_pre_hooks"])
         if len(checks) == 3:
             raise comfy.model_management.InterruptProcessingException()
 
