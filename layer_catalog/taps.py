@@ -39,10 +39,6 @@ class Tap:
     key_part: tuple[int, int] | None = None
     attention_path: str | None = None
 
-    @property
-    def paths(self) -> tuple[str | None, ...]:
-        return (self.module_path, self.grid_path, self.key_path, self.attention_path)
-
 
 def is_unet(model: torch.nn.Module) -> bool:
     return hasattr(model, "down_blocks") and hasattr(model, "conv_in")

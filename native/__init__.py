@@ -9,11 +9,11 @@ captured per model call during ordinary sampling. Only `comfy_model` touches Com
 """
 from ..layer_catalog.hooks import TokenGridError  # the hook engine's: one class for both engines
 from .capture import BRANCHES, NativeCapture, NoCaptureError, Record
-from .comfy_model import call_hooks, capture_layers, diffusion_model, model_layer_ids, native_family
+from .comfy_model import capture_layers, diffusion_model, model_layer_ids, native_family
 from .names import SUPPORTED_FAMILIES, NativeLayout, UnsupportedModelError, is_native_unet, native_ids, native_taps
 
 __all__ = [
-    "BRANCHES", "NativeCapture", "NoCaptureError", "Record", "call_hooks", "capture_layers", "diffusion_model",
+    "BRANCHES", "NativeCapture", "NoCaptureError", "Record", "capture_layers", "diffusion_model",
     "model_layer_ids", "native_family", "SUPPORTED_FAMILIES", "NativeLayout", "UnsupportedModelError",
     "is_native_unet", "native_ids", "native_taps", "TokenGridError",
 ]

@@ -229,9 +229,6 @@ class NativeCapture:
             return None
         return CallPlan(self._run, step, torch.tensor(rows, dtype=torch.long), labels, keys)
 
-    def hooks(self, unet: torch.nn.Module, plan: CallPlan) -> FeatureCapture:
-        return FeatureCapture(unet, self.taps, rows=plan.rows, dtype=self.dtype, device=self.device)
-
     def commit(self, plan: CallPlan, hooks: FeatureCapture) -> None:
         if plan.run != self._run or not self._seen.isdisjoint(plan.keys):  # replaced meanwhile, or came second
             return
@@ -249,7 +246,7 @@ class NativeCapture:
 
             check_capture(unet, self.sizes, x.shape, len(plan.rows), len(self._wanted) if self._wanted else 1,
                           dtype=self.dtype, device=self.device)
-        with self.hooks(unet, plan) as hooks:
+        with FeatureCapture(unet, self.taps, rows=plan.rows, dtype=self.dtype, device=self.device) as hooks:
             out = hooks.call(call)  # raises when a tap never fired
         with self._lock:
             self.commit(plan, hooks)

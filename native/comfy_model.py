@@ -6,7 +6,6 @@ single `model_function_wrapper` slot of the 2024-03 one, which we chain rather t
 """
 from __future__ import annotations
 
-import contextlib
 import weakref
 
 import torch
@@ -39,15 +38,13 @@ def diffusion_model(model) -> torch.nn.Module:
     unet = base.diffusion_model
     config = getattr(base, "model_config", None)
     owner = f"ComfyUI's {type(base).__name__} model" + (f" ({type(config).__name__})" if config is not None else "")
-    if type(unet).__name__ == "PixArtMS" and is_native_pixart(unet):
-        LIVE_NETWORKS.add(unet)
-        return unet
-    if type(unet).__name__ != "UNetModel" or getattr(unet, "num_classes", None) not in (None, "sequential"):
-        raise UnsupportedModelError(unsupported_message(f"{owner} with network {type(unet).__name__}"))
-    try:
-        NativeLayout(unet)
-    except UnsupportedModelError as e:
-        raise UnsupportedModelError(f"{owner}: {e}") from None
+    if not (type(unet).__name__ == "PixArtMS" and is_native_pixart(unet)):
+        if type(unet).__name__ != "UNetModel" or getattr(unet, "num_classes", None) not in (None, "sequential"):
+            raise UnsupportedModelError(unsupported_message(f"{owner} with network {type(unet).__name__}"))
+        try:
+            NativeLayout(unet)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"{owner}: {e}") from None
     LIVE_NETWORKS.add(unet)
     return unet
 
@@ -113,23 +110,6 @@ def _wrapped(model, key: str):
         inner = tapped.model_options.get("model_function_wrapper")
         tapped.set_model_unet_function_wrapper(UnetFunctionWrapper(key, inner))
     return tapped
-
-
-@contextlib.contextmanager
-def call_hooks(model, layers, *, rows: torch.Tensor | None = None, dtype: torch.dtype | None = None, device=None,
-               early_exit: bool = False):
-    """Hooks on MODEL's UNet for the calls made inside the block (direct extraction, one forward):
-
-        with call_hooks(model, ids, early_exit=True) as hooks:
-            hooks.call(model.model.apply_model, x, sigma, c_crossattn=context)
-        hooks.features
-
-    Removed on exit, whatever happened inside."""
-    unet = diffusion_model(model)
-    with FeatureCapture(unet, native_taps(layers, unet, native_family(model)), rows=rows, dtype=dtype, device=device,
-                   early_exit=early_exit) as hooks:
-        yield hooks
-
 
 
 # ---- DFCaptureLayers' MODEL seen by other nodes ------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 import native_comfy as nc
 from diffusion_feature.layer_catalog import FeatureCapture, LayerIdError, family_ids, residue, resolve_taps
-from diffusion_feature.native import (call_hooks, NativeLayout, NoCaptureError, UnsupportedModelError, capture_layers,
+from diffusion_feature.native import (NativeLayout, NoCaptureError, UnsupportedModelError, capture_layers,
                                       model_layer_ids, native_family, native_ids, native_taps)
 
 LATENT = (8, 16)  # non-square on purpose
@@ -614,10 +614,10 @@ def test_direct_call_hooks_with_early_exit(comfy, patchers):
     probe = dict(unet.named_modules())["output_blocks.0.0"].register_forward_hook(lambda *a: fired.append(1))
     try:
         with torch.no_grad():
-            with call_hooks(model, ids, early_exit=True) as early:
+            with FeatureCapture(unet, native_taps(ids, unet), early_exit=True) as early:
                 assert early.call(base.apply_model, x, sigma, c_crossattn=ctx) is None
             assert not fired  # stopped in the down path
-            with call_hooks(model, ids) as full:
+            with FeatureCapture(unet, native_taps(ids, unet)) as full:
                 out = full.call(base.apply_model, x, sigma, c_crossattn=ctx)
     finally:
         probe.remove()
