@@ -115,7 +115,8 @@ def extract_native(model, vae, positive, images: torch.Tensor, layers=None, t: i
     check_extraction(net, family, layers, pixels.shape[0], height, width, dtype=dtype,
                      compute_dtype=comfy_model.inference_dtype(model), ensemble=ensemble,
                      store="cpu" if offload else getattr(model, "load_device", next(net.parameters()).device),
-                     feature_resize=feature_resize, batch_size=batch_size)
+                     feature_resize=feature_resize, batch_size=batch_size,
+                     known=getattr(comfy_model.capture_of(model), "sizes", None))
     comfy_pixels = ((pixels + 1.0) / 2.0).permute(0, 2, 3, 1).contiguous()  # ComfyUI IMAGE, 0..1
 
     def chunk(start, stop):

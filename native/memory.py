@@ -97,13 +97,15 @@ def check_capture(net: torch.nn.Module, sizes: FeatureSizes, x_shape, rows: int,
 
 def check_extraction(net: torch.nn.Module, family: str | None, layers, images: int, height: int, width: int, *,
                      dtype: torch.dtype | None, compute_dtype: torch.dtype, store, ensemble: int = 1,
-                     feature_resize: int = 1, batch_size: int = 4) -> None:
+                     feature_resize: int = 1, batch_size: int = 4, known: FeatureSizes | None = None) -> None:
     """Refuse a DFExtractNative run whose features would not fit on `store`: every image's in the output, a batch
     in flight and an ensemble's float32 sums; naming how many images do. compute_dtype: the model's
-    (comfy_model.inference_dtype), the features' unless `dtype` says otherwise."""
+    (comfy_model.inference_dtype), the features' unless `dtype` says otherwise. known: sizes already measured
+    (the DFCaptureLayers capture the MODEL came through), used when they are of these taps: no second pass."""
     final = dtype or compute_dtype
     taps = native_taps(layers, net, family)
-    sizes = feature_sizes(net, family, taps, compute_dtype)
+    same = known is not None and known.dtype == compute_dtype and [i for i, _ in known.shapes] == [t.id for t in taps]
+    sizes = known if same else feature_sizes(net, family, taps, compute_dtype)
     per_image = sizes.sample_bytes((height // 8, width // 8), final, feature_resize)
 
     def needs(n):

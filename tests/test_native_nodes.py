@@ -570,6 +570,25 @@ def test_native_memory_guard_refuses_a_capture_at_its_first_model_call(comfy, mo
     _zero_hooks(model.model.diffusion_model)
 
 
+def test_extraction_after_capture_layers_sizes_its_features_once(comfy, models, monkeypatch):
+    """DFExtractNative on a MODEL from DFCaptureLayers reuses the capture's measured feature sizes for its memory
+    plan (no second fake-tensor pass); other layers get their own pass."""
+    from diffusion_feature.native import shapes
+    from diffusion_feature.native.extract import extract_native
+
+    passes = []
+    original = shapes.layer_shapes
+    monkeypatch.setattr(shapes, "layer_shapes", lambda *a, **k: passes.append(1) or original(*a, **k))
+    ids = ["up-level2-repeat1-res-out"]
+    tapped, _ = capture_layers(models["sd15"], ids)
+    ctx = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(4))
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
+    features = extract_native(tapped, _comfy_vae(comfy), [[ctx, {}]], image, None, t=50, seed=7, size="64x64")
+    assert list(features.tensors) == ids and len(passes) == 1
+    extract_native(tapped, _comfy_vae(comfy), [[ctx, {}]], image, ["unet-out"], t=50, seed=7, size="64x64")
+    assert len(passes) == 2
+
+
 def test_native_extraction_guard_float_images_and_the_prompt_text(comfy, models, monkeypatch):
     """DFExtractNative: the prompt text comes from the graph's CLIP Text Encode, through Apply ControlNet; a float
     IMAGE reaches the VAE as it is (no 8-bit round trip: the features equal those of the image encoded directly);
