@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..layer_catalog import FeatureCapture, resolve_taps
-from ..layer_catalog.taps import is_pixart
+from ..layer_catalog.tap import is_pixart
 from . import memory_guard
 from .conditioning import Conditioning, with_time_ids
 from .driver import capture_dtype, check_batch_size, check_ensemble, ensemble_features, features_meta, fill_batches

@@ -17,7 +17,7 @@ import torch
 
 from ..layer_catalog import FeatureCapture, get_family, resolve_taps
 from ..layer_catalog.errors import echo
-from ..layer_catalog.taps import is_pixart
+from ..layer_catalog.tap import is_pixart
 from .control import check_controls, control_residuals
 from .ddim import eps_output
 from . import memory_guard

@@ -17,7 +17,7 @@ import torch
 
 from ..layer_catalog import FeatureCapture, resolve_taps
 from ..layer_catalog.errors import DiffusionFeatureError, echo
-from ..layer_catalog.taps import is_pixart
+from ..layer_catalog.tap import is_pixart
 from .ddim import eps_output, move_between
 from .conditioning import Conditioning, with_time_ids
 from .extraction import _pixels, encode_latents

@@ -13,7 +13,8 @@ from .grammar import LayerId, LayerIdSyntaxError, format_id, parse_id
 from .hooks import FeatureCapture, TokenGridError, residue
 from .injection import FeatureInjection
 from .resolver import LayerIdError, nearest_ids, resolve_layers, resolve_taps
-from .taps import KINDS, Tap, enumerate_ids, tap_for, taps_of
+from .tap import KINDS, Tap
+from .taps import enumerate_ids, tap_for, taps_of
 
 __all__ = [
     "PRESET_NAMES", "build_catalog", "compute_shapes", "family_ids", "family_shapes", "load_catalog", "parse_size",

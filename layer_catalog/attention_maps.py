@@ -28,6 +28,46 @@ def attention_params(attention: torch.nn.Module) -> tuple[int, bool]:
     return heads, upcast
 
 
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, heads * d) -> (B, heads, N, d); a tensor already per head, (B, heads, N, d), is left as it is."""
+    if x.dim() == 4:
+        return x
+    b, n, inner = x.shape
+    if inner % heads:
+        raise ValueError(f"projection width {inner} is not a multiple of {heads} heads")
+    return x.reshape(b, n, heads, inner // heads).transpose(1, 2)
+
+
+def _diffusers_rope(q: torch.Tensor, k: torch.Tensor, emb):
+    from diffusers.models.embeddings import apply_rotary_emb  # the function diffusers' Flux attention calls
+
+    return apply_rotary_emb(q, emb, sequence_dim=2), apply_rotary_emb(k, emb, sequence_dim=2)
+
+
+# Rotary embeddings by the name a Tap gives (its `rope`): each the model's own function, applied to q and k
+# (B, heads, N, d) with the embedding the model passed. The native backend registers ComfyUI's ("comfy").
+ROPES = {"diffusers": _diffusers_rope}
+
+
+def apply_rope(kind: str, q: torch.Tensor, k: torch.Tensor, emb):
+    if kind not in ROPES:
+        raise ValueError(f"no rotary embedding {kind!r} is registered (known: {', '.join(ROPES)})")
+    return ROPES[kind](q, k, emb)
+
+
+def head_probs(qh: torch.Tensor, kh: torch.Tensor, upcast: bool = False,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) for per-head q (B, heads, Nq, d) and k (B, heads, Nk, d), in one buffer."""
+    dtype, d = qh.dtype, qh.shape[-1]
+    if upcast:
+        qh, kh = qh.float(), kh.float()
+    scores = torch.matmul(qh, kh.transpose(-1, -2)).mul_(d ** -0.5)
+    if mask is not None:
+        scores.add_(mask.to(scores.dtype))
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(dim=-1, keepdim=True, dtype=torch.float32)).to(dtype)
+
+
 def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int, upcast: bool = False,
                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) per head from projections shaped (B, N, heads * d): (B, heads, Nq, Nk).
@@ -37,17 +77,4 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int, upcast: bool =
     scores in float32 (diffusers' upcast_attention, ComfyUI's attn_precision=float32). `mask`: an additive bias
     broadcastable to (B, heads, Nq, Nk). The result has q's dtype.
     """
-    b, nq, inner = q.shape
-    if inner % heads:
-        raise ValueError(f"projection width {inner} is not a multiple of {heads} heads")
-    d = inner // heads
-    dtype = q.dtype
-    qh = q.reshape(b, nq, heads, d).transpose(1, 2)
-    kh = k.reshape(k.shape[0], k.shape[1], heads, d).transpose(1, 2)
-    if upcast:
-        qh, kh = qh.float(), kh.float()
-    scores = torch.matmul(qh, kh.transpose(-1, -2)).mul_(d ** -0.5)
-    if mask is not None:
-        scores.add_(mask.to(scores.dtype))
-    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-    return scores.div_(scores.sum(dim=-1, keepdim=True, dtype=torch.float32)).to(dtype)
+    return head_probs(split_heads(q, heads), split_heads(k, heads), upcast, mask)

@@ -48,7 +48,8 @@ def compute_shapes(model: torch.nn.Module, height: int, width: int, text_tokens:
     if not was_meta:
         raise ValueError("compute_shapes runs on a meta-device model (use families.meta_denoiser or to('meta'))")
     ids = enumerate_ids(model) if ids is None else list(ids)
-    with torch.no_grad(), FeatureCapture(model, taps_of(model, ids)) as capture:
+    grid = (height // 8, width // 8)  # the latent, for networks whose input does not show it
+    with torch.no_grad(), FeatureCapture(model, taps_of(model, ids), token_grid=grid) as capture:
         capture.run(**dummy_inputs(model, height, width, text_tokens=text_tokens))
     return {i: list(capture.features[i].shape[1:]) for i in ids}
 

@@ -15,9 +15,17 @@ BLOCK_SUFFIXES = ("self-q", "self-k", "self-v", "self-map", "cross-q", "cross-ma
 MAP_SUFFIXES = ("self-map", "cross-map")
 RES_SUFFIXES = ("increment", "out")
 UNET_ENDS = ("in", "after-conv-in", "out")
+# Diffusion transformers (Flux, SD3): taps of one block's image stream, in forward order; each but the maps also
+# exists for the text stream as "txt-<suffix>". Maps are image queries over text keys (cross) / image keys (self).
+DIT_SUFFIXES = ("in", "norm-out", "q", "k", "v", "cross-map", "self-map", "attn-out", "ffn-inner", "out")
+DIT_TEXT_SUFFIXES = tuple(f"txt-{s}" for s in DIT_SUFFIXES if s not in MAP_SUFFIXES)
+DIT_ENDS = ("in", "embed", "out")
 
 _SUF = "|".join(re.escape(s) for s in BLOCK_SUFFIXES)
+_FLAT_SUF = "|".join(re.escape(s) for s in sorted({*BLOCK_SUFFIXES, *DIT_SUFFIXES, *DIT_TEXT_SUFFIXES}, key=len,
+                                                   reverse=True))
 _PATTERNS = (
+    ("dit", re.compile(r"dit-(?P<suffix>in|embed|out)")),
     ("unet", re.compile(r"unet-(?P<suffix>in|after-conv-in|out)")),
     ("res", re.compile(r"(?P<stage>down|up)-level(?P<level>\d+)-repeat(?P<repeat>\d+)-res-(?P<suffix>increment|out)")),
     ("res", re.compile(r"(?P<stage>mid)-repeat(?P<repeat>\d+)-res-(?P<suffix>increment|out)")),
@@ -25,7 +33,7 @@ _PATTERNS = (
     ("vit", re.compile(r"(?P<stage>mid)-vit-out")),
     ("block", re.compile(rf"(?P<stage>down|up)-level(?P<level>\d+)-repeat(?P<repeat>\d+)-vit-block(?P<block>\d+)-(?P<suffix>{_SUF})")),
     ("block", re.compile(rf"(?P<stage>mid)-vit-block(?P<block>\d+)-(?P<suffix>{_SUF})")),
-    ("block", re.compile(rf"vit-block(?P<block>\d+)-(?P<suffix>{_SUF})")),
+    ("block", re.compile(rf"vit-block(?P<block>\d+)-(?P<suffix>{_FLAT_SUF})")),
     ("sampler", re.compile(r"(?P<stage>down)-level(?P<level>\d+)-(?P<suffix>downsampler)-out")),
     ("sampler", re.compile(r"(?P<stage>up)-level(?P<level>\d+)-(?P<suffix>upsampler)-out")),
 )
@@ -39,9 +47,10 @@ class LayerIdSyntaxError(DiffusionFeatureError, ValueError):
 class LayerId:
     """A parsed layer id.
 
-    part: 'unet' (unet-in/after-conv-in/out), 'res' (a resnet), 'vit' (a whole transformer's output),
+    part: 'unet' (unet-in/after-conv-in/out), 'dit' (dit-in/embed/out), 'res' (a resnet), 'vit' (a whole
+    transformer's output),
     'block' (a tap inside one transformer block), 'sampler' (down/upsampler output).
-    stage: 'down', 'mid', 'up', or None (unet-* ids and PixArt's block ids).
+    stage: 'down', 'mid', 'up', or None (unet-* and dit-* ids, and the block ids of transformers).
     """
 
     part: str
@@ -71,11 +80,11 @@ def parse_id(text: str) -> LayerId:
 
 def format_id(lid: LayerId) -> str:
     """Write a LayerId back as its string."""
-    if lid.part == "unet":
-        return f"unet-{lid.suffix}"
+    if lid.part in ("unet", "dit"):
+        return f"{lid.part}-{lid.suffix}"
     if lid.part == "sampler":
         return f"{lid.stage}-level{lid.level}-{lid.suffix}-out"
-    if lid.stage is None:  # PixArt: blocks sit directly in the model
+    if lid.stage is None:  # transformers: blocks sit directly in the model
         return f"vit-block{lid.block}-{lid.suffix}"
     where = "mid" if lid.stage == "mid" else f"{lid.stage}-level{lid.level}"
     if lid.part == "res":

@@ -17,10 +17,10 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .attention_maps import attention_params, attention_probs
+from .attention_maps import apply_rope, attention_params, attention_probs, head_probs, split_heads
 from .errors import DiffusionFeatureError, echo
 from .hook_set import AttachedHooks, HookSet, module_lookup
-from .taps import Tap
+from .tap import Tap
 
 # The names under which the hooked modules take their input: diffusers' blocks and attentions take hidden_states,
 # its UNet sample, ComfyUI's blocks x.
@@ -65,6 +65,17 @@ def tokens_to_grid(layer_id: str, x: torch.Tensor, grid: tuple[int, int]) -> tor
     return x.transpose(1, 2).reshape(b, c, h, w)
 
 
+def unpack_tokens(layer_id: str, x: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:
+    """(B, N, C * p * p) patchified tokens (channel, then patch row, then patch column, as Flux packs its latent)
+    -> (B, C, h * p, w * p)."""
+    h, w = grid
+    b, n, cpp = x.shape
+    if n != h * w or cpp % (patch * patch):
+        raise TokenGridError(f"{layer_id}: {n} tokens of width {cpp} are not a {h}x{w} grid of {patch}x{patch} patches")
+    c = cpp // (patch * patch)
+    return x.reshape(b, h, w, c, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h * patch, w * patch)
+
+
 def pool_spatial(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Average-pool the last two (spatial) dimensions to (H // factor, W // factor), each at least 1."""
     h, w = x.shape[-2:]
@@ -89,12 +100,38 @@ def _slice(x: torch.Tensor, part: tuple[int, int] | None) -> torch.Tensor:
     return x[..., i * width:(i + 1) * width]
 
 
+def _pick_output(output, item):
+    return _first_tensor(output) if item is None else output[item]
+
+
+def _pick_input(args, kwargs, item):
+    if item is None:
+        return first_input(args, kwargs)
+    name, position = item
+    return kwargs[name] if name in kwargs else args[position]
+
+
+def _merge_heads(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """Per-head tensors as (B, N, heads * d)."""
+    if layout == "bnhd":
+        return x.flatten(2)
+    if layout == "bhnd":
+        return x.transpose(1, 2).flatten(2)
+    return x
+
+
+def _ceil_div(n: int, d: int) -> int:
+    return -(-n // d)  # patchifying networks pad a side that the patch does not divide
+
+
 class FeatureCapture(AttachedHooks):
     """Captures the tensors of `taps` on every forward of `model` while the context is open.
 
     dtype / device: where captured tensors go (None keeps the tensor's own; device="cpu" offloads as captured).
     feature_resize: an integer factor f >= 1; spatial taps are average-pooled to (H // f, W // f). Maps never.
     early_exit: `run` / `call` stop the forward once every tap has fired (returning None).
+    token_grid: (H, W) of the latent for networks whose input does not show it (diffusers' Flux takes packed
+    tokens); taps without a grid_path read their grid from it.
     on_capture: optional callback(layer_id, tensor) after each capture (e.g. to count or stream).
     enabled / rows: attributes a multi-step run may change between forwards: `enabled = False` makes the hooks
     return at once (steps that are not captured); `rows` (None for all, a slice, or a 1-D LongTensor of row
@@ -105,7 +142,7 @@ class FeatureCapture(AttachedHooks):
     def __init__(self, model: torch.nn.Module, taps: Iterable[Tap], *, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, feature_resize: int = 1, early_exit: bool = False,
                  on_capture: Callable[[str, torch.Tensor], None] | None = None,
-                 rows: slice | torch.Tensor | None = None):
+                 rows: slice | torch.Tensor | None = None, token_grid: tuple[int, int] | None = None):
         self.model = model
         self.taps = list(taps)
         ids = [t.id for t in self.taps]
@@ -117,23 +154,30 @@ class FeatureCapture(AttachedHooks):
         self.feature_resize, self.early_exit, self.on_capture = feature_resize, early_exit, on_capture
         self.enabled = True
         self.rows = rows
+        self.token_grid = token_grid
         self.features: dict[str, torch.Tensor] = {}
-        self._grids: dict[tuple[str, int], tuple[int, int]] = {}
+        self._grids: dict[tuple[str | None, int], tuple[int, int]] = {}
+        self._texts: dict[str, int] = {}
         self._queries: dict[str, tuple[torch.Tensor, int]] = {}
         self._masks: dict[str, torch.Tensor] = {}
+        self._pieces: dict[str, dict[str, torch.Tensor]] = {}
 
     # ---- attach (AttachedHooks removes it all when the block ends) ------------------------------------------
     def _attach(self, hooks: HookSet) -> None:
         module = module_lookup(self.model, "network")
-        for grid in {(t.grid_path, t.grid_divisor) for t in self.taps if t.kind in ("tokens", "map")
+        for grid in {(t.grid_path, t.grid_divisor) for t in self.taps if t.kind in ("tokens", "packed", "map")
                      and t.grid_path is not None}:
             hooks.forward_pre_hook(module(grid[0]), self._grid_hook(grid), with_kwargs=True)
+        for path in {t.text_path for t in self.taps if t.text_path is not None}:
+            hooks.forward_pre_hook(module(path), self._text_hook(path), with_kwargs=True)
         for tap in self.taps:
             target = module(tap.module_path)
-            if tap.kind == "input":
+            if tap.kind == "input" or tap.at == "input":
                 hooks.forward_pre_hook(target, self._input_hook(tap), with_kwargs=True)
             elif tap.kind != "map":
                 hooks.forward_hook(target, self._output_hook(tap))
+            elif tap.text_path is not None:
+                self._attach_joint_map(hooks, module, tap)
             else:
                 attention = module(tap.attention_path)
                 heads, upcast = attention_params(attention)
@@ -145,9 +189,20 @@ class FeatureCapture(AttachedHooks):
                     hooks.forward_hook(target, self._query_hook(tap))
                     hooks.forward_hook(module(tap.key_path), self._key_hook(tap, heads, upcast))
 
+    def _attach_joint_map(self, hooks: HookSet, module, tap: Tap) -> None:
+        heads, upcast = attention_params(module(tap.attention_path))
+        roles = {"q": tap.module_path, "k": tap.key_path}
+        if tap.text_query_path is not None:
+            roles.update(q_txt=tap.text_query_path, k_txt=tap.text_key_path)
+        for role, path in roles.items():
+            hooks.forward_hook(module(path), self._piece_hook(tap, role, len(roles), heads, upcast))
+        if tap.rope is not None:
+            hooks.forward_pre_hook(module(tap.rope_path), self._rope_hook(tap), with_kwargs=True)
+
     def _detached(self) -> None:
         self._queries.clear()
         self._masks.clear()
+        self._pieces.clear()
 
     # ---- hooks -----------------------------------------------------------------------------------------
     def _select(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,18 +216,81 @@ class FeatureCapture(AttachedHooks):
     def _grid_hook(self, grid: tuple[str, int]):
         def hook(_module, args, kwargs):
             x = first_input(args, kwargs)
-            self._grids[grid] = (x.shape[-2] // grid[1], x.shape[-1] // grid[1])
+            self._grids[grid] = (_ceil_div(x.shape[-2], grid[1]), _ceil_div(x.shape[-1], grid[1]))
         return hook
+
+    def _grid(self, tap: Tap) -> tuple[int, int]:
+        if tap.grid_path is None:
+            if self.token_grid is None:
+                raise RuntimeError(f"{tap.id}: this network does not show its token grid; pass token_grid")
+            return tuple(_ceil_div(n, tap.grid_divisor) for n in self.token_grid)
+        return self._grids[(tap.grid_path, tap.grid_divisor)]
+
+    def _text_hook(self, path: str):
+        def hook(_module, args, kwargs):
+            self._texts[path] = first_input(args, kwargs).shape[1]
+        return hook
+
+    def _span(self, tap: Tap, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The text or image part of a joint [text, image, ...] sequence (image: the generated image's tokens)."""
+        if tap.span is None or tap.kind == "map":
+            return x
+        text = self._texts[tap.text_path]
+        if tap.span == "text":
+            return x.narrow(dim, 0, text)
+        h, w = self._grid(tap)
+        return x.narrow(dim, text, h * w)
+
+    def _read(self, tap: Tap, x: torch.Tensor) -> torch.Tensor:
+        x = _slice(_merge_heads(x, tap.layout), tap.part)
+        if tap.columns is not None:
+            x = x[..., tap.columns[0]:tap.columns[1]]
+        return self._span(tap, x)
 
     def _input_hook(self, tap: Tap):
         def hook(_module, args, kwargs):
-            self._store(tap, first_input(args, kwargs))
+            self._store(tap, self._read(tap, _pick_input(args, kwargs, tap.item)))
         return hook
 
     def _output_hook(self, tap: Tap):
         def hook(_module, _args, output):
-            self._store(tap, _slice(_first_tensor(output), tap.part))
+            self._store(tap, self._read(tap, _pick_output(output, tap.item)))
         return hook
+
+    def _rope_hook(self, tap: Tap):
+        def hook(_module, args, kwargs):
+            if self.enabled:
+                self._pieces.setdefault(tap.id, {})["rope"] = _pick_input(args, kwargs, tap.rope_arg)
+        return hook
+
+    def _piece_hook(self, tap: Tap, role: str, count: int, heads: int, upcast: bool):
+        """One of the q / k tensors of a joint map; the last to arrive builds the map."""
+        def hook(_module, _args, output):
+            if not self.enabled:
+                return
+            x = _pick_output(output, tap.item).detach()
+            x = x.transpose(1, 2) if tap.layout == "bnhd" else x
+            pieces = self._pieces.setdefault(tap.id, {})
+            pieces[role] = split_heads(self._select(x), heads)  # (B, heads, N, d)
+            if sum(r in pieces for r in ("q", "k", "q_txt", "k_txt")) == count:
+                self._store_joint_map(tap, self._pieces.pop(tap.id), upcast)
+        return hook
+
+    def _store_joint_map(self, tap: Tap, pieces: dict, upcast: bool) -> None:
+        q, k = pieces["q"], pieces["k"]
+        if "q_txt" in pieces:  # two streams: the joint sequence is [text, image], as the models concatenate it
+            q, k = torch.cat([pieces["q_txt"], q], dim=2), torch.cat([pieces["k_txt"], k], dim=2)
+        if tap.rope is not None:
+            rope = pieces["rope"]
+            if isinstance(rope, torch.Tensor) and rope.shape[0] > 1:
+                rope = self._select(rope)
+            q, k = apply_rope(tap.rope, q, k, rope)
+        text = self._texts[tap.text_path]
+        h, w = self._grid(tap)
+        with torch.no_grad():
+            probs = head_probs(q.narrow(2, text, h * w), k, upcast)
+            keys = probs.narrow(-1, 0, text) if tap.span == "text" else probs.narrow(-1, text, h * w)
+            self._store(tap, keys.contiguous(), selected=True)
 
     def _mask_hook(self, tap: Tap, attention, heads: int):
         def hook(_module, args, kwargs):
@@ -222,8 +340,12 @@ class FeatureCapture(AttachedHooks):
     # ---- capture ---------------------------------------------------------------------------------------
     def _shape(self, tap: Tap, x: torch.Tensor) -> torch.Tensor:
         if tap.kind == "tokens":
-            x = tokens_to_grid(tap.id, x, self._grids[(tap.grid_path, tap.grid_divisor)])
-        if tap.kind != "map" and self.feature_resize > 1:
+            x = tokens_to_grid(tap.id, x, self._grid(tap))
+        elif tap.kind == "packed":
+            x = unpack_tokens(tap.id, x, self._grid(tap), tap.grid_divisor)
+        elif tap.kind == "text":
+            x = x.transpose(1, 2)
+        if tap.kind not in ("map", "text") and self.feature_resize > 1:
             x = pool_spatial(x, self.feature_resize)
         return x
 
@@ -251,7 +373,7 @@ class FeatureCapture(AttachedHooks):
         """Call fn (the network, or anything that calls it once) with fresh features; None after an early exit."""
         if not self.attached:
             raise RuntimeError("FeatureCapture needs the context to be open (use `with FeatureCapture(...)`)")
-        self.features, self._grids = {}, {}
+        self.features, self._grids, self._texts = {}, {}, {}
         try:
             output = fn(*args, **kwargs)
         except _EarlyExit:

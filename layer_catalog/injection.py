@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 
 from .hook_set import AttachedHooks, HookSet, module_lookup
-from .taps import Tap
+from .tap import Tap
 
 INJECTABLE = ("spatial", "tokens")
 

@@ -21,9 +21,10 @@ import torch
 
 from .catalog import PRESET_NAMES, family_ids, preset_ids
 from .errors import DiffusionFeatureError, echo
-from .families import FAMILIES, get_family
+from .families import FAMILIES, get_family, spoken
 from .grammar import LayerIdSyntaxError, format_id, parse_id
-from .taps import Tap, enumerate_ids, taps_of
+from .tap import Tap
+from .taps import enumerate_ids, taps_of
 
 
 class LayerIdError(DiffusionFeatureError, ValueError):
@@ -67,7 +68,7 @@ def _unknown_id_message(layer_id: str, valid: list[str], owner: str, family: str
                 f"standard {family}); nearest ids of this model: {nearest}")
     others = [f for f in FAMILIES if f != family and layer_id in family_ids(f)]
     if others:
-        return (f"{echo(layer_id)} is a layer id of {', '.join(others)}, not of {owner}; "
+        return (f"{echo(layer_id)} is a layer id of {spoken(others)}, not of {owner}; "
                 f"nearest {owner} ids: {nearest}")
     try:
         parse_id(layer_id)

@@ -6,46 +6,12 @@ is what that model has (a custom config with other depths gets its own ids).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .errors import echo
+from .families import dit_layout
 from .grammar import BLOCK_SUFFIXES, LayerId, format_id, parse_id
-
-# How a tap's tensor is read:
-#   input     the denoiser's own input sample (a forward pre-hook on the root)
-#   spatial   a module output already shaped (B, C, H, W) (or a tuple / output object whose first item is)
-#   tokens    a module output shaped (B, N, C); reshaped to (B, C, h, w) from the grid of `grid_path`
-#   map       softmax attention probabilities (B, heads, Nq, Nk), from the outputs of module_path (q) and key_path (k)
-KINDS = ("input", "spatial", "tokens", "map")
-
-
-@dataclass(frozen=True)
-class Tap:
-    """Where a layer id's tensor appears in a network, on either backend: paths into that network's module tree.
-
-    part: (i, n) takes the i-th of n equal slices of the output's last axis (fused qkv / kv projections); key_part
-    likewise for the key. attention_path: the attention module of a map (its heads, upcast and mask).
-    """
-
-    id: str
-    module_path: str  # "" is the network itself
-    kind: str
-    grid_path: str | None = None  # module whose input (B, C, H, W) gives the token grid
-    grid_divisor: int = 1  # patchified inputs: grid = input size // patch size
-    part: tuple[int, int] | None = None
-    key_path: str | None = None
-    key_part: tuple[int, int] | None = None
-    attention_path: str | None = None
-
-
-def is_unet(model: torch.nn.Module) -> bool:
-    return hasattr(model, "down_blocks") and hasattr(model, "conv_in")
-
-
-def is_pixart(model: torch.nn.Module) -> bool:
-    return hasattr(model, "transformer_blocks") and hasattr(model, "pos_embed") and not is_unet(model)
+from .tap import Tap, is_pixart, is_unet
 
 
 def _block_tap(lid: LayerId, transformer_path: str, block_root: str, grid_divisor: int) -> Tap:
@@ -115,6 +81,9 @@ def _transformer_ids(prefix: str, transformer) -> list[str]:
 
 def enumerate_ids(model: torch.nn.Module) -> list[str]:
     """Every legal id of a loaded denoiser, in the order the taps fire during a forward."""
+    layout = dit_layout(model)
+    if layout is not None:
+        return layout.ids()
     if is_pixart(model):
         return _block_ids("vit-", model.transformer_blocks)
     if not is_unet(model):
@@ -149,6 +118,9 @@ def enumerate_ids(model: torch.nn.Module) -> list[str]:
 
 def taps_of(model: torch.nn.Module, ids: list[str]) -> list[Tap]:
     """Taps for ids already known to be valid for this model."""
+    layout = dit_layout(model)
+    if layout is not None:
+        return layout.taps(ids)
     pixart = is_pixart(model)
     patch = int(getattr(getattr(model, "config", None), "patch_size", 1) or 1) if pixart else 1
     return [tap_for(parse_id(i), pixart, patch) for i in ids]

@@ -44,7 +44,7 @@ import torch
 
 from ..layer_catalog.errors import DiffusionFeatureError, echo
 from ..layer_catalog.hooks import FeatureCapture
-from ..layer_catalog.taps import Tap
+from ..layer_catalog.tap import Tap
 
 BRANCHES = {"cond": (0,), "uncond": (1,), "both": (0, 1)}
 BRANCH_NAMES = {0: "cond", 1: "uncond"}

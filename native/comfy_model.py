@@ -10,6 +10,7 @@ import weakref
 
 import torch
 
+from ..layer_catalog.attention_maps import ROPES
 from ..layer_catalog.families import family_of_comfy_config
 from ..layer_catalog.hooks import FeatureCapture
 from .capture import (WRAPPER_KEY, ApplyModelWrapper, NativeCapture, OuterSampleWrapper, UnetFunctionWrapper,
@@ -17,6 +18,15 @@ from .capture import (WRAPPER_KEY, ApplyModelWrapper, NativeCapture, OuterSample
 from .memory import feature_sizes
 from .names import (NativeLayout, UnsupportedModelError, is_native_pixart, native_ids, native_taps,
                     unsupported_message)
+
+def _comfy_flux_rope(q: torch.Tensor, k: torch.Tensor, pe: torch.Tensor):
+    """ComfyUI's own rotary embedding of its Flux-type networks (q, k: (B, heads, N, d); pe as its blocks get it)."""
+    from comfy.ldm.flux.math import apply_rope
+
+    return apply_rope(q, k, pe)
+
+
+ROPES["comfy"] = _comfy_flux_rope
 
 # The native networks this process has tapped (weakly: ComfyUI decides their lifetime), for the status route's
 # hook count: between runs every one of them carries no hook of ours.

@@ -19,7 +19,8 @@ import torch
 from ..layer_catalog.errors import DiffusionFeatureError
 from ..layer_catalog.families import family_names, spoken
 from ..layer_catalog.resolver import resolve_taps
-from ..layer_catalog.taps import Tap, enumerate_ids
+from ..layer_catalog.tap import Tap
+from ..layer_catalog.taps import enumerate_ids
 
 SUPPORTED_FAMILIES = family_names(lambda f: f.native)
 _DF_MODEL_HINT = ("load it with DFLoadCheckpoint or DFLoadDiffusers (DF_MODEL) to extract its features with the "
@@ -184,11 +185,11 @@ def is_native_pixart(module: torch.nn.Module) -> bool:
 
 
 class _PixArtView:
-    """Diffusers-shaped view of ComfyUI's PixArtMS for enumeration (transformer_blocks with attn2, pos_embed)."""
+    """Diffusers-shaped view of ComfyUI's PixArtMS for enumeration (transformer_blocks with attn2, adaln_single)."""
 
     def __init__(self, n_blocks: int, patch: int):
         self.transformer_blocks = [type("Block", (), {"attn2": True})() for _ in range(n_blocks)]
-        self.pos_embed = None
+        self.adaln_single = None
         self.config = type("Config", (), {"patch_size": patch})()
 
 

@@ -14,7 +14,8 @@ from diffusion_feature.layer_catalog import (FAMILIES, LayerIdError, LayerIdSynt
                                              meta_denoiser, parse_id, parse_size, preset_ids, resolve_layers,
                                              resolve_taps)
 
-COUNTS = {"sd15": 197, "sd21": 197, "sdxl": 612, "playground-v2": 612, "pixart-sigma": 224}
+# Flux: dit-in, dit-embed, dit-out, and per block (19 double + 38 single) 8 image + 8 text taps and two maps.
+COUNTS = {"sd15": 197, "sd21": 197, "sdxl": 612, "playground-v2": 612, "pixart-sigma": 224, "flux": 3 + 57 * 18}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -84,9 +85,9 @@ def test_unknown_id_names_family_and_nearest_ids():
 
 
 def test_id_of_another_family_says_so():
-    with pytest.raises(LayerIdError, match=r"is a layer id of pixart-sigma, not of sd15"):
+    with pytest.raises(LayerIdError, match=r"is a layer id of pixart-sigma and flux, not of sd15"):
         resolve_layers("vit-block3-out", "sd15")
-    with pytest.raises(LayerIdError, match=r"sdxl, playground-v2, not of sd15"):
+    with pytest.raises(LayerIdError, match=r"sdxl and playground-v2, not of sd15"):
         resolve_layers("up-level0-repeat0-vit-block7-out", "sd15")
 
 

@@ -57,13 +57,14 @@ def test_the_lookups_answer_from_the_table():
     assert family_of_checkpoint({"transformer.x_embedder.proj.weight": (1,)}) == "pixart-sigma"
     assert family_of_checkpoint({"cond_stage_model.model.x": (1,)}) is None  # a text encoder alone
     assert get_family("playground-v2").denoiser_family == "sdxl" and get_family("sd21").denoiser_family == "sd21"
-    assert [get_family(f).controlnet for f in FAMILIES] == [True, True, True, False, False]
+    assert [get_family(f).controlnet for f in FAMILIES] == [True, True, True, False, False, False]
 
 
 def test_bad_family_names_and_denoiser_classes_get_the_valid_ones():
-    for bad in ("sd3", ["sd15"], None):
-        with pytest.raises(UnknownFamilyError, match="valid families: sd15, sd21, sdxl, playground-v2, pixart-sigma"):
+    for bad in ("wan", ["sd15"], None):
+        with pytest.raises(UnknownFamilyError, match="valid families: sd15, sd21, sdxl, playground-v2, pixart-sigma, "
+                                                     "flux"):
             get_family(bad)
-    with pytest.raises(ValueError, match="'FluxTransformer2DModel' is not one of the families' "
-                                         r"\(PixArtTransformer2DModel, UNet2DConditionModel\)"):
-        denoiser_from_config({"_class_name": "FluxTransformer2DModel"})
+    with pytest.raises(ValueError, match="'WanTransformer3DModel' is not one of the families' "
+                                         r"\(FluxTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel\)"):
+        denoiser_from_config({"_class_name": "WanTransformer3DModel"})

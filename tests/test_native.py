@@ -633,7 +633,7 @@ def test_both_backends_capture_through_the_one_core(comfy, patchers, sd15, monke
     """DFExtractFeatures' engine on a diffusers UNet and DFCaptureLayers' sampling on ComfyUI's UNetModel attach the
     very same FeatureCapture (one tap type, one hook set), only at each network's own module paths."""
     from diffusion_feature.engine.extraction import extract
-    from diffusion_feature.layer_catalog.taps import Tap
+    from diffusion_feature.layer_catalog.tap import Tap
 
     attached = []
     original = FeatureCapture._attach

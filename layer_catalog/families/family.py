@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "model_configs"
 
@@ -37,6 +38,9 @@ class Family:
     native: bool = True  # the native (ComfyUI MODEL) taps cover it
     pnp_feature_layers: tuple[str, ...] = ()  # Plug-and-Play's injected residual features; empty: no PnP
     pnp_attention_skip: str | None = None  # decoder self-attention ids under this prefix are not injected
+    # Diffusion transformers: network class name (diffusers' or ComfyUI's) -> function reading a loaded network of
+    # that class as a DitLayout (its ids and taps). Empty for the families whose taps live in taps.py.
+    networks: dict[str, Callable] = field(default_factory=dict)
 
     @property
     def config_dir(self) -> Path:

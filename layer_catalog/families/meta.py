@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..taps import is_pixart
+from ..tap import is_pixart
 from .registry import FAMILIES, get_family
 
 
@@ -45,6 +45,18 @@ def dummy_inputs(model: torch.nn.Module, height: int, width: int, *, batch: int 
         raise ValueError(f"image size {height}x{width} must be a multiple of 8 on both sides (the VAE's factor)")
     h, w = height // 8, width // 8
     kwargs = {"timestep": torch.full((batch,), timestep, device=device, dtype=torch.long)}
+    if type(model).__name__ == "FluxTransformer2DModel":  # packed 2x2 patches with their positions
+        ph, pw = h // 2, w // 2
+        ids = torch.zeros(ph, pw, 3, device=device)
+        if torch.device(device).type != "meta":
+            ids[..., 1], ids[..., 2] = torch.arange(ph, device=device)[:, None], torch.arange(pw, device=device)
+        kwargs.update(hidden_states=rand(batch, ph * pw, cfg.in_channels),
+                      encoder_hidden_states=rand(batch, text_tokens, cfg.joint_attention_dim),
+                      pooled_projections=rand(batch, cfg.pooled_projection_dim), img_ids=ids.reshape(-1, 3),
+                      txt_ids=torch.zeros(text_tokens, 3, device=device), timestep=kwargs["timestep"].to(dtype) / 1000)
+        if cfg.guidance_embeds:
+            kwargs["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)
+        return kwargs
     if is_pixart(model):
         kwargs["hidden_states"] = rand(batch, cfg.in_channels, h, w)
         kwargs["encoder_hidden_states"] = rand(batch, text_tokens, cfg.caption_channels)

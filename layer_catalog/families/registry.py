@@ -7,11 +7,11 @@ import re
 from typing import Callable
 
 from ..errors import DiffusionFeatureError, echo
-from . import pixart_sigma, playground_v2, sd15, sd21, sdxl
+from . import flux, pixart_sigma, playground_v2, sd15, sd21, sdxl
 from .family import Family
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    sd15.FAMILY, sd21.FAMILY, sdxl.FAMILY, playground_v2.FAMILY, pixart_sigma.FAMILY)}
+    sd15.FAMILY, sd21.FAMILY, sdxl.FAMILY, playground_v2.FAMILY, pixart_sigma.FAMILY, flux.FAMILY)}
 DEFAULT_FAMILY = sd15.FAMILY.name  # the family of the demo and of random weights when none is named
 
 
@@ -53,6 +53,15 @@ def family_of_unet(text_width: int | None, pooled: bool, *, exact: bool = True) 
     fits = [n for n, f in FAMILIES.items() if f.denoiser == "unet" and f.pooled_text == pooled and
             f.same_denoiser_as is None]
     return next((n for n in fits if FAMILIES[n].text_width == text_width), None if exact else fits[0])
+
+
+def dit_layout(model):
+    """The DitLayout of a loaded diffusion transformer of a family that declares its class (None: not one)."""
+    name = type(model).__name__
+    for fam in FAMILIES.values():
+        if name in fam.networks:
+            return fam.networks[name](model)
+    return None
 
 
 def family_of_comfy_config(class_name: str) -> str | None:

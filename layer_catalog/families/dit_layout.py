@@ -1,0 +1,77 @@
+"""The layer ids of a diffusion transformer (Flux, SD3) and their taps, from a table its family module fills in for
+one loaded network of one backend. The grammar is the same for every such family and both backends:
+
+    dit-in, dit-embed, dit-out                           the latent in, the image tokens after the patch embedding,
+                                                         the prediction
+    vit-block{B}-{in|norm-out|q|k|v|attn-out|ffn-inner|out}        image tokens of block B, as (C, h, w)
+    vit-block{B}-txt-{...}                                         text tokens of block B, as (C, T)
+    vit-block{B}-{cross-map|self-map}                    image queries' probabilities at the text / image keys
+
+B counts every block in forward order (Flux: its double-stream blocks, then its single-stream ones). A family
+module says where each tensor is (`Read`s: paths and how to read them); this module turns that into ids in forward
+order and into Taps, so both backends' ids come from the module tree actually loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..grammar import DIT_SUFFIXES, MAP_SUFFIXES
+from ..tap import Tap
+
+# Where one block's tensors are: suffix ("q", "txt-q", ...) -> Tap fields (module_path, at, item, layout, columns,
+# span, part). Maps: "map" -> Tap fields of the joint map (module_path / key_path of the image or joint stream,
+# text_query_path / text_key_path, layout, rope, rope_path, rope_arg, attention_path).
+Read = dict
+
+
+@dataclass
+class DitLayout:
+    """One loaded diffusion transformer as its family module reads it.
+
+    ends: "in" / "embed" / "out" -> Read (with its kind). blocks: one dict per block in forward order.
+    common: Tap fields every token tap shares (grid_path, grid_divisor, text_path).
+    """
+
+    ends: dict[str, Read]
+    blocks: list[dict[str, Read]]
+    common: dict = field(default_factory=dict)
+
+    def ids(self) -> list[str]:
+        """Every id of this network, in the order the tensors appear during a forward."""
+        ids = ["dit-in", "dit-embed"] if "embed" in self.ends else ["dit-in"]
+        for b, reads in enumerate(self.blocks):
+            for suffix in DIT_SUFFIXES:
+                if suffix in MAP_SUFFIXES:
+                    if "map" in reads:
+                        ids.append(f"vit-block{b}-{suffix}")
+                    continue
+                ids += [f"vit-block{b}-{s}" for s in (suffix, f"txt-{suffix}") if s in reads]
+        return ids + ["dit-out"]
+
+    def tap(self, layer_id: str) -> Tap:
+        """The tap of one id of ids()."""
+        if layer_id.startswith("dit-"):
+            return Tap(layer_id, **{**self.common, **self.ends[layer_id[4:]]})
+        block, suffix = layer_id[len("vit-block"):].split("-", 1)
+        reads = self.blocks[int(block)]
+        if suffix in MAP_SUFFIXES:
+            return Tap(layer_id, kind="map", span="text" if suffix == "cross-map" else "image",
+                       **{**self.common, **reads["map"]})
+        kind = "text" if suffix.startswith("txt-") else "tokens"
+        return Tap(layer_id, kind=kind, **{**self.common, **reads[suffix]})
+
+    def taps(self, ids) -> list[Tap]:
+        return [self.tap(i) for i in ids]
+
+
+def joint(reads: dict[str, Read], suffixes, span_text: bool = True) -> dict[str, Read]:
+    """Reads of a single-stream block whose tensors hold [text, image] in one sequence: each suffix read once,
+    split into its image part and (span_text) its text part."""
+    out = {}
+    for suffix in suffixes:
+        read = reads[suffix]
+        out[suffix] = {**read, "span": "image"}
+        if span_text:
+            out[f"txt-{suffix}"] = {**read, "span": "text"}
+    return out
+

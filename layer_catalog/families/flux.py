@@ -1,0 +1,135 @@
+"""Flux.1 (dev, schnell, Krea, Kontext): a diffusion transformer of double-stream blocks (image and text apart,
+joint attention) then single-stream blocks ([text, image] as one sequence), with QK-norm and a rotary embedding.
+
+Block ids count the double blocks first (0-18 for Flux.1), then the single ones (19-56), as the reference code
+numbers them. Where the two block kinds differ, the ids mean:
+- `attn-out`: double blocks, the output projection's output (before gate and residual); single blocks fuse that
+  projection with the MLP's output linear, so there it is the attention's output before that fused linear.
+- `in` / `out` / `norm-out` / `ffn-inner` of a single block: its [text, image] sequence split by the text length.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dit_layout import DitLayout, joint
+from .family import Family, TextEncoder
+
+_STREAM_SUFFIXES = ("in", "norm-out", "q", "k", "v", "attn-out", "ffn-inner", "out")
+
+
+def _double(image: dict, text: dict) -> dict:
+    reads = dict(image)
+    reads.update({f"txt-{s}": r for s, r in text.items()})
+    return reads
+
+
+def diffusers_layout(model: torch.nn.Module) -> DitLayout:
+    """diffusers' FluxTransformer2DModel (packed 2x2 latent patches in and out; its grid comes from the caller)."""
+    blocks = []
+    for i in range(len(model.transformer_blocks)):
+        b = f"transformer_blocks.{i}"
+        image = {"in": dict(module_path=b, at="input", item=("hidden_states", 0)),
+                 "norm-out": dict(module_path=f"{b}.norm1"),
+                 "q": dict(module_path=f"{b}.attn.norm_q", layout="bnhd"),
+                 "k": dict(module_path=f"{b}.attn.norm_k", layout="bnhd"),
+                 "v": dict(module_path=f"{b}.attn.to_v"),
+                 "attn-out": dict(module_path=f"{b}.attn.to_out.0"),
+                 "ffn-inner": dict(module_path=f"{b}.ff.net.0"),
+                 "out": dict(module_path=b, item=1)}
+        text = {"in": dict(module_path=b, at="input", item=("encoder_hidden_states", 1)),
+                "norm-out": dict(module_path=f"{b}.norm1_context"),
+                "q": dict(module_path=f"{b}.attn.norm_added_q", layout="bnhd"),
+                "k": dict(module_path=f"{b}.attn.norm_added_k", layout="bnhd"),
+                "v": dict(module_path=f"{b}.attn.add_v_proj"),
+                "attn-out": dict(module_path=f"{b}.attn.to_add_out"),
+                "ffn-inner": dict(module_path=f"{b}.ff_context.net.0"),
+                "out": dict(module_path=b, item=0)}
+        reads = _double(image, text)
+        reads["map"] = dict(module_path=f"{b}.attn.norm_q", key_path=f"{b}.attn.norm_k", layout="bnhd",
+                            text_query_path=f"{b}.attn.norm_added_q", text_key_path=f"{b}.attn.norm_added_k",
+                            rope="diffusers", rope_path=f"{b}.attn", rope_arg=("image_rotary_emb", 3),
+                            attention_path=f"{b}.attn")
+        blocks.append(reads)
+    for i in range(len(model.single_transformer_blocks)):
+        b = f"single_transformer_blocks.{i}"
+        width = model.single_transformer_blocks[i].attn.inner_dim
+        reads = joint({"norm-out": dict(module_path=f"{b}.norm"),
+                       "q": dict(module_path=f"{b}.attn.norm_q", layout="bnhd"),
+                       "k": dict(module_path=f"{b}.attn.norm_k", layout="bnhd"),
+                       "v": dict(module_path=f"{b}.attn.to_v"),
+                       "attn-out": dict(module_path=f"{b}.proj_out", at="input", columns=(0, width)),
+                       "ffn-inner": dict(module_path=f"{b}.act_mlp")},
+                      ("norm-out", "q", "k", "v", "attn-out", "ffn-inner"))
+        reads.update({"in": dict(module_path=b, at="input", item=("hidden_states", 0)),
+                      "txt-in": dict(module_path=b, at="input", item=("encoder_hidden_states", 1)),
+                      "out": dict(module_path=b, item=1), "txt-out": dict(module_path=b, item=0)})
+        reads["map"] = dict(module_path=f"{b}.attn.norm_q", key_path=f"{b}.attn.norm_k", layout="bnhd",
+                            rope="diffusers", rope_path=f"{b}.attn", rope_arg=("image_rotary_emb", 3),
+                            attention_path=f"{b}.attn")
+        blocks.append(reads)
+    patch = 2  # diffusers' Flux packs 2x2 latent patches outside the model (its pipeline's _pack_latents)
+    return DitLayout(
+        ends={"in": dict(module_path="", kind="packed", at="input", item=("hidden_states", 0)),
+              "embed": dict(module_path="x_embedder", kind="tokens"),
+              "out": dict(module_path="", kind="packed")},
+        blocks=blocks, common=dict(grid_path=None, grid_divisor=patch, text_path="context_embedder"))
+
+
+def native_layout(net: torch.nn.Module) -> DitLayout:
+    """ComfyUI's Flux (comfy/ldm/flux/model.py): fused qkv linears, QKNorm modules, functional modulation (so
+    norm-out is the input of the qkv linear), single blocks on the joint sequence."""
+    blocks = []
+    for i in range(len(net.double_blocks)):
+        b = f"double_blocks.{i}"
+
+        def stream(s: str, item: int, name: str) -> dict:
+            return {"in": dict(module_path=b, at="input", item=(name, item)),
+                    "norm-out": dict(module_path=f"{b}.{s}_attn.qkv", at="input"),
+                    "q": dict(module_path=f"{b}.{s}_attn.norm.query_norm", layout="bhnd"),
+                    "k": dict(module_path=f"{b}.{s}_attn.norm.key_norm", layout="bhnd"),
+                    "v": dict(module_path=f"{b}.{s}_attn.qkv", part=(2, 3)),
+                    "attn-out": dict(module_path=f"{b}.{s}_attn.proj"),
+                    "ffn-inner": dict(module_path=f"{b}.{s}_mlp.1"),
+                    "out": dict(module_path=b, item=item)}
+        reads = _double(stream("img", 0, "img"), stream("txt", 1, "txt"))
+        reads["map"] = dict(module_path=f"{b}.img_attn.norm.query_norm", key_path=f"{b}.img_attn.norm.key_norm",
+                            text_query_path=f"{b}.txt_attn.norm.query_norm",
+                            text_key_path=f"{b}.txt_attn.norm.key_norm", layout="bhnd", rope="comfy",
+                            rope_path=b, rope_arg=("pe", 3), attention_path=f"{b}.img_attn")
+        blocks.append(reads)
+    for i in range(len(net.single_blocks)):
+        b = f"single_blocks.{i}"
+        width = net.single_blocks[i].hidden_size
+        blocks.append(joint({"in": dict(module_path=b, at="input", item=("x", 0)),
+                             "norm-out": dict(module_path=f"{b}.linear1", at="input"),
+                             "q": dict(module_path=f"{b}.norm.query_norm", layout="bhnd"),
+                             "k": dict(module_path=f"{b}.norm.key_norm", layout="bhnd"),
+                             "v": dict(module_path=f"{b}.linear1", columns=(2 * width, 3 * width)),
+                             "attn-out": dict(module_path=f"{b}.linear2", at="input", columns=(0, width)),
+                             "ffn-inner": dict(module_path=f"{b}.mlp_act"),
+                             "out": dict(module_path=b)}, _STREAM_SUFFIXES))
+        blocks[-1]["map"] = dict(module_path=f"{b}.norm.query_norm", key_path=f"{b}.norm.key_norm",
+                                 layout="bhnd", rope="comfy", rope_path=b, rope_arg=("pe", 2), attention_path=b)
+    return DitLayout(
+        ends={"in": dict(module_path="", kind="input"), "embed": dict(module_path="img_in", kind="tokens"),
+              "out": dict(module_path="", kind="spatial")},
+        blocks=blocks, common=dict(grid_path="", grid_divisor=int(getattr(net, "patch_size", 2)),
+                                   text_path="txt_in"))
+
+
+FAMILY = Family(
+    name="flux", description="Flux.1 dev / schnell / Krea / Kontext (DiT, CLIP-L pooled + T5-XXL)",
+    denoiser="transformer", native_size=1024,
+    text_encoders=(TextEncoder("clip", 768, pad="<|endoftext|>"), TextEncoder("t5", 4096)), text_tokens=512,
+    presets={
+        # DiTF (Gan et al., NeurIPS 2025): the tenth single-stream block's input (here block 19 + 9 = 28) is Flux's
+        # best layer for semantic correspondence (DiTF further suppresses its massive-activation channels).
+        "practical": ("vit-block28-in",),
+        # The last double block's image output: the reference code's conventional choice.
+        "legacy": ("vit-block18-out",),
+    },
+    vae_float32=True, latent_format="Flux", comfy_configs=("Flux", "FluxSchnell", "FluxInpaint"),
+    checkpoint_marks=(r"(model\.diffusion_model\.)?double_blocks\.0\.img_attn\.qkv\.weight$",), single_file=False,
+    native=False,  # until the native backend maps ComfyUI's Flux
+    networks={"FluxTransformer2DModel": diffusers_layout, "Flux": native_layout},
+)

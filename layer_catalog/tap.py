@@ -1,0 +1,65 @@
+"""What a tap is: where one layer id's tensor appears in a network, on either backend, and how it is read. Kept
+apart from the id -> tap rules (taps.py) so that the families' own layouts can build taps without an import circle.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# How a tap's tensor is read:
+#   input     a module's input, already shaped (B, C, H, W) (the denoiser's own sample: module_path "")
+#   spatial   a module output already shaped (B, C, H, W) (or a tuple / output object whose first item is)
+#   tokens    image tokens (B, N, C); reshaped to (B, C, h, w) on the grid of `grid_path` (or the capture's grid)
+#   packed    patchified tokens (B, N, C * p * p) as diffusers' Flux takes them; unpacked to (B, C, h * p, w * p)
+#   text      text tokens (B, T, C) of a transformer's text stream; stored as (B, C, T)
+#   map       softmax attention probabilities (B, heads, Nq, Nk), from the outputs of module_path (q) and key_path (k)
+KINDS = ("input", "spatial", "tokens", "packed", "text", "map")
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where a layer id's tensor appears in a network, on either backend: paths into that network's module tree.
+
+    part: (i, n) takes the i-th of n equal slices of the output's last axis (fused qkv / kv projections); key_part
+    likewise for the key. attention_path: the attention module of a map (its heads, upcast and mask).
+
+    Diffusion transformers add (all optional): `at="input"` reads the module's input instead of its output, `item`
+    picks one of several (an output tuple's index; an input as (keyword, position)); `layout` merges per-head
+    tensors ("bnhd": (B, N, heads, d), "bhnd": (B, heads, N, d)) to (B, N, heads * d); `columns` (start, stop) of
+    the last axis (one part of a fused linear whose parts differ in width); `span` "text" or "image" takes that
+    part of a joint [text, image] sequence whose text length is the token count entering `text_path`.
+    Joint maps (text_path set) gather q and k of the image stream (module_path, key_path) and of the text stream
+    (text_query_path, text_key_path; None where one joint sequence carries both), apply the model's rotary
+    embedding (`rope`: whose function, read from argument `rope_arg` of module `rope_path`) and keep the image
+    queries' probabilities at the `span` keys: "text" for cross-maps, "image" for self-maps.
+    """
+
+    id: str
+    module_path: str  # "" is the network itself
+    kind: str
+    grid_path: str | None = None  # module whose input (B, C, H, W) gives the token grid
+    grid_divisor: int = 1  # patchified inputs: grid = input size // patch size
+    part: tuple[int, int] | None = None
+    key_path: str | None = None
+    key_part: tuple[int, int] | None = None
+    attention_path: str | None = None
+    at: str = "output"
+    item: int | tuple[str, int] | None = None
+    layout: str = "bnc"
+    columns: tuple[int, int] | None = None
+    span: str | None = None
+    text_path: str | None = None
+    text_query_path: str | None = None
+    text_key_path: str | None = None
+    rope: str | None = None
+    rope_path: str | None = None
+    rope_arg: tuple[str, int] | None = None
+
+
+def is_unet(model: torch.nn.Module) -> bool:
+    return hasattr(model, "down_blocks") and hasattr(model, "conv_in")
+
+
+def is_pixart(model: torch.nn.Module) -> bool:
+    return hasattr(model, "transformer_blocks") and hasattr(model, "adaln_single") and not is_unet(model)
