@@ -27,15 +27,50 @@ TINY_CN, TINY_LORA = "df-tiny-canny.safetensors", "df-tiny-lora.safetensors"
 LINKED_XL = "df-linked/sdxl"  # the tiny sdxl again, in a folder outside models/ that models/diffusers links to
 
 
-def prepare(version: str) -> Path:
-    """The prepared ComfyUI home (venv + ComfyUI/); runs the setup script, which is quick once cached. v0.3.64's
-    source comes from tests/prerequisites.py (the calling test is skipped where it cannot be found)."""
+def _setup_env(version: str) -> dict:
     env = dict(os.environ)
     home = Path(env.get("DF_COMFY_HOME", REPO / ".comfyui-test")) / version
     if version == "0.3.64" and not (home / "ComfyUI" / "main.py").is_file():
         from prerequisites import COMFYUI_ENV, comfyui_source
 
         env[COMFYUI_ENV] = str(comfyui_source())
+    return env
+
+
+_background: list[subprocess.Popen] = []
+
+
+def prepare_in_background(versions) -> None:
+    """Start preparing these ComfyUI homes now (minutes on a fresh machine: a venv with torch each), so that it
+    overlaps the tests that need no ComfyUI; prepare() then waits for it (the script takes a lock). A version whose
+    source is missing is left to its tests, which skip or fail with the reason."""
+    from prerequisites import Unavailable
+
+    for version in versions:
+        try:
+            env = _setup_env(version)
+        except Unavailable:
+            continue
+        log = Path(env.get("DF_COMFY_HOME", REPO / ".comfyui-test")) / f"setup-{version}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as out:
+            _background.append(subprocess.Popen(["bash", str(SETUP), version], stdout=out, stderr=subprocess.STDOUT,
+                                                env=env))
+
+
+def stop_background() -> None:
+    """End of the session: a preparation still running (the session was interrupted) is stopped."""
+    for proc in _background:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    _background.clear()
+
+
+def prepare(version: str) -> Path:
+    """The prepared ComfyUI home (venv + ComfyUI/); runs the setup script, which is quick once cached. v0.3.64's
+    source comes from tests/prerequisites.py (the calling test is skipped where it cannot be found)."""
+    env = _setup_env(version)
     out = subprocess.run(["bash", str(SETUP), version], capture_output=True, text=True, timeout=3600, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"ComfyUI setup failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")

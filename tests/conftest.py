@@ -234,6 +234,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.browser)
 
 
+def pytest_collection_finish(session):
+    """Once -m / -k have deselected: the tests that need a ComfyUI run last, and the ComfyUIs they need are prepared
+    in the background meanwhile (on a fresh machine or CI that takes minutes, now hidden behind the other tests)."""
+    integration = [i for i in session.items if i.get_closest_marker("integration")]
+    if integration and not session.config.option.collectonly:
+        session.items[:] = [i for i in session.items if not i.get_closest_marker("integration")] + integration
+        from comfyui_harness import prepare_in_background
+
+        prepare_in_background(sorted({*NATIVE_VERSIONS, *(v for v, _ in VERSIONS.values())}))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from comfyui_harness import stop_background
+
+    stop_background()
+
+
 # ---- ComfyUI's own model code in-process, for the native backend's tests (tests/native_comfy.py) -------------------
 @pytest.fixture(scope="module", params=NATIVE_VERSIONS)
 def comfy(request):

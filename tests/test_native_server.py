@@ -213,6 +213,8 @@ def test_repeated_native_prompts_leave_memory_flat_and_no_hooks(server):
     graph = native("native_ksampler_capture_timeline")
     graph["5"]["inputs"].update(layers=LAYERS, branch="both", capture_steps="all")
     graph["6"]["inputs"]["steps"] = 2
+    for nid in ("11", "12"):  # the decode and preview of the sampled image: ComfyUI's work, not ours to measure
+        del graph[nid]
     assert_memory_flat(server, graph, "6")
     run_ok(server, native("native_lora_extract"))
     status = no_hooks(server)

@@ -20,6 +20,10 @@ case "$version" in
 esac
 mkdir -p "$home"
 cd "$home"
+# One preparation of a home at a time: the test session starts them in the background while the fast tests run,
+# and a test that needs the home runs this script again, which waits here and then finds everything done.
+exec 9> .prepare.lock
+flock 9
 pip_quiet() { venv/bin/python -m pip install --quiet "$@"; }
 
 if [ ! -f ComfyUI/main.py ]; then
@@ -34,7 +38,9 @@ if [ ! -f ComfyUI/main.py ]; then
     else
         source=${DF_COMFYUI_0364:-$repo/../shared/comfyui/ComfyUI-0.3.64.tar.gz}
         if [ -d "$source" ]; then
-            cp -a "$source" ComfyUI
+            rm -rf unpack
+            cp -a "$source" unpack
+            mv unpack ComfyUI
         elif [ -f "$source" ]; then
             mkdir unpack
             tar xzf "$source" -C unpack
