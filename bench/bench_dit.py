@@ -1,0 +1,139 @@
+"""Diffusion-transformer benchmark (Flux architecture): what capture costs during sampling, what early exit saves,
+and what one self-map weighs, measured in one process.
+
+    python bench/bench_dit.py                                 # CPU: 512 px, 2 double + 4 single blocks, 4 steps
+    python bench/bench_dit.py --device cuda --dtype bfloat16 --size 1024 --double 4 --single 8
+
+1. capture overhead: a flow-matching Euler loop over diffusers' FluxTransformer2DModel at Flux.1's full block width
+   (24 heads x 128 = 3072, MLP 4x) but few blocks, bare vs capturing three full-width layers (a double block's
+   image `out`, a single block's `in` and `norm-out`) at every step, on the run's device. Alternated, medians; the
+   bare runs keep the hooks attached but disabled.
+2. early exit: one forward with a tap in the first block (early exit) vs a full forward.
+3. one Flux self-map at 1024 px: its size from the shipped catalog (heads x 4096 x 4096) and the peak memory of
+   building it (the joint [text, image] scores, then the image columns), measured with a one-block model of Flux's
+   24 heads (the map's size does not depend on the width).
+Random weights: timing does not depend on the values. Writes JSON beside the script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from bench_extraction import Timer, alternate  # noqa: E402
+
+from diffusion_feature.layer_catalog import FeatureCapture, family_shapes, taps_of  # noqa: E402
+from diffusion_feature.layer_catalog.families import dummy_inputs  # noqa: E402
+
+TEXT_TOKENS = 512  # Flux-dev's T5 length
+
+
+def flux(double: int, single: int, heads: int = 24, head_dim: int = 128, device="cpu", dtype=torch.float32):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=double, num_single_layers=single,
+                                       attention_head_dim=head_dim, num_attention_heads=heads,
+                                       joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                                       axes_dims_rope=(16, 56, 56) if head_dim == 128 else (head_dim // 4,) * 2
+                                       + (head_dim // 2,))
+    return model.to(dtype).eval()
+
+
+def sample(model, inputs: dict, steps: int, capture: FeatureCapture | None = None):
+    """Flow-matching Euler from sigma 1 to 0, as a sampler calls the transformer (one call per step)."""
+    x = inputs["hidden_states"]
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    for i in range(steps):
+        kwargs = {**inputs, "hidden_states": x, "timestep": sigmas[i].expand(x.shape[0]).to(x)}
+        v = (capture.run(**kwargs) if capture is not None else model(**kwargs)).sample
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return x
+
+
+def off(capture: FeatureCapture, fn):
+    """fn run with the capture's hooks attached but disabled: the bare baseline in the same alternation."""
+    def run():
+        capture.enabled = False
+        try:
+            return fn()
+        finally:
+            capture.enabled = True
+    return run
+
+
+def rss_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--double", type=int, default=2)
+    p.add_argument("--single", type=int, default=4)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=str(ROOT / "results_dit.json"))
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    timer = Timer(args.device)
+    model = flux(args.double, args.single, device=args.device, dtype=dtype)
+    inputs = dummy_inputs(model, args.size, args.size, text_tokens=TEXT_TOKENS, generator=torch.Generator()
+                          .manual_seed(0))
+    grid = (args.size // 8, args.size // 8)
+    first_single = args.double
+    layers = [f"vit-block{args.double - 1}-out", f"vit-block{first_single + 1}-in",
+              f"vit-block{first_single + 1}-norm-out"]
+
+    with torch.no_grad():
+        with FeatureCapture(model, taps_of(model, layers), token_grid=grid) as cap:
+            times = alternate({"bare": off(cap, lambda: sample(model, inputs, args.steps)),
+                               "capture": lambda: sample(model, inputs, args.steps, cap)}, args.repeats, timer)
+        with FeatureCapture(model, taps_of(model, ["vit-block0-in"]), token_grid=grid, early_exit=True) as early:
+            exits = alternate({"full forward": off(early, lambda: model(**inputs)),
+                               "early exit at vit-block0-in": lambda: early.run(**inputs)}, args.repeats, timer)
+    del model
+
+    # 3. one self-map of Flux at 1024 px: 24 heads over 4096 image tokens and 512 text tokens
+    shape = family_shapes("flux")["vit-block0-self-map"]
+    map_bytes = 4 * shape[0] * shape[1] * shape[2]  # float32, as the maps are built here
+    small = flux(1, 0, head_dim=8)
+    small_inputs = dummy_inputs(small, 1024, 1024, text_tokens=TEXT_TOKENS, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        small(**small_inputs)  # allocations of the bare forward first, so the peak below is the map's
+        before = rss_peak_bytes()
+        with FeatureCapture(small, taps_of(small, ["vit-block0-self-map"]), token_grid=(128, 128)) as cap:
+            cap.run(**small_inputs)
+            got = tuple(cap.features["vit-block0-self-map"].shape[1:])
+        peak = rss_peak_bytes() - before
+
+    result = {"device": args.device, "dtype": args.dtype, "size": args.size, "blocks": [args.double, args.single],
+              "steps": args.steps, "repeats": args.repeats, "layers": layers, "when": time.strftime("%Y-%m-%d"),
+              "torch": torch.__version__, "seconds": {**times, **exits},
+              "capture_overhead": times["capture"] / times["bare"] - 1,
+              "early_exit_ratio": exits["early exit at vit-block0-in"] / exits["full forward"],
+              "self_map_1024": {"shape": shape, "measured_shape": list(got), "bytes_float32": map_bytes,
+                                "peak_rss_growth_bytes": peak}}
+    print(f"flux architecture (width 3072, {args.double} double + {args.single} single blocks) @ {args.size}px, "
+          f"{args.steps} steps, {args.device} {args.dtype}")
+    print(f"  capture overhead (3 full-width layers every step): {100 * result['capture_overhead']:+.1f} %")
+    print(f"  early exit (tap in block 0) / full forward: {result['early_exit_ratio']:.2f}")
+    print(f"  one self-map at 1024 px: {shape} = {map_bytes / 2**30:.2f} GiB float32; "
+          f"peak memory while building it {peak / 2**30:.2f} GiB")
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
