@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import native_comfy as nc
-from diffusion_feature.layer_catalog import FeatureCapture, enumerate_ids, residue, taps_of
+from diffusion_feature.layer_catalog import FeatureCapture, enumerate_ids, format_id, parse_id, residue, taps_of
 from diffusion_feature.layer_catalog.families import denoiser_from_config, get_family
 
 LATENT = (8, 12)  # non-square: a 4 x 6 token grid, which sqrt(N) could not give
@@ -129,8 +129,12 @@ def reference(model, x, ctx, pooled, t) -> dict:
         new = img + gate * attn_out
         if block.use_dual_attention:  # a second, image-only attention on a second modulation of the block input
             shift2, scale2, gate2 = mods[6:]
-            q2, k2, v2 = _qkv(block.attn2, normed * (1 + scale2) + shift2, n)
-            new = new + gate2 * _lin(_merge(_softmax(q2, k2) @ v2), block.attn2.to_out[0])
+            r[pre + "attn2-norm-out"] = normed * (1 + scale2) + shift2
+            q2, k2, v2 = _qkv(block.attn2, r[pre + "attn2-norm-out"], n)
+            r[pre + "attn2-q"], r[pre + "attn2-k"], r[pre + "attn2-v"] = _merge(q2), _merge(k2), _merge(v2)
+            r[pre + "attn2-self-map"] = probs2 = _softmax(q2, k2)
+            r[pre + "attn2-attn-out"] = _lin(_merge(probs2 @ v2), block.attn2.to_out[0])
+            new = new + gate2 * r[pre + "attn2-attn-out"]
         r[pre + "ffn-inner"] = inner = F.gelu(_lin(_ln(new) * (1 + scale_mlp) + shift_mlp, block.ff.net[0].proj),
                                               approximate="tanh")
         r[pre + "out"] = img = new + gate_mlp * _lin(inner, block.ff.net[2])
@@ -163,7 +167,7 @@ def _close(a, b, what, rel=1e-5):
 
 
 # ---- ids ------------------------------------------------------------------------------------------------------
-def _expected_ids(blocks: int) -> list[str]:
+def _expected_ids(blocks: int, dual=()) -> list[str]:
     ids = ["dit-in", "dit-embed"]
     for b in range(blocks):
         last = b == blocks - 1
@@ -171,14 +175,19 @@ def _expected_ids(blocks: int) -> list[str]:
             ids.append(f"vit-block{b}-{s}")
             if not s.endswith("-map") and not (last and s in ("attn-out", "ffn-inner", "out")):
                 ids.append(f"vit-block{b}-txt-{s}")
+            if s == "attn-out" and b in dual:
+                ids += [f"vit-block{b}-attn2-{t}" for t in ("norm-out", "q", "k", "v", "self-map", "attn-out")]
     return ids + ["dit-out"]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_ids_follow_the_loaded_blocks(variant):
     """Ids come from the blocks loaded: the last block's text stream only feeds the last attention (no txt
-    attn-out / ffn-inner / out), SD3.5's second image attention adds none."""
-    assert enumerate_ids(tiny_sd3(variant)) == _expected_ids(3)
+    attn-out / ffn-inner / out); a block with SD3.5 medium's second attention has its attn2- ids."""
+    ids = enumerate_ids(tiny_sd3(variant))
+    assert ids == _expected_ids(3, VARIANTS[variant]["dual_attention_layers"])
+    assert all(format_id(parse_id(i)) == i for i in ids)
+    assert [parse_id(i).is_map for i in ids].count(True) == 6 + len(VARIANTS[variant]["dual_attention_layers"])
 
 
 @pytest.mark.parametrize("config", [
@@ -189,7 +198,7 @@ def test_ids_follow_the_loaded_blocks(variant):
 def test_other_sd3_depths_get_their_own_ids(config):
     base = get_family("sd3").denoiser_config()
     model = denoiser_from_config({**base, "qk_norm": None, **config}, "meta")
-    assert enumerate_ids(model) == _expected_ids(24)
+    assert enumerate_ids(model) == _expected_ids(24, config.get("dual_attention_layers", ()))
 
 
 # ---- diffusers ------------------------------------------------------------------------------------------------
@@ -224,6 +233,12 @@ def test_maps_give_the_attention_output_and_rows_sum_to_one(variant):
         with torch.no_grad():
             out = model.transformer_blocks[b].attn.to_out[0](out)
         _close(out, f[f"vit-block{b}-attn-out"].flatten(2).transpose(1, 2), f"block {b}")
+    for b in VARIANTS[variant]["dual_attention_layers"]:  # the second attention's map over the image keys alone
+        probs = f[f"vit-block{b}-attn2-self-map"]
+        assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-6)
+        with torch.no_grad():
+            out = model.transformer_blocks[b].attn2.to_out[0](_merge(probs @ heads(f[f"vit-block{b}-attn2-v"])))
+        _close(out, f[f"vit-block{b}-attn2-attn-out"].flatten(2).transpose(1, 2), f"block {b} attn2")
 
 
 # ---- ComfyUI's MMDiT --------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ Ids are the DiT grammar of dit_layout.py; per block:
 - the last block is "context pre-only": its text stream feeds the last joint attention (txt-in, txt-norm-out,
   txt-q/k/v) but has no output projection, MLP or output, so those text ids do not exist for it.
 - `cross-map` / `self-map`: the image queries' rows of the joint softmax at the text / image keys.
-SD3.5 medium's dual attention (`attn2` in its first 13 blocks: a second, image-only self-attention on a second
-modulation of the same input) has no ids: its contribution is inside `out`; its own tensors are not exposed yet.
+- `attn2-{norm-out|q|k|v|self-map|attn-out}`: SD3.5 medium's second attention (attn2 in its first 13 blocks), an
+  image-only self-attention on a second modulation of the block's input; the same definitions, its map over the
+  image keys alone. Its gated output is added after the joint attention's, before the MLP.
 """
 from __future__ import annotations
 
@@ -62,6 +63,14 @@ def diffusers_layout(model: torch.nn.Module) -> DitLayout:
                  "map": dict(module_path=f"{b}.attn.{q}", key_path=f"{b}.attn.{k}", layout=layout,
                              text_query_path=f"{b}.attn.{tq}", text_key_path=f"{b}.attn.{tk}",
                              attention_path=f"{b}.attn")}
+        if block.attn2 is not None:
+            reads.update({"attn2-norm-out": dict(module_path=f"{b}.norm1", item=5),  # SD35AdaLayerNormZeroX
+                          "attn2-q": dict(module_path=f"{b}.attn2.{q}", layout=layout),
+                          "attn2-k": dict(module_path=f"{b}.attn2.{k}", layout=layout),
+                          "attn2-v": dict(module_path=f"{b}.attn2.to_v"),
+                          "attn2-self-map": dict(module_path=f"{b}.attn2.{q}", key_path=f"{b}.attn2.{k}",
+                                                 layout=layout, attention_path=f"{b}.attn2"),
+                          "attn2-attn-out": dict(module_path=f"{b}.attn2.to_out.0")})
         blocks.append(_present(reads))
     return DitLayout(
         ends={"in": dict(module_path="", kind="input"), "embed": dict(module_path="pos_embed", kind="tokens"),
@@ -97,6 +106,15 @@ def native_layout(net: torch.nn.Module) -> DitLayout:
                  "map": dict(module_path=f"{b}.x_block.attn.ln_q", key_path=f"{b}.x_block.attn.ln_k",
                              layout="bnhd", text_query_path=f"{b}.context_block.attn.ln_q",
                              text_key_path=f"{b}.context_block.attn.ln_k", attention_path=f"{b}.x_block.attn")}
+        if block.x_block.x_block_self_attn:
+            second = f"{b}.x_block.attn2"
+            reads.update({"attn2-norm-out": dict(module_path=f"{second}.qkv", at="input"),
+                          "attn2-q": dict(module_path=f"{second}.ln_q", layout="bnhd"),
+                          "attn2-k": dict(module_path=f"{second}.ln_k", layout="bnhd"),
+                          "attn2-v": dict(module_path=f"{second}.qkv", part=(2, 3)),
+                          "attn2-self-map": dict(module_path=f"{second}.ln_q", key_path=f"{second}.ln_k",
+                                                 layout="bnhd", attention_path=second),
+                          "attn2-attn-out": dict(module_path=f"{second}.proj")})
         blocks.append(_present(reads))
     return DitLayout(
         ends={"in": dict(module_path="", kind="input"),
