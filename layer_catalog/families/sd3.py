@@ -134,9 +134,9 @@ FAMILY = Family(
     text_tokens=77 + 256,
     penultimate_text=True,  # the pipeline takes both CLIPs' penultimate hidden states (clip_skip None)
     presets={
-        # Ours, not validated: we know of no paper that picks SD3 layers for dense features. Image outputs of three blocks at 37-47 %
-        # of SD3.5 large's depth (DiT features are known to peak mid-depth); these blocks exist in every SD3
-        # variant (the medium models have 24 blocks).
+        # Ours, not validated: we know of no paper that picks SD3 layers for dense features. Image outputs of
+        # three blocks at 37-47 % of SD3.5 large's depth (DiT features are known to peak mid-depth); these blocks
+        # exist in every SD3 variant (the medium models have 24 blocks).
         "practical": ("vit-block14-out", "vit-block16-out", "vit-block18-out"),
         # The last block's image output (of SD3.5 large, the catalog's model), as for PixArt.
         "legacy": ("vit-block37-out",),
