@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import native_comfy as nc
-from diffusion_feature.layer_catalog import FeatureCapture, enumerate_ids, format_id, parse_id, residue, taps_of
+from diffusion_feature.layer_catalog import (FeatureCapture, LayerIdSyntaxError, enumerate_ids, format_id, parse_id,
+                                             residue, taps_of)
 from diffusion_feature.layer_catalog.families import denoiser_from_config, get_family
 
 LATENT = (8, 12)  # non-square: a 4 x 6 token grid, which sqrt(N) could not give
@@ -188,6 +189,8 @@ def test_ids_follow_the_loaded_blocks(variant):
     assert ids == _expected_ids(3, VARIANTS[variant]["dual_attention_layers"])
     assert all(format_id(parse_id(i)) == i for i in ids)
     assert [parse_id(i).is_map for i in ids].count(True) == 6 + len(VARIANTS[variant]["dual_attention_layers"])
+    with pytest.raises(LayerIdSyntaxError):  # the second attention is image-only: no text-stream ids
+        parse_id("vit-block0-txt-attn2-q")
 
 
 @pytest.mark.parametrize("config", [
