@@ -12,13 +12,17 @@ from .errors import DiffusionFeatureError, echo
 
 # Taps inside one transformer block, in the order they fire during a forward.
 BLOCK_SUFFIXES = ("self-q", "self-k", "self-v", "self-map", "cross-q", "cross-map", "ffn-inner", "out")
-MAP_SUFFIXES = ("self-map", "cross-map")
+# SD3.5 medium's second, image-only self-attention (its first blocks' attn2): its own taps under "attn2-".
+DIT_SECOND_SUFFIXES = ("attn2-norm-out", "attn2-q", "attn2-k", "attn2-v", "attn2-self-map", "attn2-attn-out")
+MAP_SUFFIXES = ("self-map", "cross-map", "attn2-self-map")
 RES_SUFFIXES = ("increment", "out")
 UNET_ENDS = ("in", "after-conv-in", "out")
-# Diffusion transformers (Flux, SD3): taps of one block's image stream, in forward order; each but the maps also
-# exists for the text stream as "txt-<suffix>". Maps are image queries over text keys (cross) / image keys (self).
-DIT_SUFFIXES = ("in", "norm-out", "q", "k", "v", "cross-map", "self-map", "attn-out", "ffn-inner", "out")
-DIT_TEXT_SUFFIXES = tuple(f"txt-{s}" for s in DIT_SUFFIXES if s not in MAP_SUFFIXES)
+# Diffusion transformers (Flux, SD3): taps of one block's image stream, in forward order; each but the maps and the
+# second attention's also exists for the text stream as "txt-<suffix>". Maps are image queries over text keys
+# (cross) / image keys (self).
+DIT_SUFFIXES = ("in", "norm-out", "q", "k", "v", "cross-map", "self-map", "attn-out", *DIT_SECOND_SUFFIXES,
+                "ffn-inner", "out")
+DIT_TEXT_SUFFIXES = tuple(f"txt-{s}" for s in DIT_SUFFIXES if s not in MAP_SUFFIXES and s not in DIT_SECOND_SUFFIXES)
 DIT_ENDS = ("in", "embed", "out")
 
 _SUF = "|".join(re.escape(s) for s in BLOCK_SUFFIXES)

@@ -308,7 +308,8 @@ class FeatureCapture(AttachedHooks):
     def _query_hook(self, tap: Tap):
         def hook(_module, _args, output):
             if self.enabled:
-                self._queries[tap.id] = (self._select(_slice(output, tap.part).detach()), output.shape[0])
+                q = _slice(_merge_heads(output, tap.layout), tap.part)
+                self._queries[tap.id] = (self._select(q.detach()), output.shape[0])
         return hook
 
     def _key_hook(self, tap: Tap, heads: int, upcast: bool):
@@ -320,7 +321,8 @@ class FeatureCapture(AttachedHooks):
             q, batch = self._queries.pop(tap.id)
             if output.shape[0] != batch:  # ComfyUI's PixArt: every image's text in one flat sequence (1, B*T, C)
                 output = output.reshape(batch, -1, output.shape[-1])
-            self._store_map(tap, q, self._select(_slice(output, tap.key_part).detach()), heads, upcast)
+            k = _slice(_merge_heads(output, tap.layout), tap.key_part)
+            self._store_map(tap, q, self._select(k.detach()), heads, upcast)
         return hook
 
     def _fused_map_hook(self, tap: Tap, heads: int, upcast: bool):

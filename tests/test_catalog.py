@@ -15,7 +15,10 @@ from diffusion_feature.layer_catalog import (FAMILIES, LayerIdError, LayerIdSynt
                                              resolve_taps)
 
 # Flux: dit-in, dit-embed, dit-out, and per block (19 double + 38 single) 8 image + 8 text taps and two maps.
-COUNTS = {"sd15": 197, "sd21": 197, "sdxl": 612, "playground-v2": 612, "pixart-sigma": 224, "flux": 3 + 57 * 18}
+# SD3 (SD3.5 large, 38 joint blocks): the three ends, 18 per block for 37 blocks, and for the last ("context
+# pre-only": no text attn-out, ffn-inner or out) 8 image + 5 text taps and two maps.
+COUNTS = {"sd15": 197, "sd21": 197, "sdxl": 612, "playground-v2": 612, "pixart-sigma": 224, "flux": 3 + 57 * 18,
+          "sd3": 3 + 37 * 18 + 15}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -85,7 +88,7 @@ def test_unknown_id_names_family_and_nearest_ids():
 
 
 def test_id_of_another_family_says_so():
-    with pytest.raises(LayerIdError, match=r"is a layer id of pixart-sigma and flux, not of sd15"):
+    with pytest.raises(LayerIdError, match=r"is a layer id of pixart-sigma, flux and sd3, not of sd15"):
         resolve_layers("vit-block3-out", "sd15")
     with pytest.raises(LayerIdError, match=r"sdxl and playground-v2, not of sd15"):
         resolve_layers("up-level0-repeat0-vit-block7-out", "sd15")
@@ -102,8 +105,8 @@ def test_bad_layer_files_and_specs(tmp_path):
         resolve_layers(" , ", "sd15")
     with pytest.raises(LayerIdError, match="cannot read layers from a int"):
         resolve_layers([3], "sd15")
-    with pytest.raises(ValueError, match="unknown family 'sd3'"):
-        resolve_layers("practical", "sd3")
+    with pytest.raises(ValueError, match="unknown family 'sd4'"):
+        resolve_layers("practical", "sd4")
     with pytest.raises(ValueError, match="unknown preset"):
         preset_ids("sd15", "fastest")
 

@@ -142,4 +142,4 @@ def test_family_detection_from_keys():
     with pytest.raises(CheckpointError, match="given as sdxl but looks like sd15; pass family='sd15'"):
         _check_family("sd15", "sdxl", "f")
     with pytest.raises(ValueError, match="unknown family"):
-        _check_family("sd15", "sd3", "f")
+        _check_family("sd15", "sd4", "f")

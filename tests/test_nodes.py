@@ -295,4 +295,4 @@ def test_layer_picker_payload():
     assert group_of("up-level1-repeat0-vit-block0-cross-q") == "up-level1"
     assert group_of("mid-vit-block3-out") == "mid" and group_of("vit-block13-out") == "vit-block12-15"
     with pytest.raises(ValueError, match="unknown family"):
-        layers_payload("sd3")
+        layers_payload("sd4")

@@ -6,6 +6,7 @@ one loaded network of one backend. The grammar is the same for every such family
     vit-block{B}-{in|norm-out|q|k|v|attn-out|ffn-inner|out}        image tokens of block B, as (C, h, w)
     vit-block{B}-txt-{...}                                         text tokens of block B, as (C, T)
     vit-block{B}-{cross-map|self-map}                    image queries' probabilities at the text / image keys
+    vit-block{B}-attn2-{norm-out|q|k|v|self-map|attn-out}          a second, image-only attention (SD3.5 medium)
 
 B counts every block in forward order (Flux: its double-stream blocks, then its single-stream ones). A family
 module says where each tensor is (`Read`s: paths and how to read them); this module turns that into ids in forward
@@ -20,8 +21,10 @@ from ..tap import Tap
 
 # Where one block's tensors are: suffix ("q", "txt-q", ...) -> Tap fields (module_path, at, item, layout, columns,
 # span, part). Maps: "map" -> Tap fields of the joint map (module_path / key_path of the image or joint stream,
-# text_query_path / text_key_path, layout, rope, rope_path, rope_arg, attention_path).
+# text_query_path / text_key_path, layout, rope, rope_path, rope_arg, attention_path); a map of an image-only
+# attention ("attn2-self-map") has its own read (module_path / key_path, layout, attention_path).
 Read = dict
+JOINT_MAPS = ("cross-map", "self-map")  # the two parts of the joint softmax: one "map" read serves both
 
 
 @dataclass
@@ -41,7 +44,7 @@ class DitLayout:
         ids = ["dit-in", "dit-embed"] if "embed" in self.ends else ["dit-in"]
         for b, reads in enumerate(self.blocks):
             for suffix in DIT_SUFFIXES:
-                if suffix in MAP_SUFFIXES:
+                if suffix in JOINT_MAPS:
                     if "map" in reads:
                         ids.append(f"vit-block{b}-{suffix}")
                     continue
@@ -54,9 +57,11 @@ class DitLayout:
             return Tap(layer_id, **{**self.common, **self.ends[layer_id[4:]]})
         block, suffix = layer_id[len("vit-block"):].split("-", 1)
         reads = self.blocks[int(block)]
-        if suffix in MAP_SUFFIXES:
+        if suffix in JOINT_MAPS:
             return Tap(layer_id, kind="map", span="text" if suffix == "cross-map" else "image",
                        **{**self.common, **reads["map"]})
+        if suffix in MAP_SUFFIXES:  # an image-only attention's map: no text part
+            return Tap(layer_id, kind="map", **{**self.common, "text_path": None, **reads[suffix]})
         kind = "text" if suffix.startswith("txt-") else "tokens"
         return Tap(layer_id, kind=kind, **{**self.common, **reads[suffix]})
 

@@ -57,6 +57,11 @@ def dummy_inputs(model: torch.nn.Module, height: int, width: int, *, batch: int 
         if cfg.guidance_embeds:
             kwargs["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)
         return kwargs
+    if type(model).__name__ == "SD3Transformer2DModel":  # the latent itself; text and pooled text as the pipeline's
+        kwargs.update(hidden_states=rand(batch, cfg.in_channels, h, w),
+                      encoder_hidden_states=rand(batch, text_tokens, cfg.joint_attention_dim),
+                      pooled_projections=rand(batch, cfg.pooled_projection_dim))
+        return kwargs
     if is_pixart(model):
         kwargs["hidden_states"] = rand(batch, cfg.in_channels, h, w)
         kwargs["encoder_hidden_states"] = rand(batch, text_tokens, cfg.caption_channels)
