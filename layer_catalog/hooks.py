@@ -345,7 +345,9 @@ class FeatureCapture(AttachedHooks):
             x = unpack_tokens(tap.id, x, self._grid(tap), tap.grid_divisor)
         elif tap.kind == "text":
             x = x.transpose(1, 2)
-        if tap.kind not in ("map", "text") and self.feature_resize > 1:
+        elif tap.kind == "vector":
+            x = x.reshape(x.shape[0], -1)
+        if tap.kind not in ("map", "text", "vector") and self.feature_resize > 1:
             x = pool_spatial(x, self.feature_resize)
         return x
 

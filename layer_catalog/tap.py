@@ -14,7 +14,8 @@ import torch
 #   packed    patchified tokens (B, N, C * p * p) as diffusers' Flux takes them; unpacked to (B, C, h * p, w * p)
 #   text      text tokens (B, T, C) of a transformer's text stream; stored as (B, C, T)
 #   map       softmax attention probabilities (B, heads, Nq, Nk), from the outputs of module_path (q) and key_path (k)
-KINDS = ("input", "spatial", "tokens", "packed", "text", "map")
+#   vector    one vector per sample (B, ..., C) stored as (B, C), never pooled: a block's AdaLN modulation
+KINDS = ("input", "spatial", "tokens", "packed", "text", "map", "vector")
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import InputRecorder
-from diffusion_feature.layer_catalog import (FeatureCapture, LayerIdError, enumerate_ids, resolve_layers,
-                                             resolve_taps, taps_of)
+from diffusion_feature.engine.dit_transforms import (MassiveChannels, adaln, apply_ditf, detect_massive_channels,
+                                                    ditf)
+from diffusion_feature.layer_catalog import (FeatureCapture, LayerIdError, enumerate_ids, meta_denoiser,
+                                             modulation_taps, resolve_layers, resolve_taps, taps_of)
 
 LATENT = (8, 12)  # (H, W) of the latent, non-square on purpose: a 4x6 token grid of 2x2 patches
 TOKENS, HEADS, HEAD_DIM, CTX, POOLED, AXES = 5, 2, 8, 12, 6, (2, 2, 4)
@@ -79,14 +81,16 @@ def flux():
 
 @pytest.fixture(scope="module")
 def captured(flux):
-    """Every id of the tiny Flux, captured once, with the inputs each block and the model were called with."""
+    """Every id of the tiny Flux (and each block input's companion modulation), captured once, with the inputs each
+    block and the model were called with."""
     ids = enumerate_ids(flux)
     latent, ctx, pooled, t = _inputs()
     kwargs = _diffusers_kwargs(latent, ctx, pooled, t)
     paths = [f"transformer_blocks.{i}" for i in range(DOUBLE)] + [f"single_transformer_blocks.{i}" for i in range(SINGLE)]
     recorder = InputRecorder(flux, paths)
     try:
-        with torch.no_grad(), FeatureCapture(flux, taps_of(flux, ids), token_grid=LATENT) as cap:
+        taps = taps_of(flux, ids) + modulation_taps(flux, ids)
+        with torch.no_grad(), FeatureCapture(flux, taps, token_grid=LATENT) as cap:
             out = cap.run(**kwargs)
     finally:
         recorder.close()
@@ -328,11 +332,87 @@ def test_native_flux_ids_equal_diffusers_ids(flux, captured, comfy_flux):
     ids = enumerate_ids(comfy_flux)
     assert ids == captured["ids"]  # the same ids in the same forward order on both backends
     latent, ctx, pooled, t = _inputs()
-    with torch.no_grad(), FeatureCapture(comfy_flux, taps_of(comfy_flux, ids)) as cap:
+    taps = taps_of(comfy_flux, ids) + modulation_taps(comfy_flux, ids)
+    with torch.no_grad(), FeatureCapture(comfy_flux, taps) as cap:
         out = cap.run(latent, t, ctx, y=pooled)
     torch.testing.assert_close(out, _unpack(captured["out"], *LATENT), atol=1e-5, rtol=1e-5)
-    for layer_id in ids:
+    assert list(cap.features) == list(captured["features"])  # the block inputs' modulations included
+    for layer_id in cap.features:
         want, got = captured["features"][layer_id], cap.features[layer_id]
         assert got.shape == want.shape, (layer_id, got.shape, want.shape)
         error = float((got - want).abs().max() / want.abs().max())
         assert error <= 1e-5, f"{layer_id}: relative error {error:.2e}"
+
+
+# ---- DiTF: the preset and its transform -------------------------------------------------------------------------------
+def test_ditf_preset_is_the_tenth_single_blocks_input():
+    assert resolve_layers("ditf", "flux") == ["vit-block28-in"]
+    full = meta_denoiser("flux")  # Flux.1's real depths: 19 double blocks, then the single ones
+    (tap,) = taps_of(full, ["vit-block28-in"])
+    assert tap.module_path == "single_transformer_blocks.9" and tap.item == ("hidden_states", 0)
+    (companion,) = modulation_taps(full, ["vit-block28-in", "vit-block28-txt-in", "vit-block28-out"])
+    assert companion.id == "vit-block28-in:modulation" and companion.module_path == "single_transformer_blocks.9.norm.linear"
+    assert companion.columns == (0, 2 * 3072)
+    with pytest.raises(LayerIdError, match="'ditf' is a preset of flux only, not of sd15 .*practical, legacy, full"):
+        resolve_layers("ditf", "sd15")
+
+
+def test_massive_channels_are_detected_from_the_statistics():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 4, 6, generator=g)
+    x[:, 5] += 400.0  # massive in every token
+    x[:, 9] -= 2000.0
+    x[0, 7, 1, 2] = 1e4  # one outlier token does not make a channel massive
+    found = detect_massive_channels(x)
+    assert found.channels == (5, 9) and all(r >= 100 for r in found.ratios)
+    assert str(found).startswith("massive-activation channels 5 (")
+    assert detect_massive_channels(torch.randn(2, 16, 4, 6, generator=g)).channels == ()
+    with pytest.raises(ValueError, match="ratio must be > 1"):
+        detect_massive_channels(x, ratio=0.5)
+
+
+def test_ditf_equals_the_computation_by_hand(flux, captured):
+    """On a Flux whose image stream carries two massive channels (planted in the patch embedding's bias, so every
+    image token has them in every block's residual), DiTF's feature of the first single block's input is: those two
+    channels (detected) zeroed, LayerNorm, then that block's own (1 + scale) x + shift, computed here from temb."""
+    import copy
+
+    planted = copy.deepcopy(flux)
+    with torch.no_grad():
+        planted.x_embedder.bias[[3, 11]] += torch.tensor([3000.0, -1500.0])
+    b = DOUBLE  # the first single block
+    ids = [f"vit-block{b}-in", f"vit-block{b}-norm-out", "vit-block0-in"]
+    recorder = InputRecorder(planted, ["single_transformer_blocks.0"])
+    try:
+        with torch.no_grad(), FeatureCapture(planted, taps_of(planted, ids) + modulation_taps(planted, ids),
+                                             token_grid=LATENT) as cap:
+            cap.run(**captured["kwargs"])
+    finally:
+        recorder.close()
+    features, massive = apply_ditf(cap.features)
+    assert list(features) == ids and set(massive) == {f"vit-block{b}-in", "vit-block0-in"}
+    assert massive[f"vit-block{b}-in"].channels == (3, 11)
+    args, kwargs = recorder.inputs["single_transformer_blocks.0"]
+    x, temb, norm = kwargs["hidden_states"], kwargs["temb"], planted.single_transformer_blocks[0].norm
+    with torch.no_grad():
+        shift, scale, _gate = F.linear(F.silu(temb), norm.linear.weight, norm.linear.bias).chunk(3, dim=1)
+    x = x.clone()
+    x[..., [3, 11]] = 0
+    want = _layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
+    torch.testing.assert_close(features[f"vit-block{b}-in"], _as_feature("in", want), atol=ATOL, rtol=RTOL)
+    # with nothing suppressed the transform is the block's own norm-out: the companion is the block's modulation
+    raw = cap.features[f"vit-block{b}-in"]
+    same, none = ditf(raw, cap.features[f"vit-block{b}-in:modulation"], channels=())
+    assert none == MassiveChannels((), ())
+    torch.testing.assert_close(same, cap.features[f"vit-block{b}-norm-out"], atol=ATOL, rtol=RTOL)
+    assert torch.equal(features[f"vit-block{b}-norm-out"], cap.features[f"vit-block{b}-norm-out"])  # passed through
+
+
+def test_ditf_errors_name_what_is_wrong(captured):
+    f = captured["features"]
+    with pytest.raises(ValueError, match=r"needs \[shift \| scale\] of shape \(2, 32\)"):
+        adaln(f["vit-block2-in"], f["vit-block2-in:modulation"][:, :16])
+    with pytest.raises(ValueError, match="channels \\[16\\] are not channels of a feature with 16"):
+        ditf(f["vit-block2-in"], f["vit-block2-in:modulation"], channels=[16])
+    with pytest.raises(ValueError, match="no feature has its block's modulation"):
+        apply_ditf({"vit-block2-in": f["vit-block2-in"]})

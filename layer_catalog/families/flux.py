@@ -6,6 +6,8 @@ numbers them. Where the two block kinds differ, the ids mean:
 - `attn-out`: double blocks, the output projection's output (before gate and residual); single blocks fuse that
   projection with the MLP's output linear, so there it is the attention's output before that fused linear.
 - `in` / `out` / `norm-out` / `ffn-inner` of a single block: its [text, image] sequence split by the text length.
+Each block's "modulation" read is [shift | scale] of its image stream's first AdaLN (the first two of the chunks its
+modulation linear makes, in the same order on both backends): norm-out = (1 + scale) * LayerNorm(in) + shift.
 """
 from __future__ import annotations
 
@@ -49,6 +51,8 @@ def diffusers_layout(model: torch.nn.Module) -> DitLayout:
                             text_query_path=f"{b}.attn.norm_added_q", text_key_path=f"{b}.attn.norm_added_k",
                             rope="diffusers", rope_path=f"{b}.attn", rope_arg=("image_rotary_emb", 3),
                             attention_path=f"{b}.attn")
+        width = model.transformer_blocks[i].attn.inner_dim
+        reads["modulation"] = dict(module_path=f"{b}.norm1.linear", columns=(0, 2 * width))
         blocks.append(reads)
     for i in range(len(model.single_transformer_blocks)):
         b = f"single_transformer_blocks.{i}"
@@ -66,6 +70,7 @@ def diffusers_layout(model: torch.nn.Module) -> DitLayout:
         reads["map"] = dict(module_path=f"{b}.attn.norm_q", key_path=f"{b}.attn.norm_k", layout="bnhd",
                             rope="diffusers", rope_path=f"{b}.attn", rope_arg=("image_rotary_emb", 3),
                             attention_path=f"{b}.attn")
+        reads["modulation"] = dict(module_path=f"{b}.norm.linear", columns=(0, 2 * width))
         blocks.append(reads)
     patch = 2  # diffusers' Flux packs 2x2 latent patches outside the model (its pipeline's _pack_latents)
     return DitLayout(
@@ -96,6 +101,8 @@ def native_layout(net: torch.nn.Module) -> DitLayout:
                             text_query_path=f"{b}.txt_attn.norm.query_norm",
                             text_key_path=f"{b}.txt_attn.norm.key_norm", layout="bhnd", rope="comfy",
                             rope_path=b, rope_arg=("pe", 3), attention_path=f"{b}.img_attn")
+        width = net.double_blocks[i].hidden_size
+        reads["modulation"] = dict(module_path=f"{b}.img_mod.lin", columns=(0, 2 * width))
         blocks.append(reads)
     for i in range(len(net.single_blocks)):
         b = f"single_blocks.{i}"
@@ -110,6 +117,7 @@ def native_layout(net: torch.nn.Module) -> DitLayout:
                              "out": dict(module_path=b)}, _STREAM_SUFFIXES))
         blocks[-1]["map"] = dict(module_path=f"{b}.norm.query_norm", key_path=f"{b}.norm.key_norm",
                                  layout="bhnd", rope="comfy", rope_path=b, rope_arg=("pe", 2), attention_path=b)
+        blocks[-1]["modulation"] = dict(module_path=f"{b}.modulation.lin", columns=(0, 2 * width))
     return DitLayout(
         ends={"in": dict(module_path="", kind="input"), "embed": dict(module_path="img_in", kind="tokens"),
               "out": dict(module_path="", kind="spatial")},
@@ -125,6 +133,9 @@ FAMILY = Family(
         # DiTF (Gan et al., NeurIPS 2025): the tenth single-stream block's input (here block 19 + 9 = 28) is Flux's
         # best layer for semantic correspondence (DiTF further suppresses its massive-activation channels).
         "practical": ("vit-block28-in",),
+        # DiTF itself: the same tensor, to be put through engine/dit_transforms.ditf (its massive-activation channels,
+        # detected, zeroed; then block 28's own AdaLN modulation, captured beside it).
+        "ditf": ("vit-block28-in",),
         # The last double block's image output: the reference code's conventional choice.
         "legacy": ("vit-block18-out",),
     },
