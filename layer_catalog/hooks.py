@@ -235,6 +235,9 @@ class FeatureCapture(AttachedHooks):
         """The text or image part of a joint [text, image, ...] sequence (image: the generated image's tokens)."""
         if tap.span is None or tap.kind == "map":
             return x
+        if tap.span == "grid":  # an image stream that reference-image tokens may follow (Flux Kontext)
+            h, w = self._grid(tap)
+            return x.narrow(dim, 0, h * w)
         text = self._texts[tap.text_path]
         if tap.span == "text":
             return x.narrow(dim, 0, text)

@@ -344,6 +344,52 @@ def test_native_flux_ids_equal_diffusers_ids(flux, captured, comfy_flux):
         assert error <= 1e-5, f"{layer_id}: relative error {error:.2e}"
 
 
+REFERENCE = (8, 8)  # a Kontext reference latent of another size than the generated one
+
+
+def _kontext(seed: int = 3):
+    """The reference latent, and diffusers' inputs as its Kontext pipeline builds them: the reference's packed
+    tokens after the generated image's, with positions (1, row, column); ComfyUI builds the same from ref_latents."""
+    ref = torch.randn(2, 4, *REFERENCE, generator=torch.Generator().manual_seed(seed))
+    latent, ctx, pooled, t = _inputs()
+    kwargs = _diffusers_kwargs(latent, ctx, pooled, t)
+    h, w = REFERENCE[0] // 2, REFERENCE[1] // 2
+    ids = torch.zeros(h, w, 3)
+    ids[..., 0], ids[..., 1], ids[..., 2] = 1, torch.arange(h)[:, None], torch.arange(w)[None]
+    kwargs["hidden_states"] = torch.cat([kwargs["hidden_states"], _pack(ref)], dim=1)
+    kwargs["img_ids"] = torch.cat([kwargs["img_ids"], ids.reshape(-1, 3)])
+    return ref, kwargs
+
+
+@pytest.fixture(scope="module")
+def kontext_captured(flux, captured):
+    ref, kwargs = _kontext()
+    with torch.no_grad(), FeatureCapture(flux, taps_of(flux, captured["ids"]), token_grid=LATENT) as cap:
+        out = cap.run(**kwargs).sample
+    return dict(ref=ref, features=cap.features, out=out)
+
+
+def test_kontext_reference_tokens_are_not_the_images(captured, kontext_captured):
+    """Image ids are the generated image's tokens only, whatever follows them in the sequence."""
+    f, plain = kontext_captured["features"], captured["features"]
+    assert list(f) == captured["ids"] and all(f[k].shape == plain[k].shape for k in f)
+    torch.testing.assert_close(f["dit-in"], captured["latent"])
+    n = (LATENT[0] // 2) * (LATENT[1] // 2)
+    torch.testing.assert_close(f["dit-out"], _unpack(kontext_captured["out"][:, :n], *LATENT))
+    assert not torch.allclose(f["vit-block1-out"], plain["vit-block1-out"], atol=1e-3)  # the reference took part
+
+
+def test_native_kontext_ids_equal_diffusers_ids(comfy_flux, captured, kontext_captured):
+    latent, ctx, pooled, t = _inputs()
+    with torch.no_grad(), FeatureCapture(comfy_flux, taps_of(comfy_flux, captured["ids"])) as cap:
+        cap.run(latent, t, ctx, y=pooled, ref_latents=[kontext_captured["ref"]])
+    for layer_id, want in kontext_captured["features"].items():
+        got = cap.features[layer_id]
+        assert got.shape == want.shape, (layer_id, got.shape, want.shape)
+        error = float((got - want).abs().max() / want.abs().max())
+        assert error <= 1e-5, f"{layer_id}: relative error {error:.2e}"
+
+
 # ---- DiTF: the preset and its transform -------------------------------------------------------------------------------
 def test_ditf_preset_is_the_tenth_single_blocks_input():
     assert resolve_layers("ditf", "flux") == ["vit-block28-in"]

@@ -6,6 +6,8 @@ numbers them. Where the two block kinds differ, the ids mean:
 - `attn-out`: double blocks, the output projection's output (before gate and residual); single blocks fuse that
   projection with the MLP's output linear, so there it is the attention's output before that fused linear.
 - `in` / `out` / `norm-out` / `ffn-inner` of a single block: its [text, image] sequence split by the text length.
+- Kontext appends its reference image's tokens after the generated image's (both backends): image ids read the
+  generated image's tokens only (span "grid"; in single blocks "image"), and self-maps its keys only.
 Each block's "modulation" read is [shift | scale] of its image stream's first AdaLN (the first two of the chunks its
 modulation linear makes, in the same order on both backends): norm-out = (1 + scale) * LayerNorm(in) + shift.
 """
@@ -20,7 +22,7 @@ _STREAM_SUFFIXES = ("in", "norm-out", "q", "k", "v", "attn-out", "ffn-inner", "o
 
 
 def _double(image: dict, text: dict) -> dict:
-    reads = dict(image)
+    reads = {suffix: {**read, "span": "grid"} for suffix, read in image.items()}
     reads.update({f"txt-{s}": r for s, r in text.items()})
     return reads
 
@@ -64,9 +66,9 @@ def diffusers_layout(model: torch.nn.Module) -> DitLayout:
                        "attn-out": dict(module_path=f"{b}.proj_out", at="input", columns=(0, width)),
                        "ffn-inner": dict(module_path=f"{b}.act_mlp")},
                       ("norm-out", "q", "k", "v", "attn-out", "ffn-inner"))
-        reads.update({"in": dict(module_path=b, at="input", item=("hidden_states", 0)),
+        reads.update({"in": dict(module_path=b, at="input", item=("hidden_states", 0), span="grid"),
                       "txt-in": dict(module_path=b, at="input", item=("encoder_hidden_states", 1)),
-                      "out": dict(module_path=b, item=1), "txt-out": dict(module_path=b, item=0)})
+                      "out": dict(module_path=b, item=1, span="grid"), "txt-out": dict(module_path=b, item=0)})
         reads["map"] = dict(module_path=f"{b}.attn.norm_q", key_path=f"{b}.attn.norm_k", layout="bnhd",
                             rope="diffusers", rope_path=f"{b}.attn", rope_arg=("image_rotary_emb", 3),
                             attention_path=f"{b}.attn")
@@ -74,9 +76,9 @@ def diffusers_layout(model: torch.nn.Module) -> DitLayout:
         blocks.append(reads)
     patch = 2  # diffusers' Flux packs 2x2 latent patches outside the model (its pipeline's _pack_latents)
     return DitLayout(
-        ends={"in": dict(module_path="", kind="packed", at="input", item=("hidden_states", 0)),
-              "embed": dict(module_path="x_embedder", kind="tokens"),
-              "out": dict(module_path="", kind="packed")},
+        ends={"in": dict(module_path="", kind="packed", at="input", item=("hidden_states", 0), span="grid"),
+              "embed": dict(module_path="x_embedder", kind="tokens", span="grid"),
+              "out": dict(module_path="", kind="packed", span="grid")},
         blocks=blocks, common=dict(grid_path=None, grid_divisor=patch, text_path="context_embedder"))
 
 
@@ -119,7 +121,7 @@ def native_layout(net: torch.nn.Module) -> DitLayout:
                                  layout="bhnd", rope="comfy", rope_path=b, rope_arg=("pe", 2), attention_path=b)
         blocks[-1]["modulation"] = dict(module_path=f"{b}.modulation.lin", columns=(0, 2 * width))
     return DitLayout(
-        ends={"in": dict(module_path="", kind="input"), "embed": dict(module_path="img_in", kind="tokens"),
+        ends={"in": dict(module_path="", kind="input"), "embed": dict(module_path="img_in", kind="tokens", span="grid"),
               "out": dict(module_path="", kind="spatial")},
         blocks=blocks, common=dict(grid_path="", grid_divisor=int(getattr(net, "patch_size", 2)),
                                    text_path="txt_in"))
