@@ -69,7 +69,7 @@ def _unknown_id_message(layer_id: str, valid: list[str], owner: str, family: str
                 f"standard {family}); nearest ids of this model: {nearest}")
     holders = [f for f in FAMILIES if f != family and layer_id in preset_names(f)]
     if holders:  # a family's own preset (flux's ditf) asked of another family
-        own = ", ".join(preset_names(family)) if family is not None else ", ".join(PRESET_NAMES)
+        own = ", ".join(preset_names(family) if family in FAMILIES else PRESET_NAMES)
         return f"{echo(layer_id)} is a preset of {spoken(holders)} only, not of {owner} (its presets: {own})"
     others = [f for f in FAMILIES if f != family and layer_id in family_ids(f)]
     if others:
@@ -158,7 +158,7 @@ def _expand(items: list, family: str | None, model_ids: list[str] | None = None)
     for item in items:
         if item == "full" and model_ids is not None:
             members = model_ids
-        elif item in PRESET_NAMES or (family is not None and item in preset_names(family)):
+        elif item in PRESET_NAMES or (family in FAMILIES and item in preset_names(family)):
             if family is None:
                 raise LayerIdError(f"preset {echo(item)} needs a known family; give the family or list the ids")
             members = preset_ids(family, item)
