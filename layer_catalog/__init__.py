@@ -14,12 +14,13 @@ from .hooks import FeatureCapture, TokenGridError, residue
 from .injection import FeatureInjection
 from .resolver import LayerIdError, nearest_ids, resolve_layers, resolve_taps
 from .tap import KINDS, Tap
-from .taps import enumerate_ids, tap_for, taps_of
+from .taps import enumerate_ids, modulation_taps, tap_for, taps_of
 
 __all__ = [
     "PRESET_NAMES", "build_catalog", "compute_shapes", "family_ids", "family_shapes", "load_catalog", "parse_size",
     "preset_ids", "FAMILIES", "Family", "UnknownFamilyError", "dummy_inputs", "get_family", "meta_denoiser",
     "LayerId", "LayerIdSyntaxError", "format_id", "parse_id", "FeatureCapture", "FeatureInjection", "TokenGridError",
     "residue", "LayerIdError",
-    "nearest_ids", "resolve_layers", "resolve_taps", "KINDS", "Tap", "enumerate_ids", "tap_for", "taps_of",
+    "nearest_ids", "resolve_layers", "resolve_taps", "KINDS", "Tap", "enumerate_ids", "modulation_taps", "tap_for",
+    "taps_of",
 ]

@@ -90,12 +90,18 @@ def family_shapes(family: str) -> dict[str, list[int]]:
     return {layer["id"]: layer["shape"] for layer in _load(family)["layers"]}
 
 
+def preset_names(family: str) -> tuple[str, ...]:
+    """The presets of a family: every family's (PRESET_NAMES) and its own (Flux's ditf)."""
+    return PRESET_NAMES + tuple(p for p in _load(family)["presets"] if p not in PRESET_NAMES)
+
+
 def preset_ids(family: str, preset: str) -> list[str]:
     if preset == "full":
         return family_ids(family)
     presets = _load(family)["presets"]
     if preset not in presets:
-        raise ValueError(f"unknown preset {echo(preset)} for {family}; valid presets: {', '.join(PRESET_NAMES)}")
+        raise ValueError(f"unknown preset {echo(preset)} for {family}; valid presets: "
+                         f"{', '.join(preset_names(family))}")
     return list(presets[preset])
 
 

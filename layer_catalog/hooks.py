@@ -235,6 +235,9 @@ class FeatureCapture(AttachedHooks):
         """The text or image part of a joint [text, image, ...] sequence (image: the generated image's tokens)."""
         if tap.span is None or tap.kind == "map":
             return x
+        if tap.span == "grid":  # an image stream that reference-image tokens may follow (Flux Kontext)
+            h, w = self._grid(tap)
+            return x.narrow(dim, 0, h * w)
         text = self._texts[tap.text_path]
         if tap.span == "text":
             return x.narrow(dim, 0, text)
@@ -347,7 +350,9 @@ class FeatureCapture(AttachedHooks):
             x = unpack_tokens(tap.id, x, self._grid(tap), tap.grid_divisor)
         elif tap.kind == "text":
             x = x.transpose(1, 2)
-        if tap.kind not in ("map", "text") and self.feature_resize > 1:
+        elif tap.kind == "vector":
+            x = x.reshape(x.shape[0], -1)
+        if tap.kind not in ("map", "text", "vector") and self.feature_resize > 1:
             x = pool_spatial(x, self.feature_resize)
         return x
 

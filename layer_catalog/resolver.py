@@ -1,6 +1,7 @@
 """From what a user writes to a list of valid layer ids (and taps).
 
-Accepted: one id; several ids separated by commas, spaces or new lines; a preset name (practical, legacy, full);
+Accepted: one id; several ids separated by commas, spaces or new lines; a preset name (practical, legacy, full, or
+a family's own: flux's ditf);
 a path to a JSON file in the reference's format {"id": true, ...} (or a JSON list of ids); a Python list or dict
 of the same. Presets and ids can be mixed ("practical, up-level0-upsampler-out"). Order is kept, duplicates dropped.
 
@@ -19,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .catalog import PRESET_NAMES, family_ids, preset_ids
+from .catalog import PRESET_NAMES, family_ids, preset_ids, preset_names
 from .errors import DiffusionFeatureError, echo
 from .families import FAMILIES, get_family, spoken
 from .grammar import LayerIdSyntaxError, format_id, parse_id
@@ -66,6 +67,10 @@ def _unknown_id_message(layer_id: str, valid: list[str], owner: str, family: str
         # the id is right for the family, this model just does not have that module.
         return (f"{echo(layer_id)} is a {family} id that {owner} lacks (its denoiser has another depth than the "
                 f"standard {family}); nearest ids of this model: {nearest}")
+    holders = [f for f in FAMILIES if f != family and layer_id in preset_names(f)]
+    if holders:  # a family's own preset (flux's ditf) asked of another family
+        own = ", ".join(preset_names(family) if family in FAMILIES else PRESET_NAMES)
+        return f"{echo(layer_id)} is a preset of {spoken(holders)} only, not of {owner} (its presets: {own})"
     others = [f for f in FAMILIES if f != family and layer_id in family_ids(f)]
     if others:
         return (f"{echo(layer_id)} is a layer id of {spoken(others)}, not of {owner}; "
@@ -153,7 +158,7 @@ def _expand(items: list, family: str | None, model_ids: list[str] | None = None)
     for item in items:
         if item == "full" and model_ids is not None:
             members = model_ids
-        elif item in PRESET_NAMES:
+        elif item in PRESET_NAMES or (family in FAMILIES and item in preset_names(family)):
             if family is None:
                 raise LayerIdError(f"preset {echo(item)} needs a known family; give the family or list the ids")
             members = preset_ids(family, item)

@@ -14,7 +14,8 @@ import torch
 #   packed    patchified tokens (B, N, C * p * p) as diffusers' Flux takes them; unpacked to (B, C, h * p, w * p)
 #   text      text tokens (B, T, C) of a transformer's text stream; stored as (B, C, T)
 #   map       softmax attention probabilities (B, heads, Nq, Nk), from the outputs of module_path (q) and key_path (k)
-KINDS = ("input", "spatial", "tokens", "packed", "text", "map")
+#   vector    one vector per sample (B, ..., C) stored as (B, C), never pooled: a block's AdaLN modulation
+KINDS = ("input", "spatial", "tokens", "packed", "text", "map", "vector")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ class Tap:
     picks one of several (an output tuple's index; an input as (keyword, position)); `layout` merges per-head
     tensors ("bnhd": (B, N, heads, d), "bhnd": (B, heads, N, d)) to (B, N, heads * d); `columns` (start, stop) of
     the last axis (one part of a fused linear whose parts differ in width); `span` "text" or "image" takes that
-    part of a joint [text, image] sequence whose text length is the token count entering `text_path`.
+    part of a joint [text, image] sequence whose text length is the token count entering `text_path`; "grid"
+    the first h * w tokens of an image stream (the generated image's; reference images' tokens may follow them).
     Joint maps (text_path set) gather q and k of the image stream (module_path, key_path) and of the text stream
     (text_query_path, text_key_path; None where one joint sequence carries both), apply the model's rotary
     embedding (`rope`: whose function, read from argument `rope_arg` of module `rope_path`) and keep the image

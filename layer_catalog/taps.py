@@ -124,3 +124,13 @@ def taps_of(model: torch.nn.Module, ids: list[str]) -> list[Tap]:
     pixart = is_pixart(model)
     patch = int(getattr(getattr(model, "config", None), "patch_size", 1) or 1) if pixart else 1
     return [tap_for(parse_id(i), pixart, patch) for i in ids]
+
+
+def modulation_taps(model: torch.nn.Module, ids: list[str]) -> list[Tap]:
+    """The companion taps ("<id>:modulation", kind "vector") of the block-input ids among `ids`: each block's
+    [shift | scale], for transforms that re-apply its AdaLN (engine/dit_transforms.py). [] where the network has
+    no such modulation (UNets, PixArt)."""
+    layout = dit_layout(model)
+    if layout is None:
+        return []
+    return [t for t in (layout.modulation_tap(i) for i in ids) if t is not None]

@@ -22,9 +22,15 @@ from ..tap import Tap
 # Where one block's tensors are: suffix ("q", "txt-q", ...) -> Tap fields (module_path, at, item, layout, columns,
 # span, part). Maps: "map" -> Tap fields of the joint map (module_path / key_path of the image or joint stream,
 # text_query_path / text_key_path, layout, rope, rope_path, rope_arg, attention_path); a map of an image-only
-# attention ("attn2-self-map") has its own read (module_path / key_path, layout, attention_path).
+# attention ("attn2-self-map") has its own read (module_path / key_path, layout, attention_path). Optional
+# "modulation": where the block's [shift | scale] of its image stream's first AdaLN is (module_path, columns): not a
+# layer id, the companion tensor of the block's `in` for transforms that re-apply that modulation
+# (engine/dit_transforms.py).
 Read = dict
 JOINT_MAPS = ("cross-map", "self-map")  # the two parts of the joint softmax: one "map" read serves both
+
+# The key of a block input's companion modulation tensor among captured features: "<in id>:modulation".
+MODULATION_SUFFIX = ":modulation"
 
 
 @dataclass
@@ -67,6 +73,14 @@ class DitLayout:
 
     def taps(self, ids) -> list[Tap]:
         return [self.tap(i) for i in ids]
+
+    def modulation_tap(self, layer_id: str) -> Tap | None:
+        """The companion tap of a block-input id (`vit-block{B}-in`): the block's [shift | scale] per sample, kind
+        "vector"; None for other ids and blocks whose layout does not say where their modulation is."""
+        if not (layer_id.startswith("vit-block") and layer_id.endswith("-in")) or "-txt-" in layer_id:
+            return None
+        read = self.blocks[int(layer_id[len("vit-block"):-len("-in")])].get("modulation")
+        return None if read is None else Tap(layer_id + MODULATION_SUFFIX, kind="vector", **read)
 
 
 def joint(reads: dict[str, Read], suffixes, span_text: bool = True) -> dict[str, Read]:

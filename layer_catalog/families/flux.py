@@ -6,6 +6,10 @@ numbers them. Where the two block kinds differ, the ids mean:
 - `attn-out`: double blocks, the output projection's output (before gate and residual); single blocks fuse that
   projection with the MLP's output linear, so there it is the attention's output before that fused linear.
 - `in` / `out` / `norm-out` / `ffn-inner` of a single block: its [text, image] sequence split by the text length.
+- Kontext appends its reference image's tokens after the generated image's (both backends): image ids read the
+  generated image's tokens only (span "grid"; in single blocks "image"), and self-maps its keys only.
+Each block's "modulation" read is [shift | scale] of its image stream's first AdaLN (the first two of the chunks its
+modulation linear makes, in the same order on both backends): norm-out = (1 + scale) * LayerNorm(in) + shift.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ _STREAM_SUFFIXES = ("in", "norm-out", "q", "k", "v", "attn-out", "ffn-inner", "o
 
 
 def _double(image: dict, text: dict) -> dict:
-    reads = dict(image)
+    reads = {suffix: {**read, "span": "grid"} for suffix, read in image.items()}
     reads.update({f"txt-{s}": r for s, r in text.items()})
     return reads
 
@@ -49,6 +53,8 @@ def diffusers_layout(model: torch.nn.Module) -> DitLayout:
                             text_query_path=f"{b}.attn.norm_added_q", text_key_path=f"{b}.attn.norm_added_k",
                             rope="diffusers", rope_path=f"{b}.attn", rope_arg=("image_rotary_emb", 3),
                             attention_path=f"{b}.attn")
+        width = model.transformer_blocks[i].attn.inner_dim
+        reads["modulation"] = dict(module_path=f"{b}.norm1.linear", columns=(0, 2 * width))
         blocks.append(reads)
     for i in range(len(model.single_transformer_blocks)):
         b = f"single_transformer_blocks.{i}"
@@ -60,18 +66,19 @@ def diffusers_layout(model: torch.nn.Module) -> DitLayout:
                        "attn-out": dict(module_path=f"{b}.proj_out", at="input", columns=(0, width)),
                        "ffn-inner": dict(module_path=f"{b}.act_mlp")},
                       ("norm-out", "q", "k", "v", "attn-out", "ffn-inner"))
-        reads.update({"in": dict(module_path=b, at="input", item=("hidden_states", 0)),
+        reads.update({"in": dict(module_path=b, at="input", item=("hidden_states", 0), span="grid"),
                       "txt-in": dict(module_path=b, at="input", item=("encoder_hidden_states", 1)),
-                      "out": dict(module_path=b, item=1), "txt-out": dict(module_path=b, item=0)})
+                      "out": dict(module_path=b, item=1, span="grid"), "txt-out": dict(module_path=b, item=0)})
         reads["map"] = dict(module_path=f"{b}.attn.norm_q", key_path=f"{b}.attn.norm_k", layout="bnhd",
                             rope="diffusers", rope_path=f"{b}.attn", rope_arg=("image_rotary_emb", 3),
                             attention_path=f"{b}.attn")
+        reads["modulation"] = dict(module_path=f"{b}.norm.linear", columns=(0, 2 * width))
         blocks.append(reads)
     patch = 2  # diffusers' Flux packs 2x2 latent patches outside the model (its pipeline's _pack_latents)
     return DitLayout(
-        ends={"in": dict(module_path="", kind="packed", at="input", item=("hidden_states", 0)),
-              "embed": dict(module_path="x_embedder", kind="tokens"),
-              "out": dict(module_path="", kind="packed")},
+        ends={"in": dict(module_path="", kind="packed", at="input", item=("hidden_states", 0), span="grid"),
+              "embed": dict(module_path="x_embedder", kind="tokens", span="grid"),
+              "out": dict(module_path="", kind="packed", span="grid")},
         blocks=blocks, common=dict(grid_path=None, grid_divisor=patch, text_path="context_embedder"))
 
 
@@ -96,6 +103,8 @@ def native_layout(net: torch.nn.Module) -> DitLayout:
                             text_query_path=f"{b}.txt_attn.norm.query_norm",
                             text_key_path=f"{b}.txt_attn.norm.key_norm", layout="bhnd", rope="comfy",
                             rope_path=b, rope_arg=("pe", 3), attention_path=f"{b}.img_attn")
+        width = net.double_blocks[i].hidden_size
+        reads["modulation"] = dict(module_path=f"{b}.img_mod.lin", columns=(0, 2 * width))
         blocks.append(reads)
     for i in range(len(net.single_blocks)):
         b = f"single_blocks.{i}"
@@ -110,8 +119,9 @@ def native_layout(net: torch.nn.Module) -> DitLayout:
                              "out": dict(module_path=b)}, _STREAM_SUFFIXES))
         blocks[-1]["map"] = dict(module_path=f"{b}.norm.query_norm", key_path=f"{b}.norm.key_norm",
                                  layout="bhnd", rope="comfy", rope_path=b, rope_arg=("pe", 2), attention_path=b)
+        blocks[-1]["modulation"] = dict(module_path=f"{b}.modulation.lin", columns=(0, 2 * width))
     return DitLayout(
-        ends={"in": dict(module_path="", kind="input"), "embed": dict(module_path="img_in", kind="tokens"),
+        ends={"in": dict(module_path="", kind="input"), "embed": dict(module_path="img_in", kind="tokens", span="grid"),
               "out": dict(module_path="", kind="spatial")},
         blocks=blocks, common=dict(grid_path="", grid_divisor=int(getattr(net, "patch_size", 2)),
                                    text_path="txt_in"))
@@ -125,6 +135,9 @@ FAMILY = Family(
         # DiTF (Gan et al., NeurIPS 2025): the tenth single-stream block's input (here block 19 + 9 = 28) is Flux's
         # best layer for semantic correspondence (DiTF further suppresses its massive-activation channels).
         "practical": ("vit-block28-in",),
+        # DiTF itself: the same tensor, to be put through engine/dit_transforms.ditf (its massive-activation channels,
+        # detected, zeroed; then block 28's own AdaLN modulation, captured beside it).
+        "ditf": ("vit-block28-in",),
         # The last double block's image output: the reference code's conventional choice.
         "legacy": ("vit-block18-out",),
     },
