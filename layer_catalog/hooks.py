@@ -1,4 +1,5 @@
-"""The capture core of both backends: attach taps to a network for one run, capture their tensors, always detach.
+"""The capture core of both backends: attach taps to a network for one run, capture their tensors, detached unless
+asked to keep them on the autograd graph (grad=True).
 
     with FeatureCapture(unet, taps, device="cpu", early_exit=True) as cap:
         cap.run(sample, t, encoder_hidden_states=text)     # a forward of the network itself
@@ -95,6 +96,8 @@ class FeatureCapture(AttachedHooks):
     dtype / device: where captured tensors go (None keeps the tensor's own; device="cpu" offloads as captured).
     feature_resize: an integer factor f >= 1; spatial taps are average-pooled to (H // f, W // f). Maps never.
     early_exit: `run` / `call` stop the forward once every tap has fired (returning None).
+    grad: keep captured tensors on the autograd graph (no detach, maps computed with grad) so a loss on the
+    features trains the network; by default they are detached.
     on_capture: optional callback(layer_id, tensor) after each capture (e.g. to count or stream).
     enabled / rows: attributes a multi-step run may change between forwards: `enabled = False` makes the hooks
     return at once (steps that are not captured); `rows` (None for all, a slice, or a 1-D LongTensor of row
@@ -105,7 +108,7 @@ class FeatureCapture(AttachedHooks):
     def __init__(self, model: torch.nn.Module, taps: Iterable[Tap], *, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, feature_resize: int = 1, early_exit: bool = False,
                  on_capture: Callable[[str, torch.Tensor], None] | None = None,
-                 rows: slice | torch.Tensor | None = None):
+                 rows: slice | torch.Tensor | None = None, grad: bool = False):
         self.model = model
         self.taps = list(taps)
         ids = [t.id for t in self.taps]
@@ -117,6 +120,7 @@ class FeatureCapture(AttachedHooks):
         self.feature_resize, self.early_exit, self.on_capture = feature_resize, early_exit, on_capture
         self.enabled = True
         self.rows = rows
+        self.grad = grad
         self.features: dict[str, torch.Tensor] = {}
         self._grids: dict[tuple[str, int], tuple[int, int]] = {}
         self._queries: dict[str, tuple[torch.Tensor, int]] = {}
@@ -190,7 +194,7 @@ class FeatureCapture(AttachedHooks):
     def _query_hook(self, tap: Tap):
         def hook(_module, _args, output):
             if self.enabled:
-                self._queries[tap.id] = (self._select(_slice(output, tap.part).detach()), output.shape[0])
+                self._queries[tap.id] = (self._select(self._cut(_slice(output, tap.part))), output.shape[0])
         return hook
 
     def _key_hook(self, tap: Tap, heads: int, upcast: bool):
@@ -202,13 +206,13 @@ class FeatureCapture(AttachedHooks):
             q, batch = self._queries.pop(tap.id)
             if output.shape[0] != batch:  # ComfyUI's PixArt: every image's text in one flat sequence (1, B*T, C)
                 output = output.reshape(batch, -1, output.shape[-1])
-            self._store_map(tap, q, self._select(_slice(output, tap.key_part).detach()), heads, upcast)
+            self._store_map(tap, q, self._select(self._cut(_slice(output, tap.key_part))), heads, upcast)
         return hook
 
     def _fused_map_hook(self, tap: Tap, heads: int, upcast: bool):
         def hook(_module, _args, output):
             if self.enabled:
-                x = self._select(output.detach())
+                x = self._select(self._cut(output))
                 self._store_map(tap, _slice(x, tap.part), _slice(x, tap.key_part), heads, upcast)
         return hook
 
@@ -216,10 +220,13 @@ class FeatureCapture(AttachedHooks):
         mask = self._masks.pop(tap.id, None)
         if mask is not None and mask.shape[0] > 1:
             mask = self._select(mask)
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             self._store(tap, attention_probs(q, k, heads, upcast, mask), selected=True)
 
     # ---- capture ---------------------------------------------------------------------------------------
+    def _cut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.grad else x.detach()
+
     def _shape(self, tap: Tap, x: torch.Tensor) -> torch.Tensor:
         if tap.kind == "tokens":
             x = tokens_to_grid(tap.id, x, self._grids[(tap.grid_path, tap.grid_divisor)])
@@ -232,7 +239,7 @@ class FeatureCapture(AttachedHooks):
             return
         source = x
         if not selected:
-            x = self._select(x.detach())
+            x = self._select(self._cut(x))
         x = self._shape(tap, x)
         x = x.to(dtype=self.dtype or x.dtype, device=self.device or x.device)
         if tap.kind != "map":  # a map is a tensor made for us
