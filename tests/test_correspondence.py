@@ -174,3 +174,40 @@ def test_bad_input_errors(house, call, message):
 
 def test_parse_points():
     assert parse_points("10,20; 30.5, 4\n7,8;") == [(10.0, 20.0), (30.5, 4.0), (7.0, 8.0)]
+
+
+def test_match_points_node_draws_and_returns_the_true_matches(house):
+    from diffusion_feature.nodes.node_correspondence import DFMatchPoints
+
+    a, b, _, truth = _cases(house)["flip"]
+    fa, fb = pixel_features(a, 4), pixel_features(b, 4)
+    points = distinct_points(fa, 4)[:5]
+    meta = {"family": "sd15", "input_width": W, "input_height": H}
+    image_a, image_b = a.permute(1, 2, 0)[None], b.permute(1, 2, 0)[None]
+    text = "; ".join(f"{x},{y}" for x, y in points.tolist())
+    drawn, matched = DFMatchPoints().match(Features(fa, meta), Features(fb, meta), image_a, image_b, text)
+    got = torch.tensor([[float(v) for v in p.split(",")] for p in matched.split("; ")])
+    torch.testing.assert_close(got, truth(points), atol=0.05, rtol=0)
+    assert drawn.shape == (1, H, 2 * W, 3)
+    torch.testing.assert_close(drawn[0, :5, :W], image_a[0, :5], atol=1 / 255, rtol=0)  # A on the left ...
+    from diffusion_feature.engine.visualize import match_colors
+
+    for (x, y), color in zip(got.round().int().tolist(), match_colors(5)):  # ... a marker of its colour at each match
+        near = drawn[0, y - 3:y + 4, W + x - 3:W + x + 4].reshape(-1, 3)
+        assert (near == torch.tensor(color) / 255).all(-1).any(), (x, y)
+
+
+def test_similarity_map_node_peaks_at_the_match(house):
+    from diffusion_feature.nodes.node_correspondence import DFSimilarityMap
+
+    a, b, _, truth = _cases(house)["flip"]
+    fa, fb = pixel_features(a, 4), pixel_features(b, 4)
+    point = distinct_points(fa, 4)[3]
+    meta = {"family": "sd15", "input_width": W, "input_height": H}
+    heat, mask = DFSimilarityMap().show(Features(fa, meta), Features(fb, meta), *point.tolist())
+    assert heat.shape == (1, H, W, 3) and mask.shape == (1, H, W) and float(mask.max()) > 0.95
+    peak = torch.nonzero(mask[0] == mask[0].max()).float().mean(0).flip(0)  # (x, y) of the brightest pixels
+    assert (peak - truth(point[None])[0]).abs().max() <= 4  # within the true cell
+    blended, _ = DFSimilarityMap().show(Features(fa, meta), Features(fb, meta), *point.tolist(),
+                                        image_b=b.permute(1, 2, 0)[None])
+    torch.testing.assert_close(blended, 0.5 * heat + 0.5 * b.permute(1, 2, 0)[None])
