@@ -171,3 +171,19 @@ def draw_matches(image_a: np.ndarray, image_b: np.ndarray, points_a, points_b) -
         for x, y in ((xa, ya), (wa + xb, yb)):
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], outline=color, width=max(1, radius // 2))
     return np.asarray(canvas)
+
+
+def preview_data_url(rgb: np.ndarray, max_side: int = 768) -> str:
+    """A uint8 RGB image as a JPEG data URL for a node's preview in the browser (no file is written), its longer
+    side at most max_side pixels."""
+    import base64
+    import io
+
+    image = Image.fromarray(rgb)
+    scale = max_side / max(image.size)
+    if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

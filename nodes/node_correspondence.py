@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..engine.correspondence import describe, match_points, parse_points, similarity_map
-from ..engine.visualize import draw_matches, heatmaps
+from ..engine.visualize import draw_matches, heatmaps, preview_data_url
 from .node_visualize import _as_image, _check_output_memory
 
 _FEATURES_TIP = "Features of image {} (DFExtractNative, DFExtractFeatures or DFLoadFeatures), the same layers."
@@ -66,11 +66,13 @@ class DFMatchPoints:
 class DFSimilarityMap:
     DESCRIPTION = ("Show how similar every place of image B is to one query point of image A (the cosine "
                    "similarity of their diffusion features) as a heat map, blended over image B when given; and "
-                   "the similarity as a MASK in 0..1.")
+                   "the similarity as a MASK in 0..1. With image_a connected, the node shows A beside the heat map: "
+                   "click on A to query another point (the graph runs again; only this node recomputes).")
     CATEGORY = "diffusion_feature/correspondence"
     RETURN_TYPES = ("IMAGE", "MASK")
     RETURN_NAMES = ("heatmap", "mask")
     FUNCTION = "show"
+    OUTPUT_NODE = True  # its preview (A | heat map over B) is what the click-to-query acts on
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -78,17 +80,19 @@ class DFSimilarityMap:
             "features_a": ("DF_FEATURES", {"tooltip": _FEATURES_TIP.format("A (the query's image)")}),
             "features_b": ("DF_FEATURES", {"tooltip": _FEATURES_TIP.format("B (where the heat map is drawn)")}),
             "x": ("FLOAT", {"default": 64.0, "min": 0.0, "max": 16384.0, "step": 1.0,
-                            "tooltip": "The query point's x, in pixels of image A."}),
+                            "tooltip": "The query point's x, in pixels of image A (or click on A in the preview)."}),
             "y": ("FLOAT", {"default": 64.0, "min": 0.0, "max": 16384.0, "step": 1.0,
-                            "tooltip": "The query point's y, in pixels of image A."}),
+                            "tooltip": "The query point's y, in pixels of image A (or click on A in the preview)."}),
             "layers": ("STRING", {"default": "", "tooltip": _LAYERS_TIP}),
         }, "optional": {
             "image_b": ("IMAGE", {"tooltip": "Blend the heat map over image B (and take its size)."}),
+            "image_a": ("IMAGE", {"tooltip": "Image A, shown beside the heat map in the node's preview with the query "
+                                             "point and its best match; click on it to query another point."}),
         }}
 
-    def show(self, features_a, features_b, x, y, layers="", image_b=None):
+    def show(self, features_a, features_b, x, y, layers="", image_b=None, image_a=None):
         layers = layers or None
-        da = describe(features_a, layers)
+        da = describe(features_a, layers, size=_size(image_a) if image_a is not None else None)
         db = describe(features_b, layers or list(da.layers), size=_size(image_b) if image_b is not None else None)
         sim = similarity_map(da, db, (x, y))
         _check_output_memory(sim.shape[0], db.height, db.width)
@@ -99,4 +103,11 @@ class DFSimilarityMap:
             if base.shape[0] not in (1, heat.shape[0]):
                 raise ValueError(f"image_b holds {base.shape[0]} images for {heat.shape[0]} heat maps")
             heat = 0.5 * heat + 0.5 * base
-        return (heat, torch.from_numpy(masks))
+        preview = {"b_width": db.width, "b_height": db.height, "x": x, "y": y}
+        if image_a is not None:  # A | heat map, the query joined to its best match: what a click acts on
+            best = match_points(da, db, [(x, y)]).points[0].tolist()
+            drawn = draw_matches(_row(image_a, 0), _row(heat, 0), [(x, y)], best)
+            preview.update(image=preview_data_url(drawn), a_width=da.width, a_height=da.height)
+        else:
+            preview["image"] = preview_data_url(_row(heat, 0))
+        return {"ui": {"df_similarity": [preview]}, "result": (heat, torch.from_numpy(masks))}

@@ -204,10 +204,21 @@ def test_similarity_map_node_peaks_at_the_match(house):
     fa, fb = pixel_features(a, 4), pixel_features(b, 4)
     point = distinct_points(fa, 4)[3]
     meta = {"family": "sd15", "input_width": W, "input_height": H}
-    heat, mask = DFSimilarityMap().show(Features(fa, meta), Features(fb, meta), *point.tolist())
+    heat, mask = DFSimilarityMap().show(Features(fa, meta), Features(fb, meta), *point.tolist())["result"]
     assert heat.shape == (1, H, W, 3) and mask.shape == (1, H, W) and float(mask.max()) > 0.95
     peak = torch.nonzero(mask[0] == mask[0].max()).float().mean(0).flip(0)  # (x, y) of the brightest pixels
     assert (peak - truth(point[None])[0]).abs().max() <= 4  # within the true cell
-    blended, _ = DFSimilarityMap().show(Features(fa, meta), Features(fb, meta), *point.tolist(),
-                                        image_b=b.permute(1, 2, 0)[None])
+    shown = DFSimilarityMap().show(Features(fa, meta), Features(fb, meta), *point.tolist(),
+                                   image_b=b.permute(1, 2, 0)[None], image_a=a.permute(1, 2, 0)[None])
+    blended = shown["result"][0]
     torch.testing.assert_close(blended, 0.5 * heat + 0.5 * b.permute(1, 2, 0)[None])
+    # the node's preview for the click-to-query: A (with the query) beside the heat map over B, and their sizes
+    [preview] = shown["ui"]["df_similarity"]
+    import base64
+    import io
+
+    header, data = preview["image"].split(",", 1)
+    assert header == "data:image/jpeg;base64"
+    assert Image.open(io.BytesIO(base64.b64decode(data))).size == (2 * W, H)
+    assert (preview["a_width"], preview["a_height"], preview["b_width"], preview["b_height"]) == (W, H, W, H)
+    assert (preview["x"], preview["y"]) == tuple(point.tolist())
