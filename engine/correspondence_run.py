@@ -54,7 +54,9 @@ def _sources(pairs: list[KeypointPair], root: Path) -> tuple[list[ImageSource], 
 
 
 def _settings(pairs_meta: dict, window: int, temperature: float) -> dict:
-    return {"tool": TOOL, **pairs_meta, "window": window, "temperature": temperature}
+    """What a pair's record depends on (a limit only chooses pairs: a resume may score more or fewer)."""
+    return {"tool": TOOL, **{k: v for k, v in pairs_meta.items() if k != "limit"}, "window": window,
+            "temperature": temperature}
 
 
 def _check_settings(out: Path, settings: dict, resume: bool) -> None:

@@ -79,6 +79,8 @@ def test_spair_pck_equals_a_hand_computation_and_resumes(tmp_path, spair, tiny_r
     assert again.returncode == 0, again.stderr
     assert (out / "df_index" / "part-00000.jsonl").read_text() == records
     assert json.loads((out / "results.json").read_text())["categories"] == results["categories"]
+    first = _run(tiny_random_weights, spair, out, "--resume", "--limit", "1")  # a limit only chooses pairs
+    assert first.returncode == 0 and list(json.loads((out / "results.json").read_text())["categories"]) == ["cat"]
     other = _run(tiny_random_weights, spair, out, "--resume", "--window", "1")
     assert other.returncode == 2 and "window: 0 there, 1 now" in other.stderr
     fresh = _run(tiny_random_weights, spair, out)
