@@ -114,6 +114,7 @@ def test_match_points_example(server):
     """Load Checkpoint -> DFExtractNative on two images -> DFMatchPoints and DFSimilarityMap: the two images side by
     side, and a heat map over image B."""
     graph = native("native_match_points")
+    graph["11"]["inputs"]["image"] = "example.png"  # B = A: current ComfyUI runs the one extraction once
     graph["6"]["inputs"]["points"] = "10,10; 50,30; 90,60"  # the test images are 96x64
     graph["8"]["inputs"].update(x=50.0, y=30.0)
     shown = images_of(run_ok(server, graph))
