@@ -279,7 +279,7 @@ def mutual_matches(a, b, layers=None, *, size_a=None, size_b=None) -> list[Mutua
     MutualMatches per image pair of the batch."""
     da, db = _pair(a, b, layers, size_a, size_b)
     batch = max(da.tensor.shape[0], db.tensor.shape[0])
-    (ha, wa), (hb, wb) = da.grid, db.grid
+    wa, wb = da.grid[1], db.grid[1]
     out = []
     for i in range(batch):
         fa = da.tensor[min(i, da.tensor.shape[0] - 1)].flatten(1)

@@ -154,7 +154,7 @@ def _pf_willow(root: Path, split: str) -> list[KeypointPair]:
     pairs = []
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
-        header = next(reader, None)
+        next(reader, None)  # the header: columns are read by position (names differ between the lists)
         for i, row in enumerate(reader):
             where = f"{path.name} row {i + 2}"
             if len(row) < 6 or (len(row) - 2) % 4:
@@ -167,7 +167,6 @@ def _pf_willow(root: Path, split: str) -> list[KeypointPair]:
             source, target = _willow_image(root, row[0]), _willow_image(root, row[1])
             pairs.append(KeypointPair(f"{i:05d}-{source.stem}-{target.stem}", source.parent.name, source, target,
                                       src, trg, _box_of(trg)))
-    del header
     return pairs
 
 
