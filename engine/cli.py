@@ -5,6 +5,7 @@
     generate images from a prompt, with layers captured at chosen steps
     pnp      Plug-and-Play: invert an image and translate it to new prompts
     pca      PCA images of one layer of saved features
+    correspondence  PCK of keypoint matching on SPair-71k, PF-PASCAL or PF-WILLOW
     demo     the offline demo: extraction + PCA on the bundled sample images
 """
 from __future__ import annotations
@@ -188,6 +189,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-alpha", type=float, default=1.0, help="1: no negative prompting; lower: stronger")
     p.add_argument("--negative-schedule", default="linear", choices=["constant", "linear", "exp"])
     p.set_defaults(func=_command("pnp"))
+
+    p = sub.add_parser("correspondence", help="PCK of keypoint matching on SPair-71k, PF-PASCAL or PF-WILLOW",
+                       description="Semantic correspondence benchmark: extract every image of the pairs once (into "
+                                   "OUTPUT/features, a dataset run), match each pair's source keypoints into the "
+                                   "target by nearest neighbours of the features (layers upsampled to one grid and "
+                                   "L2-normalised per layer) and report PCK@alpha per image and per box, per "
+                                   "category, their mean and over all keypoints (a table, and OUTPUT/results.json). "
+                                   "Nothing is downloaded: point --dataset at the dataset's folder.",
+                       epilog="DIFT's zero-shot setting on SD2.1: --layers up-level1-upsampler-out --t 261 --ensemble "
+                              "8 --size 768 --resize stretch. exit status: 0 every pair scored; 1 some pairs could "
+                              "not be (their images failed); 2 refused before starting; 3 / 130 stopped or "
+                              "interrupted during extraction (--resume continues)")
+    _add_model_args(p, required=True)
+    p.add_argument("--dataset", required=True, metavar="DIR", help="the dataset folder (SPair-71k/, PF-PASCAL/ or "
+                                                                    "PF-WILLOW/ as distributed)")
+    p.add_argument("--layout", default=None, choices=["spair", "pf-pascal", "pf-willow"],
+                   help="the dataset's layout (default: detected from the folder)")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"], help="pairs to score (default test)")
+    p.add_argument("--output", required=True, help="output folder: features/, the per-pair index, results.json")
+    p.add_argument("--layers", required=True, help="ids (comma separated), a preset or a JSON file")
+    p.add_argument("--t", type=int, default=261, help="training timestep 0..999 (default 261, DIFT's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the VAE sample and the noise (default 0)")
+    p.add_argument("--ensemble", type=int, default=1, help="average the features over N noise draws (DIFT: 8)")
+    p.add_argument("--size", default=None, help="force every image to N or WxH pixels (default: keep the aspect "
+                                                "ratio at the model's native area)")
+    p.add_argument("--resize", default="keep-aspect", choices=["keep-aspect", "stretch"],
+                   help="resize policy when --size is not given (keypoints stay in pixels of the original images)")
+    p.add_argument("--prompt-template", default="a photo of a {category}",
+                   help="each image's prompt, {category} filled in (default 'a photo of a {category}', DIFT's)")
+    p.add_argument("--alpha", default="0.1", metavar="A[,A...]", help="PCK thresholds (default 0.1)")
+    p.add_argument("--window", type=int, default=0, help="soft-argmax window in feature cells around the best "
+                                                         "match (default 0: plain nearest neighbour)")
+    p.add_argument("--temperature", type=float, default=0.02, help="soft-argmax temperature (default 0.02)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward (same size only)")
+    p.add_argument("--feature-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the cached features (default: the model's; float16 halves the disk used)")
+    p.add_argument("--latent-cache", default=None, metavar="DIR", help="keep each image's VAE posterior in DIR")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N pairs (a quick look)")
+    p.add_argument("--resume", action="store_true", help="continue a run in its output folder (same settings)")
+    p.set_defaults(func=_command("correspondence"))
 
     p = sub.add_parser("pca", help="PCA images of one layer of saved features",
                        description="PCA of one spatial layer to RGB. With several files and --joint, one PCA for "

@@ -236,6 +236,40 @@ def run_extract(args) -> int:
     return result.status
 
 
+def run_correspondence(args) -> int:
+    """`correspondence`: the benchmark run of engine/correspondence_run.py on a dataset folder."""
+    from ..layer_catalog import parse_size
+    from .correspondence_run import run_benchmark
+    from .model import parse_dtype
+    from .pair_datasets import detect_layout, read_pairs
+
+    try:
+        alphas = [float(a) for a in args.alpha.split(",") if a.strip()]
+    except ValueError:
+        alphas = []
+    if not alphas or not all(0 < a <= 1 for a in alphas):
+        raise ValueError(f"--alpha {echo(args.alpha)}: give thresholds in (0, 1], e.g. 0.1 or 0.05,0.1,0.15")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    layout = args.layout or detect_layout(args.dataset)
+    pairs = read_pairs(args.dataset, layout, args.split)[:args.limit]
+    model = _load(args)
+    cache = None
+    if args.latent_cache:
+        from .latent_cache import LatentCache
+
+        cache = LatentCache(args.latent_cache)
+    dataset = {"dataset": str(Path(args.dataset).resolve()), "layout": layout, "split": args.split,
+               "limit": args.limit}
+    result = run_benchmark(model, pairs, args.dataset, args.output, args.layers, args.t, args.seed, alphas=alphas,
+                           window=args.window, temperature=args.temperature, prompt_template=args.prompt_template,
+                           dataset=dataset, resume=args.resume, ensemble=args.ensemble,
+                           size=parse_size(args.size) if args.size else None, resize=args.resize,
+                           dtype=parse_dtype(args.feature_dtype) if args.feature_dtype else None,
+                           batch_size=args.batch_size, latent_cache=cache)
+    return result.status
+
+
 def run_pca(args) -> int:
     from .features_io import image_size, is_map, load_features
     from .visualize import pca_rgb, save_png

@@ -14,6 +14,8 @@ Semantics (also in the README):
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..layer_catalog import FeatureCapture, resolve_taps
@@ -112,18 +114,30 @@ def encode_latents(vae, pixels: torch.Tensor, seed: int, sample: bool = True, *,
     return latents_from_posterior(vae, mean, std, seed, sample)
 
 
-@torch.no_grad()
+def grad_mode(fn):
+    """Run fn without autograd unless it is called with grad=True (gradient mode: features on the graph)."""
+    @functools.wraps(fn)
+    def run(*args, grad: bool = False, **kwargs):
+        if not isinstance(grad, bool):
+            raise ValueError(f"grad must be True or False, got {grad!r}")
+        with torch.set_grad_enabled(grad):
+            return fn(*args, grad=grad, **kwargs)
+    return run
+
+
+@grad_mode
 def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: int, seed: int, abar: torch.Tensor,
                     *, family: str | None = None, ensemble: int = 1, feature_resize: int = 1,
                     dtype: torch.dtype | None = None, offload: bool = False, denoise_from: int | None = None,
                     denoise_steps: int = 1, prediction_type: str = "epsilon",
-                    interrupt=None) -> dict[str, torch.Tensor]:
+                    interrupt=None, grad: bool = False) -> dict[str, torch.Tensor]:
     """Features of clean latents x0 (B, C, h, w) at timestep t: the core shared by every entry point.
 
     denoise_from: noise to this higher timestep instead and take `denoise_steps` deterministic DDIM steps down to
     t, each a conditional forward guided by the prompt and any ControlNet of `cond`, before capturing at t (the
     content-shift recipe: a ControlNet pulls the imagined content back towards the image).
     interrupt: a callback run before each block of the denoiser (it raises to stop a long forward).
+    grad: gradient mode, the features stay on the autograd graph (see `extract`).
     The run is refused before any forward when its memory plan does not fit (FeatureMemoryError).
     """
     from .control import control_residuals
@@ -158,7 +172,7 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
         return capture.features
 
     with FeatureCapture(denoiser, taps, dtype=capture_dtype(dtype, ensemble), device="cpu" if offload else None,
-                        feature_resize=feature_resize, early_exit=True) as capture, \
+                        feature_resize=feature_resize, early_exit=True, grad=grad) as capture, \
             InterruptChecks(interrupt, denoiser):
         return ensemble_features(draw, seed, ensemble, dtype or param.dtype)
 
@@ -192,12 +206,12 @@ def _pixels(images, native: int, resize: str, size) -> tuple[torch.Tensor, tuple
     return to_tensor([prepare(im, native, resize, size) for im in pil]), pil[0].size
 
 
-@torch.no_grad()
+@grad_mode
 def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *, resize: str = "keep-aspect",
             size=None, ensemble: int = 1, feature_resize: int = 1, dtype: torch.dtype | None = None,
             offload: bool = False, vae_sample: bool = True, target_side: int | None = None,
             denoise_from: int | None = None, denoise_steps: int = 1, interrupt=None, kept_images: int | None = None,
-            in_flight: int = 0, latent_cache=None):
+            in_flight: int = 0, latent_cache=None, grad: bool = False):
     """Features of images at training timestep t (see the module docstring for the exact semantics).
 
     model: a FeatureModel. images: paths, PIL images, or a ComfyUI IMAGE tensor; one batch (they must share a size
@@ -208,21 +222,25 @@ def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *
     interrupt: a callback run before each block of the VAE and the denoiser (raise to stop). kept_images /
     in_flight: for the memory plan of a caller that keeps more than this batch (extract_in_batches).
     latent_cache: a LatentCache (engine/latent_cache.py) that keeps each image's VAE posterior on disk, or None.
+    grad: gradient mode. The features stay on the autograd graph of the denoiser's (and VAE's) parameters, so a
+    loss on them trains the model (a LoRA, a head on the features); the forward still stops at the last tap.
+    Default: no autograd at all.
     """
     t = check_timestep(t)
     return extract_timesteps(model, images, prompt, layers, [t], seed, resize=resize, size=size, ensemble=ensemble,
                              feature_resize=feature_resize, dtype=dtype, offload=offload, vae_sample=vae_sample,
                              target_side=target_side, denoise_from=denoise_from, denoise_steps=denoise_steps,
                              interrupt=interrupt, kept_images=kept_images, in_flight=in_flight,
-                             latent_cache=latent_cache)[0]
+                             latent_cache=latent_cache, grad=grad)[0]
 
 
-@torch.no_grad()
+@grad_mode
 def extract_timesteps(model, images, prompt, layers, timesteps, seed: int = 0, *, resize: str = "keep-aspect",
                       size=None, ensemble: int = 1, feature_resize: int = 1, dtype: torch.dtype | None = None,
                       offload: bool = False, vae_sample: bool = True, target_side: int | None = None,
                       denoise_from: int | None = None, denoise_steps: int = 1, interrupt=None,
-                      kept_images: int | None = None, in_flight: int = 0, latent_cache=None) -> list:
+                      kept_images: int | None = None, in_flight: int = 0, latent_cache=None, grad: bool = False
+                      ) -> list:
     """Features of the same images at several training timesteps in one pass: one Features per t, in the given
     order, each equal (bit for bit on the CPU) to `extract(..., t=that t)` with the same arguments.
 
@@ -268,7 +286,7 @@ def extract_timesteps(model, images, prompt, layers, timesteps, seed: int = 0, *
                                       family=model.family, ensemble=ensemble, feature_resize=feature_resize,
                                       dtype=dtype, offload=offload, denoise_from=denoise_from,
                                       denoise_steps=denoise_steps, prediction_type=prediction_type,
-                                      interrupt=interrupt)
+                                      interrupt=interrupt, grad=grad)
             passes.append(Features(tensors, _meta(model, cond, input_size, t, seed, height, width, tensors, ensemble,
                                                   denoise_from, denoise_steps)))
     return passes

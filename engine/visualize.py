@@ -114,7 +114,13 @@ def attention_heatmap(maps: torch.Tensor, image_size: tuple[int, int], *, token:
         index = min(int(y * gh), gh - 1) * gw + min(int(x * gw), gw - 1)
         values, grid_tokens = mean[:, index, :], nk
     gh, gw = grid_for(grid_tokens, height, width)
-    values = values.reshape(b, gh, gw).cpu().numpy()
+    return heatmaps(values.reshape(b, gh, gw).cpu().numpy(), image_size)
+
+
+def heatmaps(values: np.ndarray, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(B, h, w) values on a grid -> (uint8 RGB heatmaps (B, H, W, 3), float masks (B, H, W)) at image_size
+    (height, width): scaled to 0..1 per image, resized bilinearly."""
+    height, width = image_size
     lo, hi = values.min(axis=(1, 2), keepdims=True), values.max(axis=(1, 2), keepdims=True)
     values = (values - lo) / np.where(hi > lo, hi - lo, 1.0)
     masks = np.stack([np.asarray(Image.fromarray((v * 255).astype(np.uint8)).resize((width, height),
@@ -139,3 +145,45 @@ def save_png(rgb: np.ndarray, path, size: tuple[int, int] | None = None) -> None
 
     image = to_image_size(rgb, size) if size is not None else Image.fromarray(rgb)
     write_atomic(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+
+
+def match_colors(n: int) -> list[tuple[int, int, int]]:
+    """n distinct bright colours (hues around the circle), one per drawn match."""
+    import colorsys
+
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / max(n, 1), 0.85, 1.0)) for i in range(n)]
+
+
+def draw_matches(image_a: np.ndarray, image_b: np.ndarray, points_a, points_b) -> np.ndarray:
+    """Two uint8 RGB images (H, W, 3) side by side (A left, B right, top-aligned on black) with a coloured line and
+    end markers per match; points are pixels (x, y) of their own image."""
+    from PIL import ImageDraw
+
+    ha, wa = image_a.shape[:2]
+    hb, wb = image_b.shape[:2]
+    canvas = Image.new("RGB", (wa + wb, max(ha, hb)))
+    canvas.paste(Image.fromarray(image_a), (0, 0))
+    canvas.paste(Image.fromarray(image_b), (wa, 0))
+    draw = ImageDraw.Draw(canvas)
+    radius = max(2, round(min(wa + wb, max(ha, hb)) / 100))
+    for color, (xa, ya), (xb, yb) in zip(match_colors(len(points_a)), points_a, points_b):
+        draw.line([(xa, ya), (wa + xb, yb)], fill=color, width=max(1, radius // 2))
+        for x, y in ((xa, ya), (wa + xb, yb)):
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], outline=color, width=max(1, radius // 2))
+    return np.asarray(canvas)
+
+
+def preview_data_url(rgb: np.ndarray, max_side: int = 768) -> str:
+    """A uint8 RGB image as a JPEG data URL for a node's preview in the browser (no file is written), its longer
+    side at most max_side pixels."""
+    import base64
+    import io
+
+    image = Image.fromarray(rgb)
+    scale = max_side / max(image.size)
+    if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -280,6 +280,25 @@ def _native_lora_graph() -> dict:
     return g
 
 
+def _native_match_graph() -> dict:
+    """Load Checkpoint -> DFExtractNative on two images -> DFMatchPoints (lines between the matches) and
+    DFSimilarityMap (where B resembles one point of A)."""
+    g = {"1": _checkpoint(), "2": _clip_text(_link("1", 1), "a photo"),
+         "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+         "11": {"class_type": "LoadImage", "inputs": {"image": "example2.png"}}}
+    g["4"] = _extract_native(_link("1"), _link("1", 2), _link("2"), _link("10"))
+    g["5"] = _extract_native(_link("1"), _link("1", 2), _link("2"), _link("11"))
+    g["6"] = {"class_type": "DFMatchPoints", "inputs": {
+        "features_a": _link("4"), "features_b": _link("5"), "image_a": _link("10"), "image_b": _link("11"),
+        "points": "128,160; 256,256; 384,200", "layers": "", "window": 0}}
+    g["7"] = _preview(_link("6"))
+    g["8"] = {"class_type": "DFSimilarityMap", "inputs": {
+        "features_a": _link("4"), "features_b": _link("5"), "x": 256.0, "y": 256.0, "layers": "",
+        "image_b": _link("11")}}
+    g["9"] = _preview(_link("8"))
+    return g
+
+
 EXAMPLES = {
     "sd15_extract_pca_save": ("SD1.5: practical preset -> PCA -> save",
                               _extract_graph(_loader_ckpt(SD15), "up-level1-repeat2-res-out",
@@ -305,6 +324,8 @@ EXAMPLES = {
     "native_content_shift_controlnet": ("Native: Canny + Apply ControlNet -> extract, denoise from t=60 to 50",
                                         _native_controlnet_graph()),
     "native_lora_extract": ("Native: LoraLoader -> extract", _native_lora_graph()),
+    "native_match_points": ("Native: two images -> DFMatchPoints and DFSimilarityMap (correspondence)",
+                            _native_match_graph()),
 }
 
 # ---- UI format ------------------------------------------------------------------------------------------------

@@ -64,6 +64,8 @@ def head_probs(qh: torch.Tensor, kh: torch.Tensor, upcast: bool = False,
     scores = torch.matmul(qh, kh.transpose(-1, -2)).mul_(d ** -0.5)
     if mask is not None:
         scores.add_(mask.to(scores.dtype))
+    if scores.requires_grad:  # gradient mode: autograd keeps what the in-place softmax below would overwrite
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
     scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
     return scores.div_(scores.sum(dim=-1, keepdim=True, dtype=torch.float32)).to(dtype)
 

@@ -1,4 +1,5 @@
-"""The capture core of both backends: attach taps to a network for one run, capture their tensors, always detach.
+"""The capture core of both backends: attach taps to a network for one run, capture their tensors, detached unless
+asked to keep them on the autograd graph (grad=True).
 
     with FeatureCapture(unet, taps, device="cpu", early_exit=True) as cap:
         cap.run(sample, t, encoder_hidden_states=text)     # a forward of the network itself
@@ -132,6 +133,8 @@ class FeatureCapture(AttachedHooks):
     early_exit: `run` / `call` stop the forward once every tap has fired (returning None).
     token_grid: (H, W) of the latent for networks whose input does not show it (diffusers' Flux takes packed
     tokens); taps without a grid_path read their grid from it.
+    grad: keep captured tensors on the autograd graph (no detach, maps computed with grad) so a loss on the
+    features trains the network; by default they are detached.
     on_capture: optional callback(layer_id, tensor) after each capture (e.g. to count or stream).
     enabled / rows: attributes a multi-step run may change between forwards: `enabled = False` makes the hooks
     return at once (steps that are not captured); `rows` (None for all, a slice, or a 1-D LongTensor of row
@@ -142,7 +145,8 @@ class FeatureCapture(AttachedHooks):
     def __init__(self, model: torch.nn.Module, taps: Iterable[Tap], *, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, feature_resize: int = 1, early_exit: bool = False,
                  on_capture: Callable[[str, torch.Tensor], None] | None = None,
-                 rows: slice | torch.Tensor | None = None, token_grid: tuple[int, int] | None = None):
+                 rows: slice | torch.Tensor | None = None, token_grid: tuple[int, int] | None = None,
+                 grad: bool = False):
         self.model = model
         self.taps = list(taps)
         ids = [t.id for t in self.taps]
@@ -155,6 +159,7 @@ class FeatureCapture(AttachedHooks):
         self.enabled = True
         self.rows = rows
         self.token_grid = token_grid
+        self.grad = grad
         self.features: dict[str, torch.Tensor] = {}
         self._grids: dict[tuple[str | None, int], tuple[int, int]] = {}
         self._texts: dict[str, int] = {}
@@ -271,7 +276,7 @@ class FeatureCapture(AttachedHooks):
         def hook(_module, _args, output):
             if not self.enabled:
                 return
-            x = _pick_output(output, tap.item).detach()
+            x = self._cut(_pick_output(output, tap.item))
             x = x.transpose(1, 2) if tap.layout == "bnhd" else x
             pieces = self._pieces.setdefault(tap.id, {})
             pieces[role] = split_heads(self._select(x), heads)  # (B, heads, N, d)
@@ -290,7 +295,7 @@ class FeatureCapture(AttachedHooks):
             q, k = apply_rope(tap.rope, q, k, rope)
         text = self._texts[tap.text_path]
         h, w = self._grid(tap)
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             probs = head_probs(q.narrow(2, text, h * w), k, upcast)
             keys = probs.narrow(-1, 0, text) if tap.span == "text" else probs.narrow(-1, text, h * w)
             self._store(tap, keys.contiguous(), selected=True)
@@ -312,7 +317,7 @@ class FeatureCapture(AttachedHooks):
         def hook(_module, _args, output):
             if self.enabled:
                 q = _slice(_merge_heads(output, tap.layout), tap.part)
-                self._queries[tap.id] = (self._select(q.detach()), output.shape[0])
+                self._queries[tap.id] = (self._select(self._cut(q)), output.shape[0])
         return hook
 
     def _key_hook(self, tap: Tap, heads: int, upcast: bool):
@@ -325,13 +330,13 @@ class FeatureCapture(AttachedHooks):
             if output.shape[0] != batch:  # ComfyUI's PixArt: every image's text in one flat sequence (1, B*T, C)
                 output = output.reshape(batch, -1, output.shape[-1])
             k = _slice(_merge_heads(output, tap.layout), tap.key_part)
-            self._store_map(tap, q, self._select(k.detach()), heads, upcast)
+            self._store_map(tap, q, self._select(self._cut(k)), heads, upcast)
         return hook
 
     def _fused_map_hook(self, tap: Tap, heads: int, upcast: bool):
         def hook(_module, _args, output):
             if self.enabled:
-                x = self._select(output.detach())
+                x = self._select(self._cut(output))
                 self._store_map(tap, _slice(x, tap.part), _slice(x, tap.key_part), heads, upcast)
         return hook
 
@@ -339,10 +344,13 @@ class FeatureCapture(AttachedHooks):
         mask = self._masks.pop(tap.id, None)
         if mask is not None and mask.shape[0] > 1:
             mask = self._select(mask)
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             self._store(tap, attention_probs(q, k, heads, upcast, mask), selected=True)
 
     # ---- capture ---------------------------------------------------------------------------------------
+    def _cut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.grad else x.detach()
+
     def _shape(self, tap: Tap, x: torch.Tensor) -> torch.Tensor:
         if tap.kind == "tokens":
             x = tokens_to_grid(tap.id, x, self._grid(tap))
@@ -361,7 +369,7 @@ class FeatureCapture(AttachedHooks):
             return
         source = x
         if not selected:
-            x = self._select(x.detach())
+            x = self._select(self._cut(x))
         x = self._shape(tap, x)
         x = x.to(dtype=self.dtype or x.dtype, device=self.device or x.device)
         if tap.kind != "map":  # a map is a tensor made for us

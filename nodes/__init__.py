@@ -12,6 +12,7 @@ _tokenizers.set_host_tokenizer_dir(_comfy_tokenizer_dir)  # ComfyUI's bundled T5
 _set_host_job_id(_current_prompt_id)  # native captures keep their rows per prompt, when inside ComfyUI
 from .node_apply_controlnet import DFApplyControlNet
 from .node_controlnet import DFLoadControlNet
+from .node_correspondence import DFMatchPoints, DFSimilarityMap
 from .node_extract import DFExtractFeatures
 from .node_generate import DFGenerate
 from .node_hooks import DFAttachHooks, DFShowLayers
@@ -27,7 +28,8 @@ from .node_visualize import DFAttentionMap, DFFeaturePCA, DFSelfAttentionPCA
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
     DFLoadCheckpoint, DFLoadDiffusers, DFEncodePrompt, DFAttachHooks, DFExtractFeatures, DFShowLayers, DFFeaturePCA,
     DFAttentionMap, DFSaveFeatures, DFLoadFeatures, DFGenerate, DFLoadControlNet, DFApplyControlNet, DFLoadLoRA,
-    DFInvert, DFPnPTranslate, DFSelfAttentionPCA, DFCaptureLayers, DFCollectFeatures, DFExtractNative)}
+    DFInvert, DFPnPTranslate, DFSelfAttentionPCA, DFCaptureLayers, DFCollectFeatures, DFExtractNative, DFMatchPoints,
+    DFSimilarityMap)}
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DFLoadCheckpoint": "Load Checkpoint (Diffusion Feature)",
     "DFLoadDiffusers": "Load Diffusers Model (Diffusion Feature)",
@@ -49,4 +51,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DFCaptureLayers": "Capture Layers (native MODEL)",
     "DFCollectFeatures": "Collect Captured Features",
     "DFExtractNative": "Extract Features (native MODEL)",
+    "DFMatchPoints": "Match Points (correspondence)",
+    "DFSimilarityMap": "Similarity Map (correspondence)",
 }

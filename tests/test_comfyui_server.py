@@ -355,3 +355,77 @@ def _check_layer_list(driver, server, tmp_path):
         assert lines[1] not in workflow and "layer ids at 512x512" not in workflow
     nodes = {str(n["id"]): n for n in json.loads(saved)["nodes"]}
     assert nodes[str(show_id)]["widgets_values"] == [512, 512], (show_id, nodes.get(str(show_id)), list(nodes))
+
+
+# ---- DFSimilarityMap's click-to-query in a real browser --------------------------------------------------------------
+def _similarity_workflow(server) -> dict:
+    """DFLoadFeatures of two small feature files written here + the server's two 96x64 input images ->
+    DFSimilarityMap (A beside the heat map over B), as a UI workflow."""
+    import importlib.util
+
+    from diffusion_feature.engine.features_io import Features, save_features
+
+    g = torch.Generator().manual_seed(0)
+    meta = {"family": "sd15", "width": 96, "height": 64, "input_width": 96, "input_height": 64}
+    folder = server.output_dir / "df_click"
+    if not folder.exists():
+        for name in ("a", "b"):
+            save_features(Features({"up-level2-repeat0-res-out": torch.randn(1, 8, 8, 12, generator=g)}, meta),
+                          folder, names=[name])
+    spec = importlib.util.spec_from_file_location("build_examples", EXAMPLES / "build_examples.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    graph = {"1": {"class_type": "DFLoadFeatures", "inputs": {"path": "df_click/a.safetensors"}},
+             "2": {"class_type": "DFLoadFeatures", "inputs": {"path": "df_click/b.safetensors"}},
+             "3": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+             "4": {"class_type": "LoadImage", "inputs": {"image": "example2.png"}},
+             "5": {"class_type": "DFSimilarityMap", "inputs": {
+                 "features_a": ["1", 0], "features_b": ["2", 0], "x": 10.0, "y": 10.0, "layers": "",
+                 "image_b": ["4", 0], "image_a": ["3", 0]}}}
+    return builder.to_ui(graph)
+
+
+def test_similarity_map_click_to_query_in_a_real_browser(chromium, frontend_server, tmp_path):
+    """Run the graph from the page; DFSimilarityMap shows A beside the heat map; a click on A's pixel (60, 40) sets
+    the node's x and y to it and runs the graph again, whose prompt carries them and whose preview is new."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    server = frontend_server
+    workflow = _similarity_workflow(server)
+    driver = _browser(chromium)
+    try:
+        driver.get(server.url)
+        _wait(driver, "return window.app && app.extensions && "
+                      "app.extensions.some(e => e.name === 'diffusion_feature.similarity_map')")
+        driver.execute_script("return Promise.resolve(app.loadGraphData(arguments[0])).then(() => true)", workflow)
+        node_id = driver.execute_script("return app.graph._nodes.find(n => n.type === 'DFSimilarityMap').id")
+        driver.execute_script("app.queuePrompt(0, 1)")
+        first = _wait(driver, "const i = document.querySelector('.df-similarity-preview'); "
+                              "return i && i.complete && i.naturalWidth > 0 && i.src", timeout=180)
+        assert first.startswith("data:image/jpeg;base64,")
+        driver.execute_script("const c = app.canvas; c.ds.scale = 1; c.centerOnNode(app.graph.getNodeById(arguments[0]));"
+                              " c.setDirty(true, true); c.draw(true, true)", node_id)
+        _wait(driver, "const i = document.querySelector('.df-similarity-preview'); "
+                      "return i.offsetParent !== null && i.getBoundingClientRect().width > 100")
+        # where A's pixel (60, 40) is drawn: the picture is object-fit: contain in the element's box, 192x64 in all
+        box = driver.execute_script("const r = document.querySelector('.df-similarity-preview').getBoundingClientRect();"
+                                    " return {w: r.width, h: r.height}")
+        scale = min(box["w"] / 192, box["h"] / 64)
+        dx = (box["w"] - 192 * scale) / 2 + 60.5 * scale - box["w"] / 2  # offsets from the element's centre
+        dy = (box["h"] - 64 * scale) / 2 + 40.5 * scale - box["h"] / 2
+        image = driver.find_element("css selector", ".df-similarity-preview")
+        ActionChains(driver).move_to_element_with_offset(image, round(dx), round(dy)).click().perform()
+        xy = _wait(driver, f"const n = app.graph.getNodeById({node_id}); "
+                           "const x = n.widgets.find(w => w.name === 'x').value; "
+                           "const y = n.widgets.find(w => w.name === 'y').value; return x !== 10 && [x, y]", timeout=30)
+        assert abs(xy[0] - 60.5) <= 1.5 and abs(xy[1] - 40.5) <= 1.5, xy
+        second = _wait(driver, "const i = document.querySelector('.df-similarity-preview'); "
+                               f"return i.src !== {json.dumps(first)} && i.dataset.x !== '10' && "
+                               "[i.dataset.x, i.dataset.y]", timeout=180)
+        assert [float(v) for v in second] == [float(v) for v in xy]  # the new preview is the clicked point's
+        driver.save_screenshot(str(tmp_path / "similarity.png"))
+    finally:
+        driver.quit()
+    ran = [entry["prompt"][2][str(node_id)]["inputs"] for entry in server.get("/history").values()
+           if entry["prompt"][2].get(str(node_id), {}).get("class_type") == "DFSimilarityMap"]
+    assert any((float(i["x"]), float(i["y"])) == (float(xy[0]), float(xy[1])) for i in ran), ran

@@ -16,7 +16,8 @@ from diffusion_feature.engine.features_io import load_features
 from native_checkpoint import NATIVE_CKPT, NATIVE_CN, NATIVE_LORA, write_native_models
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
-NATIVE_EXAMPLES = ("native_ksampler_capture_timeline", "native_content_shift_controlnet", "native_lora_extract")
+NATIVE_EXAMPLES = ("native_ksampler_capture_timeline", "native_content_shift_controlnet", "native_lora_extract",
+                   "native_match_points")
 LAYER = "up-level1-repeat1-res-out"  # the examples' PCA layer; the two-level UNet has it (320 channels, full grid)
 LAYERS = f"{LAYER}\nup-level1-repeat1-vit-block0-cross-q\nup-level1-repeat0-vit-block0-cross-map"
 
@@ -93,6 +94,36 @@ def test_ksampler_capture_timeline_example(server):
     cfg1["10"]["inputs"]["filename_prefix"] = "diffusion_feature/native_cfg1"
     rows = [load_features(f).meta for f in saved_files(server, run_ok(server, cfg1))]
     assert [(r["step"], r["branch"]) for r in rows] == [(s, "cond") for s in range(8)]
+    no_hooks(server)
+
+
+def _shown(server, image: dict):
+    """A preview image the server reports, fetched over HTTP (ComfyUI's /view) as a PIL image."""
+    import io
+    import urllib.parse
+    import urllib.request
+
+    from PIL import Image
+
+    query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+    with urllib.request.urlopen(f"{server.url}/view?{query}") as response:
+        return Image.open(io.BytesIO(response.read())).convert("RGB")
+
+
+def test_match_points_example(server):
+    """Load Checkpoint -> DFExtractNative on two images -> DFMatchPoints and DFSimilarityMap: the two images side by
+    side, and a heat map over image B."""
+    graph = native("native_match_points")
+    graph["11"]["inputs"]["image"] = "example.png"  # B = A: current ComfyUI runs the one extraction once
+    graph["6"]["inputs"]["points"] = "10,10; 50,30; 90,60"  # the test images are 96x64
+    graph["8"]["inputs"].update(x=50.0, y=30.0)
+    shown = images_of(run_ok(server, graph))
+    assert _shown(server, shown["7"][0]).size == (2 * 96, 64)
+    assert _shown(server, shown["9"][0]).size == (96, 64)
+    outside = copy.deepcopy(graph)
+    outside["6"]["inputs"]["points"] = "10,10; 500,30"
+    error = execution_error(server.run(outside))
+    assert error and "point (500, 30) lies outside image A of 96x64 pixels" in error["exception_message"]
     no_hooks(server)
 
 

@@ -37,7 +37,7 @@ def test_every_node_declares_its_contract():
                                         "DFSaveFeatures", "DFLoadFeatures", "DFGenerate", "DFLoadControlNet",
                                         "DFApplyControlNet", "DFLoadLoRA", "DFInvert", "DFPnPTranslate",
                                         "DFSelfAttentionPCA", "DFCaptureLayers", "DFCollectFeatures",
-                                        "DFExtractNative"}
+                                        "DFExtractNative", "DFMatchPoints", "DFSimilarityMap"}
     docs = Path(__file__).resolve().parents[1] / "web" / "docs"
     for name, cls in NODE_CLASS_MAPPINGS.items():
         assert (docs / f"{name}.md").is_file(), f"{name} has no web/docs page"

@@ -13,7 +13,7 @@ const MODEL_TYPES = ["DF_MODEL", "MODEL"];
 const PICKER_NODES = ["DFAttachHooks", "DFCaptureLayers", "DFExtractNative"];
 const FAMILIES = ["sd15", "sd21", "sdxl", "playground-v2", "pixart-sigma"];
 
-function widget(node, name) {
+export function widget(node, name) {
     return (node.widgets || []).find((w) => w.name === name);
 }
 
@@ -42,7 +42,7 @@ function closePicker() {
     document.querySelectorAll(".df-picker").forEach((el) => el.remove());
 }
 
-function el(tag, attrs = {}, ...children) {
+export function el(tag, attrs = {}, ...children) {
     const e = document.createElement(tag);
     Object.assign(e, attrs);
     for (const c of children) e.append(c);
