@@ -1,0 +1,188 @@
+"""Flux on DF_MODEL (the diffusers backend): prompts, rectified-flow noise, packed inputs and guidance, checked
+against diffusers' own FluxPipeline pieces and a hand-run of the transformer; loading (diffusers folder, random
+weights from the shipped configs); the CLI; clear errors where the UNet-only tools are asked for."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_feature.layer_catalog import FeatureCapture, get_family, taps_of
+
+FLUX = "flux"
+IDS = ["dit-in", "vit-block0-out", "vit-block0-txt-q", "vit-block1-cross-map", "vit-block2-in", "vit-block3-txt-out",
+       "dit-out"]
+H, W = 64, 128  # pixels: a non-square 8x16 latent, 4x8 packed patches
+
+
+def tiny_t5_tokenizer():
+    """A word-level stand-in for T5's tokenizer that, like T5's, appends </s> to what it encodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "photo", "of", "the", "red", "house"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_flux_parts(seed: int = 0) -> dict:
+    """Flux's components at a tiny size: 2 double + 2 single blocks, a 16-channel VAE with Flux's shift and scale,
+    a tiny CLIP-L (pooled) and T5, the real CLIP tokenizer."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from conftest import tiny_clip
+    from diffusion_feature.engine.tokenizers import clip_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+    vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), norm_num_groups=4, latent_channels=16, sample_size=64,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
+                        use_post_quant_conv=False).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=16, d_model=12, d_ff=16, d_kv=6, num_heads=2, num_layers=1)).eval()
+    return dict(transformer=transformer, vae=vae, text_encoder=tiny_clip(32), tokenizer=clip_tokenizer(),
+                text_encoder_2=t5, tokenizer_2=tiny_t5_tokenizer())
+
+
+def feature_model(parts: dict):
+    from diffusion_feature.engine.model import FeatureModel
+
+    return FeatureModel(FLUX, parts["transformer"], parts["vae"], [parts["text_encoder"], parts["text_encoder_2"]],
+                        [parts["tokenizer"], parts["tokenizer_2"]], get_family(FLUX).config("scheduler",
+                                                                                             "scheduler_config.json"),
+                        source="tiny")
+
+
+def pipeline(parts: dict):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(get_family(FLUX).config("scheduler",
+                                                                                   "scheduler_config.json"))
+    return FluxPipeline(scheduler=scheduler, **parts)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return tiny_flux_parts()
+
+
+@pytest.fixture(scope="module")
+def flux(parts):
+    return feature_model(parts)
+
+
+@pytest.fixture(scope="module")
+def image():
+    """A ComfyUI IMAGE of 8-bit values, H x W (prepared exactly, without a resize)."""
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(rng.integers(0, 256, (1, H, W, 3)).astype(np.float32) / 255)
+
+
+def extract(model, images, prompt, ids, **kw):
+    """engine.extraction.extract at the test's size unless given (no resize: the IMAGE is H x W)."""
+    from diffusion_feature.engine.extraction import extract
+
+    return extract(model, images, prompt, ids, **{"size": (H, W), **kw})
+
+
+def hand_run(parts, image, prompt: str, t: int, seed: int, guidance: float = 3.5, sigma: float | None = None):
+    """The transformer run by hand as FluxPipeline prepares its inputs (its own encode_prompt, _pack_latents and
+    _prepare_latent_image_ids), on x_t = (1 - sigma) x0 + sigma eps built here, captured with FeatureCapture."""
+    pipe = pipeline(parts)
+    net, vae = parts["transformer"], parts["vae"]
+    with torch.no_grad():
+        embeds, pooled, text_ids = pipe.encode_prompt(prompt, None, device=torch.device("cpu"),
+                                                      max_sequence_length=512)
+        pixels = image.permute(0, 3, 1, 2) * 2 - 1
+        x0 = (vae.encode(pixels).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+        sigma = t / 1000 if sigma is None else sigma
+        eps = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed))
+        x_t = (1 - sigma) * x0 + sigma * eps
+        h, w = x0.shape[-2:]
+        kwargs = dict(hidden_states=pipe._pack_latents(x_t, 1, x0.shape[1], h, w), timestep=torch.tensor([sigma]),
+                      guidance=torch.tensor([guidance]), pooled_projections=pooled, encoder_hidden_states=embeds,
+                      txt_ids=text_ids, img_ids=pipe._prepare_latent_image_ids(1, h // 2, w // 2, "cpu",
+                                                                                torch.float32))
+        with FeatureCapture(net, taps_of(net, IDS), token_grid=(h, w)) as capture:
+            capture.run(**kwargs)
+    return capture.features
+
+
+def test_extraction_equals_a_hand_run_of_the_transformer(parts, flux, image):
+
+    got = extract(flux, image, "a red house", IDS, t=600, seed=4, vae_sample=False)
+    want = hand_run(parts, image, "a red house", t=600, seed=4)
+    assert sorted(got.tensors) == sorted(IDS)
+    for k in IDS:
+        torch.testing.assert_close(got.tensors[k], want[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert got.tensors["dit-in"].shape == (1, 16, 8, 16)  # unpacked onto the non-square latent grid
+    assert got.tensors["vit-block0-out"].shape == (1, 16, 4, 8)  # 2x2 patches: a 4x8 token grid
+    assert got.tensors["vit-block1-cross-map"].shape[-1] == 512  # T5's 512 tokens for dev
+    meta = got.meta
+    assert (meta["t"], meta["sigma"], meta["shift"], meta["guidance"]) == (600, 0.6, None, 3.5)
+
+
+def test_shift_and_guidance_are_inputs_recorded_in_the_metadata(parts, flux, image):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+
+    ids = ["vit-block2-in"]
+    got = extract(flux, image, "a cat", ids, t=300, seed=1, vae_sample=False, guidance=5.0, shift="resolution")
+    cfg = flux.scheduler_config
+    mu = calculate_shift(32, cfg["base_image_seq_len"], cfg["max_image_seq_len"], cfg["base_shift"],
+                         cfg["max_shift"])  # 4x8 packed tokens
+    sigma = float(FlowMatchEulerDiscreteScheduler.from_config(cfg).time_shift(mu, 1.0, torch.tensor(0.3)))
+    assert got.meta["guidance"] == 5.0 and got.meta["shift"] == "resolution"
+    assert got.meta["mu"] == pytest.approx(mu) and got.meta["sigma"] == pytest.approx(sigma)
+    want = hand_run(parts, image, "a cat", t=300, seed=1, guidance=5.0, sigma=got.meta["sigma"])
+    torch.testing.assert_close(got.tensors[ids[0]], want[ids[0]], atol=1e-6, rtol=1e-5)
+    static = extract(flux, image, "a cat", ids, t=300, seed=1, vae_sample=False, shift=3.0)
+    assert static.meta["sigma"] == pytest.approx(3 * 0.3 / (1 + 2 * 0.3)) and static.meta["shift"] == 3.0
+    plain = extract(flux, image, "a cat", ids, t=300, seed=1, vae_sample=False)
+    assert not torch.allclose(plain.tensors[ids[0]], got.tensors[ids[0]])  # both inputs reach the network
+
+
+def test_seeded_ensemble_batch_and_resize_as_for_the_unets(flux, image):
+    from diffusion_feature.engine.extraction import extract_in_batches
+
+    ids = ["vit-block1-out", "vit-block3-txt-in"]
+    one = extract(flux, image, "a dog", ids, t=500, seed=2)
+    two = torch.cat([image, image.flip(2)])
+    batched = extract_in_batches(flux, two, "a dog", ids, t=500, seed=2, batch_size=1, size=(H, W))
+    for k in ids:
+        torch.testing.assert_close(batched.tensors[k][:1], one.tensors[k], atol=1e-6, rtol=1e-5)
+    mean = dict(t=500, vae_sample=False)  # the VAE's draw follows `seed` alone; the ensemble's noise seed + k
+    ens = extract(flux, image, "a dog", ids, seed=2, ensemble=2, **mean)
+    draws = [extract(flux, image, "a dog", ids, seed=s, **mean).tensors[ids[0]] for s in (2, 3)]
+    torch.testing.assert_close(ens.tensors[ids[0]], (draws[0] + draws[1]) / 2)
+    pooled = extract(flux, image, "a dog", ids, t=500, seed=2, feature_resize=2)
+    assert pooled.tensors[ids[0]].shape == (1, 16, 2, 4)
+    torch.testing.assert_close(pooled.tensors[ids[0]], torch.nn.functional.avg_pool2d(one.tensors[ids[0]], 2))
+
+
+def test_the_unet_only_tools_say_which_families_they_support(flux, image):
+    from diffusion_feature.engine.generation import generate
+    from diffusion_feature.engine.inversion import InversionError, invert
+
+    with pytest.raises(InversionError, match=r"inversion .* sd15.* not flux"):
+        invert(flux, image, "", 2)
+    with pytest.raises(ValueError, match=r"denoise_from .* sd15.* not flux"):
+        extract(flux, image, "", ["dit-in"], t=100, denoise_from=300)
+    with pytest.raises(ValueError, match=r"shift must be a number > 0 or 'resolution'"):
+        extract(flux, image, "", ["dit-in"], t=100, shift=-1)
+    with pytest.raises(ValueError, match=r"multiples of 16 pixels, got 64x72"):
+        extract(flux, image, "", ["dit-in"], t=100, size=(72, 64))
+
+
+def test_shift_and_guidance_are_refused_for_a_unet(tiny_sd15, image):
+
+    with pytest.raises(ValueError, match=r"guidance applies to the flow-matching families \(flux\), not sd15"):
+        extract(tiny_sd15, image, "", ["mid-repeat0-res-out"], t=100, guidance=2.0)
