@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from ..layer_catalog import FeatureCapture, get_family, resolve_taps
-from ..layer_catalog.families import family_names, spoken
 from ..layer_catalog.tap import is_pixart
 from . import flow, memory_guard
 from .conditioning import Conditioning, with_time_ids
@@ -29,9 +28,8 @@ from .schedule import check_timestep, check_timesteps, denoise_schedule, noise_l
 
 def check_denoise_from(family: str, denoise_from) -> None:
     """denoise_from's DDIM steps need a DDPM schedule: refused for the flow families."""
-    if denoise_from is not None and get_family(family).flow:
-        raise ValueError(f"denoise_from runs DDIM steps: it works on the "
-                         f"{spoken(family_names(lambda f: not f.flow))} families, not {family}; leave it unset")
+    if denoise_from is not None:
+        flow.require_ddpm(family, "denoise_from (DDIM steps before the capture)")
 
 
 def _free_bytes(device: torch.device) -> int | None:

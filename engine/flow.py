@@ -16,6 +16,7 @@ import torch
 
 from ..layer_catalog import get_family
 from ..layer_catalog.errors import echo
+from ..layer_catalog.families import family_names, spoken
 from ..layer_catalog.families.meta import patch_position_ids
 from ..layer_catalog.hooks import pack_tokens
 from .schedule import NUM_TRAIN_TIMESTEPS, seeded_eps
@@ -24,9 +25,14 @@ RESOLUTION_SHIFT = "resolution"
 
 
 def flow_families() -> list[str]:
-    from ..layer_catalog.families import family_names
-
     return list(family_names(lambda f: f.flow))
+
+
+def require_ddpm(family: str, what: str, error=ValueError) -> None:
+    """Refuse a tool built on the DDPM schedule (DDIM inversion, PnP, denoise_from, generation) for a flow family,
+    naming the families it works on."""
+    if get_family(family).flow:
+        raise error(f"{what} works on the {spoken(family_names(lambda f: not f.flow))} families, not {family}")
 
 
 def check_options(family: str, shift, guidance) -> None:

@@ -24,6 +24,7 @@ from . import memory_guard
 from .memory_guard import count
 from .conditioning import Conditioning, with_time_ids
 from .extraction import _pixels, fits, require
+from .flow import require_ddpm
 from .interrupts import InterruptChecks
 from .samplers import DEFAULT_SCHEDULER, make_scheduler, parse_capture_steps
 from .timeline import Timeline
@@ -118,6 +119,7 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
     from .features_io import Features, size_meta
     from .lora import lora_applied
 
+    require_ddpm(model.family, "generation (its samplers follow the DDPM schedule)")
     if capture_branch not in BRANCHES:
         raise ValueError(f"capture_branch must be one of {', '.join(BRANCHES)}, got {echo(capture_branch)}")
     if not isinstance(steps, int) or steps < 1:

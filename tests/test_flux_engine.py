@@ -172,9 +172,15 @@ def test_the_unet_only_tools_say_which_families_they_support(flux, image):
     from diffusion_feature.engine.generation import generate
     from diffusion_feature.engine.inversion import InversionError, invert
 
-    with pytest.raises(InversionError, match=r"inversion .* sd15.* not flux"):
+    from diffusion_feature.engine.pnp import PnPError, translate
+
+    with pytest.raises(InversionError, match=r"DDIM inversion works on the sd15, .* families, not flux$"):
         invert(flux, image, "", 2)
-    with pytest.raises(ValueError, match=r"denoise_from .* sd15.* not flux"):
+    with pytest.raises(PnPError, match=r"Plug-and-Play runs on sd15, .* UNets, not flux$"):
+        translate(flux, None, ["a cat"])
+    with pytest.raises(ValueError, match=r"generation \(.*\) works on the sd15, .* families, not flux$"):
+        generate(flux, "a cat", steps=2, width=64, height=64)
+    with pytest.raises(ValueError, match=r"denoise_from .* works on the sd15.* not flux$"):
         extract(flux, image, "", ["dit-in"], t=100, denoise_from=300)
     with pytest.raises(ValueError, match=r"shift must be a number > 0 or 'resolution'"):
         extract(flux, image, "", ["dit-in"], t=100, shift=-1)
