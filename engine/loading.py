@@ -145,9 +145,11 @@ def detect_folder_family(folder: Path) -> str:
         raise CheckpointError(f"{echo(folder.name)} is not a diffusers model folder (a folder holding "
                               "model_index.json)")
     index = _read_config(folder / "model_index.json", folder)
-    other = [f.name for f in FAMILIES.values() if f.denoiser != "unet" and f.denoiser in index]  # a transformer
-    if other:
-        return other[0]
+    if "transformer" in index:  # a transformer family: the one whose denoiser class the folder names
+        named = index["transformer"][1] if isinstance(index["transformer"], list) else None
+        other = [f.name for f in FAMILIES.values() if f.denoiser == "transformer"
+                 and f.denoiser_config()["_class_name"] == named]
+        return other[0] if other else f"a transformer of class {echo(str(named))}"
     unet = _read_config(folder / "unet" / "config.json", folder)
     return family_of_unet(unet.get("cross_attention_dim"), unet.get("addition_embed_type") == "text_time",
                           exact=False)

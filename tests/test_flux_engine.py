@@ -192,3 +192,71 @@ def test_shift_and_guidance_are_refused_for_a_unet(tiny_sd15, image):
 
     with pytest.raises(ValueError, match=r"guidance applies to the flow-matching families \(flux\), not sd15"):
         extract(tiny_sd15, image, "", ["mid-repeat0-res-out"], t=100, guidance=2.0)
+
+
+def test_a_diffusers_flux_folder_loads_offline(tmp_path, parts, flux, image):
+    from diffusion_feature.engine.loading import detect_folder_family, load_model
+
+    folder = tmp_path / "tiny-flux"
+    pipeline(parts).save_pretrained(folder)
+    assert detect_folder_family(folder) == FLUX  # not the other transformer family (PixArt)
+    loaded = load_model(folder)
+    assert loaded.family == FLUX and loaded.vae.config.shift_factor == 0.1159
+    ids = ["vit-block0-txt-out", "vit-block2-out"]
+    got, want = (extract(m, image, "a photo of a cat", ids, t=250, seed=0) for m in (loaded, flux))
+    for k in ids:
+        torch.testing.assert_close(got.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.fixture()
+def random_flux(tmp_path, monkeypatch):
+    """load_model("random:flux") builds from the shipped configs (the real code path), shrunk to a tiny size here;
+    its T5 tokenizer is the host's (ComfyUI bundles one), here a tiny stand-in."""
+    import json
+    import shutil
+
+    from diffusion_feature.engine import tokenizers
+    from diffusion_feature.layer_catalog.families import family
+
+    root = tmp_path / "configs"
+    shutil.copytree(family.CONFIG_ROOT, root)
+    tiny = {"transformer": dict(num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                joint_attention_dim=12, pooled_projection_dim=32, axes_dims_rope=[2, 2, 4]),
+            "vae": dict(block_out_channels=[8, 8, 16, 16], norm_num_groups=4, layers_per_block=1),
+            "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 projection_dim=32),
+            "text_encoder_2": dict(vocab_size=16, d_model=12, d_ff=16, d_kv=6, num_heads=2, num_layers=1)}
+    for part, changes in tiny.items():
+        path = root / FLUX / part / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    monkeypatch.setattr(family, "CONFIG_ROOT", root)
+    tiny_t5_tokenizer().save_pretrained(tmp_path / "t5_tokenizer")
+    monkeypatch.setattr(tokenizers, "host_tokenizer_dir", lambda name: tmp_path / name)
+    return root
+
+
+def test_random_flux_builds_from_the_shipped_configs_and_the_cli_extracts(tmp_path, random_flux, image):
+    from PIL import Image
+
+    from conftest import run_cli
+    from diffusion_feature.engine.features_io import load_features
+    from diffusion_feature.engine.loading import RandomWeightsWarning, load_model
+
+    with pytest.warns(RandomWeightsWarning):
+        model = load_model("random:flux")
+    assert type(model.text_encoders[1]).__name__ == "T5EncoderModel" and model.vae.config.latent_channels == 16
+    assert model.denoiser.config.guidance_embeds and model.vae.config.shift_factor == 0.1159
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).save(folder / "a.png")
+    out = tmp_path / "features"
+    ids = "vit-block1-out,vit-block3-txt-q"
+    run = run_cli("extract", "--model", "random:flux", "--layers", ids, "--input", folder, "--output", out,
+                  "--t", 700, "--seed", 1, "--prompt", "a red house", "--size", f"{W}x{H}")
+    assert run.returncode == 0, run.stderr
+    assert "RANDOM WEIGHTS" in run.stderr
+    saved = load_features(out / "a.safetensors")
+    assert (saved.meta["t"], saved.meta["sigma"], saved.meta["guidance"]) == (700, 0.7, 3.5)
+    want = extract(model, folder / "a.png", "a red house", ids.split(","), t=700, seed=1)
+    for k in want.tensors:
+        torch.testing.assert_close(saved.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5)
