@@ -36,7 +36,7 @@ def _load(args):
         print(random_banner(family), file=sys.stderr)
     with warnings.catch_warnings():  # said by the banner above
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        model = load_model(spec, args.family, args.dtype, args.device)
+        model = load_model(spec, args.family, args.dtype, args.device, getattr(args, "components", None))
     for spec in getattr(args, "lora", None) or []:
         from .lora import load_lora, with_lora
 

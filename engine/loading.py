@@ -21,6 +21,7 @@ from .checkpoint_files import SINGLE_FILE_SUFFIXES, CheckpointError, load_pickle
 from .model import FeatureModel, parse_device, parse_dtype
 from . import tokenizers
 from .tokenizers import TokenizerMissingError, clip_tokenizer, load_tokenizer
+from .transformer_files import load_transformer
 
 LIVE_DENOISERS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # for the status route: what is loaded now
 RANDOM_PREFIX = "random:"  # load_model("random:FAMILY"): the family's real architecture with random weights
@@ -158,19 +159,28 @@ def detect_folder_family(folder: Path) -> str:
 def load_diffusers_folder(folder, family: str | None = None, dtype="float32", device="cpu") -> FeatureModel:
     """A diffusers folder (model_index.json + component subfolders), read locally only."""
     import diffusers
-    from diffusers import AutoencoderKL
-    from transformers import AutoModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
     parse_device(device)  # before reading gigabytes
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{echo(str(folder))} is not a diffusers folder (no model_index.json)")
     family = _check_family(detect_folder_family(folder), family, folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    kw = {"local_files_only": True}
     fam = get_family(family)
     denoiser_cls = getattr(diffusers, fam.denoiser_config()["_class_name"])
-    denoiser = denoiser_cls.from_pretrained(folder, subfolder=fam.denoiser, **kw)
+    denoiser = denoiser_cls.from_pretrained(folder, subfolder=fam.denoiser, local_files_only=True)
+    vae, encoders, tokenizers, scheduler = _folder_components(folder, family)
+    model = FeatureModel(family, denoiser, vae, encoders, tokenizers, scheduler, source=str(folder))
+    return _finish(model, parse_dtype(dtype), device)
+
+
+def _folder_components(folder: Path, family: str) -> tuple:
+    """(VAE, text encoders, tokenizers, scheduler config) of a diffusers folder, read locally only; a missing
+    tokenizer folder falls back to default_tokenizers."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+
+    index = _read_config(folder / "model_index.json", folder)
+    kw = {"local_files_only": True}
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
     classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
                "T5EncoderModel": T5EncoderModel}
@@ -185,13 +195,41 @@ def load_diffusers_folder(folder, family: str | None = None, dtype="float32", de
     if any(t is None for t in tokenizers):
         defaults = default_tokenizers(family)
         tokenizers = [t if t is not None else defaults[i] for i, t in enumerate(tokenizers)]
-    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    model = FeatureModel(family, denoiser, vae, encoders, tokenizers, scheduler, source=str(folder))
+    scheduler = _read_config(folder / "scheduler" / "scheduler_config.json", folder)
+    return vae, encoders, tokenizers, scheduler
+
+
+def load_transformer_file(path, family: str, components, dtype="float32", device="cpu",
+                          config_dir=None) -> FeatureModel:
+    """A single-file diffusion transformer in its original layout (Flux's, as Black Forest Labs and ComfyUI ship
+    it: the transformer alone), converted (transformer_files.py) for the family's config (or `config_dir`, or the
+    `<stem>.config/` folder beside the file); the text encoders, tokenizers, VAE and scheduler come from
+    `components`, a diffusers folder of the family (its transformer is not read)."""
+    path, fam = Path(path), get_family(family)
+    if components is None:
+        raise CheckpointError(f"{echo(str(path))} holds a {family} transformer only: give components= (the CLI's "
+                              f"--components), a {family} diffusers folder with its text encoders, tokenizers and "
+                              "VAE")
+    components = Path(components)
+    if not (components / "model_index.json").is_file():
+        raise CheckpointError(f"components {echo(str(components))} is not a diffusers folder (no model_index.json)")
+    _check_family(detect_folder_family(components), family, components)
+    sidecar = path.with_name(path.stem + ".config")
+    if config_dir is None and (sidecar / fam.denoiser / "config.json").is_file():
+        config_dir = sidecar
+    config_dir = Path(config_dir) if config_dir is not None else fam.config_dir
+    try:
+        config = json.loads((config_dir / fam.denoiser / "config.json").read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{echo(str(config_dir))} has no readable {fam.denoiser}/config.json") from None
+    denoiser = load_transformer(path, config)
+    vae, encoders, tokenizers, scheduler = _folder_components(components, family)
+    model = FeatureModel(family, denoiser, vae, encoders, tokenizers, scheduler, source=str(path))
     return _finish(model, parse_dtype(dtype), device)
 
 
 def load_single_file(path, family: str | None = None, dtype="float32", device="cpu",
-                     config_dir=None) -> FeatureModel:
+                     config_dir=None, components=None) -> FeatureModel:
     """A single-file checkpoint in the original (LDM) layout, converted by diffusers with our shipped configs.
 
     A checkpoint of a non-standard size (a custom or test architecture) can carry its own diffusers config folder
@@ -204,6 +242,8 @@ def load_single_file(path, family: str | None = None, dtype="float32", device="c
     if config_dir is None and (sidecar / "model_index.json").is_file():
         config_dir = sidecar
     fam = get_family(family)
+    if fam.transformer_file:  # a file of the transformer alone, without its text encoders and VAE
+        return load_transformer_file(path, family, components, dtype, device, config_dir)
     if not fam.single_file:
         raise CheckpointError(f"single-file {family} checkpoints are not supported: load {family} from its "
                               "diffusers folder")
@@ -267,11 +307,13 @@ def random_weights_notice(family: str) -> str:
             "(a diffusers folder or a .safetensors file) for real features.")
 
 
-def load_model(path, family: str | None = None, dtype="float32", device="cpu") -> FeatureModel:
+def load_model(path, family: str | None = None, dtype="float32", device="cpu", components=None) -> FeatureModel:
     """A diffusers folder or a single-file checkpoint; the family is detected unless given.
 
     "random:FAMILY" (e.g. "random:sd15") builds the family's real architecture with random weights, so everything
-    can be tried without a checkpoint; it warns (RandomWeightsWarning) that its features mean nothing."""
+    can be tried without a checkpoint; it warns (RandomWeightsWarning) that its features mean nothing.
+    components: for a single file holding a transformer only (Flux), the diffusers folder of its text encoders,
+    tokenizers and VAE (see load_transformer_file)."""
     random_of = random_family(path)
     if random_of is not None:
         if family is not None and family != random_of:
@@ -286,4 +328,4 @@ def load_model(path, family: str | None = None, dtype="float32", device="cpu") -
     if p.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise CheckpointError(f"{echo(str(p))}: expected a diffusers folder or a "
                               f"{', '.join(SINGLE_FILE_SUFFIXES)} file")
-    return load_single_file(p, family, dtype, device)
+    return load_single_file(p, family, dtype, device, components=components)

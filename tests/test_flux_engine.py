@@ -194,11 +194,18 @@ def test_shift_and_guidance_are_refused_for_a_unet(tiny_sd15, image):
         extract(tiny_sd15, image, "", ["mid-repeat0-res-out"], t=100, guidance=2.0)
 
 
-def test_a_diffusers_flux_folder_loads_offline(tmp_path, parts, flux, image):
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory, parts):
+    """The tiny Flux written by diffusers' FluxPipeline.save_pretrained."""
+    folder = tmp_path_factory.mktemp("tiny-flux")
+    pipeline(parts).save_pretrained(folder)
+    return folder
+
+
+def test_a_diffusers_flux_folder_loads_offline(flux_folder, flux, image):
     from diffusion_feature.engine.loading import detect_folder_family, load_model
 
-    folder = tmp_path / "tiny-flux"
-    pipeline(parts).save_pretrained(folder)
+    folder = flux_folder
     assert detect_folder_family(folder) == FLUX  # not the other transformer family (PixArt)
     loaded = load_model(folder)
     assert loaded.family == FLUX and loaded.vae.config.shift_factor == 0.1159
@@ -260,3 +267,65 @@ def test_random_flux_builds_from_the_shipped_configs_and_the_cli_extracts(tmp_pa
     want = extract(model, folder / "a.png", "a red house", ids.split(","), t=700, seed=1)
     for k in want.tensors:
         torch.testing.assert_close(saved.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5)
+
+
+def to_original_layout(transformer) -> dict:
+    """The transformer's weights in Black Forest Labs' layout (flux1-dev.safetensors), by ComfyUI's own map of
+    the two layouts (comfy.utils.flux_to_diffusers), read backwards."""
+    import native_comfy
+
+    cfg = transformer.config
+    inner = cfg.num_attention_heads * cfg.attention_head_dim
+    try:
+        key_map = native_comfy.use_comfy("0.3.64").utils.flux_to_diffusers(
+            {"depth": cfg.num_layers, "depth_single_blocks": cfg.num_single_layers, "hidden_size": inner})
+    finally:
+        native_comfy.release()
+    state, out, pieces = transformer.state_dict(), {}, {}
+    for name, target in key_map.items():
+        if name not in state:
+            continue
+        if isinstance(target, str):
+            out[target] = state[name]
+        elif target[1] is None:  # (name, None, function): ComfyUI's swap of the final modulation's halves
+            out[target[0]] = target[2](state[name])
+        else:
+            pieces.setdefault(target[0], []).append((target[1][1], state[name]))
+    for target, parts in pieces.items():
+        out[target] = torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])])
+    assert set(state) <= set(key_map)  # every weight has its place in the original layout
+    return out
+
+
+def test_a_single_file_flux_transformer_loads_with_its_components_folder(tmp_path, flux_folder, parts, flux, image):
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from conftest import run_cli
+    from diffusion_feature.engine.checkpoint_files import CheckpointError
+    from diffusion_feature.engine.features_io import load_features
+    from diffusion_feature.engine.loading import load_model
+
+    folder = flux_folder
+    path = tmp_path / "flux1-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in to_original_layout(parts["transformer"]).items()}, path)
+    (tmp_path / "flux1-tiny.config" / "transformer").mkdir(parents=True)
+    (tmp_path / "flux1-tiny.config" / "transformer" / "config.json").write_text(
+        (folder / "transformer" / "config.json").read_text())  # a non-standard size: its config beside it
+    with pytest.raises(CheckpointError, match="holds a flux transformer only: give components="):
+        load_model(path)
+    loaded = load_model(path, components=folder)
+    assert loaded.family == FLUX and loaded.source == str(path)
+    ids = ["vit-block1-txt-attn-out", "vit-block3-out", "dit-out"]
+    got, want = (extract(m, image, "a photo", ids, t=400, seed=0) for m in (loaded, flux))
+    for k in ids:
+        torch.testing.assert_close(got.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).save(images / "a.png")
+    run = run_cli("extract", "--model", path, "--components", folder, "--layers", ids[0], "--input", images,
+                  "--output", tmp_path / "features", "--t", 400, "--seed", 0, "--prompt", "a photo", "--size",
+                  f"{W}x{H}")
+    assert run.returncode == 0, run.stderr
+    torch.testing.assert_close(load_features(tmp_path / "features" / "a.safetensors").tensors[ids[0]],
+                               got.tensors[ids[0]], atol=1e-6, rtol=1e-5)

@@ -36,6 +36,7 @@ class Family:
     comfy_configs: tuple[str, ...] = ()  # comfy/supported_models.py classes ComfyUI loads this family as
     checkpoint_marks: tuple[str, ...] = ()  # regexes that each match a key of its single-file checkpoints
     single_file: bool = True  # single-file checkpoints load (through the pipeline of model_index.json)
+    transformer_file: bool = False  # its single files hold the transformer alone (load_transformer_file)
     same_denoiser_as: str | None = None  # another family with this very denoiser (its ControlNets, LoRAs fit)
     native: bool = True  # the native (ComfyUI MODEL) taps cover it
     pnp_feature_layers: tuple[str, ...] = ()  # Plug-and-Play's injected residual features; empty: no PnP
