@@ -37,12 +37,11 @@ def require_ddpm(family: str, what: str, error=ValueError) -> None:
 
 def check_options(family: str, shift, guidance) -> None:
     """Refuse shift / guidance where they mean nothing, and values that are not ones."""
-    fam = get_family(family)
-    if not fam.flow:
+    if family is None or not get_family(family).flow:
         for name, value in (("shift", shift), ("guidance", guidance)):
             if value is not None:
                 raise ValueError(f"{name} applies to the flow-matching families ({', '.join(flow_families())}), "
-                                 f"not {family}; leave it unset")
+                                 f"not {family or 'this model'}; leave it unset")
         return
     if shift is not None and shift != RESOLUTION_SHIFT and (
             isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < math.inf):
