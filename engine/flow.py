@@ -18,7 +18,7 @@ from ..layer_catalog import get_family
 from ..layer_catalog.errors import echo
 from ..layer_catalog.families import family_names, spoken
 from ..layer_catalog.families.meta import patch_position_ids
-from ..layer_catalog.hooks import pack_tokens
+from ..layer_catalog.hooks import pack_tokens, unpack_tokens
 from .schedule import NUM_TRAIN_TIMESTEPS, seeded_eps
 
 RESOLUTION_SHIFT = "resolution"
@@ -52,6 +52,20 @@ def check_options(family: str, shift, guidance) -> None:
         raise ValueError(f"guidance must be a number (the guidance embedding's input), got {echo(guidance)}")
 
 
+def resolution_mu(scheduler_config: dict, image_tokens: int) -> float:
+    """Flux's resolution shift mu: linear in the image's token count, between the scheduler config's base and
+    max shifts at its base and max sequence lengths."""
+    cfg = scheduler_config
+    lo, hi = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+    base, top = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+    return base + (top - base) * (image_tokens - lo) / (hi - lo)
+
+
+def image_tokens(family: str, latent_hw) -> int:
+    p = get_family(family).latent_patch
+    return (latent_hw[0] // p) * (latent_hw[1] // p)
+
+
 def sigma_of(t: int, shift=None, *, scheduler_config: dict | None = None, image_tokens: int | None = None
              ) -> tuple[float, dict]:
     """sigma of timestep t under `shift`, and what to record of it in the features' metadata."""
@@ -59,10 +73,7 @@ def sigma_of(t: int, shift=None, *, scheduler_config: dict | None = None, image_
     if shift is None or sigma == 0:
         return sigma, {"sigma": sigma, "shift": shift}
     if shift == RESOLUTION_SHIFT:
-        cfg = scheduler_config or {}
-        lo, hi = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
-        base, top = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
-        mu = base + (top - base) * (image_tokens - lo) / (hi - lo)
+        mu = resolution_mu(scheduler_config or {}, image_tokens)
         shifted = math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
         return shifted, {"sigma": shifted, "shift": shift, "mu": mu}
     shifted = shift * sigma / (1 + (shift - 1) * sigma)
@@ -72,9 +83,7 @@ def sigma_of(t: int, shift=None, *, scheduler_config: dict | None = None, image_
 def settings(family: str, denoiser, t: int, shift, guidance, scheduler_config: dict, latent_hw) -> tuple:
     """(sigma, the guidance input, the metadata of both) of one flow extraction at t on a latent of latent_hw."""
     check_options(family, shift, guidance)
-    p = get_family(family).latent_patch
-    tokens = (latent_hw[0] // p) * (latent_hw[1] // p)
-    sigma, meta = sigma_of(t, shift, scheduler_config=scheduler_config, image_tokens=tokens)
+    sigma, meta = sigma_of(t, shift, scheduler_config=scheduler_config, image_tokens=image_tokens(family, latent_hw))
     value = guidance_of(family, denoiser, guidance)
     return sigma, value, dict(meta, guidance=value)
 
@@ -125,3 +134,30 @@ def forward_kwargs(family: str, denoiser, x_t: torch.Tensor, sigma: float, cond_
     if guidance is not None:
         kwargs["guidance"] = torch.full((batch,), guidance, device=param.device, dtype=torch.float32)
     return kwargs
+
+
+FLOW_SCHEDULERS = ("euler", "checkpoint")  # generate(scheduler=) names that mean flow-match Euler here
+
+
+def flow_scheduler(family: str, scheduler_config: dict, name: str, steps: int, latent_hw, device):
+    """A new FlowMatchEulerDiscreteScheduler on the checkpoint's config with FluxPipeline's timesteps: sigmas
+    linspace(1, 1 / steps), shifted by the image-size mu when the config shifts dynamically."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if name not in FLOW_SCHEDULERS:
+        raise ValueError(f"{family} samples with flow-match Euler: scheduler must be one of "
+                         f"{', '.join(FLOW_SCHEDULERS)}, got {echo(name)}")
+    sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    mu = resolution_mu(scheduler_config, image_tokens(family, latent_hw)) if sched.config.use_dynamic_shifting \
+        else None
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, mu=mu)
+    return sched
+
+
+def unpack_output(family: str, out: torch.Tensor, latent_hw) -> torch.Tensor:
+    """The network's prediction as a latent (B, C, H, W): unpacked from p x p patches where the family packs."""
+    p = get_family(family).latent_patch
+    if p == 1:
+        return out
+    return unpack_tokens("the prediction", out, (latent_hw[0] // p, latent_hw[1] // p), p)

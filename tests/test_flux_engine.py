@@ -178,8 +178,10 @@ def test_the_unet_only_tools_say_which_families_they_support(flux, image):
         invert(flux, image, "", 2)
     with pytest.raises(PnPError, match=r"Plug-and-Play runs on sd15, .* UNets, not flux$"):
         translate(flux, None, ["a cat"])
-    with pytest.raises(ValueError, match=r"generation \(.*\) works on the sd15, .* families, not flux$"):
-        generate(flux, "a cat", steps=2, width=64, height=64)
+    with pytest.raises(ValueError, match=r"image-to-image generation works on the sd15, .* families, not flux$"):
+        generate(flux, "a cat", steps=2, image=image)
+    with pytest.raises(ValueError, match=r"flux samples with flow-match Euler: scheduler must be one of euler, "):
+        generate(flux, "a cat", steps=2, width=64, height=64, scheduler="ddim")
     with pytest.raises(ValueError, match=r"denoise_from .* works on the sd15.* not flux$"):
         extract(flux, image, "", ["dit-in"], t=100, denoise_from=300)
     with pytest.raises(ValueError, match=r"shift must be a number > 0 or 'resolution'"):
@@ -329,3 +331,26 @@ def test_a_single_file_flux_transformer_loads_with_its_components_folder(tmp_pat
     assert run.returncode == 0, run.stderr
     torch.testing.assert_close(load_features(tmp_path / "features" / "a.safetensors").tensors[ids[0]],
                                got.tensors[ids[0]], atol=1e-6, rtol=1e-5)
+
+
+def test_generation_equals_flux_pipeline_and_captures_the_velocity_it_steps_with(parts, flux):
+    """Text-to-image as FluxPipeline samples it (flow-match Euler, resolution shift, guidance embedding, the same
+    seeded noise), and the captured dit-out is the velocity of each Euler step: x_{i+1} = x_i + (s_{i+1} - s_i) v_i."""
+    from diffusion_feature.engine.generation import generate
+
+    steps, seed = 3, 5
+    gen = generate(flux, "a red house", steps=steps, cfg=1.0, seed=seed, width=W, height=H,
+                   layers=["dit-out", "vit-block2-out"], capture_steps="all")
+    want = pipeline(parts)("a red house", height=H, width=W, num_inference_steps=steps, guidance_scale=3.5,
+                           generator=torch.Generator().manual_seed(seed), output_type="pt", max_sequence_length=512)
+    torch.testing.assert_close(gen.images, want.images.permute(0, 2, 3, 1), atol=1e-5, rtol=1e-4)
+    sched = pipeline(parts).scheduler
+    mu = (sched.config.base_shift + (sched.config.max_shift - sched.config.base_shift) * (32 - 256) / (4096 - 256))
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    x = torch.randn(1, 16, H // 8, W // 8, generator=torch.Generator().manual_seed(seed))
+    v = gen.features.tensors["dit-out"]
+    assert [r["step"] for r in gen.features.meta["rows"]] == [0, 1, 2] and gen.features.meta["guidance"] == 3.5
+    for i in range(steps):
+        x = x + (sched.sigmas[i + 1] - sched.sigmas[i]) * v[i:i + 1]
+    torch.testing.assert_close(gen.latents, x, atol=1e-5, rtol=1e-5)
+    assert gen.features.tensors["vit-block2-out"].shape == (3, 16, 4, 8)
