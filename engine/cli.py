@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="safetensors", choices=["safetensors", "npy"])
     p.add_argument("--layout", default="per-sample", choices=["per-sample", "per-layer", "aggregate"])
     p.add_argument("--ensemble", type=int, default=1, help="average over N noise draws (default 1)")
+    p.add_argument("--shift", default=None, metavar="S|resolution",
+                   help="flow families (Flux): shift sigma = t/1000 to s*sigma/(1+(s-1)*sigma), or by the image's "
+                        "size as the sampler does ('resolution'); default none (recorded in the metadata)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="flow families with a guidance embedding (Flux-dev): its input (default the family's, 3.5)")
     p.add_argument("--feature-resize", type=int, default=1, help="average-pool spatial features by this factor")
     p.add_argument("--feature-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="dtype of the saved features (default: the model's)")
@@ -162,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder: PNG images, features/ for captured layers")
     p.add_argument("--name", default="gen", help="file name stem (default gen)")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--cfg", type=float, default=7.0, help="guidance scale (default 7; <= 1: no guidance)")
+    p.add_argument("--cfg", type=float, default=7.0, help="guidance scale (default 7; <= 1: no guidance; Flux-dev "
+                                                           "is guidance-distilled: give 1 and --guidance)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="flow families with a guidance embedding (Flux-dev): its input (default the family's, 3.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", default="euler", help="euler, euler_ancestral, ddim, dpmpp_2m, "
                                                          "dpmpp_2m_karras, ddpm or checkpoint")

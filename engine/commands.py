@@ -80,7 +80,7 @@ def run_generate(args) -> int:
         run = generate(model, args.prompt, args.negative, steps=args.steps, cfg=args.cfg, seed=args.seed,
                        width=width, height=height, batch=args.batch, scheduler=args.scheduler, layers=args.layers,
                        capture_steps=args.capture_steps if args.layers else "", capture_branch=args.capture_branch,
-                       on_step=lambda i, n, latents, x0: bar.update(1))
+                       on_step=lambda i, n, latents, x0: bar.update(1), guidance=args.guidance)
     finally:
         bar.close()
     written = _images_to_png(run.images, out, [f"{stem}_{i:03d}" for i in range(run.images.shape[0])])
@@ -194,9 +194,12 @@ def run_extract(args) -> int:
     if args.denoise_from is not None and args.denoise_from <= max(timesteps):
         raise ValueError(f"--denoise-from {args.denoise_from} must be above every --t ({args.t})")
     dtype = parse_dtype(args.feature_dtype) if args.feature_dtype else None
+    from .flow import parse_shift
+
     common = dict(size=size, resize=args.resize, ensemble=args.ensemble, feature_resize=args.feature_resize,
                   vae_sample=not args.vae_mean, denoise_from=args.denoise_from, denoise_steps=args.denoise_steps,
-                  hint=hint)
+                  hint=hint, shift=parse_shift(args.shift) if args.shift is not None else None,
+                  guidance=args.guidance)
     request = output_folder.request_settings(timesteps=timesteps, seed=args.seed, fmt=args.format,
                                              layout=args.layout, feature_dtype=dtype, **common)
     items = sources.collect(args.input, args.input_list)

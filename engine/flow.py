@@ -66,6 +66,19 @@ def image_tokens(family: str, latent_hw) -> int:
     return (latent_hw[0] // p) * (latent_hw[1] // p)
 
 
+def parse_shift(text: str):
+    """The CLI's --shift: 'resolution' or a number > 0."""
+    if text == RESOLUTION_SHIFT:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < math.inf:
+        raise ValueError(f"--shift must be a number > 0 or {RESOLUTION_SHIFT!r}, got {echo(text)}")
+    return value
+
+
 def sigma_of(t: int, shift=None, *, scheduler_config: dict | None = None, image_tokens: int | None = None
              ) -> tuple[float, dict]:
     """sigma of timestep t under `shift`, and what to record of it in the features' metadata."""

@@ -261,14 +261,19 @@ def test_random_flux_builds_from_the_shipped_configs_and_the_cli_extracts(tmp_pa
     out = tmp_path / "features"
     ids = "vit-block1-out,vit-block3-txt-q"
     run = run_cli("extract", "--model", "random:flux", "--layers", ids, "--input", folder, "--output", out,
-                  "--t", 700, "--seed", 1, "--prompt", "a red house", "--size", f"{W}x{H}")
+                  "--t", 700, "--seed", 1, "--prompt", "a red house", "--size", f"{W}x{H}", "--shift", 3,
+                  "--guidance", 4)
     assert run.returncode == 0, run.stderr
     assert "RANDOM WEIGHTS" in run.stderr
     saved = load_features(out / "a.safetensors")
-    assert (saved.meta["t"], saved.meta["sigma"], saved.meta["guidance"]) == (700, 0.7, 3.5)
-    want = extract(model, folder / "a.png", "a red house", ids.split(","), t=700, seed=1)
+    assert (saved.meta["t"], saved.meta["shift"], saved.meta["guidance"]) == (700, 3.0, 4.0)
+    assert saved.meta["sigma"] == pytest.approx(3 * 0.7 / (1 + 2 * 0.7))
+    want = extract(model, folder / "a.png", "a red house", ids.split(","), t=700, seed=1, shift=3.0, guidance=4.0)
     for k in want.tensors:
         torch.testing.assert_close(saved.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5)
+    bad = run_cli("extract", "--model", "random:flux", "--layers", ids, "--input", folder, "--output",
+                  tmp_path / "bad", "--shift", "dynamic")
+    assert bad.returncode == 2 and "--shift must be a number > 0 or 'resolution', got 'dynamic'" in bad.stderr
 
 
 def to_original_layout(transformer) -> dict:
