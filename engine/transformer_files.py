@@ -61,25 +61,24 @@ def flux_state_dict(state: dict, config) -> dict:
                 for dst, part in zip(dsts, torch.split(state[f"{src}.{end}"], sizes)):
                     out[f"{dst}.{end}"] = part
 
+    def block(a: str, b: str, linears: dict, norms: dict) -> None:
+        for src, dst in linears.items():
+            linear(f"{a}.{src}", f"{b}.{dst}")
+        for src, dst in norms.items():  # RMSNorm scales: `scale` in the original, `weight` in diffusers
+            if f"{a}.{src}.scale" in state:
+                out[f"{b}.{dst}.weight"] = state[f"{a}.{src}.scale"]
+
     for src, dst in _TOP.items():
         linear(src, dst)
     linear("final_layer.adaLN_modulation.1", "norm_out.linear", _swap_halves)
     for i in range(config.num_layers):
         a, b = f"double_blocks.{i}", f"transformer_blocks.{i}"
-        for src, dst in _DOUBLE.items():
-            linear(f"{a}.{src}", f"{b}.{dst}")
-        for src, dst in _DOUBLE_NORMS.items():
-            if f"{a}.{src}.scale" in state:
-                out[f"{b}.{dst}.weight"] = state[f"{a}.{src}.scale"]
+        block(a, b, _DOUBLE, _DOUBLE_NORMS)
         for src, dsts in _DOUBLE_QKV.items():
             split(f"{a}.{src}", [f"{b}.{d}" for d in dsts], [width] * 3)
     for i in range(config.num_single_layers):
         a, b = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        for src, dst in _SINGLE.items():
-            linear(f"{a}.{src}", f"{b}.{dst}")
-        for src, dst in _SINGLE_NORMS.items():
-            if f"{a}.{src}.scale" in state:
-                out[f"{b}.{dst}.weight"] = state[f"{a}.{src}.scale"]
+        block(a, b, _SINGLE, _SINGLE_NORMS)
         if f"{a}.linear1.weight" in state:
             mlp = state[f"{a}.linear1.weight"].shape[0] - 3 * width
             split(f"{a}.linear1", [f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v", f"{b}.proj_mlp"],
@@ -113,5 +112,6 @@ def load_transformer(path, config: dict) -> torch.nn.Module:
         model.load_state_dict(converted, strict=True, assign=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1].strip()[:300]
-        raise CheckpointError(f"{echo(str(path))} does not fit the {config['_class_name']} of this config ({first})") from None
+        raise CheckpointError(f"{echo(str(path))} does not fit the {config['_class_name']} of this config "
+                              f"({first})") from None
     return model.eval()

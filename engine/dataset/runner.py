@@ -428,9 +428,9 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
 
     sources: from sources.collect. prompts: one string for all, or a list with one per source. size: (height,
     width) or None. controlnets: [(ControlNet, strength)], with hint=CannyHints(low, high) or a hints.HintFolder.
-    latent_cache: a latent_cache.LatentCache or None. shift / guidance: a flow family's (extraction.extract). verify (with resume): re-hash every output of the images
-    done before, not only those whose size or mtime changed (index.py). ranks: distributed.from_env() under
-    torchrun (default: one process). Refusals (other settings, a folder not ours, outputs that exist without
+    latent_cache: a latent_cache.LatentCache or None. shift / guidance: a flow family's (extraction.extract).
+    verify (with resume): re-hash every output of the images done before, not only those whose size or mtime
+    changed (index.py). ranks: distributed.from_env() under torchrun (default: one process). Refusals (other settings, a folder not ours, outputs that exist without
     resume, an input outside the run's naming root) raise before anything is written; everything after is counted
     in the result (see the module docstring for `status`). log: where the summary line and the failures go (the
     first process only, or each survivor when processes are gone; None: nowhere)."""
