@@ -359,3 +359,21 @@ def test_generation_equals_flux_pipeline_and_captures_the_velocity_it_steps_with
         x = x + (sched.sigmas[i + 1] - sched.sigmas[i]) * v[i:i + 1]
     torch.testing.assert_close(gen.latents, x, atol=1e-5, rtol=1e-5)
     assert gen.features.tensors["vit-block2-out"].shape == (3, 16, 4, 8)
+
+
+def test_the_nodes_extract_flux_as_the_library_does(flux, image, monkeypatch):
+    """DFEncodePrompt -> DFAttachHooks -> DFExtractFeatures on a Flux DF_MODEL: the library's features (at a
+    native side of 128 here: the node resizes to the native area, and Flux's 1024 costs seconds even when tiny)."""
+    from diffusion_feature import NODE_CLASS_MAPPINGS as N
+    from diffusion_feature.engine.model import FeatureModel
+
+    monkeypatch.setattr(FeatureModel, "native_size", property(lambda self: 128))
+
+    ids = ["vit-block0-out", "vit-block2-txt-in"]
+    (cond,) = N["DFEncodePrompt"]().encode(flux, "a photo of a dog")
+    (hooked,) = N["DFAttachHooks"]().attach(flux, "\n".join(ids), "none")
+    (features,) = N["DFExtractFeatures"]().extract(hooked, image, cond, 300, 2, resize="keep-aspect", batch_size=1)
+    want = extract(flux, image, "a photo of a dog", ids, t=300, seed=2, size=None)
+    assert features.meta["guidance"] == 3.5 and features.meta["sigma"] == 0.3 and features.meta["width"] == 192
+    for k in ids:
+        torch.testing.assert_close(features.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5)
