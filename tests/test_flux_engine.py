@@ -151,7 +151,8 @@ def test_shift_and_guidance_are_inputs_recorded_in_the_metadata(parts, flux, ima
 
 
 def test_seeded_ensemble_batch_and_resize_as_for_the_unets(flux, image):
-    from diffusion_feature.engine.extraction import extract_in_batches
+    from conftest import InputRecorder
+    from diffusion_feature.engine.extraction import extract_in_batches, extract_timesteps
 
     ids = ["vit-block1-out", "vit-block3-txt-in"]
     one = extract(flux, image, "a dog", ids, t=500, seed=2)
@@ -166,6 +167,17 @@ def test_seeded_ensemble_batch_and_resize_as_for_the_unets(flux, image):
     pooled = extract(flux, image, "a dog", ids, t=500, seed=2, feature_resize=2)
     assert pooled.tensors[ids[0]].shape == (1, 16, 2, 4)
     torch.testing.assert_close(pooled.tensors[ids[0]], torch.nn.functional.avg_pool2d(one.tensors[ids[0]], 2))
+    several = extract_timesteps(flux, image, "a dog", ids, [100, 500], seed=2, size=(H, W))
+    assert [f.meta["sigma"] for f in several] == [0.1, 0.5]
+    torch.testing.assert_close(several[1].tensors[ids[1]], one.tensors[ids[1]])
+    recorder = InputRecorder(flux.denoiser, ["transformer_blocks.1", "single_transformer_blocks.0"])
+    try:
+        extract(flux, image, "a dog", ["vit-block0-out"], t=500, seed=2)  # early exit after the first block
+        early = list(recorder.inputs)
+        extract(flux, image, "a dog", ["dit-out"], t=500, seed=2)
+    finally:
+        recorder.close()
+    assert early == [] and sorted(recorder.inputs) == ["single_transformer_blocks.0", "transformer_blocks.1"]
 
 
 def test_the_unet_only_tools_say_which_families_they_support(flux, image):
