@@ -55,9 +55,10 @@ def _add_model_args(p, required: bool) -> None:
                         "the family's real architecture, to try everything without a checkpoint (its features mean "
                         "nothing)" + ("" if required else f"; default: random:{DEFAULT_FAMILY}"))
     p.add_argument("--family", choices=list(FAMILIES), default=None, help="model family (default: detected)")
-    p.add_argument("--components", default=None, metavar="FOLDER",
+    p.add_argument("--components", nargs="+", default=None, metavar="FOLDER|NAME=FILE",
                    help="for a single file holding a transformer alone (Flux): the diffusers folder of its text "
-                        "encoders, tokenizers and VAE")
+                        "encoders, tokenizers and VAE, or their files: vae=ae.safetensors "
+                        "text_encoder=clip_l.safetensors text_encoder_2=t5xxl.safetensors")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device: cpu, cuda, cuda:N, mps "
                                                                           "(default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],

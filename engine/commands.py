@@ -36,13 +36,25 @@ def _load(args):
         print(random_banner(family), file=sys.stderr)
     with warnings.catch_warnings():  # said by the banner above
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        model = load_model(spec, args.family, args.dtype, args.device, getattr(args, "components", None))
+        model = load_model(spec, args.family, args.dtype, args.device, _components(getattr(args, "components", None)))
     for spec in getattr(args, "lora", None) or []:
         from .lora import load_lora, with_lora
 
         path, strength = _with_strength(spec, "--lora")
         model = with_lora(model, load_lora(path), strength, strength)
     return model
+
+
+def _components(items):
+    """--components: one diffusers folder, or NAME=FILE items (a dict by component name)."""
+    if not items:
+        return None
+    if len(items) == 1 and "=" not in items[0]:
+        return items[0]
+    bad = [i for i in items if "=" not in i]
+    if bad:
+        raise ValueError(f"--components takes one diffusers folder or NAME=FILE items, got {echo(bad[0])}")
+    return dict(item.split("=", 1) for item in items)
 
 
 def _images_to_png(images: torch.Tensor, out: Path, names: list[str]) -> list[Path]:

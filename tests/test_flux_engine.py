@@ -316,21 +316,31 @@ def to_original_layout(transformer) -> dict:
     return out
 
 
-def test_a_single_file_flux_transformer_loads_with_its_components_folder(tmp_path, flux_folder, parts, flux, image):
-    from PIL import Image
+@pytest.fixture(scope="module")
+def flux_file(tmp_path_factory, flux_folder, parts):
+    """The tiny transformer as a single file in the original layout, with its configs beside it (a non-standard
+    size) as flux1-tiny.config/."""
+    import shutil
+
     from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("flux-file")
+    path = folder / "flux1-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in to_original_layout(parts["transformer"]).items()}, path)
+    shutil.copytree(flux_folder, folder / "flux1-tiny.config")
+    return path
+
+
+def test_a_single_file_flux_transformer_loads_with_its_components_folder(tmp_path, flux_folder, flux_file, flux,
+                                                                         image):
+    from PIL import Image
 
     from conftest import run_cli
     from diffusion_feature.engine.checkpoint_files import CheckpointError
     from diffusion_feature.engine.features_io import load_features
     from diffusion_feature.engine.loading import load_model
 
-    folder = flux_folder
-    path = tmp_path / "flux1-tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in to_original_layout(parts["transformer"]).items()}, path)
-    (tmp_path / "flux1-tiny.config" / "transformer").mkdir(parents=True)
-    (tmp_path / "flux1-tiny.config" / "transformer" / "config.json").write_text(
-        (folder / "transformer" / "config.json").read_text())  # a non-standard size: its config beside it
+    folder, path = flux_folder, flux_file
     with pytest.raises(CheckpointError, match="holds a flux transformer only: give components="):
         load_model(path)
     loaded = load_model(path, components=folder)
@@ -348,6 +358,45 @@ def test_a_single_file_flux_transformer_loads_with_its_components_folder(tmp_pat
     assert run.returncode == 0, run.stderr
     torch.testing.assert_close(load_features(tmp_path / "features" / "a.safetensors").tensors[ids[0]],
                                got.tensors[ids[0]], atol=1e-6, rtol=1e-5)
+
+
+def test_a_single_file_flux_transformer_loads_with_component_files(tmp_path, flux_file, parts, flux, image,
+                                                                    monkeypatch):
+    """The files ComfyUI users have: ae.safetensors (the VAE's original layout), clip_l and t5xxl (transformers'
+    layout), beside the transformer file; configs from its .config/ folder, tokenizers bundled or the host's."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from conftest import run_cli
+    from diffusion_feature.engine import tokenizers
+    from diffusion_feature.engine.checkpoint_files import CheckpointError
+    from diffusion_feature.engine.loading import load_model
+    from ldm_export import vae_to_ldm
+
+    path = flux_file
+    tiny_t5_tokenizer().save_pretrained(tmp_path / "t5_tokenizer")
+    monkeypatch.setattr(tokenizers, "host_tokenizer_dir", lambda name: tmp_path / name)
+    files = {"vae": tmp_path / "ae.safetensors", "text_encoder": tmp_path / "clip_l.safetensors",
+             "text_encoder_2": tmp_path / "t5xxl.safetensors"}
+    save_file({k.removeprefix("first_stage_model."): v.contiguous() for k, v in vae_to_ldm(parts["vae"]).items()},
+              files["vae"])
+    save_file({(k if k.startswith("text_model.") else f"text_model.{k}"): v.contiguous()
+               for k, v in parts["text_encoder"].state_dict().items()}, files["text_encoder"])
+    save_file({k: v.contiguous() for k, v in parts["text_encoder_2"].state_dict().items()
+               if k != "encoder.embed_tokens.weight"}, files["text_encoder_2"])  # tied to shared.weight
+    with pytest.raises(CheckpointError, match=r"component files are vae=FILE, text_encoder=FILE, text_encoder_2="
+                                              r"FILE; missing text_encoder_2$"):
+        load_model(path, components={"vae": files["vae"], "text_encoder": files["text_encoder"]})
+    loaded = load_model(path, components=files)
+    ids = ["vit-block0-txt-in", "vit-block3-out"]
+    got, want = (extract(m, image, "a red house", ids, t=400, seed=0) for m in (loaded, flux))
+    for k in ids:
+        torch.testing.assert_close(got.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5)
+    (tmp_path / "images").mkdir()
+    Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).save(tmp_path / "images" / "a.png")
+    bad = run_cli("extract", "--model", path, "--components", files["vae"], "clip_l.safetensors", "--layers",
+                  ids[0], "--input", tmp_path / "images", "--output", tmp_path / "features")
+    assert bad.returncode == 2 and "--components takes one diffusers folder or NAME=FILE items" in bad.stderr
 
 
 def test_generation_equals_flux_pipeline_and_captures_the_velocity_it_steps_with(parts, flux):
