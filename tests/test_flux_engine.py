@@ -153,6 +153,7 @@ def test_shift_and_guidance_are_inputs_recorded_in_the_metadata(parts, flux, ima
 def test_seeded_ensemble_batch_and_resize_as_for_the_unets(flux, image):
     from conftest import InputRecorder
     from diffusion_feature.engine.extraction import extract_in_batches, extract_timesteps
+    from diffusion_feature.engine.prompts import encode_prompt
 
     ids = ["vit-block1-out", "vit-block3-txt-in"]
     one = extract(flux, image, "a dog", ids, t=500, seed=2)
@@ -160,6 +161,11 @@ def test_seeded_ensemble_batch_and_resize_as_for_the_unets(flux, image):
     batched = extract_in_batches(flux, two, "a dog", ids, t=500, seed=2, batch_size=1, size=(H, W))
     for k in ids:
         torch.testing.assert_close(batched.tensors[k][:1], one.tensors[k], atol=1e-6, rtol=1e-5)
+    cond = encode_prompt(flux, ["a dog", "a cat"])  # one prompt per image: each chunk takes its own pooled row
+    per_image = extract_in_batches(flux, two, cond, ids, t=500, seed=2, batch_size=1, size=(H, W))
+    cat = extract(flux, image.flip(2), "a cat", ids, t=500, seed=2)
+    for k in ids:
+        torch.testing.assert_close(per_image.tensors[k][1:], cat.tensors[k], atol=1e-6, rtol=1e-5)
     mean = dict(t=500, vae_sample=False)  # the VAE's draw follows `seed` alone; the ensemble's noise seed + k
     ens = extract(flux, image, "a dog", ids, seed=2, ensemble=2, **mean)
     draws = [extract(flux, image, "a dog", ids, seed=s, **mean).tensors[ids[0]] for s in (2, 3)]
