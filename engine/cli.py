@@ -56,6 +56,10 @@ def _add_model_args(p, required: bool) -> None:
                         "the family's real architecture, to try everything without a checkpoint (its features mean "
                         "nothing)" + ("" if required else f"; default: random:{DEFAULT_FAMILY}"))
     p.add_argument("--family", choices=list(FAMILIES), default=None, help="model family (default: detected)")
+    p.add_argument("--components", nargs="+", default=None, metavar="FOLDER|NAME=FILE",
+                   help="for a single file holding a transformer alone (Flux): the diffusers folder of its text "
+                        "encoders, tokenizers and VAE, or their files: vae=ae.safetensors "
+                        "text_encoder=clip_l.safetensors text_encoder_2=t5xxl.safetensors")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device: cpu, cuda, cuda:N, mps "
                                                                           "(default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
@@ -120,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="safetensors", choices=["safetensors", "npy"])
     p.add_argument("--layout", default="per-sample", choices=["per-sample", "per-layer", "aggregate"])
     p.add_argument("--ensemble", type=int, default=1, help="average over N noise draws (default 1)")
+    p.add_argument("--shift", default=None, metavar="S|resolution",
+                   help="flow families (Flux): shift sigma = t/1000 to s*sigma/(1+(s-1)*sigma), or by the image's "
+                        "size as the sampler does ('resolution'); default none (recorded in the metadata)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="flow families with a guidance embedding (Flux-dev): its input (default the family's, 3.5)")
     p.add_argument("--feature-resize", type=int, default=1, help="average-pool spatial features by this factor")
     p.add_argument("--feature-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="dtype of the saved features (default: the model's)")
@@ -160,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder: PNG images, features/ for captured layers")
     p.add_argument("--name", default="gen", help="file name stem (default gen)")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--cfg", type=float, default=7.0, help="guidance scale (default 7; <= 1: no guidance)")
+    p.add_argument("--cfg", type=float, default=7.0, help="guidance scale (default 7; <= 1: no guidance; Flux-dev "
+                                                           "is guidance-distilled: give 1 and --guidance)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="flow families with a guidance embedding (Flux-dev): its input (default the family's, 3.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", default="euler", help="euler, euler_ancestral, ddim, dpmpp_2m, "
                                                          "dpmpp_2m_karras, ddpm or checkpoint")

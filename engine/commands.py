@@ -36,13 +36,25 @@ def _load(args):
         print(random_banner(family), file=sys.stderr)
     with warnings.catch_warnings():  # said by the banner above
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        model = load_model(spec, args.family, args.dtype, args.device)
+        model = load_model(spec, args.family, args.dtype, args.device, _components(getattr(args, "components", None)))
     for spec in getattr(args, "lora", None) or []:
         from .lora import load_lora, with_lora
 
         path, strength = _with_strength(spec, "--lora")
         model = with_lora(model, load_lora(path), strength, strength)
     return model
+
+
+def _components(items):
+    """--components: one diffusers folder, or NAME=FILE items (a dict by component name)."""
+    if not items:
+        return None
+    if len(items) == 1 and "=" not in items[0]:
+        return items[0]
+    bad = [i for i in items if "=" not in i]
+    if bad:
+        raise ValueError(f"--components takes one diffusers folder or NAME=FILE items, got {echo(bad[0])}")
+    return dict(item.split("=", 1) for item in items)
 
 
 def _images_to_png(images: torch.Tensor, out: Path, names: list[str]) -> list[Path]:
@@ -80,7 +92,7 @@ def run_generate(args) -> int:
         run = generate(model, args.prompt, args.negative, steps=args.steps, cfg=args.cfg, seed=args.seed,
                        width=width, height=height, batch=args.batch, scheduler=args.scheduler, layers=args.layers,
                        capture_steps=args.capture_steps if args.layers else "", capture_branch=args.capture_branch,
-                       on_step=lambda i, n, latents, x0: bar.update(1))
+                       on_step=lambda i, n, latents, x0: bar.update(1), guidance=args.guidance)
     finally:
         bar.close()
     written = _images_to_png(run.images, out, [f"{stem}_{i:03d}" for i in range(run.images.shape[0])])
@@ -194,9 +206,12 @@ def run_extract(args) -> int:
     if args.denoise_from is not None and args.denoise_from <= max(timesteps):
         raise ValueError(f"--denoise-from {args.denoise_from} must be above every --t ({args.t})")
     dtype = parse_dtype(args.feature_dtype) if args.feature_dtype else None
+    from .flow import parse_shift
+
     common = dict(size=size, resize=args.resize, ensemble=args.ensemble, feature_resize=args.feature_resize,
                   vae_sample=not args.vae_mean, denoise_from=args.denoise_from, denoise_steps=args.denoise_steps,
-                  hint=hint)
+                  hint=hint, shift=parse_shift(args.shift) if args.shift is not None else None,
+                  guidance=args.guidance)
     request = output_folder.request_settings(timesteps=timesteps, seed=args.seed, fmt=args.format,
                                              layout=args.layout, feature_dtype=dtype, **common)
     items = sources.collect(args.input, args.input_list)

@@ -16,7 +16,8 @@ class Conditioning:
     """What the denoiser needs besides the latent: text embeddings and, per family, extras.
 
     encoder_hidden_states: (1 or B, tokens, dim). added_cond_kwargs: SDXL's text_embeds/time_ids or PixArt's
-    resolution/aspect_ratio. encoder_attention_mask: PixArt's T5 padding mask (1 or B, tokens).
+    resolution/aspect_ratio. encoder_attention_mask: PixArt's T5 padding mask (1 or B, tokens). pooled: the pooled
+    text embedding (1 or B, dim) of transformers that take one as `pooled_projections` (Flux's CLIP-L).
     """
 
     encoder_hidden_states: torch.Tensor
@@ -24,6 +25,7 @@ class Conditioning:
     encoder_attention_mask: torch.Tensor | None = None
     prompts: list[str] = field(default_factory=list)
     controls: tuple = ()
+    pooled: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -40,7 +42,7 @@ class Conditioning:
         added = {k: cut(v) for k, v in self.added_cond_kwargs.items()} if self.added_cond_kwargs else None
         return dataclasses.replace(self, encoder_hidden_states=cut(self.encoder_hidden_states),
                                    added_cond_kwargs=added, encoder_attention_mask=cut(self.encoder_attention_mask),
-                                   prompts=self.prompts[start:stop], controls=controls)
+                                   pooled=cut(self.pooled), prompts=self.prompts[start:stop], controls=controls)
 
     def for_batch(self, batch: int, device, dtype) -> dict:
         """Forward kwargs for a batch of `batch` latents (a single prompt is repeated)."""
@@ -58,6 +60,8 @@ class Conditioning:
             kwargs["added_cond_kwargs"] = {k: fit(v) for k, v in self.added_cond_kwargs.items()}
         if self.encoder_attention_mask is not None:
             kwargs["encoder_attention_mask"] = fit(self.encoder_attention_mask)
+        if self.pooled is not None:
+            kwargs["pooled_projections"] = fit(self.pooled)
         return kwargs
 
 

@@ -18,14 +18,20 @@ import functools
 
 import torch
 
-from ..layer_catalog import FeatureCapture, resolve_taps
+from ..layer_catalog import FeatureCapture, get_family, resolve_taps
 from ..layer_catalog.tap import is_pixart
-from . import memory_guard
+from . import flow, memory_guard
 from .conditioning import Conditioning, with_time_ids
 from .driver import capture_dtype, check_batch_size, check_ensemble, ensemble_features, features_meta, fill_batches
 from .interrupts import InterruptChecks
 from .memory_guard import count
 from .schedule import check_timestep, check_timesteps, denoise_schedule, noise_latents
+
+
+def check_denoise_from(family: str, denoise_from) -> None:
+    """denoise_from's DDIM steps need a DDPM schedule: refused for the flow families."""
+    if denoise_from is not None:
+        flow.require_ddpm(family, "denoise_from (DDIM steps before the capture)")
 
 
 def _free_bytes(device: torch.device) -> int | None:
@@ -129,9 +135,13 @@ def grad_mode(fn):
 def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: int, seed: int, abar: torch.Tensor,
                     *, family: str | None = None, ensemble: int = 1, feature_resize: int = 1,
                     dtype: torch.dtype | None = None, offload: bool = False, denoise_from: int | None = None,
-                    denoise_steps: int = 1, prediction_type: str = "epsilon",
-                    interrupt=None, grad: bool = False) -> dict[str, torch.Tensor]:
+                    denoise_steps: int = 1, prediction_type: str = "epsilon", interrupt=None, shift=None,
+                    guidance: float | None = None, scheduler_config: dict | None = None,
+                    grad: bool = False) -> dict[str, torch.Tensor]:
     """Features of clean latents x0 (B, C, h, w) at timestep t: the core shared by every entry point.
+
+    A flow family (Flux) noises x_t = (1 - sigma) x0 + sigma eps instead (abar unused; see engine/flow.py for
+    sigma, `shift`, `guidance` and the network's packed inputs; `scheduler_config` gives the resolution shift).
 
     denoise_from: noise to this higher timestep instead and take `denoise_steps` deterministic DDIM steps down to
     t, each a conditional forward guided by the prompt and any ControlNet of `cond`, before capturing at t (the
@@ -145,6 +155,14 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
 
     t = check_timestep(t)
     check_ensemble(ensemble)
+    is_flow = family is not None and get_family(family).flow
+    if is_flow:
+        flow.check_latent(family, x0.shape[-2:])
+        check_denoise_from(family, denoise_from)
+        sigma, guidance, _ = flow.settings(family, denoiser, t, shift, guidance, scheduler_config or {},
+                                           x0.shape[-2:])
+    else:
+        flow.check_options(family, shift, guidance)
     schedule = denoise_schedule(t, denoise_from, denoise_steps)
     taps = resolve_taps(layers, denoiser, family)
     param = next(denoiser.parameters())
@@ -157,12 +175,14 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
     x0 = x0.to(param.device, param.dtype)
 
     def forward(capture, x, step_t):
+        if is_flow:
+            return capture.run(**flow.forward_kwargs(family, denoiser, x, sigma, kwargs, guidance))
         timestep = torch.full((batch,), step_t, device=param.device, dtype=torch.long)
         extra = control_residuals(cond.controls, x, timestep, kwargs)
         return capture.run(**{sample_name: x}, timestep=timestep, **kwargs, **extra)
 
     def draw(draw_seed):
-        x_t = noise_latents(x0, schedule[0], abar, draw_seed)
+        x_t = flow.flow_noise(x0, sigma, draw_seed) if is_flow else noise_latents(x0, schedule[0], abar, draw_seed)
         capture.enabled = False  # the denoising steps run whole and capture nothing
         for a, b in zip(schedule[:-1], schedule[1:]):
             out = eps_output(forward(capture, x_t, a)[0], x0.shape[1])
@@ -172,7 +192,8 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
         return capture.features
 
     with FeatureCapture(denoiser, taps, dtype=capture_dtype(dtype, ensemble), device="cpu" if offload else None,
-                        feature_resize=feature_resize, early_exit=True, grad=grad) as capture, \
+                        feature_resize=feature_resize, early_exit=True, token_grid=tuple(x0.shape[-2:]),
+                        grad=grad) as capture, \
             InterruptChecks(interrupt, denoiser):
         return ensemble_features(draw, seed, ensemble, dtype or param.dtype)
 
@@ -211,7 +232,7 @@ def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *
             size=None, ensemble: int = 1, feature_resize: int = 1, dtype: torch.dtype | None = None,
             offload: bool = False, vae_sample: bool = True, target_side: int | None = None,
             denoise_from: int | None = None, denoise_steps: int = 1, interrupt=None, kept_images: int | None = None,
-            in_flight: int = 0, latent_cache=None, grad: bool = False):
+            in_flight: int = 0, latent_cache=None, shift=None, guidance: float | None = None, grad: bool = False):
     """Features of images at training timestep t (see the module docstring for the exact semantics).
 
     model: a FeatureModel. images: paths, PIL images, or a ComfyUI IMAGE tensor; one batch (they must share a size
@@ -222,6 +243,8 @@ def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *
     interrupt: a callback run before each block of the VAE and the denoiser (raise to stop). kept_images /
     in_flight: for the memory plan of a caller that keeps more than this batch (extract_in_batches).
     latent_cache: a LatentCache (engine/latent_cache.py) that keeps each image's VAE posterior on disk, or None.
+    shift / guidance: the flow families' (Flux) resolution shift and guidance-embedding input (engine/flow.py);
+    both recorded in the metadata with sigma.
     grad: gradient mode. The features stay on the autograd graph of the denoiser's (and VAE's) parameters, so a
     loss on them trains the model (a LoRA, a head on the features); the forward still stops at the last tap.
     Default: no autograd at all.
@@ -231,7 +254,7 @@ def extract(model, images, prompt="", layers=None, t: int = 50, seed: int = 0, *
                              feature_resize=feature_resize, dtype=dtype, offload=offload, vae_sample=vae_sample,
                              target_side=target_side, denoise_from=denoise_from, denoise_steps=denoise_steps,
                              interrupt=interrupt, kept_images=kept_images, in_flight=in_flight,
-                             latent_cache=latent_cache, grad=grad)[0]
+                             latent_cache=latent_cache, shift=shift, guidance=guidance, grad=grad)[0]
 
 
 @grad_mode
@@ -239,8 +262,8 @@ def extract_timesteps(model, images, prompt, layers, timesteps, seed: int = 0, *
                       size=None, ensemble: int = 1, feature_resize: int = 1, dtype: torch.dtype | None = None,
                       offload: bool = False, vae_sample: bool = True, target_side: int | None = None,
                       denoise_from: int | None = None, denoise_steps: int = 1, interrupt=None,
-                      kept_images: int | None = None, in_flight: int = 0, latent_cache=None, grad: bool = False
-                      ) -> list:
+                      kept_images: int | None = None, in_flight: int = 0, latent_cache=None, shift=None,
+                      guidance: float | None = None, grad: bool = False) -> list:
     """Features of the same images at several training timesteps in one pass: one Features per t, in the given
     order, each equal (bit for bit on the CPU) to `extract(..., t=that t)` with the same arguments.
 
@@ -258,10 +281,15 @@ def extract_timesteps(model, images, prompt, layers, timesteps, seed: int = 0, *
     if not layers:
         raise ValueError("no layers to extract: pass layers= (ids, a preset or a JSON file) or attach them first")
     check_ensemble(ensemble)
+    check_denoise_from(model.family, denoise_from)
+    flow.check_options(model.family, shift, guidance)
     for t in timesteps:  # every t's schedule is valid before the VAE runs, not after the first t's features
         denoise_schedule(t, denoise_from, denoise_steps)
     pixels, input_size = _pixels(images, target_side or model.native_size, resize, size)
     height, width = pixels.shape[-2:]
+    is_flow = get_family(model.family).flow
+    if is_flow:
+        flow.check_latent(model.family, (height // 8, width // 8))
     with lora_applied(model):
         cond = prompt if isinstance(prompt, Conditioning) else encode_prompt(model, prompt)
         check_controls(cond, model)
@@ -280,22 +308,27 @@ def extract_timesteps(model, images, prompt, layers, timesteps, seed: int = 0, *
             x0 = encode_latents(model.vae, pixels, seed, sample=vae_sample, latent_cache=latent_cache)
         del pixels
         prediction_type = model.scheduler_config.get("prediction_type") or "epsilon"
+        abar = None if is_flow else model.alphas_cumprod
         passes = []
         for t in timesteps:
-            tensors = extract_latents(model.denoiser, x0, cond, layers, t, seed, model.alphas_cumprod,
+            tensors = extract_latents(model.denoiser, x0, cond, layers, t, seed, abar,
                                       family=model.family, ensemble=ensemble, feature_resize=feature_resize,
                                       dtype=dtype, offload=offload, denoise_from=denoise_from,
                                       denoise_steps=denoise_steps, prediction_type=prediction_type,
-                                      interrupt=interrupt, grad=grad)
+                                      interrupt=interrupt, shift=shift, guidance=guidance,
+                                      scheduler_config=model.scheduler_config, grad=grad)
+            extra = (flow.settings(model.family, model.denoiser, t, shift, guidance, model.scheduler_config,
+                                   x0.shape[-2:])[2] if is_flow else {})
             passes.append(Features(tensors, _meta(model, cond, input_size, t, seed, height, width, tensors, ensemble,
-                                                  denoise_from, denoise_steps)))
+                                                  denoise_from, denoise_steps, extra)))
     return passes
 
 
-def _meta(model, cond, input_size, t, seed, height, width, tensors, ensemble, denoise_from, denoise_steps) -> dict:
+def _meta(model, cond, input_size, t, seed, height, width, tensors, ensemble, denoise_from, denoise_steps,
+          extra) -> dict:
     controls = [{"name": getattr(h.controlnet, "name", ""), "strength": h.strength} for h in cond.controls]
     return features_meta(model.family, t, seed, height, width, input_size, tensors, ensemble, cond.prompts,
-                         denoise_from, denoise_steps, controls)
+                         denoise_from, denoise_steps, controls, **extra)
 
 
 def extract_in_batches(model, images, prompt, layers=None, t: int = 50, seed: int = 0, *, batch_size: int = 1,

@@ -24,6 +24,8 @@ from . import memory_guard
 from .memory_guard import count
 from .conditioning import Conditioning, with_time_ids
 from .extraction import _pixels, fits, require
+from . import flow
+from .schedule import NUM_TRAIN_TIMESTEPS
 from .interrupts import InterruptChecks
 from .samplers import DEFAULT_SCHEDULER, make_scheduler, parse_capture_steps
 from .timeline import Timeline
@@ -57,7 +59,7 @@ def _negative(model, negative, positive: Conditioning) -> Conditioning:
 
 
 def _check_size(model, height: int, width: int) -> None:
-    multiple = 16 if is_pixart(model.denoiser) else 8
+    multiple = 16 if is_pixart(model.denoiser) else 8 * get_family(model.family).latent_patch
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or value < multiple or value % multiple:
             raise ValueError(f"{name} must be a positive multiple of {multiple} pixels for {model.family}, got "
@@ -103,7 +105,7 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
              scheduler: str = DEFAULT_SCHEDULER, image=None, denoise: float = 1.0, resize: str = "keep-aspect",
              layers=None, capture_steps="", capture_branch: str = "cond", feature_resize: int = 1,
              dtype: torch.dtype | None = None, offload: bool = True, latents: torch.Tensor | None = None,
-             on_step=None, interrupt=None) -> Generation:
+             on_step=None, interrupt=None, guidance: float | None = None) -> Generation:
     """Generate images, capturing `layers` at `capture_steps` (see samplers.parse_capture_steps).
 
     positive / negative: prompts or Conditionings (negative None: the family's default). cfg > 1 enables
@@ -113,11 +115,18 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
     each step (progress, previews, interrupts: raise to stop). latents: start text-to-image from these (1 or B,
     C, h, w) instead of seeded noise (e.g. an inverted image). interrupt: a callback run before each block of the
     denoiser and the VAE, so a long step can be stopped inside (raise to stop). Returns a Generation.
+    A flow family (Flux) samples with flow-match Euler as its diffusers pipeline does (scheduler "euler" or
+    "checkpoint"; guidance: its guidance-embedding input, default the family's; cfg > 1 adds classifier-free
+    guidance over the negative prompt on top, as FluxPipeline's true_cfg_scale; text-to-image only).
     Refused before any forward (FeatureMemoryError) when the run's memory plan does not fit: see check_generation.
     """
     from .features_io import Features, size_meta
     from .lora import lora_applied
 
+    fam = get_family(model.family)
+    flow.check_options(model.family, None, guidance)
+    if image is not None:
+        flow.require_ddpm(model.family, "image-to-image generation")
     if capture_branch not in BRANCHES:
         raise ValueError(f"capture_branch must be one of {', '.join(BRANCHES)}, got {echo(capture_branch)}")
     if not isinstance(steps, int) or steps < 1:
@@ -134,7 +143,8 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
     param = next(denoiser.parameters())
     device, model_dtype = param.device, param.dtype
     pixart = is_pixart(denoiser)
-    latent_channels = denoiser.config.in_channels
+    latent_channels = denoiser.config.in_channels // fam.latent_patch ** 2  # a packing network takes p x p patches
+    guidance = flow.guidance_of(model.family, denoiser, guidance) if fam.flow else None
     pixels = None
     if image is not None:
         size = (height, width) if height and width else None
@@ -151,8 +161,12 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
         batch = _batch_size(batch, pos.batch, neg.batch if neg is not None else 1,
                             pixels.shape[0] if pixels is not None else 1)
 
-        sched = make_scheduler(model.scheduler_config, scheduler)
-        sched.set_timesteps(steps, device=device)
+        latent_hw = (height // 8, width // 8)
+        if fam.flow:
+            sched = flow.flow_scheduler(model.family, model.scheduler_config, scheduler, steps, latent_hw, device)
+        else:
+            sched = make_scheduler(model.scheduler_config, scheduler)
+            sched.set_timesteps(steps, device=device)
         timesteps = sched.timesteps
         generator = torch.Generator().manual_seed(seed)
         shape = (batch, latent_channels, height // 8, width // 8)
@@ -163,7 +177,7 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
             latents = latents.to(device, model_dtype).expand(batch, -1, -1, -1).clone()
         elif pixels is None:
             latents = torch.randn(shape, generator=generator, dtype=model_dtype).to(device)
-            latents = latents * sched.init_noise_sigma
+            latents = latents * getattr(sched, "init_noise_sigma", 1.0)  # flow-match: pure noise at sigma 1
         else:
             run = min(int(steps * denoise), steps)
             start = max(steps - run, 0) * sched.order
@@ -196,7 +210,7 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
                          images=batch, encode=pixels.shape[0] if pixels is not None else 0)
         # without taps the capture attaches nothing and its run is the denoiser's call: one code path
         capture = FeatureCapture(denoiser, taps, dtype=dtype, device="cpu" if offload else None,
-                                 feature_resize=feature_resize)
+                                 feature_resize=feature_resize, token_grid=latent_hw)
         timeline = Timeline(capture, len(capture_at), kept_rows)
         step_params = inspect.signature(sched.step).parameters  # only what this scheduler's step() takes
         step_kwargs = {k: v for k, v in (("generator", generator), ("eta", 0.0)) if k in step_params}
@@ -206,9 +220,14 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
                 outputs = {}
                 for names, kwargs in passes:
                     x_in = torch.cat([latents] * len(names))
-                    x_in = sched.scale_model_input(x_in, t)
+                    if hasattr(sched, "scale_model_input"):  # flow-match schedulers feed x as it is
+                        x_in = sched.scale_model_input(x_in, t)
                     extra = control_residuals(pos.controls, x_in, t, kwargs, step=i, steps=total)
-                    call = _call_kwargs(pixart, x_in, t, kwargs, extra)
+                    if fam.flow:  # the scheduler's timesteps are sigma * 1000
+                        call = dict(flow.forward_kwargs(model.family, denoiser, x_in, float(t) / NUM_TRAIN_TIMESTEPS,
+                                                        kwargs, guidance), return_dict=False)
+                    else:
+                        call = _call_kwargs(pixart, x_in, t, kwargs, extra)
                     wanted = [k for k, n in enumerate(names) if capture_branch in (n, "both")]
                     capture.enabled = bool(taps and wanted) and i in capture_at
                     if capture.enabled:
@@ -217,7 +236,7 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
                     if capture.enabled:
                         timeline.record([{"step": i, "timestep": float(t), "branch": names[k], "image": j}
                                          for k in range(wanted[0], wanted[-1] + 1) for j in range(batch)])
-                    out = eps_output(out[0], latent_channels)
+                    out = eps_output(flow.unpack_output(model.family, out[0], latent_hw), latent_channels)
                     for k, name in enumerate(names):
                         outputs[name] = out[k * batch:(k + 1) * batch]
                 if guided:
@@ -236,6 +255,8 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
         meta = {"family": model.family, "seed": seed, **size_meta(height, width), "prompt": pos.prompts,
                 "layers": list(tensors), "scheduler": scheduler, "steps": total, "cfg": cfg,
                 "denoise": denoise if pixels is not None else 1.0, "rows": timeline.labels}
+        if fam.flow:
+            meta["guidance"] = guidance
         features = Features(tensors, meta)
     return Generation(images, latents, features)
 

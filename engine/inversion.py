@@ -21,6 +21,7 @@ from ..layer_catalog.tap import is_pixart
 from .ddim import eps_output, move_between
 from .conditioning import Conditioning, with_time_ids
 from .extraction import _pixels, encode_latents
+from .flow import require_ddpm
 from .interrupts import InterruptChecks
 from .samplers import make_scheduler, parse_capture_steps
 from .timeline import Timeline
@@ -113,6 +114,7 @@ def invert(model, image, prompt="", steps: int = 50, *, resize: str = "keep-aspe
 
     if not isinstance(prompt, (str, Conditioning)):
         raise InversionError("the inversion prompt must be a string (empty by default) or a conditioning")
+    require_ddpm(model.family, "DDIM inversion", InversionError)
     sched = _schedule(model, steps)
     pixels, _ = _pixels(image, model.native_size, resize, size)
     if pixels.shape[0] != 1:

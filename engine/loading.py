@@ -6,6 +6,7 @@ downloaded, and a pickle checkpoint is only read through torch.load(weights_only
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -21,6 +22,7 @@ from .checkpoint_files import SINGLE_FILE_SUFFIXES, CheckpointError, load_pickle
 from .model import FeatureModel, parse_device, parse_dtype
 from . import tokenizers
 from .tokenizers import TokenizerMissingError, clip_tokenizer, load_tokenizer
+from .transformer_files import load_transformer
 
 LIVE_DENOISERS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # for the status route: what is loaded now
 RANDOM_PREFIX = "random:"  # load_model("random:FAMILY"): the family's real architecture with random weights
@@ -145,9 +147,11 @@ def detect_folder_family(folder: Path) -> str:
         raise CheckpointError(f"{echo(folder.name)} is not a diffusers model folder (a folder holding "
                               "model_index.json)")
     index = _read_config(folder / "model_index.json", folder)
-    other = [f.name for f in FAMILIES.values() if f.denoiser != "unet" and f.denoiser in index]  # a transformer
-    if other:
-        return other[0]
+    if "transformer" in index:  # a transformer family: the one whose denoiser class the folder names
+        named = index["transformer"][1] if isinstance(index["transformer"], list) else None
+        other = [f.name for f in FAMILIES.values() if f.denoiser == "transformer"
+                 and f.denoiser_config()["_class_name"] == named]
+        return other[0] if other else f"a transformer of class {echo(str(named))}"
     unet = _read_config(folder / "unet" / "config.json", folder)
     return family_of_unet(unet.get("cross_attention_dim"), unet.get("addition_embed_type") == "text_time",
                           exact=False)
@@ -156,19 +160,28 @@ def detect_folder_family(folder: Path) -> str:
 def load_diffusers_folder(folder, family: str | None = None, dtype="float32", device="cpu") -> FeatureModel:
     """A diffusers folder (model_index.json + component subfolders), read locally only."""
     import diffusers
-    from diffusers import AutoencoderKL
-    from transformers import AutoModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
     parse_device(device)  # before reading gigabytes
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{echo(str(folder))} is not a diffusers folder (no model_index.json)")
     family = _check_family(detect_folder_family(folder), family, folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    kw = {"local_files_only": True}
     fam = get_family(family)
     denoiser_cls = getattr(diffusers, fam.denoiser_config()["_class_name"])
-    denoiser = denoiser_cls.from_pretrained(folder, subfolder=fam.denoiser, **kw)
+    denoiser = denoiser_cls.from_pretrained(folder, subfolder=fam.denoiser, local_files_only=True)
+    vae, encoders, tokenizers, scheduler = _folder_components(folder, family)
+    model = FeatureModel(family, denoiser, vae, encoders, tokenizers, scheduler, source=str(folder))
+    return _finish(model, parse_dtype(dtype), device)
+
+
+def _folder_components(folder: Path, family: str) -> tuple:
+    """(VAE, text encoders, tokenizers, scheduler config) of a diffusers folder, read locally only; a missing
+    tokenizer folder falls back to default_tokenizers."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+
+    index = _read_config(folder / "model_index.json", folder)
+    kw = {"local_files_only": True}
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
     classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
                "T5EncoderModel": T5EncoderModel}
@@ -183,13 +196,92 @@ def load_diffusers_folder(folder, family: str | None = None, dtype="float32", de
     if any(t is None for t in tokenizers):
         defaults = default_tokenizers(family)
         tokenizers = [t if t is not None else defaults[i] for i, t in enumerate(tokenizers)]
-    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    model = FeatureModel(family, denoiser, vae, encoders, tokenizers, scheduler, source=str(folder))
+    scheduler = _read_config(folder / "scheduler" / "scheduler_config.json", folder)
+    return vae, encoders, tokenizers, scheduler
+
+
+def load_transformer_file(path, family: str, components, dtype="float32", device="cpu",
+                          config_dir=None) -> FeatureModel:
+    """A single-file diffusion transformer in its original layout (Flux's, as Black Forest Labs and ComfyUI ship
+    it: the transformer alone), converted (transformer_files.py) for the family's config (or `config_dir`, or the
+    `<stem>.config/` folder beside the file). The text encoders, tokenizers, VAE and scheduler come from
+    `components`: a diffusers folder of the family (its transformer is not read), or single files by diffusers
+    component name, {"vae": ae.safetensors, "text_encoder": clip_l.safetensors, "text_encoder_2": t5xxl...},
+    built from the same configs with the bundled / host tokenizers."""
+    path, fam = Path(path), get_family(family)
+    needed = _file_component_names(fam, fam.config_dir)
+    if components is None:
+        raise CheckpointError(f"{echo(str(path))} holds a {family} transformer only: give components= (the CLI's "
+                              f"--components), a {family} diffusers folder with its text encoders, tokenizers and "
+                              f"VAE, or its files as {', '.join(f'{n}=FILE' for n in needed)}")
+    sidecar = path.with_name(path.stem + ".config")
+    if config_dir is None and (sidecar / fam.denoiser / "config.json").is_file():
+        config_dir = sidecar
+    config_dir = Path(config_dir) if config_dir is not None else fam.config_dir
+    if isinstance(components, dict):
+        parts = _file_components(components, family, config_dir)
+    else:
+        components = Path(components)
+        if not (components / "model_index.json").is_file():
+            raise CheckpointError(f"components {echo(str(components))} is not a diffusers folder (no "
+                                  "model_index.json)")
+        _check_family(detect_folder_family(components), family, components)
+        parts = _folder_components(components, family)
+    denoiser = load_transformer(path, _read_config(config_dir / fam.denoiser / "config.json", config_dir))
+    model = FeatureModel(family, denoiser, *parts, source=str(path))
     return _finish(model, parse_dtype(dtype), device)
 
 
+def _file_component_names(fam, config_dir: Path) -> list[str]:
+    return ["vae", *(sub for sub in ("text_encoder", "text_encoder_2") if (config_dir / sub / "config.json").is_file())]
+
+
+def _file_components(files: dict, family: str, config_dir: Path) -> tuple:
+    """(VAE, text encoders, tokenizers, scheduler config) from single files: the VAE in its original layout
+    (converted by diffusers), each text encoder in transformers' layout (as ComfyUI's clip_l / t5xxl files are),
+    on the configs of config_dir."""
+    from diffusers import AutoencoderKL
+
+    names = _file_component_names(get_family(family), config_dir)
+    missing, unknown = [n for n in names if n not in files], sorted(set(files) - set(names))
+    if missing or unknown:
+        raise CheckpointError(f"a {family} transformer's component files are {', '.join(f'{n}=FILE' for n in names)}"
+                              + (f"; missing {', '.join(missing)}" if missing else "")
+                              + (f"; unknown {', '.join(map(echo, unknown))}" if unknown else ""))
+    for name in names:
+        if not Path(files[name]).is_file():
+            raise CheckpointError(f"component {name}: {echo(str(files[name]))} does not exist")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with _as_safetensors(Path(files["vae"])) as vae_file:
+        vae = AutoencoderKL.from_single_file(str(vae_file), config=str(config_dir), subfolder="vae",
+                                             local_files_only=True)
+    encoders = [_text_encoder_file(Path(files[n]), config_dir / n) for n in names[1:]]
+    scheduler = _read_config(config_dir / "scheduler" / "scheduler_config.json", config_dir)
+    return vae, encoders, default_tokenizers(family), scheduler
+
+
+def _text_encoder_file(path: Path, config_folder: Path):
+    """A transformers text encoder of the class its config names, from one weights file, read by transformers
+    itself (its own key conversions apply) from a temporary folder holding the config and a link to the file."""
+    import shutil
+    import tempfile
+
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(config_folder), local_files_only=True)
+    with _as_safetensors(path) as weights, tempfile.TemporaryDirectory(prefix="df-encoder-") as tmp:
+        shutil.copy(config_folder / "config.json", Path(tmp) / "config.json")
+        os.symlink(Path(weights).resolve(), Path(tmp) / "model.safetensors")
+        try:
+            return getattr(transformers, config.architectures[0]).from_pretrained(tmp, local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{echo(str(path))} is not a {config.architectures[0]} of {config_folder} "
+                                  f"({first})") from None
+
+
 def load_single_file(path, family: str | None = None, dtype="float32", device="cpu",
-                     config_dir=None) -> FeatureModel:
+                     config_dir=None, components=None) -> FeatureModel:
     """A single-file checkpoint in the original (LDM) layout, converted by diffusers with our shipped configs.
 
     A checkpoint of a non-standard size (a custom or test architecture) can carry its own diffusers config folder
@@ -202,6 +294,8 @@ def load_single_file(path, family: str | None = None, dtype="float32", device="c
     if config_dir is None and (sidecar / "model_index.json").is_file():
         config_dir = sidecar
     fam = get_family(family)
+    if fam.transformer_file:  # a file of the transformer alone, without its text encoders and VAE
+        return load_transformer_file(path, family, components, dtype, device, config_dir)
     if not fam.single_file:
         raise CheckpointError(f"single-file {family} checkpoints are not supported: load {family} from its "
                               "diffusers folder")
@@ -216,23 +310,32 @@ def load_single_file(path, family: str | None = None, dtype="float32", device="c
     else:
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    source = path
-    if path.suffix != ".safetensors":  # diffusers reads pickles itself; give it tensors we have read safely
-        source = _as_temporary_safetensors(path)
-    try:
-        pipe = pipe_cls.from_single_file(str(source), config=str(config_dir), local_files_only=True, **extra)
+    try:  # diffusers reads pickles itself; give it tensors we have read safely
+        with _as_safetensors(path) as source:
+            pipe = pipe_cls.from_single_file(str(source), config=str(config_dir), local_files_only=True, **extra)
     except (ValueError, RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{echo(str(path))} does not fit the {family} architecture of {config_dir} ({first}). "
                               f"A checkpoint of a non-standard size needs its diffusers config folder beside it "
                               f"as {path.stem}.config/") from None
-    finally:
-        if source != path:
-            os.unlink(source)
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if len(tokenizers) > 1 else [])
     scheduler = dict(pipe.scheduler.config)
     model = FeatureModel(family, pipe.unet, pipe.vae, encoders, tokenizers, scheduler, source=str(path))
     return _finish(model, parse_dtype(dtype), device)
+
+
+@contextlib.contextmanager
+def _as_safetensors(path: Path):
+    """The file itself if it is safetensors, else a temporary safetensors copy of its tensors (read with
+    weights_only=True), removed afterwards."""
+    if path.suffix == ".safetensors":
+        yield path
+        return
+    tmp = _as_temporary_safetensors(path)
+    try:
+        yield tmp
+    finally:
+        os.unlink(tmp)
 
 
 def _as_temporary_safetensors(path: Path) -> Path:
@@ -265,11 +368,13 @@ def random_weights_notice(family: str) -> str:
             "(a diffusers folder or a .safetensors file) for real features.")
 
 
-def load_model(path, family: str | None = None, dtype="float32", device="cpu") -> FeatureModel:
+def load_model(path, family: str | None = None, dtype="float32", device="cpu", components=None) -> FeatureModel:
     """A diffusers folder or a single-file checkpoint; the family is detected unless given.
 
     "random:FAMILY" (e.g. "random:sd15") builds the family's real architecture with random weights, so everything
-    can be tried without a checkpoint; it warns (RandomWeightsWarning) that its features mean nothing."""
+    can be tried without a checkpoint; it warns (RandomWeightsWarning) that its features mean nothing.
+    components: for a single file holding a transformer only (Flux), the diffusers folder of its text encoders,
+    tokenizers and VAE (see load_transformer_file)."""
     random_of = random_family(path)
     if random_of is not None:
         if family is not None and family != random_of:
@@ -284,4 +389,4 @@ def load_model(path, family: str | None = None, dtype="float32", device="cpu") -
     if p.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise CheckpointError(f"{echo(str(p))}: expected a diffusers folder or a "
                               f"{', '.join(SINGLE_FILE_SUFFIXES)} file")
-    return load_single_file(p, family, dtype, device)
+    return load_single_file(p, family, dtype, device, components=components)

@@ -182,7 +182,8 @@ class _FusedAttention(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            q, _k, v = args[:3]
+            named = (*args, *(kwargs.get(k) for k in ("query", "key", "value")[len(args):]))  # diffusers: keywords
+            q, _k, v = named[:3]
             q.new_empty(q.shape[:-1], dtype=torch.float32)  # the log-sum-exp, alive only inside the kernel here
             return q.new_empty(*q.shape[:-1], v.shape[-1])
         return func(*args, **kwargs)
@@ -248,7 +249,7 @@ def _denoiser_cost(cls, config_json, model_dtype, taps, batch, latent_hw, tokens
 
     with _lock:
         capture = FeatureCapture(meta, list(taps), dtype=dtype, feature_resize=feature_resize, early_exit=early_exit,
-                                 on_capture=dropped)
+                                 on_capture=dropped, token_grid=latent_hw)
         capture.rows = None if rows is None else slice(*rows)
         with capture:
             peak = traced_peak(meta, lambda: capture.run(**dummy_inputs(

@@ -107,6 +107,7 @@ def translate(model, inversion: Inversion, prompts, *, cfg: float = 7.5, feature
     from .lora import lora_applied
     from .prompts import encode_prompt
 
+    default_feature_layers(model.family)  # a family without Plug-and-Play (the DiTs) is refused first
     if not isinstance(inversion, Inversion):
         raise PnPError(f"expected an inversion (DFInvert), got {type(inversion).__name__}")
     inversion.check_model(model)

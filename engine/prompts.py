@@ -5,6 +5,8 @@
 - sdxl / playground-v2: both encoders' penultimate hidden states concatenated (768 + 1280 = 2048) and the second
   encoder's pooled projection; the time ids are added at extraction, from the real image size.
 - pixart-sigma: T5 with 300 tokens and its attention mask.
+- flux: T5's tokens (512 a window, unmasked, as FluxPipeline encodes them) and CLIP-L's pooled embedding (the
+  families whose encoders' `use` is "pooled": that encoder gives only the pooled_projections).
 
 A prompt longer than the window (75 tokens + BOS/EOS for CLIP, 300 for T5) is split into windows, each encoded on
 its own and concatenated along the token axis; for SDXL both encoders get the same windows and the pooled
@@ -30,10 +32,10 @@ def _clip_windows(tokenizer, prompt: str) -> list[list[int]]:
     return [[bos, *w, eos] + [pad] * (CLIP_WINDOW - len(w)) for w in windows]
 
 
-def _t5_windows(tokenizer, prompt: str) -> list[tuple[list[int], list[int]]]:
+def _t5_windows(tokenizer, prompt: str, window: int = T5_WINDOW) -> list[tuple[list[int], list[int]]]:
     ids = tokenizer(prompt, add_special_tokens=False, truncation=False)["input_ids"]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    body = T5_WINDOW - 1
+    body = window - 1
     windows = [ids[i:i + body] for i in range(0, len(ids), body)] or [[]]
     return [([*w, eos] + [pad] * (body - len(w)), [1] * (len(w) + 1) + [0] * (body - len(w))) for w in windows]
 
@@ -68,6 +70,8 @@ def _encode(model, prompts: list[str]) -> Conditioning:
     fam, dtype = get_family(model.family), model.dtype
     if fam.text_encoders[0].kind == "t5":
         return _encode_t5(model, prompts)
+    if any(e.use == "pooled" for e in fam.text_encoders):
+        return _encode_pooled_and_t5(model, prompts)
     n = len(fam.text_encoders)
     tokenizers, encoders = model.tokenizers[:n], model.text_encoders[:n]
     if len(tokenizers) != n or len(encoders) != n:
@@ -116,3 +120,28 @@ def _encode_t5(model, prompts: list[str]) -> Conditioning:
     return Conditioning(torch.cat(states).to(model.dtype), added_cond_kwargs={"resolution": None,
                                                                               "aspect_ratio": None},
                         encoder_attention_mask=torch.cat(masks), prompts=prompts)
+
+
+def _encode_pooled_and_t5(model, prompts: list[str]) -> Conditioning:
+    """T5's hidden states as the tokens (windows of the family's text_tokens, run without a mask as FluxPipeline
+    runs them) and the pooled embedding of the first window of each "pooled" CLIP encoder, side by side."""
+    fam = get_family(model.family)
+    n = len(fam.text_encoders)
+    if len(model.tokenizers) < n or len(model.text_encoders) < n:
+        raise ValueError(f"a {fam.name} model needs {n} text encoders and tokenizers "
+                         f"({', '.join(e.kind for e in fam.text_encoders)})")
+    pooled, states = [], []
+    for spec, tokenizer, encoder in zip(fam.text_encoders, model.tokenizers, model.text_encoders):
+        device = next(encoder.parameters()).device
+        if spec.use == "pooled":
+            rows = [_clip_windows(tokenizer, p)[0] for p in prompts]
+            out = encoder(torch.tensor(rows, device=device), output_hidden_states=False)
+            pooled.append(out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output)
+            continue
+        empty = _t5_windows(tokenizer, "", fam.text_tokens)[0]
+        per_prompt = _pad_to_same_length([_t5_windows(tokenizer, p, fam.text_tokens) for p in prompts], empty)
+        for windows in per_prompt:
+            out = encoder(torch.tensor([w for w, _ in windows], device=device))[0]
+            states.append(out.reshape(1, -1, out.shape[-1]))
+    return Conditioning(torch.cat(states).to(model.dtype), pooled=torch.cat(pooled, dim=-1).to(model.dtype),
+                        prompts=prompts)

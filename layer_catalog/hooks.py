@@ -66,6 +66,13 @@ def tokens_to_grid(layer_id: str, x: torch.Tensor, grid: tuple[int, int]) -> tor
     return x.transpose(1, 2).reshape(b, c, h, w)
 
 
+def pack_tokens(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, C * p * p): the inverse of unpack_tokens (diffusers' FluxPipeline layout)."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
 def unpack_tokens(layer_id: str, x: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:
     """(B, N, C * p * p) patchified tokens (channel, then patch row, then patch column, as Flux packs its latent)
     -> (B, C, h * p, w * p)."""

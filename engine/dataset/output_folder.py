@@ -42,14 +42,17 @@ def hint_setting(hint):
 
 
 def request_settings(*, timesteps, seed, size, resize, fmt, layout, ensemble=1, feature_resize=1, feature_dtype=None,
-                     vae_sample=True, denoise_from=None, denoise_steps=1, target_side=None, hint=None) -> dict:
-    """The settings that do not need the model."""
+                     vae_sample=True, denoise_from=None, denoise_steps=1, target_side=None, hint=None, shift=None,
+                     guidance=None) -> dict:
+    """The settings that do not need the model. A flow family's shift and guidance appear only when given, so a run
+    started before they existed resumes."""
+    flow = {k: v for k, v in (("shift", shift), ("guidance", guidance)) if v is not None}
     return {"t": list(timesteps), "seed": seed, "size": list(size) if size else None, "resize": resize,
             "target_side": target_side, "format": fmt, "layout": layout, "ensemble": ensemble,
             "feature_resize": feature_resize,
             "feature_dtype": str(feature_dtype).replace("torch.", "") if feature_dtype else None,
             "vae_sample": bool(vae_sample), "denoise_from": denoise_from,
-            "denoise_steps": denoise_steps if denoise_from is not None else None, "hint": hint_setting(hint)}
+            "denoise_steps": denoise_steps if denoise_from is not None else None, "hint": hint_setting(hint), **flow}
 
 
 def model_settings(model, layer_ids, controlnets) -> dict:

@@ -75,7 +75,7 @@ class _Job:
     target_side: int | None
     native: int              # the side keep-aspect aims at
     batch_size: int
-    extract_kw: dict         # ensemble, feature_resize, dtype, vae_sample, denoise_from, denoise_steps
+    extract_kw: dict         # ensemble, feature_resize, dtype, vae_sample, denoise_from, denoise_steps, shift, ...
     controlnets: list
     hint: object             # None, CannyHints or a hints.HintFolder
     latent_cache: object
@@ -420,6 +420,7 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
                     resize: str = "keep-aspect", size=None, target_side: int | None = None, ensemble: int = 1,
                     feature_resize: int = 1, dtype=None, vae_sample: bool = True, denoise_from: int | None = None,
                     denoise_steps: int = 1, controlnets=(), hint=None, latent_cache=None, resume: bool = False,
+                    shift=None, guidance: float | None = None,
                     verify: bool = False, stop_on_error: bool = False, ranks: Ranks | None = None,
                     progress: bool = True, log=_flush_print) -> DatasetResult:
     """Extract every source at every t into `out`, with an index, resumable: the library face of the CLI's
@@ -427,9 +428,9 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
 
     sources: from sources.collect. prompts: one string for all, or a list with one per source. size: (height,
     width) or None. controlnets: [(ControlNet, strength)], with hint=CannyHints(low, high) or a hints.HintFolder.
-    latent_cache: a latent_cache.LatentCache or None. verify (with resume): re-hash every output of the images
-    done before, not only those whose size or mtime changed (index.py). ranks: distributed.from_env() under
-    torchrun (default: one process). Refusals (other settings, a folder not ours, outputs that exist without
+    latent_cache: a latent_cache.LatentCache or None. shift / guidance: a flow family's (extraction.extract).
+    verify (with resume): re-hash every output of the images done before, not only those whose size or mtime
+    changed (index.py). ranks: distributed.from_env() under torchrun (default: one process). Refusals (other settings, a folder not ours, outputs that exist without
     resume, an input outside the run's naming root) raise before anything is written; everything after is counted
     in the result (see the module docstring for `status`). log: where the summary line and the failures go (the
     first process only, or each survivor when processes are gone; None: nowhere)."""
@@ -468,7 +469,7 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
     settings = {**output_folder.request_settings(
         timesteps=timesteps, seed=seed, size=size, resize=resize, fmt=fmt, layout=layout, ensemble=ensemble,
         feature_resize=feature_resize, feature_dtype=dtype, vae_sample=vae_sample, denoise_from=denoise_from,
-        denoise_steps=denoise_steps, target_side=target_side, hint=hint),
+        denoise_steps=denoise_steps, target_side=target_side, hint=hint, shift=shift, guidance=guidance),
         **output_folder.model_settings(model, layer_ids, controlnets)}
     digest = run_file.digest(settings)
 
@@ -501,7 +502,7 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
                size=tuple(size) if size else None, target_side=target_side, native=target_side or model.native_size,
                batch_size=batch_size, extract_kw=dict(ensemble=ensemble, feature_resize=feature_resize, dtype=dtype,
                                                       vae_sample=vae_sample, denoise_from=denoise_from,
-                                                      denoise_steps=denoise_steps),
+                                                      denoise_steps=denoise_steps, shift=shift, guidance=guidance),
                controlnets=list(controlnets), hint=hint, latent_cache=latent_cache, stop_on_error=stop_on_error,
                digest=digest, rank=ranks.rank, planned=planned)
     stats = RunStats(damaged=check.damaged, unhashed=check.unhashed)

@@ -15,6 +15,8 @@ class TextEncoder:
     kind: str  # "clip" or "t5"
     width: int  # the hidden width it hands the denoiser
     pad: str | None = None  # a CLIP tokenizer's pad token: the bundled CLIP vocabulary serves every CLIP encoder
+    use: str = "hidden"  # "hidden": its hidden states are the denoiser's text tokens; "pooled": only its pooled
+    #                      embedding is (the denoiser's pooled_projections: Flux's CLIP-L)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Family:
     comfy_configs: tuple[str, ...] = ()  # comfy/supported_models.py classes ComfyUI loads this family as
     checkpoint_marks: tuple[str, ...] = ()  # regexes that each match a key of its single-file checkpoints
     single_file: bool = True  # single-file checkpoints load (through the pipeline of model_index.json)
+    transformer_file: bool = False  # its single files hold the transformer alone (load_transformer_file)
     same_denoiser_as: str | None = None  # another family with this very denoiser (its ControlNets, LoRAs fit)
     native: bool = True  # the native (ComfyUI MODEL) taps cover it
     pnp_feature_layers: tuple[str, ...] = ()  # Plug-and-Play's injected residual features; empty: no PnP
@@ -41,6 +44,12 @@ class Family:
     # Diffusion transformers: network class name (diffusers' or ComfyUI's) -> function reading a loaded network of
     # that class as a DitLayout (its ids and taps). Empty for the families whose taps live in taps.py.
     networks: dict[str, Callable] = field(default_factory=dict)
+    # Rectified-flow families (DF_MODEL): x_t = (1 - sigma) x0 + sigma eps with sigma = t / 1000 (DDIM-based PnP,
+    # inversion and denoise_from do not apply); their diffusers network takes sigma * timestep_scale as its timestep.
+    flow: bool = False
+    timestep_scale: float = 1.0
+    latent_patch: int = 1  # > 1: the diffusers network takes latents packed in p x p patches with position ids
+    guidance: float | None = None  # default of a guidance-embedding input (diffusers' pipeline default), if any
 
     @property
     def config_dir(self) -> Path:
@@ -61,7 +70,7 @@ class Family:
     @property
     def text_width(self) -> int:
         """The denoiser's cross-attention width: the encoders' hidden states side by side."""
-        return sum(e.width for e in self.text_encoders)
+        return sum(e.width for e in self.text_encoders if e.use == "hidden")
 
     @property
     def controlnet(self) -> bool:

@@ -130,7 +130,8 @@ def native_layout(net: torch.nn.Module) -> DitLayout:
 FAMILY = Family(
     name="flux", description="Flux.1 dev / schnell / Krea / Kontext (DiT, CLIP-L pooled + T5-XXL)",
     denoiser="transformer", native_size=1024,
-    text_encoders=(TextEncoder("clip", 768, pad="<|endoftext|>"), TextEncoder("t5", 4096)), text_tokens=512,
+    text_encoders=(TextEncoder("clip", 768, pad="<|endoftext|>", use="pooled"), TextEncoder("t5", 4096)),
+    text_tokens=512,
     presets={
         # DiTF (Gan et al., NeurIPS 2025): the tenth single-stream block's input (here block 19 + 9 = 28) is Flux's
         # best layer for semantic correspondence (DiTF further suppresses its massive-activation channels).
@@ -145,4 +146,8 @@ FAMILY = Family(
     checkpoint_marks=(r"(model\.diffusion_model\.)?double_blocks\.0\.img_attn\.qkv\.weight$",), single_file=False,
     native=False,  # until the native backend maps ComfyUI's Flux
     networks={"FluxTransformer2DModel": diffusers_layout, "Flux": native_layout},
+    # diffusers' FluxTransformer2DModel takes sigma (it multiplies by 1000 itself), 2x2-packed latents, and
+    # Flux-dev's guidance embedding (3.5: FluxPipeline's default guidance_scale)
+    flow=True, timestep_scale=1 / 1000, latent_patch=2, guidance=3.5,
+    transformer_file=True,  # flux1-dev.safetensors & co: the transformer alone, in Black Forest Labs' layout
 )

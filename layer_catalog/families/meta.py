@@ -25,6 +25,16 @@ def meta_denoiser(family: str) -> torch.nn.Module:
     return denoiser_from_config(get_family(family).denoiser_config(), "meta")
 
 
+def patch_position_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """(h * w, 3) position ids of a grid of latent patches, (0, row, column), as diffusers' FluxPipeline makes
+    them (zeros on the meta device, where nothing can be written)."""
+    ids = torch.zeros(h, w, 3, device=device, dtype=dtype)
+    if ids.device.type != "meta":
+        ids[..., 1] = torch.arange(h, device=device, dtype=dtype)[:, None]
+        ids[..., 2] = torch.arange(w, device=device, dtype=dtype)[None, :]
+    return ids.reshape(h * w, 3)
+
+
 def dummy_inputs(model: torch.nn.Module, height: int, width: int, *, batch: int = 1, text_tokens: int = 77,
                  timestep: int = 500, device=None, dtype=None, generator=None) -> dict:
     """Keyword arguments for one forward of `model` on a latent of height x width pixels (divided by 8).
@@ -47,12 +57,10 @@ def dummy_inputs(model: torch.nn.Module, height: int, width: int, *, batch: int 
     kwargs = {"timestep": torch.full((batch,), timestep, device=device, dtype=torch.long)}
     if type(model).__name__ == "FluxTransformer2DModel":  # packed 2x2 patches with their positions
         ph, pw = h // 2, w // 2
-        ids = torch.zeros(ph, pw, 3, device=device)
-        if torch.device(device).type != "meta":
-            ids[..., 1], ids[..., 2] = torch.arange(ph, device=device)[:, None], torch.arange(pw, device=device)
         kwargs.update(hidden_states=rand(batch, ph * pw, cfg.in_channels),
                       encoder_hidden_states=rand(batch, text_tokens, cfg.joint_attention_dim),
-                      pooled_projections=rand(batch, cfg.pooled_projection_dim), img_ids=ids.reshape(-1, 3),
+                      pooled_projections=rand(batch, cfg.pooled_projection_dim),
+                      img_ids=patch_position_ids(ph, pw, device, torch.float32),
                       txt_ids=torch.zeros(text_tokens, 3, device=device), timestep=kwargs["timestep"].to(dtype) / 1000)
         if cfg.guidance_embeds:
             kwargs["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)
