@@ -18,7 +18,9 @@ from diffusion_feature.layer_catalog import (FAMILIES, LayerIdError, LayerIdSynt
 # SD3 (SD3.5 large, 38 joint blocks): the three ends, 18 per block for 37 blocks, and for the last ("context
 # pre-only": no text attn-out, ffn-inner or out) 8 image + 5 text taps and two maps.
 COUNTS = {"sd15": 197, "sd21": 197, "sdxl": 612, "playground-v2": 612, "pixart-sigma": 224, "flux": 3 + 57 * 18,
-          "sd3": 3 + 37 * 18 + 15}
+          "sd3": 3 + 37 * 18 + 15,
+          # 60 double-stream blocks: 8 suffixes per stream, image and text, plus the two maps
+          "qwen-image": 3 + 60 * 18}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
