@@ -90,7 +90,7 @@ def test_unknown_id_names_family_and_nearest_ids():
 
 
 def test_id_of_another_family_says_so():
-    with pytest.raises(LayerIdError, match=r"is a layer id of pixart-sigma, flux and sd3, not of sd15"):
+    with pytest.raises(LayerIdError, match=r"is a layer id of pixart-sigma, flux, sd3 and qwen-image, not of sd15"):
         resolve_layers("vit-block3-out", "sd15")
     with pytest.raises(LayerIdError, match=r"sdxl and playground-v2, not of sd15"):
         resolve_layers("up-level0-repeat0-vit-block7-out", "sd15")
