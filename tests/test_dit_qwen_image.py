@@ -41,14 +41,17 @@ def _tiny_qwen():
 
 
 def _pack(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) latent -> (B, H/2 * W/2, C * 4) tokens, as the Qwen-Image pipelines pack it."""
-    b, c, h, w = x.shape
-    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+    """(B, C, H, W) latent -> (B, H/2 * W/2, C * 4) tokens: the Qwen-Image pipelines' own packing."""
+    from diffusers import QwenImagePipeline
+
+    return QwenImagePipeline._pack_latents(x, *x.shape)
 
 
 def _unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    b, _n, c4 = x.shape
-    return x.reshape(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+    """The pipelines' own unpacking (to their (B, C, 1, H, W) latent; pixel sizes at the VAE's factor 8)."""
+    from diffusers import QwenImagePipeline
+
+    return QwenImagePipeline._unpack_latents(x, h * 8, w * 8, 8)[:, :, 0]
 
 
 def _grid(latent) -> tuple[int, int]:
