@@ -67,12 +67,14 @@ def _inputs(seed: int = 1):
     return latent, ctx, ref, t
 
 
-def _kwargs(edit: bool) -> dict:
+def _kwargs(run: str) -> dict:
     latent, ctx, ref, t = _inputs()
-    tokens, shapes = _pack(latent), [(1, *_grid(LATENT))]
-    if edit:  # the Edit pipelines: the reference's tokens after the generated image's, its shape after its shape
+    tokens, shapes, extra = _pack(latent), [(1, *_grid(LATENT))], {}
+    if run == "edit":  # the Edit pipelines: the reference's tokens after the generated image's, its shape after its
         tokens, shapes = torch.cat([tokens, _pack(ref)], dim=1), shapes + [(1, *_grid(REFERENCE))]
-    return dict(hidden_states=tokens, encoder_hidden_states=ctx, timestep=t, img_shapes=[shapes] * 2)
+    if run == "masked":  # a batch of two prompts, the second two tokens shorter: the pipelines pad it and mask it
+        extra["encoder_hidden_states_mask"] = torch.tensor([[1] * TOKENS, [1] * (TOKENS - 2) + [0, 0]])
+    return dict(hidden_states=tokens, encoder_hidden_states=ctx, timestep=t, img_shapes=[shapes] * 2, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +82,11 @@ def qwen():
     return _tiny_qwen()
 
 
-def _capture(model, edit: bool) -> dict:
+def _capture(model, run: str) -> dict:
     ids = enumerate_ids(model)
     paths = [f"transformer_blocks.{i}" for i in range(BLOCKS)]
     recorder = InputRecorder(model, paths)
-    kwargs = _kwargs(edit)
+    kwargs = _kwargs(run)
     try:
         taps = taps_of(model, ids) + modulation_taps(model, ids)
         with torch.no_grad(), FeatureCapture(model, taps, token_grid=LATENT) as cap:
@@ -96,12 +98,17 @@ def _capture(model, edit: bool) -> dict:
 
 @pytest.fixture(scope="module")
 def captured(qwen):
-    return _capture(qwen, edit=False)
+    return _capture(qwen, "plain")
 
 
 @pytest.fixture(scope="module")
 def edit_captured(qwen):
-    return _capture(qwen, edit=True)
+    return _capture(qwen, "edit")
+
+
+@pytest.fixture(scope="module")
+def masked_captured(qwen):
+    return _capture(qwen, "masked")
 
 
 # ---- the computation by hand ------------------------------------------------------------------------------------
@@ -172,7 +179,11 @@ def _block_by_hand(block, recorded, edit: bool) -> dict:
     q = _rope(torch.cat([by["txt"]["q"], by["img"]["q"]], dim=2), edit)
     k = _rope(torch.cat([by["txt"]["k"], by["img"]["k"]], dim=2), edit)
     v = _heads(torch.cat([by["txt"]["v"], by["img"]["v"]], dim=1))
-    p = torch.softmax(q @ k.transpose(-1, -2) / HEAD_DIM**0.5, dim=-1)
+    scores = q @ k.transpose(-1, -2) / HEAD_DIM**0.5
+    mask = kwargs.get("encoder_hidden_states_mask")
+    if mask is not None:  # padded text keys take no part
+        scores[..., :TOKENS] = scores[..., :TOKENS].masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1)
     o = _merge(p @ v)
     attn_out = {"img": _lin(o[:, TOKENS:], attn.to_out[0]), "txt": _lin(o[:, :TOKENS], attn.to_add_out)}
     result = {}
@@ -222,9 +233,10 @@ def test_presets_name_real_ids():
 
 
 # ---- diffusers ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("edit", [False, True], ids=["plain", "edit"])
-def test_every_block_id_equals_the_computation_by_hand(qwen, captured, edit_captured, edit):
-    run = edit_captured if edit else captured
+@pytest.mark.parametrize("which", ["plain", "edit", "masked"])
+def test_every_block_id_equals_the_computation_by_hand(qwen, captured, edit_captured, masked_captured, which):
+    run = {"plain": captured, "edit": edit_captured, "masked": masked_captured}[which]
+    edit = which == "edit"
     f, checked = run["features"], 0
     with torch.no_grad():
         for b in range(BLOCKS):
@@ -257,10 +269,11 @@ def _feature_heads(feature):
     return _heads(feature.flatten(2).transpose(1, 2))
 
 
-def test_maps_give_the_attention_output_and_sum_to_one(qwen, captured):
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+def test_maps_give_the_attention_output_and_sum_to_one(qwen, captured, masked_captured, masked):
     """cross-map @ text v + self-map @ image v, through the output projection, is attn-out: the maps are the model's
-    own probabilities, rotary embedding included."""
-    f, n = captured["features"], _grid(LATENT)[0] * _grid(LATENT)[1]
+    own probabilities, rotary embedding (and text padding mask) included."""
+    f, n = (masked_captured if masked else captured)["features"], _grid(LATENT)[0] * _grid(LATENT)[1]
     for b in range(BLOCKS):
         cross, self_ = f[f"vit-block{b}-cross-map"], f[f"vit-block{b}-self-map"]
         assert cross.shape == (2, HEADS, n, TOKENS) and self_.shape == (2, HEADS, n, n)
@@ -269,6 +282,8 @@ def test_maps_give_the_attention_output_and_sum_to_one(qwen, captured):
         with torch.no_grad():
             o = qwen.transformer_blocks[b].attn.to_out[0](o)
         torch.testing.assert_close(o, f[f"vit-block{b}-attn-out"].flatten(2).transpose(1, 2), atol=ATOL, rtol=RTOL)
+        if masked:  # the second prompt's two padded tokens get nothing; the first prompt's last two do
+            assert not cross[1, :, :, -2:].any() and cross[0, :, :, -2:].min() > 0
 
 
 def test_the_reference_takes_part_but_is_not_the_image(captured, edit_captured):

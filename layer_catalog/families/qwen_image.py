@@ -9,7 +9,9 @@ Ids are the DiT grammar of dit_layout.py; every block is double-stream, so each 
 - `q` / `k`: after the RMS QK-norm, before the rotary embedding; `v`: the projection's output.
 - `attn-out`: the attention's output projection (before gate and residual); `ffn-inner`: the MLP's GELU (tanh).
 - `cross-map` / `self-map`: the generated image's queries' rows of the joint softmax at the text / image keys,
-  with the rotary embedding applied as the model applies it.
+  with the rotary embedding applied as the model applies it; where diffusers is given a text padding mask (a
+  batch of prompts of different lengths), padded text keys get no probability, as in its attention. Text ids
+  keep every token the stream carries, padding included (the batch's longest prompt's length).
 - `dit-in` / `dit-out`: the 2x2-patch tokens entering the patch embedding / leaving the output projection,
   unpacked to the latent's (16, H, W) (both backends pack the same way; ComfyUI's own 5-D latent never shows).
 Edit releases: the reference images' tokens follow the generated image's in the image stream, [text | generated
@@ -48,9 +50,10 @@ def _diffusers_qwen_rope(q: torch.Tensor, k: torch.Tensor, emb):
 ROPES["diffusers-qwen"] = _diffusers_qwen_rope
 
 
-def _layout(model: torch.nn.Module, rope: str, grid_path: str | None) -> DitLayout:
+def _layout(model: torch.nn.Module, rope: str, grid_path: str | None, text_mask: tuple | None) -> DitLayout:
     """Both backends: ComfyUI's qwen_image model names its modules as diffusers does (its weights load unconverted)
-    and calls blocks and attentions with the same keywords; they differ in the rotary embedding's form only."""
+    and calls blocks and attentions with the same keywords; they differ in the rotary embedding's form and in the
+    text padding mask (diffusers' attention masks padded text keys; ComfyUI v0.3.64's is passed one and ignores it)."""
     blocks = []
     for i, block in enumerate(model.transformer_blocks):
         b, a = f"transformer_blocks.{i}", f"transformer_blocks.{i}.attn"
@@ -74,7 +77,8 @@ def _layout(model: torch.nn.Module, rope: str, grid_path: str | None) -> DitLayo
         reads.update({f"txt-{suffix}": read for suffix, read in text.items()})
         reads["map"] = dict(module_path=f"{a}.norm_q", key_path=f"{a}.norm_k", layout="bnhd",
                             text_query_path=f"{a}.norm_added_q", text_key_path=f"{a}.norm_added_k", rope=rope,
-                            rope_path=a, rope_arg=("image_rotary_emb", 4), attention_path=a)
+                            rope_path=a, rope_arg=("image_rotary_emb", 4), attention_path=a,
+                            text_mask_arg=text_mask)
         if not getattr(block, "zero_cond_t", False):
             reads["modulation"] = dict(module_path=f"{b}.img_mod.1", columns=(0, 2 * block.dim))
         blocks.append(reads)
@@ -88,14 +92,14 @@ def _layout(model: torch.nn.Module, rope: str, grid_path: str | None) -> DitLayo
 def diffusers_layout(model: torch.nn.Module) -> DitLayout:
     """diffusers' QwenImageTransformer2DModel: packed tokens in and out, so its grid comes from the caller
     (FeatureCapture's token_grid, the latent's size); its rotary embedding is a pair of complex frequency tables."""
-    return _layout(model, "diffusers-qwen", None)
+    return _layout(model, "diffusers-qwen", None, ("encoder_hidden_states_mask", 2))
 
 
 def native_layout(net: torch.nn.Module) -> DitLayout:
     """ComfyUI's comfy/ldm/qwen_image QwenImageTransformer2DModel: the latent (B, 16, 1, H, W) is its input, so the
     grid is read there; its rotary embedding (Flux's form, (B, N, 1, d/2, 2, 2), on (B, N, heads, d)) is the one
     native/comfy_model.py registers as "comfy-qwen"."""
-    return _layout(net, "comfy-qwen", "")
+    return _layout(net, "comfy-qwen", "", None)
 
 
 def layout(model: torch.nn.Module) -> DitLayout:
