@@ -132,6 +132,17 @@ def _ceil_div(n: int, d: int) -> int:
     return -(-n // d)  # patchifying networks pad a side that the patch does not divide
 
 
+def _text_padding(mask: torch.Tensor | None, k: torch.Tensor, text: int, select) -> torch.Tensor | None:
+    """An additive bias (B, 1, 1, keys) of -inf at the padded text keys of a joint [text, ...] sequence, from a
+    (B, T) mask true at real tokens; None without a mask."""
+    if mask is None:
+        return None
+    padded = ~select(mask).to(device=k.device, dtype=torch.bool)
+    bias = torch.zeros(padded.shape[0], 1, 1, k.shape[2], dtype=k.dtype, device=k.device)
+    bias[..., :text].masked_fill_(padded[:, None, None, :], float("-inf"))
+    return bias
+
+
 class FeatureCapture(AttachedHooks):
     """Captures the tensors of `taps` on every forward of `model` while the context is open.
 
@@ -208,7 +219,7 @@ class FeatureCapture(AttachedHooks):
             roles.update(q_txt=tap.text_query_path, k_txt=tap.text_key_path)
         for role, path in roles.items():
             hooks.forward_hook(module(path), self._piece_hook(tap, role, len(roles), heads, upcast))
-        if tap.rope is not None:
+        if tap.rope is not None or tap.text_mask_arg is not None:
             hooks.forward_pre_hook(module(tap.rope_path), self._rope_hook(tap), with_kwargs=True)
 
     def _detached(self) -> None:
@@ -273,9 +284,15 @@ class FeatureCapture(AttachedHooks):
         return hook
 
     def _rope_hook(self, tap: Tap):
+        """The rotary embedding and the text padding mask a joint attention is called with (either may be absent)."""
         def hook(_module, args, kwargs):
             if self.enabled:
-                self._pieces.setdefault(tap.id, {})["rope"] = _pick_input(args, kwargs, tap.rope_arg)
+                pieces = self._pieces.setdefault(tap.id, {})
+                if tap.rope is not None:
+                    pieces["rope"] = _pick_input(args, kwargs, tap.rope_arg)
+                if tap.text_mask_arg is not None:
+                    name, position = tap.text_mask_arg
+                    pieces["text_mask"] = kwargs.get(name, args[position] if len(args) > position else None)
         return hook
 
     def _piece_hook(self, tap: Tap, role: str, count: int, heads: int, upcast: bool):
@@ -303,7 +320,8 @@ class FeatureCapture(AttachedHooks):
         text = self._texts[tap.text_path]
         h, w = self._grid(tap)
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
-            probs = head_probs(q.narrow(2, text, h * w), k, upcast)
+            probs = head_probs(q.narrow(2, text, h * w), k, upcast, _text_padding(pieces.get("text_mask"), k, text,
+                                                                                  self._select))
             keys = probs.narrow(-1, 0, text) if tap.span == "text" else probs.narrow(-1, text, h * w)
             self._store(tap, keys.contiguous(), selected=True)
 

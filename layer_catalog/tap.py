@@ -34,7 +34,9 @@ class Tap:
     Joint maps (text_path set) gather q and k of the image stream (module_path, key_path) and of the text stream
     (text_query_path, text_key_path; None where one joint sequence carries both), apply the model's rotary
     embedding (`rope`: whose function, read from argument `rope_arg` of module `rope_path`) and keep the image
-    queries' probabilities at the `span` keys: "text" for cross-maps, "image" for self-maps.
+    queries' probabilities at the `span` keys: "text" for cross-maps, "image" for self-maps. `text_mask_arg`: where
+    the model takes a text padding mask ((B, T), true / 1 at real tokens; an argument of `rope_path`'s module): padded
+    text keys then get no probability, as in the model's own attention.
     """
 
     id: str
@@ -57,6 +59,7 @@ class Tap:
     rope: str | None = None
     rope_path: str | None = None
     rope_arg: tuple[str, int] | None = None
+    text_mask_arg: tuple[str, int] | None = None
 
 
 def is_unet(model: torch.nn.Module) -> bool:

@@ -26,7 +26,16 @@ def _comfy_flux_rope(q: torch.Tensor, k: torch.Tensor, pe: torch.Tensor):
     return apply_rope(q, k, pe)
 
 
+def _comfy_qwen_rope(q: torch.Tensor, k: torch.Tensor, pe: torch.Tensor):
+    """ComfyUI's own rotary embedding of its Qwen-Image network: on (B, N, heads, d), so q, k (B, heads, N, d) are
+    turned there and back."""
+    from comfy.ldm.qwen_image.model import apply_rotary_emb
+
+    return tuple(apply_rotary_emb(x.transpose(1, 2), pe).transpose(1, 2) for x in (q, k))
+
+
 ROPES["comfy"] = _comfy_flux_rope
+ROPES["comfy-qwen"] = _comfy_qwen_rope
 
 # The native networks this process has tapped (weakly: ComfyUI decides their lifetime), for the status route's
 # hook count: between runs every one of them carries no hook of ours.

@@ -70,6 +70,12 @@ def dummy_inputs(model: torch.nn.Module, height: int, width: int, *, batch: int 
                       encoder_hidden_states=rand(batch, text_tokens, cfg.joint_attention_dim),
                       pooled_projections=rand(batch, cfg.pooled_projection_dim))
         return kwargs
+    if type(model).__name__ == "QwenImageTransformer2DModel":  # packed 2x2 patches; the grid as img_shapes says it
+        ph, pw = h // 2, w // 2
+        kwargs.update(hidden_states=rand(batch, ph * pw, cfg.in_channels),
+                      encoder_hidden_states=rand(batch, text_tokens, cfg.joint_attention_dim),
+                      img_shapes=[[(1, ph, pw)]] * batch, timestep=kwargs["timestep"].to(dtype) / 1000)
+        return kwargs
     if is_pixart(model):
         kwargs["hidden_states"] = rand(batch, cfg.in_channels, h, w)
         kwargs["encoder_hidden_states"] = rand(batch, text_tokens, cfg.caption_channels)
