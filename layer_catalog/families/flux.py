@@ -82,9 +82,17 @@ def diffusers_layout(model: torch.nn.Module) -> DitLayout:
         blocks=blocks, common=dict(grid_path=None, grid_divisor=patch, text_path="context_embedder"))
 
 
-def native_layout(net: torch.nn.Module) -> DitLayout:
-    """ComfyUI's Flux (comfy/ldm/flux/model.py): fused qkv linears, QKNorm modules, functional modulation (so
-    norm-out is the input of the qkv linear), single blocks on the joint sequence."""
+def native_layout(net: torch.nn.Module) -> DitLayout | None:
+    """ComfyUI's Flux (comfy/ldm/flux/model.py) as Flux.1; None for the Flux.2 networks newer ComfyUIs build with the
+    same class (their modulation is shared by all blocks: flux2.py reads them)."""
+    if getattr(net, "double_stream_modulation_img", None) is not None:
+        return None
+    return comfy_flux_layout(net)
+
+
+def comfy_flux_layout(net: torch.nn.Module) -> DitLayout:
+    """ComfyUI's Flux blocks: fused qkv linears, QKNorm modules, functional modulation (so norm-out is the input of
+    the qkv linear), single blocks on the joint sequence; each block's own modulation linear."""
     blocks = []
     for i in range(len(net.double_blocks)):
         b = f"double_blocks.{i}"
