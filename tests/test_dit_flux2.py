@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import InputRecorder
+from test_dit_flux import HEAD_DIM, HEADS, TOKENS, _call, _heads, _layer_norm, _merge, _rms  # the same tiny widths
 from diffusion_feature.engine.dit_transforms import ditf
 from diffusion_feature.layer_catalog import (FeatureCapture, LayerIdError, enumerate_ids, modulation_taps,
                                              resolve_layers, taps_of)
 from diffusion_feature.layer_catalog.families import dit_layout
 
 LATENT = (8, 12)  # (H, W) of the VAE latent, non-square: a 4x6 token grid after the pipeline's 2x2 patchify
-VAE_CHANNELS, TOKENS, HEADS, HEAD_DIM, CTX, AXES, THETA = 4, 5, 2, 8, 12, (2, 2, 2, 2), 2000
+VAE_CHANNELS, CTX, AXES, THETA = 4, 12, (2, 2, 2, 2), 2000
 DOUBLE, SINGLE = 2, 2
 WIDTH = HEADS * HEAD_DIM
 GRID = (LATENT[0] // 2, LATENT[1] // 2)
@@ -98,18 +99,6 @@ def captured(flux2):
 
 
 # ---- the computation by hand ------------------------------------------------------------------------------------
-def _layer_norm(x):
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
-
-
-def _rms(x, weight):
-    """RMS QK-norm over each head's channels, (B, N, heads * d) -> (B, heads, N, d)."""
-    b, n, _ = x.shape
-    x = x.reshape(b, n, HEADS, HEAD_DIM)
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
-    return x.transpose(1, 2)
-
-
 def _positions(reference: tuple[int, int] | None = None):
     """[text, image(, reference)] positions (t, h, w, l): text (0, 0, 0, index), image (0, row, column, 0), a
     reference image (10, row, column, 0), as Flux2Pipeline builds them."""
@@ -143,18 +132,9 @@ def _probs(q, k):
     return p[..., :TOKENS], p[..., TOKENS:]
 
 
-def _merge(x):
-    return x.transpose(1, 2).flatten(2)
-
-
 def _swiglu(x):
     a, b = x.chunk(2, dim=-1)
     return F.silu(a) * b
-
-
-def _call(recorded, name, position):
-    args, kwargs = recorded
-    return kwargs[name] if name in kwargs else args[position]
 
 
 def _modulation(module, temb, chunks):
@@ -270,12 +250,6 @@ def test_ends_are_the_pipelines_latent(flux2, captured):
     torch.testing.assert_close(f["dit-embed"], _as_feature("embed", embed), atol=ATOL, rtol=RTOL)
     assert f["dit-out"].shape == (2, 4 * VAE_CHANNELS, *GRID)
     torch.testing.assert_close(f["dit-out"], _pipeline()._unpack_latents_with_ids(captured["out"], img_ids))
-
-
-def _heads(feature):
-    """A captured (B, C, h, w) or (B, C, T) feature as (B, heads, N, d)."""
-    x = feature.flatten(2).transpose(1, 2)
-    return x.reshape(x.shape[0], x.shape[1], HEADS, -1).transpose(1, 2)
 
 
 def test_maps_give_the_attention_output_and_sum_to_one(flux2, captured):

@@ -32,12 +32,6 @@ from .family import Family, TextEncoder
 _SHARED_MODULATION = "double_stream_modulation_img"  # a Flux.2 network has it on both backends; Flux.1 does not
 
 
-def _double(image: dict, text: dict) -> dict:
-    reads = {suffix: {**read, "span": "grid"} for suffix, read in image.items()}
-    reads.update({f"txt-{s}": r for s, r in text.items()})
-    return reads
-
-
 def diffusers_layout(model: torch.nn.Module) -> DitLayout:
     """diffusers' Flux2Transformer2DModel: separate q/k/v linears per stream in double blocks (Flux2Attention), one
     fused to_qkv_mlp_proj in single blocks (Flux2ParallelSelfAttention); the modulation and the norm are applied
@@ -47,27 +41,9 @@ def diffusers_layout(model: torch.nn.Module) -> DitLayout:
     width = model.inner_dim
     for i in range(len(model.transformer_blocks)):
         b = f"transformer_blocks.{i}"
-        image = {"in": dict(module_path=b, at="input", item=("hidden_states", 0)),
-                 "norm-out": dict(module_path=f"{b}.attn", at="input", item=("hidden_states", 0)),
-                 "q": dict(module_path=f"{b}.attn.norm_q", layout="bnhd"),
-                 "k": dict(module_path=f"{b}.attn.norm_k", layout="bnhd"),
-                 "v": dict(module_path=f"{b}.attn.to_v"),
-                 "attn-out": dict(module_path=f"{b}.attn.to_out.0"),
-                 "ffn-inner": dict(module_path=f"{b}.ff.act_fn"),
-                 "out": dict(module_path=b, item=1)}
-        text = {"in": dict(module_path=b, at="input", item=("encoder_hidden_states", 1)),
-                "norm-out": dict(module_path=f"{b}.attn", at="input", item=("encoder_hidden_states", 1)),
-                "q": dict(module_path=f"{b}.attn.norm_added_q", layout="bnhd"),
-                "k": dict(module_path=f"{b}.attn.norm_added_k", layout="bnhd"),
-                "v": dict(module_path=f"{b}.attn.add_v_proj"),
-                "attn-out": dict(module_path=f"{b}.attn.to_add_out"),
-                "ffn-inner": dict(module_path=f"{b}.ff_context.act_fn"),
-                "out": dict(module_path=b, item=0)}
-        reads = _double(image, text)
-        reads["map"] = dict(module_path=f"{b}.attn.norm_q", key_path=f"{b}.attn.norm_k", layout="bnhd",
-                            text_query_path=f"{b}.attn.norm_added_q", text_key_path=f"{b}.attn.norm_added_k",
-                            rope="diffusers", rope_path=f"{b}.attn", rope_arg=("image_rotary_emb", 3),
-                            attention_path=f"{b}.attn")
+        norm_out = tuple(dict(module_path=f"{b}.attn", at="input", item=item)
+                         for item in (("hidden_states", 0), ("encoder_hidden_states", 1)))
+        reads = flux.diffusers_double(b, norm_out, ("ff.act_fn", "ff_context.act_fn"))
         reads["modulation"] = dict(module_path="double_stream_modulation_img.linear", columns=(0, 2 * width))
         blocks.append(reads)
     for i in range(len(model.single_transformer_blocks)):
@@ -79,7 +55,7 @@ def diffusers_layout(model: torch.nn.Module) -> DitLayout:
                        "v": dict(module_path=f"{b}.attn.to_qkv_mlp_proj", columns=(2 * width, 3 * width)),
                        "attn-out": dict(module_path=f"{b}.attn.to_out", at="input", columns=(0, width)),
                        "ffn-inner": dict(module_path=f"{b}.attn.mlp_act_fn"),
-                       "out": dict(module_path=b)}, flux._STREAM_SUFFIXES)
+                       "out": dict(module_path=b)}, flux.STREAM_SUFFIXES)
         reads["map"] = dict(module_path=f"{b}.attn.norm_q", key_path=f"{b}.attn.norm_k", layout="bnhd",
                             rope="diffusers", rope_path=f"{b}.attn", rope_arg=("image_rotary_emb", 2),
                             attention_path=f"{b}.attn")
