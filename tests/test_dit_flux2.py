@@ -159,7 +159,8 @@ def _double_by_hand(model, block, recorded, temb) -> dict:
     k = torch.cat([by["txt"]["k"], by["img"]["k"]], dim=2)
     v = torch.cat([by["txt"]["v"], by["img"]["v"]], dim=1).reshape(x.shape[0], -1, HEADS, HEAD_DIM).transpose(1, 2)
     o = _merge(torch.softmax(_rope(q) @ _rope(k).transpose(-1, -2) / HEAD_DIM**0.5, dim=-1) @ v)
-    outs = {"img": F.linear(o[:, TOKENS:], attn.to_out[0].weight), "txt": F.linear(o[:, :TOKENS], attn.to_add_out.weight)}
+    outs = {"img": F.linear(o[:, TOKENS:], attn.to_out[0].weight),
+            "txt": F.linear(o[:, :TOKENS], attn.to_add_out.weight)}
     result = {}
     for name, h, ff in (("img", x, block.ff), ("txt", c, block.ff_context)):
         _shift, _scale, gate, shift2, scale2, gate2 = mods[name]

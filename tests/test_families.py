@@ -75,6 +75,6 @@ def test_bad_family_names_and_denoiser_classes_get_the_valid_ones():
                                                      "flux, sd3, flux2"):
             get_family(bad)
     with pytest.raises(ValueError, match="'WanTransformer3DModel' is not one of the families' "
-                                         r"\(Flux2Transformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, "
-                                         r"SD3Transformer2DModel, UNet2DConditionModel\)"):
+                                         r"\(Flux2Transformer2DModel, FluxTransformer2DModel, "
+                                         r"PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel\)"):
         denoiser_from_config({"_class_name": "WanTransformer3DModel"})
