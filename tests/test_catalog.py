@@ -17,10 +17,11 @@ from diffusion_feature.layer_catalog import (FAMILIES, LayerIdError, LayerIdSynt
 # Flux: dit-in, dit-embed, dit-out, and per block (19 double + 38 single) 8 image + 8 text taps and two maps.
 # SD3 (SD3.5 large, 38 joint blocks): the three ends, 18 per block for 37 blocks, and for the last ("context
 # pre-only": no text attn-out, ffn-inner or out) 8 image + 5 text taps and two maps.
+# Flux.2 dev: the three ends, and per block (8 double + 48 single) 8 image + 8 text taps and two maps, as Flux.1.
 COUNTS = {"sd15": 197, "sd21": 197, "sdxl": 612, "playground-v2": 612, "pixart-sigma": 224, "flux": 3 + 57 * 18,
           "sd3": 3 + 37 * 18 + 15,
           # 60 double-stream blocks: 8 suffixes per stream, image and text, plus the two maps
-          "qwen-image": 3 + 60 * 18}
+          "qwen-image": 3 + 60 * 18, "flux2": 3 + 56 * 18}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -90,7 +91,7 @@ def test_unknown_id_names_family_and_nearest_ids():
 
 
 def test_id_of_another_family_says_so():
-    with pytest.raises(LayerIdError, match=r"is a layer id of pixart-sigma, flux, sd3 and qwen-image, not of sd15"):
+    with pytest.raises(LayerIdError, match=r"is a layer id of pixart-sigma, flux, sd3, qwen-image and flux2, not of sd15"):
         resolve_layers("vit-block3-out", "sd15")
     with pytest.raises(LayerIdError, match=r"sdxl and playground-v2, not of sd15"):
         resolve_layers("up-level0-repeat0-vit-block7-out", "sd15")

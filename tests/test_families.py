@@ -48,9 +48,9 @@ def test_the_lookups_answer_from_the_table():
         ["sd15", "sd21", "sdxl"]  # playground-v2 shares sdxl's UNet: never the answer
     assert family_of_unet(32, False) is None and family_of_unet(32, False, exact=False) == "sd15"
     assert family_of_unet(32, True, exact=False) == "sdxl" and family_of_unet(4096, False) is None
-    assert [family_of_comfy_config(c) for c in ("SD15", "SD20", "SSD1B", "PixArtSigma", "SD3", "QwenImage",
-                                                "SDXLRefiner")] == ["sd15", "sd21", "sdxl", "pixart-sigma", "sd3",
-                                                                    "qwen-image", None]
+    assert [family_of_comfy_config(c) for c in ("SD15", "SD20", "SSD1B", "PixArtSigma", "SD3", "QwenImage", "Flux",
+                                                "Flux2", "SDXLRefiner")] == \
+        ["sd15", "sd21", "sdxl", "pixart-sigma", "sd3", "qwen-image", "flux", "flux2", None]
     unet = {"model.diffusion_model.input_blocks.0.0.weight": (1,)}
     assert family_of_checkpoint({**unet, "cond_stage_model.transformer.x": (1,)}) == "sd15"
     assert family_of_checkpoint({**unet, "cond_stage_model.model.x": (1,)}) == "sd21"
@@ -64,17 +64,23 @@ def test_the_lookups_answer_from_the_table():
     assert family_of_checkpoint({k[len("model.diffusion_model."):]: v for k, v in qwen.items()}) == "qwen-image"
     # a diffusers PixArt / Flux / SD3 transformer has transformer_blocks.0 but no txt_norm: not Qwen-Image
     assert family_of_checkpoint({"transformer_blocks.0.img_mod.1.weight": (1,)}) is None
+    flux1 = {"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": (1,)}
+    assert family_of_checkpoint(flux1) == "flux"  # Flux.2 files have Flux.1's double blocks and a shared modulation:
+    assert family_of_checkpoint({**flux1, "model.diffusion_model.double_stream_modulation_img.lin.weight": (1,)}) \
+        == "flux2"  # the family with more marks, all matching, is the more specific one
+    assert family_of_checkpoint({"double_blocks.0.img_attn.qkv.weight": (1,),
+                                 "double_stream_modulation_img.lin.weight": (1,)}) == "flux2"  # a bare diffusion model
     assert family_of_checkpoint({"cond_stage_model.model.x": (1,)}) is None  # a text encoder alone
     assert get_family("playground-v2").denoiser_family == "sdxl" and get_family("sd21").denoiser_family == "sd21"
-    assert [get_family(f).controlnet for f in FAMILIES] == [True, True, True, False, False, False, False, False]
+    assert [get_family(f).controlnet for f in FAMILIES] == [True, True, True] + [False] * 6
 
 
 def test_bad_family_names_and_denoiser_classes_get_the_valid_ones():
     for bad in ("wan", ["sd15"], None):
         with pytest.raises(UnknownFamilyError, match="valid families: sd15, sd21, sdxl, playground-v2, pixart-sigma, "
-                                                     "flux, sd3, qwen-image"):
+                                                     "flux, sd3, qwen-image, flux2"):
             get_family(bad)
     with pytest.raises(ValueError, match="'WanTransformer3DModel' is not one of the families' "
-                                         r"\(FluxTransformer2DModel, PixArtTransformer2DModel, QwenImageTransformer2DModel, "
-                                         r"SD3Transformer2DModel, UNet2DConditionModel\)"):
+                                         r"\(Flux2Transformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, "
+                                         r"QwenImageTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel\)"):
         denoiser_from_config({"_class_name": "WanTransformer3DModel"})

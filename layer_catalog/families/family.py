@@ -12,7 +12,7 @@ CONFIG_ROOT = Path(__file__).resolve().parents[1] / "model_configs"
 
 @dataclass(frozen=True)
 class TextEncoder:
-    kind: str  # "clip" or "t5"
+    kind: str  # "clip", "t5", or the decoder language model whose hidden states it hands on ("mistral3")
     width: int  # the hidden width it hands the denoiser
     pad: str | None = None  # a CLIP tokenizer's pad token: the bundled CLIP vocabulary serves every CLIP encoder
     use: str = "hidden"  # "hidden": its hidden states are the denoiser's text tokens; "pooled": only its pooled
@@ -42,7 +42,8 @@ class Family:
     pnp_feature_layers: tuple[str, ...] = ()  # Plug-and-Play's injected residual features; empty: no PnP
     pnp_attention_skip: str | None = None  # decoder self-attention ids under this prefix are not injected
     # Diffusion transformers: network class name (diffusers' or ComfyUI's) -> function reading a loaded network of
-    # that class as a DitLayout (its ids and taps). Empty for the families whose taps live in taps.py.
+    # that class as a DitLayout (its ids and taps), or None for a network of that class that is another family's.
+    # Empty for the families whose taps live in taps.py.
     networks: dict[str, Callable] = field(default_factory=dict)
     # Rectified-flow families (DF_MODEL): x_t = (1 - sigma) x0 + sigma eps with sigma = t / 1000 (DDIM-based PnP,
     # inversion and denoise_from do not apply); their diffusers network takes sigma * timestep_scale as its timestep.

@@ -18,7 +18,7 @@ import torch
 from .dit_layout import DitLayout, joint
 from .family import Family, TextEncoder
 
-_STREAM_SUFFIXES = ("in", "norm-out", "q", "k", "v", "attn-out", "ffn-inner", "out")
+STREAM_SUFFIXES = ("in", "norm-out", "q", "k", "v", "attn-out", "ffn-inner", "out")
 
 
 def _double(image: dict, text: dict) -> dict:
@@ -27,32 +27,41 @@ def _double(image: dict, text: dict) -> dict:
     return reads
 
 
+def diffusers_double(b: str, norm_out: tuple[dict, dict], ffn_inner: tuple[str, str]) -> dict:
+    """The reads of diffusers' Flux-type double block at path `b` (FluxAttention and Flux.2's Flux2Attention name
+    their projections and QK-norms alike; blocks return (text, image)): the two streams' norm-out reads and their
+    MLP activations' module names (image, text) are what differ between the two."""
+    image = {"in": dict(module_path=b, at="input", item=("hidden_states", 0)),
+             "norm-out": norm_out[0],
+             "q": dict(module_path=f"{b}.attn.norm_q", layout="bnhd"),
+             "k": dict(module_path=f"{b}.attn.norm_k", layout="bnhd"),
+             "v": dict(module_path=f"{b}.attn.to_v"),
+             "attn-out": dict(module_path=f"{b}.attn.to_out.0"),
+             "ffn-inner": dict(module_path=f"{b}.{ffn_inner[0]}"),
+             "out": dict(module_path=b, item=1)}
+    text = {"in": dict(module_path=b, at="input", item=("encoder_hidden_states", 1)),
+            "norm-out": norm_out[1],
+            "q": dict(module_path=f"{b}.attn.norm_added_q", layout="bnhd"),
+            "k": dict(module_path=f"{b}.attn.norm_added_k", layout="bnhd"),
+            "v": dict(module_path=f"{b}.attn.add_v_proj"),
+            "attn-out": dict(module_path=f"{b}.attn.to_add_out"),
+            "ffn-inner": dict(module_path=f"{b}.{ffn_inner[1]}"),
+            "out": dict(module_path=b, item=0)}
+    reads = _double(image, text)
+    reads["map"] = dict(module_path=f"{b}.attn.norm_q", key_path=f"{b}.attn.norm_k", layout="bnhd",
+                        text_query_path=f"{b}.attn.norm_added_q", text_key_path=f"{b}.attn.norm_added_k",
+                        rope="diffusers", rope_path=f"{b}.attn", rope_arg=("image_rotary_emb", 3),
+                        attention_path=f"{b}.attn")
+    return reads
+
+
 def diffusers_layout(model: torch.nn.Module) -> DitLayout:
     """diffusers' FluxTransformer2DModel (packed 2x2 latent patches in and out; its grid comes from the caller)."""
     blocks = []
     for i in range(len(model.transformer_blocks)):
         b = f"transformer_blocks.{i}"
-        image = {"in": dict(module_path=b, at="input", item=("hidden_states", 0)),
-                 "norm-out": dict(module_path=f"{b}.norm1"),
-                 "q": dict(module_path=f"{b}.attn.norm_q", layout="bnhd"),
-                 "k": dict(module_path=f"{b}.attn.norm_k", layout="bnhd"),
-                 "v": dict(module_path=f"{b}.attn.to_v"),
-                 "attn-out": dict(module_path=f"{b}.attn.to_out.0"),
-                 "ffn-inner": dict(module_path=f"{b}.ff.net.0"),
-                 "out": dict(module_path=b, item=1)}
-        text = {"in": dict(module_path=b, at="input", item=("encoder_hidden_states", 1)),
-                "norm-out": dict(module_path=f"{b}.norm1_context"),
-                "q": dict(module_path=f"{b}.attn.norm_added_q", layout="bnhd"),
-                "k": dict(module_path=f"{b}.attn.norm_added_k", layout="bnhd"),
-                "v": dict(module_path=f"{b}.attn.add_v_proj"),
-                "attn-out": dict(module_path=f"{b}.attn.to_add_out"),
-                "ffn-inner": dict(module_path=f"{b}.ff_context.net.0"),
-                "out": dict(module_path=b, item=0)}
-        reads = _double(image, text)
-        reads["map"] = dict(module_path=f"{b}.attn.norm_q", key_path=f"{b}.attn.norm_k", layout="bnhd",
-                            text_query_path=f"{b}.attn.norm_added_q", text_key_path=f"{b}.attn.norm_added_k",
-                            rope="diffusers", rope_path=f"{b}.attn", rope_arg=("image_rotary_emb", 3),
-                            attention_path=f"{b}.attn")
+        reads = diffusers_double(b, (dict(module_path=f"{b}.norm1"), dict(module_path=f"{b}.norm1_context")),
+                                 ("ff.net.0", "ff_context.net.0"))
         width = model.transformer_blocks[i].attn.inner_dim
         reads["modulation"] = dict(module_path=f"{b}.norm1.linear", columns=(0, 2 * width))
         blocks.append(reads)
@@ -82,9 +91,17 @@ def diffusers_layout(model: torch.nn.Module) -> DitLayout:
         blocks=blocks, common=dict(grid_path=None, grid_divisor=patch, text_path="context_embedder"))
 
 
-def native_layout(net: torch.nn.Module) -> DitLayout:
-    """ComfyUI's Flux (comfy/ldm/flux/model.py): fused qkv linears, QKNorm modules, functional modulation (so
-    norm-out is the input of the qkv linear), single blocks on the joint sequence."""
+def native_layout(net: torch.nn.Module) -> DitLayout | None:
+    """ComfyUI's Flux (comfy/ldm/flux/model.py) as Flux.1; None for the Flux.2 networks newer ComfyUIs build with the
+    same class (their modulation is shared by all blocks: flux2.py reads them)."""
+    if getattr(net, "double_stream_modulation_img", None) is not None:
+        return None
+    return comfy_flux_layout(net)
+
+
+def comfy_flux_layout(net: torch.nn.Module) -> DitLayout:
+    """ComfyUI's Flux blocks: fused qkv linears, QKNorm modules, functional modulation (so norm-out is the input of
+    the qkv linear), single blocks on the joint sequence; each block's own modulation linear."""
     blocks = []
     for i in range(len(net.double_blocks)):
         b = f"double_blocks.{i}"
@@ -116,7 +133,7 @@ def native_layout(net: torch.nn.Module) -> DitLayout:
                              "v": dict(module_path=f"{b}.linear1", columns=(2 * width, 3 * width)),
                              "attn-out": dict(module_path=f"{b}.linear2", at="input", columns=(0, width)),
                              "ffn-inner": dict(module_path=f"{b}.mlp_act"),
-                             "out": dict(module_path=b)}, _STREAM_SUFFIXES))
+                             "out": dict(module_path=b)}, STREAM_SUFFIXES))
         blocks[-1]["map"] = dict(module_path=f"{b}.norm.query_norm", key_path=f"{b}.norm.key_norm",
                                  layout="bhnd", rope="comfy", rope_path=b, rope_arg=("pe", 2), attention_path=b)
         blocks[-1]["modulation"] = dict(module_path=f"{b}.modulation.lin", columns=(0, 2 * width))

@@ -65,6 +65,19 @@ def dummy_inputs(model: torch.nn.Module, height: int, width: int, *, batch: int 
         if cfg.guidance_embeds:
             kwargs["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)
         return kwargs
+    if type(model).__name__ == "Flux2Transformer2DModel":  # 2x2-patchified latent tokens, 4-axis positions
+        ph, pw = h // 2, w // 2
+        img_ids = torch.zeros(ph, pw, 4, device=device)
+        txt_ids = torch.zeros(text_tokens, 4, device=device)
+        if torch.device(device).type != "meta":
+            img_ids[..., 1], img_ids[..., 2] = torch.arange(ph, device=device)[:, None], torch.arange(pw, device=device)
+            txt_ids[:, 3] = torch.arange(text_tokens, device=device)
+        kwargs.update(hidden_states=rand(batch, ph * pw, cfg.in_channels),
+                      encoder_hidden_states=rand(batch, text_tokens, cfg.joint_attention_dim),
+                      img_ids=img_ids.reshape(-1, 4), txt_ids=txt_ids, timestep=kwargs["timestep"].to(dtype) / 1000)
+        if cfg.guidance_embeds:
+            kwargs["guidance"] = torch.full((batch,), 4.0, device=device, dtype=dtype)
+        return kwargs
     if type(model).__name__ == "SD3Transformer2DModel":  # the latent itself; text and pooled text as the pipeline's
         kwargs.update(hidden_states=rand(batch, cfg.in_channels, h, w),
                       encoder_hidden_states=rand(batch, text_tokens, cfg.joint_attention_dim),

@@ -7,11 +7,12 @@ import re
 from typing import Callable
 
 from ..errors import DiffusionFeatureError, echo
-from . import flux, pixart_sigma, playground_v2, qwen_image, sd3, sd15, sd21, sdxl
+from . import flux, flux2, pixart_sigma, playground_v2, qwen_image, sd3, sd15, sd21, sdxl
 from .family import Family
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    sd15.FAMILY, sd21.FAMILY, sdxl.FAMILY, playground_v2.FAMILY, pixart_sigma.FAMILY, flux.FAMILY, sd3.FAMILY, qwen_image.FAMILY)}
+    sd15.FAMILY, sd21.FAMILY, sdxl.FAMILY, playground_v2.FAMILY, pixart_sigma.FAMILY, flux.FAMILY, sd3.FAMILY,
+    qwen_image.FAMILY, flux2.FAMILY)}
 DEFAULT_FAMILY = sd15.FAMILY.name  # the family of the demo and of random weights when none is named
 
 
@@ -38,12 +39,13 @@ def spoken(names) -> str:
 
 
 def family_of_checkpoint(keys) -> str | None:
-    """The family whose every checkpoint mark matches one of a single file's tensor names (None: none does)."""
+    """The family whose every checkpoint mark matches one of a single file's tensor names (None: none does). Where
+    several do, the one with the most marks: a family that shares another's blocks adds a mark of its own (Flux.2
+    files have Flux.1's double blocks too)."""
     keys = list(keys)
-    for name, fam in FAMILIES.items():
-        if fam.checkpoint_marks and all(any(re.match(mark, k) for k in keys) for mark in fam.checkpoint_marks):
-            return name
-    return None
+    found = [(len(fam.checkpoint_marks), name) for name, fam in FAMILIES.items() if fam.checkpoint_marks and
+             all(any(re.match(mark, k) for k in keys) for mark in fam.checkpoint_marks)]
+    return max(found, key=lambda f: f[0])[1] if found else None
 
 
 def family_of_unet(text_width: int | None, pooled: bool, *, exact: bool = True) -> str | None:
@@ -56,11 +58,15 @@ def family_of_unet(text_width: int | None, pooled: bool, *, exact: bool = True) 
 
 
 def dit_layout(model):
-    """The DitLayout of a loaded diffusion transformer of a family that declares its class (None: not one)."""
+    """The DitLayout of a loaded diffusion transformer of a family that declares its class (None: not one). A class
+    two families declare (ComfyUI's Flux builds Flux.1 and Flux.2) is read by the one whose function does not
+    answer None."""
     name = type(model).__name__
     for fam in FAMILIES.values():
         if name in fam.networks:
-            return fam.networks[name](model)
+            layout = fam.networks[name](model)
+            if layout is not None:
+                return layout
     return None
 
 
