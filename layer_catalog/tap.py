@@ -35,6 +35,11 @@ class Tap:
     (text_query_path, text_key_path; None where one joint sequence carries both), apply the model's rotary
     embedding (`rope`: whose function, read from argument `rope_arg` of module `rope_path`) and keep the image
     queries' probabilities at the `span` keys: "text" for cross-maps, "image" for self-maps.
+    Z-Image adds: `text_item` reads the text length from that input of `text_path` (a (keyword, position); a list of
+    per-sample (T, C) captions counts T) instead of its first input's second axis; `image_first` says the joint
+    sequence is [image, text] (diffusers' Z-Image) instead of [text, image]; `pad_multiple` says each part of the
+    joint sequence is padded to a multiple of that many tokens (Z-Image: 32), so a part's tokens start after the
+    padded length of the part before it and the padding tokens are in no span.
     """
 
     id: str
@@ -57,6 +62,9 @@ class Tap:
     rope: str | None = None
     rope_path: str | None = None
     rope_arg: tuple[str, int] | None = None
+    text_item: tuple[str, int] | None = None
+    image_first: bool = False
+    pad_multiple: int = 1
 
 
 def is_unet(model: torch.nn.Module) -> bool:
