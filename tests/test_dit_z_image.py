@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 import native_comfy as nc
-from diffusion_feature.layer_catalog import (FeatureCapture, LayerIdSyntaxError, enumerate_ids, format_id, parse_id,
-                                             residue, taps_of)
+from diffusion_feature.layer_catalog import LayerIdSyntaxError, enumerate_ids, format_id, parse_id
 from diffusion_feature.layer_catalog.families import get_family
+from test_dit_sd3 import _as_captured, _capture, _close, _lin, _merge  # the same checks as sd3's
 
 HEADS, DIM, CAP = 2, 64, 32
 AXES = (8, 12, 12)  # head width 32 split over (caption position, row, column)
@@ -52,24 +52,12 @@ def _inputs(case: dict, batch: int = 2, seed: int = 1):
             torch.tensor([0.3, 0.8][:batch]))
 
 
-def _capture(model, ids, *args, **kwargs):
-    """One forward of `model` with every id of `ids` captured; no hook is left behind."""
-    with torch.no_grad(), FeatureCapture(model, taps_of(model, ids)) as cap:
-        cap.run(*args, **kwargs)
-    assert residue(model) == {"forward_hooks": 0, "forward_pre_hooks": 0}
-    return cap.features
-
-
 def _diffusers_features(model, ids, case):
     x, caps, t = _inputs(case)
     return _capture(model, ids, x=list(x.unsqueeze(2)), t=t, cap_feats=list(caps))
 
 
 # ---- an independent forward from the weights ------------------------------------------------------------------
-def _lin(x, linear):
-    return F.linear(x, linear.weight, linear.bias)
-
-
 def _rms(x, norm):
     eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm.weight
@@ -78,10 +66,6 @@ def _rms(x, norm):
 def _heads(x):
     b, n, c = x.shape
     return x.reshape(b, n, HEADS, c // HEADS).transpose(1, 2)
-
-
-def _merge(x):
-    return x.transpose(1, 2).flatten(2)
 
 
 def _rotate(x, angles):
@@ -185,21 +169,6 @@ def reference(model, x, caps, adaln, net: dict, theta: float) -> dict:
     return r
 
 
-def _as_captured(layer_id: str, x: torch.Tensor, grid) -> torch.Tensor:
-    """A reference tensor in the layout the capture stores: image tokens on the grid, text tokens channel-first."""
-    if layer_id in ("dit-in", "dit-out") or layer_id.endswith("-map"):
-        return x
-    if "-txt-" in layer_id:
-        return x.transpose(1, 2)
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
-
-
-def _close(a, b, what, rel=1e-5):
-    assert a.shape == b.shape, (what, tuple(a.shape), tuple(b.shape))
-    err = (a - b).abs().max().item() / b.abs().max().item()
-    assert err <= rel, (what, err)
-
-
 def _check_all(features, ref, ids, case):
     grid = (case["latent"][0] // 2, case["latent"][1] // 2)
     assert list(features) == ids and set(ref) == set(ids)
@@ -259,24 +228,23 @@ def test_every_id_equals_a_recomputation_from_the_weights(case):
 
 
 def test_maps_give_the_attention_output():
+    """Without padding: image rows of the maps times the values they weigh, through the output projection, are
+    attn-out; a joint layer weighs the caption's values (cross-map) and the image's (self-map), a refiner the
+    image's alone, and each row sums to 1."""
     model = tiny_z_image()
     f = _diffusers_features(model, enumerate_ids(model), UNPADDED)
 
-    def heads(x):  # (B, C, h, w) or (B, C, T) -> (B, heads, N, d)
-        return _heads(x.flatten(2).transpose(1, 2))
+    def heads(layer_id):  # a captured (B, C, h, w) or (B, C, T) tensor as (B, heads, N, d)
+        return _heads(f[layer_id].flatten(2).transpose(1, 2))
 
-    for b in range(2):
-        out = f[f"vit-block{b}-cross-map"] @ heads(f[f"vit-block{b}-txt-v"]) + \
-            f[f"vit-block{b}-self-map"] @ heads(f[f"vit-block{b}-v"])
+    cases = [(f"vit-block{b}-", model.layers[b], ("cross-map", "txt-v"), ("self-map", "v")) for b in range(2)]
+    cases += [(f"vit-refiner{r}-", model.noise_refiner[r], ("self-map", "v")) for r in range(2)]
+    for pre, block, *pairs in cases:
+        assert torch.allclose(sum(f[pre + m].sum(-1) for m, _ in pairs), torch.ones(()), atol=1e-6)
+        weighed = sum(f[pre + m] @ heads(pre + v) for m, v in pairs)
         with torch.no_grad():
-            out = model.layers[b].attention.to_out[0](_merge(out))
-        _close(out, f[f"vit-block{b}-attn-out"].flatten(2).transpose(1, 2), f"block {b}")
-    for r in range(2):  # the image refiners attend over the image tokens alone
-        probs = f[f"vit-refiner{r}-self-map"]
-        assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-6)
-        with torch.no_grad():
-            out = model.noise_refiner[r].attention.to_out[0](_merge(probs @ heads(f[f"vit-refiner{r}-v"])))
-        _close(out, f[f"vit-refiner{r}-attn-out"].flatten(2).transpose(1, 2), f"refiner {r}")
+            out = block.attention.to_out[0](_merge(weighed))
+        _close(out, f[pre + "attn-out"].flatten(2).transpose(1, 2), pre)
 
 
 # ---- ComfyUI's NextDiT ------------------------------------------------------------------------------------------
