@@ -237,7 +237,14 @@ class FeatureCapture(AttachedHooks):
     def _text_hook(self, path: str, item: tuple[str, int] | None):
         def hook(_module, args, kwargs):
             text = _pick_input(args, kwargs, item)
-            self._texts[path] = text[0].shape[0] if isinstance(text, (list, tuple)) else text.shape[1]
+            if isinstance(text, (list, tuple)):  # per-sample captions: one length, or no span would fit them all
+                lengths = sorted({t.shape[0] for t in text})
+                if len(lengths) > 1:
+                    raise TokenGridError(f"captions of {', '.join(map(str, lengths))} tokens in one batch: their "
+                                         "tokens cannot be split by one length; capture each length in its own batch")
+                self._texts[path] = lengths[0]
+            else:
+                self._texts[path] = text.shape[1]
         return hook
 
     def _parts(self, tap: Tap) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import native_comfy as nc
-from diffusion_feature.layer_catalog import LayerIdSyntaxError, enumerate_ids, format_id, parse_id
+from diffusion_feature.layer_catalog import LayerIdSyntaxError, enumerate_ids, format_id, parse_id, residue
 from diffusion_feature.layer_catalog.families import get_family
 from test_dit_sd3 import _as_captured, _capture, _close, _lin, _merge  # the same checks as sd3's
 
@@ -225,6 +225,17 @@ def test_every_id_equals_a_recomputation_from_the_weights(case):
         assert (rows < 1 - 1e-3).all()
     else:
         assert torch.allclose(rows, torch.ones(()), atol=1e-6)
+
+
+def test_captions_of_two_lengths_in_one_batch_are_refused():
+    """diffusers' Z-Image pads each caption apart (and masks the joint attention): one split cannot serve both."""
+    from diffusion_feature.layer_catalog.hooks import TokenGridError
+
+    model = tiny_z_image()
+    x, caps, t = _inputs(PADDED)
+    with pytest.raises(TokenGridError, match="captions of 5, 7 tokens in one batch"):
+        _capture(model, ["vit-block0-txt-out"], x=list(x.unsqueeze(2)), t=t, cap_feats=[caps[0], caps[1, :5]])
+    assert residue(model) == {"forward_hooks": 0, "forward_pre_hooks": 0}
 
 
 def test_maps_give_the_attention_output():
