@@ -17,10 +17,12 @@ import torch
 
 def attention_params(attention: torch.nn.Module) -> tuple[int, bool]:
     """(heads, upcast) of an attention module of either backend: diffusers' Attention (`heads`, `upcast_attention`
-    / `upcast_softmax`), ComfyUI's CrossAttention (`heads`, `attn_precision`) or its PixArt attention (`num_heads`)."""
+    / `upcast_softmax`), ComfyUI's CrossAttention (`heads`, `attn_precision`), its PixArt attention (`num_heads`) or
+    its Lumina2 / Z-Image JointAttention (`n_local_heads`)."""
     heads = getattr(attention, "heads", None)
-    if not isinstance(heads, int):
-        heads = getattr(attention, "num_heads", None)
+    for name in ("num_heads", "n_local_heads"):
+        if not isinstance(heads, int):
+            heads = getattr(attention, name, None)
     if not isinstance(heads, int):
         raise TypeError(f"a {type(attention).__name__} does not say its number of heads; cannot build its maps")
     upcast = bool(getattr(attention, "upcast_attention", False) or getattr(attention, "upcast_softmax", False)
@@ -44,9 +46,30 @@ def _diffusers_rope(q: torch.Tensor, k: torch.Tensor, emb):
     return apply_rotary_emb(q, emb, sequence_dim=2), apply_rotary_emb(k, emb, sequence_dim=2)
 
 
+def _complex_rope(q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor):
+    """diffusers' Z-Image: consecutive pairs of each head's channels as complex numbers times its per-token
+    complex frequencies (B, N, d / 2), computed in float32 and returned in q's dtype, as its attention processor
+    does (a function local to that processor, so it cannot be imported)."""
+    def rotate(x):
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(pairs * freqs.unsqueeze(1)).flatten(3).type_as(x)
+    return rotate(q), rotate(k)
+
+
+def _matrix_rope(q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor):
+    """ComfyUI's Lumina2 / Z-Image (NextDiT): each pair of channels times a 2x2 rotation per token, the
+    embedding as its blocks get it, (B, N, 1, d / 2, 2, 2) (tokens before heads)."""
+    rot = freqs.transpose(1, 2)  # (B, 1, N, d / 2, 2, 2), as q and k are (B, heads, N, d) here
+
+    def rotate(x):
+        pairs = x.reshape(*x.shape[:-1], -1, 1, 2)
+        return (rot[..., 0] * pairs[..., 0] + rot[..., 1] * pairs[..., 1]).reshape(x.shape).type_as(x)
+    return rotate(q), rotate(k)
+
+
 # Rotary embeddings by the name a Tap gives (its `rope`): each the model's own function, applied to q and k
-# (B, heads, N, d) with the embedding the model passed. The native backend registers ComfyUI's ("comfy").
-ROPES = {"diffusers": _diffusers_rope}
+# (B, heads, N, d) with the embedding the model passed. The native backend registers ComfyUI's Flux one ("comfy").
+ROPES = {"diffusers": _diffusers_rope, "complex": _complex_rope, "matrix": _matrix_rope}
 
 
 def apply_rope(kind: str, q: torch.Tensor, k: torch.Tensor, emb):

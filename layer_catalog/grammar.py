@@ -24,10 +24,17 @@ DIT_SUFFIXES = ("in", "norm-out", "q", "k", "v", "cross-map", "self-map", "attn-
                 "ffn-inner", "out")
 DIT_TEXT_SUFFIXES = tuple(f"txt-{s}" for s in DIT_SUFFIXES if s not in MAP_SUFFIXES and s not in DIT_SECOND_SUFFIXES)
 DIT_ENDS = ("in", "embed", "out")
+# Z-Image's refiners: one-stream blocks before the joint ones. Refiner R's image stream (its noise refiner R, image
+# tokens only, hence self-maps only) and text stream ("txt-": its context refiner R, text tokens only, no maps) never
+# attend to each other; their taps mean what the same suffixes mean in a block.
+DIT_REFINER_SUFFIXES = tuple(s for s in DIT_SUFFIXES if s != "cross-map" and s not in DIT_SECOND_SUFFIXES)
+DIT_REFINER_TEXT_SUFFIXES = tuple(f"txt-{s}" for s in DIT_REFINER_SUFFIXES if s not in MAP_SUFFIXES)
 
 _SUF = "|".join(re.escape(s) for s in BLOCK_SUFFIXES)
 _FLAT_SUF = "|".join(re.escape(s) for s in sorted({*BLOCK_SUFFIXES, *DIT_SUFFIXES, *DIT_TEXT_SUFFIXES}, key=len,
                                                    reverse=True))
+_REFINER_SUF = "|".join(re.escape(s) for s in sorted({*DIT_REFINER_SUFFIXES, *DIT_REFINER_TEXT_SUFFIXES}, key=len,
+                                                    reverse=True))
 _PATTERNS = (
     ("dit", re.compile(r"dit-(?P<suffix>in|embed|out)")),
     ("unet", re.compile(r"unet-(?P<suffix>in|after-conv-in|out)")),
@@ -38,6 +45,7 @@ _PATTERNS = (
     ("block", re.compile(rf"(?P<stage>down|up)-level(?P<level>\d+)-repeat(?P<repeat>\d+)-vit-block(?P<block>\d+)-(?P<suffix>{_SUF})")),
     ("block", re.compile(rf"(?P<stage>mid)-vit-block(?P<block>\d+)-(?P<suffix>{_SUF})")),
     ("block", re.compile(rf"vit-block(?P<block>\d+)-(?P<suffix>{_FLAT_SUF})")),
+    ("refiner", re.compile(rf"vit-refiner(?P<block>\d+)-(?P<suffix>{_REFINER_SUF})")),
     ("sampler", re.compile(r"(?P<stage>down)-level(?P<level>\d+)-(?P<suffix>downsampler)-out")),
     ("sampler", re.compile(r"(?P<stage>up)-level(?P<level>\d+)-(?P<suffix>upsampler)-out")),
 )
@@ -53,7 +61,8 @@ class LayerId:
 
     part: 'unet' (unet-in/after-conv-in/out), 'dit' (dit-in/embed/out), 'res' (a resnet), 'vit' (a whole
     transformer's output),
-    'block' (a tap inside one transformer block), 'sampler' (down/upsampler output).
+    'block' (a tap inside one transformer block), 'refiner' (a tap inside one refiner of a DiT: `block` is its
+    number), 'sampler' (down/upsampler output).
     stage: 'down', 'mid', 'up', or None (unet-* and dit-* ids, and the block ids of transformers).
     """
 
@@ -66,7 +75,7 @@ class LayerId:
 
     @property
     def is_map(self) -> bool:
-        return self.part == "block" and self.suffix in MAP_SUFFIXES
+        return self.part in ("block", "refiner") and self.suffix in MAP_SUFFIXES
 
 
 def parse_id(text: str) -> LayerId:
@@ -88,6 +97,8 @@ def format_id(lid: LayerId) -> str:
         return f"{lid.part}-{lid.suffix}"
     if lid.part == "sampler":
         return f"{lid.stage}-level{lid.level}-{lid.suffix}-out"
+    if lid.part == "refiner":
+        return f"vit-refiner{lid.block}-{lid.suffix}"
     if lid.stage is None:  # transformers: blocks sit directly in the model
         return f"vit-block{lid.block}-{lid.suffix}"
     where = "mid" if lid.stage == "mid" else f"{lid.stage}-level{lid.level}"

@@ -42,7 +42,7 @@ def _first_tensor(output):
     if isinstance(output, (tuple, list)):
         return output[0]
     sample = getattr(output, "sample", None)
-    if isinstance(sample, torch.Tensor):
+    if isinstance(sample, (torch.Tensor, list)):  # a list: per-sample latents (diffusers' Z-Image)
         return sample
     raise TypeError(f"cannot read a tensor from a {type(output).__name__}")
 
@@ -119,6 +119,14 @@ def _pick_input(args, kwargs, item):
     return kwargs[name] if name in kwargs else args[position]
 
 
+def _batched(x):
+    """A list of per-sample latents (C, F, H, W) with one frame, as diffusers' Z-Image takes and returns them, as one
+    batch (B, C, H, W); a tensor as it is."""
+    if isinstance(x, (list, tuple)):
+        return torch.stack(list(x)).flatten(2, 3)
+    return x
+
+
 def _merge_heads(x: torch.Tensor, layout: str) -> torch.Tensor:
     """Per-head tensors as (B, N, heads * d)."""
     if layout == "bnhd":
@@ -132,14 +140,14 @@ def _ceil_div(n: int, d: int) -> int:
     return -(-n // d)  # patchifying networks pad a side that the patch does not divide
 
 
-def _text_padding(mask: torch.Tensor | None, k: torch.Tensor, text: int, select) -> torch.Tensor | None:
-    """An additive bias (B, 1, 1, keys) of -inf at the padded text keys of a joint [text, ...] sequence, from a
-    (B, T) mask true at real tokens; None without a mask."""
+def _text_padding(mask: torch.Tensor | None, k: torch.Tensor, text: tuple[int, int], select) -> torch.Tensor | None:
+    """An additive bias (B, 1, 1, keys) of -inf at the padded text keys of a joint sequence whose text tokens are
+    `text` = (start, length), from a (B, T) mask true at real tokens; None without a mask."""
     if mask is None:
         return None
     padded = ~select(mask).to(device=k.device, dtype=torch.bool)
     bias = torch.zeros(padded.shape[0], 1, 1, k.shape[2], dtype=k.dtype, device=k.device)
-    bias[..., :text].masked_fill_(padded[:, None, None, :], float("-inf"))
+    bias[..., text[0]:text[0] + text[1]].masked_fill_(padded[:, None, None, :], float("-inf"))
     return bias
 
 
@@ -191,8 +199,8 @@ class FeatureCapture(AttachedHooks):
         for grid in {(t.grid_path, t.grid_divisor) for t in self.taps if t.kind in ("tokens", "packed", "map")
                      and t.grid_path is not None}:
             hooks.forward_pre_hook(module(grid[0]), self._grid_hook(grid), with_kwargs=True)
-        for path in {t.text_path for t in self.taps if t.text_path is not None}:
-            hooks.forward_pre_hook(module(path), self._text_hook(path), with_kwargs=True)
+        for path, item in {(t.text_path, t.text_item) for t in self.taps if t.text_path is not None}:
+            hooks.forward_pre_hook(module(path), self._text_hook(path, item), with_kwargs=True)
         for tap in self.taps:
             target = module(tap.module_path)
             if tap.kind == "input" or tap.at == "input":
@@ -238,7 +246,7 @@ class FeatureCapture(AttachedHooks):
 
     def _grid_hook(self, grid: tuple[str, int]):
         def hook(_module, args, kwargs):
-            x = first_input(args, kwargs)
+            x = _batched(first_input(args, kwargs))
             self._grids[grid] = (_ceil_div(x.shape[-2], grid[1]), _ceil_div(x.shape[-1], grid[1]))
         return hook
 
@@ -249,10 +257,24 @@ class FeatureCapture(AttachedHooks):
             return tuple(_ceil_div(n, tap.grid_divisor) for n in self.token_grid)
         return self._grids[(tap.grid_path, tap.grid_divisor)]
 
-    def _text_hook(self, path: str):
+    def _text_hook(self, path: str, item: tuple[str, int] | None):
         def hook(_module, args, kwargs):
-            self._texts[path] = first_input(args, kwargs).shape[1]
+            text = _pick_input(args, kwargs, item)
+            if isinstance(text, (list, tuple)):  # per-sample captions: one length, or no span would fit them all
+                lengths = sorted({t.shape[0] for t in text})
+                if len(lengths) > 1:
+                    raise TokenGridError(f"captions of {', '.join(map(str, lengths))} tokens in one batch: their "
+                                         "tokens cannot be split by one length; capture each length in its own batch")
+                self._texts[path] = lengths[0]
+            else:
+                self._texts[path] = text.shape[1]
         return hook
+
+    def _parts(self, tap: Tap) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(start, length) of the text and of the image tokens in a joint sequence, padding excluded."""
+        text, (h, w) = self._texts[tap.text_path], self._grid(tap)
+        after = _ceil_div(h * w if tap.image_first else text, tap.pad_multiple) * tap.pad_multiple
+        return ((after, text), (0, h * w)) if tap.image_first else ((0, text), (after, h * w))
 
     def _span(self, tap: Tap, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """The text or image part of a joint [text, image, ...] sequence (image: the generated image's tokens)."""
@@ -261,14 +283,11 @@ class FeatureCapture(AttachedHooks):
         if tap.span == "grid":  # an image stream that reference-image tokens may follow (Flux Kontext)
             h, w = self._grid(tap)
             return x.narrow(dim, 0, h * w)
-        text = self._texts[tap.text_path]
-        if tap.span == "text":
-            return x.narrow(dim, 0, text)
-        h, w = self._grid(tap)
-        return x.narrow(dim, text, h * w)
+        text, image = self._parts(tap)
+        return x.narrow(dim, *(text if tap.span == "text" else image))
 
     def _read(self, tap: Tap, x: torch.Tensor) -> torch.Tensor:
-        x = _slice(_merge_heads(x, tap.layout), tap.part)
+        x = _slice(_merge_heads(_batched(x), tap.layout), tap.part)
         if tap.columns is not None:
             x = x[..., tap.columns[0]:tap.columns[1]]
         return self._span(tap, x)
@@ -317,12 +336,11 @@ class FeatureCapture(AttachedHooks):
             if isinstance(rope, torch.Tensor) and rope.shape[0] > 1:
                 rope = self._select(rope)
             q, k = apply_rope(tap.rope, q, k, rope)
-        text = self._texts[tap.text_path]
-        h, w = self._grid(tap)
+        text, image = self._parts(tap)
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
-            probs = head_probs(q.narrow(2, text, h * w), k, upcast, _text_padding(pieces.get("text_mask"), k, text,
-                                                                                  self._select))
-            keys = probs.narrow(-1, 0, text) if tap.span == "text" else probs.narrow(-1, text, h * w)
+            probs = head_probs(q.narrow(2, *image), k, upcast, _text_padding(pieces.get("text_mask"), k, text,
+                                                                             self._select))
+            keys = probs.narrow(-1, *(text if tap.span == "text" else image))
             self._store(tap, keys.contiguous(), selected=True)
 
     def _mask_hook(self, tap: Tap, attention, heads: int):

@@ -37,6 +37,11 @@ class Tap:
     queries' probabilities at the `span` keys: "text" for cross-maps, "image" for self-maps. `text_mask_arg`: where
     the model takes a text padding mask ((B, T), true / 1 at real tokens; an argument of `rope_path`'s module): padded
     text keys then get no probability, as in the model's own attention.
+    Z-Image adds: `text_item` reads the text length from that input of `text_path` (a (keyword, position); a list of
+    per-sample (T, C) captions counts T) instead of its first input's second axis; `image_first` says the joint
+    sequence is [image, text] (diffusers' Z-Image) instead of [text, image]; `pad_multiple` says each part of the
+    joint sequence is padded to a multiple of that many tokens (Z-Image: 32), so a part's tokens start after the
+    padded length of the part before it and the padding tokens are in no span.
     """
 
     id: str
@@ -60,6 +65,9 @@ class Tap:
     rope_path: str | None = None
     rope_arg: tuple[str, int] | None = None
     text_mask_arg: tuple[str, int] | None = None
+    text_item: tuple[str, int] | None = None
+    image_first: bool = False
+    pad_multiple: int = 1
 
 
 def is_unet(model: torch.nn.Module) -> bool:

@@ -21,7 +21,9 @@ from diffusion_feature.layer_catalog import (FAMILIES, LayerIdError, LayerIdSynt
 COUNTS = {"sd15": 197, "sd21": 197, "sdxl": 612, "playground-v2": 612, "pixart-sigma": 224, "flux": 3 + 57 * 18,
           "sd3": 3 + 37 * 18 + 15,
           # 60 double-stream blocks: 8 suffixes per stream, image and text, plus the two maps
-          "qwen-image": 3 + 60 * 18, "flux2": 3 + 56 * 18}
+          "qwen-image": 3 + 60 * 18, "flux2": 3 + 56 * 18,
+          # dit-in/embed/out; 2 refiners of 17 ids (9 image incl. the self-map + 8 text); 30 layers of 18 ids
+          "z-image": 3 + 2 * 17 + 30 * 18}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -91,8 +93,11 @@ def test_unknown_id_names_family_and_nearest_ids():
 
 
 def test_id_of_another_family_says_so():
-    with pytest.raises(LayerIdError, match=r"is a layer id of pixart-sigma, flux, sd3, qwen-image and flux2, not of sd15"):
+    with pytest.raises(LayerIdError, match=r"is a layer id of pixart-sigma, flux, sd3, qwen-image, flux2 and z-image, "
+                                           r"not of sd15"):
         resolve_layers("vit-block3-out", "sd15")
+    with pytest.raises(LayerIdError, match=r"is a layer id of z-image, not of flux"):  # refiners: Z-Image's only
+        resolve_layers("vit-refiner1-txt-out", "flux")
     with pytest.raises(LayerIdError, match=r"sdxl and playground-v2, not of sd15"):
         resolve_layers("up-level0-repeat0-vit-block7-out", "sd15")
 

@@ -49,8 +49,8 @@ def test_the_lookups_answer_from_the_table():
     assert family_of_unet(32, False) is None and family_of_unet(32, False, exact=False) == "sd15"
     assert family_of_unet(32, True, exact=False) == "sdxl" and family_of_unet(4096, False) is None
     assert [family_of_comfy_config(c) for c in ("SD15", "SD20", "SSD1B", "PixArtSigma", "SD3", "QwenImage", "Flux",
-                                                "Flux2", "SDXLRefiner")] == \
-        ["sd15", "sd21", "sdxl", "pixart-sigma", "sd3", "qwen-image", "flux", "flux2", None]
+                                                "Flux2", "ZImage", "Lumina2", "SDXLRefiner")] == \
+        ["sd15", "sd21", "sdxl", "pixart-sigma", "sd3", "qwen-image", "flux", "flux2", "z-image", None, None]
     unet = {"model.diffusion_model.input_blocks.0.0.weight": (1,)}
     assert family_of_checkpoint({**unet, "cond_stage_model.transformer.x": (1,)}) == "sd15"
     assert family_of_checkpoint({**unet, "cond_stage_model.model.x": (1,)}) == "sd21"
@@ -70,17 +70,23 @@ def test_the_lookups_answer_from_the_table():
         == "flux2"  # the family with more marks, all matching, is the more specific one
     assert family_of_checkpoint({"double_blocks.0.img_attn.qkv.weight": (1,),
                                  "double_stream_modulation_img.lin.weight": (1,)}) == "flux2"  # a bare diffusion model
+    refiners = {"context_refiner.0.attention.qkv.weight": (1,), "noise_refiner.0.attention.qkv.weight": (1,)}
+    assert family_of_checkpoint({**refiners, "x_pad_token": (1,)}) == "z-image"  # ComfyUI's file
+    assert family_of_checkpoint({"model.diffusion_model.x_pad_token": (1,),  # the original / diffusers names
+                                 "model.diffusion_model.context_refiner.0.attention.to_q.weight": (1,)}) == "z-image"
+    assert family_of_checkpoint(refiners) is None  # Lumina2: refiners, no pad tokens
     assert family_of_checkpoint({"cond_stage_model.model.x": (1,)}) is None  # a text encoder alone
     assert get_family("playground-v2").denoiser_family == "sdxl" and get_family("sd21").denoiser_family == "sd21"
-    assert [get_family(f).controlnet for f in FAMILIES] == [True, True, True] + [False] * 6
+    assert [get_family(f).controlnet for f in FAMILIES] == [True, True, True] + [False] * 7
 
 
 def test_bad_family_names_and_denoiser_classes_get_the_valid_ones():
     for bad in ("wan", ["sd15"], None):
         with pytest.raises(UnknownFamilyError, match="valid families: sd15, sd21, sdxl, playground-v2, pixart-sigma, "
-                                                     "flux, sd3, qwen-image, flux2"):
+                                                     "flux, sd3, qwen-image, flux2, z-image"):
             get_family(bad)
     with pytest.raises(ValueError, match="'WanTransformer3DModel' is not one of the families' "
                                          r"\(Flux2Transformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, "
-                                         r"QwenImageTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel\)"):
+                                         r"QwenImageTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, "
+                                         r"ZImageTransformer2DModel\)"):
         denoiser_from_config({"_class_name": "WanTransformer3DModel"})

@@ -7,16 +7,20 @@ one loaded network of one backend. The grammar is the same for every such family
     vit-block{B}-txt-{...}                                         text tokens of block B, as (C, T)
     vit-block{B}-{cross-map|self-map}                    image queries' probabilities at the text / image keys
     vit-block{B}-attn2-{norm-out|q|k|v|self-map|attn-out}          a second, image-only attention (SD3.5 medium)
+    vit-refiner{R}-{in|norm-out|q|k|v|self-map|attn-out|ffn-inner|out}   Z-Image's refiner R: its image stream
+    vit-refiner{R}-txt-{...}                             its text stream (a separate block that sees text only)
 
 B counts every block in forward order (Flux: its double-stream blocks, then its single-stream ones). A family
 module says where each tensor is (`Read`s: paths and how to read them); this module turns that into ids in forward
-order and into Taps, so both backends' ids come from the module tree actually loaded.
+order and into Taps, so both backends' ids come from the module tree actually loaded. Refiner ids come after
+dit-embed and before the blocks, by R; a refiner's two streams run one after the other (diffusers' Z-Image: every
+image refiner first; ComfyUI: every text refiner first), so the listed order is R's, not the clock's.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..grammar import DIT_SUFFIXES, MAP_SUFFIXES
+from ..grammar import DIT_REFINER_SUFFIXES, DIT_SUFFIXES, MAP_SUFFIXES
 from ..tap import Tap
 
 # Where one block's tensors are: suffix ("q", "txt-q", ...) -> Tap fields (module_path, at, item, layout, columns,
@@ -38,16 +42,24 @@ class DitLayout:
     """One loaded diffusion transformer as its family module reads it.
 
     ends: "in" / "embed" / "out" -> Read (with its kind). blocks: one dict per block in forward order.
-    common: Tap fields every token tap shares (grid_path, grid_divisor, text_path).
+    common: Tap fields every token tap shares (grid_path, grid_divisor, text_path). refiners: one dict per refiner
+    (Z-Image), the same reads as a block's (its self-map under "map").
     """
 
     ends: dict[str, Read]
     blocks: list[dict[str, Read]]
     common: dict = field(default_factory=dict)
+    refiners: list[dict[str, Read]] = field(default_factory=list)
 
     def ids(self) -> list[str]:
         """Every id of this network, in the order the tensors appear during a forward."""
         ids = ["dit-in", "dit-embed"] if "embed" in self.ends else ["dit-in"]
+        for r, reads in enumerate(self.refiners):
+            for suffix in DIT_REFINER_SUFFIXES:
+                if suffix == "self-map":  # the image stream's only map
+                    ids += [f"vit-refiner{r}-self-map"] if "map" in reads else []
+                    continue
+                ids += [f"vit-refiner{r}-{s}" for s in (suffix, f"txt-{suffix}") if s in reads]
         for b, reads in enumerate(self.blocks):
             for suffix in DIT_SUFFIXES:
                 if suffix in JOINT_MAPS:
@@ -61,6 +73,13 @@ class DitLayout:
         """The tap of one id of ids()."""
         if layer_id.startswith("dit-"):
             return Tap(layer_id, **{**self.common, **self.ends[layer_id[4:]]})
+        if layer_id.startswith("vit-refiner"):
+            refiner, suffix = layer_id[len("vit-refiner"):].split("-", 1)
+            reads = self.refiners[int(refiner)]
+            if suffix == "self-map":
+                return Tap(layer_id, kind="map", span="image", **{**self.common, **reads["map"]})
+            return Tap(layer_id, kind="text" if suffix.startswith("txt-") else "tokens",
+                       **{**self.common, **reads[suffix]})
         block, suffix = layer_id[len("vit-block"):].split("-", 1)
         reads = self.blocks[int(block)]
         if suffix in JOINT_MAPS:

@@ -89,6 +89,11 @@ def dummy_inputs(model: torch.nn.Module, height: int, width: int, *, batch: int 
                       encoder_hidden_states=rand(batch, text_tokens, cfg.joint_attention_dim),
                       img_shapes=[[(1, ph, pw)]] * batch, timestep=kwargs["timestep"].to(dtype) / 1000)
         return kwargs
+    if type(model).__name__ == "ZImageTransformer2DModel":  # lists of per-sample latents (C, 1, h, w) and captions
+        kwargs = {"x": [rand(cfg.in_channels, 1, h, w) for _ in range(batch)],
+                  "t": (1000 - kwargs["timestep"].to(dtype)) / 1000,  # as its pipeline turns t into the model's
+                  "cap_feats": [rand(text_tokens, cfg.cap_feat_dim) for _ in range(batch)]}
+        return kwargs
     if is_pixart(model):
         kwargs["hidden_states"] = rand(batch, cfg.in_channels, h, w)
         kwargs["encoder_hidden_states"] = rand(batch, text_tokens, cfg.caption_channels)

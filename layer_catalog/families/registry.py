@@ -7,12 +7,12 @@ import re
 from typing import Callable
 
 from ..errors import DiffusionFeatureError, echo
-from . import flux, flux2, pixart_sigma, playground_v2, qwen_image, sd3, sd15, sd21, sdxl
+from . import flux, flux2, pixart_sigma, playground_v2, qwen_image, sd3, sd15, sd21, sdxl, z_image
 from .family import Family
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     sd15.FAMILY, sd21.FAMILY, sdxl.FAMILY, playground_v2.FAMILY, pixart_sigma.FAMILY, flux.FAMILY, sd3.FAMILY,
-    qwen_image.FAMILY, flux2.FAMILY)}
+    qwen_image.FAMILY, flux2.FAMILY, z_image.FAMILY)}
 DEFAULT_FAMILY = sd15.FAMILY.name  # the family of the demo and of random weights when none is named
 
 
