@@ -334,8 +334,18 @@ def _find_transformer_options(args, kwargs) -> dict:
     return {}
 
 
+def is_flow(sampling) -> bool:
+    """ComfyUI's rectified-flow sampling (Flux, SD3: x_t = (1 - sigma) x0 + sigma eps), recognised by its CONST
+    prediction mixin so that no ComfyUI import is needed (the 2024-03 ComfyUI may lack it)."""
+    return any(c.__name__ == "CONST" for c in type(sampling).__mro__)
+
+
 def _timestep_of(base_model):
+    """sigma -> the row label's timestep, on the 0-1000 scale for every model: a flow model's is 1000 sigma
+    (ComfyUI hands Flux sigma itself and its network scales it by 1000)."""
     sampling = getattr(base_model, "model_sampling", None)
+    if sampling is not None and is_flow(sampling):
+        return lambda sigma: sigma * 1000.0
     return getattr(sampling, "timestep", None)
 
 

@@ -36,7 +36,7 @@ _REF = 64  # the latent side of the reference pass (512 pixels for the SD famili
 class FeatureSizes:
     """Per-sample shapes of some taps at a reference latent size, scaled to any size without running the network
     again (running it inside a sampler's model call would also fire other packs' hooks): spatial features and map
-    queries follow the latent grid, self-attention keys too, cross-attention keys (text tokens) stay."""
+    queries follow the latent grid, self-attention keys too, cross-attention keys and text-token features stay."""
 
     shapes: tuple  # ((tap id, shape at _REF x _REF latent), ...)
     dtype: torch.dtype  # the network's compute dtype: its activations', so the features' unless told otherwise
@@ -50,6 +50,8 @@ class FeatureSizes:
                 heads, nq, nk = shape
                 nq = nq * h * w // (_REF * _REF)
                 shape = (heads, nq, nq if "self-map" in tap_id else nk)
+            elif len(shape) == 2:  # text tokens (C, T) of a diffusion transformer: no grid to follow
+                pass
             else:
                 shape = (shape[0], max(1, shape[1] * h // _REF), max(1, shape[2] * w // _REF))
                 if feature_resize > 1:

@@ -130,6 +130,5 @@ FAMILY = Family(
     },
     vae_float32=True, latent_format="Flux", comfy_configs=("Flux", "FluxSchnell", "FluxInpaint"),
     checkpoint_marks=(r"(model\.diffusion_model\.)?double_blocks\.0\.img_attn\.qkv\.weight$",), single_file=False,
-    native=False,  # until the native backend maps ComfyUI's Flux
     networks={"FluxTransformer2DModel": diffusers_layout, "Flux": native_layout},
 )

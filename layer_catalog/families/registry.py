@@ -55,13 +55,16 @@ def family_of_unet(text_width: int | None, pooled: bool, *, exact: bool = True) 
     return next((n for n in fits if FAMILIES[n].text_width == text_width), None if exact else fits[0])
 
 
+def network_family(model) -> str | None:
+    """The family that declares a loaded network's class in its `networks` (None: no family reads it directly)."""
+    name = type(model).__name__
+    return next((n for n, f in FAMILIES.items() if name in f.networks), None)
+
+
 def dit_layout(model):
     """The DitLayout of a loaded diffusion transformer of a family that declares its class (None: not one)."""
-    name = type(model).__name__
-    for fam in FAMILIES.values():
-        if name in fam.networks:
-            return fam.networks[name](model)
-    return None
+    family = network_family(model)
+    return None if family is None else FAMILIES[family].networks[type(model).__name__](model)
 
 
 def family_of_comfy_config(class_name: str) -> str | None:
