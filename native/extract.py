@@ -71,7 +71,8 @@ def flow_meta(model, t: int, shift: bool, guidance) -> dict:
     """The metadata of a flow model's extraction: its sigma at t, the shift used (None: none) and the guidance."""
     if not comfy_model.is_flow_model(model):
         return {}
-    return {"sigma": float(comfy_model.sigmas_at(model, [t], shift)[0]),
+    sigma = float(comfy_model.sigmas_at(model, [t], shift)[0]) if shift else t / 1000.0
+    return {"sigma": sigma,
             "shift": comfy_model.flow_shift(model) if shift else None, "guidance": _guidance(model, guidance)}
 
 
