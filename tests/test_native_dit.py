@@ -333,3 +333,65 @@ def test_a_flux_network_of_a_non_native_family_is_refused_by_name(flux, monkeypa
     with pytest.raises(UnsupportedModelError, match=r"network Flux is not supported .* flux (are|is) tapped only "
                                                     r"on DF_MODEL"):
         model_layer_ids(model)
+
+
+def test_nodes_show_pca_map_and_save_flux_features(flux, tmp_path, monkeypatch):
+    """DFShowLayers lists the MODEL's DiT ids with their shapes; DFFeaturePCA draws a text-token layer as a strip of
+    one cell per token (the PCA of its tokens); DFAttentionMap's cross-map mask is the heads' mean column of one
+    token, its self-map mask one query point's row, on the 3 x 5 grid of this non-square image; saving keeps text
+    features 2-D per sample, and the aggregate layout leaves them out; the picker groups the DiT ids."""
+    from diffusion_feature.engine.features_io import load_features
+    from diffusion_feature.engine.visualize import pca_rgb
+    from diffusion_feature.nodes.node_hooks import DFShowLayers
+    from diffusion_feature.nodes.node_native import DFCaptureLayers, DFCollectFeatures
+    from diffusion_feature.nodes.node_save import DFSaveFeatures
+    from diffusion_feature.nodes.node_visualize import TEXT_CELL, DFAttentionMap, DFFeaturePCA
+    from diffusion_feature.nodes.routes import group_of, layers_payload
+
+    monkeypatch.setenv("DF_OUTPUT_DIR", str(tmp_path))
+    ns, model = flux
+    text = DFShowLayers().show(model, width=LATENT[1] * 8, height=LATENT[0] * 8)["result"][0]
+    assert text.splitlines()[0] == f"# flux: 75 layer ids at {LATENT[1] * 8}x{LATENT[0] * 8}"
+    assert "vit-block0-cross-map  2 x 15 x 512" in text and "vit-block2-txt-q  16 x 512" in text
+    txt, cross, self_map, image = "vit-block1-txt-out", "vit-block3-cross-map", "vit-block3-self-map", "vit-block3-out"
+    tapped, capture = DFCaptureLayers().capture(model, "\n".join([txt, cross, self_map, image]), "none", "last",
+                                                "cond")
+    (features,) = DFCollectFeatures().collect(capture, {"samples": _sample(ns, tapped, cfg=1.0)})
+    assert features.tensors[txt].shape == (2, 16, T_TXT)
+
+    (strip,) = DFFeaturePCA().pca(features, txt, joint=True)
+    assert tuple(strip.shape) == (2, TEXT_CELL, T_TXT * TEXT_CELL, 3)
+    want = pca_rgb([x.unsqueeze(1) for x in features.tensors[txt]], joint=True)
+    for n in range(2):
+        assert torch.equal((strip[n, ::TEXT_CELL, ::TEXT_CELL] * 255).round().to(torch.uint8),
+                           torch.from_numpy(want[n]))
+    (grid,) = DFFeaturePCA().pca(features, txt, size="feature grid")
+    assert tuple(grid.shape) == (2, 1, T_TXT, 3)
+
+    h, w = LATENT[0] * 8, LATENT[1] * 8
+    _, mask = DFAttentionMap().show(features, cross, token_index=3)
+    column = features.tensors[cross].mean(dim=1)[:, :, 3].reshape(2, 3, 5)
+    assert mask.shape == (2, h, w)
+    for n in range(2):  # the brightest cell of the mask is the token's strongest image position
+        cell = mask[n].reshape(3, h // 3, 5, w // 5).mean(dim=(1, 3))
+        assert int(cell.argmax()) == int(column[n].argmax())
+    _, mask = DFAttentionMap().show(features, self_map, query_x=0.9, query_y=0.1)  # the top-right token: 4
+    row = features.tensors[self_map].mean(dim=1)[:, 4].reshape(2, 3, 5)
+    for n in range(2):
+        cell = mask[n].reshape(3, h // 3, 5, w // 5).mean(dim=(1, 3))
+        assert int(cell.argmax()) == int(row[n].argmax())
+    with pytest.raises(ValueError, match="token index 5 is outside 0..4"):
+        DFAttentionMap().show(features, cross, token_index=5)
+
+    saved = DFSaveFeatures().save(features, "flux/rows")["ui"]["features"]
+    loaded = [load_features(tmp_path / s["subfolder"] / s["filename"]) for s in saved]
+    for n, f in enumerate(loaded):
+        assert f.tensors[txt].shape == (1, 16, T_TXT) and torch.equal(f.tensors[txt][0], features.tensors[txt][n])
+        assert torch.equal(f.tensors[cross][0], features.tensors[cross][n])
+    DFSaveFeatures().save(features, "flux/agg", format="npy", layout="aggregate")
+    agg = sorted((tmp_path / "flux").glob("agg*.npy"))
+    assert len(agg) == 2 and __import__("numpy").load(agg[0]).shape == (16, 3, 5)  # only the image layer
+
+    assert [group_of(i) for i in ("dit-in", "vit-block2-txt-q", "dit-out")] == ["dit", "vit-block0-3", "dit"]
+    payload = layers_payload("flux")
+    assert payload["layers"][0] == {"id": "dit-in", "shape": [16, 128, 128], "group": "dit"}
