@@ -226,7 +226,8 @@ def _extract_native(model: list, vae: list, positive: list, image: list, layers:
     return {"class_type": "DFExtractNative", "inputs": {
         "model": model, "vae": vae, "positive": positive, "image": image, "t": 50, "seed": 0, "layers": layers,
         "preset": "none" if layers else "practical", "resize": "keep-aspect", "ensemble": 1, "feature_resize": 1,
-        "offload": True, "batch_size": 4, "denoise_from": denoise_from, "denoise_steps": 1}}
+        "offload": True, "batch_size": 4, "denoise_from": denoise_from, "denoise_steps": 1, "guidance": 3.5,
+        "shift": False}}
 
 
 def _native_timeline_graph() -> dict:
@@ -246,6 +247,33 @@ def _native_timeline_graph() -> dict:
     g["10"] = _save(_link("7"), "diffusion_feature/native_timeline")
     g["11"] = {"class_type": "VAEDecode", "inputs": {"samples": _link("6"), "vae": _link("1", 2)}}
     g["12"] = _preview(_link("11"))
+    return g
+
+
+FLUX_DEV = "flux1-dev.safetensors"
+FLUX_TIMELINE_LAYER = "vit-block28-in"  # DiTF's layer: the tenth single-stream block's input
+
+
+def _native_flux_timeline_graph() -> dict:
+    """Load Diffusion Model (Flux dev) -> DFCaptureLayers -> KSampler at cfg 1 (Flux dev's guidance comes from
+    FluxGuidance, its negative prompt is never called) -> DFCollectFeatures -> one joint PCA over the timeline."""
+    g = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": FLUX_DEV, "weight_dtype": "default"}},
+         "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                          "clip_name2": "t5xxl_fp16.safetensors", "type": "flux",
+                                                          "device": "default"}},
+         "3": _clip_text(_link("2"), "a photo of a red house by a lake"),
+         "4": {"class_type": "FluxGuidance", "inputs": {"conditioning": _link("3"), "guidance": 3.5}},
+         "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 768, "batch_size": 1}},
+         "6": {"class_type": "DFCaptureLayers", "inputs": {"model": _link("1"), "layers": FLUX_TIMELINE_LAYER,
+                                                           "preset": "none", "capture_steps": "every 4",
+                                                           "branch": "cond"}}}
+    g["7"] = {"class_type": "KSampler", "inputs": {
+        "model": _link("6"), "seed": 0, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": _link("4"), "negative": _link("4"), "latent_image": _link("5"), "denoise": 1.0}}
+    g["8"] = {"class_type": "DFCollectFeatures", "inputs": {"capture": _link("6", 1), "latent": _link("7")}}
+    g["9"] = _pca(_link("8"), FLUX_TIMELINE_LAYER)
+    g["10"] = _preview(_link("9"))
+    g["11"] = _save(_link("8"), "diffusion_feature/flux_timeline")
     return g
 
 
@@ -305,6 +333,8 @@ EXAMPLES = {
     "native_content_shift_controlnet": ("Native: Canny + Apply ControlNet -> extract, denoise from t=60 to 50",
                                         _native_controlnet_graph()),
     "native_lora_extract": ("Native: LoraLoader -> extract", _native_lora_graph()),
+    "native_flux_capture_timeline": ("Native Flux: capture during KSampler -> joint PCA timeline",
+                                     _native_flux_timeline_graph()),
 }
 
 # ---- UI format ------------------------------------------------------------------------------------------------
@@ -327,6 +357,10 @@ CORE = {  # ComfyUI core nodes used here: (widget inputs in order, outputs, link
                                  ("control_net", "CONTROL_NET"), ("image", "IMAGE")]),
     "LoraLoader": (["lora_name", "strength_model", "strength_clip"], [("MODEL", "MODEL"), ("CLIP", "CLIP")],
                    [("model", "MODEL"), ("clip", "CLIP")]),
+    "UNETLoader": (["unet_name", "weight_dtype"], [("MODEL", "MODEL")], []),
+    "DualCLIPLoader": (["clip_name1", "clip_name2", "type", "device"], [("CLIP", "CLIP")], []),
+    "FluxGuidance": (["guidance"], [("CONDITIONING", "CONDITIONING")], [("conditioning", "CONDITIONING")]),
+    "EmptySD3LatentImage": (["width", "height", "batch_size"], [("LATENT", "LATENT")], []),
 }
 
 
