@@ -297,7 +297,7 @@ class _LastCall:
     def begin_run(self, marked: bool = False) -> None:
         pass
 
-    def run_call(self, unet, x, sigma, transformer_options, call, timestep_of=None):
+    def run_call(self, unet, x, sigma, transformer_options, call, timestep_of=None, text_tokens=None):
         if not self.armed:
             return call()
         self.armed = False

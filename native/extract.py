@@ -130,12 +130,12 @@ def extract_native(model, vae, positive, images: torch.Tensor, layers=None, t: i
 
     check_timestep(t)
     schedule(t, denoise_from, denoise_steps)  # a bad denoise_from is refused before the VAE runs
-    flow = flow_meta(model, t, shift, guidance)  # a bad shift or guidance too
     _check_positive(positive)
     check_ensemble(ensemble)
     check_batch_size(batch_size)
     layers = _layers_of(model, layers)
-    family = comfy_model.native_family(model)
+    family = comfy_model.native_family(model)  # an unsupported MODEL is refused here
+    flow = flow_meta(model, t, shift, guidance)  # a bad shift or guidance before the VAE runs
     native_side = get_family(family).native_size if family else DEFAULT_NATIVE_SIZE
     pixels, input_size = _pixels(images, native_side, resize, size)  # (B, 3, H, W) in [-1, 1], as DFExtractFeatures
     height, width = pixels.shape[-2:]
@@ -144,7 +144,8 @@ def extract_native(model, vae, positive, images: torch.Tensor, layers=None, t: i
                      compute_dtype=comfy_model.inference_dtype(model), ensemble=ensemble,
                      store="cpu" if offload else getattr(model, "load_device", next(net.parameters()).device),
                      feature_resize=feature_resize, batch_size=batch_size,
-                     known=getattr(comfy_model.capture_of(model), "sizes", None))
+                     known=getattr(comfy_model.capture_of(model), "sizes", None),
+                     text_tokens=int(positive[0][0].shape[1]) if positive[0][0].ndim == 3 else None)
     comfy_pixels = ((pixels + 1.0) / 2.0).permute(0, 2, 3, 1).contiguous()  # ComfyUI IMAGE, 0..1
 
     def chunk(start, stop):

@@ -31,6 +31,11 @@ def _context_width(net: torch.nn.Module) -> int:
     raise ValueError("this network has no cross-attention to size the text embedding for")
 
 
+def reference_tokens(family: str | None) -> int:
+    """The text tokens of the shape pass: the family's (Flux: T5's 512), CLIP's 77 for a UNet without a family."""
+    return get_family(family).text_tokens if family else 77
+
+
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
                "_forward_hooks_always_called")
 
@@ -43,7 +48,7 @@ def layer_shapes(net: torch.nn.Module, family: str | None, height: int, width: i
 
     if height % 8 or width % 8 or height < 8 or width < 8:
         raise ValueError(f"image size must be positive multiples of 8 pixels, got {width}x{height}")
-    tokens = get_family(family).text_tokens if family else 77
+    tokens = reference_tokens(family)
     taps = native_taps(layers, net, family)
     like = {"dtype": dtype, "device": next(net.parameters()).device}
     saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in net.modules()]

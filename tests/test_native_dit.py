@@ -237,9 +237,8 @@ def _bytes(tensors: dict) -> int:
 def test_shapes_and_the_memory_guard_size_every_flux_id(flux, monkeypatch):
     """DFShowLayers' fake pass gives every id's captured shape at a non-square size: image features (C, h, w), text
     features (C, T) and maps (heads, image tokens, text / image tokens), T being the family's 512 text tokens there
-    (the test's prompts have 5). The capture's plan of image ids is exactly what the run keeps (text ids are
-    planned at the family's token count: never less than a Flux prompt's), and one byte less free is refused before
-    the first tapped call."""
+    (the test's prompts have 5). The capture's plan, at the call's own prompt length, is exactly what the run keeps,
+    and one byte less free is refused before the first tapped call."""
     from diffusion_feature.engine import memory_guard
     from diffusion_feature.engine.memory_guard import FeatureMemoryError
     from diffusion_feature.layer_catalog import get_family
@@ -259,18 +258,14 @@ def test_shapes_and_the_memory_guard_size_every_flux_id(flux, monkeypatch):
     assert shapes[f"vit-block{S0}-txt-q"] == [16, tokens] and shapes["vit-block0-self-map"] == [2, 15, 15]
     assert shapes["vit-block0-cross-map"] == [2, 15, tokens] and shapes["dit-out"] == [16, *LATENT]
 
-    image_ids = [i for i in ids if "txt-" not in i and "cross" not in i]
-    tapped, capture = capture_layers(model, image_ids, steps="all", branch="both")
-    _sample(ns, tapped, steps=2)
-    labels, feats = capture.stacked()
     per_row = _bytes(feats) // len(labels)
-    assert capture.sizes.sample_bytes(LATENT, torch.float32) == per_row
+    assert capture.sizes.sample_bytes(LATENT, torch.float32, text_tokens=T_TXT) == per_row
     planned = 2 * per_row * len(labels)  # every step's rows, plus DFCollectFeatures' stacked copy
     monkeypatch.setattr(memory_guard, "available_bytes", lambda device, root="/": planned)
-    _sample(ns, tapped, steps=2)
+    _sample(ns, tapped, steps=2)  # the plan takes the call's own prompt length: 5 tokens, not the family's 512
     monkeypatch.setattr(memory_guard, "available_bytes", lambda device, root="/": planned - 1)
-    with pytest.raises(FeatureMemoryError, match=rf"^capturing {len(image_ids)} layers at 2 steps of 4 rows at "
-                                                 r"80x48 .*at most 1 capture step fit"):
+    with pytest.raises(FeatureMemoryError, match=r"^capturing 75 layers at 2 steps of 4 rows at 80x48 .*at most 1 "
+                                                 r"capture step fit"):
         _sample(ns, tapped, steps=2)
     assert capture.records == []
     _zero_hooks(model.model.diffusion_model)
@@ -284,10 +279,13 @@ class _FlatVAE:
         return torch.cat([x] * 5 + [x[:, :1]], dim=1) * 2 - 1
 
 
-def test_extract_native_on_flux_is_the_flow_forward_at_t_over_1000(flux):
+def test_extract_native_on_flux_is_the_flow_forward_at_t_over_1000(flux, monkeypatch):
     """DFExtractNative on a flow model: x_t = (1 - t/1000) x0 + t/1000 eps with the model's own process_in, the
     network called at sigma = t/1000 with the guidance value asked for; metadata records sigma, shift and guidance;
-    shift=True takes the MODEL's own shifted schedule (ModelSamplingFlux: e^mu / (e^mu + 1/s - 1))."""
+    shift=True takes the MODEL's own shifted schedule (ModelSamplingFlux: e^mu / (e^mu + 1/s - 1)); the memory guard
+    plans text features and cross-maps at the prompt's own length."""
+    from diffusion_feature.engine import memory_guard
+    from diffusion_feature.engine.memory_guard import FeatureMemoryError
     from diffusion_feature.native.extract import extract_native, extract_native_latents
 
     ns, model = flux
@@ -320,6 +318,18 @@ def test_extract_native_on_flux_is_the_flow_forward_at_t_over_1000(flux):
     assert not torch.allclose(shifted.tensors[ids[-1]], plain.tensors[ids[-1]], atol=1e-4)
     with pytest.raises(ValueError, match="guidance must be a number from 0 to 100"):
         extract_native(model, _FlatVAE(), positive, image, ids[-1:], t=300, seed=9, guidance=-1.0)
+
+    # the memory plan (the output and a batch in flight) at the prompt's own 5 tokens is exactly what is kept
+    size = dict(resize="stretch", size=f"{LATENT[1] * 8}x{LATENT[0] * 8}")
+    kept = extract_native(model, _FlatVAE(), positive, image, ids, t=300, seed=9, **size)
+    planned = 2 * sum(v.numel() * v.element_size() for v in kept.tensors.values())
+    monkeypatch.setattr(memory_guard, "available_bytes", lambda device, root="/": planned)
+    extract_native(model, _FlatVAE(), positive, image, ids, t=300, seed=9, **size)
+    monkeypatch.setattr(memory_guard, "available_bytes", lambda device, root="/": planned - 1)
+    vae = _FlatVAE()
+    monkeypatch.setattr(vae, "encode", lambda *a: pytest.fail("the VAE ran"))
+    with pytest.raises(FeatureMemoryError, match="^extracting 4 layers from 1 image of 80x48"):
+        extract_native(model, vae, positive, image, ids, t=300, seed=9, **size)
 
 
 def test_a_flux_network_of_a_non_native_family_is_refused_by_name(flux, monkeypatch):
