@@ -18,7 +18,7 @@ import torch
 from ..layer_catalog import get_family
 from ..layer_catalog.families.meta import native_dummy_inputs
 from ..layer_catalog.hooks import FeatureCapture
-from .names import is_native_pixart, native_taps
+from .names import is_native_dit, is_native_pixart, native_taps
 
 
 def _context_width(net: torch.nn.Module) -> int:
@@ -61,6 +61,9 @@ def layer_shapes(net: torch.nn.Module, family: str | None, height: int, width: i
             dit = native_dummy_inputs(net, (height // 8, width // 8), tokens, lambda *s: torch.empty(*s, **like))
             if dit is not None:  # a diffusion transformer: its family knows its forward's inputs
                 args, kwargs = dit
+            elif is_native_dit(net):
+                raise ValueError(f"no example inputs for ComfyUI's {type(net).__name__} network to size its layers "
+                                 "with (layer_catalog/families/meta.py lists them per class)")
             else:
                 args = (torch.empty(1, net.in_channels, height // 8, width // 8, **like),
                         torch.empty(1, device=like["device"]))  # t: float32

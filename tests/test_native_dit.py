@@ -333,12 +333,17 @@ def test_extract_native_on_flux_is_the_flow_forward_at_t_over_1000(flux, monkeyp
 
 
 def test_a_flux_network_of_a_non_native_family_is_refused_by_name(flux, monkeypatch):
-    """A family that reads ComfyUI's class but is not marked native yet gets the supported-model message."""
+    """A family that reads ComfyUI's class but is not marked native yet gets the supported-model message; a
+    diffusion transformer without example inputs says where they are listed instead of failing in the shape pass."""
     import dataclasses
 
-    from diffusion_feature.layer_catalog.families import FAMILIES
+    from diffusion_feature.layer_catalog.families import FAMILIES, meta
+    from diffusion_feature.native.comfy_model import model_layer_shapes
 
     ns, model = flux
+    monkeypatch.setattr(meta, "_COMFY_INPUTS", {})
+    with pytest.raises(ValueError, match="no example inputs for ComfyUI's Flux network .*families/meta.py"):
+        model_layer_shapes(model, 64, 64)
     monkeypatch.setitem(FAMILIES, "flux", dataclasses.replace(FAMILIES["flux"], native=False))
     with pytest.raises(UnsupportedModelError, match=r"network Flux is not supported .* flux (are|is) tapped only "
                                                     r"on DF_MODEL"):
