@@ -12,8 +12,8 @@ import torch
 
 from ..layer_catalog.attention_maps import ROPES
 from ..layer_catalog.families import FAMILIES, family_of_comfy_config, network_family
-from ..layer_catalog.hooks import FeatureCapture
 from ..layer_catalog.families.meta import native_takes_guidance
+from ..layer_catalog.hooks import FeatureCapture
 from .capture import (WRAPPER_KEY, ApplyModelWrapper, NativeCapture, OuterSampleWrapper, UnetFunctionWrapper,
                       is_flow, register)
 from .memory import feature_sizes
@@ -242,13 +242,14 @@ def run_at_sigmas(model, positive, latent: torch.Tensor, noise: torch.Tensor, si
     """Features of `layers` at the last of `sigmas`, through ComfyUI's own sampling path.
 
     comfy.sample.sample_custom does what every core sampler does: loads the MODEL (with its LoRA patches) and the
-    ControlNets of `positive` through comfy.model_management.load_models_gpu, converts the conditioning (SDXL's
-    size conditioning from the latent size), runs ControlNets inside each model call and cleans up after. Our
-    sampler function makes the calls: x = latent + sigma_0 * noise (the model scales it to sqrt(abar) x0 +
-    sqrt(1 - abar) eps; a flow model's to (1 - sigma) x0 + sigma eps), deterministic DDIM (Euler in sigma) steps through the sigmas with the positive prompt only
-    (cfg 1, no negative), then one call at the last sigma with our hooks on, stopped after the last tap when
-    `early_exit`. The hooks exist only during that call, on the network it runs (see _wrapped). guidance: the value
-    a guidance-distilled network (Flux dev) gets, in place of the conditioning's own (FluxGuidance's).
+    ControlNets of `positive` through comfy.model_management.load_models_gpu, converts the conditioning (SDXL's size
+    conditioning from the latent size), runs ControlNets inside each model call and cleans up after. Our sampler
+    function makes the calls: x = latent + sigma_0 * noise (the model scales it to sqrt(abar) x0 + sqrt(1 - abar)
+    eps; a flow model's to (1 - sigma) x0 + sigma eps), deterministic DDIM (Euler in sigma) steps through the sigmas
+    with the positive prompt only (cfg 1, no negative), then one call at the last sigma with our hooks on, stopped
+    after the last tap when `early_exit`. The hooks exist only during that call, on the network it runs (see
+    _wrapped). guidance: the value a guidance-distilled network (Flux dev) gets, in place of the conditioning's own
+    (FluxGuidance's).
     """
     import comfy.sample
     import comfy.samplers

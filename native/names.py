@@ -2,12 +2,13 @@
 
 Diffusion transformers (Flux, ...) need no translation: their family module reads ComfyUI's module tree directly
 (`Family.networks` maps ComfyUI's class to a DitLayout; families.dit_layout dispatches), so ids and taps come from
-it. The UNet (`openaimodel.UNetModel`) and PixArt are seen under diffusers' module names instead. ComfyUI numbers its blocks flat (`input_blocks.N`, `middle_block.N`, `output_blocks.N`); diffusers nests them by
-level (`down_blocks.L.resnets.R`, ...). The correspondence is the one `comfy.utils.unet_to_diffusers` uses for
-weights, but it is read here from the module tree itself (a Downsample closes a down level, an Upsample closes an up
-level), so a checkpoint of another depth gets its own ids without a config. The tree is wrapped in a small
-diffusers-shaped view, and the diffusers side's own enumeration and id -> tap rules (`layer_catalog.taps`) run on
-it unchanged: the same names, in the same forward order, by the same code.
+it. The UNet (`openaimodel.UNetModel`) and PixArt are seen under diffusers' module names instead. ComfyUI numbers
+its blocks flat (`input_blocks.N`, `middle_block.N`, `output_blocks.N`); diffusers nests them by level
+(`down_blocks.L.resnets.R`, ...). The correspondence is the one `comfy.utils.unet_to_diffusers` uses for weights,
+but it is read here from the module tree itself (a Downsample closes a down level, an Upsample closes an up level),
+so a checkpoint of another depth gets its own ids without a config. The tree is wrapped in a small diffusers-shaped
+view, and the diffusers side's own enumeration and id -> tap rules (`layer_catalog.taps`) run on it unchanged: the
+same names, in the same forward order, by the same code.
 
 Imports no ComfyUI code: modules are recognised by their class names.
 """

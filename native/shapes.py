@@ -43,7 +43,8 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwar
 def layer_shapes(net: torch.nn.Module, family: str | None, height: int, width: int, dtype: torch.dtype,
                  layers="full") -> dict[str, list[int]]:
     """{layer id: per-sample shape} of `layers` (default every id) of a native UNetModel / PixArtMS / diffusion
-    transformer at height x width pixels (multiples of 8); dtype: the model's inference dtype (comfy_model.inference_dtype)."""
+    transformer at height x width pixels (multiples of 8); dtype: the model's inference dtype
+    (comfy_model.inference_dtype)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if height % 8 or width % 8 or height < 8 or width < 8:
