@@ -72,8 +72,8 @@ class CallLog:
                "double_blocks.0.img_attn.norm.key_norm", "double_blocks.0.txt_attn.norm.query_norm",
                "double_blocks.0.txt_attn.norm.key_norm", "double_blocks.0.img_attn.qkv",
                "double_blocks.0.txt_attn.qkv", "double_blocks.0.img_attn.proj", "double_blocks.0.txt_mlp.1",
-               "single_blocks.0.norm.query_norm", "single_blocks.0.norm.key_norm", "single_blocks.0.linear1")
-    INPUTS = ("", "double_blocks.0", "single_blocks.0", "single_blocks.0.linear1", "single_blocks.0.linear2")
+               "single_blocks.0.norm.query_norm", "single_blocks.0.norm.key_norm")
+    INPUTS = ("", "double_blocks.0", "single_blocks.0", "single_blocks.0.linear1")
 
     def __init__(self, net):
         self.calls, self.handles = [], []
