@@ -283,7 +283,8 @@ def test_extract_native_on_flux_is_the_flow_forward_at_t_over_1000(flux, monkeyp
     """DFExtractNative on a flow model: x_t = (1 - t/1000) x0 + t/1000 eps with the model's own process_in, the
     network called at sigma = t/1000 with the guidance value asked for; metadata records sigma, shift and guidance;
     shift=True takes the MODEL's own shifted schedule (ModelSamplingFlux: e^mu / (e^mu + 1/s - 1)); the memory guard
-    plans text features and cross-maps at the prompt's own length."""
+    plans text features and cross-maps at the prompt's own length. denoise_from takes flow Euler steps (x0
+    predictions of the model's own apply_model) before the capture."""
     from diffusion_feature.engine import memory_guard
     from diffusion_feature.engine.memory_guard import FeatureMemoryError
     from diffusion_feature.native.extract import extract_native, extract_native_latents
@@ -301,6 +302,21 @@ def test_extract_native_on_flux_is_the_flow_forward_at_t_over_1000(flux, monkeyp
                   guidance=torch.full((2,), 2.0))
     for tid in ids:
         assert torch.allclose(got[tid], hooks.features[tid], atol=1e-5, rtol=1e-5), tid
+    # denoise_from: flow Euler steps on x0 predictions, 500 -> 400 -> 300, then the capture at 300
+    denoised = extract_native_latents(model, positive, latents, ids, t=300, seed=9, guidance=2.0,
+                                      denoise_from=500, denoise_steps=2)
+    cond = dict(c_crossattn=ctx.expand(2, -1, -1), y=extra["pooled_output"].expand(2, -1),
+                guidance=torch.full((2,), 2.0))
+    x = 0.5 * model.model.process_latent_in(latents) + 0.5 * seeded_eps(latents.shape[1:], 9)
+    with torch.no_grad():
+        for a, b in ((0.5, 0.4), (0.4, 0.3)):
+            x0 = model.model.apply_model(x, torch.full((2,), a), **cond)
+            x = x0 + (x - x0) * (b / a)
+        with FeatureCapture(net, native_taps(ids, net, "flux")) as hooks:
+            hooks.run(x, torch.full((2,), 0.3), context=cond["c_crossattn"], y=cond["y"], guidance=cond["guidance"])
+    for tid in ids:
+        assert torch.allclose(denoised[tid], hooks.features[tid], atol=1e-5, rtol=1e-5), tid
+    assert not torch.allclose(denoised[ids[-1]], got[ids[-1]], atol=1e-4)
     other = extract_native_latents(model, positive, latents, ids[-1:], t=300, seed=9)  # guidance 3.5
     assert not torch.allclose(other[ids[-1]], got[ids[-1]], atol=1e-4)
     _zero_hooks(net)
