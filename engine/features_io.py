@@ -5,7 +5,7 @@ Formats and layouts:
   metadata (family, t, seed, height and width, prompt, layer ids).
 - npy, for the reference project's layouts: `per-layer` (<layer>/<name>.npy), `per-sample` (<name>/<layer>.npy),
   or `aggregate` (<name>.npy: every spatial layer resized to the largest grid and concatenated on channels; maps
-  are not spatial and are left out). Metadata goes beside them as JSON.
+  and text-token features are not spatial and are left out). Metadata goes beside them as JSON.
 
 Every file is written inside a temporary folder of ours in the target folder (`.df-XXXXXXXX.tmp/`), fsync'd, and
 then linked into place, which fails rather than replaces when the name exists: nothing is overwritten silently, a
@@ -80,6 +80,16 @@ class Features:
 
 def is_map(layer_id: str) -> bool:
     return layer_id.endswith("-map")
+
+
+def is_text(layer_id: str) -> bool:
+    """A diffusion transformer's text-token feature (vit-block{B}-txt-...): (C, T) per sample, no image grid."""
+    return "-txt-" in layer_id
+
+
+def is_spatial(layer_id: str) -> bool:
+    """A feature on the image grid, (C, h, w) per sample: neither an attention map nor text tokens."""
+    return not is_map(layer_id) and not is_text(layer_id)
 
 
 def safe_name(name: str) -> str:
@@ -209,8 +219,9 @@ def check_format(fmt: str, layout: str) -> None:
 def check_layout_layers(layout: str, layer_ids) -> None:
     """A layout that concatenates spatial layers (aggregate) needs at least one among `layer_ids`: checked before
     any work where the layers are known early (DFCaptureLayers, before its sampler runs)."""
-    if layout == "aggregate" and not any(not is_map(k) for k in layer_ids):
-        raise ValueError("the aggregate layout needs at least one spatial layer (attention maps are not spatial)")
+    if layout == "aggregate" and not any(is_spatial(k) for k in layer_ids):
+        raise ValueError("the aggregate layout needs at least one spatial layer (attention maps and text-token "
+                         "features are not spatial)")
 
 
 def aggregate(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, list[int]]]:
@@ -218,7 +229,7 @@ def aggregate(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str,
 
     Returns the tensor and each layer's channel slice [start, stop)."""
     check_layout_layers("aggregate", tensors)
-    spatial = {k: v for k, v in tensors.items() if not is_map(k)}
+    spatial = {k: v for k, v in tensors.items() if is_spatial(k)}
     h, w = max((v.shape[-2:] for v in spatial.values()), key=lambda s: s[0] * s[1])
     parts, slices, start = [], {}, 0
     for k, v in spatial.items():

@@ -226,27 +226,55 @@ def _extract_native(model: list, vae: list, positive: list, image: list, layers:
     return {"class_type": "DFExtractNative", "inputs": {
         "model": model, "vae": vae, "positive": positive, "image": image, "t": 50, "seed": 0, "layers": layers,
         "preset": "none" if layers else "practical", "resize": "keep-aspect", "ensemble": 1, "feature_resize": 1,
-        "offload": True, "batch_size": 4, "denoise_from": denoise_from, "denoise_steps": 1}}
+        "offload": True, "batch_size": 4, "denoise_from": denoise_from, "denoise_steps": 1, "guidance": 3.5,
+        "shift": False}}
+
+
+def _capture_timeline(g: dict, first: int, model: list, positive: list, negative: list, latent: list, layer: str,
+                      cfg: float, scheduler: str, prefix: str) -> dict:
+    """Adds DFCaptureLayers (node `first`) -> KSampler -> DFCollectFeatures -> joint PCA -> preview, and the save
+    (nodes first+1 .. first+5) to `g`: the capture-timeline tail both native timeline examples share."""
+    capture, sampler, collect, pca, preview, save = (str(first + i) for i in range(6))
+    g[capture] = {"class_type": "DFCaptureLayers", "inputs": {"model": model, "layers": layer, "preset": "none",
+                                                              "capture_steps": "every 4", "branch": "cond"}}
+    g[sampler] = {"class_type": "KSampler", "inputs": {
+        "model": _link(capture), "seed": 0, "steps": 20, "cfg": cfg, "sampler_name": "euler", "scheduler": scheduler,
+        "positive": positive, "negative": negative, "latent_image": latent, "denoise": 1.0}}
+    g[collect] = {"class_type": "DFCollectFeatures", "inputs": {"capture": _link(capture, 1), "latent": _link(sampler)}}
+    g[pca] = _pca(_link(collect), layer)
+    g[preview] = _preview(_link(pca))
+    g[save] = _save(_link(collect), prefix)
+    return g
 
 
 def _native_timeline_graph() -> dict:
     """Load Checkpoint -> DFCaptureLayers -> KSampler -> DFCollectFeatures -> one joint PCA over the timeline."""
     g = {"1": _checkpoint(), "2": _clip_text(_link("1", 1), "a photo of a red house by a lake"),
          "3": _clip_text(_link("1", 1), "blurry, low quality"),
-         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
-         "5": {"class_type": "DFCaptureLayers", "inputs": {"model": _link("1"), "layers": TIMELINE_LAYER,
-                                                           "preset": "none", "capture_steps": "every 4",
-                                                           "branch": "cond"}}}
-    g["6"] = {"class_type": "KSampler", "inputs": {
-        "model": _link("5"), "seed": 0, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-        "positive": _link("2"), "negative": _link("3"), "latent_image": _link("4"), "denoise": 1.0}}
-    g["7"] = {"class_type": "DFCollectFeatures", "inputs": {"capture": _link("5", 1), "latent": _link("6")}}
-    g["8"] = _pca(_link("7"), TIMELINE_LAYER)
-    g["9"] = _preview(_link("8"))
-    g["10"] = _save(_link("7"), "diffusion_feature/native_timeline")
+         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}}}
+    _capture_timeline(g, 5, _link("1"), _link("2"), _link("3"), _link("4"), TIMELINE_LAYER, 7.0, "normal",
+                      "diffusion_feature/native_timeline")
     g["11"] = {"class_type": "VAEDecode", "inputs": {"samples": _link("6"), "vae": _link("1", 2)}}
     g["12"] = _preview(_link("11"))
     return g
+
+
+FLUX_DEV = "flux1-dev.safetensors"
+FLUX_TIMELINE_LAYER = "vit-block28-in"  # DiTF's layer: the tenth single-stream block's input
+
+
+def _native_flux_timeline_graph() -> dict:
+    """Load Diffusion Model (Flux dev) -> DFCaptureLayers -> KSampler at cfg 1 (Flux dev's guidance comes from
+    FluxGuidance, its negative prompt is never called) -> DFCollectFeatures -> one joint PCA over the timeline."""
+    g = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": FLUX_DEV, "weight_dtype": "default"}},
+         "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                          "clip_name2": "t5xxl_fp16.safetensors", "type": "flux",
+                                                          "device": "default"}},
+         "3": _clip_text(_link("2"), "a photo of a red house by a lake"),
+         "4": {"class_type": "FluxGuidance", "inputs": {"conditioning": _link("3"), "guidance": 3.5}},
+         "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 768, "batch_size": 1}}}
+    return _capture_timeline(g, 6, _link("1"), _link("4"), _link("4"), _link("5"), FLUX_TIMELINE_LAYER, 1.0,
+                             "simple", "diffusion_feature/flux_timeline")
 
 
 def _native_controlnet_graph() -> dict:
@@ -326,6 +354,8 @@ EXAMPLES = {
     "native_lora_extract": ("Native: LoraLoader -> extract", _native_lora_graph()),
     "native_match_points": ("Native: two images -> DFMatchPoints and DFSimilarityMap (correspondence)",
                             _native_match_graph()),
+    "native_flux_capture_timeline": ("Native Flux: capture during KSampler -> joint PCA timeline",
+                                     _native_flux_timeline_graph()),
 }
 
 # ---- UI format ------------------------------------------------------------------------------------------------
@@ -348,6 +378,10 @@ CORE = {  # ComfyUI core nodes used here: (widget inputs in order, outputs, link
                                  ("control_net", "CONTROL_NET"), ("image", "IMAGE")]),
     "LoraLoader": (["lora_name", "strength_model", "strength_clip"], [("MODEL", "MODEL"), ("CLIP", "CLIP")],
                    [("model", "MODEL"), ("clip", "CLIP")]),
+    "UNETLoader": (["unet_name", "weight_dtype"], [("MODEL", "MODEL")], []),
+    "DualCLIPLoader": (["clip_name1", "clip_name2", "type", "device"], [("CLIP", "CLIP")], []),
+    "FluxGuidance": (["guidance"], [("CONDITIONING", "CONDITIONING")], [("conditioning", "CONDITIONING")]),
+    "EmptySD3LatentImage": (["width", "height", "batch_size"], [("LATENT", "LATENT")], []),
 }
 
 

@@ -235,8 +235,10 @@ class NativeCapture:
         self._seen.update(plan.keys)
         self.records.append(Record(plan.labels, dict(hooks.features)))
 
-    def run_call(self, unet: torch.nn.Module, x, sigma, transformer_options: dict, call, timestep_of=None):
-        """One model call under the capture's rules: hooks on `unet` only while `call()` runs."""
+    def run_call(self, unet: torch.nn.Module, x, sigma, transformer_options: dict, call, timestep_of=None,
+                 text_tokens: int | None = None):
+        """One model call under the capture's rules: hooks on `unet` only while `call()` runs. text_tokens: the
+        call's prompt length (for the memory plan), when the wrapper sees it."""
         with self._lock:
             plan = self.plan(x, sigma, transformer_options or {}, timestep_of)
         if plan is None:
@@ -245,7 +247,7 @@ class NativeCapture:
             from .memory import check_capture
 
             check_capture(unet, self.sizes, x.shape, len(plan.rows), len(self._wanted) if self._wanted else 1,
-                          dtype=self.dtype, device=self.device)
+                          dtype=self.dtype, device=self.device, text_tokens=text_tokens)
         with FeatureCapture(unet, self.taps, rows=plan.rows, dtype=self.dtype, device=self.device) as hooks:
             out = hooks.call(call)  # raises when a tap never fired
         with self._lock:
@@ -334,8 +336,23 @@ def _find_transformer_options(args, kwargs) -> dict:
     return {}
 
 
+def is_flow(sampling) -> bool:
+    """ComfyUI's rectified-flow sampling (Flux, SD3: x_t = (1 - sigma) x0 + sigma eps), recognised by its CONST
+    prediction mixin so that no ComfyUI import is needed (the 2024-03 ComfyUI may lack it)."""
+    return any(c.__name__ == "CONST" for c in type(sampling).__mro__)
+
+
+def _text_tokens(context) -> int | None:
+    """The prompt length of a model call's c_crossattn (B, T, C), when it has one."""
+    return int(context.shape[1]) if torch.is_tensor(context) and context.ndim == 3 else None
+
+
 def _timestep_of(base_model):
+    """sigma -> the row label's timestep, on the 0-1000 scale for every model: a flow model's is 1000 sigma
+    (ComfyUI hands Flux sigma itself and its network scales it by 1000)."""
     sampling = getattr(base_model, "model_sampling", None)
+    if sampling is not None and is_flow(sampling):
+        return lambda sigma: sigma * 1000.0
     return getattr(sampling, "timestep", None)
 
 
@@ -358,8 +375,9 @@ class ApplyModelWrapper(_KeyedWrapper):
         if capture is None:
             return executor(*args, **kwargs)
         base = executor.class_obj
+        context = kwargs.get("c_crossattn", args[3] if len(args) > 3 else None)  # apply_model's 4th argument
         return capture.run_call(base.diffusion_model, args[0], args[1], _find_transformer_options(args, kwargs),
-                                lambda: executor(*args, **kwargs), _timestep_of(base))
+                                lambda: executor(*args, **kwargs), _timestep_of(base), _text_tokens(context))
 
 
 class OuterSampleWrapper(_KeyedWrapper):
@@ -393,7 +411,7 @@ class UnetFunctionWrapper:
         options = dict(args.get("c", {}).get("transformer_options") or {})
         options.setdefault("cond_or_uncond", args.get("cond_or_uncond"))
         return capture.run_call(base.diffusion_model, args["input"], args["timestep"], options, call,
-                                _timestep_of(base))
+                                _timestep_of(base), _text_tokens(args.get("c", {}).get("c_crossattn")))
 
     def to(self, device):
         """ComfyUI moves a model_function_wrapper that has .to with the model: pass it on to the chained one."""

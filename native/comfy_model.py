@@ -11,10 +11,11 @@ import weakref
 import torch
 
 from ..layer_catalog.attention_maps import ROPES
-from ..layer_catalog.families import family_of_comfy_config
+from ..layer_catalog.families import FAMILIES, family_of_comfy_config, network_family
+from ..layer_catalog.families.meta import native_takes_guidance
 from ..layer_catalog.hooks import FeatureCapture
 from .capture import (WRAPPER_KEY, ApplyModelWrapper, NativeCapture, OuterSampleWrapper, UnetFunctionWrapper,
-                      register)
+                      is_flow, register)
 from .memory import feature_sizes
 from .names import (NativeLayout, UnsupportedModelError, is_native_pixart, native_ids, native_taps,
                     unsupported_message)
@@ -51,13 +52,17 @@ def _base_model(model):
 
 
 def diffusion_model(model) -> torch.nn.Module:
-    """The native network of a MODEL (ComfyUI's UNetModel or PixArtMS); a clear error naming the supported
-    families for any other architecture (SD3, Flux, video models, ...)."""
+    """The native network of a MODEL (ComfyUI's UNetModel, PixArtMS, or a diffusion transformer whose family reads
+    ComfyUI's class, e.g. Flux); a clear error naming the supported families for any other architecture."""
     base = _base_model(model)
     unet = base.diffusion_model
     config = getattr(base, "model_config", None)
     owner = f"ComfyUI's {type(base).__name__} model" + (f" ({type(config).__name__})" if config is not None else "")
-    if not (type(unet).__name__ == "PixArtMS" and is_native_pixart(unet)):
+    dit = network_family(unet)
+    if dit is not None:
+        if not FAMILIES[dit].native:  # its family reads the module tree, but the native backend does not run it yet
+            raise UnsupportedModelError(unsupported_message(f"{owner} with network {type(unet).__name__}"))
+    elif not (type(unet).__name__ == "PixArtMS" and is_native_pixart(unet)):
         if type(unet).__name__ != "UNetModel" or getattr(unet, "num_classes", None) not in (None, "sequential"):
             raise UnsupportedModelError(unsupported_message(f"{owner} with network {type(unet).__name__}"))
         try:
@@ -173,16 +178,47 @@ def without_capture(model):
 
 
 # ---- direct extraction (DFExtractNative) -------------------------------------------------------------------------
-def sigmas_at(model, timesteps: list[int]) -> torch.Tensor:
-    """The sigmas of training timesteps on the MODEL's own noise schedule: sigma_t = sqrt((1 - abar_t) / abar_t)."""
-    base = _base_model(model)
+def _model_sampling(model):
+    """The MODEL's noise schedule as its samplers see it (a ModelSamplingFlux / -SD3 node's patch included)."""
     sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") else None
-    sampling = sampling if sampling is not None else base.model_sampling
+    return sampling if sampling is not None else _base_model(model).model_sampling
+
+
+def is_flow_model(model) -> bool:
+    """A rectified-flow MODEL (Flux, SD3): x_t = (1 - sigma) x0 + sigma eps, t = 1000 sigma."""
+    return is_flow(_model_sampling(model))
+
+
+def sigmas_at(model, timesteps: list[int], shift: bool = False) -> torch.Tensor:
+    """The sigmas of training timesteps (0..999) on the MODEL's own noise schedule.
+
+    Discrete (UNet) models: sigma_t = sqrt((1 - abar_t) / abar_t) from their 1000-step table. Rectified-flow models
+    (Flux, SD3): sigma = t / 1000, so x_t = (1 - t/1000) x0 + t/1000 eps whatever the image size; shift=True maps
+    it through the MODEL's own shifted schedule instead (its model_sampling, with a ModelSamplingFlux node's
+    resolution shift when one patched it): the sigma its sampler would reach at that fraction of the run."""
+    sampling = _model_sampling(model)
+    if is_flow(sampling):
+        if shift:
+            return torch.tensor([float(sampling.percent_to_sigma(1.0 - t / 1000.0)) for t in timesteps])
+        return torch.tensor([t / 1000.0 for t in timesteps])
+    if shift:
+        raise ValueError("shift applies to rectified-flow models (Flux, SD3); this MODEL's schedule is discrete")
     table = getattr(sampling, "sigmas", None)
     if table is None or table.shape[0] != 1000:
         raise UnsupportedModelError(unsupported_message(f"a model whose noise schedule is {type(sampling).__name__}"
-                                                        " (not 1000 discrete training timesteps)"))
+                                                        " (neither 1000 discrete training timesteps nor a flow)"))
     return torch.stack([table[t].float() for t in timesteps]).cpu()
+
+
+def flow_shift(model) -> float | None:
+    """The shift parameter of a flow MODEL's schedule (for the metadata of a shifted extraction)."""
+    value = getattr(_model_sampling(model), "shift", None)
+    return None if value is None else float(value)
+
+
+def takes_guidance(model) -> bool:
+    """The MODEL's network has a guidance embedding (Flux dev): DFExtractNative hands it the guidance value."""
+    return native_takes_guidance(diffusion_model(model))
 
 
 def encode_pixels(vae, pixels: torch.Tensor, seed: int) -> torch.Tensor:
@@ -211,16 +247,18 @@ def conditioning_controls(positive) -> list:
 
 def run_at_sigmas(model, positive, latent: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, layers, *,
                   seed: int = 0, dtype: torch.dtype | None = None, device=None, early_exit: bool = True,
-                  feature_resize: int = 1) -> dict[str, torch.Tensor]:
+                  feature_resize: int = 1, guidance: float | None = None) -> dict[str, torch.Tensor]:
     """Features of `layers` at the last of `sigmas`, through ComfyUI's own sampling path.
 
     comfy.sample.sample_custom does what every core sampler does: loads the MODEL (with its LoRA patches) and the
-    ControlNets of `positive` through comfy.model_management.load_models_gpu, converts the conditioning (SDXL's
-    size conditioning from the latent size), runs ControlNets inside each model call and cleans up after. Our
-    sampler function makes the calls: x = latent + sigma_0 * noise (the model scales it to sqrt(abar) x0 +
-    sqrt(1 - abar) eps), deterministic DDIM (Euler in sigma) steps through the sigmas with the positive prompt only
-    (cfg 1, no negative), then one call at the last sigma with our hooks on, stopped after the last tap when
-    `early_exit`. The hooks exist only during that call, on the network it runs (see _wrapped).
+    ControlNets of `positive` through comfy.model_management.load_models_gpu, converts the conditioning (SDXL's size
+    conditioning from the latent size), runs ControlNets inside each model call and cleans up after. Our sampler
+    function makes the calls: x = latent + sigma_0 * noise (the model scales it to sqrt(abar) x0 + sqrt(1 - abar)
+    eps; a flow model's to (1 - sigma) x0 + sigma eps), deterministic DDIM (Euler in sigma) steps through the sigmas
+    with the positive prompt only (cfg 1, no negative), then one call at the last sigma with our hooks on, stopped
+    after the last tap when `early_exit`. The hooks exist only during that call, on the network it runs (see
+    _wrapped). guidance: the value a guidance-distilled network (Flux dev) gets, in place of the conditioning's own
+    (FluxGuidance's).
     """
     import comfy.sample
     import comfy.samplers
@@ -246,6 +284,8 @@ def run_at_sigmas(model, positive, latent: torch.Tensor, noise: torch.Tensor, si
     sampler.max_denoise = lambda model_wrap, sigmas: False
     # positive only; 'control_apply_to_uncond' would ask to copy ControlNets to a negative that does not exist here
     cond = [[c, {k: v for k, v in extra.items() if k != "control_apply_to_uncond"}] for c, extra in positive]
+    if guidance is not None:
+        cond = [[c, {**extra, "guidance": float(guidance)}] for c, extra in cond]
     tapped = _wrapped(model, register(last))
     comfy.sample.sample_custom(tapped, noise, 1.0, sampler, sigmas, cond, [], latent, disable_pbar=True, seed=seed)
     if last.features is None:
@@ -267,7 +307,7 @@ class _LastCall:
     def begin_run(self, marked: bool = False) -> None:
         pass
 
-    def run_call(self, unet, x, sigma, transformer_options, call, timestep_of=None):
+    def run_call(self, unet, x, sigma, transformer_options, call, timestep_of=None, text_tokens=None):
         if not self.armed:
             return call()
         self.armed = False

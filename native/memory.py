@@ -36,20 +36,27 @@ _REF = 64  # the latent side of the reference pass (512 pixels for the SD famili
 class FeatureSizes:
     """Per-sample shapes of some taps at a reference latent size, scaled to any size without running the network
     again (running it inside a sampler's model call would also fire other packs' hooks): spatial features and map
-    queries follow the latent grid, self-attention keys too, cross-attention keys (text tokens) stay."""
+    queries follow the latent grid, self-attention keys too; cross-attention keys and text-token features follow the
+    prompt's length where the run knows it (the reference pass has the family's)."""
 
     shapes: tuple  # ((tap id, shape at _REF x _REF latent), ...)
     dtype: torch.dtype  # the network's compute dtype: its activations', so the features' unless told otherwise
+    tokens: int  # the text tokens of the reference pass (shapes.reference_tokens)
 
-    def sample_bytes(self, latent_hw, dtype: torch.dtype, feature_resize: int = 1) -> int:
-        """Bytes of one sample's features at latent_hw, stored in `dtype`, spatial ones pooled by feature_resize."""
+    def sample_bytes(self, latent_hw, dtype: torch.dtype, feature_resize: int = 1,
+                     text_tokens: int | None = None) -> int:
+        """Bytes of one sample's features at latent_hw, stored in `dtype`, spatial ones pooled by feature_resize;
+        text_tokens: the run's prompt length (cross-map keys, text-token features), else the reference's."""
         h, w = (int(v) for v in latent_hw)
+        tokens = text_tokens or self.tokens
         total = 0
         for tap_id, shape in self.shapes:
             if is_map(tap_id):
                 heads, nq, nk = shape
                 nq = nq * h * w // (_REF * _REF)
-                shape = (heads, nq, nq if "self-map" in tap_id else nk)
+                shape = (heads, nq, nq if "self-map" in tap_id else nk * tokens // self.tokens)
+            elif len(shape) == 2:  # text tokens (C, T) of a diffusion transformer: no grid to follow
+                shape = (shape[0], shape[1] * tokens // self.tokens)
             else:
                 shape = (shape[0], max(1, shape[1] * h // _REF), max(1, shape[2] * w // _REF))
                 if feature_resize > 1:
@@ -61,10 +68,10 @@ class FeatureSizes:
 def feature_sizes(net: torch.nn.Module, family: str | None, taps, dtype: torch.dtype) -> FeatureSizes:
     """FeatureSizes of `taps` from one fake-tensor pass (shapes.layer_shapes: nothing computed or allocated) in the
     model's compute dtype (comfy_model.inference_dtype)."""
-    from .shapes import layer_shapes
+    from .shapes import layer_shapes, reference_tokens
 
     shapes = layer_shapes(net, family, _REF * 8, _REF * 8, dtype, [t.id for t in taps])
-    return FeatureSizes(tuple((t.id, tuple(shapes[t.id])) for t in taps), dtype)
+    return FeatureSizes(tuple((t.id, tuple(shapes[t.id])) for t in taps), dtype, reference_tokens(family))
 
 
 def _check(needs_of, n: int, unit: str, subject: str, advice: str, where: str = "") -> None:
@@ -77,10 +84,11 @@ def _check(needs_of, n: int, unit: str, subject: str, advice: str, where: str = 
 
 
 def check_capture(net: torch.nn.Module, sizes: FeatureSizes, x_shape, rows: int, steps: int, *,
-                  dtype: torch.dtype | None, device) -> None:
-    """Refuse a capture of `rows` rows at each of `steps` steps of latents shaped x_shape whose features (and
-    DFCollectFeatures' stacked copy) would not fit where they are stored, naming the most steps that fit."""
-    per_row = sizes.sample_bytes(x_shape[-2:], dtype or sizes.dtype)
+                  dtype: torch.dtype | None, device, text_tokens: int | None = None) -> None:
+    """Refuse a capture of `rows` rows at each of `steps` steps of latents shaped x_shape (with prompts of
+    text_tokens tokens, when known) whose features (and DFCollectFeatures' stacked copy) would not fit where they
+    are stored, naming the most steps that fit."""
+    per_row = sizes.sample_bytes(x_shape[-2:], dtype or sizes.dtype, text_tokens=text_tokens)
     store = torch.device(device) if device is not None else next(net.parameters()).device
 
     def needs(k):
@@ -97,16 +105,18 @@ def check_capture(net: torch.nn.Module, sizes: FeatureSizes, x_shape, rows: int,
 
 def check_extraction(net: torch.nn.Module, family: str | None, layers, images: int, height: int, width: int, *,
                      dtype: torch.dtype | None, compute_dtype: torch.dtype, store, ensemble: int = 1,
-                     feature_resize: int = 1, batch_size: int = 4, known: FeatureSizes | None = None) -> None:
+                     feature_resize: int = 1, batch_size: int = 4, known: FeatureSizes | None = None,
+                     text_tokens: int | None = None) -> None:
     """Refuse a DFExtractNative run whose features would not fit on `store`: every image's in the output, a batch
     in flight and an ensemble's float32 sums; naming how many images do. compute_dtype: the model's
     (comfy_model.inference_dtype), the features' unless `dtype` says otherwise. known: sizes already measured
-    (the DFCaptureLayers capture the MODEL came through), used when they are of these taps: no second pass."""
+    (the DFCaptureLayers capture the MODEL came through), used when they are of these taps: no second pass.
+    text_tokens: the prompt's length (the conditioning's), for cross-maps and text-token features."""
     final = dtype or compute_dtype
     taps = native_taps(layers, net, family)
     same = known is not None and known.dtype == compute_dtype and [i for i, _ in known.shapes] == [t.id for t in taps]
     sizes = known if same else feature_sizes(net, family, taps, compute_dtype)
-    per_image = sizes.sample_bytes((height // 8, width // 8), final, feature_resize)
+    per_image = sizes.sample_bytes((height // 8, width // 8), final, feature_resize, text_tokens)
 
     def needs(n):
         plan: dict = {}

@@ -1,12 +1,14 @@
-"""ComfyUI's own UNet (`openaimodel.UNetModel`) seen under diffusers' module names, so one layer-id grammar serves
-both backends.
+"""ComfyUI's own networks under our layer ids, so one layer-id grammar serves both backends.
 
-ComfyUI numbers its blocks flat (`input_blocks.N`, `middle_block.N`, `output_blocks.N`); diffusers nests them by
-level (`down_blocks.L.resnets.R`, ...). The correspondence is the one `comfy.utils.unet_to_diffusers` uses for
-weights, but it is read here from the module tree itself (a Downsample closes a down level, an Upsample closes an up
-level), so a checkpoint of another depth gets its own ids without a config. The tree is wrapped in a small
-diffusers-shaped view, and the diffusers side's own enumeration and id -> tap rules (`layer_catalog.taps`) run on
-it unchanged: the same names, in the same forward order, by the same code.
+Diffusion transformers (Flux, ...) need no translation: their family module reads ComfyUI's module tree directly
+(`Family.networks` maps ComfyUI's class to a DitLayout; families.dit_layout dispatches), so ids and taps come from
+it. The UNet (`openaimodel.UNetModel`) and PixArt are seen under diffusers' module names instead. ComfyUI numbers
+its blocks flat (`input_blocks.N`, `middle_block.N`, `output_blocks.N`); diffusers nests them by level
+(`down_blocks.L.resnets.R`, ...). The correspondence is the one `comfy.utils.unet_to_diffusers` uses for weights,
+but it is read here from the module tree itself (a Downsample closes a down level, an Upsample closes an up level),
+so a checkpoint of another depth gets its own ids without a config. The tree is wrapped in a small diffusers-shaped
+view, and the diffusers side's own enumeration and id -> tap rules (`layer_catalog.taps`) run on it unchanged: the
+same names, in the same forward order, by the same code.
 
 Imports no ComfyUI code: modules are recognised by their class names.
 """
@@ -17,7 +19,8 @@ import dataclasses
 import torch
 
 from ..layer_catalog.errors import DiffusionFeatureError
-from ..layer_catalog.families import family_names, spoken
+from ..layer_catalog.families import dit_layout, family_names, spoken
+from ..layer_catalog.families.dit_layout import DitLayout
 from ..layer_catalog.resolver import resolve_taps
 from ..layer_catalog.tap import Tap
 from ..layer_catalog.taps import enumerate_ids
@@ -34,10 +37,11 @@ class UnsupportedModelError(DiffusionFeatureError, TypeError):
 def unsupported_message(what: str) -> str:
     unets = family_names(lambda f: f.native and f.denoiser == "unet")
     others = family_names(lambda f: f.native and f.denoiser != "unet")
+    elsewhere = family_names(lambda f: not f.native)  # families only the diffusers backend taps (DF_MODEL)
+    only_df = f"{spoken(elsewhere)} are tapped only on DF_MODEL; " if elsewhere else ""
     return (f"{what} is not supported by the native taps: they cover ComfyUI's UNet models of the families "
-            f"{spoken(unets)}, and its diffusion transformers of {spoken(others)}; "
-            f"SD3, Flux and video models have no layer ids; for PixArt taps the native model cannot reach, "
-            f"{_DF_MODEL_HINT}")
+            f"{spoken(unets)}, and its diffusion transformers of {spoken(others)}; {only_df}video models and other "
+            f"architectures have no layer ids; for taps the native model cannot reach, {_DF_MODEL_HINT}")
 
 
 class _Level:
@@ -163,11 +167,22 @@ class NativeLayout:
 
 
 def native_ids(unet: torch.nn.Module) -> list[str]:
-    """Every layer id of a native network (UNet or PixArt), in the order the taps fire during a forward."""
-    return enumerate_ids(_layout(unet).view)
+    """Every layer id of a native network (UNet, PixArt or a diffusion transformer), in the order the taps fire
+    during a forward."""
+    layout = _layout(unet)
+    return layout.ids() if isinstance(layout, DitLayout) else enumerate_ids(layout.view)
+
+
+def is_native_dit(net: torch.nn.Module) -> bool:
+    """A ComfyUI network whose family module reads it directly (Family.networks names its class)."""
+    return dit_layout(net) is not None
 
 
 def _layout(net: torch.nn.Module):
+    """The DitLayout of a diffusion transformer, else the diffusers-shaped layout of a UNet or PixArt."""
+    dit = dit_layout(net)
+    if dit is not None:
+        return dit
     return PixArtLayout(net) if is_native_pixart(net) else NativeLayout(net)
 
 
@@ -175,6 +190,8 @@ def native_taps(spec, unet: torch.nn.Module, family: str | None = None) -> list[
     """Taps for a layer spec (ids, presets, JSON file: as `resolve_taps`) on a native network. A wrong id raises
     LayerIdError naming the nearest valid ids of this model."""
     layout = _layout(unet)
+    if isinstance(layout, DitLayout):  # the family's layout of ComfyUI's own modules: its taps as they are
+        return resolve_taps(spec, unet, family)
     modules = dict(unet.named_modules())
     return [layout.tap(t, modules) for t in resolve_taps(spec, layout.view, family)]
 

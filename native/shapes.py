@@ -16,8 +16,9 @@ from collections import OrderedDict
 import torch
 
 from ..layer_catalog import get_family
+from ..layer_catalog.families.meta import native_dummy_inputs
 from ..layer_catalog.hooks import FeatureCapture
-from .names import is_native_pixart, native_taps
+from .names import is_native_dit, is_native_pixart, native_taps
 
 
 def _context_width(net: torch.nn.Module) -> int:
@@ -30,19 +31,25 @@ def _context_width(net: torch.nn.Module) -> int:
     raise ValueError("this network has no cross-attention to size the text embedding for")
 
 
+def reference_tokens(family: str | None) -> int:
+    """The text tokens of the shape pass: the family's (Flux: T5's 512), CLIP's 77 for a UNet without a family."""
+    return get_family(family).text_tokens if family else 77
+
+
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
                "_forward_hooks_always_called")
 
 
 def layer_shapes(net: torch.nn.Module, family: str | None, height: int, width: int, dtype: torch.dtype,
                  layers="full") -> dict[str, list[int]]:
-    """{layer id: per-sample shape} of `layers` (default every id) of a native UNetModel / PixArtMS at height x
-    width pixels (multiples of 8); dtype: the model's inference dtype (comfy_model.inference_dtype)."""
+    """{layer id: per-sample shape} of `layers` (default every id) of a native UNetModel / PixArtMS / diffusion
+    transformer at height x width pixels (multiples of 8); dtype: the model's inference dtype
+    (comfy_model.inference_dtype)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if height % 8 or width % 8 or height < 8 or width < 8:
         raise ValueError(f"image size must be positive multiples of 8 pixels, got {width}x{height}")
-    tokens = get_family(family).text_tokens if family else 77
+    tokens = reference_tokens(family)
     taps = native_taps(layers, net, family)
     like = {"dtype": dtype, "device": next(net.parameters()).device}
     saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in net.modules()]
@@ -52,14 +59,21 @@ def layer_shapes(net: torch.nn.Module, family: str | None, height: int, width: i
                 if name in attributes:
                     vars(module)[name] = OrderedDict()
         with FakeTensorMode(allow_non_fake_inputs=True):
-            x = torch.empty(1, net.in_channels, height // 8, width // 8, **like)
-            context = torch.empty(1, tokens, _context_width(net), **like)
-            extra = {}
-            if getattr(net, "num_classes", None) == "sequential":  # SDXL's pooled text + size embedding
-                extra["y"] = torch.empty(1, net.label_emb[0][0].in_features, **like)
+            dit = native_dummy_inputs(net, (height // 8, width // 8), tokens, lambda *s: torch.empty(*s, **like))
+            if dit is not None:  # a diffusion transformer: its family knows its forward's inputs
+                args, kwargs = dit
+            elif is_native_dit(net):
+                raise ValueError(f"no example inputs for ComfyUI's {type(net).__name__} network to size its layers "
+                                 "with (layer_catalog/families/meta.py lists them per class)")
+            else:
+                args = (torch.empty(1, net.in_channels, height // 8, width // 8, **like),
+                        torch.empty(1, device=like["device"]))  # t: float32
+                kwargs = {"context": torch.empty(1, tokens, _context_width(net), **like)}
+                if getattr(net, "num_classes", None) == "sequential":  # SDXL's pooled text + size embedding
+                    kwargs["y"] = torch.empty(1, net.label_emb[0][0].in_features, **like)
             # device="meta": stored copies are shapes only too (no data-pointer checks on fake tensors)
             with FeatureCapture(net, taps, device="meta") as hooks:
-                hooks.run(x, torch.empty(1, device=like["device"]), context=context, **extra)  # t: float32
+                hooks.run(*args, **kwargs)
     finally:
         for module, attributes, parameters, buffers in saved:
             vars(module).clear()

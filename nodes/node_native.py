@@ -9,7 +9,7 @@ from . import comfy_env
 from ..engine.features_io import check_layout_layers
 from ..layer_catalog import PRESET_NAMES
 from ..native import BRANCHES, capture_layers
-from ..native.extract import collect, extract_native
+from ..native.extract import DEFAULT_GUIDANCE, collect, extract_native
 from .extract_inputs import extraction_options, timestep_inputs
 from .node_hooks import PRESET_TIP, parse_layer_text
 from .prompt_graph import conditioning_text, fed_by
@@ -116,11 +116,19 @@ class DFExtractNative:
                                   "tooltip": _LAYERS_TIP + " Empty: the layers of DFCaptureLayers."}),
             "preset": (["none", *PRESET_NAMES], {"default": "none", "tooltip": PRESET_TIP}),
             **extraction_options("applied"),
+            "guidance": ("FLOAT", {"default": DEFAULT_GUIDANCE, "min": 0.0, "max": 100.0, "step": 0.1,
+                                   "tooltip": "Flux dev's guidance embedding (3.5 as diffusers' FluxPipeline; it "
+                                              "replaces a FluxGuidance value). Recorded in the metadata; models "
+                                              "without one ignore it."}),
+            "shift": ("BOOLEAN", {"default": False,
+                                  "tooltip": "Flow models (Flux): off, sigma = t / 1000 at any image size; on, the "
+                                             "MODEL's own shifted schedule (ModelSamplingFlux's resolution shift "
+                                             "when applied). Recorded in the metadata."}),
         }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}
 
     def extract(self, model, vae, positive, image, t, seed, layers="", preset="none", resize="keep-aspect",
                 ensemble=1, feature_resize=1, offload=True, batch_size=4, denoise_from=0, denoise_steps=1,
-                prompt=None, unique_id=None):
+                guidance=DEFAULT_GUIDANCE, shift=False, prompt=None, unique_id=None):
         on_batch = comfy_env.batch_progress(int(image.shape[0]))
         comfy_env.check_interrupt()
         spec = _spec(layers, preset, required=False) or None  # None: the layers of DFCaptureLayers
@@ -129,5 +137,5 @@ class DFExtractNative:
                                   batch_size=batch_size, denoise_from=denoise_from or None,
                                   denoise_steps=denoise_steps, on_batch=on_batch,
                                   prompt=conditioning_text(prompt, unique_id, "positive"),
-                                  interrupt=comfy_env.interrupt_callback())
+                                  interrupt=comfy_env.interrupt_callback(), shift=shift, guidance=guidance)
         return (features,)

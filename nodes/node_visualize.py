@@ -4,10 +4,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..engine.features_io import image_size
+from ..engine.features_io import image_size, is_text
 from ..engine.visualize import attention_heatmap, pca_rgb, self_attention_pca, to_image_size
 from ..layer_catalog.errors import echo
 
+# A text-token feature (C, T) has no image grid: its PCA colours one cell per token, in token order, as a strip
+# TEXT_CELL pixels high and T * TEXT_CELL wide (size "image"), or 1 x T (size "feature grid").
+TEXT_CELL = 16
 # An output image costs 3 float32 values per pixel (the IMAGE) plus the uint8 drawing and one resize buffer.
 _BYTES_PER_PIXEL = 3 * 4 + 2 * 3
 
@@ -65,7 +68,8 @@ def _sized(rgb: list[np.ndarray], height: int, width: int) -> list[np.ndarray]:
 
 class DFFeaturePCA:
     DESCRIPTION = ("Show one spatial layer as an RGB image: its first three principal components. Joint fitting "
-                   "uses one PCA for the whole batch, so equal features get equal colours across images.")
+                   "uses one PCA for the whole batch, so equal features get equal colours across images. A "
+                   "text-token layer (vit-block{B}-txt-...) is shown as a strip of one cell per token.")
     CATEGORY = "diffusion_feature/visualize"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
@@ -98,6 +102,12 @@ class DFFeaturePCA:
             if layer not in other.tensors:
                 raise ValueError(f"features_{k} holds no layer {echo(layer)} (it holds: {', '.join(other.tensors)})")
         items = [x for f in sets for x in f.tensors[layer]]
+        if is_text(layer):  # (C, T): PCA over the tokens, drawn as a strip of T cells (see TEXT_CELL)
+            rgb = pca_rgb([x.unsqueeze(1) for x in items], joint=joint,
+                          foreground_threshold=foreground_threshold or None)
+            tokens = items[0].shape[-1]
+            return (_as_image(_sized(rgb, TEXT_CELL if size == "image" else 1,
+                                     tokens * (TEXT_CELL if size == "image" else 1))),)
         rgb = pca_rgb(items, joint=joint, foreground_threshold=foreground_threshold or None)
         if size == "image" and _recorded_size(features):
             height, width = _image_size(features, len(items))
@@ -121,7 +131,8 @@ class DFAttentionMap:
             "features": ("DF_FEATURES", {"tooltip": "Features holding a self-map or cross-map layer."}),
             "layer": ("STRING", {"default": "", "tooltip": "A -map layer id; empty: the first map."}),
             "token_index": ("INT", {"default": 1, "min": 0, "max": 4096,
-                                    "tooltip": "cross-map: the text token (0 is the start token)."}),
+                                    "tooltip": "cross-map: the text token (CLIP: 0 is the start token; Flux's T5: "
+                                               "0 is the first word's first token)."}),
             "query_x": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "self-map: the query point's x, as a fraction of the width."}),
             "query_y": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,

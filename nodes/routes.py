@@ -2,6 +2,7 @@
 
     GET /diffusion_feature/layers?family=sdxl         -> {"family", "size", "layers": [{"id", "shape", "group"}]}
     GET /diffusion_feature/family?kind=checkpoints&name=x.safetensors   -> {"family": "sd15"}
+        (kind: checkpoints, diffusers, or diffusion_models: a bare denoiser file of ComfyUI's Load Diffusion Model)
     GET /diffusion_feature/status                     -> loaded models and the hooks they carry (all 0 between runs):
                                                          DF_MODELs and the native MODELs our nodes tapped
 """
@@ -13,10 +14,11 @@ from . import comfy_env
 
 
 def group_of(layer_id: str) -> str:
-    """The picker's group: unet, down-level1, mid, up-level2 ...; PixArt blocks in groups of 4."""
+    """The picker's group: unet, down-level1, mid, up-level2 ...; transformer blocks (PixArt, Flux) in groups of 4,
+    a diffusion transformer's ends (dit-in, dit-embed, dit-out) as 'dit'."""
     lid = parse_id(layer_id)
-    if lid.part == "unet":
-        return "unet"
+    if lid.part in ("unet", "dit"):
+        return lid.part
     if lid.stage is None:
         first = lid.block // 4 * 4
         return f"vit-block{first}-{first + 3}"
@@ -33,8 +35,8 @@ def family_payload(kind: str, name: str) -> dict:
     from ..engine.checkpoint_files import read_key_shapes
     from ..engine.loading import detect_family, detect_folder_family
 
-    if kind not in ("checkpoints", "diffusers"):
-        raise ValueError("kind must be checkpoints or diffusers")
+    if kind not in ("checkpoints", "diffusers", "diffusion_models"):
+        raise ValueError("kind must be checkpoints, diffusers or diffusion_models")
     path = comfy_env.model_path(kind, name)
     family = detect_folder_family(path) if kind == "diffusers" else detect_family(read_key_shapes(path))
     if family not in FAMILIES:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SETUP = REPO / "tests" / "comfyui" / "setup_comfyui.sh"
+TEST_NODES = REPO / "tests" / "comfyui" / "df_test_nodes.py"
 
 
 # test id -> (ComfyUI version for setup_comfyui.sh, frontend folder inside its home or None for its own frontend)
@@ -122,7 +123,16 @@ def write_tiny_models(comfy: Path) -> dict:
     lora_dir = comfy / "models" / "loras"
     lora_dir.mkdir(parents=True, exist_ok=True)
     save_file(kohya_lora(sd15), str(lora_dir / TINY_LORA))
+    install_test_nodes(comfy)
     return {"sd15": sd15, "sdxl": xl}
+
+
+def install_test_nodes(comfy: Path) -> None:
+    """The test-only nodes (tests/comfyui/df_test_nodes.py) in the ComfyUI's custom_nodes, before its server starts:
+    the test home only, never the pack."""
+    import shutil
+
+    shutil.copyfile(TEST_NODES, comfy / "custom_nodes" / TEST_NODES.name)
 
 
 def kohya_lora(model) -> dict:

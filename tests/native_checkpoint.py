@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 NATIVE_CKPT = "df-native-sd15-2level.safetensors"
 NATIVE_CN = "df-native-sd15-canny.safetensors"
 NATIVE_LORA = "df-native-sd15-lora.safetensors"
+NATIVE_FLUX = "df-native-flux-1single.safetensors"
 
 
 def native_unet(seed: int = 0):
@@ -96,3 +97,39 @@ def write_native_models(comfy_dir: Path) -> dict[str, Path]:
         save_file(_half(controlnet_to_ldm(_controlnet(unet))), str(paths["controlnet"]))
         save_file(_lora(unet), str(paths["lora"]))
     return paths
+
+
+# ComfyUI detects Flux from its keys (a double block's key norm) but fixes its widths (model_detection: hidden 3072,
+# 24 heads, T5 width 4096, MLP ratio 4), so only the depth can be small: one double-stream block (the text and image
+# streams meet in its joint attention) and no single block. vector_in's input width is read from the file: CLIP-L's
+# pooled 768.
+_FLUX_SHAPES = {
+    "img_in": (3072, 64), "time_in.in_layer": (3072, 256), "time_in.out_layer": (3072, 3072),
+    "vector_in.in_layer": (3072, 768), "vector_in.out_layer": (3072, 3072), "guidance_in.in_layer": (3072, 256),
+    "guidance_in.out_layer": (3072, 3072), "txt_in": (3072, 4096),
+    "final_layer.linear": (64, 3072), "final_layer.adaLN_modulation.1": (2 * 3072, 3072),
+    **{f"double_blocks.0.{s}_{name}": shape for s in ("img", "txt") for name, shape in (
+        ("mod.lin", (6 * 3072, 3072)), ("attn.qkv", (3 * 3072, 3072)), ("attn.proj", (3072, 3072)),
+        ("mlp.0", (4 * 3072, 3072)), ("mlp.2", (3072, 4 * 3072)))}}
+
+
+def write_native_flux(comfy_dir: Path) -> Path:
+    """A Flux dev-type diffusion model (guidance embedding) that ComfyUI's UNETLoader detects, stored in float8
+    (~400 MB, which ComfyUI computes in with its manual cast; cached in `comfy_dir`/models/diffusion_models, built
+    only when missing). Weights scaled by 1/sqrt(fan-in) so activations stay of order one."""
+    path = comfy_dir / "models" / "diffusion_models" / NATIVE_FLUX
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(5)
+    state = {}
+    for name, (out, inp) in _FLUX_SHAPES.items():
+        state[f"{name}.weight"] = (torch.randn(out, inp, generator=g) / inp ** 0.5).to(torch.float8_e4m3fn)
+        state[f"{name}.bias"] = (torch.randn(out, generator=g) * 0.02).to(torch.float8_e4m3fn)
+    for s in ("img", "txt"):
+        for norm in ("query_norm", "key_norm"):
+            state[f"double_blocks.0.{s}_attn.norm.{norm}.scale"] = torch.ones(128, dtype=torch.float8_e4m3fn)
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    return path

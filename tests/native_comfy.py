@@ -245,3 +245,25 @@ def pixart_patcher(ns, net_state: dict, diffusers_model):
     base.diffusion_model.load_state_dict(net_state, strict=True)
     cpu = torch.device("cpu")
     return ns.model_patcher.ModelPatcher(base.eval(), load_device=cpu, offload_device=cpu)
+
+
+# ---- Flux (ComfyUI >= 2024-08 has comfy/ldm/flux; the 2024-03 one has none) ----------------------------------------
+# A tiny Flux of ComfyUI's own model config (supported_models.Flux: dev, with the guidance embedding): 2 double and
+# 2 single blocks, 2 heads of 8 channels (rope axes 2 + 2 + 4), the real 16 latent channels and 2x2 patches.
+FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=6, context_in_dim=12, hidden_size=16,
+            mlp_ratio=2.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[2, 2, 4], theta=10000,
+            patch_size=2, qkv_bias=True, guidance_embed=True)
+
+
+def flux_patcher(ns, seed: int = 0):
+    """A MODEL around ComfyUI's Flux BaseModel with random weights (ComfyUI zero-initialises nothing here, but every
+    weight is drawn anew so no layer is trivial)."""
+    config = ns.supported_models.Flux(dict(FLUX))
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in base.diffusion_model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    cpu = torch.device("cpu")
+    return ns.model_patcher.ModelPatcher(base.eval(), load_device=cpu, offload_device=cpu)

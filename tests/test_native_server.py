@@ -13,11 +13,12 @@ import torch
 
 from comfyui_harness import assert_memory_flat, execution_error, images_of, no_hooks, run_ok, saved_files
 from diffusion_feature.engine.features_io import load_features
-from native_checkpoint import NATIVE_CKPT, NATIVE_CN, NATIVE_LORA, write_native_models
+from native_checkpoint import NATIVE_CKPT, NATIVE_CN, NATIVE_FLUX, NATIVE_LORA, write_native_flux, write_native_models
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
 NATIVE_EXAMPLES = ("native_ksampler_capture_timeline", "native_content_shift_controlnet", "native_lora_extract",
-                   "native_match_points")
+                   "native_match_points",
+                   "native_flux_capture_timeline")
 LAYER = "up-level1-repeat1-res-out"  # the examples' PCA layer; the two-level UNet has it (320 channels, full grid)
 LAYERS = f"{LAYER}\nup-level1-repeat1-vit-block0-cross-q\nup-level1-repeat0-vit-block0-cross-map"
 
@@ -276,3 +277,40 @@ def test_layer_picker_on_capture_layers_in_a_real_browser(chromium, frontend_ser
         assert layers.split() == [LAYER, "up-level1-repeat1-vit-block0-cross-q"]
     finally:
         driver.quit()
+
+
+def test_flux_capture_timeline_example(server):
+    """Load Diffusion Model detects the Flux file (one double block at Flux's widths), the test-only conditioning
+    node stands in for DualCLIPLoader + CLIPTextEncode + FluxGuidance (full-size T5 cannot be built here); captured
+    at cfg 1 under KSampler: one cond row per captured step, t = 1000 sigma falling, the joint PCA one image per
+    step. The 2024-03 ComfyUI predates Flux (its loader cannot detect the file): skipped there by version."""
+    if server.name == "comfy2024":
+        pytest.skip("ComfyUI 2024-03 has no Flux: Load Diffusion Model cannot detect the file")
+    write_native_flux(server.home / "ComfyUI")
+    graph = json.loads((EXAMPLES / "native_flux_capture_timeline.api.json").read_text())
+    layer = "vit-block0-out"  # the example's layer is Flux dev's block 28; this file has one block
+    for key in [k for k, n in graph.items() if n["class_type"] in ("DualCLIPLoader", "CLIPTextEncode")]:
+        del graph[key]
+    for node in graph.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "UNETLoader":
+            inputs["unet_name"] = NATIVE_FLUX
+        elif kind == "FluxGuidance":
+            node["class_type"] = "DFTestFluxConditioning"
+            node["inputs"] = {"text": "a red house", "tokens": 8, "guidance": inputs["guidance"]}
+        elif kind == "EmptySD3LatentImage":
+            inputs.update(width=64, height=48)
+        elif kind == "KSampler":
+            inputs["steps"] = 5
+        elif kind in ("DFCaptureLayers", "DFFeaturePCA"):
+            inputs["layers" if kind == "DFCaptureLayers" else "layer"] = layer
+    assert server.get(f"/diffusion_feature/family?kind=diffusion_models&name={NATIVE_FLUX}") == {"family": "flux"}
+    entry = run_ok(server, graph)
+    metas = [load_features(f) for f in saved_files(server, entry)]
+    assert [(f.meta["step"], f.meta["branch"]) for f in metas] == [(0, "cond"), (4, "cond")]
+    for f in metas:
+        assert f.meta["family"] == "flux" and tuple(f.tensors[layer].shape) == (1, 3072, 3, 4)
+        assert f.meta["timestep"] == pytest.approx(1000 * f.meta["sigma"])
+    assert metas[0].meta["sigma"] > metas[1].meta["sigma"] > 0
+    assert len(images_of(entry)["10"]) == 2  # the joint PCA: one image per captured step
+    no_hooks(server)

@@ -6,12 +6,13 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-// Loaders whose file tells the family: ours (DF_MODEL) and ComfyUI's own Load Checkpoint (MODEL).
+// Loaders whose file tells the family: ours (DF_MODEL) and ComfyUI's own Load Checkpoint and Load Diffusion Model
+// (MODEL; Flux ships as a bare diffusion model).
 const LOADERS = { DFLoadCheckpoint: ["checkpoints", "ckpt_name"], DFLoadDiffusers: ["diffusers", "model_path"],
-                  CheckpointLoaderSimple: ["checkpoints", "ckpt_name"] };
+                  CheckpointLoaderSimple: ["checkpoints", "ckpt_name"], UNETLoader: ["diffusion_models", "unet_name"] };
 const MODEL_TYPES = ["DF_MODEL", "MODEL"];
 const PICKER_NODES = ["DFAttachHooks", "DFCaptureLayers", "DFExtractNative"];
-const FAMILIES = ["sd15", "sd21", "sdxl", "playground-v2", "pixart-sigma"];
+const FAMILIES = ["sd15", "sd21", "sdxl", "playground-v2", "pixart-sigma", "flux"];
 
 export function widget(node, name) {
     return (node.widgets || []).find((w) => w.name === name);

@@ -161,7 +161,6 @@ FAMILY = Family(
     },
     vae_float32=True, latent_format="Flux", comfy_configs=("Flux", "FluxSchnell", "FluxInpaint"),
     checkpoint_marks=(r"(model\.diffusion_model\.)?double_blocks\.0\.img_attn\.qkv\.weight$",), single_file=False,
-    native=False,  # until the native backend maps ComfyUI's Flux
     networks={"FluxTransformer2DModel": diffusers_layout, "Flux": native_layout},
     # diffusers' FluxTransformer2DModel takes sigma (it multiplies by 1000 itself), 2x2-packed latents, and
     # Flux-dev's guidance embedding (3.5: FluxPipeline's default guidance_scale)

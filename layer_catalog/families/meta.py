@@ -105,3 +105,29 @@ def dummy_inputs(model: torch.nn.Module, height: int, width: int, *, batch: int 
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         kwargs["added_cond_kwargs"] = {"text_embeds": rand(batch, pooled), "time_ids": rand(batch, 6)}
     return kwargs
+
+
+def _comfy_flux_inputs(net: torch.nn.Module, h: int, w: int, text_tokens: int, empty) -> tuple[tuple, dict]:
+    """ComfyUI's Flux (comfy/ldm/flux/model.py): the unpacked latent, t in 0..1, T5 tokens, CLIP's pooled vector
+    and (dev) the guidance value, as model_base.Flux hands them over."""
+    kwargs = {"context": empty(1, text_tokens, net.txt_in.in_features), "y": empty(1, net.params.vec_in_dim)}
+    if native_takes_guidance(net):
+        kwargs["guidance"] = empty(1)
+    return (empty(1, net.params.in_channels, h, w), empty(1)), kwargs
+
+
+# ComfyUI's diffusion-transformer classes (as families' `networks` name them) -> their forward's inputs
+_COMFY_INPUTS = {"Flux": _comfy_flux_inputs}
+
+
+def native_dummy_inputs(net: torch.nn.Module, latent_hw: tuple[int, int], text_tokens: int,
+                        empty) -> tuple[tuple, dict] | None:
+    """(args, kwargs) for one forward of a ComfyUI diffusion transformer on a latent of latent_hw (None: not one of
+    those). empty(*shape): the tensor factory (the caller's dtype, device and fake-tensor mode)."""
+    make = _COMFY_INPUTS.get(type(net).__name__)
+    return None if make is None else make(net, *latent_hw, text_tokens, empty)
+
+
+def native_takes_guidance(net: torch.nn.Module) -> bool:
+    """A ComfyUI network with a guidance embedding (Flux dev; not schnell): its forward reads `guidance`."""
+    return type(net).__name__ == "Flux" and bool(net.params.guidance_embed)

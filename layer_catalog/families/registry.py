@@ -57,17 +57,17 @@ def family_of_unet(text_width: int | None, pooled: bool, *, exact: bool = True) 
     return next((n for n in fits if FAMILIES[n].text_width == text_width), None if exact else fits[0])
 
 
-def dit_layout(model):
-    """The DitLayout of a loaded diffusion transformer of a family that declares its class (None: not one). A class
-    two families declare (ComfyUI's Flux builds Flux.1 and Flux.2) is read by the one whose function does not
-    answer None."""
+def network_family(model) -> str | None:
+    """The family that reads a loaded network directly (None: none does). A class two families declare (ComfyUI's
+    Flux builds Flux.1 and Flux.2) belongs to the one whose layout function does not answer None."""
     name = type(model).__name__
-    for fam in FAMILIES.values():
-        if name in fam.networks:
-            layout = fam.networks[name](model)
-            if layout is not None:
-                return layout
-    return None
+    return next((n for n, f in FAMILIES.items() if name in f.networks and f.networks[name](model) is not None), None)
+
+
+def dit_layout(model):
+    """The DitLayout of a loaded diffusion transformer of a family that declares its class (None: not one)."""
+    family = network_family(model)
+    return None if family is None else FAMILIES[family].networks[type(model).__name__](model)
 
 
 def family_of_comfy_config(class_name: str) -> str | None:
