@@ -15,10 +15,12 @@ from . import comfy_env
 
 def group_of(layer_id: str) -> str:
     """The picker's group: unet, down-level1, mid, up-level2 ...; transformer blocks (PixArt, Flux) in groups of 4,
-    a diffusion transformer's ends (dit-in, dit-embed, dit-out) as 'dit'."""
+    a diffusion transformer's ends (dit-in, dit-embed, dit-out) as 'dit', Z-Image's refiners as 'vit-refiners'."""
     lid = parse_id(layer_id)
     if lid.part in ("unet", "dit"):
         return lid.part
+    if lid.part == "refiner":
+        return "vit-refiners"
     if lid.stage is None:
         first = lid.block // 4 * 4
         return f"vit-block{first}-{first + 3}"

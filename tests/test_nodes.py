@@ -294,5 +294,6 @@ def test_layer_picker_payload():
     assert payload["layers"][0] == {"id": "unet-in", "shape": [4, 128, 128], "group": "unet"}
     assert group_of("up-level1-repeat0-vit-block0-cross-q") == "up-level1"
     assert group_of("mid-vit-block3-out") == "mid" and group_of("vit-block13-out") == "vit-block12-15"
+    assert group_of("vit-refiner1-txt-out") == group_of("vit-refiner0-self-map") == "vit-refiners"  # Z-Image
     with pytest.raises(ValueError, match="unknown family"):
         layers_payload("sd4")
