@@ -232,6 +232,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
         if "chromium" in needs:
             item.add_marker(pytest.mark.browser)
+        if needs & (_INTEGRATION | {"chromium"}):
+            # under pytest-xdist (-n 2 --dist loadgroup) every test that needs a ComfyUI runs in one worker: the
+            # servers and the models written into their folders are one per session, as without xdist
+            item.add_marker(pytest.mark.xdist_group("comfyui"))
 
 
 def pytest_collection_finish(session):
