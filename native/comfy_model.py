@@ -287,6 +287,10 @@ def run_at_sigmas(model, positive, latent: torch.Tensor, noise: torch.Tensor, si
     if guidance is not None:
         cond = [[c, {**extra, "guidance": float(guidance)}] for c, extra in cond]
     tapped = _wrapped(model, register(last))
+    fix = getattr(comfy.sample, "fix_empty_latent_channels", None)  # absent in the 2024-03 ComfyUI
+    if fix is not None:  # as its sampler nodes do: a 4-D LATENT gains the frame axis of a 5-D model (Qwen-Image)
+        latent = fix(model, latent)
+        noise = noise.reshape(latent.shape)
     comfy.sample.sample_custom(tapped, noise, 1.0, sampler, sigmas, cond, [], latent, disable_pbar=True, seed=seed)
     if last.features is None:
         raise RuntimeError("the sampler's last model call never reached the MODEL's network")

@@ -267,3 +267,25 @@ def flux_patcher(ns, seed: int = 0):
             p.copy_(torch.randn_like(p) * 0.2)
     cpu = torch.device("cpu")
     return ns.model_patcher.ModelPatcher(base.eval(), load_device=cpu, offload_device=cpu)
+
+
+# ---- Qwen-Image (ComfyUI >= 2025-08 has comfy/ldm/qwen_image; the 2024-03 one has none) ---------------------------
+# A tiny Qwen-Image of ComfyUI's own model config (supported_models.QwenImage: flow sampling with shift 1.15, the Wan
+# 2.1 latent format's 5-D latents): 2 double-stream blocks, 2 heads of 16 channels (rope axes 4 + 6 + 6), the real 16
+# latent channels in 2x2 patches.
+QWEN = dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=12, axes_dims_rope=(4, 6, 6))
+
+
+def qwen_patcher(ns, seed: int = 0):
+    """A MODEL around ComfyUI's QwenImage BaseModel with random weights (every weight drawn anew: no layer is
+    trivial, the zero-initialised ones included)."""
+    config = ns.supported_models.QwenImage(dict(QWEN))
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in base.diffusion_model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    cpu = torch.device("cpu")
+    return ns.model_patcher.ModelPatcher(base.eval(), load_device=cpu, offload_device=cpu)
