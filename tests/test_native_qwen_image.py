@@ -130,7 +130,9 @@ def _check_rows(net, log, labels, feats, ids, reference: bool):
         assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)
 
 
-def test_qwen_ids_family_and_wrong_ids(qwen):
+def test_qwen_ids_family_wrong_ids_and_show_layers(qwen):
+    from diffusion_feature.nodes.node_hooks import DFShowLayers
+
     ns, model = qwen
     net = model.model.diffusion_model
     ids = model_layer_ids(model)
@@ -139,6 +141,9 @@ def test_qwen_ids_family_and_wrong_ids(qwen):
     assert "vit-block1-txt-ffn-inner" in ids and "vit-block0-self-map" in ids
     with pytest.raises(LayerIdError, match="a qwen-image id that .* lacks.*nearest ids of this model: vit-block1-out"):
         native_taps("vit-block9-out", net, "qwen-image")
+    text = DFShowLayers().show(model, width=LATENT[1] * 8, height=LATENT[0] * 8)["result"][0]
+    assert text.splitlines()[0] == f"# qwen-image: 39 layer ids at {LATENT[1] * 8}x{LATENT[0] * 8}"
+    assert f"vit-block0-cross-map  {HEADS} x {N} x 512" in text and "dit-out  16 x 6 x 10" in text
 
 
 def test_capture_under_ksampler_equals_plain_hooks_for_every_id_kind(qwen):
@@ -214,8 +219,9 @@ class _FlatVAE:
 def test_extract_native_on_qwen_is_the_flow_forward_at_t_over_1000(qwen):
     """DFExtractNative on Qwen-Image: x_t = (1 - t/1000) x0 + t/1000 eps with the model's own process_in (on its 5-D
     latent: a 4-D LATENT gains the frame axis as in ComfyUI's samplers), the network called at sigma = t/1000 with
-    the prompt; no guidance input (the network has no guidance embedding: metadata None); shift=True takes the
-    MODEL's own shifted schedule (QwenImage's ModelSamplingFlux, shift 1.15)."""
+    the prompt (and an Edit reference image's latent where the conditioning has one); no guidance input (the
+    network has no guidance embedding: metadata None); shift=True takes the MODEL's own shifted schedule
+    (QwenImage's ModelSamplingFlux, shift 1.15)."""
     from diffusion_feature.native.extract import extract_native, extract_native_latents
 
     ns, model = qwen
@@ -232,6 +238,16 @@ def test_extract_native_on_qwen_is_the_flow_forward_at_t_over_1000(qwen):
         assert torch.allclose(got[tid], hooks.features[tid], atol=1e-5, rtol=1e-5), tid
     five = extract_native_latents(model, positive, latents.unsqueeze(2), ids[-1:], t=300, seed=9)
     assert torch.allclose(five[ids[-1]], got[ids[-1]], atol=1e-6)  # a 5-D LATENT is the same latent
+    # an Edit conditioning's reference image (TextEncodeQwenImageEdit's reference_latents) takes part as in sampling
+    ref = torch.randn(1, 16, 1, *REFERENCE, generator=torch.Generator().manual_seed(6))
+    edit = extract_native_latents(model, [[positive[0][0], {"reference_latents": [ref]}]], latents, ids, t=300,
+                                  seed=9)
+    with torch.no_grad(), FeatureCapture(net, native_taps(ids, net, "qwen-image")) as hooks:
+        hooks.run(x_t, torch.full((2,), 0.3), context=positive[0][0].expand(2, -1, -1),
+                  ref_latents=[model.model.process_latent_in(ref).expand(2, -1, -1, -1, -1)])
+    for tid in ids:
+        assert torch.allclose(edit[tid], hooks.features[tid], atol=1e-5, rtol=1e-5), tid
+    assert not torch.allclose(edit[ids[-1]], got[ids[-1]], atol=1e-4)
     _zero_hooks(net)
 
     image = torch.rand(1, LATENT[0] * 8, LATENT[1] * 8, 3, generator=torch.Generator().manual_seed(2))
