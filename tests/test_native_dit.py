@@ -371,16 +371,10 @@ def test_a_network_built_without_its_familys_options_names_what_is_needed(flux):
     there whose network the z-image / flux2 reads cannot hold gets one line naming a newer ComfyUI or DF_MODEL.
     The Flux.2 case is a model config named as newer ComfyUIs name Flux.2's around v0.3.64's Flux network."""
     ns, _ = flux
-    cpu = torch.device("cpu")
-
-    def patcher(config):
-        config.set_inference_dtype(torch.float32, None)
-        return ns.model_patcher.ModelPatcher(config.get_model({}), load_device=cpu, offload_device=cpu)
-
-    lumina2 = patcher(ns.supported_models.Lumina2(dict(
+    lumina2 = nc.config_patcher(ns, ns.supported_models.Lumina2(dict(
         image_model="lumina2", patch_size=2, in_channels=16, dim=64, n_layers=1, n_refiner_layers=1, n_heads=2,
-        multiple_of=16, qk_norm=True, cap_feat_dim=32, axes_dims=[8, 12, 12], axes_lens=[300, 512, 512])))
-    flux2 = patcher(type("Flux2", (ns.supported_models.Flux,), {})(dict(nc.FLUX)))
+        multiple_of=16, qk_norm=True, cap_feat_dim=32, axes_dims=[8, 12, 12], axes_lens=[300, 512, 512])), None)
+    flux2 = nc.config_patcher(ns, type("Flux2", (ns.supported_models.Flux,), {})(dict(nc.FLUX)), None)
     hint = r"; or load it with DFLoadCheckpoint or DFLoadDiffusers \(DF_MODEL\) to extract its features with the"
     cases = ((lumina2, r"ComfyUI's Lumina2 model \(Lumina2\) with network NextDiT cannot be tapped natively as "
                        r"z-image: that needs a NextDiT built with Z-Image's options \(ComfyUI's ZImage model, in "

@@ -149,8 +149,8 @@ def test_qwen_ids_family_wrong_ids_and_show_layers(qwen):
 def test_capture_under_ksampler_equals_plain_hooks_for_every_id_kind(qwen):
     """KSampler's path at cfg 2 (cond and uncond batched): every id kind of a block (both streams, both maps) and the
     ends, every kept row equal to the test's own hooks on that call, labelled t = 1000 sigma; DFCollectFeatures
-    reads the image size off the 5-D LATENT; DFShowLayers' shape pass gives each id's captured shape (text ids at
-    the family's 512 tokens there)."""
+    reads the image size off the 5-D LATENT; the memory plan is the kept bytes; DFShowLayers' shape pass gives each
+    id's captured shape (text ids at the family's 512 tokens there)."""
     from diffusion_feature.layer_catalog import get_family
     from diffusion_feature.native.comfy_model import model_layer_shapes
     from diffusion_feature.native.extract import collect
@@ -171,6 +171,8 @@ def test_capture_under_ksampler_equals_plain_hooks_for_every_id_kind(qwen):
     assert [(lab["step"], lab["branch"], lab["image"]) for lab in labels] == \
         [(s, b, i) for s in range(2) for b in ("cond", "uncond") for i in range(2)]
     _check_rows(net, log, labels, feats, ids, reference=False)
+    per_row = sum(v[0].numel() * v.element_size() for v in feats.values())  # the memory plan at the prompt's length
+    assert capture.sizes.sample_bytes(LATENT, torch.float32, text_tokens=T_TXT) == per_row
     collected = collect(capture, {"samples": out})  # DFCollectFeatures: the image size from the 5-D LATENT
     assert (collected.meta["height"], collected.meta["width"]) == (LATENT[0] * 8, LATENT[1] * 8)
 
