@@ -262,3 +262,37 @@ def test_extract_native_on_qwen_is_the_flow_forward_at_t_over_1000(qwen):
     sigma = math.exp(mu) / (math.exp(mu) + 1 / 0.3 - 1)
     assert shifted.meta["shift"] == pytest.approx(1.15) and shifted.meta["sigma"] == pytest.approx(sigma, rel=1e-6)
     assert not torch.allclose(shifted.tensors[ids[-1]], plain.tensors[ids[-1]], atol=1e-4)
+
+
+def test_extract_native_applies_a_lora_patch_of_the_model(qwen):
+    """A LoRA on the MODEL (what LoraLoader adds: a weight patch of the clone) acts in DFExtractNative as in
+    sampling: the features are the network's with the patched weight, and the MODEL itself stays unpatched."""
+    from diffusion_feature.native.extract import extract_native_latents
+
+    ns, model = qwen
+    net = model.model.diffusion_model
+    positive, _ = _conds()
+    ids = [f"{B}-out"]
+    latents = torch.randn(1, 16, *LATENT, generator=torch.Generator().manual_seed(5))
+    key = "transformer_blocks.0.img_mlp.net.2.weight"
+    weight = dict(net.named_parameters())[key]
+    diff = torch.randn(weight.shape, generator=torch.Generator().manual_seed(8)) * 0.3
+    lora = model.clone()
+    lora.add_patches({f"diffusion_model.{key}": (diff,)}, 1.0)
+    got = extract_native_latents(lora, positive, latents, ids, t=300, seed=9)
+    ns.model_management.unload_all_models()  # ComfyUI puts the weights back when it unloads the patched clone
+    x0 = model.model.process_latent_in(latents.unsqueeze(2))
+    x_t = 0.7 * x0 + 0.3 * seeded_eps(x0.shape[1:], 9)
+    original = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.add_(diff)
+            with FeatureCapture(net, native_taps(ids, net, "qwen-image")) as hooks:
+                hooks.run(x_t, torch.full((1,), 0.3), context=positive[0][0])
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    assert torch.allclose(got[ids[0]], hooks.features[ids[0]], atol=1e-5, rtol=1e-5)
+    plain = extract_native_latents(model, positive, latents, ids, t=300, seed=9)
+    assert not torch.allclose(plain[ids[0]], got[ids[0]], atol=1e-3)
+    _zero_hooks(net)
