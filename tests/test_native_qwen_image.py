@@ -5,7 +5,8 @@ sampled by ComfyUI's own sampling code with the tapped clone: every kept row equ
 that model call (maps recomputed with torch.softmax over q/k after ComfyUI's rotary embedding, and checked against
 the attention output they must reproduce), with and without an Edit reference image in the conditioning (ComfyUI's
 ref_latents: image ids stay the generated image's tokens). DFExtractNative's flow semantics (sigma = t / 1000) equal
-a hand-run of the network; the shape pass sizes every id exactly.
+a hand-run of the network, with an Edit reference, a LoRA weight patch and an InstantX ControlNet as ComfyUI applies
+them; the shape pass and the memory plan size every id exactly.
 """
 from __future__ import annotations
 
@@ -213,6 +214,9 @@ class _FlatVAE:
     """A stand-in for the Wan 2.1 VAE (none can be built small here): the image's 8x8-pooled pixels, repeated to 16
     channels, as ComfyUI's Wan VAE returns them: 5-D (B, 16, 1, h, w)."""
 
+    def spacial_compression_encode(self):  # what a ControlNet asks of its VAE
+        return 8
+
     def encode(self, pixels):
         x = torch.nn.functional.avg_pool2d(pixels[..., :3].permute(0, 3, 1, 2), 8)
         return (torch.cat([x] * 5 + [x[:, :1]], dim=1) * 2 - 1).unsqueeze(2)
@@ -295,4 +299,44 @@ def test_extract_native_applies_a_lora_patch_of_the_model(qwen):
     assert torch.allclose(got[ids[0]], hooks.features[ids[0]], atol=1e-5, rtol=1e-5)
     plain = extract_native_latents(model, positive, latents, ids, t=300, seed=9)
     assert not torch.allclose(plain[ids[0]], got[ids[0]], atol=1e-3)
+    _zero_hooks(net)
+
+
+def test_extract_native_runs_an_instantx_controlnet_of_the_conditioning(qwen):
+    """A Qwen-Image ControlNet (ComfyUI's own InstantX class, built tiny in the shape comfy.controlnet's loader gives
+    it) applied to the positive conditioning acts in DFExtractNative as in sampling: its block residuals, times the
+    strength, are added to the network's image stream; features equal the network called with the ControlNet's own
+    output on the hint's latent, and differ from the run without it."""
+    from diffusion_feature.native.extract import extract_native_latents
+
+    ns, model = qwen
+    controlnet, formats = nc.comfy_module("comfy.controlnet"), nc.comfy_module("comfy.latent_formats")
+    QwenImageControlNetModel = nc.comfy_module("comfy.ldm.qwen_image.controlnet").QwenImageControlNetModel
+    net = model.model.diffusion_model
+    torch.manual_seed(4)
+    control_model = QwenImageControlNetModel(dtype=torch.float32, operations=ns.ops.disable_weight_init, **nc.QWEN)
+    with torch.no_grad():
+        for p in control_model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    control = controlnet.ControlNet(control_model.eval(), compression_ratio=1, latent_format=formats.Wan21(),
+                                    load_device=torch.device("cpu"), extra_conds=[])
+    hint = torch.rand(1, 3, LATENT[0] * 8, LATENT[1] * 8, generator=torch.Generator().manual_seed(3))
+    vae, strength = _FlatVAE(), 0.7
+    positive, _ = _conds()
+    controlled = [[positive[0][0], {"control": control.copy().set_cond_hint(hint, strength, (0.0, 1.0), vae=vae)}]]
+    ids = [f"{B}-out", "dit-out"]
+    latents = torch.randn(1, 16, *LATENT, generator=torch.Generator().manual_seed(5))
+    got = extract_native_latents(model, controlled, latents, ids, t=300, seed=9)
+    x0 = model.model.process_latent_in(latents.unsqueeze(2))
+    x_t = 0.7 * x0 + 0.3 * seeded_eps(x0.shape[1:], 9)
+    sigma = torch.full((1,), 0.3)
+    with torch.no_grad():
+        hint_latent = formats.Wan21().process_in(vae.encode(hint.movedim(1, -1)))
+        residuals = control_model(x_t, sigma, positive[0][0], hint=hint_latent)["input"]
+        with FeatureCapture(net, native_taps(ids, net, "qwen-image")) as hooks:
+            hooks.run(x_t, sigma, context=positive[0][0], control={"input": [r * strength for r in residuals]})
+    for tid in ids:
+        assert torch.allclose(got[tid], hooks.features[tid], atol=1e-5, rtol=1e-5), tid
+    plain = extract_native_latents(model, positive, latents, ids, t=300, seed=9)
+    assert not torch.allclose(plain["dit-out"], got["dit-out"], atol=1e-3)
     _zero_hooks(net)
