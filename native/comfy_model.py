@@ -18,7 +18,7 @@ from .capture import (WRAPPER_KEY, ApplyModelWrapper, NativeCapture, OuterSample
                       is_flow, register)
 from .memory import feature_sizes
 from .names import (NativeLayout, UnsupportedModelError, is_native_pixart, native_ids, native_taps,
-                    unsupported_message)
+                    unreadable_message, unsupported_message)
 
 def _comfy_flux_rope(q: torch.Tensor, k: torch.Tensor, pe: torch.Tensor):
     """ComfyUI's own rotary embedding of its Flux-type networks (q, k: (B, heads, N, d); pe as its blocks get it)."""
@@ -53,12 +53,19 @@ def _base_model(model):
 
 def diffusion_model(model) -> torch.nn.Module:
     """The native network of a MODEL (ComfyUI's UNetModel, PixArtMS, or a diffusion transformer whose family reads
-    ComfyUI's class, e.g. Flux); a clear error naming the supported families for any other architecture."""
+    ComfyUI's class, e.g. Flux); a clear error naming the supported families for any other architecture, and one
+    naming what is needed for a network this ComfyUI builds without its family's options (Family.comfy_missing)."""
     base = _base_model(model)
     unet = base.diffusion_model
     config = getattr(base, "model_config", None)
     owner = f"ComfyUI's {type(base).__name__} model" + (f" ({type(config).__name__})" if config is not None else "")
     dit = network_family(unet)
+    claimed = family_of_comfy_config(type(config).__name__) if config is not None else None
+    family = claimed if claimed is not None and FAMILIES[claimed].networks else dit  # ComfyUI's word first
+    missing = FAMILIES[family].comfy_missing if family is not None else None
+    need = missing(unet) if missing is not None else None
+    if need is not None:  # e.g. v0.3.64's NextDiT, which has none of Z-Image's options
+        raise UnsupportedModelError(unreadable_message(f"{owner} with network {type(unet).__name__}", family, need))
     if dit is not None:
         if not FAMILIES[dit].native:  # its family reads the module tree, but the native backend does not run it yet
             raise UnsupportedModelError(unsupported_message(f"{owner} with network {type(unet).__name__}"))
@@ -287,6 +294,10 @@ def run_at_sigmas(model, positive, latent: torch.Tensor, noise: torch.Tensor, si
     if guidance is not None:
         cond = [[c, {**extra, "guidance": float(guidance)}] for c, extra in cond]
     tapped = _wrapped(model, register(last))
+    fix = getattr(comfy.sample, "fix_empty_latent_channels", None)  # absent in the 2024-03 ComfyUI
+    if fix is not None:  # as its sampler nodes do: a 4-D LATENT gains the frame axis of a 5-D model (Qwen-Image)
+        latent = fix(model, latent)
+        noise = noise.reshape(latent.shape)
     comfy.sample.sample_custom(tapped, noise, 1.0, sampler, sigmas, cond, [], latent, disable_pbar=True, seed=seed)
     if last.features is None:
         raise RuntimeError("the sampler's last model call never reached the MODEL's network")

@@ -87,7 +87,8 @@ def extract_native_latents(model, positive, latents: torch.Tensor, layers, t: in
                            offload: bool = False, denoise_from: int | None = None,
                            denoise_steps: int = 1, interrupt=None, shift: bool = False,
                            guidance: float = DEFAULT_GUIDANCE) -> dict[str, torch.Tensor]:
-    """Features of ComfyUI latents (B, C, h, w: a LATENT's samples, before the model's process_in) at t.
+    """Features of ComfyUI latents (B, C, h, w, or a 5-D model's (B, C, 1, h, w): a LATENT's samples, before the
+    model's process_in) at t.
     interrupt: a callback run before each block of the network (it raises to stop a long forward). shift, guidance:
     for flow models (see the module's docstring)."""
     _check_positive(positive)
@@ -172,6 +173,6 @@ def collect(capture, latent: dict | None = None) -> Features:
     labels, tensors = capture.stacked()
     meta = {"family": capture.family, "layers": list(tensors), "rows": labels, "steps": capture.total_steps,
             "branch": capture.branch, "backend": "native"}
-    if torch.is_tensor(samples) and samples.ndim == 4:
+    if torch.is_tensor(samples) and samples.ndim in (4, 5):  # 5-D: Qwen-Image's (B, C, 1, h, w)
         meta.update(size_meta(int(samples.shape[-2]) * 8, int(samples.shape[-1]) * 8))
     return Features(tensors, meta)

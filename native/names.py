@@ -44,6 +44,12 @@ def unsupported_message(what: str) -> str:
             f"architectures have no layer ids; for taps the native model cannot reach, {_DF_MODEL_HINT}")
 
 
+def unreadable_message(what: str, family: str, need: str) -> str:
+    """The refusal of a MODEL of a diffusion-transformer family whose network this ComfyUI builds without the
+    family's options (the family's comfy_missing names what is needed)."""
+    return f"{what} cannot be tapped natively as {family}: that needs {need}; or {_DF_MODEL_HINT}"
+
+
 class _Level:
     def __init__(self):
         self.resnets: list = []

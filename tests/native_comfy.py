@@ -255,15 +255,33 @@ FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=6, c
             patch_size=2, qkv_bias=True, guidance_embed=True)
 
 
-def flux_patcher(ns, seed: int = 0):
-    """A MODEL around ComfyUI's Flux BaseModel with random weights (ComfyUI zero-initialises nothing here, but every
-    weight is drawn anew so no layer is trivial)."""
-    config = ns.supported_models.Flux(dict(FLUX))
+def config_patcher(ns, config, seed: int | None = 0):
+    """A MODEL (float32, CPU) around the BaseModel one of ComfyUI's model configs builds; seed: every weight of its
+    network drawn anew from it (so no layer is trivial, zero-initialised ones included), None: as built."""
     config.set_inference_dtype(torch.float32, None)
     base = config.get_model({})
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in base.diffusion_model.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
+    if seed is not None:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in base.diffusion_model.parameters():
+                p.copy_(torch.randn_like(p) * 0.2)
     cpu = torch.device("cpu")
     return ns.model_patcher.ModelPatcher(base.eval(), load_device=cpu, offload_device=cpu)
+
+
+def flux_patcher(ns, seed: int = 0):
+    """A MODEL around ComfyUI's Flux BaseModel with random weights."""
+    return config_patcher(ns, ns.supported_models.Flux(dict(FLUX)), seed)
+
+
+# ---- Qwen-Image (ComfyUI >= 2025-08 has comfy/ldm/qwen_image; the 2024-03 one has none) ---------------------------
+# A tiny Qwen-Image of ComfyUI's own model config (supported_models.QwenImage: flow sampling with shift 1.15, the Wan
+# 2.1 latent format's 5-D latents): 2 double-stream blocks, 2 heads of 16 channels (rope axes 4 + 6 + 6), the real 16
+# latent channels in 2x2 patches.
+QWEN = dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=12, axes_dims_rope=(4, 6, 6))
+
+
+def qwen_patcher(ns, seed: int = 0):
+    """A MODEL around ComfyUI's QwenImage BaseModel with random weights."""
+    return config_patcher(ns, ns.supported_models.QwenImage(dict(QWEN)), seed)

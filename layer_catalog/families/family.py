@@ -45,6 +45,9 @@ class Family:
     # that class as a DitLayout (its ids and taps), or None for a network of that class that is another family's.
     # Empty for the families whose taps live in taps.py.
     networks: dict[str, Callable] = field(default_factory=dict)
+    # ComfyUI's networks that a ComfyUI builds without this family's options (an older ComfyUI than the model):
+    # network -> what the native taps need instead, named in the refusal; None where the network holds the family
+    comfy_missing: Callable | None = None
     # Rectified-flow families (DF_MODEL): x_t = (1 - sigma) x0 + sigma eps with sigma = t / 1000 (DDIM-based PnP,
     # inversion and denoise_from do not apply); their diffusers network takes sigma * timestep_scale as its timestep.
     flow: bool = False

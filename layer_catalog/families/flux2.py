@@ -83,6 +83,14 @@ def native_layout(net: torch.nn.Module) -> DitLayout | None:
     return layout
 
 
+def comfy_missing(net: torch.nn.Module) -> str | None:
+    """What a ComfyUI network of a Flux.2 MODEL lacks for the taps (None: nothing): Flux.2's shared modulation,
+    which only a ComfyUI that builds Flux.2 gives its Flux class (v0.3.64 has no Flux.2)."""
+    if getattr(net, _SHARED_MODULATION, None) is not None:
+        return None
+    return "ComfyUI's Flux network with Flux.2's shared modulation (a ComfyUI with Flux.2, newer than v0.3.64)"
+
+
 FAMILY = Family(
     name="flux2", description="Flux.2 dev (DiT, Mistral Small 3.1 text encoder); Klein shares the architecture",
     denoiser="transformer", native_size=1024,
@@ -105,5 +113,5 @@ FAMILY = Family(
                       r"(model\.diffusion_model\.)?double_stream_modulation_img\.lin\.weight$"),
     single_file=False,  # until DF_MODEL loads DiT checkpoints
     native=False,  # until the native backend maps ComfyUI's Flux.2 (and only ComfyUIs that have it)
-    networks={"Flux2Transformer2DModel": diffusers_layout, "Flux": native_layout},
+    networks={"Flux2Transformer2DModel": diffusers_layout, "Flux": native_layout}, comfy_missing=comfy_missing,
 )

@@ -134,6 +134,5 @@ FAMILY = Family(
     checkpoint_marks=(r"(model\.diffusion_model\.)?txt_norm\.weight$",
                       r"(model\.diffusion_model\.)?transformer_blocks\.0\.img_mod\.1\.weight$"),
     single_file=False,  # until DF_MODEL loads DiT checkpoints
-    native=False,  # until the native backend maps ComfyUI's qwen_image model
     networks={"QwenImageTransformer2DModel": layout},
 )

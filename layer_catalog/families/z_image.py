@@ -120,6 +120,14 @@ def native_layout(net: torch.nn.Module) -> DitLayout:
                    dict(grid_path="", grid_divisor=int(net.patch_size), text_path="cap_embedder"))
 
 
+def comfy_missing(net: torch.nn.Module) -> str | None:
+    """What a ComfyUI NextDiT lacks to hold Z-Image (None: it holds it): Z-Image's pad tokens and options, which
+    v0.3.64's NextDiT does not take and a Lumina2 network is built without."""
+    if getattr(net, "pad_tokens_multiple", None):
+        return None
+    return "a NextDiT built with Z-Image's options (ComfyUI's ZImage model, in ComfyUIs newer than v0.3.64)"
+
+
 FAMILY = Family(
     name="z-image", description="Z-Image Turbo / base (single-stream DiT with image and caption refiners, Qwen3-4B)",
     denoiser="transformer", native_size=1024,
@@ -138,5 +146,5 @@ FAMILY = Family(
                       r"(model\.diffusion_model\.)?context_refiner\.0\.attention\.",),
     single_file=False,  # until DF_MODEL loads DiT checkpoints
     native=False,  # until the native backend maps ComfyUI's NextDiT
-    networks={"ZImageTransformer2DModel": diffusers_layout, "NextDiT": native_layout},
+    networks={"ZImageTransformer2DModel": diffusers_layout, "NextDiT": native_layout}, comfy_missing=comfy_missing,
 )
