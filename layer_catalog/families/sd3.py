@@ -144,7 +144,6 @@ FAMILY = Family(
     vae_float32=True, latent_format="SD3", comfy_configs=("SD3",),
     checkpoint_marks=(r"(model\.diffusion_model\.)?joint_blocks\.0\.context_block\.attn\.qkv\.weight$",),
     single_file=False,  # until DF_MODEL loads DiT checkpoints
-    native=False,  # until the native backend maps ComfyUI's MMDiT
     networks={"SD3Transformer2DModel": diffusers_layout, "MMDiT": native_layout,
               "OpenAISignatureMMDITWrapper": native_layout},
 )
