@@ -140,8 +140,8 @@ def write_native_flux(comfy_dir: Path) -> Path:
 # ComfyUI detects SD3 from its keys (joint_blocks.0.context_block.attn.qkv) and reads every width from the file but
 # the head width (64 channels, as many heads as blocks): one joint block of width 64, SD3.5 medium's kind (RMS
 # QK-norm, the second image attention), its text stream pre-only as any last block's; T5's width 4096 and the pooled
-# CLIP-L + CLIP-G 2048 in; position embeddings for a 96 x 96 patch grid (DFExtractNative resizes to the area of 1024 x 1024
-# pixels: a 3:2 image is 80 patches wide).
+# CLIP-L + CLIP-G 2048 in; position embeddings for a 96 x 96 patch grid (DFExtractNative resizes to the area of
+# 1024 x 1024 pixels: a 3:2 image is 80 patches wide).
 _SD3_WIDTH = 64
 _SD3_SHAPES = {
     "x_embedder.proj": (64, 16, 2, 2), "t_embedder.mlp.0": (64, 256), "t_embedder.mlp.2": (64, 64),

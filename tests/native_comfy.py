@@ -272,8 +272,8 @@ def flux_patcher(ns, seed: int = 0):
 # ---- SD3 / SD3.5 (ComfyUI >= 2024-06 has comfy/ldm/modules/diffusionmodules/mmdit.py; the 2024-03 one has none) ----
 # A tiny SD3.5 medium-kind MMDiT as ComfyUI's detect_unet_config reads one: 64-channel heads, depth heads and
 # 64 * depth channels (so depth 2: 2 heads, width 128), RMS QK-norm, the second image attention in block 0, the last
-# block's text stream pre-only; a small text width (12) and pooled width (6); position embeddings for a 32 x 32 grid (the memory plan's
-# sizing pass runs at a 64 x 64 latent).
+# block's text stream pre-only; a small text width (12) and pooled width (6); position embeddings for a 32 x 32
+# grid (the memory plan's sizing pass runs at a 64 x 64 latent).
 SD3 = dict(in_channels=16, patch_size=2, out_channels=16, depth=2, input_size=None, adm_in_channels=6,
            context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 12, "out_features": 128}},
            num_patches=1024, pos_embed_max_size=32, qk_norm="rms", pos_embed_scaling_factor=None,

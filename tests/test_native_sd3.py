@@ -16,7 +16,8 @@ import native_comfy as nc
 from diffusion_feature.engine.schedule import seeded_eps
 from diffusion_feature.layer_catalog import FeatureCapture
 from diffusion_feature.native import capture_layers, model_layer_ids, native_family, native_taps
-from test_native_dit import _FlatVAE, _copy, _rows_of, _zero_hooks
+from test_native_dit import CallLog as FluxCallLog
+from test_native_dit import _FlatVAE, _rows_of, _zero_hooks
 
 LATENT = (6, 10)  # non-square on purpose: a 3 x 5 token grid
 GRID = (LATENT[0] // 2, LATENT[1] // 2)
@@ -57,40 +58,15 @@ def _probs(q, k):  # (B, N, heads, d) each -> (B, heads, Nq, Nk)
     return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
 
 
-class CallLog:
+class CallLog(FluxCallLog):
     """The test's own record of each network call (inputs and outputs of named modules) from plain torch hooks."""
 
-    MODULES = ("", "joint_blocks.0", "joint_blocks.1", *(f"joint_blocks.{b}.{s}.{m}" for b in (0, 1)
-               for s in ("x_block", "context_block") for m in ("attn.qkv", "attn.ln_q", "attn.ln_k", "attn.proj",
-                                                               "mlp.act")),
+    OUTPUTS = ("joint_blocks.0", "joint_blocks.1",
+               *(f"joint_blocks.{b}.{s}.{m}" for b in (0, 1) for s in ("x_block", "context_block")
+                 for m in ("attn.qkv", "attn.ln_q", "attn.ln_k", "attn.proj", "mlp.act")
+                 if not (b == 1 and s == "context_block" and m in ("attn.proj", "mlp.act"))),  # pre-only: none
                *(f"joint_blocks.0.x_block.attn2.{m}" for m in ("qkv", "ln_q", "ln_k", "proj")))
-
-    def __init__(self, net):
-        self.calls, self.handles = [], []
-        mods = dict(net.named_modules())
-        for name in self.MODULES:
-            if name.endswith("context_block.attn.proj") and name.startswith("joint_blocks.1"):
-                continue  # the last block's text stream is pre-only: no output projection, no MLP
-            if name.endswith("context_block.mlp.act") and name.startswith("joint_blocks.1"):
-                continue
-            self.handles.append(mods[name].register_forward_pre_hook(self._pre(name), with_kwargs=True))
-            self.handles.append(mods[name].register_forward_hook(self._out(name)))
-
-    def _pre(self, name):
-        def hook(_m, args, kwargs):
-            if name == "":
-                self.calls.append({})
-            self.calls[-1]["in:" + name] = (_copy(args), {k: _copy(v) for k, v in kwargs.items()})
-        return hook
-
-    def _out(self, name):
-        def hook(_m, _a, out):
-            self.calls[-1][name] = _copy(out)
-        return hook
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
+    INPUTS = ("", *OUTPUTS)
 
     @staticmethod
     def expected(call) -> dict[str, torch.Tensor]:
