@@ -15,9 +15,9 @@ import torch
 import native_comfy as nc
 from diffusion_feature.engine.schedule import seeded_eps
 from diffusion_feature.layer_catalog import FeatureCapture
-from diffusion_feature.native import capture_layers, model_layer_ids, native_family, native_taps
+from diffusion_feature.native import model_layer_ids, native_family, native_taps
 from test_native_dit import CallLog as FluxCallLog
-from test_native_dit import _FlatVAE, _rows_of, _zero_hooks
+from test_native_dit import _FlatVAE, _rows_of, _zero_hooks, logged_capture
 
 LATENT = (6, 10)  # non-square on purpose: a 3 x 5 token grid
 GRID = (LATENT[0] // 2, LATENT[1] // 2)
@@ -129,14 +129,8 @@ def test_sd3_ids_shapes_and_every_id_kind_under_ksampler_equal_plain_hooks(sd3):
     shapes = model_layer_shapes(model, LATENT[0] * 8, LATENT[1] * 8)
     assert list(shapes) == ids
 
-    tapped, capture = capture_layers(model, ids, steps="all", branch="both")
-    log = CallLog(net)
-    try:
-        _sample(ns, tapped)
-    finally:
-        log.close()
-    _zero_hooks(net)
-    labels, feats = capture.stacked()
+    labels, feats, log = logged_capture(model, ids, CallLog, lambda tapped: _sample(ns, tapped), steps="all",
+                                        branch="both")
     assert [(lab["step"], lab["branch"], lab["image"]) for lab in labels] == \
         [(s, b, i) for s in range(2) for b in ("cond", "uncond") for i in range(2)]
     captured = {i: [tokens if d == T_TXT and ("txt-" in i or "cross" in i) and n == len(v.shape) - 2 else d
