@@ -277,6 +277,30 @@ def _native_flux_timeline_graph() -> dict:
                              "simple", "diffusion_feature/flux_timeline")
 
 
+SD35_MEDIUM = "sd3.5_medium.safetensors"
+SD35_CROSS_LAYER = "vit-block12-cross-map"  # mid-depth of SD3.5 medium's 24 joint blocks
+SD35_TOKEN = 6  # "house": CLIP's start token is 0, "a photo of a red house" follows from 1
+
+
+def _native_sd35_cross_map_graph() -> dict:
+    """Load Diffusion Model (SD3.5 medium) + TripleCLIPLoader + VAELoader -> DFExtractNative (t = 500: sigma 0.5,
+    SD3 has no guidance input) -> DFAttentionMap: where the image attends to one prompt token, over the image."""
+    g = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": SD35_MEDIUM, "weight_dtype": "default"}},
+         "2": {"class_type": "TripleCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                            "clip_name2": "clip_g.safetensors",
+                                                            "clip_name3": "t5xxl_fp16.safetensors"}},
+         "3": _clip_text(_link("2"), "a photo of a red house by a lake"),
+         "4": {"class_type": "VAELoader", "inputs": {"vae_name": "sd3.5_vae.safetensors"}},
+         "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}}}
+    g["5"] = _extract_native(_link("1"), _link("4"), _link("3"), _link("10"), SD35_CROSS_LAYER)
+    g["5"]["inputs"]["t"] = 500
+    g["6"] = {"class_type": "DFAttentionMap", "inputs": {"features": _link("5"), "layer": SD35_CROSS_LAYER,
+                                                          "token_index": SD35_TOKEN, "query_x": 0.5, "query_y": 0.5,
+                                                          "image": _link("10")}}
+    g["7"] = _preview(_link("6"))
+    return g
+
+
 def _native_controlnet_graph() -> dict:
     """The content-shift recipe natively: Canny -> Apply ControlNet (Advanced) -> DFExtractNative 60 -> 50."""
     g = {"1": _checkpoint(), "2": _clip_text(_link("1", 1), "a photo"), "3": _clip_text(_link("1", 1), ""),
@@ -356,6 +380,8 @@ EXAMPLES = {
                             _native_match_graph()),
     "native_flux_capture_timeline": ("Native Flux: capture during KSampler -> joint PCA timeline",
                                      _native_flux_timeline_graph()),
+    "native_sd35_cross_map": ("Native SD3.5: DFExtractNative -> cross-map over the image for one token",
+                              _native_sd35_cross_map_graph()),
 }
 
 # ---- UI format ------------------------------------------------------------------------------------------------
@@ -382,6 +408,8 @@ CORE = {  # ComfyUI core nodes used here: (widget inputs in order, outputs, link
     "DualCLIPLoader": (["clip_name1", "clip_name2", "type", "device"], [("CLIP", "CLIP")], []),
     "FluxGuidance": (["guidance"], [("CONDITIONING", "CONDITIONING")], [("conditioning", "CONDITIONING")]),
     "EmptySD3LatentImage": (["width", "height", "batch_size"], [("LATENT", "LATENT")], []),
+    "TripleCLIPLoader": (["clip_name1", "clip_name2", "clip_name3"], [("CLIP", "CLIP")], []),
+    "VAELoader": (["vae_name"], [("VAE", "VAE")], []),
 }
 
 

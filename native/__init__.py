@@ -1,6 +1,6 @@
 """The native backend: layer ids, taps and attention maps on ComfyUI's own networks (the MODEL of Load Checkpoint
-or Load Diffusion Model: its UNets, PixArt, and the diffusion transformers a family reads, Flux), captured per model
-call during ordinary sampling. Only `comfy_model` touches ComfyUI objects, and it imports
+or Load Diffusion Model: its UNets, PixArt, and the diffusion transformers a family reads, Flux and SD3), captured
+per model call during ordinary sampling. Only `comfy_model` touches ComfyUI objects, and it imports
 `comfy` lazily; the rest imports without ComfyUI.
 
     from diffusion_feature.native import capture_layers

@@ -2,10 +2,11 @@
 
 - `t` is the training timestep 0..999; its sigma comes from the MODEL's own noise schedule, and the model is called
   with x0 + sigma_t eps, which ComfyUI scales to x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps: the same x_t as the
-  DF_MODEL path for the same x0 and eps. Rectified-flow models (Flux): sigma = t / 1000 and
+  DF_MODEL path for the same x0 and eps. Rectified-flow models (Flux, SD3): sigma = t / 1000 and
   x_t = (1 - sigma) x0 + sigma eps, no resolution shift unless `shift` asks for the MODEL's own shifted schedule;
-  a guidance-distilled network (Flux dev) gets `guidance` (default 3.5, diffusers' FluxPipeline's). Both are in
-  the metadata.
+  a guidance-distilled network (Flux dev) gets `guidance` (default 3.5, diffusers' FluxPipeline's); a network
+  without a guidance embedding (SD3, Flux schnell) is not given it, since the node's default is always set, and
+  its metadata records guidance None. Both are in the metadata.
 - eps is drawn on the CPU from a generator seeded by `seed`, one draw for every image (an image's features do not
   depend on its batch); `ensemble=N` averages over seeds seed .. seed+N-1.
 - One conditional forward with the positive conditioning only, through ComfyUI's own sampling path, so ControlNets

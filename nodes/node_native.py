@@ -119,11 +119,12 @@ class DFExtractNative:
             "guidance": ("FLOAT", {"default": DEFAULT_GUIDANCE, "min": 0.0, "max": 100.0, "step": 0.1,
                                    "tooltip": "Flux dev's guidance embedding (3.5 as diffusers' FluxPipeline; it "
                                               "replaces a FluxGuidance value). Recorded in the metadata; models "
-                                              "without one ignore it."}),
+                                              "without one (SD3, Flux schnell) do not apply it and record none."}),
             "shift": ("BOOLEAN", {"default": False,
-                                  "tooltip": "Flow models (Flux): off, sigma = t / 1000 at any image size; on, the "
-                                             "MODEL's own shifted schedule (ModelSamplingFlux's resolution shift "
-                                             "when applied). Recorded in the metadata."}),
+                                  "tooltip": "Flow models (Flux, SD3): off, sigma = t / 1000 at any image size; on, "
+                                             "the MODEL's own shifted schedule (ModelSamplingFlux's resolution "
+                                             "shift, ModelSamplingSD3's shift when applied; SD3's own is 3). "
+                                             "Recorded in the metadata."}),
         }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}
 
     def extract(self, model, vae, positive, image, t, seed, layers="", preset="none", resize="keep-aspect",

@@ -18,6 +18,8 @@ NATIVE_CKPT = "df-native-sd15-2level.safetensors"
 NATIVE_CN = "df-native-sd15-canny.safetensors"
 NATIVE_LORA = "df-native-sd15-lora.safetensors"
 NATIVE_FLUX = "df-native-flux-1single.safetensors"
+NATIVE_SD3 = "df-native-sd35-1block.safetensors"
+NATIVE_TAESD3 = "df-native-taesd3.safetensors"
 
 
 def native_unet(seed: int = 0):
@@ -133,3 +135,80 @@ def write_native_flux(comfy_dir: Path) -> Path:
     save_file(state, str(tmp))
     tmp.replace(path)
     return path
+
+
+# ComfyUI detects SD3 from its keys (joint_blocks.0.context_block.attn.qkv) and reads every width from the file but
+# the head width (64 channels, as many heads as blocks): one joint block of width 64, SD3.5 medium's kind (RMS
+# QK-norm, the second image attention), its text stream pre-only as any last block's; T5's width 4096 and the pooled
+# CLIP-L + CLIP-G 2048 in; position embeddings for a 96 x 96 patch grid (DFExtractNative resizes to the area of
+# 1024 x 1024 pixels: a 3:2 image is 80 patches wide).
+_SD3_WIDTH = 64
+_SD3_SHAPES = {
+    "x_embedder.proj": (64, 16, 2, 2), "t_embedder.mlp.0": (64, 256), "t_embedder.mlp.2": (64, 64),
+    "y_embedder.mlp.0": (64, 2048), "y_embedder.mlp.2": (64, 64), "context_embedder": (64, 4096),
+    "joint_blocks.0.context_block.attn.qkv": (192, 64), "joint_blocks.0.context_block.adaLN_modulation.1": (128, 64),
+    "joint_blocks.0.x_block.attn.qkv": (192, 64), "joint_blocks.0.x_block.attn.proj": (64, 64),
+    "joint_blocks.0.x_block.attn2.qkv": (192, 64), "joint_blocks.0.x_block.attn2.proj": (64, 64),
+    "joint_blocks.0.x_block.mlp.fc1": (256, 64), "joint_blocks.0.x_block.mlp.fc2": (64, 256),
+    "joint_blocks.0.x_block.adaLN_modulation.1": (9 * 64, 64), "final_layer.linear": (64, 64),
+    "final_layer.adaLN_modulation.1": (128, 64)}
+_SD3_NORMS = [f"joint_blocks.0.{a}.ln_{n}.weight" for a in ("context_block.attn", "x_block.attn", "x_block.attn2")
+              for n in ("q", "k")]
+
+
+def _random_file(path: Path, state: dict) -> Path:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.half().contiguous() for k, v in state.items()}, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def write_native_sd3(comfy_dir: Path) -> tuple[Path, Path]:
+    """An SD3.5 medium-kind diffusion model that ComfyUI's UNETLoader detects (one block, ~0.8 M weights) and a
+    16-channel TAESD-format VAE that its VAELoader loads (SD3's tiny autoencoder's layout; random weights), in
+    float16, cached in `comfy_dir`/models, built only when missing. Weights scaled by 1/sqrt(fan-in)."""
+    unet = comfy_dir / "models" / "diffusion_models" / NATIVE_SD3
+    vae = comfy_dir / "models" / "vae" / NATIVE_TAESD3
+    g = torch.Generator().manual_seed(6)
+    if not unet.is_file():
+        unet.parent.mkdir(parents=True, exist_ok=True)
+        state = {"pos_embed": torch.randn(1, 96 * 96, _SD3_WIDTH, generator=g) * 0.1,
+                 **{k: 1 + 0.1 * torch.randn(64, generator=g) for k in _SD3_NORMS}}
+        for name, shape in _SD3_SHAPES.items():
+            fan_in = shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1)
+            state[f"{name}.weight"] = torch.randn(*shape, generator=g) / fan_in ** 0.5
+            state[f"{name}.bias"] = torch.randn(shape[0], generator=g) * 0.02
+        _random_file(unet, state)
+    if not vae.is_file():
+        vae.parent.mkdir(parents=True, exist_ok=True)
+        _random_file(vae, _taesd_state(16, g))
+    return unet, vae
+
+
+def _taesd_state(latent: int, g: torch.Generator) -> dict:
+    """Random weights in the layout of ComfyUI's TAESD (comfy/taesd/taesd.py: Sequentials of 3x3 convolutions and
+    residual blocks of three), which its VAE class recognises by `taesd_decoder.1.weight`."""
+    state = {"vae_scale": torch.tensor(1.0), "vae_shift": torch.tensor(0.0)}
+
+    def conv(name, n_in, n_out, bias=True):
+        state[f"{name}.weight"] = torch.randn(n_out, n_in, 3, 3, generator=g) / (9 * n_in) ** 0.5
+        if bias:
+            state[f"{name}.bias"] = torch.zeros(n_out)
+
+    def block(name):
+        for i in (0, 2, 4):
+            conv(f"{name}.conv.{i}", 64, 64)
+
+    blocks = {"taesd_encoder": [1, 3, 4, 5, 7, 8, 9, 11, 12, 13], "taesd_decoder": [3, 4, 5, 8, 9, 10, 13, 14, 15, 18]}
+    for part, indices in blocks.items():
+        for i in indices:
+            block(f"{part}.{i}")
+    conv("taesd_encoder.0", 3, 64)
+    for i in (2, 6, 10):
+        conv(f"taesd_encoder.{i}", 64, 64, bias=False)
+    conv("taesd_encoder.14", 64, latent)
+    conv("taesd_decoder.1", latent, 64)
+    for i in (7, 12, 17):
+        conv(f"taesd_decoder.{i}", 64, 64, bias=False)
+    conv("taesd_decoder.19", 64, 3)
+    return state

@@ -285,3 +285,29 @@ QWEN = dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layer
 def qwen_patcher(ns, seed: int = 0):
     """A MODEL around ComfyUI's QwenImage BaseModel with random weights."""
     return config_patcher(ns, ns.supported_models.QwenImage(dict(QWEN)), seed)
+
+
+# ---- SD3 / SD3.5 (ComfyUI >= 2024-06 has comfy/ldm/modules/diffusionmodules/mmdit.py; the 2024-03 one has none) ----
+# A tiny SD3.5 medium-kind MMDiT as ComfyUI's detect_unet_config reads one: 64-channel heads, depth heads and
+# 64 * depth channels (so depth 2: 2 heads, width 128), RMS QK-norm, the second image attention in block 0, the last
+# block's text stream pre-only; a small text width (12) and pooled width (6); position embeddings for a 32 x 32
+# grid (the memory plan's sizing pass runs at a 64 x 64 latent).
+SD3 = dict(in_channels=16, patch_size=2, out_channels=16, depth=2, input_size=None, adm_in_channels=6,
+           context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 12, "out_features": 128}},
+           num_patches=1024, pos_embed_max_size=32, qk_norm="rms", pos_embed_scaling_factor=None,
+           x_block_self_attn_layers=[0])
+
+
+def sd3_patcher(ns, seed: int = 0):
+    """A MODEL around ComfyUI's SD3 BaseModel (model config SD3: flow sampling with shift 3) with random weights,
+    every one drawn anew, the position-embedding buffer too (ComfyUI leaves it empty until a file fills it); QK-norm
+    scales of order one, so that the attention maps are far from uniform."""
+    config = ns.supported_models.SD3(dict(SD3))
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in [*base.diffusion_model.named_parameters(), ("pos_embed", base.diffusion_model.pos_embed)]:
+            p.copy_(torch.randn_like(p) * (1.0 if ".ln_" in name else 0.1))
+    cpu = torch.device("cpu")
+    return ns.model_patcher.ModelPatcher(base.eval(), load_device=cpu, offload_device=cpu)

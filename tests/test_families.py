@@ -58,6 +58,8 @@ def test_the_lookups_answer_from_the_table():
     assert family_of_checkpoint({"transformer.x_embedder.proj.weight": (1,)}) == "pixart-sigma"
     assert family_of_checkpoint({"model.diffusion_model.x_embedder.proj.weight": (1,),
                                  "model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight": (1,)}) == "sd3"
+    assert family_of_checkpoint({"x_embedder.proj.weight": (1,),  # a bare SD3 diffusion model has PixArt's mark too
+                                 "joint_blocks.0.context_block.attn.qkv.weight": (1,)}) == "sd3"
     qwen = {"model.diffusion_model.txt_norm.weight": (1,), "model.diffusion_model.img_in.weight": (1,),
             "model.diffusion_model.transformer_blocks.0.img_mod.1.weight": (1,)}
     assert family_of_checkpoint(qwen) == "qwen-image"

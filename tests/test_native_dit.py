@@ -139,6 +139,20 @@ def _zero_hooks(net):
     assert residue(net) == {"forward_hooks": 0, "forward_pre_hooks": 0}
 
 
+def logged_capture(model, ids, log_class, run, **capture):
+    """(labels, features) that capture_layers(model, ids, **capture) keeps while run(tapped) samples, and the test's
+    own call log (log_class) of those calls; no hook is left on the network."""
+    net = model.model.diffusion_model
+    tapped, kept = capture_layers(model, ids, **capture)
+    log = log_class(net)
+    try:
+        run(tapped)
+    finally:
+        log.close()
+    _zero_hooks(net)
+    return (*kept.stacked(), log)
+
+
 def _rows_of(log, labels):
     """(label, call, row) per captured row: calls are the sampler's steps in order, rows [cond..., uncond...] as
     the call's cond_or_uncond says."""
@@ -175,14 +189,8 @@ def test_capture_under_ksampler_equals_plain_hooks_for_every_id_kind(flux):
            f"vit-block{D0}-cross-map", f"vit-block{D0}-self-map", f"vit-block{S0}-norm-out",
            f"vit-block{S0}-txt-norm-out", f"vit-block{S0}-txt-k", f"vit-block{S0}-out", f"vit-block{S0}-cross-map",
            f"vit-block{S0}-self-map", "dit-out"]
-    tapped, capture = capture_layers(model, ids, steps="all", branch="both")
-    log = CallLog(net)
-    try:
-        _sample(ns, tapped)
-    finally:
-        log.close()
-    _zero_hooks(net)
-    labels, feats = capture.stacked()
+    labels, feats, log = logged_capture(model, ids, CallLog, lambda tapped: _sample(ns, tapped), steps="all",
+                                        branch="both")
     assert [(lab["step"], lab["branch"], lab["image"]) for lab in labels] == \
         [(s, b, i) for s in range(2) for b in ("cond", "uncond") for i in range(2)]
     sigmas = ns.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 2)

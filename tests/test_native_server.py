@@ -13,12 +13,13 @@ import torch
 
 from comfyui_harness import assert_memory_flat, execution_error, images_of, no_hooks, run_ok, saved_files
 from diffusion_feature.engine.features_io import load_features
-from native_checkpoint import NATIVE_CKPT, NATIVE_CN, NATIVE_FLUX, NATIVE_LORA, write_native_flux, write_native_models
+from native_checkpoint import (NATIVE_CKPT, NATIVE_CN, NATIVE_FLUX, NATIVE_LORA, NATIVE_SD3, NATIVE_TAESD3,
+                               write_native_flux, write_native_models, write_native_sd3)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
 NATIVE_EXAMPLES = ("native_ksampler_capture_timeline", "native_content_shift_controlnet", "native_lora_extract",
                    "native_match_points",
-                   "native_flux_capture_timeline")
+                   "native_flux_capture_timeline", "native_sd35_cross_map")
 LAYER = "up-level1-repeat1-res-out"  # the examples' PCA layer; the two-level UNet has it (320 channels, full grid)
 LAYERS = f"{LAYER}\nup-level1-repeat1-vit-block0-cross-q\nup-level1-repeat0-vit-block0-cross-map"
 
@@ -279,13 +280,17 @@ def test_layer_picker_on_capture_layers_in_a_real_browser(chromium, frontend_ser
         driver.quit()
 
 
-def test_flux_capture_timeline_example(server):
+def test_flux_capture_timeline_and_sd35_cross_map_examples(server):
     """Load Diffusion Model detects the Flux file (one double block at Flux's widths), the test-only conditioning
     node stands in for DualCLIPLoader + CLIPTextEncode + FluxGuidance (full-size T5 cannot be built here); captured
     at cfg 1 under KSampler: one cond row per captured step, t = 1000 sigma falling, the joint PCA one image per
-    step. The 2024-03 ComfyUI predates Flux (its loader cannot detect the file): skipped there by version."""
+    step. SD3.5: Load Diffusion Model detects the one-block SD3.5 medium-kind file, Load VAE a 16-channel TAESD,
+    the test node (family sd3) stands in for TripleCLIPLoader + CLIPTextEncode; DFExtractNative at t = 500 gives
+    sigma 0.5 and no guidance, the cross-map (1 head, image tokens x 8 text tokens) rows of a softmax, and
+    DFAttentionMap one heatmap over the input image at its size. The 2024-03 ComfyUI predates Flux and SD3 (its
+    loader cannot detect the files): skipped there by version."""
     if server.name == "comfy2024":
-        pytest.skip("ComfyUI 2024-03 has no Flux: Load Diffusion Model cannot detect the file")
+        pytest.skip("ComfyUI 2024-03 has no Flux or SD3: Load Diffusion Model cannot detect the files")
     write_native_flux(server.home / "ComfyUI")
     graph = json.loads((EXAMPLES / "native_flux_capture_timeline.api.json").read_text())
     layer = "vit-block0-out"  # the example's layer is Flux dev's block 28; this file has one block
@@ -313,4 +318,39 @@ def test_flux_capture_timeline_example(server):
         assert f.meta["timestep"] == pytest.approx(1000 * f.meta["sigma"])
     assert metas[0].meta["sigma"] > metas[1].meta["sigma"] > 0
     assert len(images_of(entry)["10"]) == 2  # the joint PCA: one image per captured step
+    no_hooks(server)
+
+    write_native_sd3(server.home / "ComfyUI")
+    graph = json.loads((EXAMPLES / "native_sd35_cross_map.api.json").read_text())
+    layer = "vit-block0-cross-map"  # the example's is SD3.5 medium's block 12; this file has one block
+    for key in [k for k, n in graph.items() if n["class_type"] == "TripleCLIPLoader"]:
+        del graph[key]
+    for node in graph.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "UNETLoader":
+            inputs["unet_name"] = NATIVE_SD3
+        elif kind == "VAELoader":
+            inputs["vae_name"] = NATIVE_TAESD3
+        elif kind == "CLIPTextEncode":
+            node["class_type"] = "DFTestFluxConditioning"
+            node["inputs"] = {"text": inputs["text"], "tokens": 8, "guidance": 3.5, "family": "sd3"}
+        elif kind in ("DFExtractNative", "DFAttentionMap"):
+            inputs["layers" if kind == "DFExtractNative" else "layer"] = layer
+    extract = next(k for k, n in graph.items() if n["class_type"] == "DFExtractNative")
+    graph["90"] = {"class_type": "DFSaveFeatures", "inputs": {"features": [extract, 0], "filename_prefix":
+                                                              "diffusion_feature/sd35_cross", "format": "safetensors",
+                                                              "layout": "per-sample"}}
+    assert server.get(f"/diffusion_feature/family?kind=diffusion_models&name={NATIVE_SD3}") == {"family": "sd3"}
+    entry = run_ok(server, graph)
+    (saved,) = [load_features(f) for f in saved_files(server, entry)]
+    assert (saved.meta["family"], saved.meta["t"], saved.meta["sigma"], saved.meta["guidance"]) == \
+        ("sd3", 500, 0.5, None)
+    cross = saved.tensors[layer]
+    assert cross.shape[:2] == (1, 1) and cross.shape[3] == 8
+    assert torch.all(cross.sum(-1) < 1) and torch.all(cross > 0)  # the text keys' share of each joint softmax row
+    (shown,) = images_of(entry)[next(k for k, n in graph.items() if n["class_type"] == "PreviewImage")]
+    from PIL import Image
+
+    with Image.open(server.home / "ComfyUI" / "temp" / shown["subfolder"] / shown["filename"]) as heat:
+        assert heat.size == (96, 64)  # example.png's size: the heatmap lies over the input image
     no_hooks(server)

@@ -124,10 +124,21 @@ def _comfy_qwen_inputs(net: torch.nn.Module, h: int, w: int, text_tokens: int, e
     return (empty(1, channels, 1, h, w), empty(1)), {"context": empty(1, text_tokens, net.txt_in.in_features)}
 
 
+def _comfy_mmdit_inputs(net: torch.nn.Module, h: int, w: int, text_tokens: int, empty) -> tuple[tuple, dict]:
+    """ComfyUI's SD3 network (comfy/ldm/modules/diffusionmodules/mmdit.py): the latent, t on the 0-1000 scale,
+    the text tokens (CLIP-L + CLIP-G + T5 side by side) and the pooled CLIP vector where the network embeds one,
+    as model_base.SD3 hands them over; no guidance."""
+    kwargs = {"context": empty(1, text_tokens, net.context_embedder.in_features)}
+    if net.y_embedder is not None:
+        kwargs["y"] = empty(1, net.y_embedder.mlp[0].in_features)
+    return (empty(1, net.in_channels, h, w), empty(1)), kwargs
+
+
 # ComfyUI's diffusion-transformer classes (as families' `networks` name them) -> their forward's inputs. Only
 # ComfyUI's networks are looked up here (diffusers' QwenImageTransformer2DModel, of the same name, goes through
 # dummy_inputs).
-_COMFY_INPUTS = {"Flux": _comfy_flux_inputs, "QwenImageTransformer2DModel": _comfy_qwen_inputs}
+_COMFY_INPUTS = {"Flux": _comfy_flux_inputs, "QwenImageTransformer2DModel": _comfy_qwen_inputs,
+                 "MMDiT": _comfy_mmdit_inputs, "OpenAISignatureMMDITWrapper": _comfy_mmdit_inputs}
 
 
 def native_dummy_inputs(net: torch.nn.Module, latent_hw: tuple[int, int], text_tokens: int,

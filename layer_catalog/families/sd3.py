@@ -142,9 +142,11 @@ FAMILY = Family(
         "legacy": ("vit-block37-out",),
     },
     vae_float32=True, latent_format="SD3", comfy_configs=("SD3",),
-    checkpoint_marks=(r"(model\.diffusion_model\.)?joint_blocks\.0\.context_block\.attn\.qkv\.weight$",),
+    # a bare diffusion model (Load Diffusion Model's file) also has PixArt's x_embedder: the second mark makes sd3
+    # the family with more marks, all matching
+    checkpoint_marks=(r"(model\.diffusion_model\.)?joint_blocks\.0\.context_block\.attn\.qkv\.weight$",
+                      r"(model\.diffusion_model\.)?x_embedder\.proj\.weight$"),
     single_file=False,  # until DF_MODEL loads DiT checkpoints
-    native=False,  # until the native backend maps ComfyUI's MMDiT
     networks={"SD3Transformer2DModel": diffusers_layout, "MMDiT": native_layout,
               "OpenAISignatureMMDITWrapper": native_layout},
 )
