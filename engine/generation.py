@@ -59,7 +59,7 @@ def _negative(model, negative, positive: Conditioning) -> Conditioning:
 
 
 def _check_size(model, height: int, width: int) -> None:
-    multiple = 16 if is_pixart(model.denoiser) else 8 * get_family(model.family).latent_patch
+    multiple = 8 * flow.token_side(model.family, model.denoiser)
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or value < multiple or value % multiple:
             raise ValueError(f"{name} must be a positive multiple of {multiple} pixels for {model.family}, got "

@@ -66,10 +66,19 @@ def _check_family(detected: str, family: str | None, path) -> str:
 
 
 # ---- tokenizers ----------------------------------------------------------------------------------------------
+# diffusers' folders of the text encoders and their tokenizers, in the order of the family's text_encoders
+ENCODER_FOLDERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3"))
+
+
 def default_tokenizers(family: str) -> list:
     """Tokenizers for a checkpoint that ships none: the bundled CLIP vocabulary, or ComfyUI's T5 tokenizer."""
-    return [clip_tokenizer(e.pad) if e.kind == "clip" else _host_t5_tokenizer(family)
-            for e in get_family(family).text_encoders]
+    return [default_tokenizer(family, i) for i in range(len(get_family(family).text_encoders))]
+
+
+def default_tokenizer(family: str, index: int):
+    """The default tokenizer of the family's text encoder number `index` (see default_tokenizers)."""
+    spec = get_family(family).text_encoders[index]
+    return clip_tokenizer(spec.pad) if spec.kind == "clip" else _host_t5_tokenizer(family)
 
 
 def _host_t5_tokenizer(family: str):
@@ -117,7 +126,7 @@ def build_random(family: str, dtype="float32", device="cpu", seed: int = 0) -> F
     denoiser = denoiser_from_config(fam.denoiser_config(), "cpu")
     vae = AutoencoderKL.from_config(fam.config("vae"))
     encoders = []
-    for sub in ("text_encoder", "text_encoder_2"):
+    for sub, _ in ENCODER_FOLDERS:
         cfg_path = fam.config_dir / sub / "config.json"
         if cfg_path.exists():
             config = transformers.AutoConfig.from_pretrained(str(cfg_path.parent), local_files_only=True)
@@ -186,16 +195,13 @@ def _folder_components(folder: Path, family: str) -> tuple:
     classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
                "T5EncoderModel": T5EncoderModel}
     encoders, tokenizers = [], []
-    for enc_name, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-        if enc_name not in index or index[enc_name][1] is None:
+    for i, (enc_name, tok_name) in enumerate(ENCODER_FOLDERS):
+        if enc_name not in index or index[enc_name][1] is None:  # e.g. SD3 saved without T5 (optional)
             continue
         cls = classes.get(index[enc_name][1], AutoModel)
         encoders.append(cls.from_pretrained(folder / enc_name, **kw))
         tok_dir = folder / tok_name
-        tokenizers.append(load_tokenizer(tok_dir) if tok_dir.is_dir() else None)
-    if any(t is None for t in tokenizers):
-        defaults = default_tokenizers(family)
-        tokenizers = [t if t is not None else defaults[i] for i, t in enumerate(tokenizers)]
+        tokenizers.append(load_tokenizer(tok_dir) if tok_dir.is_dir() else default_tokenizer(family, i))
     scheduler = _read_config(folder / "scheduler" / "scheduler_config.json", folder)
     return vae, encoders, tokenizers, scheduler
 

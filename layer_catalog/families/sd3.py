@@ -127,10 +127,12 @@ FAMILY = Family(
     name="sd3", description="Stable Diffusion 3 medium, 3.5 medium / large / large-turbo (MMDiT, CLIP-L + CLIP-G "
                             "(+ T5-XXL))",
     denoiser="transformer", native_size=1024,
-    # diffusers' StableDiffusion3Pipeline: CLIP-L and CLIP-G hidden states side by side (768 + 1280, zero-padded to
-    # T5's 4096) for 77 tokens, then T5's 256 tokens after them in the sequence: 333 text tokens.
-    text_encoders=(TextEncoder("clip", 768, pad="<|endoftext|>"), TextEncoder("clip", 1280, pad="!"),
-                   TextEncoder("t5", 4096)),
+    # diffusers' StableDiffusion3Pipeline: CLIP-L and CLIP-G penultimate hidden states side by side (768 + 1280,
+    # zero-padded to T5's 4096) for 77 tokens, then T5's 256 tokens after them in the sequence: 333 text tokens; the
+    # pooled projection is both CLIPs' pooled embeddings side by side (768 + 1280). Without T5, its tokens are zeros.
+    text_encoders=(TextEncoder("clip", 768, pad="<|endoftext|>", use="both"),
+                   TextEncoder("clip", 1280, pad="!", use="both"),
+                   TextEncoder("t5", 4096, window=256, optional=True)),
     text_tokens=77 + 256,
     penultimate_text=True,  # the pipeline takes both CLIPs' penultimate hidden states (clip_skip None)
     presets={
@@ -143,8 +145,11 @@ FAMILY = Family(
     },
     vae_float32=True, latent_format="SD3", comfy_configs=("SD3",),
     checkpoint_marks=(r"(model\.diffusion_model\.)?joint_blocks\.0\.context_block\.attn\.qkv\.weight$",),
-    single_file=False,  # until DF_MODEL loads DiT checkpoints
+    single_file=False,  # DF_MODEL loads SD3 from diffusers folders only (a clear error names them)
     native=False,  # until the native backend maps ComfyUI's MMDiT
     networks={"SD3Transformer2DModel": diffusers_layout, "MMDiT": native_layout,
               "OpenAISignatureMMDITWrapper": native_layout},
+    # diffusers' SD3Transformer2DModel takes the timestep as sigma * 1000 and patches the latent itself; no guidance
+    # embedding (classifier-free guidance only); StableDiffusion3Pipeline lets the scheduler space the timesteps.
+    flow=True, timestep_scale=1.0,
 )
