@@ -212,6 +212,8 @@ def test_refusals_name_what_would_be_valid(sd3, parts, image, tmp_path):
 
 
 def test_diffusers_sd3_folders_load_offline_with_and_without_t5(tmp_path, parts, parts_without_t5, sd3, image):
+    """Folders written by StableDiffusion3Pipeline.save_pretrained load as the in-memory models (with T5: its
+    text_encoder_3 / tokenizer_3; without: text_encoder_3 null)."""
     from diffusion_feature.engine.loading import detect_folder_family, load_model
 
     ids = ["vit-block0-txt-out", "vit-block2-out"]
@@ -227,6 +229,22 @@ def test_diffusers_sd3_folders_load_offline_with_and_without_t5(tmp_path, parts,
         got, want = (extract(m, image, "a photo of a cat", ids, t=250, seed=0) for m in (loaded, model))
         for k in ids:
             torch.testing.assert_close(got.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5)
+
+
+def test_the_nodes_extract_sd3_as_the_library_does(sd3, image, monkeypatch):
+    """DFEncodePrompt -> DFAttachHooks -> DFExtractFeatures on an SD3 DF_MODEL (native side 128 here, as for Flux)."""
+    from diffusion_feature import NODE_CLASS_MAPPINGS as N
+    from diffusion_feature.engine.model import FeatureModel
+
+    monkeypatch.setattr(FeatureModel, "native_size", property(lambda self: 128))
+    ids = ["vit-block1-out", "vit-block2-txt-in"]
+    (cond,) = N["DFEncodePrompt"]().encode(sd3, "a photo of a dog")
+    (hooked,) = N["DFAttachHooks"]().attach(sd3, "\n".join(ids), "none")
+    (features,) = N["DFExtractFeatures"]().extract(hooked, image, cond, 300, 2, resize="keep-aspect", batch_size=1)
+    want = extract(sd3, image, "a photo of a dog", ids, t=300, seed=2, size=None)
+    assert features.meta["sigma"] == 0.3 and features.meta["guidance"] is None
+    for k in ids:
+        torch.testing.assert_close(features.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5)
 
 
 def test_random_sd3_builds_from_the_shipped_configs(tmp_path, monkeypatch, image):
