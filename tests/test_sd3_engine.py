@@ -179,6 +179,7 @@ def test_refusals_name_what_would_be_valid(sd3, parts, image, tmp_path):
     from diffusion_feature.engine.generation import generate
     from diffusion_feature.engine.inversion import InversionError, invert
     from diffusion_feature.engine.loading import load_model
+    from diffusion_feature.engine.pnp import PnPError, translate
     from diffusion_feature.engine.prompts import encode_prompt
 
     with pytest.raises(ValueError, match=r"guidance applies to the families with a guidance embedding \(flux\), "
@@ -196,6 +197,10 @@ def test_refusals_name_what_would_be_valid(sd3, parts, image, tmp_path):
         generate(sd3, "a cat", steps=2, width=64, height=72)
     with pytest.raises(InversionError, match=r"DDIM inversion works on the sd15, .* families, not sd3$"):
         invert(sd3, image, "", 2)
+    with pytest.raises(PnPError, match=r"Plug-and-Play runs on sd15, .* UNets, not sd3$"):
+        translate(sd3, None, ["a cat"])
+    with pytest.raises(ValueError, match=r"denoise_from .* works on the sd15.* not sd3$"):
+        extract(sd3, image, "", ["dit-in"], t=100, denoise_from=300)
     with pytest.raises(ValueError, match=r"image-to-image generation works on the sd15, .* families, not sd3$"):
         generate(sd3, "a cat", steps=2, image=image)
     with pytest.raises(ValueError, match=r"sd3 samples with flow-match Euler: scheduler must be one of euler, "):
