@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="per-sample", choices=["per-sample", "per-layer", "aggregate"])
     p.add_argument("--ensemble", type=int, default=1, help="average over N noise draws (default 1)")
     p.add_argument("--shift", default=None, metavar="S|resolution",
-                   help="flow families (Flux): shift sigma = t/1000 to s*sigma/(1+(s-1)*sigma), or by the image's "
-                        "size as the sampler does ('resolution'); default none (recorded in the metadata)")
+                   help="flow families (Flux, SD3): shift sigma = t/1000 to s*sigma/(1+(s-1)*sigma), or by the "
+                        "image's size as Flux's sampler does ('resolution'); default none (recorded in the metadata)")
     p.add_argument("--guidance", type=float, default=None,
                    help="flow families with a guidance embedding (Flux-dev): its input (default the family's, 3.5)")
     p.add_argument("--feature-resize", type=int, default=1, help="average-pool spatial features by this factor")
