@@ -1,5 +1,5 @@
-"""Single files holding a diffusion transformer alone in its original layout (Black Forest Labs' Flux, as they and
-ComfyUI ship it) -> the diffusers model's state dict.
+"""Single files holding a diffusion transformer in its original layout (Black Forest Labs' Flux, Stability AI's SD3,
+as they and ComfyUI ship them; other parts a file may hold are not read) -> the diffusers model's state dict.
 
 diffusers' own single-file converter assumes the full-size widths (3072 wide, MLP ratio 4), so a checkpoint of any
 other size (distilled, pruned, or the tests' tiny ones) would not load; this conversion takes every width from the
@@ -86,7 +86,16 @@ def flux_state_dict(state: dict, config) -> dict:
     return out
 
 
-CONVERTERS = {"FluxTransformer2DModel": flux_state_dict}  # diffusers class -> its original layout's conversion
+def sd3_state_dict(state: dict, config) -> dict:
+    """SD3 / SD3.5's original layout (Stability AI's and ComfyUI's MMDiT) by diffusers' own converter, which reads
+    the depth and widths from the weights themselves (SD3.5 medium's second attention and QK-norm included)."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    return convert_sd3_transformer_checkpoint_to_diffusers(_strip(state))
+
+
+# diffusers class -> its original layout's conversion
+CONVERTERS = {"FluxTransformer2DModel": flux_state_dict, "SD3Transformer2DModel": sd3_state_dict}
 
 
 def load_transformer(path, config: dict) -> torch.nn.Module:

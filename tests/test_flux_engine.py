@@ -310,13 +310,19 @@ def test_random_flux_builds_from_the_shipped_configs_and_the_cli_extracts(tmp_pa
 def to_original_layout(transformer) -> dict:
     """The transformer's weights in Black Forest Labs' layout (flux1-dev.safetensors), by ComfyUI's own map of
     the two layouts (comfy.utils.flux_to_diffusers), read backwards."""
-    import native_comfy
-
     cfg = transformer.config
     inner = cfg.num_attention_heads * cfg.attention_head_dim
+    return by_comfy_key_map(transformer, lambda utils: utils.flux_to_diffusers(
+        {"depth": cfg.num_layers, "depth_single_blocks": cfg.num_single_layers, "hidden_size": inner}))
+
+
+def by_comfy_key_map(transformer, key_map_of) -> dict:
+    """The transformer's weights in the original layout of ComfyUI's key map key_map_of(comfy.utils) (diffusers
+    name -> original name, a (name, slice) piece of a fused tensor, or (name, None, function)), read backwards."""
+    import native_comfy
+
     try:
-        key_map = native_comfy.use_comfy("0.3.64").utils.flux_to_diffusers(
-            {"depth": cfg.num_layers, "depth_single_blocks": cfg.num_single_layers, "hidden_size": inner})
+        key_map = key_map_of(native_comfy.use_comfy("0.3.64").utils)
     finally:
         native_comfy.release()
     state, out, pieces = transformer.state_dict(), {}, {}
@@ -360,7 +366,7 @@ def test_a_single_file_flux_transformer_loads_with_its_components_folder(tmp_pat
     from diffusion_feature.engine.loading import load_model
 
     folder, path = flux_folder, flux_file
-    with pytest.raises(CheckpointError, match="holds a flux transformer only: give components="):
+    with pytest.raises(CheckpointError, match="is read for its flux transformer only: give components="):
         load_model(path)
     loaded = load_model(path, components=folder)
     assert loaded.family == FLUX and loaded.source == str(path)

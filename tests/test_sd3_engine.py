@@ -2,7 +2,8 @@
 (with and without T5), extraction equals a hand-run of the transformer on the pipeline's own embeddings, generation
 equals the pipeline (its own timestep spacing, classifier-free guidance), loading (diffusers folders with and
 without T5, random weights from the shipped configs), and the refusals (guidance, the image-size shift, the
-UNet-only tools, sizes, missing encoders, single files)."""
+UNet-only tools, sizes, missing encoders); single files of the MMDiT in Stability AI's / ComfyUI's layout with
+their components."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from diffusion_feature.layer_catalog import FeatureCapture, get_family, taps_of
 from test_dit_sd3 import tiny_sd3
-from test_flux_engine import extract, tiny_flow_vae, tiny_shipped_configs, tiny_t5_tokenizer
+from test_flux_engine import by_comfy_key_map, extract, tiny_flow_vae, tiny_shipped_configs, tiny_t5_tokenizer
 
 SD3 = "sd3"
 H, W = 64, 128  # pixels: a non-square 8x16 latent, a 4x8 token grid
@@ -172,13 +173,9 @@ def test_generation_equals_the_pipeline_and_captures_both_branches(parts, sd3):
     assert gen.features.tensors["vit-block1-out"].shape == (6, 192, 4, 8)
 
 
-def test_refusals_name_what_would_be_valid(sd3, parts, image, tmp_path):
-    from safetensors.torch import save_file
-
-    from diffusion_feature.engine.checkpoint_files import CheckpointError
+def test_refusals_name_what_would_be_valid(sd3, image):
     from diffusion_feature.engine.generation import generate
     from diffusion_feature.engine.inversion import InversionError, invert
-    from diffusion_feature.engine.loading import load_model
     from diffusion_feature.engine.pnp import PnPError, translate
     from diffusion_feature.engine.prompts import encode_prompt
 
@@ -209,22 +206,26 @@ def test_refusals_name_what_would_be_valid(sd3, parts, image, tmp_path):
     with pytest.raises(ValueError, match=r"a sd3 model needs 2 text encoders and tokenizers \(clip, clip; t5 "
                                          r"optional\)$"):
         encode_prompt(one_clip, "a cat")
-    path = tmp_path / "sd3_medium.safetensors"  # what detect_family knows an SD3 single file by
-    save_file({"model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight": torch.zeros(1)}, path)
-    with pytest.raises(CheckpointError, match=r"single-file sd3 checkpoints are not supported: load sd3 from its "
-                                              r"diffusers folder$"):
-        load_model(path)
 
 
-def test_diffusers_sd3_folders_load_offline_with_and_without_t5(tmp_path, parts, parts_without_t5, sd3, image):
+@pytest.fixture(scope="module")
+def sd3_folder(tmp_path_factory, parts):
+    """The tiny SD3 (with T5) written by StableDiffusion3Pipeline.save_pretrained."""
+    folder = tmp_path_factory.mktemp("tiny-sd3")
+    pipeline(parts).save_pretrained(folder)
+    return folder
+
+
+def test_diffusers_sd3_folders_load_offline_with_and_without_t5(tmp_path, sd3_folder, parts, parts_without_t5, sd3,
+                                                                 image):
     """Folders written by StableDiffusion3Pipeline.save_pretrained load as the in-memory models (with T5: its
     text_encoder_3 / tokenizer_3; without: text_encoder_3 null)."""
     from diffusion_feature.engine.loading import detect_folder_family, load_model
 
     ids = ["vit-block0-txt-out", "vit-block2-out"]
-    for name, chosen, model in (("with-t5", parts, sd3), ("without-t5", parts_without_t5, None)):
-        folder = tmp_path / name
-        pipeline(chosen).save_pretrained(folder)
+    for folder, chosen, model in ((sd3_folder, parts, sd3), (tmp_path / "without-t5", parts_without_t5, None)):
+        if model is None:
+            pipeline(chosen).save_pretrained(folder)
         assert detect_folder_family(folder) == SD3
         loaded = load_model(folder)
         assert loaded.family == SD3 and loaded.vae.config.shift_factor == 0.0609
@@ -234,6 +235,47 @@ def test_diffusers_sd3_folders_load_offline_with_and_without_t5(tmp_path, parts,
         got, want = (extract(m, image, "a photo of a cat", ids, t=250, seed=0) for m in (loaded, model))
         for k in ids:
             torch.testing.assert_close(got.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5)
+
+
+def test_a_single_file_sd3_loads_with_its_components(tmp_path, sd3_folder, parts, parts_without_t5, sd3, image):
+    """An SD3 single file in Stability AI's / ComfyUI's layout (the MMDiT under model.diffusion_model., written by
+    ComfyUI's own map of the two layouts read backwards, a VAE beside it that is not read) loads with a components
+    folder, or with component files without the optional T5; its non-standard size's configs from <stem>.config/."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from diffusion_feature.engine.checkpoint_files import CheckpointError
+    from diffusion_feature.engine.loading import load_model
+    from ldm_export import vae_to_ldm
+
+    depth = parts["transformer"].config.num_layers
+    state = by_comfy_key_map(parts["transformer"], lambda utils: utils.mmdit_to_diffusers(
+        {"depth": depth}, output_prefix="model.diffusion_model."))
+    vae = vae_to_ldm(parts["vae"])  # first_stage_model.*
+    path = tmp_path / "sd3.5_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in {**state, **vae}.items()}, path)
+    shutil.copytree(sd3_folder, tmp_path / "sd3.5_tiny.config")
+    with pytest.raises(CheckpointError, match=r"is read for its sd3 transformer only: give components= .* files as "
+                                              r"vae=FILE, text_encoder=FILE, text_encoder_2=FILE, text_encoder_3=FILE "
+                                              r"\(optional\)$"):
+        load_model(path)
+    ids = ["vit-block0-attn2-k", "vit-block1-cross-map", "dit-out"]
+    loaded = load_model(path, components=sd3_folder)
+    assert loaded.family == SD3 and loaded.source == str(path)
+    got, want = (extract(m, image, "a red house", ids, t=400, seed=0) for m in (loaded, sd3))
+    for k in ids:
+        torch.testing.assert_close(got.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5, msg=k)
+    files = {"vae": tmp_path / "vae.safetensors", "text_encoder": tmp_path / "clip_l.safetensors",
+             "text_encoder_2": tmp_path / "clip_g.safetensors"}
+    save_file({k.removeprefix("first_stage_model."): v.contiguous() for k, v in vae.items()}, files["vae"])
+    for name in ("text_encoder", "text_encoder_2"):  # transformers' layout, as ComfyUI's clip_l / clip_g files
+        save_file({k: v.contiguous() for k, v in parts[name].state_dict().items()}, files[name])
+    loaded = load_model(path, components=files)
+    assert len(loaded.text_encoders) == 2
+    got, want = (extract(m, image, "a red house", ids, t=400, seed=0) for m in (loaded, feature_model(parts_without_t5)))
+    for k in ids:
+        torch.testing.assert_close(got.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
 def test_the_nodes_extract_sd3_as_the_library_does(sd3, image, monkeypatch):

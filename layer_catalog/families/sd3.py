@@ -145,7 +145,9 @@ FAMILY = Family(
     },
     vae_float32=True, latent_format="SD3", comfy_configs=("SD3",),
     checkpoint_marks=(r"(model\.diffusion_model\.)?joint_blocks\.0\.context_block\.attn\.qkv\.weight$",),
-    single_file=False,  # DF_MODEL loads SD3 from diffusers folders only (a clear error names them)
+    # sd3.5_large.safetensors & co: the MMDiT is read from the file (whatever else it holds), the text encoders,
+    # tokenizers and VAE come from components (a diffusers folder, or clip_l / clip_g (/ t5xxl) and VAE files)
+    single_file=False, transformer_file=True,
     native=False,  # until the native backend maps ComfyUI's MMDiT
     networks={"SD3Transformer2DModel": diffusers_layout, "MMDiT": native_layout,
               "OpenAISignatureMMDITWrapper": native_layout},
