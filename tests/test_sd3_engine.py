@@ -240,7 +240,8 @@ def test_diffusers_sd3_folders_load_offline_with_and_without_t5(tmp_path, sd3_fo
 def test_a_single_file_sd3_loads_with_its_components(tmp_path, sd3_folder, parts, parts_without_t5, sd3, image):
     """An SD3 single file in Stability AI's / ComfyUI's layout (the MMDiT under model.diffusion_model., written by
     ComfyUI's own map of the two layouts read backwards, a VAE beside it that is not read) loads with a components
-    folder, or with component files without the optional T5; its non-standard size's configs from <stem>.config/."""
+    folder, its tiny transformer's config read from the weights over the shipped SD3.5 large one; or with
+    component files without the optional T5, whose tiny configs come from <stem>.config/."""
     import shutil
 
     from safetensors.torch import save_file
@@ -255,7 +256,6 @@ def test_a_single_file_sd3_loads_with_its_components(tmp_path, sd3_folder, parts
     vae = vae_to_ldm(parts["vae"])  # first_stage_model.*
     path = tmp_path / "sd3.5_tiny.safetensors"
     save_file({k: v.contiguous() for k, v in {**state, **vae}.items()}, path)
-    shutil.copytree(sd3_folder, tmp_path / "sd3.5_tiny.config")
     with pytest.raises(CheckpointError, match=r"is read for its sd3 transformer only: give components= .* files as "
                                               r"vae=FILE, text_encoder=FILE, text_encoder_2=FILE, text_encoder_3=FILE "
                                               r"\(optional\)$"):
@@ -266,6 +266,7 @@ def test_a_single_file_sd3_loads_with_its_components(tmp_path, sd3_folder, parts
     got, want = (extract(m, image, "a red house", ids, t=400, seed=0) for m in (loaded, sd3))
     for k in ids:
         torch.testing.assert_close(got.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5, msg=k)
+    shutil.copytree(sd3_folder, tmp_path / "sd3.5_tiny.config")
     files = {"vae": tmp_path / "vae.safetensors", "text_encoder": tmp_path / "clip_l.safetensors",
              "text_encoder_2": tmp_path / "clip_g.safetensors"}
     save_file({k.removeprefix("first_stage_model."): v.contiguous() for k, v in vae.items()}, files["vae"])
