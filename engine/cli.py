@@ -57,9 +57,10 @@ def _add_model_args(p, required: bool) -> None:
                         "nothing)" + ("" if required else f"; default: random:{DEFAULT_FAMILY}"))
     p.add_argument("--family", choices=list(FAMILIES), default=None, help="model family (default: detected)")
     p.add_argument("--components", nargs="+", default=None, metavar="FOLDER|NAME=FILE",
-                   help="for a single file holding a transformer alone (Flux): the diffusers folder of its text "
-                        "encoders, tokenizers and VAE, or their files: vae=ae.safetensors "
-                        "text_encoder=clip_l.safetensors text_encoder_2=t5xxl.safetensors")
+                   help="for a single-file transformer (Flux, SD3): the diffusers folder of its text encoders, "
+                        "tokenizers and VAE, or their files: Flux vae=ae.safetensors text_encoder=clip_l.safetensors "
+                        "text_encoder_2=t5xxl.safetensors; SD3 vae=FILE text_encoder=clip_l.safetensors "
+                        "text_encoder_2=clip_g.safetensors [text_encoder_3=t5xxl.safetensors]")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device: cpu, cuda, cuda:N, mps "
                                                                           "(default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
@@ -125,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="per-sample", choices=["per-sample", "per-layer", "aggregate"])
     p.add_argument("--ensemble", type=int, default=1, help="average over N noise draws (default 1)")
     p.add_argument("--shift", default=None, metavar="S|resolution",
-                   help="flow families (Flux): shift sigma = t/1000 to s*sigma/(1+(s-1)*sigma), or by the image's "
-                        "size as the sampler does ('resolution'); default none (recorded in the metadata)")
+                   help="flow families (Flux, SD3): shift sigma = t/1000 to s*sigma/(1+(s-1)*sigma), or by the "
+                        "image's size as Flux's sampler does ('resolution'); default none (recorded in the metadata)")
     p.add_argument("--guidance", type=float, default=None,
                    help="flow families with a guidance embedding (Flux-dev): its input (default the family's, 3.5)")
     p.add_argument("--feature-resize", type=int, default=1, help="average-pool spatial features by this factor")

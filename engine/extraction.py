@@ -140,7 +140,7 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
                     grad: bool = False) -> dict[str, torch.Tensor]:
     """Features of clean latents x0 (B, C, h, w) at timestep t: the core shared by every entry point.
 
-    A flow family (Flux) noises x_t = (1 - sigma) x0 + sigma eps instead (abar unused; see engine/flow.py for
+    A flow family (Flux, SD3) noises x_t = (1 - sigma) x0 + sigma eps instead (abar unused; see engine/flow.py for
     sigma, `shift`, `guidance` and the network's packed inputs; `scheduler_config` gives the resolution shift).
 
     denoise_from: noise to this higher timestep instead and take `denoise_steps` deterministic DDIM steps down to
@@ -157,7 +157,7 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
     check_ensemble(ensemble)
     is_flow = family is not None and get_family(family).flow
     if is_flow:
-        flow.check_latent(family, x0.shape[-2:])
+        flow.check_latent(family, x0.shape[-2:], denoiser)
         check_denoise_from(family, denoise_from)
         sigma, guidance, _ = flow.settings(family, denoiser, t, shift, guidance, scheduler_config or {},
                                            x0.shape[-2:])
@@ -289,7 +289,7 @@ def extract_timesteps(model, images, prompt, layers, timesteps, seed: int = 0, *
     height, width = pixels.shape[-2:]
     is_flow = get_family(model.family).flow
     if is_flow:
-        flow.check_latent(model.family, (height // 8, width // 8))
+        flow.check_latent(model.family, (height // 8, width // 8), model.denoiser)
     with lora_applied(model):
         cond = prompt if isinstance(prompt, Conditioning) else encode_prompt(model, prompt)
         check_controls(cond, model)

@@ -1,12 +1,13 @@
-"""Rectified-flow transformers on DF_MODEL (the families with `flow`: Flux): their noise and their forward inputs.
+"""Rectified-flow transformers on DF_MODEL (the families with `flow`: Flux, SD3): their noise and their forward
+inputs.
 
 t stays the 0..999 training timestep of every family. For a flow family sigma = t / 1000 and
 x_t = (1 - sigma) x0 + sigma eps, with eps from the seeded draw every extraction uses (schedule.seeded_eps). No
 resolution shift unless asked: `shift` a number s maps sigma to s sigma / (1 + (s - 1) sigma) (SD3's scheduler
 shift), "resolution" to Flux's image-size dependent shift (mu from the image's token count as the scheduler config
-says, sigma -> e^mu / (e^mu + 1 / sigma - 1), as FluxPipeline samples). What the network is given per family
-comes from its Family: the timestep scale, 2x2 latent packing with position ids (diffusers' FluxPipeline layout),
-the guidance embedding's default.
+says, sigma -> e^mu / (e^mu + 1 / sigma - 1), as FluxPipeline samples; only for the families whose scheduler
+shifts dynamically). What the network is given per family comes from its Family: the timestep scale, 2x2 latent
+packing with position ids (diffusers' FluxPipeline layout), the guidance embedding's default (none: SD3).
 """
 from __future__ import annotations
 
@@ -37,12 +38,21 @@ def require_ddpm(family: str, what: str, error=ValueError) -> None:
 
 def check_options(family: str, shift, guidance) -> None:
     """Refuse shift / guidance where they mean nothing, and values that are not ones."""
-    if family is None or not get_family(family).flow:
-        for name, value in (("shift", shift), ("guidance", guidance)):
-            if value is not None:
-                raise ValueError(f"{name} applies to the flow-matching families ({', '.join(flow_families())}), "
-                                 f"not {family or 'this model'}; leave it unset")
+    fam = get_family(family) if family is not None else None
+    if guidance is not None and (fam is None or fam.guidance is None):
+        raise ValueError(f"guidance applies to the families with a guidance embedding "
+                         f"({', '.join(family_names(lambda f: f.guidance is not None))}), not {family or 'this model'}"
+                         "; leave it unset")
+    if fam is None or not fam.flow:
+        if shift is not None:
+            raise ValueError(f"shift applies to the flow-matching families ({', '.join(flow_families())}), "
+                             f"not {family or 'this model'}; leave it unset")
         return
+    scheduler = fam.config("scheduler", "scheduler_config.json")
+    if shift == RESOLUTION_SHIFT and not scheduler.get("use_dynamic_shifting"):
+        raise ValueError(f"shift {RESOLUTION_SHIFT!r} is the image-size shift of {spoken(_dynamic_families())}, not "
+                         f"{family}: give a number (its scheduler shifts by {scheduler.get('shift', 1.0)}) or leave "
+                         "it unset")
     if shift is not None and shift != RESOLUTION_SHIFT and (
             isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < math.inf):
         raise ValueError(f"shift must be a number > 0 or {RESOLUTION_SHIFT!r} (or unset: sigma = t / 1000), got "
@@ -50,6 +60,11 @@ def check_options(family: str, shift, guidance) -> None:
     if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
                                  or not math.isfinite(guidance)):
         raise ValueError(f"guidance must be a number (the guidance embedding's input), got {echo(guidance)}")
+
+
+def _dynamic_families() -> list[str]:
+    return list(family_names(lambda f: f.flow and f.config("scheduler", "scheduler_config.json").get(
+        "use_dynamic_shifting", False)))
 
 
 def resolution_mu(scheduler_config: dict, image_tokens: int) -> float:
@@ -107,11 +122,17 @@ def flow_noise(x0: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
     return ((1.0 - sigma) * x0.float() + sigma * eps).to(x0.dtype)
 
 
-def check_latent(family: str, latent_hw) -> None:
-    """The latent's sides must hold whole patches of a packing family."""
-    p = get_family(family).latent_patch
+def token_side(family: str, denoiser) -> int:
+    """Latent pixels per side of one image token: the patches packed outside the network (Flux's) times those its
+    own patch embedding takes (SD3's, PixArt's); 1 for a UNet."""
+    return get_family(family).latent_patch * (denoiser.config.get("patch_size") or 1)
+
+
+def check_latent(family: str, latent_hw, denoiser) -> None:
+    """The latent's sides must hold whole patches of a patching family."""
+    p = token_side(family, denoiser)
     if latent_hw[0] % p or latent_hw[1] % p:
-        raise ValueError(f"{family} packs {p}x{p} latent patches: the image's sides must be multiples of {8 * p} "
+        raise ValueError(f"{family} takes {p}x{p} latent patches: the image's sides must be multiples of {8 * p} "
                          f"pixels, got {latent_hw[1] * 8}x{latent_hw[0] * 8}")
 
 
@@ -153,8 +174,9 @@ FLOW_SCHEDULERS = ("euler", "checkpoint")  # generate(scheduler=) names that mea
 
 
 def flow_scheduler(family: str, scheduler_config: dict, name: str, steps: int, latent_hw, device):
-    """A new FlowMatchEulerDiscreteScheduler on the checkpoint's config with FluxPipeline's timesteps: sigmas
-    linspace(1, 1 / steps), shifted by the image-size mu when the config shifts dynamically."""
+    """A new FlowMatchEulerDiscreteScheduler on the checkpoint's config with the family pipeline's timesteps:
+    FluxPipeline's sigmas linspace(1, 1 / steps) where the family says so (linspace_sigmas), else the scheduler's
+    own spacing (StableDiffusion3Pipeline); shifted by the image-size mu when the config shifts dynamically."""
     import numpy as np
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -164,7 +186,8 @@ def flow_scheduler(family: str, scheduler_config: dict, name: str, steps: int, l
     sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
     mu = resolution_mu(scheduler_config, image_tokens(family, latent_hw)) if sched.config.use_dynamic_shifting \
         else None
-    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, mu=mu)
+    sigmas = np.linspace(1.0, 1 / steps, steps) if get_family(family).linspace_sigmas else None
+    sched.set_timesteps(steps, sigmas=sigmas, device=device, mu=mu)
     return sched
 
 

@@ -59,7 +59,7 @@ def _negative(model, negative, positive: Conditioning) -> Conditioning:
 
 
 def _check_size(model, height: int, width: int) -> None:
-    multiple = 16 if is_pixart(model.denoiser) else 8 * get_family(model.family).latent_patch
+    multiple = 8 * flow.token_side(model.family, model.denoiser)
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or value < multiple or value % multiple:
             raise ValueError(f"{name} must be a positive multiple of {multiple} pixels for {model.family}, got "
@@ -115,9 +115,10 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
     each step (progress, previews, interrupts: raise to stop). latents: start text-to-image from these (1 or B,
     C, h, w) instead of seeded noise (e.g. an inverted image). interrupt: a callback run before each block of the
     denoiser and the VAE, so a long step can be stopped inside (raise to stop). Returns a Generation.
-    A flow family (Flux) samples with flow-match Euler as its diffusers pipeline does (scheduler "euler" or
-    "checkpoint"; guidance: its guidance-embedding input, default the family's; cfg > 1 adds classifier-free
-    guidance over the negative prompt on top, as FluxPipeline's true_cfg_scale; text-to-image only).
+    A flow family (Flux, SD3) samples with flow-match Euler as its diffusers pipeline does (scheduler "euler" or
+    "checkpoint"; guidance: Flux's guidance-embedding input, default the family's; cfg > 1: classifier-free
+    guidance over the negative prompt, SD3's guidance_scale, on top of the embedding for Flux as FluxPipeline's
+    true_cfg_scale; text-to-image only).
     Refused before any forward (FeatureMemoryError) when the run's memory plan does not fit: see check_generation.
     """
     from .features_io import Features, size_meta

@@ -66,10 +66,19 @@ def _check_family(detected: str, family: str | None, path) -> str:
 
 
 # ---- tokenizers ----------------------------------------------------------------------------------------------
+# diffusers' folders of the text encoders and their tokenizers, in the order of the family's text_encoders
+ENCODER_FOLDERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3"))
+
+
 def default_tokenizers(family: str) -> list:
     """Tokenizers for a checkpoint that ships none: the bundled CLIP vocabulary, or ComfyUI's T5 tokenizer."""
-    return [clip_tokenizer(e.pad) if e.kind == "clip" else _host_t5_tokenizer(family)
-            for e in get_family(family).text_encoders]
+    return [default_tokenizer(family, i) for i in range(len(get_family(family).text_encoders))]
+
+
+def default_tokenizer(family: str, index: int):
+    """The default tokenizer of the family's text encoder number `index` (see default_tokenizers)."""
+    spec = get_family(family).text_encoders[index]
+    return clip_tokenizer(spec.pad) if spec.kind == "clip" else _host_t5_tokenizer(family)
 
 
 def _host_t5_tokenizer(family: str):
@@ -117,7 +126,7 @@ def build_random(family: str, dtype="float32", device="cpu", seed: int = 0) -> F
     denoiser = denoiser_from_config(fam.denoiser_config(), "cpu")
     vae = AutoencoderKL.from_config(fam.config("vae"))
     encoders = []
-    for sub in ("text_encoder", "text_encoder_2"):
+    for sub, _ in ENCODER_FOLDERS:
         cfg_path = fam.config_dir / sub / "config.json"
         if cfg_path.exists():
             config = transformers.AutoConfig.from_pretrained(str(cfg_path.parent), local_files_only=True)
@@ -186,34 +195,33 @@ def _folder_components(folder: Path, family: str) -> tuple:
     classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
                "T5EncoderModel": T5EncoderModel}
     encoders, tokenizers = [], []
-    for enc_name, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-        if enc_name not in index or index[enc_name][1] is None:
+    for i, (enc_name, tok_name) in enumerate(ENCODER_FOLDERS):
+        if enc_name not in index or index[enc_name][1] is None:  # e.g. SD3 saved without T5 (optional)
             continue
         cls = classes.get(index[enc_name][1], AutoModel)
         encoders.append(cls.from_pretrained(folder / enc_name, **kw))
         tok_dir = folder / tok_name
-        tokenizers.append(load_tokenizer(tok_dir) if tok_dir.is_dir() else None)
-    if any(t is None for t in tokenizers):
-        defaults = default_tokenizers(family)
-        tokenizers = [t if t is not None else defaults[i] for i, t in enumerate(tokenizers)]
+        tokenizers.append(load_tokenizer(tok_dir) if tok_dir.is_dir() else default_tokenizer(family, i))
     scheduler = _read_config(folder / "scheduler" / "scheduler_config.json", folder)
     return vae, encoders, tokenizers, scheduler
 
 
 def load_transformer_file(path, family: str, components, dtype="float32", device="cpu",
                           config_dir=None) -> FeatureModel:
-    """A single-file diffusion transformer in its original layout (Flux's, as Black Forest Labs and ComfyUI ship
-    it: the transformer alone), converted (transformer_files.py) for the family's config (or `config_dir`, or the
-    `<stem>.config/` folder beside the file). The text encoders, tokenizers, VAE and scheduler come from
-    `components`: a diffusers folder of the family (its transformer is not read), or single files by diffusers
-    component name, {"vae": ae.safetensors, "text_encoder": clip_l.safetensors, "text_encoder_2": t5xxl...},
-    built from the same configs with the bundled / host tokenizers."""
+    """A single-file diffusion transformer in its original layout (Flux's, SD3's, as their makers and ComfyUI ship
+    them; only the transformer is read, whatever else the file holds), converted (transformer_files.py) for the
+    family's config (or `config_dir`, or the `<stem>.config/` folder beside the file). The text encoders,
+    tokenizers, VAE and scheduler come from `components`: a diffusers folder of the family (its transformer is not
+    read), or single files by diffusers component name, {"vae": ae.safetensors, "text_encoder":
+    clip_l.safetensors, "text_encoder_2": t5xxl...}, built from the same configs with the bundled / host
+    tokenizers (an optional encoder, SD3's T5, may be left out)."""
     path, fam = Path(path), get_family(family)
-    needed = _file_component_names(fam, fam.config_dir)
+    needed, optional = _file_component_names(fam, fam.config_dir), _optional_components(fam)
     if components is None:
-        raise CheckpointError(f"{echo(str(path))} holds a {family} transformer only: give components= (the CLI's "
-                              f"--components), a {family} diffusers folder with its text encoders, tokenizers and "
-                              f"VAE, or its files as {', '.join(f'{n}=FILE' for n in needed)}")
+        raise CheckpointError(f"{echo(str(path))} is read for its {family} transformer only: give components= (the "
+                              f"CLI's --components), a {family} diffusers folder with its text encoders, tokenizers "
+                              f"and VAE, or its files as "
+                              f"{', '.join(f'{n}=FILE' + (' (optional)' if n in optional else '') for n in needed)}")
     sidecar = path.with_name(path.stem + ".config")
     if config_dir is None and (sidecar / fam.denoiser / "config.json").is_file():
         config_dir = sidecar
@@ -233,7 +241,12 @@ def load_transformer_file(path, family: str, components, dtype="float32", device
 
 
 def _file_component_names(fam, config_dir: Path) -> list[str]:
-    return ["vae", *(sub for sub in ("text_encoder", "text_encoder_2") if (config_dir / sub / "config.json").is_file())]
+    return ["vae", *(sub for sub, _ in ENCODER_FOLDERS if (config_dir / sub / "config.json").is_file())]
+
+
+def _optional_components(fam) -> set[str]:
+    """The text encoders a model may come without (SD3's T5)."""
+    return {sub for (sub, _), spec in zip(ENCODER_FOLDERS, fam.text_encoders) if spec.optional}
 
 
 def _file_components(files: dict, family: str, config_dir: Path) -> tuple:
@@ -242,12 +255,15 @@ def _file_components(files: dict, family: str, config_dir: Path) -> tuple:
     on the configs of config_dir."""
     from diffusers import AutoencoderKL
 
-    names = _file_component_names(get_family(family), config_dir)
-    missing, unknown = [n for n in names if n not in files], sorted(set(files) - set(names))
+    names, optional = _file_component_names(get_family(family), config_dir), _optional_components(get_family(family))
+    missing = [n for n in names if n not in files and n not in optional]
+    unknown = sorted(set(files) - set(names))
     if missing or unknown:
-        raise CheckpointError(f"a {family} transformer's component files are {', '.join(f'{n}=FILE' for n in names)}"
+        raise CheckpointError(f"a {family} transformer's component files are "
+                              f"{', '.join(f'{n}=FILE' + (' (optional)' if n in optional else '') for n in names)}"
                               + (f"; missing {', '.join(missing)}" if missing else "")
                               + (f"; unknown {', '.join(map(echo, unknown))}" if unknown else ""))
+    names = [n for n in names if n in files]
     for name in names:
         if not Path(files[name]).is_file():
             raise CheckpointError(f"component {name}: {echo(str(files[name]))} does not exist")
@@ -256,8 +272,10 @@ def _file_components(files: dict, family: str, config_dir: Path) -> tuple:
         vae = AutoencoderKL.from_single_file(str(vae_file), config=str(config_dir), subfolder="vae",
                                              local_files_only=True)
     encoders = [_text_encoder_file(Path(files[n]), config_dir / n) for n in names[1:]]
+    order = [sub for sub, _ in ENCODER_FOLDERS]
+    tokenizers = [default_tokenizer(family, order.index(n)) for n in names[1:]]
     scheduler = _read_config(config_dir / "scheduler" / "scheduler_config.json", config_dir)
-    return vae, encoders, default_tokenizers(family), scheduler
+    return vae, encoders, tokenizers, scheduler
 
 
 def _text_encoder_file(path: Path, config_folder: Path):

@@ -7,6 +7,10 @@
 - pixart-sigma: T5 with 300 tokens and its attention mask.
 - flux: T5's tokens (512 a window, unmasked, as FluxPipeline encodes them) and CLIP-L's pooled embedding (the
   families whose encoders' `use` is "pooled": that encoder gives only the pooled_projections).
+- sd3: as StableDiffusion3Pipeline.encode_prompt, CLIP-L's and CLIP-G's penultimate hidden states side by side (77
+  tokens a window), zero-padded to T5's width, then T5's tokens (256 a window, unmasked) after them along the
+  tokens; zeros in T5's place for a model without T5 (the encoders whose `use` is "both" give hidden states and
+  pooled embeddings: the pooled_projections are both CLIPs' side by side).
 
 A prompt longer than the window (75 tokens + BOS/EOS for CLIP, 300 for T5) is split into windows, each encoded on
 its own and concatenated along the token axis; for SDXL both encoders get the same windows and the pooled
@@ -72,27 +76,36 @@ def _encode(model, prompts: list[str]) -> Conditioning:
         return _encode_t5(model, prompts)
     if any(e.use == "pooled" for e in fam.text_encoders):
         return _encode_pooled_and_t5(model, prompts)
+    if any(e.use == "both" for e in fam.text_encoders):
+        return _encode_clips_and_t5(model, prompts)
     n = len(fam.text_encoders)
     tokenizers, encoders = model.tokenizers[:n], model.text_encoders[:n]
     if len(tokenizers) != n or len(encoders) != n:
         raise ValueError(f"a {fam.name} model needs {n} text encoder(s) and tokenizer(s)")
-    empty = _clip_windows(tokenizers[0], "")[0]
-    # One window list per prompt, from the first tokenizer; SDXL's second tokenizer differs only in padding.
-    per_prompt = _pad_to_same_length([_clip_windows(tokenizers[0], p) for p in prompts], empty)
-    hidden, pooled = [], []
-    for tokenizer, encoder in zip(tokenizers, encoders):
-        pad_from, pad_to = tokenizers[0].pad_token_id, tokenizer.pad_token_id
-        rows = [_run_clip(encoder, [_repad(w, tokenizer.eos_token_id, pad_from, pad_to) for w in windows],
-                          penultimate=fam.penultimate_text) for windows in per_prompt]
-        hidden.append(torch.cat([h for h, _ in rows]))
-        if fam.pooled_text and rows[0][1] is not None:
-            pooled.append(torch.cat([p for _, p in rows]))
+    hidden, pooled = _clip_states(tokenizers, encoders, prompts, fam.penultimate_text)
     states = torch.cat(hidden, dim=-1).to(dtype)
     added = {"text_embeds": pooled[-1].to(dtype)} if fam.pooled_text else None
     if fam.pooled_text and not pooled:
         raise ValueError(f"{fam.name}'s last text encoder must be a CLIPTextModelWithProjection (it gives the "
                          "pooled embedding)")
     return Conditioning(states, added_cond_kwargs=added, prompts=prompts)
+
+
+def _clip_states(tokenizers, encoders, prompts: list[str], penultimate: bool) -> tuple[list, list]:
+    """Each CLIP encoder's hidden states (B, 77 * windows, D) of the prompts, on the same windows, and the pooled
+    embeddings (B, P) of the first window of those that give one (CLIPTextModelWithProjection)."""
+    empty = _clip_windows(tokenizers[0], "")[0]
+    # One window list per prompt, from the first tokenizer; the second CLIP tokenizer differs only in padding.
+    per_prompt = _pad_to_same_length([_clip_windows(tokenizers[0], p) for p in prompts], empty)
+    hidden, pooled = [], []
+    for tokenizer, encoder in zip(tokenizers, encoders):
+        pad_from, pad_to = tokenizers[0].pad_token_id, tokenizer.pad_token_id
+        rows = [_run_clip(encoder, [_repad(w, tokenizer.eos_token_id, pad_from, pad_to) for w in windows],
+                          penultimate=penultimate) for windows in per_prompt]
+        hidden.append(torch.cat([h for h, _ in rows]))
+        if rows[0][1] is not None:
+            pooled.append(torch.cat([p for _, p in rows]))
+    return hidden, pooled
 
 
 def _repad(window: list[int], eos: int, pad_from: int, pad_to: int) -> list[int]:
@@ -138,10 +151,48 @@ def _encode_pooled_and_t5(model, prompts: list[str]) -> Conditioning:
             out = encoder(torch.tensor(rows, device=device), output_hidden_states=False)
             pooled.append(out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output)
             continue
-        empty = _t5_windows(tokenizer, "", fam.text_tokens)[0]
-        per_prompt = _pad_to_same_length([_t5_windows(tokenizer, p, fam.text_tokens) for p in prompts], empty)
-        for windows in per_prompt:
-            out = encoder(torch.tensor([w for w, _ in windows], device=device))[0]
-            states.append(out.reshape(1, -1, out.shape[-1]))
-    return Conditioning(torch.cat(states).to(model.dtype), pooled=torch.cat(pooled, dim=-1).to(model.dtype),
+        states.append(_t5_unmasked(tokenizer, encoder, prompts, spec.window or fam.text_tokens))
+    return Conditioning(torch.cat(states, dim=1).to(model.dtype), pooled=torch.cat(pooled, dim=-1).to(model.dtype),
+                        prompts=prompts)
+
+
+def _t5_unmasked(tokenizer, encoder, prompts: list[str], window: int) -> torch.Tensor:
+    """T5's hidden states (B, window * windows, D) of the prompts, each window run without its padding mask (as
+    FluxPipeline and StableDiffusion3Pipeline run T5)."""
+    device = next(encoder.parameters()).device
+    empty = _t5_windows(tokenizer, "", window)[0]
+    per_prompt = _pad_to_same_length([_t5_windows(tokenizer, p, window) for p in prompts], empty)
+    rows = []
+    for windows in per_prompt:
+        out = encoder(torch.tensor([w for w, _ in windows], device=device))[0]
+        rows.append(out.reshape(1, -1, out.shape[-1]))
+    return torch.cat(rows)
+
+
+def _encode_clips_and_t5(model, prompts: list[str]) -> Conditioning:
+    """The "both" CLIP encoders' hidden states side by side, zero-padded to the denoiser's text width, then the
+    other encoders' (T5's) tokens after them, zeros of its window for an optional encoder the model lacks; the
+    pooled embedding is the CLIPs' side by side (StableDiffusion3Pipeline.encode_prompt)."""
+    fam = get_family(model.family)
+    specs = fam.text_encoders
+    n = sum(e.use == "both" for e in specs)
+    needed = n + sum(not e.optional for e in specs[n:])
+    if len(model.tokenizers) < needed or len(model.text_encoders) < needed:
+        raise ValueError(f"a {fam.name} model needs {needed} text encoders and tokenizers "
+                         f"({', '.join(e.kind for e in specs[:needed])}"
+                         + (f"; {', '.join(e.kind for e in specs[needed:])} optional)" if needed < len(specs) else ")"))
+    hidden, pooled = _clip_states(model.tokenizers[:n], model.text_encoders[:n], prompts, fam.penultimate_text)
+    if len(pooled) != n:
+        raise ValueError(f"{fam.name}'s CLIP text encoders must be CLIPTextModelWithProjection (each gives a pooled "
+                         "embedding)")
+    width = model.denoiser.config.joint_attention_dim  # the width the pipeline pads to (T5's, or its zeros')
+    clips = torch.cat(hidden, dim=-1)
+    tokens = [torch.nn.functional.pad(clips, (0, width - clips.shape[-1]))]
+    for i, spec in enumerate(specs[n:], start=n):
+        window = spec.window or fam.text_tokens
+        if i < len(model.text_encoders):
+            tokens.append(_t5_unmasked(model.tokenizers[i], model.text_encoders[i], prompts, window))
+        else:
+            tokens.append(clips.new_zeros(clips.shape[0], window, width))
+    return Conditioning(torch.cat(tokens, dim=1).to(model.dtype), pooled=torch.cat(pooled, dim=-1).to(model.dtype),
                         prompts=prompts)

@@ -1,9 +1,11 @@
-"""Single files holding a diffusion transformer alone in its original layout (Black Forest Labs' Flux, as they and
-ComfyUI ship it) -> the diffusers model's state dict.
+"""Single files holding a diffusion transformer in its original layout (Black Forest Labs' Flux, Stability AI's SD3,
+as they and ComfyUI ship them; other parts a file may hold are not read) -> the diffusers model's state dict.
 
-diffusers' own single-file converter assumes the full-size widths (3072 wide, MLP ratio 4), so a checkpoint of any
-other size (distilled, pruned, or the tests' tiny ones) would not load; this conversion takes every width from the
-diffusers config the model is built with, and the state dict is loaded strictly, so a file that does not fit says so.
+Flux: diffusers' own single-file converter assumes the full-size widths (3072 wide, MLP ratio 4), so a checkpoint of
+any other size (distilled, pruned, or the tests' tiny ones) would not load; this conversion takes every width from
+the diffusers config the model is built with. SD3: diffusers' converter reads the sizes from the weights, and so does
+the config (sd3_config), so SD3 medium, SD3.5 medium and large all load. The state dict is loaded strictly, so a
+file that does not fit says so.
 """
 from __future__ import annotations
 
@@ -86,7 +88,42 @@ def flux_state_dict(state: dict, config) -> dict:
     return out
 
 
-CONVERTERS = {"FluxTransformer2DModel": flux_state_dict}  # diffusers class -> its original layout's conversion
+def sd3_state_dict(state: dict, config) -> dict:
+    """SD3 / SD3.5's original layout (Stability AI's and ComfyUI's MMDiT) by diffusers' own converter, which reads
+    the depth and widths from the weights themselves (SD3.5 medium's second attention and QK-norm included)."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    return convert_sd3_transformer_checkpoint_to_diffusers(_strip(state))
+
+
+def sd3_config(state: dict, config: dict) -> dict:
+    """`config` with what SD3 weights say of themselves: depth, widths, patch, position-embedding size, QK-norm and
+    SD3.5 medium's second attentions (SD3 medium, SD3.5 medium and large differ in all of them; one shipped config
+    cannot serve the three)."""
+    state = _strip(state)
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("joint_blocks.")}
+    patch = state.get("x_embedder.proj.weight")
+    if not blocks or patch is None:
+        return config  # not SD3 weights: the strict load names what is missing
+    hidden = patch.shape[0]
+    read = dict(num_layers=max(blocks) + 1, num_attention_heads=hidden // config["attention_head_dim"],
+                caption_projection_dim=hidden, in_channels=patch.shape[1], patch_size=patch.shape[-1],
+                qk_norm="rms_norm" if any(k.endswith(".attn.ln_q.weight") for k in state) else None,
+                dual_attention_layers=sorted({int(k.split(".")[1]) for k in state if ".x_block.attn2." in k}))
+    for name, key, axis in (("joint_attention_dim", "context_embedder.weight", 1),
+                            ("pooled_projection_dim", "y_embedder.mlp.0.weight", 1)):
+        if key in state:
+            read[name] = state[key].shape[axis]
+    if "final_layer.linear.weight" in state:
+        read["out_channels"] = state["final_layer.linear.weight"].shape[0] // patch.shape[-1] ** 2
+    if "pos_embed" in state:
+        read["pos_embed_max_size"] = round(state["pos_embed"].shape[1] ** 0.5)
+    return dict(config, **read)
+
+
+# diffusers class -> its original layout's conversion, and what the weights say of the config (default: nothing)
+CONVERTERS = {"FluxTransformer2DModel": flux_state_dict, "SD3Transformer2DModel": sd3_state_dict}
+CONFIGS = {"SD3Transformer2DModel": sd3_config}
 
 
 def load_transformer(path, config: dict) -> torch.nn.Module:
@@ -99,8 +136,9 @@ def load_transformer(path, config: dict) -> torch.nn.Module:
     from ..layer_catalog.families import denoiser_from_config
     from .checkpoint_files import CheckpointError, load_pickle_state_dict
 
-    model = denoiser_from_config(config, "meta")
     state = load_file(str(path)) if str(path).endswith(".safetensors") else load_pickle_state_dict(path)
+    config = CONFIGS.get(config["_class_name"], lambda _, c: c)(state, config)
+    model = denoiser_from_config(config, "meta")
     converted = CONVERTERS[config["_class_name"]](state, model.config)
     missing = sorted(set(model.state_dict()) - set(converted))
     unused = sorted(set(converted) - set(model.state_dict()))

@@ -29,10 +29,19 @@ def tiny_t5_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
+def tiny_flow_vae(**factors):
+    """A tiny 16-channel VAE (Flux's and SD3's kind) with the family's shift and scaling factors."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 8, 16, 16), norm_num_groups=4, latent_channels=16, sample_size=64,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False, **factors).eval()
+
+
 def tiny_flux_parts(seed: int = 0) -> dict:
     """Flux's components at a tiny size: 2 double + 2 single blocks, a 16-channel VAE with Flux's shift and scale,
     a tiny CLIP-L (pooled) and T5, the real CLIP tokenizer."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     from conftest import tiny_clip
@@ -42,10 +51,7 @@ def tiny_flux_parts(seed: int = 0) -> dict:
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=12, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
-    vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), norm_num_groups=4, latent_channels=16, sample_size=64,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=1, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
-                        use_post_quant_conv=False).eval()
+    vae = tiny_flow_vae(shift_factor=0.1159, scaling_factor=0.3611)
     t5 = T5EncoderModel(T5Config(vocab_size=16, d_model=12, d_ff=16, d_kv=6, num_heads=2, num_layers=1)).eval()
     return dict(transformer=transformer, vae=vae, text_encoder=tiny_clip(32), tokenizer=clip_tokenizer(),
                 text_encoder_2=t5, tokenizer_2=tiny_t5_tokenizer())
@@ -210,7 +216,8 @@ def test_the_unet_only_tools_say_which_families_they_support(flux, image):
 
 def test_shift_and_guidance_are_refused_for_a_unet(tiny_sd15, image):
 
-    with pytest.raises(ValueError, match=r"guidance applies to the flow-matching families \(flux\), not sd15"):
+    with pytest.raises(ValueError, match=r"guidance applies to the families with a guidance embedding \(flux\), "
+                                         r"not sd15"):
         extract(tiny_sd15, image, "", ["mid-repeat0-res-out"], t=100, guidance=2.0)
 
 
@@ -235,10 +242,9 @@ def test_a_diffusers_flux_folder_loads_offline(flux_folder, flux, image):
         torch.testing.assert_close(got.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5)
 
 
-@pytest.fixture()
-def random_flux(tmp_path, monkeypatch):
-    """load_model("random:flux") builds from the shipped configs (the real code path), shrunk to a tiny size here;
-    its T5 tokenizer is the host's (ComfyUI bundles one), here a tiny stand-in."""
+def tiny_shipped_configs(tmp_path, monkeypatch, name: str, tiny: dict):
+    """The shipped configs with family `name`'s components changed by `tiny` (component -> config changes), in
+    place of the shipped ones for this test; the host's T5 tokenizer (ComfyUI bundles one) a tiny stand-in."""
     import json
     import shutil
 
@@ -247,19 +253,26 @@ def random_flux(tmp_path, monkeypatch):
 
     root = tmp_path / "configs"
     shutil.copytree(family.CONFIG_ROOT, root)
+    for part, changes in tiny.items():
+        path = root / name / part / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    monkeypatch.setattr(family, "CONFIG_ROOT", root)
+    tiny_t5_tokenizer().save_pretrained(tmp_path / "t5_tokenizer")
+    monkeypatch.setattr(tokenizers, "host_tokenizer_dir", lambda folder: tmp_path / folder)
+    return root
+
+
+@pytest.fixture()
+def random_flux(tmp_path, monkeypatch):
+    """load_model("random:flux") builds from the shipped configs (the real code path), shrunk to a tiny size here;
+    its T5 tokenizer is the host's (ComfyUI bundles one), here a tiny stand-in."""
     tiny = {"transformer": dict(num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
                                 joint_attention_dim=12, pooled_projection_dim=32, axes_dims_rope=[2, 2, 4]),
             "vae": dict(block_out_channels=[8, 8, 16, 16], norm_num_groups=4, layers_per_block=1),
             "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                  projection_dim=32),
             "text_encoder_2": dict(vocab_size=16, d_model=12, d_ff=16, d_kv=6, num_heads=2, num_layers=1)}
-    for part, changes in tiny.items():
-        path = root / FLUX / part / "config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-    monkeypatch.setattr(family, "CONFIG_ROOT", root)
-    tiny_t5_tokenizer().save_pretrained(tmp_path / "t5_tokenizer")
-    monkeypatch.setattr(tokenizers, "host_tokenizer_dir", lambda name: tmp_path / name)
-    return root
+    return tiny_shipped_configs(tmp_path, monkeypatch, FLUX, tiny)
 
 
 def test_random_flux_builds_from_the_shipped_configs_and_the_cli_extracts(tmp_path, random_flux, image):
@@ -297,13 +310,19 @@ def test_random_flux_builds_from_the_shipped_configs_and_the_cli_extracts(tmp_pa
 def to_original_layout(transformer) -> dict:
     """The transformer's weights in Black Forest Labs' layout (flux1-dev.safetensors), by ComfyUI's own map of
     the two layouts (comfy.utils.flux_to_diffusers), read backwards."""
-    import native_comfy
-
     cfg = transformer.config
     inner = cfg.num_attention_heads * cfg.attention_head_dim
+    return by_comfy_key_map(transformer, lambda utils: utils.flux_to_diffusers(
+        {"depth": cfg.num_layers, "depth_single_blocks": cfg.num_single_layers, "hidden_size": inner}))
+
+
+def by_comfy_key_map(transformer, key_map_of) -> dict:
+    """The transformer's weights in the original layout of ComfyUI's key map key_map_of(comfy.utils) (diffusers
+    name -> original name, a (name, slice) piece of a fused tensor, or (name, None, function)), read backwards."""
+    import native_comfy
+
     try:
-        key_map = native_comfy.use_comfy("0.3.64").utils.flux_to_diffusers(
-            {"depth": cfg.num_layers, "depth_single_blocks": cfg.num_single_layers, "hidden_size": inner})
+        key_map = key_map_of(native_comfy.use_comfy("0.3.64").utils)
     finally:
         native_comfy.release()
     state, out, pieces = transformer.state_dict(), {}, {}
@@ -347,7 +366,7 @@ def test_a_single_file_flux_transformer_loads_with_its_components_folder(tmp_pat
     from diffusion_feature.engine.loading import load_model
 
     folder, path = flux_folder, flux_file
-    with pytest.raises(CheckpointError, match="holds a flux transformer only: give components="):
+    with pytest.raises(CheckpointError, match="is read for its flux transformer only: give components="):
         load_model(path)
     loaded = load_model(path, components=folder)
     assert loaded.family == FLUX and loaded.source == str(path)

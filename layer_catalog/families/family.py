@@ -16,7 +16,11 @@ class TextEncoder:
     width: int  # the hidden width it hands the denoiser
     pad: str | None = None  # a CLIP tokenizer's pad token: the bundled CLIP vocabulary serves every CLIP encoder
     use: str = "hidden"  # "hidden": its hidden states are the denoiser's text tokens; "pooled": only its pooled
-    #                      embedding is (the denoiser's pooled_projections: Flux's CLIP-L)
+    #                      embedding is (the denoiser's pooled_projections: Flux's CLIP-L); "both": its hidden states
+    #                      (side by side with the other "both" encoders', zero-padded to the "hidden" encoders' width
+    #                      and put before their tokens) and its pooled embedding (side by side): SD3's two CLIPs
+    window: int | None = None  # tokens of one window of its hidden states (default: the family's text_tokens)
+    optional: bool = False  # a model may come without it: its tokens are then zeros (SD3's T5, as diffusers does)
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,9 @@ class Family:
     timestep_scale: float = 1.0
     latent_patch: int = 1  # > 1: the diffusers network takes latents packed in p x p patches with position ids
     guidance: float | None = None  # default of a guidance-embedding input (diffusers' pipeline default), if any
+    # Sampling: its pipeline hands the flow scheduler sigmas linspace(1, 1 / steps) (FluxPipeline) instead of letting
+    # the scheduler space its own timesteps (StableDiffusion3Pipeline).
+    linspace_sigmas: bool = False
 
     @property
     def config_dir(self) -> Path:
@@ -73,7 +80,8 @@ class Family:
 
     @property
     def text_width(self) -> int:
-        """The denoiser's cross-attention width: the encoders' hidden states side by side."""
+        """The denoiser's cross-attention width: the "hidden" encoders' hidden states side by side (the "both"
+        encoders' are zero-padded to it)."""
         return sum(e.width for e in self.text_encoders if e.use == "hidden")
 
     @property

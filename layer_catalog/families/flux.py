@@ -164,6 +164,6 @@ FAMILY = Family(
     networks={"FluxTransformer2DModel": diffusers_layout, "Flux": native_layout},
     # diffusers' FluxTransformer2DModel takes sigma (it multiplies by 1000 itself), 2x2-packed latents, and
     # Flux-dev's guidance embedding (3.5: FluxPipeline's default guidance_scale)
-    flow=True, timestep_scale=1 / 1000, latent_patch=2, guidance=3.5,
+    flow=True, timestep_scale=1 / 1000, latent_patch=2, guidance=3.5, linspace_sigmas=True,
     transformer_file=True,  # flux1-dev.safetensors & co: the transformer alone, in Black Forest Labs' layout
 )

@@ -127,10 +127,12 @@ FAMILY = Family(
     name="sd3", description="Stable Diffusion 3 medium, 3.5 medium / large / large-turbo (MMDiT, CLIP-L + CLIP-G "
                             "(+ T5-XXL))",
     denoiser="transformer", native_size=1024,
-    # diffusers' StableDiffusion3Pipeline: CLIP-L and CLIP-G hidden states side by side (768 + 1280, zero-padded to
-    # T5's 4096) for 77 tokens, then T5's 256 tokens after them in the sequence: 333 text tokens.
-    text_encoders=(TextEncoder("clip", 768, pad="<|endoftext|>"), TextEncoder("clip", 1280, pad="!"),
-                   TextEncoder("t5", 4096)),
+    # diffusers' StableDiffusion3Pipeline: CLIP-L and CLIP-G penultimate hidden states side by side (768 + 1280,
+    # zero-padded to T5's 4096) for 77 tokens, then T5's 256 tokens after them in the sequence: 333 text tokens; the
+    # pooled projection is both CLIPs' pooled embeddings side by side (768 + 1280). Without T5, its tokens are zeros.
+    text_encoders=(TextEncoder("clip", 768, pad="<|endoftext|>", use="both"),
+                   TextEncoder("clip", 1280, pad="!", use="both"),
+                   TextEncoder("t5", 4096, window=256, optional=True)),
     text_tokens=77 + 256,
     penultimate_text=True,  # the pipeline takes both CLIPs' penultimate hidden states (clip_skip None)
     presets={
@@ -146,7 +148,12 @@ FAMILY = Family(
     # the family with more marks, all matching
     checkpoint_marks=(r"(model\.diffusion_model\.)?joint_blocks\.0\.context_block\.attn\.qkv\.weight$",
                       r"(model\.diffusion_model\.)?x_embedder\.proj\.weight$"),
-    single_file=False,  # until DF_MODEL loads DiT checkpoints
+    # sd3.5_large.safetensors & co: the MMDiT is read from the file (whatever else it holds), the text encoders,
+    # tokenizers and VAE come from components (a diffusers folder, or clip_l / clip_g (/ t5xxl) and VAE files)
+    single_file=False, transformer_file=True,
     networks={"SD3Transformer2DModel": diffusers_layout, "MMDiT": native_layout,
               "OpenAISignatureMMDITWrapper": native_layout},
+    # diffusers' SD3Transformer2DModel takes the timestep as sigma * 1000 and patches the latent itself; no guidance
+    # embedding (classifier-free guidance only); StableDiffusion3Pipeline lets the scheduler space the timesteps.
+    flow=True, timestep_scale=1.0,
 )
