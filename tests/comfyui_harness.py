@@ -59,10 +59,12 @@ def prepare_in_background(versions) -> None:
                                                 env=env))
 
 
-def stop_background() -> None:
-    """End of the session: a preparation still running (the session was interrupted) is stopped."""
+def stop_background(interrupted: bool) -> None:
+    """End of the session. An interrupted session stops the preparations it started; otherwise one still running is
+    left to finish (under pytest-xdist the worker that started it may end before the worker that needs it, which
+    waits for the script's lock), and the next run of the script finds it done."""
     for proc in _background:
-        if proc.poll() is None:
+        if interrupted and proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=60)
     _background.clear()

@@ -252,7 +252,7 @@ def pytest_collection_finish(session):
 def pytest_sessionfinish(session, exitstatus):
     from comfyui_harness import stop_background
 
-    stop_background()
+    stop_background(exitstatus == pytest.ExitCode.INTERRUPTED)
 
 
 # ---- ComfyUI's own model code in-process, for the native backend's tests (tests/native_comfy.py) -------------------
