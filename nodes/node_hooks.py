@@ -4,13 +4,15 @@ from __future__ import annotations
 from ..layer_catalog import PRESET_NAMES, LayerIdError, resolve_taps
 from ..layer_catalog.catalog import parse_size
 from ..engine.dit_transforms import DITF, kept_request
+from ..layer_catalog.families import family_names, spoken
 from ..layer_catalog.resolver import names_preset
 from .comfy_env import AnyOfTypes
 
 
 PRESET_TIP = ("Add a preset: practical (the paper's choice), legacy (block outputs), full (every id: large); "
-              "ditf (flux, flux2 only): DiTF's feature, the block input with its massive-activation channels "
-              "zeroed, then the block's AdaLN modulation (also applied to any other vit-block{B}-in listed).")
+              f"ditf ({spoken(family_names(lambda f: DITF in f.presets))} only): DiTF's feature, the block input with "
+              "its massive-activation channels zeroed, then the block's AdaLN modulation (also applied to any other "
+              "vit-block{B}-in listed).")
 # The presets' widget: every family's, plus the family-own ditf (other families refuse it by name).
 PRESET_CHOICES = ["none", *PRESET_NAMES, DITF]
 
