@@ -265,7 +265,8 @@ def random_flux(tmp_path, monkeypatch):
     return root
 
 
-def test_random_flux_builds_from_the_shipped_configs_and_the_cli_extracts(tmp_path, random_flux, image):
+def test_random_flux_builds_from_the_shipped_configs_and_the_cli_extracts(tmp_path, random_flux, image,
+                                                                         tiny_ditf_preset):
     from PIL import Image
 
     from conftest import run_cli
@@ -292,6 +293,15 @@ def test_random_flux_builds_from_the_shipped_configs_and_the_cli_extracts(tmp_pa
     want = extract(model, folder / "a.png", "a red house", ids.split(","), t=700, seed=1, shift=3.0, guidance=4.0)
     for k in want.tensors:
         torch.testing.assert_close(saved.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5)
+    # the ditf preset: DiTF's feature (the same as the library's), its transform and channels in the saved file
+    run = run_cli("extract", "--model", "random:flux", "--layers", "ditf", "--input", folder, "--output",
+                  tmp_path / "ditf", "--t", 700, "--seed", 1, "--prompt", "a red house", "--size", f"{W}x{H}")
+    assert run.returncode == 0, run.stderr
+    saved = load_features(tmp_path / "ditf" / "a.safetensors")
+    want = extract(model, folder / "a.png", "a red house", "ditf", t=700, seed=1)
+    assert list(saved.tensors) == ["vit-block2-in"] and saved.meta["transform"] == "ditf"
+    assert saved.meta["massive_channels"] == want.meta["massive_channels"]  # random weights: likely none
+    torch.testing.assert_close(saved.tensors["vit-block2-in"], want.tensors["vit-block2-in"], atol=1e-6, rtol=1e-5)
     bad = run_cli("extract", "--model", "random:flux", "--layers", ids, "--input", folder, "--output",
                   tmp_path / "bad", "--shift", "dynamic")
     assert bad.returncode == 2 and "--shift must be a number > 0 or 'resolution', got 'dynamic'" in bad.stderr
@@ -450,17 +460,21 @@ def test_the_nodes_extract_flux_as_the_library_does(flux, image, monkeypatch):
 
 
 @pytest.fixture()
-def tiny_ditf(monkeypatch, parts):
-    """The ditf preset on the tiny Flux: its first single block's input (Flux.1's is block 28, which it lacks), on a
-    copy whose image stream carries two massive-activation channels (planted in the patch embedding's bias, so every
-    image token has them in every block's residual)."""
-    import copy
-
+def tiny_ditf_preset(monkeypatch):
+    """The ditf preset on the tiny Flux: its first single block's input (Flux.1's is block 28, which it lacks)."""
     from diffusion_feature.layer_catalog import resolver
 
     real = resolver.preset_ids
     monkeypatch.setattr(resolver, "preset_ids",
                         lambda family, name: ["vit-block2-in"] if name == "ditf" else real(family, name))
+
+
+@pytest.fixture()
+def tiny_ditf(tiny_ditf_preset, parts):
+    """The tiny Flux's parts with a copy of its transformer whose image stream carries two massive-activation
+    channels (planted in the patch embedding's bias, so every image token has them in every block's residual)."""
+    import copy
+
     planted = copy.deepcopy(parts["transformer"])
     with torch.no_grad():
         planted.x_embedder.bias[[3, 11]] += torch.tensor([3000.0, -1500.0])

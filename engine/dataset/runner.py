@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ...layer_catalog.errors import echo
+from ...layer_catalog.resolver import names_preset
+from ..dit_transforms import DITF, kept_request
 from ..features_io import Features, check_format, save_features, size_meta
 from ..images import ImageInputError, open_image, prepare, target_size
 from ..memory_guard import FeatureMemoryError
@@ -65,7 +67,8 @@ class _Job:
     """Everything one process needs for its share (the same on every process but `rank`)."""
 
     out: Path
-    layer_ids: list
+    layer_ids: list          # the ids the files hold
+    request: list            # what each extraction is asked: the ids, or "ditf" and the ids (DiTF's transform)
     timesteps: list
     seed: int
     fmt: str
@@ -308,7 +311,7 @@ class _Share:
                     try:
                         cond = _conditioning(self.model, job, [p for _, p in good], hints,
                                              _pixel_size(images[0], job), encoded)
-                        features = extract_timesteps(self.model, images, cond, job.layer_ids, job.timesteps,
+                        features = extract_timesteps(self.model, images, cond, job.request, job.timesteps,
                                                      job.seed, latent_cache=job.latent_cache, resize=job.resize,
                                                      size=job.size, target_side=job.target_side, **job.extract_kw)
                     except (ImageInputError, FeatureMemoryError) as e:  # this batch's images cannot be done
@@ -466,11 +469,12 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
     else:
         prompt_list = [prompts or ""] * len(sources)
     layer_ids = [tap.id for tap in resolve_taps(layers, model.denoiser, model.family)]
+    request = kept_request(layer_ids, names_preset(layers, DITF))  # the ids, still asking for DiTF's feature
     settings = {**output_folder.request_settings(
         timesteps=timesteps, seed=seed, size=size, resize=resize, fmt=fmt, layout=layout, ensemble=ensemble,
         feature_resize=feature_resize, feature_dtype=dtype, vae_sample=vae_sample, denoise_from=denoise_from,
         denoise_steps=denoise_steps, target_side=target_side, hint=hint, shift=shift, guidance=guidance),
-        **output_folder.model_settings(model, layer_ids, controlnets)}
+        **output_folder.model_settings(model, request, controlnets)}
     digest = run_file.digest(settings)
 
     current_root = root_of(sources) if sources else None
@@ -498,7 +502,7 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
     mine = ranks.share(list(zip(sources, prompt_list)))
     check = index.completion(out, digest, records, images={s.relative for s, _ in mine}, verify=verify)
 
-    job = _Job(out=out, layer_ids=layer_ids, timesteps=timesteps, seed=seed, fmt=fmt, layout=layout, resize=resize,
+    job = _Job(out=out, layer_ids=layer_ids, request=request, timesteps=timesteps, seed=seed, fmt=fmt, layout=layout, resize=resize,
                size=tuple(size) if size else None, target_side=target_side, native=target_side or model.native_size,
                batch_size=batch_size, extract_kw=dict(ensemble=ensemble, feature_resize=feature_resize, dtype=dtype,
                                                       vae_sample=vae_sample, denoise_from=denoise_from,
