@@ -68,7 +68,6 @@ class _Job:
 
     out: Path
     layer_ids: list          # the ids the files hold
-    request: list            # what each extraction is asked: the ids, or "ditf" and the ids (DiTF's transform)
     timesteps: list
     seed: int
     fmt: str
@@ -86,6 +85,7 @@ class _Job:
     digest: str
     rank: int
     planned: dict = field(default_factory=dict)   # relative name -> the files it writes
+    request: list | None = None  # what each extraction is asked, when not layer_ids: "ditf" and the ids
 
 
 class _Records:
@@ -311,8 +311,8 @@ class _Share:
                     try:
                         cond = _conditioning(self.model, job, [p for _, p in good], hints,
                                              _pixel_size(images[0], job), encoded)
-                        features = extract_timesteps(self.model, images, cond, job.request, job.timesteps,
-                                                     job.seed, latent_cache=job.latent_cache, resize=job.resize,
+                        features = extract_timesteps(self.model, images, cond, job.request or job.layer_ids,
+                                                     job.timesteps, job.seed, latent_cache=job.latent_cache, resize=job.resize,
                                                      size=job.size, target_side=job.target_side, **job.extract_kw)
                     except (ImageInputError, FeatureMemoryError) as e:  # this batch's images cannot be done
                         for item in good:
