@@ -481,11 +481,12 @@ def tiny_ditf(tiny_ditf_preset, parts):
     return {**parts, "transformer": planted}
 
 
-def test_the_ditf_preset_extracts_ditfs_feature(tiny_ditf, image, tmp_path, monkeypatch):
+def test_the_ditf_preset_extracts_ditfs_feature(tiny_ditf, flux, image, tmp_path, monkeypatch):
     """extract with the ditf preset: per image, apply_ditf of a plain capture of the block input and its
     modulation; other ids untouched; the companions dropped; the transform and the channels found in the metadata
     (and in saved files); feature_resize pools the transformed feature; an ensemble averages transformed draws;
-    batches merge their channels; DFAttachHooks keeps the request, DFExtractFeatures extracts it."""
+    batches merge their channels; generation's capture transforms its rows; DFAttachHooks keeps the request,
+    DFExtractFeatures extracts it."""
     from diffusion_feature import NODE_CLASS_MAPPINGS as N
     from diffusion_feature.engine.dit_transforms import apply_ditf
     from diffusion_feature.engine.extraction import extract_in_batches
@@ -526,6 +527,17 @@ def test_the_ditf_preset_extracts_ditfs_feature(tiny_ditf, image, tmp_path, monk
     (path, *_) = save_features(got, tmp_path, ["a", "b"])
     saved = load_features(path)
     assert saved.meta["transform"] == "ditf" and saved.meta["massive_channels"] == {"vit-block2-in": [3, 11]}
+
+    # generation's capture: with no massive channel (the unplanted network) DiTF's feature is the block's norm-out
+    from diffusion_feature.engine.generation import generate
+
+    for net, channels in ((flux, []), (model, [3, 11])):
+        gen = generate(net, "a red house", steps=2, cfg=1.0, seed=5, width=W, height=H,
+                       layers="ditf, vit-block2-norm-out", capture_steps="all").features
+        assert list(gen.tensors) == ["vit-block2-in", "vit-block2-norm-out"] and len(gen.meta["rows"]) == 2
+        assert gen.meta["transform"] == "ditf" and gen.meta["massive_channels"] == {"vit-block2-in": channels}
+        same = torch.allclose(gen.tensors["vit-block2-in"], gen.tensors["vit-block2-norm-out"], atol=1e-5, rtol=1e-4)
+        assert same == (not channels)
 
     monkeypatch.setattr(FeatureModel, "native_size", property(lambda self: 128))
     (hooked,) = N["DFAttachHooks"]().attach(model, "vit-block0-out", "ditf")
