@@ -312,8 +312,9 @@ class _Share:
                         cond = _conditioning(self.model, job, [p for _, p in good], hints,
                                              _pixel_size(images[0], job), encoded)
                         features = extract_timesteps(self.model, images, cond, job.request or job.layer_ids,
-                                                     job.timesteps, job.seed, latent_cache=job.latent_cache, resize=job.resize,
-                                                     size=job.size, target_side=job.target_side, **job.extract_kw)
+                                                     job.timesteps, job.seed, latent_cache=job.latent_cache,
+                                                     resize=job.resize, size=job.size, target_side=job.target_side,
+                                                     **job.extract_kw)
                     except (ImageInputError, FeatureMemoryError) as e:  # this batch's images cannot be done
                         for item in good:
                             self.fail(item, str(e))
@@ -502,13 +503,13 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
     mine = ranks.share(list(zip(sources, prompt_list)))
     check = index.completion(out, digest, records, images={s.relative for s, _ in mine}, verify=verify)
 
-    job = _Job(out=out, layer_ids=layer_ids, request=request, timesteps=timesteps, seed=seed, fmt=fmt, layout=layout, resize=resize,
+    job = _Job(out=out, layer_ids=layer_ids, timesteps=timesteps, seed=seed, fmt=fmt, layout=layout, resize=resize,
                size=tuple(size) if size else None, target_side=target_side, native=target_side or model.native_size,
                batch_size=batch_size, extract_kw=dict(ensemble=ensemble, feature_resize=feature_resize, dtype=dtype,
                                                       vae_sample=vae_sample, denoise_from=denoise_from,
                                                       denoise_steps=denoise_steps, shift=shift, guidance=guidance),
                controlnets=list(controlnets), hint=hint, latent_cache=latent_cache, stop_on_error=stop_on_error,
-               digest=digest, rank=ranks.rank, planned=planned)
+               digest=digest, rank=ranks.rank, planned=planned, request=request)
     stats = RunStats(damaged=check.damaged, unhashed=check.unhashed)
     items = []
     for source, prompt in mine:
