@@ -15,6 +15,13 @@ LayerNorm runs over each token's channels, which pooling first would change; poo
     taps = resolve_taps("ditf", model, family="flux")
     with FeatureCapture(model, taps + modulation_taps(model, [t.id for t in taps]), ...) as cap: cap.run(...)
     features, massive = apply_ditf(cap.features)   # massive["vit-block28-in"].channels: the detected channels
+
+Every entry point does this itself when the layer request names the `ditf` preset (`DitfRun`): extract and the
+CLI on DF_MODEL, DFExtractFeatures, DFExtractNative and DFCaptureLayers / DFCollectFeatures on ComfyUI's MODEL.
+Then every block input `vit-block{B}-in` of the request is transformed (add one beside the preset, "ditf,
+vit-block20-in", for DiTF's feature of another block), per sample (an image's channels and feature do not depend on
+its batch), before feature_resize pools it and before an ensemble averages; the metadata records the transform and
+the channels found in any sample ("massive_channels": {id: [channels]}).
 """
 from __future__ import annotations
 
@@ -24,6 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from ..layer_catalog.families.dit_layout import MODULATION_SUFFIX
+from ..layer_catalog.hooks import UNPOOLED_KINDS, pool_spatial
+from ..layer_catalog.resolver import names_preset
+from ..layer_catalog.taps import modulation_taps
+
+# The preset that asks for DiTF's feature (the families that have it list it in their presets).
+DITF = "ditf"
 
 # A channel is massive when its typical magnitude is this many times that of the typical channel. Massive
 # activations sit two to four orders above the rest (Sun et al. 2024 name values 100x-10000x the median); ordinary
@@ -127,3 +140,61 @@ def apply_ditf(features: dict, channels=None, ratio: float = DEFAULT_RATIO, eps:
         raise ValueError("no feature has its block's modulation: capture a block input (e.g. the ditf preset) with "
                          "layer_catalog.modulation_taps beside it")
     return out, found
+
+
+def record_channels(meta: dict, found: dict) -> None:
+    """Add DiTF's transform and the channels found ({id: channels}) to features' metadata, as a union with any
+    channels it already records (other samples, draws, batches)."""
+    meta["transform"] = DITF
+    known = meta.setdefault("massive_channels", {})
+    for layer_id, channels in found.items():
+        known[layer_id] = sorted(set(known.get(layer_id, ())) | set(channels))
+
+
+def merge_meta(meta: dict, other: dict) -> None:
+    """Fold the transform metadata of another batch's features into `meta` (extraction in batches)."""
+    if "massive_channels" in other:
+        record_channels(meta, other["massive_channels"])
+
+
+class DitfRun:
+    """DiTF's feature for one extraction or capture whose layer request names the ditf preset.
+
+    taps: what to capture (the request's taps and each block input's companion modulation), unpooled: feed the
+    capture feature_resize 1 and `finish` pools after the transform."""
+
+    def __init__(self, model, taps, feature_resize: int = 1):
+        companions = modulation_taps(model, [t.id for t in taps])
+        if not companions:
+            raise ValueError(f"the {DITF} preset transforms block inputs (vit-block{{B}}-in) of a diffusion "
+                             "transformer whose blocks have an AdaLN modulation; this request holds none")
+        self.requested = list(taps)
+        self.taps = self.requested + companions
+        self.transformed = [t.id[:-len(MODULATION_SUFFIX)] for t in companions]
+        self.feature_resize = feature_resize
+
+    def finish(self, features: dict, meta: dict | None = None) -> dict:
+        """The request's features from one capture's (companions included): each block input through `ditf`
+        sample by sample, then pooled by feature_resize; the channels found are added to `meta`."""
+        out, found = dict(features), {}
+        for layer_id in self.transformed:
+            x, modulation = features[layer_id], features[layer_id + MODULATION_SUFFIX]
+            rows = [ditf(x[i:i + 1], modulation[i:i + 1]) for i in range(x.shape[0])]
+            out[layer_id] = torch.cat([row for row, _ in rows])
+            found[layer_id] = {c for _, massive in rows for c in massive.channels}
+        if meta is not None:
+            record_channels(meta, found)
+        r = self.feature_resize
+        return {t.id: pool_spatial(out[t.id], r) if r > 1 and t.kind not in UNPOOLED_KINDS else out[t.id]
+                for t in self.requested}
+
+
+def kept_request(ids: list[str], transformed: bool) -> list[str]:
+    """Resolved ids as a layer request that still asks for DiTF's transform when it did (a model or capture that
+    keeps its ids hands this on to the extraction that reads them)."""
+    return [DITF, *ids] if transformed else list(ids)
+
+
+def ditf_run(spec, model, taps, feature_resize: int = 1) -> DitfRun | None:
+    """The DitfRun of a layer request that names the ditf preset, else None."""
+    return DitfRun(model, taps, feature_resize) if names_preset(spec, DITF) else None

@@ -22,6 +22,7 @@ from ..layer_catalog import FeatureCapture, get_family, resolve_taps
 from ..layer_catalog.tap import is_pixart
 from . import flow, memory_guard
 from .conditioning import Conditioning, with_time_ids
+from .dit_transforms import ditf_run, merge_meta
 from .driver import capture_dtype, check_batch_size, check_ensemble, ensemble_features, features_meta, fill_batches
 from .interrupts import InterruptChecks
 from .memory_guard import count
@@ -137,7 +138,7 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
                     dtype: torch.dtype | None = None, offload: bool = False, denoise_from: int | None = None,
                     denoise_steps: int = 1, prediction_type: str = "epsilon", interrupt=None, shift=None,
                     guidance: float | None = None, scheduler_config: dict | None = None,
-                    grad: bool = False) -> dict[str, torch.Tensor]:
+                    transform_meta: dict | None = None, grad: bool = False) -> dict[str, torch.Tensor]:
     """Features of clean latents x0 (B, C, h, w) at timestep t: the core shared by every entry point.
 
     A flow family (Flux, SD3) noises x_t = (1 - sigma) x0 + sigma eps instead (abar unused; see engine/flow.py for
@@ -148,6 +149,8 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
     content-shift recipe: a ControlNet pulls the imagined content back towards the image).
     interrupt: a callback run before each block of the denoiser (it raises to stop a long forward).
     grad: gradient mode, the features stay on the autograd graph (see `extract`).
+    A request naming the ditf preset gets DiTF's feature of its block inputs (engine/dit_transforms.DitfRun);
+    transform_meta: a dict that receives the transform and the channels found, for the features' metadata.
     The run is refused before any forward when its memory plan does not fit (FeatureMemoryError).
     """
     from .control import control_residuals
@@ -165,6 +168,9 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
         flow.check_options(family, shift, guidance)
     schedule = denoise_schedule(t, denoise_from, denoise_steps)
     taps = resolve_taps(layers, denoiser, family)
+    ditf = ditf_run(layers, denoiser, taps, feature_resize)
+    if ditf is not None:  # captured unpooled with the modulations; pooled after the transform
+        taps, feature_resize = ditf.taps, 1
     param = next(denoiser.parameters())
     batch = x0.shape[0]
     require(extraction_needs(denoiser, taps, batch, tuple(x0.shape[-2:]), cond.encoder_hidden_states.shape[1],
@@ -189,7 +195,7 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
             x_t = ddim_move(x_t, out, a, b, abar, prediction_type)
         capture.enabled = True
         forward(capture, x_t, t)
-        return capture.features
+        return capture.features if ditf is None else ditf.finish(capture.features, transform_meta)
 
     with FeatureCapture(denoiser, taps, dtype=capture_dtype(dtype, ensemble), device="cpu" if offload else None,
                         feature_resize=feature_resize, early_exit=True, token_grid=tuple(x0.shape[-2:]),
@@ -311,16 +317,18 @@ def extract_timesteps(model, images, prompt, layers, timesteps, seed: int = 0, *
         abar = None if is_flow else model.alphas_cumprod
         passes = []
         for t in timesteps:
+            transform: dict = {}
             tensors = extract_latents(model.denoiser, x0, cond, layers, t, seed, abar,
                                       family=model.family, ensemble=ensemble, feature_resize=feature_resize,
                                       dtype=dtype, offload=offload, denoise_from=denoise_from,
                                       denoise_steps=denoise_steps, prediction_type=prediction_type,
                                       interrupt=interrupt, shift=shift, guidance=guidance,
-                                      scheduler_config=model.scheduler_config, grad=grad)
+                                      scheduler_config=model.scheduler_config, transform_meta=transform,
+                                      grad=grad)
             extra = (flow.settings(model.family, model.denoiser, t, shift, guidance, model.scheduler_config,
                                    x0.shape[-2:])[2] if is_flow else {})
             passes.append(Features(tensors, _meta(model, cond, input_size, t, seed, height, width, tensors, ensemble,
-                                                  denoise_from, denoise_steps, extra)))
+                                                  denoise_from, denoise_steps, {**extra, **transform})))
     return passes
 
 
@@ -369,7 +377,10 @@ def extract_in_batches(model, images, prompt, layers=None, t: int = 50, seed: in
             part = extract(model, images[start:stop], chunk_prompt, layers, t, seed, **kw,
                            kept_images=n if first else None, in_flight=min(batch_size, n) if first and n > stop
                            else 0)
-            meta = meta or part.meta
+            if meta is None:
+                meta = part.meta
+            else:
+                merge_meta(meta, part.meta)
             prompts.extend(part.meta["prompt"])
             return part.tensors
 

@@ -43,7 +43,8 @@ LAYOUTS = ("per-sample", "per-layer", "aggregate")
 _META_KEYS = ("family", "t", "seed", "height", "width", "input_height", "input_width", "prompt", "layers", "name",
               "step", "ensemble", "aggregate_slices", "timestep", "branch", "image", "scheduler", "steps", "cfg",
               "denoise", "denoise_from", "denoise_steps", "controlnets", "sigma", "cond_index", "shift", "mu",
-              "guidance")  # the last three: a flow family's (Flux) resolution shift and guidance input
+              "guidance",  # the last three: a flow family's (Flux) resolution shift and guidance input
+              "transform", "massive_channels")  # DiTF's transform (the ditf preset) and the channels it zeroed
 # Sizes are named keys: `height`, `width` (the image the model saw) and `input_height`, `input_width` (the image as
 # given). Earlier files held one [height, width] pair, easily read as the CLI's WxH; they are still read.
 _LEGACY_SIZE_KEYS = {"size": "", "input_size": "input_"}

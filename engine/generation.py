@@ -20,6 +20,7 @@ from ..layer_catalog.errors import echo
 from ..layer_catalog.tap import is_pixart
 from .control import check_controls, control_residuals
 from .ddim import eps_output
+from .dit_transforms import ditf_run
 from . import memory_guard
 from .memory_guard import count
 from .conditioning import Conditioning, with_time_ids
@@ -210,9 +211,12 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
                          height, width, tokens, dtype=dtype, feature_resize=feature_resize, offload=offload,
                          images=batch, encode=pixels.shape[0] if pixels is not None else 0)
         # without taps the capture attaches nothing and its run is the denoiser's call: one code path
-        capture = FeatureCapture(denoiser, taps, dtype=dtype, device="cpu" if offload else None,
-                                 feature_resize=feature_resize, token_grid=latent_hw)
-        timeline = Timeline(capture, len(capture_at), kept_rows)
+        ditf, transform = (ditf_run(layers, denoiser, taps, feature_resize) if taps else None), {}
+        capture = FeatureCapture(denoiser, ditf.taps if ditf else taps, dtype=dtype,
+                                 device="cpu" if offload else None, feature_resize=1 if ditf else feature_resize,
+                                 token_grid=latent_hw)
+        timeline = Timeline(capture, len(capture_at), kept_rows,
+                            finish=(lambda f: ditf.finish(f, transform)) if ditf else None)
         step_params = inspect.signature(sched.step).parameters  # only what this scheduler's step() takes
         step_kwargs = {k: v for k, v in (("generator", generator), ("eta", 0.0)) if k in step_params}
 
@@ -258,7 +262,7 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
                 "denoise": denoise if pixels is not None else 1.0, "rows": timeline.labels}
         if fam.flow:
             meta["guidance"] = guidance
-        features = Features(tensors, meta)
+        features = Features(tensors, {**meta, **transform})
     return Generation(images, latents, features)
 
 

@@ -16,15 +16,19 @@ from ..layer_catalog.hooks import FeatureCapture
 
 
 class Timeline:
-    def __init__(self, capture: FeatureCapture, steps: int, rows_per_step: int):
-        self.capture, self.capacity = capture, steps * rows_per_step
+    """finish: what a call's captured features become before they are kept (engine/dit_transforms.DitfRun.finish
+    for the ditf preset: the companions it drops are then not kept)."""
+
+    def __init__(self, capture: FeatureCapture, steps: int, rows_per_step: int, finish=None):
+        self.capture, self.capacity, self.finish = capture, steps * rows_per_step, finish
         self.labels: list[dict] = []
         self._tensors: dict[str, torch.Tensor] = {}
 
     def record(self, labels: list[dict]) -> None:
         """Keep the capture's features of the call that just ran (one row per label), then forget them there."""
         filled, n = len(self.labels), len(labels)
-        for tap_id, value in self.capture.features.items():
+        features = self.capture.features if self.finish is None else self.finish(self.capture.features)
+        for tap_id, value in features.items():
             if value.shape[0] != n:
                 raise RuntimeError(f"{tap_id}: {value.shape[0]} captured rows for {n} labels")
             if tap_id not in self._tensors:
@@ -34,4 +38,4 @@ class Timeline:
         self.labels += labels
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {t.id: self._tensors[t.id][:len(self.labels)] for t in self.capture.taps}
+        return {t.id: self._tensors[t.id][:len(self.labels)] for t in self.capture.taps if t.id in self._tensors}

@@ -84,6 +84,10 @@ def unpack_tokens(layer_id: str, x: torch.Tensor, grid: tuple[int, int], patch: 
     return x.reshape(b, h, w, c, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h * patch, w * patch)
 
 
+# Kinds that feature_resize never pools: maps, text tokens (C, T) and per-sample vectors have no spatial grid.
+UNPOOLED_KINDS = ("map", "text", "vector")
+
+
 def pool_spatial(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Average-pool the last two (spatial) dimensions to (H // factor, W // factor), each at least 1."""
     h, w = x.shape[-2:]
@@ -403,7 +407,7 @@ class FeatureCapture(AttachedHooks):
             x = x.transpose(1, 2)
         elif tap.kind == "vector":
             x = x.reshape(x.shape[0], -1)
-        if tap.kind not in ("map", "text", "vector") and self.feature_resize > 1:
+        if tap.kind not in UNPOOLED_KINDS and self.feature_resize > 1:
             x = pool_spatial(x, self.feature_resize)
         return x
 

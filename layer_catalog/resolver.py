@@ -182,6 +182,12 @@ def _check_ids(ids: list, valid: list[str], owner: str, family: str | None) -> l
     return [str(i) for i in ids]  # plain strings: entries of a layer file carry their position until checked
 
 
+def names_preset(spec, preset: str) -> bool:
+    """Whether a layer spec names `preset` among its items: a preset that asks for more than its ids (flux's ditf
+    asks for DiTF's transform of them), which resolving to ids forgets."""
+    return spec is not None and any(str(item) == preset for item in _split_spec(spec))
+
+
 def resolve_layers(spec, family: str) -> list[str]:
     """Valid ids of `family` for a spec; an unknown id raises LayerIdError naming the nearest valid ids."""
     get_family(family)

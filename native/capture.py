@@ -106,16 +106,19 @@ class NativeCapture:
     `labels()` / `stacked()` after the sampler ran.
 
     steps: 'all', 'last', 'every K [from S]', a list ('0, 5, 10-12', negatives from the end), as DFGenerate's
-    capture steps. branch: 'cond', 'uncond' or 'both'. dtype / device: where captured tensors go.
+    capture steps. branch: 'cond', 'uncond' or 'both'. dtype / device: where captured tensors go. ditf: the
+    engine.dit_transforms.DitfRun of a request naming the ditf preset (rows hold DiTF's feature; the run's
+    channels are in transform_meta).
     """
 
     def __init__(self, taps: list[Tap], steps="all", branch: str = "cond", *, family: str | None = None,
-                 dtype: torch.dtype | None = None, device=None):
+                 dtype: torch.dtype | None = None, device=None, ditf=None):
         if branch not in BRANCHES:
             raise ValueError(f"branch {echo(branch)} is not one of {', '.join(BRANCHES)}")
         _parse_steps(steps, None)  # a syntax error shows now; whether the steps fit, once the run's length is known
         self.taps, self.steps_spec, self.branch, self.family = list(taps), steps, branch, family
         self.dtype, self.device = dtype, device
+        self.ditf, self.transform_meta = ditf, {}
         self.sizes = None  # native.memory.FeatureSizes of the taps, for the memory guard (set by capture_layers)
         self.key = register(self)
         self._lock = threading.RLock()  # MultiGPU: calls on several devices' threads share this capture
@@ -147,6 +150,7 @@ class NativeCapture:
         self.records, self._seen, self._ordinals = [], set(), {}
         self.model_calls, self.total_steps, self._step = 0, total, -1
         self.steps_error, self._branches_called, self._collected_with = None, set(), None
+        self.transform_meta = {}
         try:
             self._wanted = None if total is None else set(_parse_steps(self.steps_spec, total))
         except ValueError as e:  # steps the run does not have: the image still samples, collecting says why
@@ -233,7 +237,10 @@ class NativeCapture:
         if plan.run != self._run or not self._seen.isdisjoint(plan.keys):  # replaced meanwhile, or came second
             return
         self._seen.update(plan.keys)
-        self.records.append(Record(plan.labels, dict(hooks.features)))
+        features = dict(hooks.features)
+        if self.ditf is not None:
+            features = self.ditf.finish(features, self.transform_meta)
+        self.records.append(Record(plan.labels, features))
 
     def run_call(self, unet: torch.nn.Module, x, sigma, transformer_options: dict, call, timestep_of=None,
                  text_tokens: int | None = None):
@@ -248,7 +255,8 @@ class NativeCapture:
 
             check_capture(unet, self.sizes, x.shape, len(plan.rows), len(self._wanted) if self._wanted else 1,
                           dtype=self.dtype, device=self.device, text_tokens=text_tokens)
-        with FeatureCapture(unet, self.taps, rows=plan.rows, dtype=self.dtype, device=self.device) as hooks:
+        taps = self.taps if self.ditf is None else self.ditf.taps
+        with FeatureCapture(unet, taps, rows=plan.rows, dtype=self.dtype, device=self.device) as hooks:
             out = hooks.call(call)  # raises when a tap never fired
         with self._lock:
             self.commit(plan, hooks)

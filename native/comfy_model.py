@@ -120,8 +120,11 @@ def capture_layers(model, layers, steps="all", branch: str = "cond", *, dtype: t
     """
     unet = diffusion_model(model)
     family = native_family(model)
-    capture = NativeCapture(native_taps(layers, unet, family), steps, branch, family=family, dtype=dtype,
-                            device=device)
+    from ..engine.dit_transforms import ditf_run
+
+    taps = native_taps(layers, unet, family)
+    capture = NativeCapture(taps, steps, branch, family=family, dtype=dtype, device=device,
+                            ditf=ditf_run(layers, unet, taps))
     capture.sizes = feature_sizes(unet, family, capture.taps, inference_dtype(model))  # see memory.FeatureSizes
     return _wrapped(model, capture.key), capture
 
@@ -254,7 +257,8 @@ def conditioning_controls(positive) -> list:
 
 def run_at_sigmas(model, positive, latent: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, layers, *,
                   seed: int = 0, dtype: torch.dtype | None = None, device=None, early_exit: bool = True,
-                  feature_resize: int = 1, guidance: float | None = None) -> dict[str, torch.Tensor]:
+                  feature_resize: int = 1, guidance: float | None = None, transform_meta: dict | None = None
+                  ) -> dict[str, torch.Tensor]:
     """Features of `layers` at the last of `sigmas`, through ComfyUI's own sampling path.
 
     comfy.sample.sample_custom does what every core sampler does: loads the MODEL (with its LoRA patches) and the
@@ -265,13 +269,20 @@ def run_at_sigmas(model, positive, latent: torch.Tensor, noise: torch.Tensor, si
     with the positive prompt only (cfg 1, no negative), then one call at the last sigma with our hooks on, stopped
     after the last tap when `early_exit`. The hooks exist only during that call, on the network it runs (see
     _wrapped). guidance: the value a guidance-distilled network (Flux dev) gets, in place of the conditioning's own
-    (FluxGuidance's).
+    (FluxGuidance's). A request naming the ditf preset gets DiTF's feature (engine/dit_transforms.DitfRun);
+    transform_meta receives its metadata.
     """
     import comfy.sample
     import comfy.samplers
 
-    last = _LastCall(native_taps(layers, diffusion_model(model), native_family(model)),
-                     dict(dtype=dtype, device=device, early_exit=early_exit, feature_resize=feature_resize))
+    from ..engine.dit_transforms import ditf_run
+
+    net = diffusion_model(model)
+    taps = native_taps(layers, net, native_family(model))
+    ditf = ditf_run(layers, net, taps, feature_resize)
+    if ditf is not None:  # captured unpooled with the modulations; pooled after the transform
+        taps, feature_resize = ditf.taps, 1
+    last = _LastCall(taps, dict(dtype=dtype, device=device, early_exit=early_exit, feature_resize=feature_resize))
 
     def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None, **_):
         extra_args = extra_args or {}
@@ -301,7 +312,7 @@ def run_at_sigmas(model, positive, latent: torch.Tensor, noise: torch.Tensor, si
     comfy.sample.sample_custom(tapped, noise, 1.0, sampler, sigmas, cond, [], latent, disable_pbar=True, seed=seed)
     if last.features is None:
         raise RuntimeError("the sampler's last model call never reached the MODEL's network")
-    return last.features
+    return last.features if ditf is None else ditf.finish(last.features, transform_meta)
 
 
 class _TapsDone(Exception):

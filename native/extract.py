@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ..engine.dit_transforms import kept_request
 from ..engine.driver import capture_dtype, check_batch_size, check_ensemble, ensemble_features, features_meta, \
     fill_batches
 from ..engine.features_io import Features, size_meta
@@ -56,7 +57,7 @@ def _layers_of(model, layers):
     if capture is None:
         raise ValueError("no layers to extract: connect the MODEL through DFCaptureLayers, or fill in `layers` "
                          "(ids, a preset or a JSON file)")
-    return capture.ids
+    return kept_request(capture.ids, capture.ditf is not None)
 
 
 def _guidance(model, guidance) -> float | None:
@@ -87,11 +88,13 @@ def extract_native_latents(model, positive, latents: torch.Tensor, layers, t: in
                            ensemble: int = 1, feature_resize: int = 1, dtype: torch.dtype | None = None,
                            offload: bool = False, denoise_from: int | None = None,
                            denoise_steps: int = 1, interrupt=None, shift: bool = False,
-                           guidance: float = DEFAULT_GUIDANCE) -> dict[str, torch.Tensor]:
+                           guidance: float = DEFAULT_GUIDANCE, transform_meta: dict | None = None
+                           ) -> dict[str, torch.Tensor]:
     """Features of ComfyUI latents (B, C, h, w, or a 5-D model's (B, C, 1, h, w): a LATENT's samples, before the
     model's process_in) at t.
     interrupt: a callback run before each block of the network (it raises to stop a long forward). shift, guidance:
-    for flow models (see the module's docstring)."""
+    for flow models (see the module's docstring). transform_meta: receives the metadata of DiTF's transform when
+    the layers name the ditf preset."""
     _check_positive(positive)
     check_ensemble(ensemble)
     if not isinstance(feature_resize, int) or feature_resize < 1:
@@ -107,7 +110,7 @@ def extract_native_latents(model, positive, latents: torch.Tensor, layers, t: in
         return comfy_model.run_at_sigmas(model, positive, latents, noise, sigmas, layers, seed=draw_seed,
                                          dtype=capture_dtype(dtype, ensemble), device="cpu" if offload else None,
                                          early_exit=early_exit, feature_resize=feature_resize,
-                                         guidance=guidance)
+                                         guidance=guidance, transform_meta=transform_meta)
 
     with InterruptChecks(interrupt, comfy_model.diffusion_model(model)):
         return ensemble_features(draw, seed, ensemble, dtype)
@@ -149,20 +152,21 @@ def extract_native(model, vae, positive, images: torch.Tensor, layers=None, t: i
                      known=getattr(comfy_model.capture_of(model), "sizes", None),
                      text_tokens=int(positive[0][0].shape[1]) if positive[0][0].ndim == 3 else None)
     comfy_pixels = ((pixels + 1.0) / 2.0).permute(0, 2, 3, 1).contiguous()  # ComfyUI IMAGE, 0..1
+    transform: dict = {}  # DiTF's channels over every batch, draw and image (the ditf preset)
 
     def chunk(start, stop):
         latents = comfy_model.encode_pixels(vae, comfy_pixels[start:stop], seed)
         return extract_native_latents(model, positive, latents, layers, t, seed, ensemble=ensemble,
                                       feature_resize=feature_resize, dtype=dtype, offload=offload,
                                       denoise_from=denoise_from, denoise_steps=denoise_steps, interrupt=interrupt,
-                                      shift=shift, guidance=guidance)
+                                      shift=shift, guidance=guidance, transform_meta=transform)
 
     out = fill_batches(comfy_pixels.shape[0], batch_size, chunk, on_batch)
     controls = [{"name": type(c).__name__, "strength": float(getattr(c, "strength", 1.0))}
                 for c in comfy_model.conditioning_controls(positive)]
     return Features(out, features_meta(family, t, seed, height, width, input_size, out, ensemble,
                                        [] if prompt is None else [prompt], denoise_from, denoise_steps, controls,
-                                       backend="native", **flow))
+                                       backend="native", **flow, **transform))
 
 
 def collect(capture, latent: dict | None = None) -> Features:
@@ -173,7 +177,7 @@ def collect(capture, latent: dict | None = None) -> Features:
     capture.check_current(samples)
     labels, tensors = capture.stacked()
     meta = {"family": capture.family, "layers": list(tensors), "rows": labels, "steps": capture.total_steps,
-            "branch": capture.branch, "backend": "native"}
+            "branch": capture.branch, "backend": "native", **capture.transform_meta}
     if torch.is_tensor(samples) and samples.ndim in (4, 5):  # 5-D: Qwen-Image's (B, C, 1, h, w)
         meta.update(size_meta(int(samples.shape[-2]) * 8, int(samples.shape[-1]) * 8))
     return Features(tensors, meta)

@@ -3,10 +3,18 @@ from __future__ import annotations
 
 from ..layer_catalog import PRESET_NAMES, LayerIdError, resolve_taps
 from ..layer_catalog.catalog import parse_size
+from ..engine.dit_transforms import DITF, kept_request
+from ..layer_catalog.families import family_names, spoken
+from ..layer_catalog.resolver import names_preset
 from .comfy_env import AnyOfTypes
 
 
-PRESET_TIP = "Add a preset: practical (the paper's choice), legacy (block outputs), full (every id: large)."
+PRESET_TIP = ("Add a preset: practical (the paper's choice), legacy (block outputs), full (every id: large); "
+              f"ditf ({spoken(family_names(lambda f: DITF in f.presets))} only): DiTF's feature, the block input with "
+              "its massive-activation channels zeroed, then the block's AdaLN modulation (also applied to any other "
+              "vit-block{B}-in listed).")
+# The presets' widget: every family's, plus the family-own ditf (other families refuse it by name).
+PRESET_CHOICES = ["none", *PRESET_NAMES, DITF]
 
 
 def parse_layer_text(layers: str, preset: str, required: bool = True) -> list[str]:
@@ -40,12 +48,13 @@ class DFAttachHooks:
             "layers": ("STRING", {"multiline": True, "default": "",
                                   "tooltip": "Layer ids, one per line or comma separated, e.g. "
                                              "up-level1-repeat1-vit-block0-cross-q. The layer picker fills this."}),
-            "preset": (["none", *PRESET_NAMES], {"default": "practical", "tooltip": PRESET_TIP}),
+            "preset": (PRESET_CHOICES, {"default": "practical", "tooltip": PRESET_TIP}),
         }}
 
     def attach(self, model, layers, preset="none"):
-        taps = resolve_taps(parse_layer_text(layers, preset), model.denoiser, model.family)
-        return (model.clone(layers=[t.id for t in taps]),)
+        spec = parse_layer_text(layers, preset)
+        taps = resolve_taps(spec, model.denoiser, model.family)
+        return (model.clone(layers=kept_request([t.id for t in taps], names_preset(spec, DITF))),)
 
 
 class DFShowLayers:

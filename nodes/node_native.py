@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from . import comfy_env
 from ..engine.features_io import check_layout_layers
-from ..layer_catalog import PRESET_NAMES
 from ..native import BRANCHES, capture_layers
 from ..native.extract import DEFAULT_GUIDANCE, collect, extract_native
 from .extract_inputs import extraction_options, timestep_inputs
-from .node_hooks import PRESET_TIP, parse_layer_text
+from .node_hooks import PRESET_CHOICES, PRESET_TIP, parse_layer_text
 from .prompt_graph import conditioning_text, fed_by
 
 _LAYERS_TIP = ("Layer ids, one per line or comma separated (e.g. up-level1-repeat1-vit-block0-cross-q), or a JSON "
@@ -53,7 +52,7 @@ class DFCaptureLayers:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to capture from (Load Checkpoint, LoraLoader, ...)."}),
             "layers": ("STRING", {"multiline": True, "default": "", "tooltip": _LAYERS_TIP}),
-            "preset": (["none", *PRESET_NAMES], {"default": "practical", "tooltip": PRESET_TIP}),
+            "preset": (PRESET_CHOICES, {"default": "practical", "tooltip": PRESET_TIP}),
             "capture_steps": ("STRING", {"default": "all",
                                          "tooltip": "Sampler steps to capture: 'all', 'last', 'every 5', "
                                                     "'every 5 from 2', '0, 10, 15-19' (0 is the first step, -1 "
@@ -114,7 +113,7 @@ class DFExtractNative:
         }, "optional": {
             "layers": ("STRING", {"multiline": True, "default": "",
                                   "tooltip": _LAYERS_TIP + " Empty: the layers of DFCaptureLayers."}),
-            "preset": (["none", *PRESET_NAMES], {"default": "none", "tooltip": PRESET_TIP}),
+            "preset": (PRESET_CHOICES, {"default": "none", "tooltip": PRESET_TIP}),
             **extraction_options("applied"),
             "guidance": ("FLOAT", {"default": DEFAULT_GUIDANCE, "min": 0.0, "max": 100.0, "step": 0.1,
                                    "tooltip": "Flux dev's guidance embedding (3.5 as diffusers' FluxPipeline; it "

@@ -399,8 +399,10 @@ def test_ditf_preset_is_the_tenth_single_blocks_input():
     (companion,) = modulation_taps(full, ["vit-block28-in", "vit-block28-txt-in", "vit-block28-out"])
     assert companion.id == "vit-block28-in:modulation" and companion.module_path == "single_transformer_blocks.9.norm.linear"
     assert companion.columns == (0, 2 * 3072)
-    with pytest.raises(LayerIdError, match="'ditf' is a preset of flux only, not of sd15 .*practical, legacy, full"):
+    with pytest.raises(LayerIdError, match="'ditf' is a preset of flux and flux2 only, not of sd15 .*practical, "
+                                           "legacy, full"):
         resolve_layers("ditf", "sd15")
+    assert resolve_layers("ditf", "flux2") == ["vit-block27-in"]  # Flux.2's at DiTF's relative depth
 
 
 def test_massive_channels_are_detected_from_the_statistics():
@@ -462,3 +464,14 @@ def test_ditf_errors_name_what_is_wrong(captured):
         ditf(f["vit-block2-in"], f["vit-block2-in:modulation"], channels=[16])
     with pytest.raises(ValueError, match="no feature has its block's modulation"):
         apply_ditf({"vit-block2-in": f["vit-block2-in"]})
+
+
+
+def test_the_ditf_preset_needs_a_block_input(flux):
+    """A ditf request whose ids hold no block input with a modulation (a hand-edited preset, another family's
+    network) says what the transform needs instead of returning untransformed features."""
+    from diffusion_feature.engine.dit_transforms import DitfRun, ditf_run
+
+    assert ditf_run("vit-block2-in", flux, taps_of(flux, ["vit-block2-in"])) is None  # no preset: no transform
+    with pytest.raises(ValueError, match=r"the ditf preset transforms block inputs \(vit-block\{B\}-in\)"):
+        DitfRun(flux, taps_of(flux, ["vit-block2-out", "vit-block2-txt-in"]))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_feature.layer_catalog import FeatureCapture, get_family, taps_of
+from diffusion_feature.layer_catalog import FeatureCapture, get_family, modulation_taps, taps_of
 
 FLUX = "flux"
 IDS = ["dit-in", "vit-block0-out", "vit-block0-txt-q", "vit-block1-cross-map", "vit-block2-in", "vit-block3-txt-out",
@@ -98,9 +98,11 @@ def extract(model, images, prompt, ids, **kw):
     return extract(model, images, prompt, ids, **{"size": (H, W), **kw})
 
 
-def hand_run(parts, image, prompt: str, t: int, seed: int, guidance: float = 3.5, sigma: float | None = None):
+def hand_run(parts, image, prompt: str, t: int, seed: int, guidance: float = 3.5, sigma: float | None = None,
+             ids=IDS, modulations: bool = False):
     """The transformer run by hand as FluxPipeline prepares its inputs (its own encode_prompt, _pack_latents and
-    _prepare_latent_image_ids), on x_t = (1 - sigma) x0 + sigma eps built here, captured with FeatureCapture."""
+    _prepare_latent_image_ids), on x_t = (1 - sigma) x0 + sigma eps built here, captured with FeatureCapture.
+    modulations: also each block input's companion modulation (what DiTF's transform needs)."""
     pipe = pipeline(parts)
     net, vae = parts["transformer"], parts["vae"]
     with torch.no_grad():
@@ -116,7 +118,8 @@ def hand_run(parts, image, prompt: str, t: int, seed: int, guidance: float = 3.5
                       guidance=torch.tensor([guidance]), pooled_projections=pooled, encoder_hidden_states=embeds,
                       txt_ids=text_ids, img_ids=pipe._prepare_latent_image_ids(1, h // 2, w // 2, "cpu",
                                                                                 torch.float32))
-        with FeatureCapture(net, taps_of(net, IDS), token_grid=(h, w)) as capture:
+        taps = taps_of(net, ids) + (modulation_taps(net, ids) if modulations else [])
+        with FeatureCapture(net, taps, token_grid=(h, w)) as capture:
             capture.run(**kwargs)
     return capture.features
 
@@ -275,7 +278,8 @@ def random_flux(tmp_path, monkeypatch):
     return tiny_shipped_configs(tmp_path, monkeypatch, FLUX, tiny)
 
 
-def test_random_flux_builds_from_the_shipped_configs_and_the_cli_extracts(tmp_path, random_flux, image):
+def test_random_flux_builds_from_the_shipped_configs_and_the_cli_extracts(tmp_path, random_flux, image,
+                                                                         tiny_ditf_preset):
     from PIL import Image
 
     from conftest import run_cli
@@ -302,6 +306,15 @@ def test_random_flux_builds_from_the_shipped_configs_and_the_cli_extracts(tmp_pa
     want = extract(model, folder / "a.png", "a red house", ids.split(","), t=700, seed=1, shift=3.0, guidance=4.0)
     for k in want.tensors:
         torch.testing.assert_close(saved.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5)
+    # the ditf preset: DiTF's feature (the same as the library's), its transform and channels in the saved file
+    run = run_cli("extract", "--model", "random:flux", "--layers", "ditf", "--input", folder, "--output",
+                  tmp_path / "ditf", "--t", 700, "--seed", 1, "--prompt", "a red house", "--size", f"{W}x{H}")
+    assert run.returncode == 0, run.stderr
+    saved = load_features(tmp_path / "ditf" / "a.safetensors")
+    want = extract(model, folder / "a.png", "a red house", "ditf", t=700, seed=1)
+    assert list(saved.tensors) == ["vit-block2-in"] and saved.meta["transform"] == "ditf"
+    assert saved.meta["massive_channels"] == want.meta["massive_channels"]  # random weights: likely none
+    torch.testing.assert_close(saved.tensors["vit-block2-in"], want.tensors["vit-block2-in"], atol=1e-6, rtol=1e-5)
     bad = run_cli("extract", "--model", "random:flux", "--layers", ids, "--input", folder, "--output",
                   tmp_path / "bad", "--shift", "dynamic")
     assert bad.returncode == 2 and "--shift must be a number > 0 or 'resolution', got 'dynamic'" in bad.stderr
@@ -461,5 +474,95 @@ def test_the_nodes_extract_flux_as_the_library_does(flux, image, monkeypatch):
     (features,) = N["DFExtractFeatures"]().extract(hooked, image, cond, 300, 2, resize="keep-aspect", batch_size=1)
     want = extract(flux, image, "a photo of a dog", ids, t=300, seed=2, size=None)
     assert features.meta["guidance"] == 3.5 and features.meta["sigma"] == 0.3 and features.meta["width"] == 192
+    for k in ids:
+        torch.testing.assert_close(features.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.fixture()
+def tiny_ditf_preset(monkeypatch):
+    """The ditf preset on the tiny Flux: its first single block's input (Flux.1's is block 28, which it lacks)."""
+    from diffusion_feature.layer_catalog import resolver
+
+    real = resolver.preset_ids
+    monkeypatch.setattr(resolver, "preset_ids",
+                        lambda family, name: ["vit-block2-in"] if name == "ditf" else real(family, name))
+
+
+@pytest.fixture()
+def tiny_ditf(tiny_ditf_preset, parts):
+    """The tiny Flux's parts with a copy of its transformer whose image stream carries two massive-activation
+    channels (planted in the patch embedding's bias, so every image token has them in every block's residual)."""
+    import copy
+
+    planted = copy.deepcopy(parts["transformer"])
+    with torch.no_grad():
+        planted.x_embedder.bias[[3, 11]] += torch.tensor([3000.0, -1500.0])
+    return {**parts, "transformer": planted}
+
+
+def test_the_ditf_preset_extracts_ditfs_feature(tiny_ditf, flux, image, tmp_path, monkeypatch):
+    """extract with the ditf preset: per image, apply_ditf of a plain capture of the block input and its
+    modulation; other ids untouched; the companions dropped; the transform and the channels found in the metadata
+    (and in saved files); feature_resize pools the transformed feature; an ensemble averages transformed draws;
+    batches merge their channels; generation's capture transforms its rows; DFAttachHooks keeps the request,
+    DFExtractFeatures extracts it."""
+    from diffusion_feature import NODE_CLASS_MAPPINGS as N
+    from diffusion_feature.engine.dit_transforms import apply_ditf
+    from diffusion_feature.engine.extraction import extract_in_batches
+    from diffusion_feature.engine.features_io import load_features, save_features
+    from diffusion_feature.engine.model import FeatureModel
+
+    model = feature_model(tiny_ditf)
+    two = torch.cat([image, image.flip(2)])
+    kw = dict(t=600, seed=4, vae_sample=False)
+    got = extract(model, two, "a red house", "ditf, vit-block0-out", **kw)
+    assert list(got.tensors) == ["vit-block2-in", "vit-block0-out"]
+    ids = ["vit-block2-in", "vit-block0-out"]
+    for i, img in enumerate((image, image.flip(2))):  # each image on its own: the transform is per sample
+        hand = hand_run(tiny_ditf, img, "a red house", t=600, seed=4, ids=ids, modulations=True)
+        want, found = apply_ditf(hand)
+        assert found["vit-block2-in"].channels == (3, 11)
+        torch.testing.assert_close(got.tensors["vit-block2-in"][i:i + 1], want["vit-block2-in"], atol=1e-5,
+                                   rtol=1e-5)
+        torch.testing.assert_close(got.tensors["vit-block0-out"][i:i + 1], hand["vit-block0-out"], atol=1e-6,
+                                   rtol=1e-5)
+    assert got.meta["transform"] == "ditf" and got.meta["massive_channels"] == {"vit-block2-in": [3, 11]}
+    plain = extract(model, two, "a red house", ids, **kw)
+    assert "transform" not in plain.meta
+    assert not torch.allclose(plain.tensors["vit-block2-in"], got.tensors["vit-block2-in"], atol=1e-2)
+
+    pooled = extract(model, two, "a red house", "ditf", feature_resize=2, **kw)
+    assert pooled.tensors["vit-block2-in"].shape == (2, 16, 2, 4)
+    torch.testing.assert_close(pooled.tensors["vit-block2-in"],
+                               torch.nn.functional.avg_pool2d(got.tensors["vit-block2-in"], 2), atol=1e-5, rtol=1e-5)
+    ens = extract(model, image, "a red house", "ditf", ensemble=2, **{**kw, "seed": 4})
+    draws = [extract(model, image, "a red house", "ditf", **{**kw, "seed": s}).tensors["vit-block2-in"]
+             for s in (4, 5)]
+    torch.testing.assert_close(ens.tensors["vit-block2-in"], (draws[0] + draws[1]) / 2, atol=1e-5, rtol=1e-5)
+    batched = extract_in_batches(model, two, "a red house", "ditf", batch_size=1, size=(H, W), **kw)
+    assert batched.meta["massive_channels"] == {"vit-block2-in": [3, 11]}
+    torch.testing.assert_close(batched.tensors["vit-block2-in"], got.tensors["vit-block2-in"], atol=1e-5, rtol=1e-5)
+
+    (path, *_) = save_features(got, tmp_path, ["a", "b"])
+    saved = load_features(path)
+    assert saved.meta["transform"] == "ditf" and saved.meta["massive_channels"] == {"vit-block2-in": [3, 11]}
+
+    # generation's capture: with no massive channel (the unplanted network) DiTF's feature is the block's norm-out
+    from diffusion_feature.engine.generation import generate
+
+    for net, channels in ((flux, []), (model, [3, 11])):
+        gen = generate(net, "a red house", steps=2, cfg=1.0, seed=5, width=W, height=H,
+                       layers="ditf, vit-block2-norm-out", capture_steps="all").features
+        assert list(gen.tensors) == ["vit-block2-in", "vit-block2-norm-out"] and len(gen.meta["rows"]) == 2
+        assert gen.meta["transform"] == "ditf" and gen.meta["massive_channels"] == {"vit-block2-in": channels}
+        same = torch.allclose(gen.tensors["vit-block2-in"], gen.tensors["vit-block2-norm-out"], atol=1e-5, rtol=1e-4)
+        assert same == (not channels)
+
+    monkeypatch.setattr(FeatureModel, "native_size", property(lambda self: 128))
+    (hooked,) = N["DFAttachHooks"]().attach(model, "vit-block0-out", "ditf")
+    (cond,) = N["DFEncodePrompt"]().encode(model, "a red house")
+    (features,) = N["DFExtractFeatures"]().extract(hooked, image, cond, 600, 4, resize="keep-aspect", batch_size=1)
+    want = extract(model, image, "a red house", "ditf, vit-block0-out", t=600, seed=4, size=None)
+    assert features.meta["massive_channels"] == want.meta["massive_channels"] == {"vit-block2-in": [3, 11]}
     for k in ids:
         torch.testing.assert_close(features.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5)

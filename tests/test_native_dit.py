@@ -455,3 +455,84 @@ def test_nodes_show_pca_map_and_save_flux_features(flux, tmp_path, monkeypatch):
     assert [group_of(i) for i in ("dit-in", "vit-block2-txt-q", "dit-out")] == ["dit", "vit-block0-3", "dit"]
     payload = layers_payload("flux")
     assert payload["layers"][0] == {"id": "dit-in", "shape": [16, 128, 128], "group": "dit"}
+
+
+@pytest.fixture()
+def planted(flux, monkeypatch):
+    """The ditf preset on the tiny ComfyUI Flux: its first single block's input (Flux.1's is block 28), on a network
+    whose image stream carries two massive-activation channels (planted in img_in's bias; restored after)."""
+    from diffusion_feature.layer_catalog import resolver
+
+    ns, model = flux
+    net = model.model.diffusion_model
+    real = resolver.preset_ids
+    monkeypatch.setattr(resolver, "preset_ids",
+                        lambda family, name: [f"vit-block{S0}-in"] if name == "ditf" else real(family, name))
+    bias = net.img_in.bias.detach().clone()
+    with torch.no_grad():
+        net.img_in.bias[[3, 11]] += torch.tensor([3000.0, -1500.0])
+    yield ns, model, net
+    with torch.no_grad():
+        net.img_in.bias.copy_(bias)
+
+
+def _ditf_by_hand(block, x, vec):
+    """DiTF's feature from the block's own modules: its input (B, N, C) image tokens with channels 3 and 11 zeroed,
+    its pre_norm, then its own modulation of vec, as (B, C, h, w)."""
+    x = x.clone()
+    x[..., [3, 11]] = 0
+    mod, _ = block.modulation(vec)
+    return _grid((1 + mod.scale) * block.pre_norm(x) + mod.shift)
+
+
+def test_the_ditf_preset_gives_ditfs_feature_on_comfyuis_flux(planted):
+    """DFExtractNative's and DFCaptureLayers' ditf preset: each image's block input with its detected massive
+    channels zeroed, then the block's own AdaLN (the block's pre_norm and modulation, run here); other ids as
+    captured; feature_resize pools after; the transform and the channels found in the metadata."""
+    from diffusion_feature.engine.dit_transforms import apply_ditf
+    from diffusion_feature.layer_catalog import modulation_taps
+    from diffusion_feature.layer_catalog.hooks import pool_spatial
+    from diffusion_feature.native.extract import collect, extract_native, extract_native_latents
+
+    ns, model, net = planted
+    positive, _ = _conds()
+    ids = [f"vit-block{S0}-in", f"vit-block{D0}-out"]
+    latents = torch.randn(2, 16, *LATENT, generator=torch.Generator().manual_seed(5))
+    meta = {}
+    got = extract_native_latents(model, positive, latents, f"ditf, {ids[1]}", t=300, seed=9, guidance=2.0,
+                                 transform_meta=meta)
+    assert list(got) == ids and meta == {"transform": "ditf", "massive_channels": {ids[0]: [3, 11]}}
+    x_t = 0.7 * model.model.process_latent_in(latents) + 0.3 * seeded_eps(latents.shape[1:], 9)
+    ctx, extra = positive[0]
+    with torch.no_grad(), FeatureCapture(net, native_taps(ids, net, "flux") + modulation_taps(net, ids)) as hooks:
+        hooks.run(x_t, torch.full((2,), 0.3), context=ctx.expand(2, -1, -1), y=extra["pooled_output"].expand(2, -1),
+                  guidance=torch.full((2,), 2.0))
+    for i in range(2):
+        want, found = apply_ditf({k: v[i:i + 1] for k, v in hooks.features.items()})
+        assert found[ids[0]].channels == (3, 11)
+        assert torch.allclose(got[ids[0]][i:i + 1], want[ids[0]], atol=1e-5, rtol=1e-5)
+        assert torch.allclose(got[ids[1]][i:i + 1], hooks.features[ids[1]][i:i + 1], atol=1e-6, rtol=1e-5)
+    pooled = extract_native_latents(model, positive, latents, "ditf", t=300, seed=9, guidance=2.0,
+                                    feature_resize=2)
+    assert torch.allclose(pooled[ids[0]], pool_spatial(got[ids[0]], 2), atol=1e-5, rtol=1e-5)
+
+    # DFCaptureLayers -> KSampler -> DFCollectFeatures, and DFExtractNative taking that capture's request
+    tapped, capture = capture_layers(model, "ditf", steps="last", branch="cond")
+    log = CallLog(net)
+    try:
+        _sample(ns, tapped)
+    finally:
+        log.close()
+    features = collect(capture)
+    assert features.meta["transform"] == "ditf" and features.meta["massive_channels"] == {ids[0]: [3, 11]}
+    assert list(features.tensors) == [ids[0]]
+    for n, (lab, call, row) in enumerate(_rows_of(log, features.meta["rows"])):
+        args, kwargs = call["in:single_blocks.0"]
+        with torch.no_grad():
+            want = _ditf_by_hand(net.single_blocks[0], args[0][row:row + 1, T_TXT:], kwargs["vec"][row:row + 1])
+        assert torch.allclose(features.tensors[ids[0]][n:n + 1], want, atol=1e-5, rtol=1e-5), n
+    image = torch.rand(1, LATENT[0] * 8, LATENT[1] * 8, 3, generator=torch.Generator().manual_seed(2))
+    native = extract_native(tapped, _FlatVAE(), positive, image, None, t=300, seed=9, resize="stretch",
+                            size=f"{LATENT[1] * 8}x{LATENT[0] * 8}")
+    assert native.meta["transform"] == "ditf" and native.meta["massive_channels"] == {ids[0]: [3, 11]}
+    _zero_hooks(net)

@@ -57,7 +57,8 @@ def request_settings(*, timesteps, seed, size, resize, fmt, layout, ensemble=1, 
 
 def model_settings(model, layer_ids, controlnets) -> dict:
     """The settings that come from the loaded model: where it came from, its family and dtype, the resolved layer
-    ids (a preset and the list it stands for are the same setting), its LoRAs and the ControlNets."""
+    ids (a preset and the list it stands for are the same setting, but for ditf, which also asks for DiTF's
+    transform: engine/dit_transforms.kept_request), its LoRAs and the ControlNets."""
     loras = [[_path_or_name(getattr(lora, "path", "") or getattr(lora, "name", "")), float(sm), float(sc)]
              for lora, sm, sc in getattr(model, "loras", ())]
     nets = [[_path_or_name(getattr(cn, "source", "") or getattr(cn, "name", "")), float(strength)]
@@ -83,9 +84,12 @@ def known_model_settings(old: dict, *, model=None, family=None, dtype=None, lora
     known["controlnets"] = [[_path_or_name(path), float(strength)] for path, strength in controlnets]
     if layers is not None and "full" not in str(layers).replace(" ", "").split(","):
         from ...layer_catalog import resolve_layers
+        from ...layer_catalog.resolver import names_preset
+        from ..dit_transforms import DITF, kept_request
 
         try:
-            known["layers"] = resolve_layers(layers, family or old.get("family"))
+            known["layers"] = kept_request(resolve_layers(layers, family or old.get("family")),
+                                           names_preset(layers, DITF))
         except (ValueError, KeyError, OSError):  # compared after loading, with the model's own ids
             pass
     return known

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ...layer_catalog.errors import echo
+from ...layer_catalog.resolver import names_preset
+from ..dit_transforms import DITF, kept_request
 from ..features_io import Features, check_format, save_features, size_meta
 from ..images import ImageInputError, open_image, prepare, target_size
 from ..memory_guard import FeatureMemoryError
@@ -65,7 +67,7 @@ class _Job:
     """Everything one process needs for its share (the same on every process but `rank`)."""
 
     out: Path
-    layer_ids: list
+    layer_ids: list          # the ids the files hold
     timesteps: list
     seed: int
     fmt: str
@@ -83,6 +85,7 @@ class _Job:
     digest: str
     rank: int
     planned: dict = field(default_factory=dict)   # relative name -> the files it writes
+    request: list | None = None  # what each extraction is asked, when not layer_ids: "ditf" and the ids
 
 
 class _Records:
@@ -308,9 +311,10 @@ class _Share:
                     try:
                         cond = _conditioning(self.model, job, [p for _, p in good], hints,
                                              _pixel_size(images[0], job), encoded)
-                        features = extract_timesteps(self.model, images, cond, job.layer_ids, job.timesteps,
-                                                     job.seed, latent_cache=job.latent_cache, resize=job.resize,
-                                                     size=job.size, target_side=job.target_side, **job.extract_kw)
+                        features = extract_timesteps(self.model, images, cond, job.request or job.layer_ids,
+                                                     job.timesteps, job.seed, latent_cache=job.latent_cache,
+                                                     resize=job.resize, size=job.size, target_side=job.target_side,
+                                                     **job.extract_kw)
                     except (ImageInputError, FeatureMemoryError) as e:  # this batch's images cannot be done
                         for item in good:
                             self.fail(item, str(e))
@@ -466,11 +470,12 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
     else:
         prompt_list = [prompts or ""] * len(sources)
     layer_ids = [tap.id for tap in resolve_taps(layers, model.denoiser, model.family)]
+    request = kept_request(layer_ids, names_preset(layers, DITF))  # the ids, still asking for DiTF's feature
     settings = {**output_folder.request_settings(
         timesteps=timesteps, seed=seed, size=size, resize=resize, fmt=fmt, layout=layout, ensemble=ensemble,
         feature_resize=feature_resize, feature_dtype=dtype, vae_sample=vae_sample, denoise_from=denoise_from,
         denoise_steps=denoise_steps, target_side=target_side, hint=hint, shift=shift, guidance=guidance),
-        **output_folder.model_settings(model, layer_ids, controlnets)}
+        **output_folder.model_settings(model, request, controlnets)}
     digest = run_file.digest(settings)
 
     current_root = root_of(sources) if sources else None
@@ -504,7 +509,7 @@ def extract_dataset(model, sources: list[ImageSource], out, layers, timesteps, s
                                                       vae_sample=vae_sample, denoise_from=denoise_from,
                                                       denoise_steps=denoise_steps, shift=shift, guidance=guidance),
                controlnets=list(controlnets), hint=hint, latent_cache=latent_cache, stop_on_error=stop_on_error,
-               digest=digest, rank=ranks.rank, planned=planned)
+               digest=digest, rank=ranks.rank, planned=planned, request=request)
     stats = RunStats(damaged=check.damaged, unhashed=check.unhashed)
     items = []
     for source, prompt in mine:

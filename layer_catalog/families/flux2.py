@@ -101,6 +101,9 @@ FAMILY = Family(
         # Ours, not validated: no paper picks Flux.2 layers yet. The input of the single block at the relative depth
         # of DiTF's Flux.1 choice (block 28 of 57 there; 27 of 56 here).
         "practical": ("vit-block27-in",),
+        # DiTF's transform (engine/dit_transforms) of that input: its massive-activation channels zeroed, then its
+        # AdaLN with the shared single-stream modulation. Ours, not validated on Flux.2.
+        "ditf": ("vit-block27-in",),
         # The last double block's image output, as for Flux.1.
         "legacy": ("vit-block7-out",),
         # Unvalidated until a study picks layers: every 8th block's output and attention input.
