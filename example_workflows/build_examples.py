@@ -332,14 +332,13 @@ def _native_lora_graph() -> dict:
     return g
 
 
-def _native_match_graph() -> dict:
-    """Load Checkpoint -> DFExtractNative on two images -> DFMatchPoints (lines between the matches) and
-    DFSimilarityMap (where B resembles one point of A)."""
-    g = {"1": _checkpoint(), "2": _clip_text(_link("1", 1), "a photo"),
-         "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
-         "11": {"class_type": "LoadImage", "inputs": {"image": "example2.png"}}}
-    g["4"] = _extract_native(_link("1"), _link("1", 2), _link("2"), _link("10"))
-    g["5"] = _extract_native(_link("1"), _link("1", 2), _link("2"), _link("11"))
+def _match_tail(g: dict, model: list, vae: list, positive: list) -> dict:
+    """Adds the two images, DFExtractNative on each (nodes 4, 5), DFMatchPoints and DFSimilarityMap with their
+    previews (6 to 9) to `g`: the correspondence tail the native match examples share."""
+    g["10"] = {"class_type": "LoadImage", "inputs": {"image": "example.png"}}
+    g["11"] = {"class_type": "LoadImage", "inputs": {"image": "example2.png"}}
+    g["4"] = _extract_native(model, vae, positive, _link("10"))
+    g["5"] = _extract_native(model, vae, positive, _link("11"))
     g["6"] = {"class_type": "DFMatchPoints", "inputs": {
         "features_a": _link("4"), "features_b": _link("5"), "image_a": _link("10"), "image_b": _link("11"),
         "points": "128,160; 256,256; 384,200", "layers": "", "window": 0}}
@@ -348,6 +347,29 @@ def _native_match_graph() -> dict:
         "features_a": _link("4"), "features_b": _link("5"), "x": 256.0, "y": 256.0, "layers": "",
         "image_b": _link("11")}}
     g["9"] = _preview(_link("8"))
+    return g
+
+
+def _native_match_graph() -> dict:
+    """Load Checkpoint -> DFExtractNative on two images -> DFMatchPoints (lines between the matches) and
+    DFSimilarityMap (where B resembles one point of A)."""
+    g = {"1": _checkpoint(), "2": _clip_text(_link("1", 1), "a photo")}
+    return _match_tail(g, _link("1"), _link("1", 2), _link("2"))
+
+
+def _native_flux_match_graph() -> dict:
+    """The same correspondence on Flux dev from Load Diffusion Model, with DiTF's feature (the ditf preset: the
+    tenth single block's input, massive-activation channels suppressed, the block's own modulation)."""
+    g = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": FLUX_DEV, "weight_dtype": "default"}},
+         "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                          "clip_name2": "t5xxl_fp16.safetensors", "type": "flux",
+                                                          "device": "default"}},
+         "3": _clip_text(_link("2"), "a photo"),
+         "12": {"class_type": "FluxGuidance", "inputs": {"conditioning": _link("3"), "guidance": 3.5}},
+         "13": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}}}
+    g = _match_tail(g, _link("1"), _link("13"), _link("12"))
+    for node in ("4", "5"):
+        g[node]["inputs"]["preset"] = "ditf"
     return g
 
 
@@ -382,6 +404,8 @@ EXAMPLES = {
                                      _native_flux_timeline_graph()),
     "native_sd35_cross_map": ("Native SD3.5: DFExtractNative -> cross-map over the image for one token",
                               _native_sd35_cross_map_graph()),
+    "native_flux_match_points": ("Native Flux: DiTF features of two images -> DFMatchPoints and DFSimilarityMap",
+                                 _native_flux_match_graph()),
 }
 
 # ---- UI format ------------------------------------------------------------------------------------------------

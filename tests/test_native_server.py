@@ -19,7 +19,7 @@ from native_checkpoint import (NATIVE_CKPT, NATIVE_CN, NATIVE_FLUX, NATIVE_LORA,
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
 NATIVE_EXAMPLES = ("native_ksampler_capture_timeline", "native_content_shift_controlnet", "native_lora_extract",
                    "native_match_points",
-                   "native_flux_capture_timeline", "native_sd35_cross_map")
+                   "native_flux_capture_timeline", "native_sd35_cross_map", "native_flux_match_points")
 LAYER = "up-level1-repeat1-res-out"  # the examples' PCA layer; the two-level UNet has it (320 channels, full grid)
 LAYERS = f"{LAYER}\nup-level1-repeat1-vit-block0-cross-q\nup-level1-repeat0-vit-block0-cross-map"
 
@@ -353,4 +353,33 @@ def test_flux_capture_timeline_and_sd35_cross_map_examples(server):
 
     with Image.open(server.home / "ComfyUI" / "temp" / shown["subfolder"] / shown["filename"]) as heat:
         assert heat.size == (96, 64)  # example.png's size: the heatmap lies over the input image
+    no_hooks(server)
+
+    # correspondence on Flux: the example's ditf preset needs block 28, this file has one block (its out instead);
+    # the 16-channel TAESD stands in for Flux's VAE, the test node for the text encoders; B = A (one extraction)
+    graph = json.loads((EXAMPLES / "native_flux_match_points.api.json").read_text())
+    for key in [k for k, n in graph.items() if n["class_type"] in ("DualCLIPLoader", "CLIPTextEncode")]:
+        del graph[key]
+    for node in graph.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "UNETLoader":
+            inputs["unet_name"] = NATIVE_FLUX
+        elif kind == "VAELoader":
+            inputs["vae_name"] = NATIVE_TAESD3
+        elif kind == "FluxGuidance":
+            node["class_type"] = "DFTestFluxConditioning"
+            node["inputs"] = {"text": "a photo", "tokens": 8, "guidance": inputs["guidance"]}
+        elif kind == "DFExtractNative":
+            inputs.update(layers="vit-block0-out", preset="none")
+        elif kind == "LoadImage":
+            inputs["image"] = "example.png"
+        elif kind == "DFMatchPoints":
+            inputs["points"] = "10,10; 50,30; 90,60"  # the test images are 96x64
+        elif kind == "DFSimilarityMap":
+            inputs.update(x=50.0, y=30.0)
+    shown = images_of(run_ok(server, graph))
+    match, heat = (next(k for k, n in graph.items() if n["class_type"] == "PreviewImage" and
+                        n["inputs"]["images"][0] == source) for source in ("6", "8"))
+    assert _shown(server, shown[match][0]).size == (2 * 96, 64)  # A and B side by side, a line per match
+    assert _shown(server, shown[heat][0]).size == (96, 64)  # the similarity heat map over B
     no_hooks(server)
