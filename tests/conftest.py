@@ -221,7 +221,8 @@ def tiny_controlnet(unet, seed: int = 0):
 
 # ---- tiers: what a test needs beyond the package, as markers (the fast tier: -m "not integration and not browser
 # and not distributed") -----------------------------------------------------------------------------------------------
-_INTEGRATION = {"comfy", "comfy_new", "server", "frontend_server", "comfy_servers"}  # a real ComfyUI
+_SERVERS = {"server", "frontend_server", "comfy_servers"}
+_INTEGRATION = {"comfy", "comfy_new", *_SERVERS}  # a real ComfyUI
 
 
 def pytest_collection_modifyitems(config, items):
@@ -232,10 +233,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
         if "chromium" in needs:
             item.add_marker(pytest.mark.browser)
-        if needs & (_INTEGRATION | {"chromium"}):
-            # under pytest-xdist (-n 2 --dist loadgroup) every test that needs a ComfyUI runs in one worker: the
-            # servers and the models written into their folders are one per session, as without xdist
-            item.add_marker(pytest.mark.xdist_group("comfyui"))
+        # under pytest-xdist (-n 2 --dist loadgroup): the tests that need a ComfyUI server all run in one worker
+        # (the servers and the model files written into their folders are one per session, as without xdist);
+        # those that import ComfyUI's model code in-process (which writes nothing there) in one other group
+        if needs & (_SERVERS | {"chromium"}):
+            item.add_marker(pytest.mark.xdist_group("comfyui-servers"))
+        elif needs & _INTEGRATION:
+            item.add_marker(pytest.mark.xdist_group("comfyui-in-process"))
 
 
 def pytest_collection_finish(session):
