@@ -415,9 +415,12 @@ def test_similarity_map_click_to_query_in_a_real_browser(chromium, frontend_serv
         dy = (box["h"] - 64 * scale) / 2 + 40.5 * scale - box["h"] / 2
         image = driver.find_element("css selector", ".df-similarity-preview")
         ActionChains(driver).move_to_element_with_offset(image, round(dx), round(dy)).click().perform()
+        # the frontend may be redrawing the node's widgets right after the click (it queues the graph): read them
+        # only once both are there again
         xy = _wait(driver, f"const n = app.graph.getNodeById({node_id}); "
-                           "const x = n.widgets.find(w => w.name === 'x').value; "
-                           "const y = n.widgets.find(w => w.name === 'y').value; return x !== 10 && [x, y]", timeout=30)
+                           "const w = (name) => ((n && n.widgets) || []).find(v => v.name === name); "
+                           "const x = w('x'), y = w('y'); return x && y && x.value !== 10 && [x.value, y.value]",
+                   timeout=30)
         assert abs(xy[0] - 60.5) <= 1.5 and abs(xy[1] - 40.5) <= 1.5, xy
         second = _wait(driver, "const i = document.querySelector('.df-similarity-preview'); "
                                f"return i.src !== {json.dumps(first)} && i.dataset.x !== '10' && "
