@@ -8,7 +8,7 @@ and what one self-map weighs, measured in one process.
    (24 heads x 128 = 3072, MLP 4x) but few blocks, bare vs capturing three full-width layers (a double block's
    image `out`, a single block's `in` and `norm-out`) at every step, on the run's device. Alternated, medians; the
    bare runs keep the hooks attached but disabled.
-2. early exit: one forward with a tap in the first block (early exit) vs a full forward.
+2. early exit: one forward with a tap at the middle block's input (early exit) vs a full forward.
 3. one Flux self-map at 1024 px: its size from the shipped catalog (heads x 4096 x 4096) and the peak memory of
    building it (the joint [text, image] scores, then the image columns), measured with a one-block model of Flux's
    24 heads (the map's size does not depend on the width).
@@ -100,9 +100,10 @@ def main(argv=None) -> int:
         with FeatureCapture(model, taps_of(model, layers), token_grid=grid) as cap:
             times = alternate({"bare": off(cap, lambda: sample(model, inputs, args.steps)),
                                "capture": lambda: sample(model, inputs, args.steps, cap)}, args.repeats, timer)
-        with FeatureCapture(model, taps_of(model, ["vit-block0-in"]), token_grid=grid, early_exit=True) as early:
+        middle = f"vit-block{(args.double + args.single) // 2}-in"
+        with FeatureCapture(model, taps_of(model, [middle]), token_grid=grid, early_exit=True) as early:
             exits = alternate({"full forward": off(early, lambda: model(**inputs)),
-                               "early exit at vit-block0-in": lambda: early.run(**inputs)}, args.repeats, timer)
+                               f"early exit at {middle}": lambda: early.run(**inputs)}, args.repeats, timer)
     del model
 
     # 3. one self-map of Flux at 1024 px: 24 heads over 4096 image tokens and 512 text tokens
@@ -122,13 +123,13 @@ def main(argv=None) -> int:
               "steps": args.steps, "repeats": args.repeats, "layers": layers, "when": time.strftime("%Y-%m-%d"),
               "torch": torch.__version__, "seconds": {**times, **exits},
               "capture_overhead": times["capture"] / times["bare"] - 1,
-              "early_exit_ratio": exits["early exit at vit-block0-in"] / exits["full forward"],
+              "early_exit_tap": middle, "early_exit_ratio": exits[f"early exit at {middle}"] / exits["full forward"],
               "self_map_1024": {"shape": shape, "measured_shape": list(got), "bytes_float32": map_bytes,
                                 "peak_rss_growth_bytes": peak}}
     print(f"flux architecture (width 3072, {args.double} double + {args.single} single blocks) @ {args.size}px, "
           f"{args.steps} steps, {args.device} {args.dtype}")
     print(f"  capture overhead (3 full-width layers every step): {100 * result['capture_overhead']:+.1f} %")
-    print(f"  early exit (tap in block 0) / full forward: {result['early_exit_ratio']:.2f}")
+    print(f"  early exit (tap at {middle}) / full forward: {result['early_exit_ratio']:.2f}")
     print(f"  one self-map at 1024 px: {shape} = {map_bytes / 2**30:.2f} GiB float32; "
           f"peak memory while building it {peak / 2**30:.2f} GiB")
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
