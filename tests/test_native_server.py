@@ -280,6 +280,20 @@ def test_layer_picker_on_capture_layers_in_a_real_browser(chromium, frontend_ser
         driver.quit()
 
 
+def _tiny_dit_example(name: str, drop: tuple[str, ...], unet: str, vae: str | None = None) -> dict:
+    """Example `name`'s API graph on this test's tiny files: the text-encoder nodes `drop` removed (the test-only
+    conditioning node stands in for them), Load Diffusion Model (and Load VAE) pointed at the tiny files."""
+    graph = json.loads((EXAMPLES / f"{name}.api.json").read_text())
+    for key in [k for k, n in graph.items() if n["class_type"] in drop]:
+        del graph[key]
+    for node in graph.values():
+        if node["class_type"] == "UNETLoader":
+            node["inputs"]["unet_name"] = unet
+        elif node["class_type"] == "VAELoader" and vae is not None:
+            node["inputs"]["vae_name"] = vae
+    return graph
+
+
 def test_flux_capture_timeline_and_sd35_cross_map_examples(server):
     """Load Diffusion Model detects the Flux file (one double block at Flux's widths), the test-only conditioning
     node stands in for DualCLIPLoader + CLIPTextEncode + FluxGuidance (full-size T5 cannot be built here); captured
@@ -292,15 +306,11 @@ def test_flux_capture_timeline_and_sd35_cross_map_examples(server):
     if server.name == "comfy2024":
         pytest.skip("ComfyUI 2024-03 has no Flux or SD3: Load Diffusion Model cannot detect the files")
     write_native_flux(server.home / "ComfyUI")
-    graph = json.loads((EXAMPLES / "native_flux_capture_timeline.api.json").read_text())
+    graph = _tiny_dit_example("native_flux_capture_timeline", ("DualCLIPLoader", "CLIPTextEncode"), NATIVE_FLUX)
     layer = "vit-block0-out"  # the example's layer is Flux dev's block 28; this file has one block
-    for key in [k for k, n in graph.items() if n["class_type"] in ("DualCLIPLoader", "CLIPTextEncode")]:
-        del graph[key]
     for node in graph.values():
         inputs, kind = node["inputs"], node["class_type"]
-        if kind == "UNETLoader":
-            inputs["unet_name"] = NATIVE_FLUX
-        elif kind == "FluxGuidance":
+        if kind == "FluxGuidance":
             node["class_type"] = "DFTestFluxConditioning"
             node["inputs"] = {"text": "a red house", "tokens": 8, "guidance": inputs["guidance"]}
         elif kind == "EmptySD3LatentImage":
@@ -321,17 +331,11 @@ def test_flux_capture_timeline_and_sd35_cross_map_examples(server):
     no_hooks(server)
 
     write_native_sd3(server.home / "ComfyUI")
-    graph = json.loads((EXAMPLES / "native_sd35_cross_map.api.json").read_text())
+    graph = _tiny_dit_example("native_sd35_cross_map", ("TripleCLIPLoader",), NATIVE_SD3, NATIVE_TAESD3)
     layer = "vit-block0-cross-map"  # the example's is SD3.5 medium's block 12; this file has one block
-    for key in [k for k, n in graph.items() if n["class_type"] == "TripleCLIPLoader"]:
-        del graph[key]
     for node in graph.values():
         inputs, kind = node["inputs"], node["class_type"]
-        if kind == "UNETLoader":
-            inputs["unet_name"] = NATIVE_SD3
-        elif kind == "VAELoader":
-            inputs["vae_name"] = NATIVE_TAESD3
-        elif kind == "CLIPTextEncode":
+        if kind == "CLIPTextEncode":
             node["class_type"] = "DFTestFluxConditioning"
             node["inputs"] = {"text": inputs["text"], "tokens": 8, "guidance": 3.5, "family": "sd3"}
         elif kind in ("DFExtractNative", "DFAttentionMap"):
@@ -357,16 +361,11 @@ def test_flux_capture_timeline_and_sd35_cross_map_examples(server):
 
     # correspondence on Flux: the example's ditf preset needs block 28, this file has one block (its out instead);
     # the 16-channel TAESD stands in for Flux's VAE, the test node for the text encoders; B = A (one extraction)
-    graph = json.loads((EXAMPLES / "native_flux_match_points.api.json").read_text())
-    for key in [k for k, n in graph.items() if n["class_type"] in ("DualCLIPLoader", "CLIPTextEncode")]:
-        del graph[key]
+    graph = _tiny_dit_example("native_flux_match_points", ("DualCLIPLoader", "CLIPTextEncode"), NATIVE_FLUX,
+                              NATIVE_TAESD3)
     for node in graph.values():
         inputs, kind = node["inputs"], node["class_type"]
-        if kind == "UNETLoader":
-            inputs["unet_name"] = NATIVE_FLUX
-        elif kind == "VAELoader":
-            inputs["vae_name"] = NATIVE_TAESD3
-        elif kind == "FluxGuidance":
+        if kind == "FluxGuidance":
             node["class_type"] = "DFTestFluxConditioning"
             node["inputs"] = {"text": "a photo", "tokens": 8, "guidance": inputs["guidance"]}
         elif kind == "DFExtractNative":
