@@ -226,7 +226,7 @@ def test_twenty_prompts_leave_memory_flat_and_no_hooks(server):
     # ComfyUI's worker handles the request between prompts: wait until it has (the models are gone), so the next
     # prompt cannot run before it
     assert server.wait_for(lambda: server.get("/diffusion_feature/status")["models"] == 0, timeout=120), \
-        "the /free request never unloaded the models"
+        f"the /free request never unloaded the models; held by: {server.get('/df_test/holders')}"
     graph["4"]["inputs"]["seed"] = 99
     run_ok(server, graph)
     assert no_hooks(server)["models"] >= 1

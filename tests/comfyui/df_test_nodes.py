@@ -34,3 +34,60 @@ class DFTestFluxConditioning:
 
 
 NODE_CLASS_MAPPINGS = {"DFTestFluxConditioning": DFTestFluxConditioning}
+
+
+# ---- a test-only route: what still holds the pack's loaded models (for the failure message of the memory tests) ----
+def _holders(obj, depth: int = 5, walk=None) -> list[str]:
+    """Chains of objects that refer to `obj`, up to `depth` levels up, each named by its type (a frame by its
+    function, a dict by the key that holds the object, a module by its name), leaving out the walk's own objects."""
+    import gc
+    import inspect
+    import types
+
+    walk = {"seen": set(), "own": set()} if walk is None else walk
+    walk["own"].add(id(inspect.currentframe()))
+    refs = gc.get_referrers(obj)
+    walk["own"].add(id(refs))
+    chains = []
+    for ref in refs:
+        if id(ref) in walk["seen"] or id(ref) in walk["own"] or ref is walk or ref in walk.values():
+            continue
+        walk["seen"].add(id(ref))
+        if inspect.isframe(ref):
+            chains.append(f"frame {ref.f_code.co_name} ({ref.f_code.co_filename}:{ref.f_lineno})")
+            continue
+        if isinstance(ref, types.ModuleType):
+            chains.append(f"module {ref.__name__}")
+            continue
+        if isinstance(ref, dict):
+            keys = []  # a loop, not a comprehension: that would make `obj` a cell, one more referrer
+            for k, v in ref.items():
+                if v is obj:
+                    keys.append(repr(k))
+            label = f"dict[{', '.join(keys[:3])}]"
+        else:
+            label = type(ref).__qualname__
+        above = _holders(ref, depth - 1, walk) if depth > 1 else []
+        chains += [f"{label} <- {a}" for a in above] or [label]
+    return chains[:40]
+
+
+def _register_holders_route():
+    try:
+        from aiohttp import web
+        from server import PromptServer
+    except ImportError:
+        return
+
+    @PromptServer.instance.routes.get("/df_test/holders")
+    async def holders(request):
+        import gc
+        import sys
+
+        gc.collect()
+        live = next((m.LIVE_DENOISERS for name, m in list(sys.modules.items())
+                     if name.endswith("engine.loading") and hasattr(m, "LIVE_DENOISERS")), ())
+        return web.json_response([_holders(model) for model in list(live)])
+
+
+_register_holders_route()
