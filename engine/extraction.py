@@ -20,7 +20,7 @@ import torch
 
 from ..layer_catalog import FeatureCapture, get_family, resolve_taps
 from ..layer_catalog.tap import is_pixart
-from . import flow, memory_guard
+from . import flow, latent_scaling, memory_guard
 from .conditioning import Conditioning, with_time_ids
 from .dit_transforms import ditf_run, merge_meta
 from .driver import capture_dtype, check_batch_size, check_ensemble, ensemble_features, features_meta, fill_batches
@@ -103,8 +103,7 @@ def latents_from_posterior(vae, mean: torch.Tensor, std: torch.Tensor, seed: int
         latents = mean + std * eps.to(mean.device, mean.dtype)
     else:
         latents = mean
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    return latent_scaling.to_denoiser(vae, latents)
 
 
 def encode_latents(vae, pixels: torch.Tensor, seed: int, sample: bool = True, *, latent_cache=None

@@ -153,6 +153,8 @@ def forward_kwargs(family: str, denoiser, x_t: torch.Tensor, sigma: float, cond_
     """The network's keyword arguments for latents x_t (B, C, H, W) at sigma: the conditioning's, plus the
     timestep in the network's own scale, packed latents with their position ids, and the guidance input."""
     fam = get_family(family)
+    if fam.network_inputs is not None:
+        return fam.network_inputs(denoiser, x_t, sigma, cond_kwargs, guidance)
     param = next(denoiser.parameters())
     batch = x_t.shape[0]
     kwargs = dict(cond_kwargs, timestep=torch.full((batch,), sigma * (NUM_TRAIN_TIMESTEPS * fam.timestep_scale),
@@ -193,7 +195,10 @@ def flow_scheduler(family: str, scheduler_config: dict, name: str, steps: int, l
 
 def unpack_output(family: str, out: torch.Tensor, latent_hw) -> torch.Tensor:
     """The network's prediction as a latent (B, C, H, W): unpacked from p x p patches where the family packs."""
-    p = get_family(family).latent_patch
+    fam = get_family(family)
+    if fam.network_output is not None:
+        return fam.network_output(out, latent_hw)
+    p = fam.latent_patch
     if p == 1:
         return out
     return unpack_tokens("the prediction", out, (latent_hw[0] // p, latent_hw[1] // p), p)

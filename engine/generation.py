@@ -25,7 +25,7 @@ from . import memory_guard
 from .memory_guard import count
 from .conditioning import Conditioning, with_time_ids
 from .extraction import _pixels, fits, require
-from . import flow
+from . import flow, latent_scaling
 from .schedule import NUM_TRAIN_TIMESTEPS
 from .interrupts import InterruptChecks
 from .samplers import DEFAULT_SCHEDULER, make_scheduler, parse_capture_steps
@@ -192,8 +192,7 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
             dist = vae.encode(pixels.to(vparam.device, vparam.dtype)).latent_dist
             noise_vae = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype)
             x0 = dist.mean + dist.std * noise_vae.to(dist.mean.device)
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            x0 = ((x0 - shift) * vae.config.scaling_factor).to(device, model_dtype)
+            x0 = latent_scaling.to_denoiser(vae, x0).to(device, model_dtype)
             if x0.shape[0] != batch:  # one image for the batch: encoded (and sampled) once, as diffusers does
                 x0 = torch.cat([x0] * batch)
             noise = torch.randn(shape, generator=generator, dtype=model_dtype).to(device)
@@ -279,11 +278,10 @@ def decode(vae, latents: torch.Tensor, interrupt=None) -> torch.Tensor:
     """Latents -> ComfyUI IMAGE (B, H, W, 3) in 0..1 on the CPU, one image at a time (VAE decoding at full size is
     the memory peak of a run) into one output allocated up front (a concatenation would hold the images twice)."""
     vparam = next(vae.parameters())
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
     out = None
     with InterruptChecks(interrupt, vae):
         for i, z in enumerate(latents.split(1)):
-            z = (z / vae.config.scaling_factor + shift).to(vparam.device, vparam.dtype)
+            z = latent_scaling.to_vae(vae, z).to(vparam.device, vparam.dtype)
             x = vae.decode(z, return_dict=False)[0]
             image = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
             if out is None:

@@ -23,6 +23,7 @@ import torch
 
 from ..layer_catalog import get_family
 from .conditioning import Conditioning
+from .lm_prompts import encoder_for
 from .lora import TEXT_COMPONENTS, lora_applied
 
 CLIP_WINDOW = 75
@@ -72,6 +73,9 @@ def encode_prompt(model, prompts) -> Conditioning:
 
 def _encode(model, prompts: list[str]) -> Conditioning:
     fam, dtype = get_family(model.family), model.dtype
+    language_model = encoder_for(fam.text_encoders[0].kind)
+    if language_model is not None:
+        return language_model(model, prompts)
     if fam.text_encoders[0].kind == "t5":
         return _encode_t5(model, prompts)
     if any(e.use == "pooled" for e in fam.text_encoders):

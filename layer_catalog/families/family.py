@@ -21,6 +21,9 @@ class TextEncoder:
     #                      and put before their tokens) and its pooled embedding (side by side): SD3's two CLIPs
     window: int | None = None  # tokens of one window of its hidden states (default: the family's text_tokens)
     optional: bool = False  # a model may come without it: its tokens are then zeros (SD3's T5, as diffusers does)
+    # Decoder language models (kinds of engine/lm_prompts): the hidden states handed on, side by side per token
+    # (indices into transformers' output_hidden_states: -1 the last, -2 the second-to-last, 10 after layer 10)
+    layers: tuple[int, ...] = (-1,)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,12 @@ class Family:
     # Sampling: its pipeline hands the flow scheduler sigmas linspace(1, 1 / steps) (FluxPipeline) instead of letting
     # the scheduler space its own timesteps (StableDiffusion3Pipeline).
     linspace_sigmas: bool = False
+    # Diffusion transformers whose diffusers network takes other inputs than Flux's (packed) or SD3's (latents as
+    # they are): network_inputs(denoiser, x_t (B, C, H, W), sigma, conditioning kwargs, guidance) -> the network's
+    # keyword arguments; network_output(prediction, latent_hw) -> the prediction as (B, C, H, W) velocity in the
+    # flow convention x0 = x_t - sigma v (engine/flow.py).
+    network_inputs: Callable | None = None
+    network_output: Callable | None = None
 
     @property
     def config_dir(self) -> Path:
