@@ -89,9 +89,9 @@ def vae_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """The VAE posterior (mean, std) of (B, 3, H, W) pixels in [-1, 1], unscaled, on the VAE's device and dtype:
     what a LatentCache stores, so any seed and both vae_sample settings can reuse it."""
     param = next(vae.parameters())
-    dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+    mean, std = latent_scaling.encode_posterior(vae, pixels.to(param.device, param.dtype))
     # Contiguous, as a cached posterior is: the denoiser's convolutions may round differently for another layout.
-    return dist.mean.contiguous(), dist.std.contiguous()
+    return mean.contiguous(), std.contiguous()
 
 
 def latents_from_posterior(vae, mean: torch.Tensor, std: torch.Tensor, seed: int, sample: bool = True

@@ -123,9 +123,11 @@ def flow_noise(x0: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
 
 
 def token_side(family: str, denoiser) -> int:
-    """Latent pixels per side of one image token: the patches packed outside the network (Flux's) times those its
-    own patch embedding takes (SD3's, PixArt's); 1 for a UNet."""
-    return get_family(family).latent_patch * (denoiser.config.get("patch_size") or 1)
+    """Latent pixels per side of one image token: the patches packed outside the network (Flux's, Qwen-Image's,
+    whose config's patch_size names those same patches) or else those its own patch embedding takes (SD3's,
+    PixArt's); 1 for a UNet."""
+    packed = get_family(family).latent_patch
+    return packed if packed > 1 else (denoiser.config.get("patch_size") or 1)
 
 
 def check_latent(family: str, latent_hw, denoiser) -> None:

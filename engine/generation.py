@@ -93,9 +93,11 @@ def _stack_kwargs(parts: list[dict]) -> dict:
 
 
 def _passes(branches: list[tuple[str, dict]], batch: int) -> list[tuple[list[str], dict]]:
-    """Group the branches into forwards: one batched forward when their token counts agree, else one each."""
+    """Group the branches into forwards: one batched forward when their token counts and inputs agree (a padding
+    mask on one side only: one each), else one each."""
     tokens = {kw["encoder_hidden_states"].shape[1] for _, kw in branches}
-    if len(branches) > 1 and len(tokens) == 1:
+    inputs = {tuple(sorted(kw)) for _, kw in branches}
+    if len(branches) > 1 and len(tokens) == 1 and len(inputs) == 1:
         return [([name for name, _ in branches], _stack_kwargs([kw for _, kw in branches]))]
     return [([name], kw) for name, kw in branches]
 
@@ -189,9 +191,9 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
             if len(timesteps) == 0:
                 raise ValueError(f"denoise {denoise} of {steps} steps runs no step; raise steps or denoise")
             vparam = next(vae.parameters())
-            dist = vae.encode(pixels.to(vparam.device, vparam.dtype)).latent_dist
-            noise_vae = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype)
-            x0 = dist.mean + dist.std * noise_vae.to(dist.mean.device)
+            mean, std = latent_scaling.encode_posterior(vae, pixels.to(vparam.device, vparam.dtype))
+            noise_vae = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+            x0 = mean + std * noise_vae.to(mean.device)
             x0 = latent_scaling.to_denoiser(vae, x0).to(device, model_dtype)
             if x0.shape[0] != batch:  # one image for the batch: encoded (and sampled) once, as diffusers does
                 x0 = torch.cat([x0] * batch)
@@ -243,7 +245,9 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
                     out = eps_output(flow.unpack_output(model.family, out[0], latent_hw), latent_channels)
                     for k, name in enumerate(names):
                         outputs[name] = out[k * batch:(k + 1) * batch]
-                if guided:
+                if guided and fam.guided is not None:  # the family pipeline's own combination
+                    pred = fam.guided(outputs["cond"], outputs["uncond"], cfg, latent_hw)
+                elif guided:
                     pred = outputs["uncond"] + cfg * (outputs["cond"] - outputs["uncond"])
                 else:
                     pred = outputs["cond"]
@@ -282,7 +286,7 @@ def decode(vae, latents: torch.Tensor, interrupt=None) -> torch.Tensor:
     with InterruptChecks(interrupt, vae):
         for i, z in enumerate(latents.split(1)):
             z = latent_scaling.to_vae(vae, z).to(vparam.device, vparam.dtype)
-            x = vae.decode(z, return_dict=False)[0]
+            x = latent_scaling.decode(vae, z)
             image = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
             if out is None:
                 out = image.new_empty((latents.shape[0], *image.shape[1:]))

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..layer_catalog.errors import echo
+from . import latent_scaling
 
 FORMAT = "diffusion-feature latent cache"
 VERSION = 1
@@ -170,9 +171,8 @@ def _values_digest(mean: torch.Tensor, std: torch.Tensor) -> str:
 
 def _latent_shape(vae, pixel_hw) -> tuple[int, ...]:
     """(C, h, w) of the VAE's posterior for pixels of pixel_hw: latent channels, sides divided by 2**(levels - 1)."""
-    config = vae.config
-    factor = 2 ** (len(config.block_out_channels) - 1)
-    return (int(config.latent_channels), int(pixel_hw[0]) // factor, int(pixel_hw[1]) // factor)
+    factor = latent_scaling.downscale(vae)
+    return (latent_scaling.latent_channels(vae), int(pixel_hw[0]) // factor, int(pixel_hw[1]) // factor)
 
 
 def _decode(data: bytes, key: str, shape: tuple[int, ...]):

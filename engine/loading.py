@@ -78,14 +78,19 @@ def default_tokenizers(family: str) -> list:
 def default_tokenizer(family: str, index: int):
     """The default tokenizer of the family's text encoder number `index` (see default_tokenizers)."""
     spec = get_family(family).text_encoders[index]
-    return clip_tokenizer(spec.pad) if spec.kind == "clip" else _host_t5_tokenizer(family)
+    return clip_tokenizer(spec.pad) if spec.kind == "clip" else _host_tokenizer(family, spec.kind)
 
 
-def _host_t5_tokenizer(family: str):
-    folder = tokenizers.host_tokenizer_dir("t5_tokenizer")
+# Text encoder kinds whose tokenizer ComfyUI bundles (comfy/text_encoders/<folder>), with its name in messages
+HOST_TOKENIZERS = {"t5": ("t5_tokenizer", "T5"), "qwen2.5-vl": ("qwen25_tokenizer", "Qwen2.5-VL")}
+
+
+def _host_tokenizer(family: str, kind: str):
+    folder_name, name = HOST_TOKENIZERS.get(kind, (None, kind))
+    folder = tokenizers.host_tokenizer_dir(folder_name) if folder_name else None
     if folder is None:
         raise TokenizerMissingError(
-            f"{family} needs its T5 tokenizer: load it from a diffusers folder that has tokenizer/, or "
+            f"{family} needs its {name} tokenizer: load it from a diffusers folder that has tokenizer/, or "
             "run inside ComfyUI (which bundles one). It is never downloaded.")
     return load_tokenizer(folder)
 
@@ -117,14 +122,13 @@ def _use_xformers_when_possible(denoiser) -> None:
 def build_random(family: str, dtype="float32", device="cpu", seed: int = 0) -> FeatureModel:
     """The family's full architecture with random weights (for demos and benchmarks: its features mean nothing)."""
     import transformers
-    from diffusers import AutoencoderKL
 
     fam = get_family(family)
     parse_device(device)  # before minutes of building
     tokenizers = default_tokenizers(family)
     torch.manual_seed(seed)
     denoiser = denoiser_from_config(fam.denoiser_config(), "cpu")
-    vae = AutoencoderKL.from_config(fam.config("vae"))
+    vae = _vae_class(fam.config("vae")).from_config(fam.config("vae"))
     encoders = []
     for sub, _ in ENCODER_FOLDERS:
         cfg_path = fam.config_dir / sub / "config.json"
@@ -135,6 +139,14 @@ def build_random(family: str, dtype="float32", device="cpu", seed: int = 0) -> F
     scheduler = fam.config("scheduler", "scheduler_config.json")
     model = FeatureModel(family, denoiser, vae, encoders, tokenizers, scheduler, source=RANDOM_SOURCE)
     return _finish(model, parse_dtype(dtype), device)
+
+
+def _vae_class(config: dict):
+    """The diffusers VAE class a VAE config names (AutoencoderKL unless it says otherwise: Qwen-Image's
+    AutoencoderKLQwenImage)."""
+    import diffusers
+
+    return getattr(diffusers, config.get("_class_name") or "AutoencoderKL")
 
 
 def _read_config(path: Path, folder: Path) -> dict:
@@ -176,6 +188,7 @@ def load_diffusers_folder(folder, family: str | None = None, dtype="float32", de
         raise CheckpointError(f"{echo(str(folder))} is not a diffusers folder (no model_index.json)")
     family = _check_family(detect_folder_family(folder), family, folder)
     fam = get_family(family)
+    _check_pipeline(fam, folder)
     denoiser_cls = getattr(diffusers, fam.denoiser_config()["_class_name"])
     denoiser = denoiser_cls.from_pretrained(folder, subfolder=fam.denoiser, local_files_only=True)
     vae, encoders, tokenizers, scheduler = _folder_components(folder, family)
@@ -183,22 +196,49 @@ def load_diffusers_folder(folder, family: str | None = None, dtype="float32", de
     return _finish(model, parse_dtype(dtype), device)
 
 
+def _check_pipeline(fam, folder: Path) -> None:
+    """Refuse a folder of the family's transformer that this backend cannot run (Family.folder_refusal)."""
+    reason = fam.folder_refusal and fam.folder_refusal(_read_config(folder / "model_index.json", folder))
+    if reason:
+        raise CheckpointError(f"{echo(folder.name)}: {reason}")
+
+
+def _check_encoder(fam, config_path: Path, where: str) -> None:
+    """A text encoder of another family's model (its config's model_type is not the family's shipped one's: T5
+    where Qwen2.5-VL belongs) is refused in one line naming what fits."""
+    want_path = fam.config_dir / config_path.parent.name / "config.json"
+    if not want_path.is_file() or not config_path.is_file():
+        return
+    want = json.loads(want_path.read_text())
+    try:
+        got = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # transformers' own load names an unreadable config
+    if isinstance(got, dict) and got.get("model_type") and got.get("model_type") != want.get("model_type"):
+        named = (got.get("architectures") or [got["model_type"]])[0]
+        raise CheckpointError(f"{where} is a {named} ({got['model_type']}), not {fam.name}'s text encoder: "
+                              f"{fam.name} takes a {want['architectures'][0]} ({want['model_type']})")
+
+
 def _folder_components(folder: Path, family: str) -> tuple:
     """(VAE, text encoders, tokenizers, scheduler config) of a diffusers folder, read locally only; a missing
     tokenizer folder falls back to default_tokenizers."""
-    from diffusers import AutoencoderKL
-    from transformers import AutoModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+    import transformers
+    from transformers import AutoModel
 
     index = _read_config(folder / "model_index.json", folder)
     kw = {"local_files_only": True}
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-    classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
-               "T5EncoderModel": T5EncoderModel}
+    vae = _vae_class(_read_config(folder / "vae" / "config.json", folder)).from_pretrained(folder, subfolder="vae",
+                                                                                         **kw)
+    fam = get_family(family)
     encoders, tokenizers = [], []
     for i, (enc_name, tok_name) in enumerate(ENCODER_FOLDERS):
         if enc_name not in index or index[enc_name][1] is None:  # e.g. SD3 saved without T5 (optional)
             continue
-        cls = classes.get(index[enc_name][1], AutoModel)
+        _check_encoder(fam, folder / enc_name / "config.json", f"{echo(folder.name)}/{enc_name}")
+        # the class the folder names (Qwen2_5_VLForConditionalGeneration: its hidden states are the pipeline's)
+        cls = getattr(transformers, str(index[enc_name][1]), None)
+        cls = cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else AutoModel
         encoders.append(cls.from_pretrained(folder / enc_name, **kw))
         tok_dir = folder / tok_name
         tokenizers.append(load_tokenizer(tok_dir) if tok_dir.is_dir() else default_tokenizer(family, i))

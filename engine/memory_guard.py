@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..layer_catalog.errors import DiffusionFeatureError
+from . import latent_scaling
 
 _UNLIMITED = 2 ** 60  # cgroup v1 writes "no limit" as a huge page-aligned number
 
@@ -273,10 +274,10 @@ def _vae_peak(cls, config_json, dtype, direction: str, hw: tuple[int, int], batc
 
     def run():
         if direction == "decode":
-            return meta.decode(torch.empty(batch, meta.config.latent_channels, *hw, device="meta", dtype=dtype),
-                               return_dict=False)
-        dist = meta.encode(torch.empty(batch, 3, *hw, device="meta", dtype=dtype)).latent_dist
-        return dist.mean + dist.std * torch.empty_like(dist.mean)
+            return latent_scaling.decode(meta, torch.empty(batch, latent_scaling.latent_channels(meta), *hw,
+                                                           device="meta", dtype=dtype))
+        mean, std = latent_scaling.encode_posterior(meta, torch.empty(batch, 3, *hw, device="meta", dtype=dtype))
+        return mean + std * torch.empty_like(mean)
 
     with _lock:
         return traced_peak(meta, run)

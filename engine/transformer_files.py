@@ -121,8 +121,15 @@ def sd3_config(state: dict, config: dict) -> dict:
     return dict(config, **read)
 
 
+def same_names(state: dict, config) -> dict:
+    """Qwen-Image's single files (ComfyUI's qwen_image_*.safetensors) keep diffusers' own names: only ComfyUI's
+    prefix goes."""
+    return _strip(state)
+
+
 # diffusers class -> its original layout's conversion, and what the weights say of the config (default: nothing)
-CONVERTERS = {"FluxTransformer2DModel": flux_state_dict, "SD3Transformer2DModel": sd3_state_dict}
+CONVERTERS = {"FluxTransformer2DModel": flux_state_dict, "SD3Transformer2DModel": sd3_state_dict,
+              "QwenImageTransformer2DModel": same_names}
 CONFIGS = {"SD3Transformer2DModel": sd3_config}
 
 
@@ -152,4 +159,20 @@ def load_transformer(path, config: dict) -> torch.nn.Module:
         first = str(e).strip().splitlines()[-1].strip()[:300]
         raise CheckpointError(f"{echo(str(path))} does not fit the {config['_class_name']} of this config "
                               f"({first})") from None
+    _rebuild_meta_tables(model)
     return model.eval()
+
+
+def _rebuild_meta_tables(model: torch.nn.Module) -> None:
+    """Modules that keep tensors outside the state dict (Qwen-Image's rotary tables: complex, so not buffers) are
+    left on the meta device by the meta build: each is built again on the CPU from its own attributes named as its
+    constructor's arguments (it holds no weights)."""
+    import inspect
+
+    for name, module in list(model.named_modules()):
+        if not any(torch.is_tensor(v) and v.is_meta for v in vars(module).values()):
+            continue
+        params = [p for p in inspect.signature(type(module).__init__).parameters.values() if p.name != "self"]
+        args = {p.name: getattr(module, p.name) for p in params if hasattr(module, p.name)}
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, type(module)(**args))

@@ -24,6 +24,10 @@ class TextEncoder:
     # Decoder language models (kinds of engine/lm_prompts): the hidden states handed on, side by side per token
     # (indices into transformers' output_hidden_states: -1 the last, -2 the second-to-last, 10 after layer 10)
     layers: tuple[int, ...] = (-1,)
+    # ... and the chat template its pipeline wraps a prompt in ({} the prompt), whose first `drop` tokens' hidden
+    # states are left out (the template's fixed prefix)
+    template: str | None = None
+    drop: int = 0
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,13 @@ class Family:
     # flow convention x0 = x_t - sigma v (engine/flow.py).
     network_inputs: Callable | None = None
     network_output: Callable | None = None
+    # Its pipeline's classifier-free guidance when it is not uncond + cfg (cond - uncond):
+    # guided(cond, uncond, cfg, latent_hw) -> the prediction (both (B, C, H, W)); QwenImagePipeline's true CFG
+    # rescales the combination to the conditional prediction's norm per token.
+    guided: Callable | None = None
+    # A diffusers folder this backend cannot run although its transformer is the family's: folder_refusal(model
+    # index) -> the one-line reason, or None (Qwen-Image-Edit: the reference image's path is the native backend's).
+    folder_refusal: Callable | None = None
 
     @property
     def config_dir(self) -> Path:

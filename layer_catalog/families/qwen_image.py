@@ -108,6 +108,57 @@ def layout(model: torch.nn.Module) -> DitLayout:
     return native_layout(model) if hasattr(model, "pe_embedder") else diffusers_layout(model)
 
 
+def network_inputs(denoiser, x_t: torch.Tensor, sigma: float, cond: dict, guidance) -> dict:
+    """diffusers' QwenImageTransformer2DModel's keyword arguments as QwenImagePipeline makes them: 2x2-packed
+    latent tokens, sigma as the timestep, img_shapes (one frame of the packed grid per image), the text and its
+    padding mask (encoder_hidden_states_mask; none for a single prompt, as the pipeline drops an all-ones mask).
+    diffusers 0.42's pipeline passes no txt_seq_lens: the network reads the text length from the mask."""
+    from ..hooks import pack_tokens
+
+    param = next(denoiser.parameters())
+    batch, (h, w) = x_t.shape[0], x_t.shape[-2:]
+    kwargs = dict(cond)
+    mask = kwargs.pop("encoder_attention_mask", None)
+    return dict(kwargs, hidden_states=pack_tokens(x_t, PATCH), encoder_hidden_states_mask=mask,
+                timestep=torch.full((batch,), sigma, device=param.device, dtype=param.dtype),
+                img_shapes=[[(1, h // PATCH, w // PATCH)]] * batch)
+
+
+def network_output(prediction: torch.Tensor, latent_hw) -> torch.Tensor:
+    """The packed velocity tokens back on the latent's (B, 16, H, W)."""
+    from ..hooks import unpack_tokens
+
+    return unpack_tokens("the prediction", prediction, (latent_hw[0] // PATCH, latent_hw[1] // PATCH), PATCH)
+
+
+def true_cfg(cond: torch.Tensor, uncond: torch.Tensor, cfg: float, latent_hw) -> torch.Tensor:
+    """QwenImagePipeline's true CFG: uncond + cfg (cond - uncond), rescaled per packed token to the norm of the
+    conditional prediction's token."""
+    from ..hooks import pack_tokens
+
+    guided = uncond + cfg * (cond - uncond)
+    scale = pack_tokens(cond, PATCH).norm(dim=-1, keepdim=True) / pack_tokens(guided, PATCH).norm(dim=-1, keepdim=True)
+    return network_output(pack_tokens(guided, PATCH) * scale, latent_hw)
+
+
+def folder_refusal(index: dict) -> str | None:
+    """Qwen-Image-Edit folders (QwenImageEdit(Plus)Pipeline): their reference image enters beside the generated
+    one, which DF_MODEL does not build; ComfyUI's MODEL (DFExtractNative) takes Edit references."""
+    name = str(index.get("_class_name", ""))
+    if "Edit" not in name:
+        return None
+    return (f"a {name} folder (Qwen-Image-Edit) needs its reference image beside the generated one, which DF_MODEL "
+            "does not take: load the Edit model in ComfyUI (Load Diffusion Model) and use DFExtractNative, which "
+            "takes Edit references; DF_MODEL loads Qwen-Image (QwenImagePipeline) folders")
+
+
+# QwenImagePipeline's prompt template and the tokens of its fixed prefix it leaves out
+TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+            "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+TEMPLATE_DROP = 34
+
+
 def _sweep(blocks: int = 60) -> tuple[str, ...]:
     return tuple(f"vit-block{b}-{s}" for b in range(SWEEP_EVERY - 1, blocks, SWEEP_EVERY) for s in ("norm-out", "out"))
 
@@ -119,7 +170,7 @@ FAMILY = Family(
     # its 34 system-prompt tokens dropped (64 in the Edit pipelines, which also see the reference image); a prompt
     # hands its own length (padding only to the longest prompt of a batch, with a mask), at most
     # max_sequence_length = 512 tokens: the catalog's cross-maps are shown at that most.
-    text_encoders=(TextEncoder("qwen2.5-vl", 3584),), text_tokens=512,
+    text_encoders=(TextEncoder("qwen2.5-vl", 3584, template=TEMPLATE, drop=TEMPLATE_DROP),), text_tokens=512,
     presets={
         # Ours, not validated: no paper we know picks Qwen-Image layers for dense features. Image outputs of three
         # blocks at 40-60 % of the depth, where DiT features are known to peak.
@@ -133,6 +184,11 @@ FAMILY = Family(
     # ComfyUI keeps diffusers' key names for this model: txt_norm and the image stream's modulation are its own
     checkpoint_marks=(r"(model\.diffusion_model\.)?txt_norm\.weight$",
                       r"(model\.diffusion_model\.)?transformer_blocks\.0\.img_mod\.1\.weight$"),
-    single_file=False,  # until DF_MODEL loads DiT checkpoints
+    single_file=False,
+    transformer_file=True,  # qwen_image*.safetensors: the transformer alone, in diffusers' names (ComfyUI's)
     networks={"QwenImageTransformer2DModel": layout},
+    # DF_MODEL as QwenImagePipeline: sigma as the timestep, 2x2-packed latents, sigmas linspace(1, 1 / steps) with
+    # the scheduler's image-size shift, true CFG rescaled per token, no guidance embedding (guidance_embeds false)
+    flow=True, timestep_scale=1 / 1000, latent_patch=PATCH, linspace_sigmas=True,
+    network_inputs=network_inputs, network_output=network_output, guided=true_cfg, folder_refusal=folder_refusal,
 )
