@@ -257,6 +257,11 @@ def load_transformer_file(path, family: str, components, dtype="float32", device
     tokenizers (an optional encoder, SD3's T5, may be left out)."""
     path, fam = Path(path), get_family(family)
     needed, optional = _file_component_names(fam, fam.config_dir), _optional_components(fam)
+    folder_only = _vae_class(fam.config("vae")).__name__ != "AutoencoderKL"  # component files read as SD / Flux's
+    if folder_only and (components is None or isinstance(components, dict)):
+        raise CheckpointError(f"{echo(str(path))} is read for its {family} transformer only: give components= (the "
+                              f"CLI's --components) as a {family} diffusers folder with its text encoder, tokenizer "
+                              f"and VAE (its component files one by one are not read)")
     if components is None:
         raise CheckpointError(f"{echo(str(path))} is read for its {family} transformer only: give components= (the "
                               f"CLI's --components), a {family} diffusers folder with its text encoders, tokenizers "

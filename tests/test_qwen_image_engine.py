@@ -223,6 +223,12 @@ def test_a_diffusers_folder_and_a_single_transformer_file_load_offline(tmp_path,
     save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in parts["transformer"].state_dict().items()},
               path)
     shutil.copytree(qwen_folder, tmp_path / "qwen_image_tiny.config")
+    for components in (None, {"vae": path}):
+        with pytest.raises(CheckpointError, match=r"^'.*qwen_image_tiny.safetensors' is read for its qwen-image "
+                                                  r"transformer only: give components= \(the CLI's --components\) as "
+                                                  r"a qwen-image diffusers folder .* \(its component files one by one "
+                                                  r"are not read\)$"):
+            load_model(path, components=components)
     single = load_model(path, components=qwen_folder)
     assert single.family == QWEN and single.source == str(path)
     for k in ids:
