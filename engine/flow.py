@@ -124,8 +124,10 @@ def flow_noise(x0: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
 
 def token_side(family: str, denoiser) -> int:
     """Latent pixels per side of one image token: the patches packed outside the network (Flux's) times those its
-    own patch embedding takes (SD3's, PixArt's); 1 for a UNet."""
-    return get_family(family).latent_patch * (denoiser.config.get("patch_size") or 1)
+    own patch embedding takes (SD3's, PixArt's; Z-Image's first of all_patch_size, the one its pipeline uses); 1 for a
+    UNet."""
+    cfg = denoiser.config
+    return get_family(family).latent_patch * (cfg.get("patch_size") or (cfg.get("all_patch_size") or [1])[0])
 
 
 def check_latent(family: str, latent_hw, denoiser) -> None:

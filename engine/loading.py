@@ -23,6 +23,7 @@ from .model import FeatureModel, parse_device, parse_dtype
 from . import tokenizers
 from .tokenizers import TokenizerMissingError, clip_tokenizer, load_tokenizer
 from .transformer_files import load_transformer
+from .lm_prompts import check_encoders
 
 LIVE_DENOISERS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # for the status route: what is loaded now
 RANDOM_PREFIX = "random:"  # load_model("random:FAMILY"): the family's real architecture with random weights
@@ -78,7 +79,29 @@ def default_tokenizers(family: str) -> list:
 def default_tokenizer(family: str, index: int):
     """The default tokenizer of the family's text encoder number `index` (see default_tokenizers)."""
     spec = get_family(family).text_encoders[index]
-    return clip_tokenizer(spec.pad) if spec.kind == "clip" else _host_t5_tokenizer(family)
+    if spec.kind == "clip":
+        return clip_tokenizer(spec.pad)
+    if spec.kind == "t5":
+        return _host_t5_tokenizer(family)
+    return _host_lm_tokenizer(family, spec.kind)
+
+
+def _host_lm_tokenizer(family: str, kind: str):
+    """A decoder LM's tokenizer from the host: ComfyUI's bundled Qwen vocabulary (which ComfyUI itself uses for
+    Qwen3), given the kind's chat template."""
+    from . import lm_prompts
+
+    module = lm_prompts.module_of(kind)
+    folder = tokenizers.host_tokenizer_dir(module.HOST_TOKENIZER) if getattr(module, "HOST_TOKENIZER", None) \
+        else None
+    if folder is None:
+        raise TokenizerMissingError(
+            f"{family} needs its {kind} tokenizer: load it from a diffusers folder that has tokenizer/"
+            + (", or run inside ComfyUI (which bundles one)" if getattr(module, "HOST_TOKENIZER", None) else "")
+            + ". It is never downloaded.")
+    tokenizer = load_tokenizer(folder)
+    tokenizer.chat_template = module.CHAT_TEMPLATE
+    return tokenizer
 
 
 def _host_t5_tokenizer(family: str):
@@ -92,7 +115,9 @@ def _host_t5_tokenizer(family: str):
 
 # ---- loaders -------------------------------------------------------------------------------------------------
 def _finish(model: FeatureModel, dtype: torch.dtype, device) -> FeatureModel:
-    """Move to device/dtype. SDXL's VAE stays float32 below float32: it overflows in float16."""
+    """Check the text encoders' kinds, move to device/dtype. SDXL's VAE stays float32 below float32: it overflows
+    in float16."""
+    check_encoders(model.family, get_family(model.family).text_encoders, model.text_encoders)
     vae_dtype = torch.float32 if (dtype != torch.float32 and get_family(model.family).vae_float32) else dtype
     for module, want in [(model.denoiser, dtype), (model.vae, vae_dtype)] + [(e, dtype) for e in model.text_encoders]:
         module.to(device)
@@ -117,24 +142,35 @@ def _use_xformers_when_possible(denoiser) -> None:
 def build_random(family: str, dtype="float32", device="cpu", seed: int = 0) -> FeatureModel:
     """The family's full architecture with random weights (for demos and benchmarks: its features mean nothing)."""
     import transformers
-    from diffusers import AutoencoderKL
 
     fam = get_family(family)
     parse_device(device)  # before minutes of building
     tokenizers = default_tokenizers(family)
     torch.manual_seed(seed)
     denoiser = denoiser_from_config(fam.denoiser_config(), "cpu")
-    vae = AutoencoderKL.from_config(fam.config("vae"))
+    vae = _vae_class(fam.config("vae").get("_class_name")).from_config(fam.config("vae"))
+    index = fam.config(".", "model_index.json")
     encoders = []
     for sub, _ in ENCODER_FOLDERS:
         cfg_path = fam.config_dir / sub / "config.json"
         if cfg_path.exists():
             config = transformers.AutoConfig.from_pretrained(str(cfg_path.parent), local_files_only=True)
-            # the class the config names (T5EncoderModel for PixArt: AutoModel would build T5's decoder too)
-            encoders.append(getattr(transformers, config.architectures[0])._from_config(config))
+            # the class the pipeline loads (model_index.json: Qwen3Model for Z-Image, not the config's causal LM),
+            # else the one the config names (T5EncoderModel for PixArt: AutoModel would build T5's decoder too)
+            named = (index.get(sub) or [None, None])[1]
+            cls = getattr(transformers, named, None) or getattr(transformers, config.architectures[0])
+            encoders.append(cls._from_config(config))
     scheduler = fam.config("scheduler", "scheduler_config.json")
     model = FeatureModel(family, denoiser, vae, encoders, tokenizers, scheduler, source=RANDOM_SOURCE)
     return _finish(model, parse_dtype(dtype), device)
+
+
+def _vae_class(name: str | None):
+    """The diffusers VAE class a folder or config names (Flux.2's AutoencoderKLFlux2), AutoencoderKL by default."""
+    import diffusers
+
+    named = name if isinstance(name, str) and name.startswith("AutoencoderKL") else None
+    return getattr(diffusers, named or "AutoencoderKL", None) or diffusers.AutoencoderKL
 
 
 def _read_config(path: Path, folder: Path) -> dict:
@@ -186,12 +222,11 @@ def load_diffusers_folder(folder, family: str | None = None, dtype="float32", de
 def _folder_components(folder: Path, family: str) -> tuple:
     """(VAE, text encoders, tokenizers, scheduler config) of a diffusers folder, read locally only; a missing
     tokenizer folder falls back to default_tokenizers."""
-    from diffusers import AutoencoderKL
     from transformers import AutoModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
     index = _read_config(folder / "model_index.json", folder)
     kw = {"local_files_only": True}
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
+    vae = _vae_class((index.get("vae") or [None, None])[1]).from_pretrained(folder, subfolder="vae", **kw)
     classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
                "T5EncoderModel": T5EncoderModel}
     encoders, tokenizers = [], []
