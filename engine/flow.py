@@ -188,8 +188,11 @@ def flow_scheduler(family: str, scheduler_config: dict, name: str, steps: int, l
         raise ValueError(f"{family} samples with flow-match Euler: scheduler must be one of "
                          f"{', '.join(FLOW_SCHEDULERS)}, got {echo(name)}")
     sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    mu = resolution_mu(scheduler_config, image_tokens(family, latent_hw)) if sched.config.use_dynamic_shifting \
-        else None
+    fam = get_family(family)
+    tokens = image_tokens(family, latent_hw)
+    mu = None
+    if sched.config.use_dynamic_shifting:
+        mu = fam.sampling_mu(tokens, steps) if fam.sampling_mu else resolution_mu(scheduler_config, tokens)
     sigmas = np.linspace(1.0, 1 / steps, steps) if get_family(family).linspace_sigmas else None
     sched.set_timesteps(steps, sigmas=sigmas, device=device, mu=mu)
     return sched

@@ -70,6 +70,9 @@ class Family:
     # flow convention x0 = x_t - sigma v (engine/flow.py).
     network_inputs: Callable | None = None
     network_output: Callable | None = None
+    # Sampling with a dynamically shifting scheduler: sampling_mu(image tokens, steps) -> mu, where the pipeline
+    # computes its own (Flux2Pipeline) instead of the scheduler config's line in the token count (FluxPipeline)
+    sampling_mu: Callable | None = None
 
     @property
     def config_dir(self) -> Path:

@@ -35,6 +35,17 @@ def patch_position_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(h * w, 3)
 
 
+def axis4_position_ids(h: int, w: int, text_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flux.2's 4-axis position ids (time, row, column, token) as Flux2Pipeline makes them: (h * w, 4) image ids
+    (0, row, column, 0) and (text_tokens, 4) text ids (0, 0, 0, token); zeros on the meta device."""
+    img_ids = torch.zeros(h, w, 4, device=device)
+    txt_ids = torch.zeros(text_tokens, 4, device=device)
+    if torch.device(device).type != "meta":
+        img_ids[..., 1], img_ids[..., 2] = torch.arange(h, device=device)[:, None], torch.arange(w, device=device)
+        txt_ids[:, 3] = torch.arange(text_tokens, device=device)
+    return img_ids.reshape(-1, 4), txt_ids
+
+
 def dummy_inputs(model: torch.nn.Module, height: int, width: int, *, batch: int = 1, text_tokens: int = 77,
                  timestep: int = 500, device=None, dtype=None, generator=None) -> dict:
     """Keyword arguments for one forward of `model` on a latent of height x width pixels (divided by 8).
@@ -67,14 +78,10 @@ def dummy_inputs(model: torch.nn.Module, height: int, width: int, *, batch: int 
         return kwargs
     if type(model).__name__ == "Flux2Transformer2DModel":  # 2x2-patchified latent tokens, 4-axis positions
         ph, pw = h // 2, w // 2
-        img_ids = torch.zeros(ph, pw, 4, device=device)
-        txt_ids = torch.zeros(text_tokens, 4, device=device)
-        if torch.device(device).type != "meta":
-            img_ids[..., 1], img_ids[..., 2] = torch.arange(ph, device=device)[:, None], torch.arange(pw, device=device)
-            txt_ids[:, 3] = torch.arange(text_tokens, device=device)
+        img_ids, txt_ids = axis4_position_ids(ph, pw, text_tokens, device)
         kwargs.update(hidden_states=rand(batch, ph * pw, cfg.in_channels),
                       encoder_hidden_states=rand(batch, text_tokens, cfg.joint_attention_dim),
-                      img_ids=img_ids.reshape(-1, 4), txt_ids=txt_ids, timestep=kwargs["timestep"].to(dtype) / 1000)
+                      img_ids=img_ids, txt_ids=txt_ids, timestep=kwargs["timestep"].to(dtype) / 1000)
         if cfg.guidance_embeds:
             kwargs["guidance"] = torch.full((batch,), 4.0, device=device, dtype=dtype)
         return kwargs
