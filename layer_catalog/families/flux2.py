@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 
 from . import flux
-from .dit_layout import DitLayout, joint
+from ..hooks import pack_tokens
+from .dit_layout import DitLayout, axis4_position_ids, joint
 from .family import Family, TextEncoder
 
 _SHARED_MODULATION = "double_stream_modulation_img"  # a Flux.2 network has it on both backends; Flux.1 does not
@@ -96,9 +97,6 @@ def network_inputs(denoiser: torch.nn.Module, x_t: torch.Tensor, sigma: float, c
     """diffusers' Flux2Transformer2DModel's inputs as Flux2Pipeline makes them: the latent's 2x2 patches as tokens
     (its _patchify_latents + _pack_latents), 4-axis position ids, the timestep sigma (the pipeline's t / 1000) and
     the guidance embedding's input."""
-    from ..hooks import pack_tokens
-    from .meta import axis4_position_ids
-
     param = next(denoiser.parameters())
     batch, _, h, w = x_t.shape
     img_ids, txt_ids = axis4_position_ids(h // 2, w // 2, cond_kwargs["encoder_hidden_states"].shape[1], param.device)

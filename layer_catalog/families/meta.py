@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..tap import is_pixart
+from .dit_layout import axis4_position_ids
 from .registry import FAMILIES, get_family
 
 
@@ -33,17 +34,6 @@ def patch_position_ids(h: int, w: int, device, dtype) -> torch.Tensor:
         ids[..., 1] = torch.arange(h, device=device, dtype=dtype)[:, None]
         ids[..., 2] = torch.arange(w, device=device, dtype=dtype)[None, :]
     return ids.reshape(h * w, 3)
-
-
-def axis4_position_ids(h: int, w: int, text_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flux.2's 4-axis position ids (time, row, column, token) as Flux2Pipeline makes them: (h * w, 4) image ids
-    (0, row, column, 0) and (text_tokens, 4) text ids (0, 0, 0, token); zeros on the meta device."""
-    img_ids = torch.zeros(h, w, 4, device=device)
-    txt_ids = torch.zeros(text_tokens, 4, device=device)
-    if torch.device(device).type != "meta":
-        img_ids[..., 1], img_ids[..., 2] = torch.arange(h, device=device)[:, None], torch.arange(w, device=device)
-        txt_ids[:, 3] = torch.arange(text_tokens, device=device)
-    return img_ids.reshape(-1, 4), txt_ids
 
 
 def dummy_inputs(model: torch.nn.Module, height: int, width: int, *, batch: int = 1, text_tokens: int = 77,
