@@ -123,11 +123,14 @@ def flow_noise(x0: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
 
 
 def token_side(family: str, denoiser) -> int:
-    """Latent pixels per side of one image token: the patches packed outside the network (Flux's, Qwen-Image's,
-    whose config's patch_size names those same patches) or else those its own patch embedding takes (SD3's,
-    PixArt's); 1 for a UNet."""
+    """Latent pixels per side of one image token: the patches packed outside the network (Flux's, Flux.2's,
+    Qwen-Image's, whose config's patch_size names those same patches) or else those its own patch embedding takes
+    (SD3's, PixArt's; Z-Image's first of all_patch_size, the one its pipeline uses); 1 for a UNet."""
     packed = get_family(family).latent_patch
-    return packed if packed > 1 else (denoiser.config.get("patch_size") or 1)
+    if packed > 1:
+        return packed
+    cfg = denoiser.config
+    return cfg.get("patch_size") or (cfg.get("all_patch_size") or [1])[0]
 
 
 def check_latent(family: str, latent_hw, denoiser) -> None:
@@ -188,8 +191,11 @@ def flow_scheduler(family: str, scheduler_config: dict, name: str, steps: int, l
         raise ValueError(f"{family} samples with flow-match Euler: scheduler must be one of "
                          f"{', '.join(FLOW_SCHEDULERS)}, got {echo(name)}")
     sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    mu = resolution_mu(scheduler_config, image_tokens(family, latent_hw)) if sched.config.use_dynamic_shifting \
-        else None
+    fam = get_family(family)
+    tokens = image_tokens(family, latent_hw)
+    mu = None
+    if sched.config.use_dynamic_shifting:
+        mu = fam.sampling_mu(tokens, steps) if fam.sampling_mu else resolution_mu(scheduler_config, tokens)
     sigmas = np.linspace(1.0, 1 / steps, steps) if get_family(family).linspace_sigmas else None
     sched.set_timesteps(steps, sigmas=sigmas, device=device, mu=mu)
     return sched

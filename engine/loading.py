@@ -20,7 +20,7 @@ from ..layer_catalog.families import denoiser_from_config, family_of_checkpoint,
 from ..layer_catalog.errors import echo, public_module
 from .checkpoint_files import SINGLE_FILE_SUFFIXES, CheckpointError, load_pickle_state_dict, read_key_shapes
 from .model import FeatureModel, parse_device, parse_dtype
-from . import tokenizers
+from . import lm_prompts, tokenizers
 from .tokenizers import TokenizerMissingError, clip_tokenizer, load_tokenizer
 from .transformer_files import load_transformer
 
@@ -82,7 +82,8 @@ def default_tokenizer(family: str, index: int):
 
 
 # Text encoder kinds whose tokenizer ComfyUI bundles (comfy/text_encoders/<folder>), with its name in messages
-HOST_TOKENIZERS = {"t5": ("t5_tokenizer", "T5"), "qwen2.5-vl": ("qwen25_tokenizer", "Qwen2.5-VL")}
+HOST_TOKENIZERS = {"t5": ("t5_tokenizer", "T5"), "qwen2.5-vl": ("qwen25_tokenizer", "Qwen2.5-VL"),
+                   "qwen3": ("qwen25_tokenizer", "Qwen3")}  # Qwen3 shares Qwen2.5's vocabulary (ComfyUI's Z-Image)
 
 
 def _host_tokenizer(family: str, kind: str):
@@ -90,14 +91,19 @@ def _host_tokenizer(family: str, kind: str):
     folder = tokenizers.host_tokenizer_dir(folder_name) if folder_name else None
     if folder is None:
         raise TokenizerMissingError(
-            f"{family} needs its {name} tokenizer: load it from a diffusers folder that has tokenizer/, or "
-            "run inside ComfyUI (which bundles one). It is never downloaded.")
-    return load_tokenizer(folder)
+            f"{family} needs its {name} tokenizer: load it from a diffusers folder that has tokenizer/"
+            + (", or run inside ComfyUI (which bundles one)" if folder_name else "") + ". It is never downloaded.")
+    tokenizer = load_tokenizer(folder)
+    template = getattr(lm_prompts.module_of(kind), "CHAT_TEMPLATE", None)  # a vocabulary shared without its template
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
 
 
 # ---- loaders -------------------------------------------------------------------------------------------------
 def _finish(model: FeatureModel, dtype: torch.dtype, device) -> FeatureModel:
-    """Move to device/dtype. SDXL's VAE stays float32 below float32: it overflows in float16."""
+    """Check the text encoders' kinds, move to device/dtype. SDXL's VAE stays float32 below float32: it overflows
+    in float16."""
     vae_dtype = torch.float32 if (dtype != torch.float32 and get_family(model.family).vae_float32) else dtype
     for module, want in [(model.denoiser, dtype), (model.vae, vae_dtype)] + [(e, dtype) for e in model.text_encoders]:
         module.to(device)
@@ -129,13 +135,17 @@ def build_random(family: str, dtype="float32", device="cpu", seed: int = 0) -> F
     torch.manual_seed(seed)
     denoiser = denoiser_from_config(fam.denoiser_config(), "cpu")
     vae = _vae_class(fam.config("vae")).from_config(fam.config("vae"))
+    index = fam.config(".", "model_index.json")
     encoders = []
     for sub, _ in ENCODER_FOLDERS:
         cfg_path = fam.config_dir / sub / "config.json"
         if cfg_path.exists():
             config = transformers.AutoConfig.from_pretrained(str(cfg_path.parent), local_files_only=True)
-            # the class the config names (T5EncoderModel for PixArt: AutoModel would build T5's decoder too)
-            encoders.append(getattr(transformers, config.architectures[0])._from_config(config))
+            # the class the pipeline loads (model_index.json: Qwen3Model for Z-Image, not the config's causal LM),
+            # else the one the config names (T5EncoderModel for PixArt: AutoModel would build T5's decoder too)
+            named = (index.get(sub) or [None, None])[1]
+            cls = getattr(transformers, named, None) or getattr(transformers, config.architectures[0])
+            encoders.append(cls._from_config(config))
     scheduler = fam.config("scheduler", "scheduler_config.json")
     model = FeatureModel(family, denoiser, vae, encoders, tokenizers, scheduler, source=RANDOM_SOURCE)
     return _finish(model, parse_dtype(dtype), device)

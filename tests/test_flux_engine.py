@@ -219,8 +219,8 @@ def test_the_unet_only_tools_say_which_families_they_support(flux, image):
 
 def test_shift_and_guidance_are_refused_for_a_unet(tiny_sd15, image):
 
-    with pytest.raises(ValueError, match=r"guidance applies to the families with a guidance embedding \(flux\), "
-                                         r"not sd15"):
+    with pytest.raises(ValueError, match=r"guidance applies to the families with a guidance embedding "
+                                         r"\(flux, flux2\), not sd15"):
         extract(tiny_sd15, image, "", ["mid-repeat0-res-out"], t=100, guidance=2.0)
 
 

@@ -189,7 +189,7 @@ def test_the_unet_only_tools_say_which_families_they_support(qwen, image):
         invert(qwen, image, "", 2)
     with pytest.raises(PnPError, match=r"Plug-and-Play runs on sd15, .* UNets, not qwen-image$"):
         translate(qwen, None, ["a cat"])
-    with pytest.raises(ValueError, match=r"guidance applies to the families with a guidance embedding \(flux\), "
+    with pytest.raises(ValueError, match=r"guidance applies to the families with a guidance embedding \(flux, flux2\), "
                                          r"not qwen-image; leave it unset$"):
         extract(qwen, image, "", ["dit-in"], t=100, guidance=2.0)
     with pytest.raises(ValueError, match=r"multiples of 16 pixels, got 64x72"):

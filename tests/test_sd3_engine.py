@@ -179,12 +179,13 @@ def test_refusals_name_what_would_be_valid(sd3, image):
     from diffusion_feature.engine.pnp import PnPError, translate
     from diffusion_feature.engine.prompts import encode_prompt
 
-    with pytest.raises(ValueError, match=r"guidance applies to the families with a guidance embedding \(flux\), "
-                                         r"not sd3; leave it unset$"):
+    with pytest.raises(ValueError, match=r"guidance applies to the families with a guidance embedding "
+                                         r"\(flux, flux2\), not sd3; leave it unset$"):
         extract(sd3, image, "", ["dit-in"], t=100, guidance=3.5)
-    with pytest.raises(ValueError, match=r"guidance applies to .* \(flux\), not sd3"):
+    with pytest.raises(ValueError, match=r"guidance applies to .* \(flux, flux2\), not sd3"):
         generate(sd3, "a cat", steps=2, width=64, height=64, guidance=3.5)
-    with pytest.raises(ValueError, match=r"shift 'resolution' is the image-size shift of flux and qwen-image, not sd3: "
+    with pytest.raises(ValueError, match=r"shift 'resolution' is the image-size shift of flux, qwen-image and flux2, "
+                                         r"not sd3: "
                                          r"give a number \(its scheduler shifts by 3.0\) or leave it unset$"):
         extract(sd3, image, "", ["dit-in"], t=100, shift="resolution")
     with pytest.raises(ValueError, match=r"sd3 takes 2x2 latent patches: the image's sides must be multiples of 16 "

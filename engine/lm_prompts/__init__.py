@@ -8,7 +8,13 @@ import importlib
 MODULES = {"qwen2.5-vl": "qwen25_vl", "qwen3": "qwen3", "mistral3": "mistral3"}  # TextEncoder.kind -> module
 
 
+def module_of(kind: str):
+    """The module of a decoder-LM kind, or None for the CLIP / T5 kinds."""
+    name = MODULES.get(kind)
+    return None if name is None else importlib.import_module(f".{name}", __name__)
+
+
 def encoder_for(kind: str):
     """The encode(model, prompts) -> Conditioning of a decoder-LM kind, or None for the CLIP / T5 kinds."""
-    name = MODULES.get(kind)
-    return None if name is None else importlib.import_module(f".{name}", __name__).encode
+    module = module_of(kind)
+    return None if module is None else module.encode

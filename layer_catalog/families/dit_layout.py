@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..grammar import DIT_REFINER_SUFFIXES, DIT_SUFFIXES, MAP_SUFFIXES
 from ..tap import Tap
 
@@ -113,3 +115,13 @@ def joint(reads: dict[str, Read], suffixes, span_text: bool = True) -> dict[str,
             out[f"txt-{suffix}"] = {**read, "span": "text"}
     return out
 
+
+def axis4_position_ids(h: int, w: int, text_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flux.2's 4-axis position ids (time, row, column, token) as Flux2Pipeline makes them: (h * w, 4) image ids
+    (0, row, column, 0) and (text_tokens, 4) text ids (0, 0, 0, token); zeros on the meta device."""
+    img_ids = torch.zeros(h, w, 4, device=device)
+    txt_ids = torch.zeros(text_tokens, 4, device=device)
+    if torch.device(device).type != "meta":
+        img_ids[..., 1], img_ids[..., 2] = torch.arange(h, device=device)[:, None], torch.arange(w, device=device)
+        txt_ids[:, 3] = torch.arange(text_tokens, device=device)
+    return img_ids.reshape(-1, 4), txt_ids

@@ -81,6 +81,9 @@ class Family:
     # A diffusers folder this backend cannot run although its transformer is the family's: folder_refusal(model
     # index) -> the one-line reason, or None (Qwen-Image-Edit: the reference image's path is the native backend's).
     folder_refusal: Callable | None = None
+    # Sampling with a dynamically shifting scheduler: sampling_mu(image tokens, steps) -> mu, where the pipeline
+    # computes its own (Flux2Pipeline) instead of the scheduler config's line in the token count (FluxPipeline)
+    sampling_mu: Callable | None = None
 
     @property
     def config_dir(self) -> Path:

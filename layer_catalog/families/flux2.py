@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 
 from . import flux
-from .dit_layout import DitLayout, joint
+from ..hooks import pack_tokens
+from .dit_layout import DitLayout, axis4_position_ids, joint
 from .family import Family, TextEncoder
 
 _SHARED_MODULATION = "double_stream_modulation_img"  # a Flux.2 network has it on both backends; Flux.1 does not
@@ -91,12 +92,35 @@ def comfy_missing(net: torch.nn.Module) -> str | None:
     return "ComfyUI's Flux network with Flux.2's shared modulation (a ComfyUI with Flux.2, newer than v0.3.64)"
 
 
+def network_inputs(denoiser: torch.nn.Module, x_t: torch.Tensor, sigma: float, cond_kwargs: dict,
+                   guidance) -> dict:
+    """diffusers' Flux2Transformer2DModel's inputs as Flux2Pipeline makes them: the latent's 2x2 patches as tokens
+    (its _patchify_latents + _pack_latents), 4-axis position ids, the timestep sigma (the pipeline's t / 1000) and
+    the guidance embedding's input."""
+    param = next(denoiser.parameters())
+    batch, _, h, w = x_t.shape
+    img_ids, txt_ids = axis4_position_ids(h // 2, w // 2, cond_kwargs["encoder_hidden_states"].shape[1], param.device)
+    kwargs = dict(cond_kwargs, hidden_states=pack_tokens(x_t, 2), img_ids=img_ids, txt_ids=txt_ids,
+                  timestep=torch.full((batch,), sigma * 1000, device=param.device, dtype=param.dtype) / 1000)
+    if guidance is not None:
+        kwargs["guidance"] = torch.full((batch,), guidance, device=param.device, dtype=torch.float32)
+    return kwargs
+
+
+def empirical_mu(image_tokens: int, steps: int) -> float:
+    """Flux2Pipeline's resolution shift mu (its compute_empirical_mu): fitted in the image's token count and the
+    number of steps, not the scheduler config's line."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    return compute_empirical_mu(image_tokens, steps)
+
+
 FAMILY = Family(
     name="flux2", description="Flux.2 dev (DiT, Mistral Small 3.1 text encoder); Klein shares the architecture",
     denoiser="transformer", native_size=1024,
     # diffusers' Flux2Pipeline: the hidden states of Mistral3's layers 10, 20 and 30 (width 5120 each) side by side
     # per token, for 512 tokens (max_sequence_length). Klein uses Qwen3 (layers 9, 18, 27) instead.
-    text_encoders=(TextEncoder("mistral3", 3 * 5120),), text_tokens=512,
+    text_encoders=(TextEncoder("mistral3", 3 * 5120, layers=(10, 20, 30)),), text_tokens=512,
     presets={
         # Ours, not validated: no paper picks Flux.2 layers yet. The input of the single block at the relative depth
         # of DiTF's Flux.1 choice (block 28 of 57 there; 27 of 56 here).
@@ -117,4 +141,9 @@ FAMILY = Family(
     single_file=False,  # until DF_MODEL loads DiT checkpoints
     native=False,  # until the native backend maps ComfyUI's Flux.2 (and only ComfyUIs that have it)
     networks={"Flux2Transformer2DModel": diffusers_layout, "Flux": native_layout}, comfy_missing=comfy_missing,
+    # Flux2Pipeline: the VAE latent normalised by the VAE's batch-norm statistics (engine/latent_scaling), 2x2
+    # patches packed as tokens, timestep sigma, guidance embedding 4.0 (its default guidance_scale), sigmas
+    # linspace(1, 1 / steps) shifted by its empirical mu.
+    flow=True, timestep_scale=1 / 1000, latent_patch=2, guidance=4.0, linspace_sigmas=True,
+    network_inputs=network_inputs, sampling_mu=empirical_mu,
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..tap import is_pixart
+from .dit_layout import axis4_position_ids
 from .registry import FAMILIES, get_family
 
 
@@ -67,14 +68,10 @@ def dummy_inputs(model: torch.nn.Module, height: int, width: int, *, batch: int 
         return kwargs
     if type(model).__name__ == "Flux2Transformer2DModel":  # 2x2-patchified latent tokens, 4-axis positions
         ph, pw = h // 2, w // 2
-        img_ids = torch.zeros(ph, pw, 4, device=device)
-        txt_ids = torch.zeros(text_tokens, 4, device=device)
-        if torch.device(device).type != "meta":
-            img_ids[..., 1], img_ids[..., 2] = torch.arange(ph, device=device)[:, None], torch.arange(pw, device=device)
-            txt_ids[:, 3] = torch.arange(text_tokens, device=device)
+        img_ids, txt_ids = axis4_position_ids(ph, pw, text_tokens, device)
         kwargs.update(hidden_states=rand(batch, ph * pw, cfg.in_channels),
                       encoder_hidden_states=rand(batch, text_tokens, cfg.joint_attention_dim),
-                      img_ids=img_ids.reshape(-1, 4), txt_ids=txt_ids, timestep=kwargs["timestep"].to(dtype) / 1000)
+                      img_ids=img_ids, txt_ids=txt_ids, timestep=kwargs["timestep"].to(dtype) / 1000)
         if cfg.guidance_embeds:
             kwargs["guidance"] = torch.full((batch,), 4.0, device=device, dtype=dtype)
         return kwargs

@@ -128,12 +128,28 @@ def comfy_missing(net: torch.nn.Module) -> str | None:
     return "a NextDiT built with Z-Image's options (ComfyUI's ZImage model, in ComfyUIs newer than v0.3.64)"
 
 
+def network_inputs(denoiser: torch.nn.Module, x_t: torch.Tensor, sigma: float, cond_kwargs: dict,
+                   guidance) -> dict:
+    """diffusers' ZImageTransformer2DModel's inputs as ZImagePipeline makes them: lists of per-sample latents
+    (C, 1, H, W) and captions (their real tokens only: the Conditioning's mask), and t = (1000 - sigma * 1000) / 1000,
+    the model's time running from 0 (noise) to 1 (image)."""
+    states, mask = cond_kwargs["encoder_hidden_states"], cond_kwargs.get("encoder_attention_mask")
+    captions = [row if mask is None else row[mask[i].bool()] for i, row in enumerate(states)]
+    t = (1000 - torch.full((x_t.shape[0],), sigma * 1000, dtype=torch.float32)) / 1000
+    return dict(x=list(x_t.unsqueeze(2).unbind(0)), t=t.to(x_t.device), cap_feats=captions)
+
+
+def network_output(prediction, latent_hw) -> torch.Tensor:
+    """The model's per-sample outputs (C, 1, H, W) as the flow velocity (B, C, H, W): its pipeline negates them."""
+    return -torch.stack(list(prediction)).squeeze(2)
+
+
 FAMILY = Family(
     name="z-image", description="Z-Image Turbo / base (single-stream DiT with image and caption refiners, Qwen3-4B)",
     denoiser="transformer", native_size=1024,
     # diffusers' ZImagePipeline: Qwen3-4B's second-to-last hidden state (2560 wide) of the chat-templated prompt,
     # only its real tokens (at most max_sequence_length = 512; no padding reaches the model).
-    text_encoders=(TextEncoder("qwen3", 2560),), text_tokens=512,
+    text_encoders=(TextEncoder("qwen3", 2560, layers=(-2,)),), text_tokens=512,
     presets={
         # Ours, not validated (no study has picked Z-Image layers yet): every fifth main layer's residual output and
         # its attention input, ending at the last layer.
@@ -147,4 +163,8 @@ FAMILY = Family(
     single_file=False,  # until DF_MODEL loads DiT checkpoints
     native=False,  # until the native backend maps ComfyUI's NextDiT
     networks={"ZImageTransformer2DModel": diffusers_layout, "NextDiT": native_layout}, comfy_missing=comfy_missing,
+    # ZImagePipeline: flow-match Euler on sigmas linspace(1, 1 / steps) with the scheduler's static shift 3; the
+    # network patches the latent itself, is given 1 - sigma and predicts the negative velocity (network_inputs /
+    # network_output convert); no guidance embedding. Its guidance_scale g is cfg = g + 1 here (Turbo: g 0, cfg 1).
+    flow=True, linspace_sigmas=True, network_inputs=network_inputs, network_output=network_output,
 )

@@ -1,0 +1,50 @@
+"""Prompts through Qwen3 (Z-Image's text encoder), as diffusers' ZImagePipeline.encode_prompt makes them: each prompt
+put in the tokenizer's chat template as one user message (generation prompt on, thinking enabled), tokenized to
+max_sequence_length (padded, truncated), run with its padding mask, and the hidden states of the family's layers
+(TextEncoder.layers; Z-Image: the second-to-last) side by side, real tokens only.
+
+The pipeline hands the transformer a list of per-prompt embeddings of their own lengths. A Conditioning holds one
+tensor, so the prompts' real tokens are put first and zero-padded to the longest, with encoder_attention_mask
+marking the real ones; the family's network_inputs cuts each row back to its real tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...layer_catalog import get_family
+from ..conditioning import Conditioning
+
+# The template a Qwen3 tokenizer without its own (ComfyUI's bundled Qwen vocabulary, random weights) is given: what
+# Qwen3's own template renders for one user message with a generation prompt.
+CHAT_TEMPLATE = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                 "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+                 "{%- if enable_thinking is defined and enable_thinking is false %}"
+                 "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
+
+
+def templated(tokenizer, prompt: str) -> str:
+    """The prompt as ZImagePipeline puts it before tokenizing."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=True)
+
+
+@torch.no_grad()
+def encode(model, prompts: list[str]) -> Conditioning:
+    fam = get_family(model.family)
+    spec = fam.text_encoders[0]
+    if not model.tokenizers or not model.text_encoders:
+        raise ValueError(f"a {fam.name} model needs its Qwen3 text encoder and tokenizer")
+    tokenizer, encoder = model.tokenizers[0], model.text_encoders[0]
+    device = next(encoder.parameters()).device
+    inputs = tokenizer([templated(tokenizer, p) for p in prompts], padding="max_length", max_length=fam.text_tokens,
+                       truncation=True, return_tensors="pt")
+    mask = inputs.attention_mask.to(device).bool()
+    out = encoder(input_ids=inputs.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+    states = torch.cat([out.hidden_states[k] for k in spec.layers], dim=-1)
+    lengths = mask.sum(1)
+    longest = int(lengths.max())
+    rows = states.new_zeros(len(prompts), longest, states.shape[-1])
+    for i, row in enumerate(states):
+        rows[i, :lengths[i]] = row[mask[i]]
+    real = torch.arange(longest, device=device)[None] < lengths[:, None]
+    return Conditioning(rows.to(model.dtype), encoder_attention_mask=real.long(), prompts=prompts)

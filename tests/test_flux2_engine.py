@@ -1,0 +1,153 @@
+"""Flux.2 on DF_MODEL (the diffusers backend): prompts equal Flux2Pipeline.encode_prompt (Mistral3's layers 10, 20, 30
+side by side, 512 tokens), extraction equals a hand-run of the transformer on the pipeline's own embeddings, latents
+normalised by the VAE's batch-norm statistics and packed as the pipeline does, 4-axis ids and the guidance input;
+generation equals the pipeline from the same noise (empirical mu, linspace sigmas, guidance 4)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_feature.layer_catalog import FeatureCapture, get_family, taps_of
+from test_flux_engine import extract
+from test_z_image_engine import tiny_qwen_tokenizer
+
+F2 = "flux2"
+H, W = 64, 128  # pixels: an 8x16 VAE latent, a 4x8 token grid
+LATENT_CHANNELS, TEXT = 4, 8  # the tiny VAE's channels; the tiny Mistral's width (three layers side by side: 24)
+IDS = ["dit-in", "vit-block0-out", "vit-block0-txt-q", "vit-block1-cross-map", "vit-block2-in", "vit-block3-txt-out",
+       "dit-out"]
+TEMPLATE = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}{%- for part in "
+            "message['content'] %}{{- part['text'] }}{%- endfor %}{{- '<|im_end|>' }}{%- endfor %}")
+
+
+def tiny_parts(seed: int = 0) -> dict:
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(in_channels=4 * LATENT_CHANNELS, num_layers=2, num_single_layers=2,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=3 * TEXT,
+                                          timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2),
+                                          guidance_embeds=True).eval()
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 16, 16), norm_num_groups=4, latent_channels=LATENT_CHANNELS,
+                             layers_per_block=1, sample_size=64).eval()
+    with torch.no_grad():  # batch-norm statistics far from (0, 1), so the normalisation shows
+        vae.bn.running_mean.copy_(torch.randn(4 * LATENT_CHANNELS))
+        vae.bn.running_var.copy_(torch.rand(4 * LATENT_CHANNELS) * 3 + 0.5)
+    text = MistralConfig(vocab_size=272, hidden_size=TEXT, intermediate_size=16, num_hidden_layers=30,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=4, max_position_embeddings=1024)
+    vision = PixtralVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 head_dim=4, image_size=28, patch_size=14)
+    encoder = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision)).eval()
+    tokenizer = tiny_qwen_tokenizer()
+    tokenizer.chat_template = TEMPLATE
+    return dict(transformer=transformer, vae=vae, text_encoder=encoder, tokenizer=tokenizer)
+
+
+def feature_model(parts: dict):
+    from diffusion_feature.engine.model import FeatureModel
+
+    return FeatureModel(F2, parts["transformer"], parts["vae"], [parts["text_encoder"]], [parts["tokenizer"]],
+                        get_family(F2).config("scheduler", "scheduler_config.json"), source="tiny")
+
+
+def pipeline(parts: dict):
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+
+    cfg = get_family(F2).config("scheduler", "scheduler_config.json")
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(cfg), **parts)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return tiny_parts()
+
+
+@pytest.fixture(scope="module")
+def flux2(parts):
+    return feature_model(parts)
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(rng.integers(0, 256, (1, H, W, 3)).astype(np.float32) / 255)
+
+
+def pipeline_embeddings(parts: dict, prompts):
+    with torch.no_grad():
+        return pipeline(parts).encode_prompt(prompts, device=torch.device("cpu"))
+
+
+def test_prompts_equal_the_pipelines_encode_prompt(parts, flux2):
+    from diffusion_feature.engine.prompts import encode_prompt
+
+    prompts = ["a photo of a red house", "a cat [IMG]"]
+    cond = encode_prompt(flux2, prompts)
+    embeds, _ = pipeline_embeddings(parts, prompts)
+    assert cond.encoder_hidden_states.shape == (2, 512, 3 * TEXT)
+    torch.testing.assert_close(cond.encoder_hidden_states, embeds, atol=1e-6, rtol=1e-5)
+
+
+def hand_run(parts, image, prompt: str, sigma: float, seed: int, guidance: float = 4.0, ids=IDS):
+    """The transformer run as Flux2Pipeline calls it: its own encode_prompt and text ids, the latent normalised in
+    its patchified space by the VAE's batch-norm statistics (its _encode_vae_image), x_t built here on the latent
+    grid, then its _patchify_latents / _pack_latents / _prepare_latent_ids, timestep sigma, guidance."""
+    pipe = pipeline(parts)
+    net, vae = parts["transformer"], parts["vae"]
+    embeds, text_ids = pipeline_embeddings(parts, prompt)
+    with torch.no_grad():
+        pixels = ((image * 255).round() / 127.5 - 1).permute(0, 3, 1, 2).contiguous()
+        patched = pipe._patchify_latents(vae.encode(pixels).latent_dist.mean)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+        x0 = pipe._unpatchify_latents((patched - mean) / std)
+        eps = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed))
+        x_t = pipe._patchify_latents((1 - sigma) * x0 + sigma * eps)
+        kwargs = dict(hidden_states=pipe._pack_latents(x_t), timestep=torch.tensor([sigma]),
+                      guidance=torch.tensor([guidance]), encoder_hidden_states=embeds, txt_ids=text_ids,
+                      img_ids=pipe._prepare_latent_ids(x_t))
+        with FeatureCapture(net, taps_of(net, ids), token_grid=tuple(x0.shape[-2:])) as capture:
+            capture.run(**kwargs)
+    return capture.features
+
+
+def test_extraction_equals_a_hand_run_of_the_transformer(parts, flux2, image):
+    got = extract(flux2, image, "a red house", IDS, t=600, seed=4, vae_sample=False)
+    want = hand_run(parts, image, "a red house", 0.6, seed=4)
+    for k in IDS:
+        torch.testing.assert_close(got.tensors[k], want[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert got.tensors["dit-in"].shape == (1, 16, 4, 8)  # the pipeline's patchified latent, ComfyUI's Flux.2 latent
+    assert got.tensors["vit-block1-cross-map"].shape[-1] == 512
+    assert (got.meta["t"], got.meta["sigma"], got.meta["shift"], got.meta["guidance"]) == (600, 0.6, None, 4.0)
+    other = extract(flux2, image, "a red house", ["vit-block2-in"], t=600, seed=4, vae_sample=False, guidance=2.5)
+    torch.testing.assert_close(other.tensors["vit-block2-in"],
+                               hand_run(parts, image, "a red house", 0.6, 4, guidance=2.5)["vit-block2-in"],
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_latents_round_trip_through_the_batch_norm(parts):
+    from diffusion_feature.engine import latent_scaling
+
+    z = torch.randn(2, LATENT_CHANNELS, 8, 12)
+    x = latent_scaling.to_denoiser(parts["vae"], z)
+    assert not torch.allclose(x, z, atol=0.1)
+    torch.testing.assert_close(latent_scaling.to_vae(parts["vae"], x), z, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_equals_the_pipeline_from_the_same_noise(parts, flux2):
+    """Flux2Pipeline from our seeded noise (its latents= argument, patchified as it draws them): its empirical mu,
+    linspace sigmas, guidance 4, the batch-norm undone before decoding. The pipeline draws its noise in the
+    patchified shape, so the same seed alone gives other noise: the noise is handed over."""
+    from diffusion_feature.engine.generation import generate
+
+    steps, seed = 2, 5
+    gen = generate(flux2, "a red house", steps=steps, cfg=1.0, seed=seed, width=W, height=H,
+                   layers=["dit-out"], capture_steps="all")
+    noise = torch.randn(1, LATENT_CHANNELS, H // 8, W // 8, generator=torch.Generator().manual_seed(seed))
+    pipe = pipeline(parts)
+    want = pipe(prompt="a red house", height=H, width=W, num_inference_steps=steps,
+                latents=pipe._patchify_latents(noise), output_type="pt")
+    torch.testing.assert_close(gen.images, want.images.permute(0, 2, 3, 1), atol=1e-5, rtol=1e-4)
+    assert gen.features.meta["guidance"] == 4.0 and gen.features.tensors["dit-out"].shape == (2, 16, 4, 8)
