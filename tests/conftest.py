@@ -225,6 +225,7 @@ _SERVERS = {"server", "frontend_server", "comfy_servers"}
 _INTEGRATION = {"comfy", "comfy_new", *_SERVERS}  # a real ComfyUI
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks into the node ids
 def pytest_collection_modifyitems(config, items):
     """Mark each test by the fixtures it asks for, so a new test that needs a ComfyUI is in its tier unasked."""
     for item in items:
@@ -233,13 +234,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
         if "chromium" in needs:
             item.add_marker(pytest.mark.browser)
-        # under pytest-xdist (-n 2 --dist loadgroup): the tests that need a ComfyUI server all run in one worker
-        # (the servers and the model files written into their folders are one per session, as without xdist);
-        # those that import ComfyUI's model code in-process (which writes nothing there) in one other group
-        if needs & (_SERVERS | {"chromium"}):
-            item.add_marker(pytest.mark.xdist_group("comfyui-servers"))
-        elif needs & _INTEGRATION:
-            item.add_marker(pytest.mark.xdist_group("comfyui-in-process"))
+        group = _xdist_group(item, needs)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def _xdist_group(item, needs: set) -> str | None:
+    """Under pytest-xdist (-n 2 --dist loadgroup) the tests that share a costly session or module resource run in one
+    worker: a ComfyUI version's server tests (its servers start once, and the tiny model files written into its
+    folders are written by one process), and one test module's in-process tests of one ComfyUI version (its model
+    code is imported once). The two versions' servers run in the two workers side by side."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if needs & (_SERVERS | {"chromium"}):
+        name = params.get("server") or params.get("frontend_server")
+        version = (VERSIONS.get(name) or FRONTENDS.get(name) or ("any",))[0]
+        return f"comfyui-server-{version}"
+    if needs & _INTEGRATION:
+        return f"comfyui-{params.get('comfy') or params.get('comfy_new') or 'any'}-{item.module.__name__}"
+    return None
 
 
 def pytest_collection_finish(session):

