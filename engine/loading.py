@@ -83,7 +83,8 @@ def default_tokenizer(family: str, index: int):
 
 # Text encoder kinds whose tokenizer ComfyUI bundles (comfy/text_encoders/<folder>), with its name in messages
 HOST_TOKENIZERS = {"t5": ("t5_tokenizer", "T5"), "qwen2.5-vl": ("qwen25_tokenizer", "Qwen2.5-VL"),
-                   "qwen3": ("qwen25_tokenizer", "Qwen3")}  # Qwen3 shares Qwen2.5's vocabulary (ComfyUI's Z-Image)
+                   "qwen3": ("qwen25_tokenizer", "Qwen3"),  # Qwen3 shares Qwen2.5's vocabulary (ComfyUI's Z-Image)
+                   "mistral3": (None, "Mistral3")}  # no host ships Mistral's Tekken vocabulary: a folder's only
 
 
 def _host_tokenizer(family: str, kind: str):

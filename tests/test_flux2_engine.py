@@ -151,3 +151,75 @@ def test_generation_equals_the_pipeline_from_the_same_noise(parts, flux2):
                 latents=pipe._patchify_latents(noise), output_type="pt")
     torch.testing.assert_close(gen.images, want.images.permute(0, 2, 3, 1), atol=1e-5, rtol=1e-4)
     assert gen.features.meta["guidance"] == 4.0 and gen.features.tensors["dit-out"].shape == (2, 16, 4, 8)
+
+
+@pytest.fixture(scope="module")
+def saved(parts, tmp_path_factory):
+    """The tiny model as Flux2Pipeline.save_pretrained writes it (model_index.json, tokenizer/, text_encoder/...)."""
+    folder = tmp_path_factory.mktemp("flux2") / "tiny-flux2"
+    pipeline(parts).save_pretrained(folder)
+    return folder
+
+
+def test_a_saved_folder_loads_and_extracts_as_the_model_it_was_saved_from(flux2, saved, image):
+    from diffusion_feature.engine.loading import load_model
+
+    loaded = load_model(saved)
+    assert loaded.family == F2 and type(loaded.text_encoders[0]).__name__ == "Mistral3ForConditionalGeneration"
+    ids = ["vit-block0-txt-q", "vit-block2-cross-map", "vit-block3-out"]
+    got = extract(loaded, image, "a red house", ids, t=600, seed=4, vae_sample=False)
+    want = extract(flux2, image, "a red house", ids, t=600, seed=4, vae_sample=False)
+    for k in ids:
+        torch.testing.assert_close(got.tensors[k], want.tensors[k], atol=0, rtol=0, msg=k)
+
+
+def test_a_text_encoder_of_another_family_is_refused_in_one_line(saved, tmp_path):
+    import json
+    import shutil
+
+    from diffusion_feature.engine.checkpoint_files import CheckpointError
+    from diffusion_feature.engine.loading import load_model
+
+    folder = shutil.copytree(saved, tmp_path / "foreign")
+    (folder / "text_encoder" / "config.json").write_text(json.dumps({"architectures": ["T5EncoderModel"],
+                                                                     "model_type": "t5", "d_model": 8}))
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder)
+    assert str(err.value).startswith("'foreign'/text_encoder is a T5EncoderModel (t5), not flux2's text encoder: "
+                                     "flux2 takes a Mistral3ForConditionalGeneration (mistral3)")
+    assert "\n" not in str(err.value)
+
+
+def test_random_weights_name_the_missing_mistral_tokenizer_before_building():
+    """No host ships Mistral's tokenizer: random:flux2 stops at once (before building 56B parameters), saying where
+    a tokenizer can come from."""
+    from diffusion_feature.engine.loading import RandomWeightsWarning, load_model
+    from diffusion_feature.engine.tokenizers import TokenizerMissingError
+
+    with pytest.warns(RandomWeightsWarning), pytest.raises(TokenizerMissingError) as err:
+        load_model("random:flux2")
+    assert str(err.value) == ("flux2 needs its Mistral3 tokenizer: load it from a diffusers folder that has "
+                              "tokenizer/. It is never downloaded.")
+
+
+def test_the_shipped_configs_build_flux2_dev():
+    """The shipped configs are FLUX.2-dev's (diffusers' scripts/convert_flux2_to_diffusers.py flux2-dev and the
+    default AutoencoderKLFlux2; Mistral Small 3.1/3.2's text config without a sliding window, its SiLU vision
+    tower): built without memory (meta tensors), the parameter counts are the published 32B / 24B, the text
+    encoder's three layers side by side are the transformer's text width, the latent the transformer's input."""
+    import diffusers
+    import transformers
+
+    fam = get_family(F2)
+    with torch.device("meta"):
+        net = diffusers.Flux2Transformer2DModel.from_config(fam.denoiser_config())
+        vae = diffusers.AutoencoderKLFlux2.from_config(fam.config("vae"))
+        config = transformers.AutoConfig.from_pretrained(str(fam.config_dir / "text_encoder"))
+        encoder = transformers.Mistral3ForConditionalGeneration._from_config(config)
+    billions = [sum(p.numel() for p in m.parameters()) / 1e9 for m in (net, encoder)]
+    assert 32.0 < billions[0] < 32.5 and 23.9 < billions[1] < 24.1, billions
+    assert config.text_config.sliding_window is None and config.vision_config.hidden_act == "silu"
+    assert not config.tie_word_embeddings  # its own lm_head: the 0.67B that make 24B
+    assert net.config.joint_attention_dim == fam.text_width == 3 * config.text_config.hidden_size
+    assert net.config.in_channels == 4 * vae.config.latent_channels and vae.bn.num_features == net.config.in_channels
+    assert len(fam.text_encoders[0].layers) == 3 and max(fam.text_encoders[0].layers) <= config.text_config.num_hidden_layers
