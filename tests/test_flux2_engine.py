@@ -253,17 +253,17 @@ def klein_pipeline(parts: dict):
 
 @pytest.fixture(scope="module")
 def klein(parts, tmp_path_factory):
-    """(its parts, the FeatureModel loaded from its Flux2KleinPipeline.save_pretrained folder)."""
+    """(its parts, the FeatureModel loaded from its Flux2KleinPipeline.save_pretrained folder, that folder)."""
     from diffusion_feature.engine.loading import load_model
 
     kparts = klein_parts(parts["vae"])
     folder = tmp_path_factory.mktemp("klein") / "tiny-klein"
     klein_pipeline(kparts).save_pretrained(folder)
-    return kparts, load_model(folder)
+    return kparts, load_model(folder), folder
 
 
 def test_klein_loads_as_flux2_by_its_qwen3_text_encoder(klein):
-    _, model = klein
+    _, model, _ = klein
     assert model.family == F2 and type(model.text_encoders[0]).__name__ == "Qwen3ForCausalLM"
     spec = get_family(F2).encoders_of(model.text_encoders)[0]
     assert (spec.kind, spec.layers, spec.thinking, spec.keep_padding) == ("qwen3", (9, 18, 27), False, True)
@@ -272,7 +272,7 @@ def test_klein_loads_as_flux2_by_its_qwen3_text_encoder(klein):
 def test_klein_prompts_equal_its_pipelines_encode_prompt(klein):
     from diffusion_feature.engine.prompts import encode_prompt
 
-    kparts, model = klein
+    kparts, model, _ = klein
     prompts = ["a photo of a red house", "a cat"]
     cond = encode_prompt(model, prompts)
     with torch.no_grad():
@@ -282,9 +282,37 @@ def test_klein_prompts_equal_its_pipelines_encode_prompt(klein):
 
 
 def test_klein_extraction_equals_a_hand_run_of_its_pipeline(klein, image):
-    kparts, model = klein
+    kparts, model, _ = klein
     got = extract(model, image, "a red house", IDS, t=600, seed=4, vae_sample=False)
     want = hand_run(kparts, image, "a red house", 0.6, seed=4, guidance=None, pipe=klein_pipeline(kparts))
     for k in IDS:
         torch.testing.assert_close(got.tensors[k], want[k], atol=1e-6, rtol=1e-5, msg=k)
     assert got.meta["guidance"] is None and got.tensors["vit-block1-cross-map"].shape[-1] == 512
+
+
+def test_nodes_load_a_klein_folder_extract_save_and_read_back(klein, image, tmp_path, monkeypatch):
+    """The ComfyUI graph in-process: DFLoadDiffusers (the folder in models/diffusers) -> DFEncodePrompt ->
+    DFAttachHooks -> DFExtractFeatures -> DFSaveFeatures -> DFLoadFeatures: the file read back holds the engine's
+    extraction of the same model."""
+    import shutil
+
+    from diffusion_feature import NODE_CLASS_MAPPINGS
+    from diffusion_feature.engine.extraction import extract as engine_extract
+
+    _, model, folder = klein
+    monkeypatch.setenv("DF_DIFFUSERS_DIR", str(tmp_path / "diffusers"))
+    monkeypatch.setenv("DF_OUTPUT_DIR", str(tmp_path / "output"))
+    shutil.copytree(folder, tmp_path / "diffusers" / "klein")
+    N = {name: cls() for name, cls in NODE_CLASS_MAPPINGS.items()}
+    (loaded,) = N["DFLoadDiffusers"].load(model_path="klein", dtype="float32", device="cpu")
+    (cond,) = N["DFEncodePrompt"].encode(loaded, "a red house")
+    (hooked,) = N["DFAttachHooks"].attach(loaded, "vit-block0-txt-q\nvit-block3-out", "none")
+    (features,) = N["DFExtractFeatures"].extract(hooked, image, cond, 600, 4, resize="stretch")
+    out = N["DFSaveFeatures"].save(features, "klein/house", "safetensors", "per-sample")
+    assert [e["filename"] for e in out["ui"]["features"]] == ["house_00001_.safetensors"]
+    (back,) = N["DFLoadFeatures"].load("klein/house_00001_.safetensors")
+    want = engine_extract(model, image, "a red house", ["vit-block0-txt-q", "vit-block3-out"], t=600, seed=4,
+                          resize="stretch")
+    assert set(back.tensors) == set(want.tensors) == {"vit-block0-txt-q", "vit-block3-out"}
+    for k, tensor in want.tensors.items():
+        torch.testing.assert_close(back.tensors[k], tensor, atol=1e-6, rtol=1e-5, msg=k)
