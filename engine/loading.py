@@ -75,15 +75,17 @@ def default_tokenizers(family: str) -> list:
     return [default_tokenizer(family, i) for i in range(len(get_family(family).text_encoders))]
 
 
-def default_tokenizer(family: str, index: int):
-    """The default tokenizer of the family's text encoder number `index` (see default_tokenizers)."""
-    spec = get_family(family).text_encoders[index]
+def default_tokenizer(family: str, index: int, specs=None):
+    """The default tokenizer of the family's text encoder number `index` (see default_tokenizers); `specs`: the
+    TextEncoders of the encoders loaded (a variant's, Family.encoders_of), default the family's own."""
+    spec = (specs or get_family(family).text_encoders)[index]
     return clip_tokenizer(spec.pad) if spec.kind == "clip" else _host_tokenizer(family, spec.kind)
 
 
 # Text encoder kinds whose tokenizer ComfyUI bundles (comfy/text_encoders/<folder>), with its name in messages
 HOST_TOKENIZERS = {"t5": ("t5_tokenizer", "T5"), "qwen2.5-vl": ("qwen25_tokenizer", "Qwen2.5-VL"),
-                   "qwen3": ("qwen25_tokenizer", "Qwen3")}  # Qwen3 shares Qwen2.5's vocabulary (ComfyUI's Z-Image)
+                   "qwen3": ("qwen25_tokenizer", "Qwen3"),  # Qwen3 shares Qwen2.5's vocabulary (ComfyUI's Z-Image)
+                   "mistral3": (None, "Mistral3")}  # no host ships Mistral's Tekken vocabulary: a folder's only
 
 
 def _host_tokenizer(family: str, kind: str):
@@ -214,8 +216,8 @@ def _check_pipeline(fam, folder: Path) -> None:
 
 
 def _check_encoder(fam, config_path: Path, where: str) -> None:
-    """A text encoder of another family's model (its config's model_type is not the family's shipped one's: T5
-    where Qwen2.5-VL belongs) is refused in one line naming what fits."""
+    """A text encoder of another family's model (its config's model_type is neither the family's shipped one's nor
+    one of its text_variants: T5 where Qwen2.5-VL belongs) is refused in one line naming what fits."""
     want_path = fam.config_dir / config_path.parent.name / "config.json"
     if not want_path.is_file() or not config_path.is_file():
         return
@@ -224,10 +226,12 @@ def _check_encoder(fam, config_path: Path, where: str) -> None:
         got = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return  # transformers' own load names an unreadable config
-    if isinstance(got, dict) and got.get("model_type") and got.get("model_type") != want.get("model_type"):
+    if isinstance(got, dict) and got.get("model_type") and got.get("model_type") != want.get("model_type") \
+            and got.get("model_type") not in fam.text_variants:
         named = (got.get("architectures") or [got["model_type"]])[0]
         raise CheckpointError(f"{where} is a {named} ({got['model_type']}), not {fam.name}'s text encoder: "
-                              f"{fam.name} takes a {want['architectures'][0]} ({want['model_type']})")
+                              f"{fam.name} takes a {want['architectures'][0]} ({want['model_type']})"
+                              + "".join(f" or a {kind} model" for kind in fam.text_variants))
 
 
 def _folder_components(folder: Path, family: str) -> tuple:
@@ -251,7 +255,8 @@ def _folder_components(folder: Path, family: str) -> tuple:
         cls = cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else AutoModel
         encoders.append(cls.from_pretrained(folder / enc_name, **kw))
         tok_dir = folder / tok_name
-        tokenizers.append(load_tokenizer(tok_dir) if tok_dir.is_dir() else default_tokenizer(family, i))
+        tokenizers.append(load_tokenizer(tok_dir) if tok_dir.is_dir()
+                          else default_tokenizer(family, i, fam.encoders_of(encoders)))
     scheduler = _read_config(folder / "scheduler" / "scheduler_config.json", folder)
     return vae, encoders, tokenizers, scheduler
 

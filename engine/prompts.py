@@ -73,7 +73,7 @@ def encode_prompt(model, prompts) -> Conditioning:
 
 def _encode(model, prompts: list[str]) -> Conditioning:
     fam, dtype = get_family(model.family), model.dtype
-    language_model = encoder_for(fam.text_encoders[0].kind)
+    language_model = encoder_for(fam.encoders_of(model.text_encoders)[0].kind)
     if language_model is not None:
         return language_model(model, prompts)
     if fam.text_encoders[0].kind == "t5":

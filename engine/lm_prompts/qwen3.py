@@ -1,7 +1,9 @@
 """Prompts through Qwen3 (Z-Image's text encoder), as diffusers' ZImagePipeline.encode_prompt makes them: each prompt
 put in the tokenizer's chat template as one user message (generation prompt on, thinking enabled), tokenized to
 max_sequence_length (padded, truncated), run with its padding mask, and the hidden states of the family's layers
-(TextEncoder.layers; Z-Image: the second-to-last) side by side, real tokens only.
+(TextEncoder.layers; Z-Image: the second-to-last) side by side, real tokens only. Flux.2 Klein's variant
+(Flux2KleinPipeline) turns thinking off and keeps all max_sequence_length tokens, padding included, unmasked
+(TextEncoder.thinking / keep_padding).
 
 The pipeline hands the transformer a list of per-prompt embeddings of their own lengths. A Conditioning holds one
 tensor, so the prompts' real tokens are put first and zero-padded to the longest, with encoder_attention_mask
@@ -22,25 +24,27 @@ CHAT_TEMPLATE = ("{%- for message in messages %}{{- '<|im_start|>' + message['ro
                  "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
 
 
-def templated(tokenizer, prompt: str) -> str:
-    """The prompt as ZImagePipeline puts it before tokenizing."""
+def templated(tokenizer, prompt: str, thinking: bool = True) -> str:
+    """The prompt as ZImagePipeline (thinking on) or Flux2KleinPipeline (off) puts it before tokenizing."""
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=True)
+                                         add_generation_prompt=True, enable_thinking=thinking)
 
 
 @torch.no_grad()
 def encode(model, prompts: list[str]) -> Conditioning:
     fam = get_family(model.family)
-    spec = fam.text_encoders[0]
     if not model.tokenizers or not model.text_encoders:
         raise ValueError(f"a {fam.name} model needs its Qwen3 text encoder and tokenizer")
+    spec = fam.encoders_of(model.text_encoders)[0]
     tokenizer, encoder = model.tokenizers[0], model.text_encoders[0]
     device = next(encoder.parameters()).device
-    inputs = tokenizer([templated(tokenizer, p) for p in prompts], padding="max_length", max_length=fam.text_tokens,
-                       truncation=True, return_tensors="pt")
+    inputs = tokenizer([templated(tokenizer, p, spec.thinking) for p in prompts], padding="max_length",
+                       max_length=fam.text_tokens, truncation=True, return_tensors="pt")
     mask = inputs.attention_mask.to(device).bool()
     out = encoder(input_ids=inputs.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
     states = torch.cat([out.hidden_states[k] for k in spec.layers], dim=-1)
+    if spec.keep_padding:
+        return Conditioning(states.to(model.dtype), prompts=prompts)
     lengths = mask.sum(1)
     longest = int(lengths.max())
     rows = states.new_zeros(len(prompts), longest, states.shape[-1])

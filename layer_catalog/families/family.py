@@ -28,6 +28,11 @@ class TextEncoder:
     # states are left out (the template's fixed prefix)
     template: str | None = None
     drop: int = 0
+    # Qwen3's chat template with thinking enabled (ZImagePipeline) or disabled (Flux2KleinPipeline)
+    thinking: bool = True
+    # the whole max_length sequence handed on, padding included and unmasked (Flux2KleinPipeline, Flux2Pipeline),
+    # instead of the prompts' real tokens with a mask (ZImagePipeline)
+    keep_padding: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,15 @@ class Family:
     # Sampling with a dynamically shifting scheduler: sampling_mu(image tokens, steps) -> mu, where the pipeline
     # computes its own (Flux2Pipeline) instead of the scheduler config's line in the token count (FluxPipeline)
     sampling_mu: Callable | None = None
+    # Text encoders a model of the family may come with instead of text_encoders, chosen by the loaded encoder's
+    # config model_type (Flux.2 Klein: Qwen3 where dev has Mistral3); see encoders_of
+    text_variants: dict[str, tuple[TextEncoder, ...]] = field(default_factory=dict)
+
+    def encoders_of(self, text_encoders) -> tuple[TextEncoder, ...]:
+        """The TextEncoder specs of a model's loaded text encoders: a variant's where the first one's config
+        model_type names one (text_variants), else the family's own."""
+        first = text_encoders[0] if text_encoders else None
+        return self.text_variants.get(getattr(getattr(first, "config", None), "model_type", None), self.text_encoders)
 
     @property
     def config_dir(self) -> Path:

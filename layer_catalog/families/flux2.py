@@ -116,11 +116,16 @@ def empirical_mu(image_tokens: int, steps: int) -> float:
 
 
 FAMILY = Family(
-    name="flux2", description="Flux.2 dev (DiT, Mistral Small 3.1 text encoder); Klein shares the architecture",
+    name="flux2", description="Flux.2 dev (DiT, Mistral Small 3.1 text encoder) and Klein (Qwen3 text encoder)",
     denoiser="transformer", native_size=1024,
     # diffusers' Flux2Pipeline: the hidden states of Mistral3's layers 10, 20 and 30 (width 5120 each) side by side
     # per token, for 512 tokens (max_sequence_length). Klein uses Qwen3 (layers 9, 18, 27) instead.
     text_encoders=(TextEncoder("mistral3", 3 * 5120, layers=(10, 20, 30)),), text_tokens=512,
+    # Klein (Flux2KleinPipeline), chosen by a folder's Qwen3 text encoder: Qwen3's layers 9, 18, 27 side by side,
+    # its chat template with thinking off, all 512 tokens kept (padding included, unmasked). Width: Klein 4B's
+    # Qwen3-4B (2560; 9B's Qwen3-8B: 4096); no Klein transformer's guidance embedding (guidance_embeds false).
+    text_variants={"qwen3": (TextEncoder("qwen3", 3 * 2560, layers=(9, 18, 27), thinking=False,
+                                         keep_padding=True),)},
     presets={
         # Ours, not validated: no paper picks Flux.2 layers yet. The input of the single block at the relative depth
         # of DiTF's Flux.1 choice (block 28 of 57 there; 27 of 56 here).
