@@ -20,6 +20,7 @@ NATIVE_LORA = "df-native-sd15-lora.safetensors"
 NATIVE_FLUX = "df-native-flux-1single.safetensors"
 NATIVE_SD3 = "df-native-sd35-1block.safetensors"
 NATIVE_TAESD3 = "df-native-taesd3.safetensors"
+NATIVE_LUMINA2 = "df-native-lumina2-1layer.safetensors"
 
 
 def native_unet(seed: int = 0):
@@ -131,6 +132,51 @@ def write_native_flux(comfy_dir: Path) -> Path:
     for s in ("img", "txt"):
         for norm in ("query_norm", "key_norm"):
             state[f"double_blocks.0.{s}_attn.norm.{norm}.scale"] = torch.ones(128, dtype=torch.float8_e4m3fn)
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+# ComfyUI v0.3.64 detects Lumina2 from cap_embedder.1.weight and fixes its widths (model_detection: 2304 channels, 24
+# query and 8 key-value heads of 96, rope axes 32 + 32 + 32, two refiners of each stream as NextDiT's default); the
+# caption width and the depth are read from the file: Qwen3-4B's 2560 (the width Z-Image's prompts have) and one
+# main layer. No pad tokens (Lumina2 has none).
+def _lumina2_shapes() -> dict[str, tuple[int, ...]]:
+    d, hidden = 2304, 4 * 2304
+    block = {"attention.qkv": (3840, d), "attention.out": (d, d), "feed_forward.w1": (hidden, d),
+             "feed_forward.w2": (d, hidden), "feed_forward.w3": (hidden, d),
+             **{f"{n}": (d,) for n in ("attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2")},
+             "attention.q_norm": (96,), "attention.k_norm": (96,)}
+    shapes = {"x_embedder": (d, 64), "t_embedder.mlp.0": (1024, 256), "t_embedder.mlp.2": (1024, 1024),
+              "cap_embedder.0": (2560,), "cap_embedder.1": (d, 2560), "norm_final": (d,),
+              "final_layer.linear": (64, d), "final_layer.adaLN_modulation.1": (d, 1024)}
+    for prefix, modulated in (("noise_refiner.0", True), ("noise_refiner.1", True), ("context_refiner.0", False),
+                              ("context_refiner.1", False), ("layers.0", True)):
+        shapes.update({f"{prefix}.{n}": shape for n, shape in block.items()})
+        if modulated:
+            shapes[f"{prefix}.adaLN_modulation.1"] = (4 * d, 1024)
+    return shapes
+
+
+def write_native_lumina2(comfy_dir: Path) -> Path:
+    """A Lumina2 diffusion model (ComfyUI's NextDiT) that v0.3.64's UNETLoader detects, in float8 (~430 MB, computed
+    in with ComfyUI's manual cast; cached in `comfy_dir`/models/diffusion_models, built only when missing): the
+    network of z-image's native example on a ComfyUI too old for Z-Image. Weights scaled by 1/sqrt(fan-in), norm
+    scales 1."""
+    path = comfy_dir / "models" / "diffusion_models" / NATIVE_LUMINA2
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(7)
+    state = {}
+    for name, shape in _lumina2_shapes().items():
+        if len(shape) == 1:  # RMSNorm scales
+            state[f"{name}.weight"] = torch.ones(shape, dtype=torch.float8_e4m3fn)
+            continue
+        state[f"{name}.weight"] = (torch.randn(*shape, generator=g) / shape[1] ** 0.5).to(torch.float8_e4m3fn)
+        if not name.split(".")[-1].startswith(("qkv", "out", "w")):  # NextDiT's attention and FFN have no biases
+            state[f"{name}.bias"] = (torch.randn(shape[0], generator=g) * 0.02).to(torch.float8_e4m3fn)
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp))
     tmp.replace(path)

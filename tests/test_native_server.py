@@ -13,13 +13,15 @@ import torch
 
 from comfyui_harness import assert_memory_flat, execution_error, images_of, no_hooks, run_ok, saved_files
 from diffusion_feature.engine.features_io import load_features
-from native_checkpoint import (NATIVE_CKPT, NATIVE_CN, NATIVE_FLUX, NATIVE_LORA, NATIVE_SD3, NATIVE_TAESD3,
-                               write_native_flux, write_native_models, write_native_sd3)
+from native_checkpoint import (NATIVE_CKPT, NATIVE_CN, NATIVE_FLUX, NATIVE_LORA, NATIVE_LUMINA2, NATIVE_SD3,
+                               NATIVE_TAESD3, write_native_flux, write_native_lumina2, write_native_models,
+                               write_native_sd3)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
 NATIVE_EXAMPLES = ("native_ksampler_capture_timeline", "native_content_shift_controlnet", "native_lora_extract",
                    "native_match_points",
-                   "native_flux_capture_timeline", "native_sd35_cross_map", "native_flux_match_points")
+                   "native_flux_capture_timeline", "native_sd35_cross_map", "native_flux_match_points",
+                   "native_z_image_capture_timeline")
 LAYER = "up-level1-repeat1-res-out"  # the examples' PCA layer; the two-level UNet has it (320 channels, full grid)
 LAYERS = f"{LAYER}\nup-level1-repeat1-vit-block0-cross-q\nup-level1-repeat0-vit-block0-cross-map"
 
@@ -301,7 +303,11 @@ def test_flux_capture_timeline_and_sd35_cross_map_examples(server):
     step. SD3.5: Load Diffusion Model detects the one-block SD3.5 medium-kind file, Load VAE a 16-channel TAESD,
     the test node (family sd3) stands in for TripleCLIPLoader + CLIPTextEncode; DFExtractNative at t = 500 gives
     sigma 0.5 and no guidance, the cross-map (1 head, image tokens x 8 text tokens) rows of a softmax, and
-    DFAttentionMap one heatmap over the input image at its size. The 2024-03 ComfyUI predates Flux and SD3 (its
+    DFAttentionMap one heatmap over the input image at its size. Z-Image Turbo's recipe (ModelSamplingAuraFlow
+    shift 3, cfg 1) on a one-layer Lumina2 file at Lumina2's widths (v0.3.64 cannot load Z-Image; its NextDiT is
+    the same backbone), the test node (family z-image: Qwen3-4B's 2560 width and the attention mask) standing in for
+    CLIPLoader + CLIPTextEncode, Load VAE the 16-channel TAESD: rows labelled z-image on the 3 x 4 grid, the
+    shift-3 sigmas, one PCA image per captured step. The 2024-03 ComfyUI predates Flux, SD3 and Lumina2 (its
     loader cannot detect the files): skipped there by version."""
     if server.name == "comfy2024":
         pytest.skip("ComfyUI 2024-03 has no Flux or SD3: Load Diffusion Model cannot detect the files")
@@ -328,6 +334,33 @@ def test_flux_capture_timeline_and_sd35_cross_map_examples(server):
         assert f.meta["timestep"] == pytest.approx(1000 * f.meta["sigma"])
     assert metas[0].meta["sigma"] > metas[1].meta["sigma"] > 0
     assert len(images_of(entry)["10"]) == 2  # the joint PCA: one image per captured step
+    no_hooks(server)
+
+    write_native_lumina2(server.home / "ComfyUI")
+    write_native_sd3(server.home / "ComfyUI")  # its TAESD decodes the 16-channel latent
+    graph = _tiny_dit_example("native_z_image_capture_timeline", ("CLIPLoader",), NATIVE_LUMINA2, NATIVE_TAESD3)
+    layer = "vit-block0-out"  # the example's is Z-Image's layer 14; this file has one
+    for node in graph.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "CLIPTextEncode":
+            node["class_type"] = "DFTestFluxConditioning"
+            node["inputs"] = {"text": inputs["text"], "tokens": 8, "guidance": 0.0, "family": "z-image"}
+        elif kind == "EmptySD3LatentImage":
+            inputs.update(width=64, height=48)
+        elif kind == "KSampler":
+            assert (inputs["steps"], inputs["cfg"]) == (8, 1.0)
+            inputs["steps"] = 5
+        elif kind in ("DFCaptureLayers", "DFFeaturePCA"):
+            inputs["layers" if kind == "DFCaptureLayers" else "layer"] = layer
+    entry = run_ok(server, graph)
+    metas = [load_features(f) for f in saved_files(server, entry)]
+    assert [(f.meta["step"], f.meta["branch"]) for f in metas] == [(0, "cond"), (4, "cond")]
+    for f in metas:
+        assert f.meta["family"] == "z-image" and tuple(f.tensors[layer].shape) == (1, 2304, 3, 4)
+        assert f.meta["timestep"] == pytest.approx(1000 * f.meta["sigma"])
+    # ModelSamplingAuraFlow's shift 3 on the simple schedule: the second captured step (4 of 5) at 3s / (1 + 2s)
+    assert metas[0].meta["sigma"] == pytest.approx(1.0) and metas[1].meta["sigma"] == pytest.approx(0.6 / 1.4)
+    assert len(images_of(entry)["10"]) == 2 and len(images_of(entry)["14"]) == 1  # PCA per step; the decoded image
     no_hooks(server)
 
     write_native_sd3(server.home / "ComfyUI")
