@@ -324,6 +324,30 @@ def _native_sd35_cross_map_graph() -> dict:
     return g
 
 
+QWEN_IMAGE = "qwen_image_fp8_e4m3fn.safetensors"
+QWEN_CROSS_LAYER = "vit-block29-cross-map"  # the middle of Qwen-Image's 60 blocks
+QWEN_TOKEN = 5  # " house": ComfyUI's Qwen-Image encoder drops its template's prefix, "a photo of a red" are 0-4
+
+
+def _native_qwen_image_cross_map_graph() -> dict:
+    """Load Diffusion Model (Qwen-Image) + CLIPLoader (Qwen2.5-VL 7B, type qwen_image) + VAELoader -> DFExtractNative
+    (t = 500: sigma 0.5; Qwen-Image has no guidance input) -> DFAttentionMap: where the image attends to one prompt
+    token, over the image."""
+    g = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": QWEN_IMAGE, "weight_dtype": "default"}},
+         "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                                                      "type": "qwen_image", "device": "default"}},
+         "3": _clip_text(_link("2"), "a photo of a red house by a lake"),
+         "4": {"class_type": "VAELoader", "inputs": {"vae_name": "qwen_image_vae.safetensors"}},
+         "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}}}
+    g["5"] = _extract_native(_link("1"), _link("4"), _link("3"), _link("10"), QWEN_CROSS_LAYER)
+    g["5"]["inputs"]["t"] = 500
+    g["6"] = {"class_type": "DFAttentionMap", "inputs": {"features": _link("5"), "layer": QWEN_CROSS_LAYER,
+                                                          "token_index": QWEN_TOKEN, "query_x": 0.5, "query_y": 0.5,
+                                                          "image": _link("10")}}
+    g["7"] = _preview(_link("6"))
+    return g
+
+
 def _native_controlnet_graph() -> dict:
     """The content-shift recipe natively: Canny -> Apply ControlNet (Advanced) -> DFExtractNative 60 -> 50."""
     g = {"1": _checkpoint(), "2": _clip_text(_link("1", 1), "a photo"), "3": _clip_text(_link("1", 1), ""),
@@ -427,6 +451,8 @@ EXAMPLES = {
                                      _native_flux_timeline_graph()),
     "native_z_image_capture_timeline": ("Native Z-Image Turbo: 8-step cfg-1 KSampler capture -> joint PCA timeline",
                                         _native_z_image_timeline_graph()),
+    "native_qwen_image_cross_map": ("Native Qwen-Image: DFExtractNative -> cross-map over the image for one token",
+                                    _native_qwen_image_cross_map_graph()),
     "native_sd35_cross_map": ("Native SD3.5: DFExtractNative -> cross-map over the image for one token",
                               _native_sd35_cross_map_graph()),
     "native_flux_match_points": ("Native Flux: DiTF features of two images -> DFMatchPoints and DFSimilarityMap",

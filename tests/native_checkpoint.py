@@ -21,6 +21,7 @@ NATIVE_FLUX = "df-native-flux-1single.safetensors"
 NATIVE_SD3 = "df-native-sd35-1block.safetensors"
 NATIVE_TAESD3 = "df-native-taesd3.safetensors"
 NATIVE_LUMINA2 = "df-native-lumina2-1layer.safetensors"
+NATIVE_QWEN = "df-native-qwen-image-1block.safetensors"
 
 
 def native_unet(seed: int = 0):
@@ -177,6 +178,45 @@ def write_native_lumina2(comfy_dir: Path) -> Path:
         state[f"{name}.weight"] = (torch.randn(*shape, generator=g) / shape[1] ** 0.5).to(torch.float8_e4m3fn)
         if not name.split(".")[-1].startswith(("qkv", "out", "w")):  # NextDiT's attention and FFN have no biases
             state[f"{name}.bias"] = (torch.randn(shape[0], generator=g) * 0.02).to(torch.float8_e4m3fn)
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+# ComfyUI v0.3.64 detects Qwen-Image from txt_norm.weight and reads only the input width and the depth from the file
+# (every other width is its model's default: 24 heads x 128 = 3072, Qwen2.5-VL's 3584 text width): one block.
+def _qwen_image_shapes() -> dict[str, tuple[int, ...]]:
+    d, b = 3072, "transformer_blocks.0"
+    shapes = {"time_text_embed.timestep_embedder.linear_1": (d, 256),
+              "time_text_embed.timestep_embedder.linear_2": (d, d), "txt_norm": (3584,), "img_in": (d, 64),
+              "txt_in": (d, 3584), "norm_out.linear": (2 * d, d), "proj_out": (64, d)}
+    for s in ("img", "txt"):
+        shapes.update({f"{b}.{s}_mod.1": (6 * d, d), f"{b}.{s}_mlp.net.0.proj": (4 * d, d),
+                       f"{b}.{s}_mlp.net.2": (d, 4 * d)})
+    for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out"):
+        shapes[f"{b}.attn.{n}"] = (d, d)
+    for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+        shapes[f"{b}.attn.{n}"] = (128,)
+    return shapes
+
+
+def write_native_qwen_image(comfy_dir: Path) -> Path:
+    """A Qwen-Image diffusion model that v0.3.64's UNETLoader detects (one block at the real widths), in float8
+    (~380 MB, computed in with ComfyUI's manual cast; cached in `comfy_dir`/models/diffusion_models, built only when
+    missing). Weights scaled by 1/sqrt(fan-in), norm scales 1."""
+    path = comfy_dir / "models" / "diffusion_models" / NATIVE_QWEN
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(8)
+    state = {}
+    for name, shape in _qwen_image_shapes().items():
+        if len(shape) == 1:  # RMSNorm scales
+            state[f"{name}.weight"] = torch.ones(shape, dtype=torch.float8_e4m3fn)
+            continue
+        state[f"{name}.weight"] = (torch.randn(*shape, generator=g) / shape[1] ** 0.5).to(torch.float8_e4m3fn)
+        state[f"{name}.bias"] = (torch.randn(shape[0], generator=g) * 0.02).to(torch.float8_e4m3fn)
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp))
     tmp.replace(path)

@@ -13,15 +13,15 @@ import torch
 
 from comfyui_harness import assert_memory_flat, execution_error, images_of, no_hooks, run_ok, saved_files
 from diffusion_feature.engine.features_io import load_features
-from native_checkpoint import (NATIVE_CKPT, NATIVE_CN, NATIVE_FLUX, NATIVE_LORA, NATIVE_LUMINA2, NATIVE_SD3,
-                               NATIVE_TAESD3, write_native_flux, write_native_lumina2, write_native_models,
-                               write_native_sd3)
+from native_checkpoint import (NATIVE_CKPT, NATIVE_CN, NATIVE_FLUX, NATIVE_LORA, NATIVE_LUMINA2, NATIVE_QWEN,
+                               NATIVE_SD3, NATIVE_TAESD3, write_native_flux, write_native_lumina2, write_native_models,
+                               write_native_qwen_image, write_native_sd3)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
 NATIVE_EXAMPLES = ("native_ksampler_capture_timeline", "native_content_shift_controlnet", "native_lora_extract",
                    "native_match_points",
                    "native_flux_capture_timeline", "native_sd35_cross_map", "native_flux_match_points",
-                   "native_z_image_capture_timeline")
+                   "native_z_image_capture_timeline", "native_qwen_image_cross_map")
 LAYER = "up-level1-repeat1-res-out"  # the examples' PCA layer; the two-level UNet has it (320 channels, full grid)
 LAYERS = f"{LAYER}\nup-level1-repeat1-vit-block0-cross-q\nup-level1-repeat0-vit-block0-cross-map"
 
@@ -307,8 +307,10 @@ def test_flux_capture_timeline_and_sd35_cross_map_examples(server):
     shift 3, cfg 1) on a one-layer Lumina2 file at Lumina2's widths (v0.3.64 cannot load Z-Image; its NextDiT is
     the same backbone), the test node (family z-image: Qwen3-4B's 2560 width and the attention mask) standing in for
     CLIPLoader + CLIPTextEncode, Load VAE the 16-channel TAESD: rows labelled z-image on the 3 x 4 grid, the
-    shift-3 sigmas, one PCA image per captured step. The 2024-03 ComfyUI predates Flux, SD3 and Lumina2 (its
-    loader cannot detect the files): skipped there by version."""
+    shift-3 sigmas, one PCA image per captured step. Qwen-Image: a one-block file at the real widths, the test node
+    (family qwen-image: 3584 wide) for CLIPLoader + CLIPTextEncode, the TAESD for the Wan VAE; DFExtractNative at
+    t = 500 as for SD3.5. The 2024-03 ComfyUI predates Flux, SD3, Lumina2 and Qwen-Image (its loader cannot detect
+    the files): skipped there by version."""
     if server.name == "comfy2024":
         pytest.skip("ComfyUI 2024-03 has no Flux or SD3: Load Diffusion Model cannot detect the files")
     write_native_flux(server.home / "ComfyUI")
@@ -390,6 +392,32 @@ def test_flux_capture_timeline_and_sd35_cross_map_examples(server):
 
     with Image.open(server.home / "ComfyUI" / "temp" / shown["subfolder"] / shown["filename"]) as heat:
         assert heat.size == (96, 64)  # example.png's size: the heatmap lies over the input image
+    no_hooks(server)
+
+    write_native_qwen_image(server.home / "ComfyUI")
+    graph = _tiny_dit_example("native_qwen_image_cross_map", ("CLIPLoader",), NATIVE_QWEN, NATIVE_TAESD3)
+    layer = "vit-block0-cross-map"  # the example's is Qwen-Image's block 29; this file has one block
+    for node in graph.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "CLIPTextEncode":
+            node["class_type"] = "DFTestFluxConditioning"
+            node["inputs"] = {"text": inputs["text"], "tokens": 8, "guidance": 0.0, "family": "qwen-image"}
+        elif kind in ("DFExtractNative", "DFAttentionMap"):
+            inputs["layers" if kind == "DFExtractNative" else "layer"] = layer
+    extract = next(k for k, n in graph.items() if n["class_type"] == "DFExtractNative")
+    graph["90"] = {"class_type": "DFSaveFeatures", "inputs": {"features": [extract, 0], "filename_prefix":
+                                                              "diffusion_feature/qwen_cross", "format": "safetensors",
+                                                              "layout": "per-sample"}}
+    entry = run_ok(server, graph)
+    (saved,) = [load_features(f) for f in saved_files(server, entry)]
+    assert (saved.meta["family"], saved.meta["t"], saved.meta["sigma"], saved.meta["guidance"]) == \
+        ("qwen-image", 500, 0.5, None)
+    cross = saved.tensors[layer]  # 24 heads, the 1280 x 832 input's 80 x 52 tokens, 8 text tokens
+    assert tuple(cross.shape) == (1, 24, 80 * 52, 8)
+    assert torch.all(cross.sum(-1) < 1) and torch.all(cross > 0)
+    (shown,) = images_of(entry)[next(k for k, n in graph.items() if n["class_type"] == "PreviewImage")]
+    with Image.open(server.home / "ComfyUI" / "temp" / shown["subfolder"] / shown["filename"]) as heat:
+        assert heat.size == (96, 64)
     no_hooks(server)
 
     # correspondence on Flux: the example's ditf preset needs block 28, this file has one block (its out instead);
