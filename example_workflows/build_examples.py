@@ -305,23 +305,28 @@ SD35_CROSS_LAYER = "vit-block12-cross-map"  # mid-depth of SD3.5 medium's 24 joi
 SD35_TOKEN = 6  # "house": CLIP's start token is 0, "a photo of a red house" follows from 1
 
 
-def _native_sd35_cross_map_graph() -> dict:
-    """Load Diffusion Model (SD3.5 medium) + TripleCLIPLoader + VAELoader -> DFExtractNative (t = 500: sigma 0.5,
-    SD3 has no guidance input) -> DFAttentionMap: where the image attends to one prompt token, over the image."""
-    g = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": SD35_MEDIUM, "weight_dtype": "default"}},
-         "2": {"class_type": "TripleCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
-                                                            "clip_name2": "clip_g.safetensors",
-                                                            "clip_name3": "t5xxl_fp16.safetensors"}},
-         "3": _clip_text(_link("2"), "a photo of a red house by a lake"),
-         "4": {"class_type": "VAELoader", "inputs": {"vae_name": "sd3.5_vae.safetensors"}},
+def _cross_map_graph(unet: str, text_encoder: dict, vae: str, layer: str, token: int) -> dict:
+    """Load Diffusion Model + a text-encoder loader + VAELoader -> DFExtractNative (t = 500: sigma 0.5) ->
+    DFAttentionMap: where the image attends to one prompt token, over the image."""
+    g = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
+         "2": text_encoder, "3": _clip_text(_link("2"), "a photo of a red house by a lake"),
+         "4": {"class_type": "VAELoader", "inputs": {"vae_name": vae}},
          "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}}}
-    g["5"] = _extract_native(_link("1"), _link("4"), _link("3"), _link("10"), SD35_CROSS_LAYER)
+    g["5"] = _extract_native(_link("1"), _link("4"), _link("3"), _link("10"), layer)
     g["5"]["inputs"]["t"] = 500
-    g["6"] = {"class_type": "DFAttentionMap", "inputs": {"features": _link("5"), "layer": SD35_CROSS_LAYER,
-                                                          "token_index": SD35_TOKEN, "query_x": 0.5, "query_y": 0.5,
+    g["6"] = {"class_type": "DFAttentionMap", "inputs": {"features": _link("5"), "layer": layer,
+                                                          "token_index": token, "query_x": 0.5, "query_y": 0.5,
                                                           "image": _link("10")}}
     g["7"] = _preview(_link("6"))
     return g
+
+
+def _native_sd35_cross_map_graph() -> dict:
+    """SD3.5 medium with TripleCLIPLoader (SD3 has no guidance input)."""
+    clips = {"class_type": "TripleCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                          "clip_name2": "clip_g.safetensors",
+                                                          "clip_name3": "t5xxl_fp16.safetensors"}}
+    return _cross_map_graph(SD35_MEDIUM, clips, "sd3.5_vae.safetensors", SD35_CROSS_LAYER, SD35_TOKEN)
 
 
 QWEN_IMAGE = "qwen_image_fp8_e4m3fn.safetensors"
@@ -330,22 +335,10 @@ QWEN_TOKEN = 5  # " house": ComfyUI's Qwen-Image encoder drops its template's pr
 
 
 def _native_qwen_image_cross_map_graph() -> dict:
-    """Load Diffusion Model (Qwen-Image) + CLIPLoader (Qwen2.5-VL 7B, type qwen_image) + VAELoader -> DFExtractNative
-    (t = 500: sigma 0.5; Qwen-Image has no guidance input) -> DFAttentionMap: where the image attends to one prompt
-    token, over the image."""
-    g = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": QWEN_IMAGE, "weight_dtype": "default"}},
-         "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
-                                                      "type": "qwen_image", "device": "default"}},
-         "3": _clip_text(_link("2"), "a photo of a red house by a lake"),
-         "4": {"class_type": "VAELoader", "inputs": {"vae_name": "qwen_image_vae.safetensors"}},
-         "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}}}
-    g["5"] = _extract_native(_link("1"), _link("4"), _link("3"), _link("10"), QWEN_CROSS_LAYER)
-    g["5"]["inputs"]["t"] = 500
-    g["6"] = {"class_type": "DFAttentionMap", "inputs": {"features": _link("5"), "layer": QWEN_CROSS_LAYER,
-                                                          "token_index": QWEN_TOKEN, "query_x": 0.5, "query_y": 0.5,
-                                                          "image": _link("10")}}
-    g["7"] = _preview(_link("6"))
-    return g
+    """Qwen-Image with CLIPLoader (Qwen2.5-VL 7B, type qwen_image) and its VAE (no guidance input)."""
+    clip = {"class_type": "CLIPLoader", "inputs": {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                                                   "type": "qwen_image", "device": "default"}}
+    return _cross_map_graph(QWEN_IMAGE, clip, "qwen_image_vae.safetensors", QWEN_CROSS_LAYER, QWEN_TOKEN)
 
 
 def _native_controlnet_graph() -> dict:

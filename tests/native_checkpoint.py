@@ -160,28 +160,34 @@ def _lumina2_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_native_lumina2(comfy_dir: Path) -> Path:
-    """A Lumina2 diffusion model (ComfyUI's NextDiT) that v0.3.64's UNETLoader detects, in float8 (~430 MB, computed
-    in with ComfyUI's manual cast; cached in `comfy_dir`/models/diffusion_models, built only when missing): the
-    network of z-image's native example on a ComfyUI too old for Z-Image. Weights scaled by 1/sqrt(fan-in), norm
-    scales 1."""
-    path = comfy_dir / "models" / "diffusion_models" / NATIVE_LUMINA2
+def _fp8_diffusion_model(comfy_dir: Path, name: str, shapes: dict, seed: int, biased) -> Path:
+    """A diffusion model file of `shapes` (module -> weight shape) in float8 (computed in with ComfyUI's manual cast),
+    cached in `comfy_dir`/models/diffusion_models (built only when missing): weights scaled by 1/sqrt(fan-in),
+    biases (where biased(module)) small, 1-D weights (RMSNorm scales) 1."""
+    path = comfy_dir / "models" / "diffusion_models" / name
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(seed)
     state = {}
-    for name, shape in _lumina2_shapes().items():
-        if len(shape) == 1:  # RMSNorm scales
-            state[f"{name}.weight"] = torch.ones(shape, dtype=torch.float8_e4m3fn)
+    for module, shape in shapes.items():
+        if len(shape) == 1:
+            state[f"{module}.weight"] = torch.ones(shape, dtype=torch.float8_e4m3fn)
             continue
-        state[f"{name}.weight"] = (torch.randn(*shape, generator=g) / shape[1] ** 0.5).to(torch.float8_e4m3fn)
-        if not name.split(".")[-1].startswith(("qkv", "out", "w")):  # NextDiT's attention and FFN have no biases
-            state[f"{name}.bias"] = (torch.randn(shape[0], generator=g) * 0.02).to(torch.float8_e4m3fn)
+        state[f"{module}.weight"] = (torch.randn(*shape, generator=g) / shape[1] ** 0.5).to(torch.float8_e4m3fn)
+        if biased(module):
+            state[f"{module}.bias"] = (torch.randn(shape[0], generator=g) * 0.02).to(torch.float8_e4m3fn)
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp))
     tmp.replace(path)
     return path
+
+
+def write_native_lumina2(comfy_dir: Path) -> Path:
+    """A Lumina2 diffusion model (ComfyUI's NextDiT) that v0.3.64's UNETLoader detects (~430 MB): the network of
+    z-image's native example on a ComfyUI too old for Z-Image. NextDiT's attention and FFN have no biases."""
+    return _fp8_diffusion_model(comfy_dir, NATIVE_LUMINA2, _lumina2_shapes(), 7,
+                                lambda m: not m.split(".")[-1].startswith(("qkv", "out", "w")))
 
 
 # ComfyUI v0.3.64 detects Qwen-Image from txt_norm.weight and reads only the input width and the depth from the file
@@ -202,25 +208,8 @@ def _qwen_image_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def write_native_qwen_image(comfy_dir: Path) -> Path:
-    """A Qwen-Image diffusion model that v0.3.64's UNETLoader detects (one block at the real widths), in float8
-    (~380 MB, computed in with ComfyUI's manual cast; cached in `comfy_dir`/models/diffusion_models, built only when
-    missing). Weights scaled by 1/sqrt(fan-in), norm scales 1."""
-    path = comfy_dir / "models" / "diffusion_models" / NATIVE_QWEN
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(8)
-    state = {}
-    for name, shape in _qwen_image_shapes().items():
-        if len(shape) == 1:  # RMSNorm scales
-            state[f"{name}.weight"] = torch.ones(shape, dtype=torch.float8_e4m3fn)
-            continue
-        state[f"{name}.weight"] = (torch.randn(*shape, generator=g) / shape[1] ** 0.5).to(torch.float8_e4m3fn)
-        state[f"{name}.bias"] = (torch.randn(shape[0], generator=g) * 0.02).to(torch.float8_e4m3fn)
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
-    return path
+    """A Qwen-Image diffusion model that v0.3.64's UNETLoader detects (one block at the real widths, ~380 MB)."""
+    return _fp8_diffusion_model(comfy_dir, NATIVE_QWEN, _qwen_image_shapes(), 8, lambda m: True)
 
 
 # ComfyUI detects SD3 from its keys (joint_blocks.0.context_block.attn.qkv) and reads every width from the file but

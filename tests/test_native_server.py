@@ -366,59 +366,13 @@ def test_flux_capture_timeline_and_sd35_cross_map_examples(server):
     no_hooks(server)
 
     write_native_sd3(server.home / "ComfyUI")
-    graph = _tiny_dit_example("native_sd35_cross_map", ("TripleCLIPLoader",), NATIVE_SD3, NATIVE_TAESD3)
-    layer = "vit-block0-cross-map"  # the example's is SD3.5 medium's block 12; this file has one block
-    for node in graph.values():
-        inputs, kind = node["inputs"], node["class_type"]
-        if kind == "CLIPTextEncode":
-            node["class_type"] = "DFTestFluxConditioning"
-            node["inputs"] = {"text": inputs["text"], "tokens": 8, "guidance": 3.5, "family": "sd3"}
-        elif kind in ("DFExtractNative", "DFAttentionMap"):
-            inputs["layers" if kind == "DFExtractNative" else "layer"] = layer
-    extract = next(k for k, n in graph.items() if n["class_type"] == "DFExtractNative")
-    graph["90"] = {"class_type": "DFSaveFeatures", "inputs": {"features": [extract, 0], "filename_prefix":
-                                                              "diffusion_feature/sd35_cross", "format": "safetensors",
-                                                              "layout": "per-sample"}}
     assert server.get(f"/diffusion_feature/family?kind=diffusion_models&name={NATIVE_SD3}") == {"family": "sd3"}
-    entry = run_ok(server, graph)
-    (saved,) = [load_features(f) for f in saved_files(server, entry)]
-    assert (saved.meta["family"], saved.meta["t"], saved.meta["sigma"], saved.meta["guidance"]) == \
-        ("sd3", 500, 0.5, None)
-    cross = saved.tensors[layer]
-    assert cross.shape[:2] == (1, 1) and cross.shape[3] == 8
-    assert torch.all(cross.sum(-1) < 1) and torch.all(cross > 0)  # the text keys' share of each joint softmax row
-    (shown,) = images_of(entry)[next(k for k, n in graph.items() if n["class_type"] == "PreviewImage")]
-    from PIL import Image
-
-    with Image.open(server.home / "ComfyUI" / "temp" / shown["subfolder"] / shown["filename"]) as heat:
-        assert heat.size == (96, 64)  # example.png's size: the heatmap lies over the input image
-    no_hooks(server)
+    cross = _cross_map_example(server, "native_sd35_cross_map", ("TripleCLIPLoader",), NATIVE_SD3, "sd3")
+    assert cross.shape[:2] == (1, 1) and cross.shape[3] == 8  # SD3.5 medium's heads (1 in a one-block file)
 
     write_native_qwen_image(server.home / "ComfyUI")
-    graph = _tiny_dit_example("native_qwen_image_cross_map", ("CLIPLoader",), NATIVE_QWEN, NATIVE_TAESD3)
-    layer = "vit-block0-cross-map"  # the example's is Qwen-Image's block 29; this file has one block
-    for node in graph.values():
-        inputs, kind = node["inputs"], node["class_type"]
-        if kind == "CLIPTextEncode":
-            node["class_type"] = "DFTestFluxConditioning"
-            node["inputs"] = {"text": inputs["text"], "tokens": 8, "guidance": 0.0, "family": "qwen-image"}
-        elif kind in ("DFExtractNative", "DFAttentionMap"):
-            inputs["layers" if kind == "DFExtractNative" else "layer"] = layer
-    extract = next(k for k, n in graph.items() if n["class_type"] == "DFExtractNative")
-    graph["90"] = {"class_type": "DFSaveFeatures", "inputs": {"features": [extract, 0], "filename_prefix":
-                                                              "diffusion_feature/qwen_cross", "format": "safetensors",
-                                                              "layout": "per-sample"}}
-    entry = run_ok(server, graph)
-    (saved,) = [load_features(f) for f in saved_files(server, entry)]
-    assert (saved.meta["family"], saved.meta["t"], saved.meta["sigma"], saved.meta["guidance"]) == \
-        ("qwen-image", 500, 0.5, None)
-    cross = saved.tensors[layer]  # 24 heads, the 1280 x 832 input's 80 x 52 tokens, 8 text tokens
-    assert tuple(cross.shape) == (1, 24, 80 * 52, 8)
-    assert torch.all(cross.sum(-1) < 1) and torch.all(cross > 0)
-    (shown,) = images_of(entry)[next(k for k, n in graph.items() if n["class_type"] == "PreviewImage")]
-    with Image.open(server.home / "ComfyUI" / "temp" / shown["subfolder"] / shown["filename"]) as heat:
-        assert heat.size == (96, 64)
-    no_hooks(server)
+    cross = _cross_map_example(server, "native_qwen_image_cross_map", ("CLIPLoader",), NATIVE_QWEN, "qwen-image")
+    assert tuple(cross.shape) == (1, 24, 80 * 52, 8)  # 24 heads, the 1280 x 832 input's 80 x 52 tokens, 8 text tokens
 
     # correspondence on Flux: the example's ditf preset needs block 28, this file has one block (its out instead);
     # the 16-channel TAESD stands in for Flux's VAE, the test node for the text encoders; B = A (one extraction)
@@ -443,3 +397,32 @@ def test_flux_capture_timeline_and_sd35_cross_map_examples(server):
     assert _shown(server, shown[match][0]).size == (2 * 96, 64)  # A and B side by side, a line per match
     assert _shown(server, shown[heat][0]).size == (96, 64)  # the similarity heat map over B
     no_hooks(server)
+
+
+def _cross_map_example(server, name: str, drop: tuple[str, ...], unet: str, family: str) -> torch.Tensor:
+    """A cross-map example on a tiny file and the 16-channel TAESD, the test node (of `family`) for its text
+    encoder: DFExtractNative at t = 500 gives sigma 0.5 and no guidance, the cross-map (saved beside) rows of a
+    joint softmax, and DFAttentionMap one heatmap over the input image at its size. Returns the cross-map."""
+    graph = _tiny_dit_example(name, drop, unet, NATIVE_TAESD3)
+    layer = "vit-block0-cross-map"  # the examples' are mid-depth blocks; these files have one block
+    for node in graph.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "CLIPTextEncode":
+            node["class_type"] = "DFTestFluxConditioning"
+            node["inputs"] = {"text": inputs["text"], "tokens": 8, "guidance": 3.5, "family": family}
+        elif kind in ("DFExtractNative", "DFAttentionMap"):
+            inputs["layers" if kind == "DFExtractNative" else "layer"] = layer
+    extract = next(k for k, n in graph.items() if n["class_type"] == "DFExtractNative")
+    graph["90"] = {"class_type": "DFSaveFeatures", "inputs": {"features": [extract, 0], "filename_prefix":
+                                                              f"diffusion_feature/{name}", "format": "safetensors",
+                                                              "layout": "per-sample"}}
+    entry = run_ok(server, graph)
+    (saved,) = [load_features(f) for f in saved_files(server, entry)]
+    assert (saved.meta["family"], saved.meta["t"], saved.meta["sigma"], saved.meta["guidance"]) == \
+        (family, 500, 0.5, None)
+    cross = saved.tensors[layer]
+    assert torch.all(cross.sum(-1) < 1) and torch.all(cross > 0)  # the text keys' share of each joint softmax row
+    (shown,) = images_of(entry)[next(k for k, n in graph.items() if n["class_type"] == "PreviewImage")]
+    assert _shown(server, shown).size == (96, 64)  # example.png's size: the heatmap lies over the input image
+    no_hooks(server)
+    return cross

@@ -23,7 +23,6 @@ from test_native_dit import CallLog, _rows_of, _zero_hooks
 LATENT = (6, 10)  # non-square: a 3 x 5 token grid
 GRID, N = (3, 5), 15
 T_TXT = 5
-KINDS = ("in", "norm-out", "q", "k", "v", "attn-out", "ffn-inner", "out")
 
 
 @pytest.fixture(scope="module")
