@@ -1,8 +1,14 @@
-"""Diffusion-transformer benchmark (Flux architecture): what capture costs during sampling, what early exit saves,
-and what one self-map weighs, measured in one process.
+"""Diffusion-transformer benchmark (Flux or Z-Image architecture): what capture costs during sampling, what early
+exit saves, and (Flux) what one self-map weighs, measured in one process.
 
     python bench/bench_dit.py                                 # CPU: 512 px, 2 double + 4 single blocks, 4 steps
     python bench/bench_dit.py --device cuda --dtype bfloat16 --size 1024 --double 4 --single 8
+    python bench/bench_dit.py --arch z-image --refiners 1 --layers 4   # Z-Image: 1 refiner pair + 4 joint layers
+
+--arch z-image: diffusers' ZImageTransformer2DModel of Z-Image's released config (30 heads x 128 = 3840, SwiGLU
+10240, QK-norm, Qwen3's 2560-wide caption) with few refiners and joint layers, sampled as ZImagePipeline calls it
+(lists of per-sample latents, its timestep 1 - sigma, the velocity negated); captured: the first joint layer's image
+`out`, the second's `in` and `norm-out`; early exit at the middle joint layer's input.
 
 1. capture overhead: a flow-matching Euler loop over diffusers' FluxTransformer2DModel at Flux.1's full block width
    (24 heads x 128 = 3072, MLP 4x) but few blocks, bare vs capturing three full-width layers (a double block's
@@ -33,7 +39,7 @@ from bench_extraction import Timer, alternate  # noqa: E402
 from diffusion_feature.layer_catalog import FeatureCapture, family_shapes, taps_of  # noqa: E402
 from diffusion_feature.layer_catalog.families import dummy_inputs  # noqa: E402
 
-TEXT_TOKENS = 512  # Flux-dev's T5 length
+TEXT_TOKENS = 512  # Flux-dev's T5 length; Z-Image's longest caption (a prompt hands its own length)
 
 
 def flux(double: int, single: int, heads: int = 24, head_dim: int = 128, device="cpu", dtype=torch.float32):
@@ -60,6 +66,28 @@ def sample(model, inputs: dict, steps: int, capture: FeatureCapture | None = Non
     return x
 
 
+def z_image(refiners: int, layers: int, device="cpu", dtype=torch.float32):
+    """Z-Image's transformer at its released width with `refiners` refiner pairs and `layers` joint layers."""
+    from diffusion_feature.layer_catalog.families import get_family
+    from diffusion_feature.layer_catalog.families.meta import denoiser_from_config
+
+    torch.manual_seed(0)
+    config = {**get_family("z-image").denoiser_config(), "n_refiner_layers": refiners, "n_layers": layers}
+    return denoiser_from_config(config, device).to(dtype).eval()
+
+
+def sample_z_image(model, inputs: dict, steps: int, capture: FeatureCapture | None = None):
+    """Flow-matching Euler from sigma 1 to 0 as ZImagePipeline calls its transformer: per-sample latents (C, 1, H, W),
+    timestep 1 - sigma, prediction the negated velocity."""
+    x = torch.stack(inputs["x"])
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    for i in range(steps):
+        kwargs = {**inputs, "x": list(x), "t": (1 - sigmas[i]).expand(x.shape[0]).to(x)}
+        out = (capture.run(**kwargs) if capture is not None else model(**kwargs)).sample
+        x = x - (sigmas[i + 1] - sigmas[i]) * torch.stack(out)
+    return x
+
+
 def off(capture: FeatureCapture, fn):
     """fn run with the capture's hooks attached but disabled: the bare baseline in the same alternation."""
     def run():
@@ -82,31 +110,61 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--double", type=int, default=2)
     p.add_argument("--single", type=int, default=4)
+    p.add_argument("--arch", choices=("flux", "z-image"), default="flux")
+    p.add_argument("--refiners", type=int, default=1, help="z-image: refiner pairs (noise + context)")
+    p.add_argument("--layers", type=int, default=4, help="z-image: joint layers")
+    p.add_argument("--text-tokens", type=int, default=TEXT_TOKENS)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", default=str(ROOT / "results_dit.json"))
+    p.add_argument("--json", default=None, help="default: results_dit.json (flux), results_dit_z_image.json")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     timer = Timer(args.device)
-    model = flux(args.double, args.single, device=args.device, dtype=dtype)
-    inputs = dummy_inputs(model, args.size, args.size, text_tokens=TEXT_TOKENS, generator=torch.Generator()
+    if args.arch == "z-image":
+        if args.layers < 2:
+            raise SystemExit("--layers: at least 2 joint layers (the captured layers are the first two)")
+        model, run = z_image(args.refiners, args.layers, device=args.device, dtype=dtype), sample_z_image
+        grid, blocks = None, args.layers  # the network shows its grid (its latents are its input)
+        layers = ["vit-block0-out", "vit-block1-in", "vit-block1-norm-out"]
+        arch = f"z-image architecture (width 3840, {args.refiners} refiner pairs + {args.layers} joint layers)"
+    else:
+        model, run = flux(args.double, args.single, device=args.device, dtype=dtype), sample
+        grid, blocks = (args.size // 8, args.size // 8), args.double + args.single
+        first_single = args.double
+        layers = [f"vit-block{args.double - 1}-out", f"vit-block{first_single + 1}-in",
+                  f"vit-block{first_single + 1}-norm-out"]
+        arch = f"flux architecture (width 3072, {args.double} double + {args.single} single blocks)"
+    inputs = dummy_inputs(model, args.size, args.size, text_tokens=args.text_tokens, generator=torch.Generator()
                           .manual_seed(0))
-    grid = (args.size // 8, args.size // 8)
-    first_single = args.double
-    layers = [f"vit-block{args.double - 1}-out", f"vit-block{first_single + 1}-in",
-              f"vit-block{first_single + 1}-norm-out"]
 
     with torch.no_grad():
         with FeatureCapture(model, taps_of(model, layers), token_grid=grid) as cap:
-            times = alternate({"bare": off(cap, lambda: sample(model, inputs, args.steps)),
-                               "capture": lambda: sample(model, inputs, args.steps, cap)}, args.repeats, timer)
-        middle = f"vit-block{(args.double + args.single) // 2}-in"
+            times = alternate({"bare": off(cap, lambda: run(model, inputs, args.steps)),
+                               "capture": lambda: run(model, inputs, args.steps, cap)}, args.repeats, timer)
+        middle = f"vit-block{blocks // 2}-in"
         with FeatureCapture(model, taps_of(model, [middle]), token_grid=grid, early_exit=True) as early:
             exits = alternate({"full forward": off(early, lambda: model(**inputs)),
                                f"early exit at {middle}": lambda: early.run(**inputs)}, args.repeats, timer)
     del model
+    result = {"arch": args.arch, "device": args.device, "dtype": args.dtype, "size": args.size,
+              "blocks": [args.refiners, args.layers] if args.arch == "z-image" else [args.double, args.single],
+              "text_tokens": args.text_tokens, "steps": args.steps, "repeats": args.repeats, "layers": layers,
+              "when": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "seconds": {**times, **exits},
+              "capture_overhead": times["capture"] / times["bare"] - 1,
+              "early_exit_tap": middle, "early_exit_ratio": exits[f"early exit at {middle}"] / exits["full forward"]}
+    print(f"{arch} @ {args.size}px, {args.text_tokens} text tokens, {args.steps} steps, {args.device} {args.dtype}")
+    print(f"  capture overhead (3 full-width layers every step): {100 * result['capture_overhead']:+.1f} %")
+    print(f"  early exit (tap at {middle}) / full forward: {result['early_exit_ratio']:.2f}")
+    if args.arch == "flux":
+        result["self_map_1024"] = flux_self_map()
+    default = "results_dit.json" if args.arch == "flux" else "results_dit_z_image.json"
+    Path(args.json or ROOT / default).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
 
-    # 3. one self-map of Flux at 1024 px: 24 heads over 4096 image tokens and 512 text tokens
+
+def flux_self_map() -> dict:
+    """One self-map of Flux at 1024 px: its shape from the catalog, the peak memory of building it."""
+    # 24 heads over 4096 image tokens and 512 text tokens
     shape = family_shapes("flux")["vit-block0-self-map"]
     map_bytes = 4 * shape[0] * shape[1] * shape[2]  # float32, as the maps are built here
     small = flux(1, 0, head_dim=8)
@@ -119,21 +177,9 @@ def main(argv=None) -> int:
             got = tuple(cap.features["vit-block0-self-map"].shape[1:])
         peak = rss_peak_bytes() - before
 
-    result = {"device": args.device, "dtype": args.dtype, "size": args.size, "blocks": [args.double, args.single],
-              "steps": args.steps, "repeats": args.repeats, "layers": layers, "when": time.strftime("%Y-%m-%d"),
-              "torch": torch.__version__, "seconds": {**times, **exits},
-              "capture_overhead": times["capture"] / times["bare"] - 1,
-              "early_exit_tap": middle, "early_exit_ratio": exits[f"early exit at {middle}"] / exits["full forward"],
-              "self_map_1024": {"shape": shape, "measured_shape": list(got), "bytes_float32": map_bytes,
-                                "peak_rss_growth_bytes": peak}}
-    print(f"flux architecture (width 3072, {args.double} double + {args.single} single blocks) @ {args.size}px, "
-          f"{args.steps} steps, {args.device} {args.dtype}")
-    print(f"  capture overhead (3 full-width layers every step): {100 * result['capture_overhead']:+.1f} %")
-    print(f"  early exit (tap at {middle}) / full forward: {result['early_exit_ratio']:.2f}")
     print(f"  one self-map at 1024 px: {shape} = {map_bytes / 2**30:.2f} GiB float32; "
           f"peak memory while building it {peak / 2**30:.2f} GiB")
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+    return {"shape": shape, "measured_shape": list(got), "bytes_float32": map_bytes, "peak_rss_growth_bytes": peak}
 
 
 if __name__ == "__main__":

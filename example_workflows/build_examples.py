@@ -277,28 +277,68 @@ def _native_flux_timeline_graph() -> dict:
                              "simple", "diffusion_feature/flux_timeline")
 
 
+Z_IMAGE_TURBO = "z_image_turbo_bf16.safetensors"
+Z_IMAGE_TIMELINE_LAYER = "vit-block14-out"  # the middle of Z-Image's 30 joint layers
+
+
+def _native_z_image_timeline_graph() -> dict:
+    """Z-Image Turbo's usual recipe (ComfyUI's template: Load Diffusion Model, CLIPLoader qwen_3_4b of type lumina2,
+    Load VAE ae, ModelSamplingAuraFlow shift 3, KSampler 8 steps at cfg 1, so the negative prompt is never called)
+    with DFCaptureLayers -> DFCollectFeatures -> one joint PCA over the timeline, and the decoded image."""
+    g = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": Z_IMAGE_TURBO, "weight_dtype": "default"}},
+         "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2",
+                                                      "device": "default"}},
+         "3": _clip_text(_link("2"), "a photo of a red house by a lake"),
+         "4": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": _link("1"), "shift": 3.0}},
+         "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}}}
+    _capture_timeline(g, 6, _link("4"), _link("3"), _link("3"), _link("5"), Z_IMAGE_TIMELINE_LAYER, 1.0,
+                      "simple", "diffusion_feature/z_image_timeline")
+    g["7"]["inputs"].update(steps=8, sampler_name="res_multistep")
+    g["12"] = {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}}
+    g["13"] = {"class_type": "VAEDecode", "inputs": {"samples": _link("7"), "vae": _link("12")}}
+    g["14"] = _preview(_link("13"))
+    return g
+
+
 SD35_MEDIUM = "sd3.5_medium.safetensors"
 SD35_CROSS_LAYER = "vit-block12-cross-map"  # mid-depth of SD3.5 medium's 24 joint blocks
 SD35_TOKEN = 6  # "house": CLIP's start token is 0, "a photo of a red house" follows from 1
 
 
-def _native_sd35_cross_map_graph() -> dict:
-    """Load Diffusion Model (SD3.5 medium) + TripleCLIPLoader + VAELoader -> DFExtractNative (t = 500: sigma 0.5,
-    SD3 has no guidance input) -> DFAttentionMap: where the image attends to one prompt token, over the image."""
-    g = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": SD35_MEDIUM, "weight_dtype": "default"}},
-         "2": {"class_type": "TripleCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
-                                                            "clip_name2": "clip_g.safetensors",
-                                                            "clip_name3": "t5xxl_fp16.safetensors"}},
-         "3": _clip_text(_link("2"), "a photo of a red house by a lake"),
-         "4": {"class_type": "VAELoader", "inputs": {"vae_name": "sd3.5_vae.safetensors"}},
+def _cross_map_graph(unet: str, text_encoder: dict, vae: str, layer: str, token: int) -> dict:
+    """Load Diffusion Model + a text-encoder loader + VAELoader -> DFExtractNative (t = 500: sigma 0.5) ->
+    DFAttentionMap: where the image attends to one prompt token, over the image."""
+    g = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
+         "2": text_encoder, "3": _clip_text(_link("2"), "a photo of a red house by a lake"),
+         "4": {"class_type": "VAELoader", "inputs": {"vae_name": vae}},
          "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}}}
-    g["5"] = _extract_native(_link("1"), _link("4"), _link("3"), _link("10"), SD35_CROSS_LAYER)
+    g["5"] = _extract_native(_link("1"), _link("4"), _link("3"), _link("10"), layer)
     g["5"]["inputs"]["t"] = 500
-    g["6"] = {"class_type": "DFAttentionMap", "inputs": {"features": _link("5"), "layer": SD35_CROSS_LAYER,
-                                                          "token_index": SD35_TOKEN, "query_x": 0.5, "query_y": 0.5,
+    g["6"] = {"class_type": "DFAttentionMap", "inputs": {"features": _link("5"), "layer": layer,
+                                                          "token_index": token, "query_x": 0.5, "query_y": 0.5,
                                                           "image": _link("10")}}
     g["7"] = _preview(_link("6"))
     return g
+
+
+def _native_sd35_cross_map_graph() -> dict:
+    """SD3.5 medium with TripleCLIPLoader (SD3 has no guidance input)."""
+    clips = {"class_type": "TripleCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                          "clip_name2": "clip_g.safetensors",
+                                                          "clip_name3": "t5xxl_fp16.safetensors"}}
+    return _cross_map_graph(SD35_MEDIUM, clips, "sd3.5_vae.safetensors", SD35_CROSS_LAYER, SD35_TOKEN)
+
+
+QWEN_IMAGE = "qwen_image_fp8_e4m3fn.safetensors"
+QWEN_CROSS_LAYER = "vit-block29-cross-map"  # the middle of Qwen-Image's 60 blocks
+QWEN_TOKEN = 5  # " house": ComfyUI's Qwen-Image encoder drops its template's prefix, "a photo of a red" are 0-4
+
+
+def _native_qwen_image_cross_map_graph() -> dict:
+    """Qwen-Image with CLIPLoader (Qwen2.5-VL 7B, type qwen_image) and its VAE (no guidance input)."""
+    clip = {"class_type": "CLIPLoader", "inputs": {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                                                   "type": "qwen_image", "device": "default"}}
+    return _cross_map_graph(QWEN_IMAGE, clip, "qwen_image_vae.safetensors", QWEN_CROSS_LAYER, QWEN_TOKEN)
 
 
 def _native_controlnet_graph() -> dict:
@@ -402,6 +442,10 @@ EXAMPLES = {
                             _native_match_graph()),
     "native_flux_capture_timeline": ("Native Flux: capture during KSampler -> joint PCA timeline",
                                      _native_flux_timeline_graph()),
+    "native_z_image_capture_timeline": ("Native Z-Image Turbo: 8-step cfg-1 KSampler capture -> joint PCA timeline",
+                                        _native_z_image_timeline_graph()),
+    "native_qwen_image_cross_map": ("Native Qwen-Image: DFExtractNative -> cross-map over the image for one token",
+                                    _native_qwen_image_cross_map_graph()),
     "native_sd35_cross_map": ("Native SD3.5: DFExtractNative -> cross-map over the image for one token",
                               _native_sd35_cross_map_graph()),
     "native_flux_match_points": ("Native Flux: DiTF features of two images -> DFMatchPoints and DFSimilarityMap",
@@ -434,6 +478,8 @@ CORE = {  # ComfyUI core nodes used here: (widget inputs in order, outputs, link
     "EmptySD3LatentImage": (["width", "height", "batch_size"], [("LATENT", "LATENT")], []),
     "TripleCLIPLoader": (["clip_name1", "clip_name2", "clip_name3"], [("CLIP", "CLIP")], []),
     "VAELoader": (["vae_name"], [("VAE", "VAE")], []),
+    "CLIPLoader": (["clip_name", "type", "device"], [("CLIP", "CLIP")], []),
+    "ModelSamplingAuraFlow": (["shift"], [("MODEL", "MODEL")], [("model", "MODEL")]),
 }
 
 

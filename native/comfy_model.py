@@ -62,9 +62,11 @@ def diffusion_model(model) -> torch.nn.Module:
     dit = network_family(unet)
     claimed = family_of_comfy_config(type(config).__name__) if config is not None else None
     family = claimed if claimed is not None and FAMILIES[claimed].networks else dit  # ComfyUI's word first
-    missing = FAMILIES[family].comfy_missing if family is not None else None
+    # only where ComfyUI's own config names the family: a network no config claims (v0.3.64's Lumina2 NextDiT) is
+    # read as the family its class belongs to, with the options it was built with
+    missing = FAMILIES[claimed].comfy_missing if claimed is not None else None
     need = missing(unet) if missing is not None else None
-    if need is not None:  # e.g. v0.3.64's NextDiT, which has none of Z-Image's options
+    if need is not None:  # e.g. a ZImage config around a NextDiT without Z-Image's options
         raise UnsupportedModelError(unreadable_message(f"{owner} with network {type(unet).__name__}", family, need))
     if dit is not None:
         if not FAMILIES[dit].native:  # its family reads the module tree, but the native backend does not run it yet
@@ -81,11 +83,12 @@ def diffusion_model(model) -> torch.nn.Module:
 
 
 def native_family(model) -> str | None:
-    """Our family id for a MODEL, from ComfyUI's own model detection (None: a UNet we tap but have no catalog for,
-    e.g. the SDXL refiner; its ids still come from its module tree)."""
-    diffusion_model(model)
+    """Our family id for a MODEL, from ComfyUI's own model detection, else from the class of its diffusion
+    transformer (Lumina2's NextDiT: z-image) (None: a UNet we tap but have no catalog for, e.g. the SDXL refiner;
+    its ids still come from its module tree)."""
+    net = diffusion_model(model)
     config = type(getattr(_base_model(model), "model_config", None)).__name__
-    return family_of_comfy_config(config)
+    return family_of_comfy_config(config) or network_family(net)
 
 
 def model_layer_ids(model) -> list[str]:

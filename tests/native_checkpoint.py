@@ -20,6 +20,8 @@ NATIVE_LORA = "df-native-sd15-lora.safetensors"
 NATIVE_FLUX = "df-native-flux-1single.safetensors"
 NATIVE_SD3 = "df-native-sd35-1block.safetensors"
 NATIVE_TAESD3 = "df-native-taesd3.safetensors"
+NATIVE_LUMINA2 = "df-native-lumina2-1layer.safetensors"
+NATIVE_QWEN = "df-native-qwen-image-1block.safetensors"
 
 
 def native_unet(seed: int = 0):
@@ -135,6 +137,79 @@ def write_native_flux(comfy_dir: Path) -> Path:
     save_file(state, str(tmp))
     tmp.replace(path)
     return path
+
+
+# ComfyUI v0.3.64 detects Lumina2 from cap_embedder.1.weight and fixes its widths (model_detection: 2304 channels, 24
+# query and 8 key-value heads of 96, rope axes 32 + 32 + 32, two refiners of each stream as NextDiT's default); the
+# caption width and the depth are read from the file: Qwen3-4B's 2560 (the width Z-Image's prompts have) and one
+# main layer. No pad tokens (Lumina2 has none).
+def _lumina2_shapes() -> dict[str, tuple[int, ...]]:
+    d, hidden = 2304, 4 * 2304
+    block = {"attention.qkv": (3840, d), "attention.out": (d, d), "feed_forward.w1": (hidden, d),
+             "feed_forward.w2": (d, hidden), "feed_forward.w3": (hidden, d),
+             **{f"{n}": (d,) for n in ("attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2")},
+             "attention.q_norm": (96,), "attention.k_norm": (96,)}
+    shapes = {"x_embedder": (d, 64), "t_embedder.mlp.0": (1024, 256), "t_embedder.mlp.2": (1024, 1024),
+              "cap_embedder.0": (2560,), "cap_embedder.1": (d, 2560), "norm_final": (d,),
+              "final_layer.linear": (64, d), "final_layer.adaLN_modulation.1": (d, 1024)}
+    for prefix, modulated in (("noise_refiner.0", True), ("noise_refiner.1", True), ("context_refiner.0", False),
+                              ("context_refiner.1", False), ("layers.0", True)):
+        shapes.update({f"{prefix}.{n}": shape for n, shape in block.items()})
+        if modulated:
+            shapes[f"{prefix}.adaLN_modulation.1"] = (4 * d, 1024)
+    return shapes
+
+
+def _fp8_diffusion_model(comfy_dir: Path, name: str, shapes: dict, seed: int, biased) -> Path:
+    """A diffusion model file of `shapes` (module -> weight shape) in float8 (computed in with ComfyUI's manual cast),
+    cached in `comfy_dir`/models/diffusion_models (built only when missing): weights scaled by 1/sqrt(fan-in),
+    biases (where biased(module)) small, 1-D weights (RMSNorm scales) 1."""
+    path = comfy_dir / "models" / "diffusion_models" / name
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for module, shape in shapes.items():
+        if len(shape) == 1:
+            state[f"{module}.weight"] = torch.ones(shape, dtype=torch.float8_e4m3fn)
+            continue
+        state[f"{module}.weight"] = (torch.randn(*shape, generator=g) / shape[1] ** 0.5).to(torch.float8_e4m3fn)
+        if biased(module):
+            state[f"{module}.bias"] = (torch.randn(shape[0], generator=g) * 0.02).to(torch.float8_e4m3fn)
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def write_native_lumina2(comfy_dir: Path) -> Path:
+    """A Lumina2 diffusion model (ComfyUI's NextDiT) that v0.3.64's UNETLoader detects (~430 MB): the network of
+    z-image's native example on a ComfyUI too old for Z-Image. NextDiT's attention and FFN have no biases."""
+    return _fp8_diffusion_model(comfy_dir, NATIVE_LUMINA2, _lumina2_shapes(), 7,
+                                lambda m: not m.split(".")[-1].startswith(("qkv", "out", "w")))
+
+
+# ComfyUI v0.3.64 detects Qwen-Image from txt_norm.weight and reads only the input width and the depth from the file
+# (every other width is its model's default: 24 heads x 128 = 3072, Qwen2.5-VL's 3584 text width): one block.
+def _qwen_image_shapes() -> dict[str, tuple[int, ...]]:
+    d, b = 3072, "transformer_blocks.0"
+    shapes = {"time_text_embed.timestep_embedder.linear_1": (d, 256),
+              "time_text_embed.timestep_embedder.linear_2": (d, d), "txt_norm": (3584,), "img_in": (d, 64),
+              "txt_in": (d, 3584), "norm_out.linear": (2 * d, d), "proj_out": (64, d)}
+    for s in ("img", "txt"):
+        shapes.update({f"{b}.{s}_mod.1": (6 * d, d), f"{b}.{s}_mlp.net.0.proj": (4 * d, d),
+                       f"{b}.{s}_mlp.net.2": (d, 4 * d)})
+    for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out"):
+        shapes[f"{b}.attn.{n}"] = (d, d)
+    for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+        shapes[f"{b}.attn.{n}"] = (128,)
+    return shapes
+
+
+def write_native_qwen_image(comfy_dir: Path) -> Path:
+    """A Qwen-Image diffusion model that v0.3.64's UNETLoader detects (one block at the real widths, ~380 MB)."""
+    return _fp8_diffusion_model(comfy_dir, NATIVE_QWEN, _qwen_image_shapes(), 8, lambda m: True)
 
 
 # ComfyUI detects SD3 from its keys (joint_blocks.0.context_block.attn.qkv) and reads every width from the file but

@@ -311,3 +311,18 @@ def sd3_patcher(ns, seed: int = 0):
             p.copy_(torch.randn_like(p) * (1.0 if ".ln_" in name else 0.1))
     cpu = torch.device("cpu")
     return ns.model_patcher.ModelPatcher(base.eval(), load_device=cpu, offload_device=cpu)
+
+
+# ---- Lumina2 (ComfyUI >= 2025-02 has comfy/ldm/lumina's NextDiT; the 2024-03 one has none) ----------------------------
+# A tiny Lumina2 of ComfyUI's own model config (supported_models.Lumina2: flow sampling with shift 6, Flux's latent
+# format): 1 refiner pair and 2 main layers, 2 heads of 32 channels (rope axes 8 + 12 + 12), QK-norm, a 32-wide
+# caption, the real 16 latent channels in 2x2 patches. Z-Image's NextDiT differs by options v0.3.64 lacks.
+LUMINA2 = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
+               n_heads=2, multiple_of=16, qk_norm=True, cap_feat_dim=32, axes_dims=[8, 12, 12],
+               axes_lens=[300, 512, 512])
+
+
+def lumina2_patcher(ns, seed: int | None = 0, config_class=None):
+    """A MODEL around ComfyUI's Lumina2 BaseModel (random weights; seed None: as built); config_class: another
+    model config class to build it with (a subclass of Lumina2's)."""
+    return config_patcher(ns, (config_class or ns.supported_models.Lumina2)(dict(LUMINA2)), seed)

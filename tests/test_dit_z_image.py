@@ -272,6 +272,14 @@ def test_v0364_nextdit_cannot_hold_z_image(comfy_new):
     lumina = nc.comfy_module("comfy.ldm.lumina.model")
     options = inspect.signature(lumina.NextDiT).parameters
     assert not {"pad_tokens_multiple", "z_image_modulation", "rope_theta", "time_scale"} & set(options)
+    # and a Z-Image file (keys as ComfyUI's own z_image_turbo files name them; shapes of the released model) is
+    # detected as Lumina2 with Lumina2's 2304 channels, which its 3840-wide weights do not fit: UNETLoader fails
+    detection = nc.comfy_module("comfy.model_detection")
+    state = {"x_pad_token": torch.empty(1, 3840), "cap_pad_token": torch.empty(1, 3840),
+             "x_embedder.weight": torch.empty(3840, 64), "cap_embedder.1.weight": torch.empty(3840, 2560),
+             **{f"layers.{i}.attention.qkv.weight": torch.empty(3 * 3840, 3840, device="meta") for i in range(30)}}
+    config = detection.detect_unet_config(state, "")
+    assert (config["image_model"], config["dim"], config["n_layers"]) == ("lumina2", 2304, 30)
 
 
 def test_comfy_nextdit_every_id_equals_a_recomputation(comfy_new):

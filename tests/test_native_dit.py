@@ -376,15 +376,14 @@ def test_a_flux_network_of_a_non_native_family_is_refused_by_name(flux, monkeypa
 
 def test_a_network_built_without_its_familys_options_names_what_is_needed(flux):
     """ComfyUI v0.3.64 builds NextDiT only Lumina2-shaped (none of Z-Image's options) and has no Flux.2: a MODEL
-    there whose network the z-image / flux2 reads cannot hold gets one line naming a newer ComfyUI or DF_MODEL.
-    The Flux.2 case is a model config named as newer ComfyUIs name Flux.2's around v0.3.64's Flux network."""
+    there whose config claims Z-Image / Flux.2 but whose network cannot hold it gets one line naming a newer
+    ComfyUI or DF_MODEL. Both cases are model configs named as newer ComfyUIs name them (ZImage, Flux2) around
+    v0.3.64's networks (a Lumina2 MODEL itself is tapped: test_native_z_image.py)."""
     ns, _ = flux
-    lumina2 = nc.config_patcher(ns, ns.supported_models.Lumina2(dict(
-        image_model="lumina2", patch_size=2, in_channels=16, dim=64, n_layers=1, n_refiner_layers=1, n_heads=2,
-        multiple_of=16, qk_norm=True, cap_feat_dim=32, axes_dims=[8, 12, 12], axes_lens=[300, 512, 512])), None)
+    z_image = nc.lumina2_patcher(ns, None, type("ZImage", (ns.supported_models.Lumina2,), {}))
     flux2 = nc.config_patcher(ns, type("Flux2", (ns.supported_models.Flux,), {})(dict(nc.FLUX)), None)
     hint = r"; or load it with DFLoadCheckpoint or DFLoadDiffusers \(DF_MODEL\) to extract its features with the"
-    cases = ((lumina2, r"ComfyUI's Lumina2 model \(Lumina2\) with network NextDiT cannot be tapped natively as "
+    cases = ((z_image, r"ComfyUI's Lumina2 model \(ZImage\) with network NextDiT cannot be tapped natively as "
                        r"z-image: that needs a NextDiT built with Z-Image's options \(ComfyUI's ZImage model, in "
                        r"ComfyUIs newer than v0.3.64\)"),
              (flux2, r"ComfyUI's Flux model \(Flux2\) with network Flux cannot be tapped natively as flux2: that "

@@ -13,13 +13,15 @@ import torch
 
 from comfyui_harness import assert_memory_flat, execution_error, images_of, no_hooks, run_ok, saved_files
 from diffusion_feature.engine.features_io import load_features
-from native_checkpoint import (NATIVE_CKPT, NATIVE_CN, NATIVE_FLUX, NATIVE_LORA, NATIVE_SD3, NATIVE_TAESD3,
-                               write_native_flux, write_native_models, write_native_sd3)
+from native_checkpoint import (NATIVE_CKPT, NATIVE_CN, NATIVE_FLUX, NATIVE_LORA, NATIVE_LUMINA2, NATIVE_QWEN,
+                               NATIVE_SD3, NATIVE_TAESD3, write_native_flux, write_native_lumina2, write_native_models,
+                               write_native_qwen_image, write_native_sd3)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
 NATIVE_EXAMPLES = ("native_ksampler_capture_timeline", "native_content_shift_controlnet", "native_lora_extract",
                    "native_match_points",
-                   "native_flux_capture_timeline", "native_sd35_cross_map", "native_flux_match_points")
+                   "native_flux_capture_timeline", "native_sd35_cross_map", "native_flux_match_points",
+                   "native_z_image_capture_timeline", "native_qwen_image_cross_map")
 LAYER = "up-level1-repeat1-res-out"  # the examples' PCA layer; the two-level UNet has it (320 channels, full grid)
 LAYERS = f"{LAYER}\nup-level1-repeat1-vit-block0-cross-q\nup-level1-repeat0-vit-block0-cross-map"
 
@@ -301,8 +303,14 @@ def test_flux_capture_timeline_and_sd35_cross_map_examples(server):
     step. SD3.5: Load Diffusion Model detects the one-block SD3.5 medium-kind file, Load VAE a 16-channel TAESD,
     the test node (family sd3) stands in for TripleCLIPLoader + CLIPTextEncode; DFExtractNative at t = 500 gives
     sigma 0.5 and no guidance, the cross-map (1 head, image tokens x 8 text tokens) rows of a softmax, and
-    DFAttentionMap one heatmap over the input image at its size. The 2024-03 ComfyUI predates Flux and SD3 (its
-    loader cannot detect the files): skipped there by version."""
+    DFAttentionMap one heatmap over the input image at its size. Z-Image Turbo's recipe (ModelSamplingAuraFlow
+    shift 3, cfg 1) on a one-layer Lumina2 file at Lumina2's widths (v0.3.64 cannot load Z-Image; its NextDiT is
+    the same backbone), the test node (family z-image: Qwen3-4B's 2560 width and the attention mask) standing in for
+    CLIPLoader + CLIPTextEncode, Load VAE the 16-channel TAESD: rows labelled z-image on the 3 x 4 grid, the
+    shift-3 sigmas, one PCA image per captured step. Qwen-Image: a one-block file at the real widths, the test node
+    (family qwen-image: 3584 wide) for CLIPLoader + CLIPTextEncode, the TAESD for the Wan VAE; DFExtractNative at
+    t = 500 as for SD3.5. The 2024-03 ComfyUI predates Flux, SD3, Lumina2 and Qwen-Image (its loader cannot detect
+    the files): skipped there by version."""
     if server.name == "comfy2024":
         pytest.skip("ComfyUI 2024-03 has no Flux or SD3: Load Diffusion Model cannot detect the files")
     write_native_flux(server.home / "ComfyUI")
@@ -330,34 +338,41 @@ def test_flux_capture_timeline_and_sd35_cross_map_examples(server):
     assert len(images_of(entry)["10"]) == 2  # the joint PCA: one image per captured step
     no_hooks(server)
 
-    write_native_sd3(server.home / "ComfyUI")
-    graph = _tiny_dit_example("native_sd35_cross_map", ("TripleCLIPLoader",), NATIVE_SD3, NATIVE_TAESD3)
-    layer = "vit-block0-cross-map"  # the example's is SD3.5 medium's block 12; this file has one block
+    write_native_lumina2(server.home / "ComfyUI")
+    write_native_sd3(server.home / "ComfyUI")  # its TAESD decodes the 16-channel latent
+    graph = _tiny_dit_example("native_z_image_capture_timeline", ("CLIPLoader",), NATIVE_LUMINA2, NATIVE_TAESD3)
+    layer = "vit-block0-out"  # the example's is Z-Image's layer 14; this file has one
     for node in graph.values():
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "CLIPTextEncode":
             node["class_type"] = "DFTestFluxConditioning"
-            node["inputs"] = {"text": inputs["text"], "tokens": 8, "guidance": 3.5, "family": "sd3"}
-        elif kind in ("DFExtractNative", "DFAttentionMap"):
-            inputs["layers" if kind == "DFExtractNative" else "layer"] = layer
-    extract = next(k for k, n in graph.items() if n["class_type"] == "DFExtractNative")
-    graph["90"] = {"class_type": "DFSaveFeatures", "inputs": {"features": [extract, 0], "filename_prefix":
-                                                              "diffusion_feature/sd35_cross", "format": "safetensors",
-                                                              "layout": "per-sample"}}
-    assert server.get(f"/diffusion_feature/family?kind=diffusion_models&name={NATIVE_SD3}") == {"family": "sd3"}
+            node["inputs"] = {"text": inputs["text"], "tokens": 8, "guidance": 0.0, "family": "z-image"}
+        elif kind == "EmptySD3LatentImage":
+            inputs.update(width=64, height=48)
+        elif kind == "KSampler":
+            assert (inputs["steps"], inputs["cfg"]) == (8, 1.0)
+            inputs["steps"] = 5
+        elif kind in ("DFCaptureLayers", "DFFeaturePCA"):
+            inputs["layers" if kind == "DFCaptureLayers" else "layer"] = layer
     entry = run_ok(server, graph)
-    (saved,) = [load_features(f) for f in saved_files(server, entry)]
-    assert (saved.meta["family"], saved.meta["t"], saved.meta["sigma"], saved.meta["guidance"]) == \
-        ("sd3", 500, 0.5, None)
-    cross = saved.tensors[layer]
-    assert cross.shape[:2] == (1, 1) and cross.shape[3] == 8
-    assert torch.all(cross.sum(-1) < 1) and torch.all(cross > 0)  # the text keys' share of each joint softmax row
-    (shown,) = images_of(entry)[next(k for k, n in graph.items() if n["class_type"] == "PreviewImage")]
-    from PIL import Image
-
-    with Image.open(server.home / "ComfyUI" / "temp" / shown["subfolder"] / shown["filename"]) as heat:
-        assert heat.size == (96, 64)  # example.png's size: the heatmap lies over the input image
+    metas = [load_features(f) for f in saved_files(server, entry)]
+    assert [(f.meta["step"], f.meta["branch"]) for f in metas] == [(0, "cond"), (4, "cond")]
+    for f in metas:
+        assert f.meta["family"] == "z-image" and tuple(f.tensors[layer].shape) == (1, 2304, 3, 4)
+        assert f.meta["timestep"] == pytest.approx(1000 * f.meta["sigma"])
+    # ModelSamplingAuraFlow's shift 3 on the simple schedule: the second captured step (4 of 5) at 3s / (1 + 2s)
+    assert metas[0].meta["sigma"] == pytest.approx(1.0) and metas[1].meta["sigma"] == pytest.approx(0.6 / 1.4)
+    assert len(images_of(entry)["10"]) == 2 and len(images_of(entry)["14"]) == 1  # PCA per step; the decoded image
     no_hooks(server)
+
+    write_native_sd3(server.home / "ComfyUI")
+    assert server.get(f"/diffusion_feature/family?kind=diffusion_models&name={NATIVE_SD3}") == {"family": "sd3"}
+    cross = _cross_map_example(server, "native_sd35_cross_map", ("TripleCLIPLoader",), NATIVE_SD3, "sd3")
+    assert cross.shape[:2] == (1, 1) and cross.shape[3] == 8  # SD3.5 medium's heads (1 in a one-block file)
+
+    write_native_qwen_image(server.home / "ComfyUI")
+    cross = _cross_map_example(server, "native_qwen_image_cross_map", ("CLIPLoader",), NATIVE_QWEN, "qwen-image")
+    assert tuple(cross.shape) == (1, 24, 80 * 52, 8)  # 24 heads, the 1280 x 832 input's 80 x 52 tokens, 8 text tokens
 
     # correspondence on Flux: the example's ditf preset needs block 28, this file has one block (its out instead);
     # the 16-channel TAESD stands in for Flux's VAE, the test node for the text encoders; B = A (one extraction)
@@ -382,3 +397,32 @@ def test_flux_capture_timeline_and_sd35_cross_map_examples(server):
     assert _shown(server, shown[match][0]).size == (2 * 96, 64)  # A and B side by side, a line per match
     assert _shown(server, shown[heat][0]).size == (96, 64)  # the similarity heat map over B
     no_hooks(server)
+
+
+def _cross_map_example(server, name: str, drop: tuple[str, ...], unet: str, family: str) -> torch.Tensor:
+    """A cross-map example on a tiny file and the 16-channel TAESD, the test node (of `family`) for its text
+    encoder: DFExtractNative at t = 500 gives sigma 0.5 and no guidance, the cross-map (saved beside) rows of a
+    joint softmax, and DFAttentionMap one heatmap over the input image at its size. Returns the cross-map."""
+    graph = _tiny_dit_example(name, drop, unet, NATIVE_TAESD3)
+    layer = "vit-block0-cross-map"  # the examples' are mid-depth blocks; these files have one block
+    for node in graph.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "CLIPTextEncode":
+            node["class_type"] = "DFTestFluxConditioning"
+            node["inputs"] = {"text": inputs["text"], "tokens": 8, "guidance": 3.5, "family": family}
+        elif kind in ("DFExtractNative", "DFAttentionMap"):
+            inputs["layers" if kind == "DFExtractNative" else "layer"] = layer
+    extract = next(k for k, n in graph.items() if n["class_type"] == "DFExtractNative")
+    graph["90"] = {"class_type": "DFSaveFeatures", "inputs": {"features": [extract, 0], "filename_prefix":
+                                                              f"diffusion_feature/{name}", "format": "safetensors",
+                                                              "layout": "per-sample"}}
+    entry = run_ok(server, graph)
+    (saved,) = [load_features(f) for f in saved_files(server, entry)]
+    assert (saved.meta["family"], saved.meta["t"], saved.meta["sigma"], saved.meta["guidance"]) == \
+        (family, 500, 0.5, None)
+    cross = saved.tensors[layer]
+    assert torch.all(cross.sum(-1) < 1) and torch.all(cross > 0)  # the text keys' share of each joint softmax row
+    (shown,) = images_of(entry)[next(k for k, n in graph.items() if n["class_type"] == "PreviewImage")]
+    assert _shown(server, shown).size == (96, 64)  # example.png's size: the heatmap lies over the input image
+    no_hooks(server)
+    return cross

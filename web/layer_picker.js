@@ -12,7 +12,7 @@ const LOADERS = { DFLoadCheckpoint: ["checkpoints", "ckpt_name"], DFLoadDiffuser
                   CheckpointLoaderSimple: ["checkpoints", "ckpt_name"], UNETLoader: ["diffusion_models", "unet_name"] };
 const MODEL_TYPES = ["DF_MODEL", "MODEL"];
 const PICKER_NODES = ["DFAttachHooks", "DFCaptureLayers", "DFExtractNative"];
-const FAMILIES = ["sd15", "sd21", "sdxl", "playground-v2", "pixart-sigma", "flux", "sd3", "qwen-image"];
+const FAMILIES = ["sd15", "sd21", "sdxl", "playground-v2", "pixart-sigma", "flux", "sd3", "qwen-image", "z-image"];
 
 export function widget(node, name) {
     return (node.widgets || []).find((w) => w.name === name);

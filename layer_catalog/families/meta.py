@@ -131,11 +131,20 @@ def _comfy_mmdit_inputs(net: torch.nn.Module, h: int, w: int, text_tokens: int, 
     return (empty(1, net.in_channels, h, w), empty(1)), kwargs
 
 
+def _comfy_nextdit_inputs(net: torch.nn.Module, h: int, w: int, text_tokens: int, empty) -> tuple[tuple, dict]:
+    """ComfyUI's NextDiT (comfy/ldm/lumina/model.py: Lumina2, and Z-Image in newer ComfyUIs): the latent, t in 0..1
+    (it embeds 1 - t), the text encoder's hidden states and their token count (num_tokens: model_base.Lumina2 hands
+    over the attention mask's sum; without a mask every token counts), as model_base.Lumina2 hands them over."""
+    kwargs = {"context": empty(1, text_tokens, net.cap_embedder[1].in_features), "num_tokens": text_tokens}
+    return (empty(1, net.in_channels, h, w), empty(1)), kwargs
+
+
 # ComfyUI's diffusion-transformer classes (as families' `networks` name them) -> their forward's inputs. Only
 # ComfyUI's networks are looked up here (diffusers' QwenImageTransformer2DModel, of the same name, goes through
 # dummy_inputs).
 _COMFY_INPUTS = {"Flux": _comfy_flux_inputs, "QwenImageTransformer2DModel": _comfy_qwen_inputs,
-                 "MMDiT": _comfy_mmdit_inputs, "OpenAISignatureMMDITWrapper": _comfy_mmdit_inputs}
+                 "MMDiT": _comfy_mmdit_inputs, "OpenAISignatureMMDITWrapper": _comfy_mmdit_inputs,
+                 "NextDiT": _comfy_nextdit_inputs}
 
 
 def native_dummy_inputs(net: torch.nn.Module, latent_hw: tuple[int, int], text_tokens: int,

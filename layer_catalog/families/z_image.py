@@ -111,7 +111,9 @@ def _native_block(b: str, block: torch.nn.Module) -> dict:
 def native_layout(net: torch.nn.Module) -> DitLayout:
     """ComfyUI's NextDiT (Lumina2's backbone, which ComfyUI's ZImage config builds with Z-Image's options): joint
     sequence [text, image], each part padded to pad_tokens_multiple where the network has pad tokens (Z-Image;
-    Lumina2 has none). ComfyUI v0.3.64's NextDiT has none of Z-Image's options and so cannot hold Z-Image."""
+    Lumina2 has none). ComfyUI v0.3.64's NextDiT has none of Z-Image's options: there it is Lumina2 (Gemma-2 2B
+    captions), read with these same ids. Text ids hold the caption tokens entering cap_embedder: v0.3.64 joins only
+    the first num_tokens of them, which is all of them for a prompt of ComfyUI's Gemma encoder (no padding)."""
     pad = getattr(net, "pad_tokens_multiple", None) or 1
     ends = {"in": dict(module_path="", kind="input"),
             "embed": dict(module_path="x_embedder", kind="tokens", span="grid"),
@@ -121,8 +123,10 @@ def native_layout(net: torch.nn.Module) -> DitLayout:
 
 
 def comfy_missing(net: torch.nn.Module) -> str | None:
-    """What a ComfyUI NextDiT lacks to hold Z-Image (None: it holds it): Z-Image's pad tokens and options, which
-    v0.3.64's NextDiT does not take and a Lumina2 network is built without."""
+    """What the NextDiT of a MODEL that ComfyUI's config calls Z-Image lacks to hold it (None: it holds it): Z-Image's
+    pad tokens and options, which v0.3.64's NextDiT does not take. (v0.3.64 itself cannot load a Z-Image file: its
+    model detection reads one as Lumina2, with Lumina2's widths, and the weights do not fit; a Lumina2 MODEL, which
+    no ZImage config claims, is read as it is.)"""
     if getattr(net, "pad_tokens_multiple", None):
         return None
     return "a NextDiT built with Z-Image's options (ComfyUI's ZImage model, in ComfyUIs newer than v0.3.64)"
@@ -161,7 +165,6 @@ FAMILY = Family(
     checkpoint_marks=(r"(model\.diffusion_model\.)?x_pad_token$",
                       r"(model\.diffusion_model\.)?context_refiner\.0\.attention\.",),
     single_file=False,  # until DF_MODEL loads DiT checkpoints
-    native=False,  # until the native backend maps ComfyUI's NextDiT
     networks={"ZImageTransformer2DModel": diffusers_layout, "NextDiT": native_layout}, comfy_missing=comfy_missing,
     # ZImagePipeline: flow-match Euler on sigmas linspace(1, 1 / steps) with the scheduler's static shift 3; the
     # network patches the latent itself, is given 1 - sigma and predicts the negative velocity (network_inputs /

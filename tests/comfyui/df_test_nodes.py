@@ -5,12 +5,17 @@ DFTestFluxConditioning stands in for the text encoders of a Flux or SD3 workflow
 cannot be built for the tests, so it returns a CONDITIONING of the family's shapes drawn from a generator seeded by
 the text: Flux's T5 tokens of width 4096, CLIP-L's pooled 768 and FluxGuidance's `guidance` entry (DualCLIPLoader +
 CLIPTextEncode + FluxGuidance); SD3's tokens of width 4096 (CLIP-L + CLIP-G padded, then T5) and the pooled CLIP-L +
-CLIP-G 2048, no guidance (TripleCLIPLoader + CLIPTextEncode)."""
+CLIP-G 2048, no guidance (TripleCLIPLoader + CLIPTextEncode); z-image's Qwen3-4B hidden states of width 2560 with the
+attention mask ComfyUI's Lumina2-type text encoders return (its sum is NextDiT's num_tokens), no pooled vector
+(CLIPLoader qwen_3_4b + CLIPTextEncode); qwen-image's Qwen2.5-VL hidden states of width 3584, nothing else (CLIPLoader
+qwen_2.5_vl_7b + CLIPTextEncode)."""
 import zlib
 
 import torch
 
+WIDTH = {"flux": 4096, "sd3": 4096, "z-image": 2560, "qwen-image": 3584}
 POOLED = {"flux": 768, "sd3": 2048}
+MASKED = ("z-image",)
 
 
 class DFTestFluxConditioning:
@@ -23,14 +28,16 @@ class DFTestFluxConditioning:
         return {"required": {"text": ("STRING", {"default": ""}),
                              "tokens": ("INT", {"default": 8, "min": 1, "max": 512}),
                              "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0})},
-                "optional": {"family": (list(POOLED), {"default": "flux"})}}
+                "optional": {"family": (list(WIDTH), {"default": "flux"})}}
 
     def encode(self, text, tokens=8, guidance=3.5, family="flux"):
         g = torch.Generator().manual_seed(zlib.crc32(text.encode("utf-8")))
-        extra = {"pooled_output": torch.randn(1, POOLED[family], generator=g)}
+        extra = {"pooled_output": torch.randn(1, POOLED[family], generator=g)} if family in POOLED else {}
+        if family in MASKED:
+            extra["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
         if family == "flux":
             extra["guidance"] = guidance
-        return ([[torch.randn(1, tokens, 4096, generator=g), extra]],)
+        return ([[torch.randn(1, tokens, WIDTH[family], generator=g), extra]],)
 
 
 NODE_CLASS_MAPPINGS = {"DFTestFluxConditioning": DFTestFluxConditioning}
