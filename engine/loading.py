@@ -201,9 +201,10 @@ def load_diffusers_folder(folder, family: str | None = None, dtype="float32", de
     family = _check_family(detect_folder_family(folder), family, folder)
     fam = get_family(family)
     _check_pipeline(fam, folder)
+    # the components first: a text encoder of another family is refused before gigabytes of transformer are read
+    vae, encoders, tokenizers, scheduler = _folder_components(folder, family)
     denoiser_cls = getattr(diffusers, fam.denoiser_config()["_class_name"])
     denoiser = denoiser_cls.from_pretrained(folder, subfolder=fam.denoiser, local_files_only=True)
-    vae, encoders, tokenizers, scheduler = _folder_components(folder, family)
     model = FeatureModel(family, denoiser, vae, encoders, tokenizers, scheduler, source=str(folder))
     return _finish(model, parse_dtype(dtype), device)
 
@@ -351,11 +352,20 @@ def _text_encoder_file(path: Path, config_folder: Path):
         shutil.copy(config_folder / "config.json", Path(tmp) / "config.json")
         os.symlink(Path(weights).resolve(), Path(tmp) / "model.safetensors")
         try:
-            return getattr(transformers, config.architectures[0]).from_pretrained(tmp, local_files_only=True)
+            model, info = getattr(transformers, config.architectures[0]).from_pretrained(
+                tmp, local_files_only=True, output_loading_info=True)
         except (OSError, ValueError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{echo(str(path))} is not a {config.architectures[0]} of {config_folder} "
                                   f"({first})") from None
+    # transformers fills weights a file lacks with random values and only warns: another model's encoder file (its
+    # names all different) would load as a random encoder. Most of the weights missing means the wrong file.
+    missing, total = len(info.get("missing_keys") or ()), len(model.state_dict())
+    if missing * 2 > total:
+        raise CheckpointError(f"{echo(str(path))} is not a {config.architectures[0]} ({config_folder.name}): "
+                              f"{missing} of its {total} weights are not in the file; give the "
+                              f"{config.architectures[0]} file this component takes")
+    return model
 
 
 def load_single_file(path, family: str | None = None, dtype="float32", device="cpu",

@@ -425,6 +425,10 @@ def test_a_single_file_flux_transformer_loads_with_component_files(tmp_path, flu
     with pytest.raises(CheckpointError, match=r"component files are vae=FILE, text_encoder=FILE, text_encoder_2="
                                               r"FILE; missing text_encoder_2$"):
         load_model(path, components={"vae": files["vae"], "text_encoder": files["text_encoder"]})
+    # another model's encoder file where CLIP-L belongs (its weights' names all differ): refused, not loaded random
+    with pytest.raises(CheckpointError, match=r"t5xxl.safetensors' is not a CLIPTextModel \(text_encoder\): \d+ of "
+                                              r"its \d+ weights are not in the file; give the CLIPTextModel file"):
+        load_model(path, components={**files, "text_encoder": files["text_encoder_2"]})
     loaded = load_model(path, components=files)
     ids = ["vit-block0-txt-in", "vit-block3-out"]
     got, want = (extract(m, image, "a red house", ids, t=400, seed=0) for m in (loaded, flux))
