@@ -77,14 +77,18 @@ def z_image(refiners: int, layers: int, device="cpu", dtype=torch.float32):
 
 
 def sample_z_image(model, inputs: dict, steps: int, capture: FeatureCapture | None = None):
-    """Flow-matching Euler from sigma 1 to 0 as ZImagePipeline calls its transformer: per-sample latents (C, 1, H, W),
-    timestep 1 - sigma, prediction the negated velocity."""
-    x = torch.stack(inputs["x"])
+    """Flow-matching Euler from sigma 1 to 0 as ZImagePipeline calls its transformer, through the family's own
+    conversion (engine path: per-sample latents, timestep 1 - sigma, the negated output as the velocity)."""
+    from diffusion_feature.layer_catalog.families import get_family
+
+    fam = get_family("z-image")
+    x = torch.stack(inputs["x"]).squeeze(2)
+    cond = {"encoder_hidden_states": torch.stack(inputs["cap_feats"])}
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
     for i in range(steps):
-        kwargs = {**inputs, "x": list(x), "t": (1 - sigmas[i]).expand(x.shape[0]).to(x)}
+        kwargs = fam.network_inputs(model, x, float(sigmas[i]), cond, None)
         out = (capture.run(**kwargs) if capture is not None else model(**kwargs)).sample
-        x = x - (sigmas[i + 1] - sigmas[i]) * torch.stack(out)
+        x = x + (sigmas[i + 1] - sigmas[i]) * fam.network_output(out, None)
     return x
 
 
