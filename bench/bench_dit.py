@@ -12,7 +12,8 @@ exit saves, and (Flux) what one self-map weighs, measured in one process.
 
 1. capture overhead: a flow-matching Euler loop over diffusers' FluxTransformer2DModel at Flux.1's full block width
    (24 heads x 128 = 3072, MLP 4x) but few blocks, bare vs capturing three full-width layers (a double block's
-   image `out`, a single block's `in` and `norm-out`) at every step, on the run's device. Alternated, medians; the
+   image `out`, a single block's `in` and `norm-out`) at every step, on the run's device. Timed side by side in A B B A
+   pairs, the overhead is the median of the pairs' ratios (a shared machine's slow spells hit both of a pair); the
    bare runs keep the hooks attached but disabled.
 2. early exit: one forward with a tap at the middle block's input (early exit) vs a full forward.
 3. one Flux self-map at 1024 px: its size from the shipped catalog (heads x 4096 x 4096) and the peak memory of
@@ -92,6 +93,23 @@ def sample_z_image(model, inputs: dict, steps: int, capture: FeatureCapture | No
     return x
 
 
+def paired(bare, capture, repeats: int, timer) -> tuple[dict, float]:
+    """Median seconds of each, and the capture's overhead as the median over repeats of capture / bare timed side by
+    side in A B B A order (a slow spell of a shared machine then hits both of a pair alike, and a drift cancels
+    within the four), after one warm-up each."""
+    import statistics
+
+    bare(), capture()
+    times, ratios = {"bare": [], "capture": []}, []
+    for i in range(repeats):
+        order = (("bare", bare), ("capture", capture)) if i % 2 == 0 else (("capture", capture), ("bare", bare))
+        got = {name: timer(fn) for name, fn in order}
+        for name, seconds in got.items():
+            times[name].append(seconds)
+        ratios.append(got["capture"] / got["bare"])
+    return {k: statistics.median(v) for k, v in times.items()}, statistics.median(ratios) - 1
+
+
 def off(capture: FeatureCapture, fn):
     """fn run with the capture's hooks attached but disabled: the bare baseline in the same alternation."""
     def run():
@@ -143,8 +161,8 @@ def main(argv=None) -> int:
 
     with torch.no_grad():
         with FeatureCapture(model, taps_of(model, layers), token_grid=grid) as cap:
-            times = alternate({"bare": off(cap, lambda: run(model, inputs, args.steps)),
-                               "capture": lambda: run(model, inputs, args.steps, cap)}, args.repeats, timer)
+            times, overhead = paired(off(cap, lambda: run(model, inputs, args.steps)),
+                                     lambda: run(model, inputs, args.steps, cap), args.repeats, timer)
         middle = f"vit-block{blocks // 2}-in"
         with FeatureCapture(model, taps_of(model, [middle]), token_grid=grid, early_exit=True) as early:
             exits = alternate({"full forward": off(early, lambda: model(**inputs)),
@@ -154,7 +172,7 @@ def main(argv=None) -> int:
               "blocks": [args.refiners, args.layers] if args.arch == "z-image" else [args.double, args.single],
               "text_tokens": args.text_tokens, "steps": args.steps, "repeats": args.repeats, "layers": layers,
               "when": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "seconds": {**times, **exits},
-              "capture_overhead": times["capture"] / times["bare"] - 1,
+              "capture_overhead": overhead, "capture_overhead_of_medians": times["capture"] / times["bare"] - 1,
               "early_exit_tap": middle, "early_exit_ratio": exits[f"early exit at {middle}"] / exits["full forward"]}
     print(f"{arch} @ {args.size}px, {args.text_tokens} text tokens, {args.steps} steps, {args.device} {args.dtype}")
     print(f"  capture overhead (3 full-width layers every step): {100 * result['capture_overhead']:+.1f} %")
