@@ -370,14 +370,23 @@ def _inject(root: torch.nn.Module, component: str, lora: LoraWeights, found: lis
 
 
 def _forget(adapter: str, root_ref) -> None:
-    """Remove an adapter whose LoraWeights is gone from the modules that still exist."""
+    """Remove an adapter whose LoraWeights is gone from the modules that still exist; a module left with no adapter
+    gets its original module back in its place (peft's wrapper would otherwise stay, and the shared model's state
+    dict keep its `base_layer` names)."""
     root = root_ref()
     if root is None:
         return
-    for layer in _lora_layers(root):
+    for name, layer in [(n, m) for n, m in root.named_modules() if _is_lora_layer(m)]:
         if adapter in layer.lora_A:
             layer.delete_adapter(adapter)
-    getattr(root, "peft_config", {}).pop(adapter, None)
+        if not layer.lora_A:
+            parent, _, leaf = name.rpartition(".")
+            setattr(root.get_submodule(parent) if parent else root, leaf, layer.get_base_layer())
+    peft_config = getattr(root, "peft_config", None)
+    if peft_config is not None:
+        peft_config.pop(adapter, None)
+        if not peft_config:
+            del root.peft_config
 
 
 def _lora_layers(root: torch.nn.Module) -> list:
