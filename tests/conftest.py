@@ -225,18 +225,18 @@ _SERVERS = {"server", "frontend_server", "comfy_servers"}
 _INTEGRATION = {"comfy", "comfy_new", *_SERVERS}  # a real ComfyUI
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks into the node ids
-def pytest_collection_modifyitems(config, items):
-    """Mark each test by the fixtures it asks for, so a new test that needs a ComfyUI is in its tier unasked."""
-    for item in items:
-        needs = set(getattr(item, "fixturenames", ()))
-        if needs & _INTEGRATION:
-            item.add_marker(pytest.mark.integration)
-        if "chromium" in needs:
-            item.add_marker(pytest.mark.browser)
-        group = _xdist_group(item, needs)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
+def pytest_itemcollected(item):
+    """Mark each test by the fixtures it asks for, so a new test that needs a ComfyUI is in its tier unasked. Marked
+    as each test is collected, before any pytest_collection_modifyitems: xdist's reads the xdist_group marks into
+    the node ids there, and which of two such hooks runs first changed between pytest releases (9.0 / 9.2)."""
+    needs = set(getattr(item, "fixturenames", ()))
+    if needs & _INTEGRATION:
+        item.add_marker(pytest.mark.integration)
+    if "chromium" in needs:
+        item.add_marker(pytest.mark.browser)
+    group = _xdist_group(item, needs)
+    if group:
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def _xdist_group(item, needs: set) -> str | None:
@@ -252,6 +252,16 @@ def _xdist_group(item, needs: set) -> str | None:
     if needs & _INTEGRATION:
         return f"comfyui-{params.get('comfy') or params.get('comfy_new') or 'any'}-{item.module.__name__}"
     return None
+
+
+def pytest_configure(config):
+    """--dist loadgroup needs a pytest whose node ids xdist can rename (it names the group there): from pytest 9.2 the
+    rename is ignored and nothing is grouped, so every worker would start every ComfyUI server."""
+    from packaging.version import Version
+
+    if getattr(config.option, "dist", None) == "loadgroup" and Version(pytest.__version__) >= Version("9.2"):
+        raise pytest.UsageError(f"--dist loadgroup groups nothing under pytest {pytest.__version__}: install the "
+                                "test extra's pytest (pip install -e \".[test]\", pytest<9.2)")
 
 
 def pytest_collection_finish(session):
