@@ -264,12 +264,21 @@ def pytest_configure(config):
                                 "test extra's pytest (pip install -e \".[test]\", pytest<9.2)")
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected
+def pytest_collection_modifyitems(config, items):
+    """The tests that need a ComfyUI run last. Reordered here, not after collection: an xdist worker reports its
+    collection to the controller, which then names tests by their index in it, when collection finishes; a list
+    reordered after that runs other tests than the ones sent (it scrambled the groups). Under --dist loadgroup the
+    groups (the ComfyUI tests) still go out first, largest first."""
+    integration = [i for i in items if i.get_closest_marker("integration")]
+    if integration:
+        items[:] = [i for i in items if not i.get_closest_marker("integration")] + integration
+
+
 def pytest_collection_finish(session):
-    """Once -m / -k have deselected: the tests that need a ComfyUI run last, and the ComfyUIs they need are prepared
-    in the background meanwhile (on a fresh machine or CI that takes minutes, now hidden behind the other tests)."""
-    integration = [i for i in session.items if i.get_closest_marker("integration")]
-    if integration and not session.config.option.collectonly:
-        session.items[:] = [i for i in session.items if not i.get_closest_marker("integration")] + integration
+    """The ComfyUIs the selected tests need are prepared in the background meanwhile (on a fresh machine or CI that
+    takes minutes, hidden behind other tests)."""
+    if not session.config.option.collectonly and any(i.get_closest_marker("integration") for i in session.items):
         from comfyui_harness import prepare_in_background
 
         prepare_in_background(sorted({*NATIVE_VERSIONS, *(v for v, _ in VERSIONS.values())}))
