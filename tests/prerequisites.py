@@ -98,12 +98,20 @@ def _checked(tree: Path, origin: str) -> Path:
 
 
 def _unpacked(tarball: Path) -> Path:
+    """The tarball unpacked once into the cache. Both xdist workers ask at the same moment (when their collection
+    finishes): one unpacks under a file lock while the other waits, so neither reads a half-written tree."""
+    import fcntl
+
     tree = COMFYUI_CACHE / "ComfyUI"
-    if not (tree / "comfy" / "model_base.py").is_file():
-        shutil.rmtree(tree, ignore_errors=True)
-        COMFYUI_CACHE.mkdir(exist_ok=True)
-        with tarfile.open(tarball) as tar:
-            tar.extractall(COMFYUI_CACHE, filter="data")
+    COMFYUI_CACHE.mkdir(exist_ok=True)
+    with open(COMFYUI_CACHE / ".unpack.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = COMFYUI_CACHE / ".unpacked"  # written last: an interrupted unpacking is redone
+        if not done.is_file() or not tree.is_dir():
+            shutil.rmtree(tree, ignore_errors=True)
+            with tarfile.open(tarball) as tar:
+                tar.extractall(COMFYUI_CACHE, filter="data")
+            done.write_text(str(tarball))
     return _checked(tree, str(tarball))
 
 
