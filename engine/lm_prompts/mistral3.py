@@ -9,6 +9,7 @@ import torch
 
 from ...layer_catalog import get_family
 from ..conditioning import Conditioning
+from . import hidden_states
 
 
 
@@ -27,11 +28,8 @@ def encode(model, prompts: list[str]) -> Conditioning:
     if not model.tokenizers or not model.text_encoders:
         raise ValueError(f"a {fam.name} model needs its Mistral3 text encoder and its tokenizer (or processor)")
     tokenizer, encoder = model.tokenizers[0], model.text_encoders[0]
-    device = next(encoder.parameters()).device
     inputs = tokenizer.apply_chat_template(conversations(prompts), add_generation_prompt=False, tokenize=True,
                                            return_dict=True, return_tensors="pt", padding="max_length",
                                            truncation=True, max_length=fam.text_tokens)
-    out = encoder(input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device),
-                  output_hidden_states=True, use_cache=False)
-    states = torch.cat([out.hidden_states[k] for k in spec.layers], dim=-1)
+    states = hidden_states(encoder, inputs["input_ids"], inputs["attention_mask"], spec.layers)
     return Conditioning(states.to(model.dtype), prompts=prompts)

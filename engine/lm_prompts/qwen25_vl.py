@@ -6,10 +6,10 @@ mask (1 real, 0 padding), then cut to the family's text_tokens (max_sequence_len
 single prompt, or prompts of one length) is dropped, as the pipeline drops it: the network then sees every token."""
 from __future__ import annotations
 
-import torch
 
 from ...layer_catalog import get_family
 from ..conditioning import Conditioning
+from . import hidden_states, real_tokens
 
 TOKENIZER_MAX = 1024  # QwenImagePipeline's tokenizer_max_length: prompt tokens read before the 512 cut
 
@@ -17,14 +17,9 @@ TOKENIZER_MAX = 1024  # QwenImagePipeline's tokenizer_max_length: prompt tokens 
 def encode(model, prompts: list[str]) -> Conditioning:
     fam = get_family(model.family)
     spec, tokenizer, encoder = fam.text_encoders[0], model.tokenizers[0], model.text_encoders[0]
-    device = next(encoder.parameters()).device
     tokens = tokenizer([spec.template.format(p) for p in prompts], max_length=TOKENIZER_MAX + spec.drop,
-                       padding=True, truncation=True, return_tensors="pt").to(device)
-    out = encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True)
-    hidden = torch.cat([out.hidden_states[i] for i in spec.layers], dim=-1)
-    real = [h[m.bool()][spec.drop:] for h, m in zip(hidden, tokens.attention_mask)]
-    longest = max(len(r) for r in real)
-    embeds = torch.stack([torch.cat([r, r.new_zeros(longest - len(r), r.shape[-1])]) for r in real])
-    mask = torch.stack([(torch.arange(longest, device=device) < len(r)).long() for r in real])
+                       padding=True, truncation=True, return_tensors="pt")
+    hidden = hidden_states(encoder, tokens.input_ids, tokens.attention_mask, spec.layers)
+    embeds, mask = real_tokens(hidden, tokens.attention_mask, spec.drop)
     embeds, mask = embeds[:, :fam.text_tokens].to(model.dtype), mask[:, :fam.text_tokens]
     return Conditioning(embeds, encoder_attention_mask=None if mask.all() else mask, prompts=list(prompts))

@@ -15,6 +15,7 @@ import torch
 
 from ...layer_catalog import get_family
 from ..conditioning import Conditioning
+from . import hidden_states, real_tokens
 
 # The template a Qwen3 tokenizer without its own (ComfyUI's bundled Qwen vocabulary, random weights) is given: what
 # Qwen3's own template renders for one user message with a generation prompt.
@@ -37,18 +38,10 @@ def encode(model, prompts: list[str]) -> Conditioning:
         raise ValueError(f"a {fam.name} model needs its Qwen3 text encoder and tokenizer")
     spec = fam.encoders_of(model.text_encoders)[0]
     tokenizer, encoder = model.tokenizers[0], model.text_encoders[0]
-    device = next(encoder.parameters()).device
     inputs = tokenizer([templated(tokenizer, p, spec.thinking) for p in prompts], padding="max_length",
                        max_length=fam.text_tokens, truncation=True, return_tensors="pt")
-    mask = inputs.attention_mask.to(device).bool()
-    out = encoder(input_ids=inputs.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
-    states = torch.cat([out.hidden_states[k] for k in spec.layers], dim=-1)
+    states = hidden_states(encoder, inputs.input_ids, inputs.attention_mask, spec.layers)
     if spec.keep_padding:
         return Conditioning(states.to(model.dtype), prompts=prompts)
-    lengths = mask.sum(1)
-    longest = int(lengths.max())
-    rows = states.new_zeros(len(prompts), longest, states.shape[-1])
-    for i, row in enumerate(states):
-        rows[i, :lengths[i]] = row[mask[i]]
-    real = torch.arange(longest, device=device)[None] < lengths[:, None]
-    return Conditioning(rows.to(model.dtype), encoder_attention_mask=real.long(), prompts=prompts)
+    rows, real = real_tokens(states, inputs.attention_mask)
+    return Conditioning(rows.to(model.dtype), encoder_attention_mask=real, prompts=prompts)
