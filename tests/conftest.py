@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import subprocess
 
 import pytest
@@ -13,6 +14,11 @@ from native_comfy import VERSIONS as NATIVE_VERSIONS
 
 pytest_plugins = ["prerequisites"]  # one summary line per missing prerequisite (ComfyUI's source, chromium)
 torch.set_num_threads(1)  # two threads are slower than one for models this small on the CI machine
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # and one for what the tests start (ComfyUI servers, CLI runs): torch's default of a thread per core, beside the
+    # other worker on the same cores, oversubscribes them; OpenMP's spinning threads then made the servers' prompts
+    # 3-6x slower in CI (the native server tests: 443 s -> 297 s, half the CPU time, on 2 cores)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def tiny_sd15_unet(seed: int = 0):
