@@ -12,9 +12,10 @@ exit saves, and (Flux) what one self-map weighs, measured in one process.
 
 1. capture overhead: a flow-matching Euler loop over diffusers' FluxTransformer2DModel at Flux.1's full block width
    (24 heads x 128 = 3072, MLP 4x) but few blocks, bare vs capturing three full-width layers (a double block's
-   image `out`, a single block's `in` and `norm-out`) at every step, on the run's device. Timed side by side in A B B A
-   pairs, the overhead is the median of the pairs' ratios (a shared machine's slow spells hit both of a pair); the
-   bare runs keep the hooks attached but disabled.
+   image `out`, a single block's `in` and `norm-out`) at every step, on the run's device. Timed side by side in
+   turns of bare, capture, bare again: the overhead is the median of the turns' capture / bare, shown beside the
+   noise floor, the median of bare again / bare (a shared machine's slow spells hit a turn's runs alike); the bare
+   runs keep the hooks attached but disabled.
 2. early exit: one forward with a tap at the middle block's input (early exit) vs a full forward.
 3. one Flux self-map at 1024 px: its size from the shipped catalog (heads x 4096 x 4096) and the peak memory of
    building it (the joint [text, image] scores, then the image columns), measured with a one-block model of Flux's
@@ -93,21 +94,54 @@ def sample_z_image(model, inputs: dict, steps: int, capture: FeatureCapture | No
     return x
 
 
-def paired(bare, capture, repeats: int, timer) -> tuple[dict, float]:
-    """Median seconds of each, and the capture's overhead as the median over repeats of capture / bare timed side by
-    side in A B B A order (a slow spell of a shared machine then hits both of a pair alike, and a drift cancels
-    within the four), after one warm-up each."""
+def paired(bare, capture, repeats: int, timer) -> tuple[dict, float, float]:
+    """Median seconds of each, the capture's overhead as the median over repeats of capture / bare, and the noise
+    floor: the same median of bare again / bare, from a second bare run in the same turn. Each turn runs bare,
+    capture, bare again (every other turn reversed), after one warm-up each, so a slow spell of a shared machine
+    hits a turn's runs alike; an overhead within the noise floor is no overhead this machine can show."""
     import statistics
 
     bare(), capture()
-    times, ratios = {"bare": [], "capture": []}, []
+    times, ratios, floor = {"bare": [], "capture": [], "bare again": []}, [], []
     for i in range(repeats):
-        order = (("bare", bare), ("capture", capture)) if i % 2 == 0 else (("capture", capture), ("bare", bare))
-        got = {name: timer(fn) for name, fn in order}
+        order = [("bare", bare), ("capture", capture), ("bare again", bare)]
+        got = {name: timer(fn) for name, fn in (order if i % 2 == 0 else order[::-1])}
         for name, seconds in got.items():
             times[name].append(seconds)
         ratios.append(got["capture"] / got["bare"])
-    return {k: statistics.median(v) for k, v in times.items()}, statistics.median(ratios) - 1
+        floor.append(got["bare again"] / got["bare"])
+    return ({k: statistics.median(v) for k, v in times.items()}, statistics.median(ratios) - 1,
+            statistics.median(floor) - 1)
+
+
+def hook_share(capture: FeatureCapture, fn, device: str) -> float:
+    """The share of one captured run's time spent inside the capture's own code (reading each tapped tensor and
+    storing it: the copies, reshapes and dtype moves), timed around those calls: the capture's direct cost, which a
+    shared machine's noise does not drown as it does the difference of two whole runs."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    spent = [0.0]
+
+    def timed(method):
+        def wrapper(*args, **kwargs):
+            sync()
+            t0 = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                sync()
+                spent[0] += time.perf_counter() - t0
+        return wrapper
+
+    capture._read, capture._store = timed(capture._read), timed(capture._store)  # the hooks look them up per call
+    try:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        total = time.perf_counter() - t0
+    finally:
+        del capture._read, capture._store
+    return spent[0] / total
 
 
 def off(capture: FeatureCapture, fn):
@@ -161,8 +195,9 @@ def main(argv=None) -> int:
 
     with torch.no_grad():
         with FeatureCapture(model, taps_of(model, layers), token_grid=grid) as cap:
-            times, overhead = paired(off(cap, lambda: run(model, inputs, args.steps)),
-                                     lambda: run(model, inputs, args.steps, cap), args.repeats, timer)
+            times, overhead, floor = paired(off(cap, lambda: run(model, inputs, args.steps)),
+                                            lambda: run(model, inputs, args.steps, cap), args.repeats, timer)
+            share = hook_share(cap, lambda: run(model, inputs, args.steps, cap), args.device)
         middle = f"vit-block{blocks // 2}-in"
         with FeatureCapture(model, taps_of(model, [middle]), token_grid=grid, early_exit=True) as early:
             exits = alternate({"full forward": off(early, lambda: model(**inputs)),
@@ -172,10 +207,12 @@ def main(argv=None) -> int:
               "blocks": [args.refiners, args.layers] if args.arch == "z-image" else [args.double, args.single],
               "text_tokens": args.text_tokens, "steps": args.steps, "repeats": args.repeats, "layers": layers,
               "when": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "seconds": {**times, **exits},
-              "capture_overhead": overhead, "capture_overhead_of_medians": times["capture"] / times["bare"] - 1,
+              "capture_overhead": overhead, "noise_floor": floor, "time_in_capture_code": share, "capture_overhead_of_medians": times["capture"] / times["bare"] - 1,
               "early_exit_tap": middle, "early_exit_ratio": exits[f"early exit at {middle}"] / exits["full forward"]}
     print(f"{arch} @ {args.size}px, {args.text_tokens} text tokens, {args.steps} steps, {args.device} {args.dtype}")
-    print(f"  capture overhead (3 full-width layers every step): {100 * result['capture_overhead']:+.1f} %")
+    print(f"  capture overhead (3 full-width layers every step): {100 * result['capture_overhead']:+.1f} % "
+          f"(bare against bare in the same turns: {100 * floor:+.1f} %); time inside the capture's own code: "
+          f"{100 * share:.2f} % of the captured run")
     print(f"  early exit (tap at {middle}) / full forward: {result['early_exit_ratio']:.2f}")
     if args.arch == "flux":
         result["self_map_1024"] = flux_self_map()

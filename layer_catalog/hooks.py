@@ -298,12 +298,14 @@ class FeatureCapture(AttachedHooks):
 
     def _input_hook(self, tap: Tap):
         def hook(_module, args, kwargs):
-            self._store(tap, self._read(tap, _pick_input(args, kwargs, tap.item)))
+            if self.enabled:  # a step that is not captured pays nothing (reading may stack per-sample latents)
+                self._store(tap, self._read(tap, _pick_input(args, kwargs, tap.item)))
         return hook
 
     def _output_hook(self, tap: Tap):
         def hook(_module, _args, output):
-            self._store(tap, self._read(tap, _pick_output(output, tap.item)))
+            if self.enabled:
+                self._store(tap, self._read(tap, _pick_output(output, tap.item)))
         return hook
 
     def _rope_hook(self, tap: Tap):
