@@ -316,3 +316,27 @@ def test_nodes_load_a_klein_folder_extract_save_and_read_back(klein, image, tmp_
     assert set(back.tensors) == set(want.tensors) == {"vit-block0-txt-q", "vit-block3-out"}
     for k, tensor in want.tensors.items():
         torch.testing.assert_close(back.tensors[k], tensor, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def klein_noise(seed: int) -> torch.Tensor:
+    return torch.randn(1, LATENT_CHANNELS, H // 8, W // 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_klein_generation_equals_its_pipeline_with_true_cfg(klein):
+    """Flux2KleinPipeline from our seeded noise: Flux2Pipeline's sampling (empirical mu, linspace sigmas) without
+    the guidance embedding, and its guidance_scale as true classifier-free guidance over the empty prompt, which
+    is our cfg (here one batched forward of both branches, there two)."""
+    from diffusion_feature.engine.generation import generate
+
+    kparts, model, _ = klein
+    steps, seed = 2, 5
+    gen = generate(model, "a red house", steps=steps, cfg=3.0, seed=seed, width=W, height=H,
+                   layers=["vit-block3-out"], capture_steps="all", capture_branch="both")
+    pipe = klein_pipeline(kparts)
+    want = pipe(prompt="a red house", height=H, width=W, num_inference_steps=steps, guidance_scale=3.0,
+                latents=pipe._patchify_latents(klein_noise(seed)), output_type="pt")
+    torch.testing.assert_close(gen.images, want.images.permute(0, 2, 3, 1), atol=1e-5, rtol=1e-4)
+    assert gen.features.meta["guidance"] is None
+    assert [(r["step"], r["branch"]) for r in gen.features.meta["rows"]] == [
+        (0, "uncond"), (0, "cond"), (1, "uncond"), (1, "cond")]
+
