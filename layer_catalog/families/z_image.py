@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .dit_layout import DitLayout, joint
-from .family import Family, TextEncoder
+from .family import Family, Sampling, TextEncoder
 
 _STREAM = ("in", "norm-out", "q", "k", "v", "attn-out", "ffn-inner", "out")
 _PAD = 32  # diffusers' SEQ_MULTI_OF; ComfyUI's pad_tokens_multiple for Z-Image
@@ -148,6 +148,16 @@ def network_output(prediction, latent_hw) -> torch.Tensor:
     return -torch.stack(list(prediction)).squeeze(2)
 
 
+TURBO_SHIFT = 3.0  # Z-Image Turbo's scheduler shift (its scheduler_config.json, the one shipped here)
+TURBO = Sampling(8, 1.0, "Z-Image Turbo (scheduler shift 3): diffusers' ZImagePipeline example, 8 steps, "
+                         "guidance_scale 0")
+
+
+def sampling_variant(denoiser_config, scheduler_config: dict, pipeline: dict) -> Sampling | None:
+    """Z-Image Turbo, told from the base model (the same transformer) by its scheduler's shift."""
+    return TURBO if scheduler_config.get("shift") == TURBO_SHIFT else None
+
+
 FAMILY = Family(
     name="z-image", description="Z-Image Turbo / base (single-stream DiT with image and caption refiners, Qwen3-4B)",
     denoiser="transformer", native_size=1024,
@@ -170,4 +180,7 @@ FAMILY = Family(
     # network patches the latent itself, is given 1 - sigma and predicts the negative velocity (network_inputs /
     # network_output convert); no guidance embedding. Its guidance_scale g is cfg = g + 1 here (Turbo: g 0, cfg 1).
     flow=True, linspace_sigmas=True, network_inputs=network_inputs, network_output=network_output,
+    # ZImagePipeline's __call__: 50 steps, guidance_scale 5 (cfg 6 here) for the base model; Turbo: sampling_variant
+    sampling=Sampling(50, 6.0, "ZImagePipeline's __call__ defaults (guidance_scale 5)"),
+    sampling_variant=sampling_variant,
 )
