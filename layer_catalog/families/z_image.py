@@ -52,8 +52,10 @@ def _diffusers_block(b: str, block: torch.nn.Module) -> dict:
 
 def _map(reads: dict, b: str, rope: str, **fields) -> dict:
     q, k = reads["q"], reads["k"]
+    fused = dict(columns=q.get("columns"), norm_path=q.get("norm_path"), key_columns=k.get("columns"),
+                 key_norm_path=k.get("norm_path"))  # set where q and k are the fused qkv's columns (_fused_qk_norm)
     return dict(module_path=q["module_path"], key_path=k["module_path"], layout=q.get("layout", "bnc"), rope=rope,
-                rope_path=b, rope_arg=("freqs_cis", 2), **fields)
+                rope_path=b, rope_arg=("freqs_cis", 2), **{n: v for n, v in fused.items() if v is not None}, **fields)
 
 
 def _layout(model, block_reads, attention: str, rope: str, image_first: bool, pad: int, ends: dict,
@@ -92,17 +94,31 @@ def diffusers_layout(model: torch.nn.Module) -> DitLayout:
                    dict(grid_path="", grid_divisor=patch, text_path="", text_item=("cap_feats", 2)))
 
 
+def _fused_qk_norm(attention: torch.nn.Module) -> bool:
+    """Whether ComfyUI's JointAttention normalises q and k without calling its q_norm / k_norm modules: newer
+    ComfyUIs keep QK-norm as a `qk_norm` flag on it and, with the flag set (outside training), normalise and rotate
+    q and k in one fused kernel. v0.3.64's has no such flag: its modules run."""
+    return getattr(attention, "qk_norm", None) is True
+
+
 def _native_block(b: str, block: torch.nn.Module) -> dict:
     """ComfyUI's JointTransformerBlock (comfy/ldm/lumina/model.py): a fused qkv linear (q, then k and v of the
     key-value heads), q_norm / k_norm on (B, N, heads, d) (Identity without QK-norm), modulation done functionally
-    (so norm-out is the qkv linear's input)."""
+    (so norm-out is the qkv linear's input). Where the norm modules never run (_fused_qk_norm), q and k are the qkv
+    linear's columns with those modules' RMSNorm weights applied by the capture, the same tensors."""
     attn = block.attention
     width, kv = attn.n_local_heads * attn.head_dim, attn.n_local_kv_heads * attn.head_dim
+    qkv = f"{b}.attention.qkv"
+    if _fused_qk_norm(attn):
+        q = dict(module_path=qkv, columns=(0, width), norm_path=f"{b}.attention.q_norm")
+        k = dict(module_path=qkv, columns=(width, width + kv), norm_path=f"{b}.attention.k_norm")
+    else:
+        q = dict(module_path=f"{b}.attention.q_norm", layout="bnhd")
+        k = dict(module_path=f"{b}.attention.k_norm", layout="bnhd")
     return {"in": dict(module_path=b, at="input", item=("x", 0)),
-            "norm-out": dict(module_path=f"{b}.attention.qkv", at="input"),
-            "q": dict(module_path=f"{b}.attention.q_norm", layout="bnhd"),
-            "k": dict(module_path=f"{b}.attention.k_norm", layout="bnhd"),
-            "v": dict(module_path=f"{b}.attention.qkv", columns=(width + kv, width + 2 * kv)),
+            "norm-out": dict(module_path=qkv, at="input"),
+            "q": q, "k": k,
+            "v": dict(module_path=qkv, columns=(width + kv, width + 2 * kv)),
             "attn-out": dict(module_path=f"{b}.attention.out"),
             "ffn-inner": dict(module_path=f"{b}.feed_forward.w2", at="input"),
             "out": dict(module_path=b)}
