@@ -161,7 +161,10 @@ FAMILY = Family(
     networks={"Flux2Transformer2DModel": diffusers_layout, "Flux": native_layout}, comfy_missing=comfy_missing,
     # Flux2Pipeline: the VAE latent normalised by the VAE's batch-norm statistics (engine/latent_scaling), 2x2
     # patches packed as tokens, timestep sigma, guidance embedding 4.0 (its default guidance_scale), sigmas
-    # linspace(1, 1 / steps) shifted by its empirical mu.
+    # linspace(1, 1 / steps) shifted by its empirical mu. Flux2KleinPipeline samples the same way without the
+    # guidance embedding (a Klein transformer has none, so guidance_of gives None); its guidance_scale is classifier-
+    # free guidance over the empty prompt, i.e. our cfg. It ignores guidance_scale for a step-distilled Klein
+    # (is_distilled), whose default cfg here is 1 likewise; a cfg > 1 given explicitly still runs CFG here.
     flow=True, timestep_scale=1 / 1000, latent_patch=2, guidance=4.0, linspace_sigmas=True,
     network_inputs=network_inputs, sampling_mu=empirical_mu,
     # Flux2Pipeline's __call__: 50 steps, guidance_scale 4 into the embedding (Family.guidance); no true CFG
