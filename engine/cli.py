@@ -169,9 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", default=None, help="negative prompt (default: the family's: empty / zeros)")
     p.add_argument("--output", required=True, help="output folder: PNG images, features/ for captured layers")
     p.add_argument("--name", default="gen", help="file name stem (default gen)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--cfg", type=float, default=7.0, help="guidance scale (default 7; <= 1: no guidance; Flux-dev "
-                                                           "is guidance-distilled: give 1 and --guidance)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the model's, its diffusers pipeline's: e.g. 50 for SD1.5, 8 for "
+                        "Z-Image Turbo, 4 for Flux schnell)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale, <= 1: none (default: the model's, its diffusers "
+                        "pipeline's: e.g. 7.5 for SD1.5, 1 for the guidance-distilled Flux dev, which takes "
+                        "--guidance)")
     p.add_argument("--guidance", type=float, default=None,
                    help="flow families with a guidance embedding (Flux-dev): its input (default the family's, 3.5)")
     p.add_argument("--seed", type=int, default=0)

@@ -77,9 +77,10 @@ def _step_bar(total: int, desc: str):
 
 def run_generate(args) -> int:
     from .features_io import row_label, save_features
-    from .generation import generate
+    from .generation import generate, sampling_settings
 
     model = _load(args)
+    steps, cfg, _ = sampling_settings(model, args.steps, args.cfg)
     out = Path(args.output)
     stem = args.name
     height, width = (None, None)
@@ -87,8 +88,8 @@ def run_generate(args) -> int:
         from ..layer_catalog import parse_size
 
         height, width = parse_size(args.size)
-    bar = _step_bar(args.steps, "generate")
-    try:
+    bar = _step_bar(steps, "generate")
+    try:  # steps / cfg as given (None: the model's defaults, which generate records in the features' metadata)
         run = generate(model, args.prompt, args.negative, steps=args.steps, cfg=args.cfg, seed=args.seed,
                        width=width, height=height, batch=args.batch, scheduler=args.scheduler, layers=args.layers,
                        capture_steps=args.capture_steps if args.layers else "", capture_branch=args.capture_branch,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layer_catalog import FeatureCapture, get_family, resolve_taps
+from ..layer_catalog.families.family import Sampling
 from ..layer_catalog.errors import echo
 from ..layer_catalog.tap import is_pixart
 from .control import check_controls, control_residuals
@@ -57,6 +58,22 @@ def _negative(model, negative, positive: Conditioning) -> Conditioning:
                  for k, v in (positive.added_cond_kwargs or {}).items()}
         return Conditioning(torch.zeros_like(positive.encoder_hidden_states), added or None, None, [""])
     return _encode(model, "")
+
+
+def sampling_defaults(model) -> Sampling:
+    """The steps and cfg a run of this model takes when none are given: its family's (its diffusers pipeline's
+    defaults), or its variant's (Flux schnell, Z-Image Turbo, Flux.2 Klein; Family.sampling_variant)."""
+    return get_family(model.family).sampling_defaults(model.denoiser.config, model.scheduler_config,
+                                                      model.extra.get("pipeline", {}))
+
+
+def sampling_settings(model, steps: int | None, cfg: float | None) -> tuple[int, float, dict]:
+    """(steps, cfg, what to record) of a run: the given values, the model's defaults (sampling_defaults) for those
+    left None; the record names the defaults' source and which values came from them (empty if none did)."""
+    defaults = sampling_defaults(model)
+    used = [name for name, value in (("steps", steps), ("cfg", cfg)) if value is None]
+    record = {"sampling_defaults": {"model": defaults.model, "used": used}} if used else {}
+    return (defaults.steps if steps is None else steps), (defaults.cfg if cfg is None else cfg), record
 
 
 def _check_size(model, height: int, width: int) -> None:
@@ -103,7 +120,7 @@ def _passes(branches: list[tuple[str, dict]], batch: int) -> list[tuple[list[str
 
 
 @torch.no_grad()
-def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.0, seed: int = 0,
+def generate(model, positive, negative=None, *, steps: int | None = None, cfg: float | None = None, seed: int = 0,
              width: int | None = None, height: int | None = None, batch: int = 1,
              scheduler: str = DEFAULT_SCHEDULER, image=None, denoise: float = 1.0, resize: str = "keep-aspect",
              layers=None, capture_steps="", capture_branch: str = "cond", feature_resize: int = 1,
@@ -112,12 +129,13 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
     """Generate images, capturing `layers` at `capture_steps` (see samplers.parse_capture_steps).
 
     positive / negative: prompts or Conditionings (negative None: the family's default). cfg > 1 enables
-    classifier-free guidance. image + denoise: image-to-image (diffusers' strength: of `steps`, the last
-    int(steps * denoise) run); without an image, text-to-image at width x height (default: the native size).
-    capture_branch: "cond", "uncond" (needs cfg > 1) or "both". on_step(i, total, latents, x0) is called after
-    each step (progress, previews, interrupts: raise to stop). latents: start text-to-image from these (1 or B,
-    C, h, w) instead of seeded noise (e.g. an inverted image). interrupt: a callback run before each block of the
-    denoiser and the VAE, so a long step can be stopped inside (raise to stop). Returns a Generation.
+    classifier-free guidance. steps / cfg None: the model's defaults, its diffusers pipeline's (sampling_defaults;
+    recorded in the features' metadata as sampling_defaults). image + denoise: image-to-image (diffusers' strength:
+    of `steps`, the last int(steps * denoise) run); without an image, text-to-image at width x height (default: the
+    native size). capture_branch: "cond", "uncond" (needs cfg > 1) or "both". on_step(i, total, latents, x0) is
+    called after each step (progress, previews, interrupts: raise to stop). latents: start text-to-image from these
+    (1 or B, C, h, w) instead of seeded noise (e.g. an inverted image). interrupt: a callback run before each block
+    of the denoiser and the VAE, so a long step can be stopped inside (raise to stop). Returns a Generation.
     A flow family (Flux, SD3) samples with flow-match Euler as its diffusers pipeline does (scheduler "euler" or
     "checkpoint"; guidance: Flux's guidance-embedding input, default the family's; cfg > 1: classifier-free
     guidance over the negative prompt, SD3's guidance_scale, on top of the embedding for Flux as FluxPipeline's
@@ -128,6 +146,7 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
     from .lora import lora_applied
 
     fam = get_family(model.family)
+    steps, cfg, defaulted = sampling_settings(model, steps, cfg)
     flow.check_options(model.family, None, guidance)
     if image is not None:
         flow.require_ddpm(model.family, "image-to-image generation")
@@ -262,7 +281,7 @@ def generate(model, positive, negative=None, *, steps: int = 20, cfg: float = 7.
         tensors = timeline.tensors()
         meta = {"family": model.family, "seed": seed, **size_meta(height, width), "prompt": pos.prompts,
                 "layers": list(tensors), "scheduler": scheduler, "steps": total, "cfg": cfg,
-                "denoise": denoise if pixels is not None else 1.0, "rows": timeline.labels}
+                "denoise": denoise if pixels is not None else 1.0, "rows": timeline.labels, **defaulted}
         if fam.flow:
             meta["guidance"] = guidance
         features = Features(tensors, {**meta, **transform})

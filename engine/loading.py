@@ -205,8 +205,15 @@ def load_diffusers_folder(folder, family: str | None = None, dtype="float32", de
     vae, encoders, tokenizers, scheduler = _folder_components(folder, family)
     denoiser_cls = getattr(diffusers, fam.denoiser_config()["_class_name"])
     denoiser = denoiser_cls.from_pretrained(folder, subfolder=fam.denoiser, local_files_only=True)
-    model = FeatureModel(family, denoiser, vae, encoders, tokenizers, scheduler, source=str(folder))
+    model = FeatureModel(family, denoiser, vae, encoders, tokenizers, scheduler, source=str(folder),
+                         extra={"pipeline": pipeline_options(_read_config(folder / "model_index.json", folder))})
     return _finish(model, parse_dtype(dtype), device)
+
+
+def pipeline_options(index: dict) -> dict:
+    """The pipeline's own settings in a model_index.json (its class, is_distilled, ...), its components left out:
+    what tells models of one family apart where their networks do not (Flux.2 Klein step-distilled or base)."""
+    return {k: v for k, v in index.items() if not isinstance(v, (list, dict))}
 
 
 def _check_pipeline(fam, folder: Path) -> None:

@@ -140,6 +140,14 @@ def _merge_heads(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x
 
 
+def _rms_per_head(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """(B, N, heads * d) -> (B, N, heads, d) with each head's d channels RMS-normalised by `norm`'s weight (d,) and
+    eps, as the model's q_norm / k_norm would have."""
+    weight = norm.weight.to(device=x.device, dtype=x.dtype)
+    heads = x.reshape(*x.shape[:-1], -1, weight.shape[0])
+    return torch.nn.functional.rms_norm(heads, weight.shape, weight, norm.eps)
+
+
 def _ceil_div(n: int, d: int) -> int:
     return -(-n // d)  # patchifying networks pad a side that the patch does not divide
 
@@ -196,10 +204,12 @@ class FeatureCapture(AttachedHooks):
         self._queries: dict[str, tuple[torch.Tensor, int]] = {}
         self._masks: dict[str, torch.Tensor] = {}
         self._pieces: dict[str, dict[str, torch.Tensor]] = {}
+        self._norms: dict[str, torch.nn.Module] = {}  # norm_path -> the RMSNorm module a column read applies
 
     # ---- attach (AttachedHooks removes it all when the block ends) ------------------------------------------
     def _attach(self, hooks: HookSet) -> None:
         module = module_lookup(self.model, "network")
+        self._norms = {path: module(path) for t in self.taps for path in (t.norm_path, t.key_norm_path) if path}
         for grid in {(t.grid_path, t.grid_divisor) for t in self.taps if t.kind in ("tokens", "packed", "map")
                      and t.grid_path is not None}:
             hooks.forward_pre_hook(module(grid[0]), self._grid_hook(grid), with_kwargs=True)
@@ -294,6 +304,8 @@ class FeatureCapture(AttachedHooks):
         x = _slice(_merge_heads(_batched(x), tap.layout), tap.part)
         if tap.columns is not None:
             x = x[..., tap.columns[0]:tap.columns[1]]
+        if tap.norm_path is not None:
+            x = _rms_per_head(x, self._norms[tap.norm_path]).flatten(2)
         return self._span(tap, x)
 
     def _input_hook(self, tap: Tap):
@@ -326,7 +338,12 @@ class FeatureCapture(AttachedHooks):
             if not self.enabled:
                 return
             x = self._cut(_pick_output(output, tap.item))
-            x = x.transpose(1, 2) if tap.layout == "bnhd" else x
+            columns, norm = (tap.key_columns, tap.key_norm_path) if role[0] == "k" else (tap.columns, tap.norm_path)
+            if columns is not None:  # q or k as columns of a fused projection, normalised here (norm_path)
+                x = x[..., columns[0]:columns[1]]
+            if norm is not None:  # (B, N, heads, d), as a bnhd read
+                x = _rms_per_head(x, self._norms[norm])
+            x = x.transpose(1, 2) if tap.layout == "bnhd" or norm is not None else x
             pieces = self._pieces.setdefault(tap.id, {})
             pieces[role] = split_heads(self._select(x), heads)  # (B, heads, N, d)
             if sum(r in pieces for r in ("q", "k", "q_txt", "k_txt")) == count:

@@ -41,7 +41,10 @@ class Tap:
     per-sample (T, C) captions counts T) instead of its first input's second axis; `image_first` says the joint
     sequence is [image, text] (diffusers' Z-Image) instead of [text, image]; `pad_multiple` says each part of the
     joint sequence is padded to a multiple of that many tokens (Z-Image: 32), so a part's tokens start after the
-    padded length of the part before it and the padding tokens are in no span.
+    padded length of the part before it and the padding tokens are in no span. `norm_path`: an RMSNorm module whose
+    weights the read applies per head (of its width) after `columns`, for q / k read from a fused projection where
+    the model never calls its norm modules (newer ComfyUIs' Lumina2 / Z-Image); a map's key takes `key_columns` and
+    `key_norm_path` likewise.
     """
 
     id: str
@@ -68,6 +71,9 @@ class Tap:
     text_item: tuple[str, int] | None = None
     image_first: bool = False
     pad_multiple: int = 1
+    norm_path: str | None = None
+    key_columns: tuple[int, int] | None = None
+    key_norm_path: str | None = None
 
 
 def is_unet(model: torch.nn.Module) -> bool:

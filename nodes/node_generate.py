@@ -5,8 +5,13 @@ import torch
 
 from . import comfy_env
 from ..engine.features_io import Features
-from ..engine.generation import BRANCHES, generate
+from ..engine.generation import BRANCHES, generate, sampling_settings
 from ..engine.samplers import DEFAULT_SCHEDULER, SCHEDULERS
+
+
+# Widget values meaning "the model's default" (engine/generation.sampling_defaults): a widget's default cannot change
+# with the model, and values a saved graph may hold keep their meaning (steps started at 1, cfg at 0)
+FAMILY_DEFAULT_STEPS, FAMILY_DEFAULT_CFG = 0, -1.0
 
 
 class DFGenerate:
@@ -27,10 +32,14 @@ class DFGenerate:
                                                         "ControlNets attached."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                              "tooltip": "Seed of the initial noise (a CPU generator, as diffusers)."}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Sampling steps."}),
-            "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                              "tooltip": "Classifier-free guidance scale; at 1 or below only the positive branch "
-                                         "runs."}),
+            "steps": ("INT", {"default": FAMILY_DEFAULT_STEPS, "min": FAMILY_DEFAULT_STEPS, "max": 1000,
+                              "tooltip": "Sampling steps; 0: the model's default, its diffusers pipeline's (e.g. "
+                                         "50 for SD1.5, 8 for Z-Image Turbo, 4 for Flux schnell)."}),
+            "cfg": ("FLOAT", {"default": FAMILY_DEFAULT_CFG, "min": FAMILY_DEFAULT_CFG, "max": 30.0, "step": 0.1,
+                              "tooltip": "Classifier-free guidance scale; at 1 or below (down to 0) only the "
+                                         "positive branch runs; below 0 (-1): the model's default, its diffusers "
+                                         "pipeline's (e.g. 7.5 for SD1.5, 1 for Flux dev and Z-Image Turbo, 4 "
+                                         "for Qwen-Image)."}),
             "scheduler": (list(SCHEDULERS), {"default": DEFAULT_SCHEDULER,
                                              "tooltip": "The solver, on the checkpoint's own noise schedule; "
                                                         "'checkpoint' is the one it ships with."}),
@@ -61,7 +70,9 @@ class DFGenerate:
         comfy_env.manage(model)
         for hint in positive.controls:
             comfy_env.manage_module(hint.controlnet.module, model.device)
-        on_step = comfy_env.step_progress(steps, model.family)
+        steps = None if steps <= FAMILY_DEFAULT_STEPS else steps  # generate takes None as the model's default
+        cfg = None if cfg < 0 else cfg
+        on_step = comfy_env.step_progress(sampling_settings(model, steps, cfg)[0], model.family)
         comfy_env.check_interrupt()
         with torch.inference_mode():
             result = generate(model, positive, negative, steps=steps, cfg=cfg, seed=seed, width=width or None,

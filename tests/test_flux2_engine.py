@@ -316,3 +316,67 @@ def test_nodes_load_a_klein_folder_extract_save_and_read_back(klein, image, tmp_
     assert set(back.tensors) == set(want.tensors) == {"vit-block0-txt-q", "vit-block3-out"}
     for k, tensor in want.tensors.items():
         torch.testing.assert_close(back.tensors[k], tensor, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def klein_noise(seed: int) -> torch.Tensor:
+    return torch.randn(1, LATENT_CHANNELS, H // 8, W // 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_klein_generation_equals_its_pipeline_with_true_cfg(klein):
+    """Flux2KleinPipeline from our seeded noise: Flux2Pipeline's sampling (empirical mu, linspace sigmas) without
+    the guidance embedding, and its guidance_scale as true classifier-free guidance over the empty prompt, which
+    is our cfg (here one batched forward of both branches, there two)."""
+    from diffusion_feature.engine.generation import generate
+
+    kparts, model, _ = klein
+    steps, seed = 2, 5
+    gen = generate(model, "a red house", steps=steps, cfg=3.0, seed=seed, width=W, height=H,
+                   layers=["vit-block3-out"], capture_steps="all", capture_branch="both")
+    pipe = klein_pipeline(kparts)
+    want = pipe(prompt="a red house", height=H, width=W, num_inference_steps=steps, guidance_scale=3.0,
+                latents=pipe._patchify_latents(klein_noise(seed)), output_type="pt")
+    torch.testing.assert_close(gen.images, want.images.permute(0, 2, 3, 1), atol=1e-5, rtol=1e-4)
+    assert gen.features.meta["guidance"] is None
+    assert [(r["step"], r["branch"]) for r in gen.features.meta["rows"]] == [
+        (0, "uncond"), (0, "cond"), (1, "uncond"), (1, "cond")]
+
+
+def test_klein_defaults_are_its_pipelines_and_the_distilled_models_its_model_cards(klein, tmp_path):
+    """Without steps / cfg, a Klein base folder samples as Flux2KleinPipeline's own __call__ defaults (50 steps,
+    guidance_scale 4 as true CFG: two branches); a folder whose model_index.json says is_distilled takes the
+    step-distilled model card's 4 steps at guidance 1 (one branch), as that pipeline does given them. An explicit
+    cfg wins."""
+    import json
+    import shutil
+
+    from diffusion_feature.engine.generation import generate
+    from diffusion_feature.engine.loading import load_model
+
+    kparts, model, folder = klein
+    seed = 7
+    gen = generate(model, "a red house", seed=seed, width=W, height=H, layers=["dit-out"], capture_steps="last",
+                   capture_branch="both")
+    pipe = klein_pipeline(kparts)
+    want = pipe(prompt="a red house", height=H, width=W, latents=pipe._patchify_latents(klein_noise(seed)),
+                output_type="pt")
+    torch.testing.assert_close(gen.images, want.images.permute(0, 2, 3, 1), atol=1e-5, rtol=1e-4)
+    meta = gen.features.meta
+    assert (meta["steps"], meta["cfg"]) == (50, 4.0) and [r["branch"] for r in meta["rows"]] == ["uncond", "cond"]
+
+    distilled = shutil.copytree(folder, tmp_path / "klein-distilled")
+    index = json.loads((distilled / "model_index.json").read_text())
+    (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    fast = load_model(distilled)
+    gen = generate(fast, "a red house", seed=seed, width=W, height=H, layers=["dit-out"], capture_steps="all")
+    pipe = klein_pipeline(kparts)
+    pipe.register_to_config(is_distilled=True)
+    want = pipe(prompt="a red house", height=H, width=W, num_inference_steps=4, guidance_scale=1.0,
+                latents=pipe._patchify_latents(klein_noise(seed)), output_type="pt")
+    torch.testing.assert_close(gen.images, want.images.permute(0, 2, 3, 1), atol=1e-5, rtol=1e-4)
+    meta = gen.features.meta
+    assert (meta["steps"], meta["cfg"]) == (4, 1.0) and "distilled" in meta["sampling_defaults"]["model"]
+    assert [(r["step"], r["branch"]) for r in meta["rows"]] == [(i, "cond") for i in range(4)]
+    guided = generate(fast, "a red house", cfg=2.0, seed=seed, width=W, height=H, layers=["dit-out"],
+                      capture_steps="last", capture_branch="both").features.meta
+    assert (guided["steps"], guided["cfg"], guided["sampling_defaults"]["used"]) == (4, 2.0, ["steps"])
+    assert len(guided["rows"]) == 2

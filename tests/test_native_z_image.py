@@ -153,3 +153,46 @@ def test_extract_native_on_lumina2_is_the_flow_forward_at_t_over_1000(lumina):
     shifted = extract_native_latents(model, positive, latents, ids[-1:], t=300, seed=9, shift=True)
     assert not torch.allclose(shifted[ids[-1]], got[ids[-1]], atol=1e-4)
     _zero_hooks(net)
+
+
+def test_fused_qk_norm_reads_q_and_k_from_the_qkv_columns(lumina):
+    """Newer ComfyUIs' JointAttention keeps QK-norm as a `qk_norm` flag and, with it set, normalises and rotates q and
+    k in a fused kernel that never calls q_norm / k_norm. With that flag on v0.3.64's attentions, the layout reads q,
+    k and the maps from the qkv linear's columns, applying the norms' RMSNorm weights itself; v0.3.64 still runs its
+    norm modules, so those reads must equal the q_norm / k_norm outputs (and the maps built from them)."""
+    from diffusion_feature.native.comfy_model import model_layer_shapes
+
+    ns, model = lumina
+    net = model.model.diffusion_model
+    ids = ["vit-refiner0-q", "vit-refiner0-k", "vit-refiner0-txt-q", "vit-refiner0-txt-k", "vit-refiner0-self-map",
+           "vit-block1-q", "vit-block1-k", "vit-block1-txt-q", "vit-block1-cross-map", "vit-block1-self-map"]
+    positive, _ = _conds()
+    x = torch.randn(2, 16, *LATENT, generator=torch.Generator().manual_seed(4))
+
+    def captured():
+        taps = native_taps(ids, net, "z-image")
+        with torch.no_grad(), FeatureCapture(net, taps) as hooks:
+            hooks.run(x, torch.full((2,), 0.4), context=positive[0][0].expand(2, -1, -1), num_tokens=T_TXT)
+        return taps, hooks.features
+
+    def shapes():
+        every = model_layer_shapes(model, LATENT[0] * 8, LATENT[1] * 8)
+        return {tid: every[tid] for tid in ids}
+
+    modules, want = captured()
+    module_shapes = shapes()
+    assert {t.module_path.rsplit(".", 1)[-1] for t in modules} == {"q_norm", "k_norm"}
+    attentions = [m for m in net.modules() if type(m).__name__ == "JointAttention"]
+    for attention in attentions:
+        attention.qk_norm = True
+    try:
+        columns, got = captured()
+        assert shapes() == module_shapes  # DFShowLayers' shape pass reads the columns too
+    finally:
+        for attention in attentions:
+            del attention.qk_norm
+    assert {t.module_path.rsplit(".", 1)[-1] for t in columns} == {"qkv"}
+    assert all(t.norm_path.endswith(".q_norm") or t.norm_path.endswith(".k_norm") for t in columns)
+    for tid in ids:
+        torch.testing.assert_close(got[tid], want[tid], atol=1e-6, rtol=1e-5, msg=tid)
+    _zero_hooks(net)

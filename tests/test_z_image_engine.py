@@ -175,6 +175,37 @@ def test_generation_equals_the_pipeline(parts, zimage):
     torch.testing.assert_close(guided.images, want.images.permute(0, 2, 3, 1), atol=1e-5, rtol=1e-4)
 
 
+def test_turbo_defaults_reach_the_sampler_from_the_library_and_the_node(parts, zimage):
+    """Without steps / cfg, a Z-Image Turbo (its scheduler's shift 3, as shipped) samples with its recipe, 8 steps at
+    cfg 1 (guidance_scale 0): the image equals ZImagePipeline's with those values, one conditional row per step, the
+    defaults recorded; DFGenerate's steps 0 / cfg -1 mean the same. An explicit value wins over its default; the
+    base model (another shift) takes ZImagePipeline's __call__ defaults."""
+    from diffusion_feature import NODE_CLASS_MAPPINGS
+    from diffusion_feature.engine.generation import generate, sampling_defaults
+    from diffusion_feature.engine.prompts import encode_prompt
+
+    seed = 5
+    gen = generate(zimage, "a red house", seed=seed, width=W, height=H, layers=["dit-out"], capture_steps="all")
+    want = pipeline(parts)("a red house", height=H, width=W, num_inference_steps=8, guidance_scale=0.0,
+                           generator=torch.Generator().manual_seed(seed), output_type="pt")
+    torch.testing.assert_close(gen.images, want.images.permute(0, 2, 3, 1), atol=1e-5, rtol=1e-4)
+    meta = gen.features.meta
+    assert (meta["steps"], meta["cfg"], meta["sampling_defaults"]["used"]) == (8, 1.0, ["steps", "cfg"])
+    assert "Turbo" in meta["sampling_defaults"]["model"]
+    assert [(r["step"], r["branch"]) for r in meta["rows"]] == [(i, "cond") for i in range(8)]
+    image, features = NODE_CLASS_MAPPINGS["DFGenerate"]().run(
+        zimage.clone(layers=["dit-out"]), encode_prompt(zimage, "a red house"), seed, 0, -1.0, "euler", W, H, 1,
+        "last", "cond")
+    torch.testing.assert_close(image, gen.images, atol=0, rtol=0)
+    assert (features.meta["steps"], features.meta["cfg"]) == (8, 1.0)
+    explicit = generate(zimage, "a red house", steps=3, seed=seed, width=W, height=H, layers=["dit-out"],
+                        capture_steps="all").features.meta
+    assert (explicit["steps"], explicit["cfg"], explicit["sampling_defaults"]["used"]) == (3, 1.0, ["cfg"])
+    assert len(explicit["rows"]) == 3
+    base = zimage.clone(scheduler_config={**zimage.scheduler_config, "shift": 6.0})
+    assert (sampling_defaults(base).steps, sampling_defaults(base).cfg) == (50, 6.0)  # guidance_scale 5 = cfg 6
+
+
 def test_refusals_name_what_would_be_valid(zimage, image):
     from diffusion_feature.engine.generation import generate
 

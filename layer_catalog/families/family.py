@@ -36,6 +36,15 @@ class TextEncoder:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """Sampling defaults of a family or one of its models, as its diffusers pipeline's __call__ (or the model card
+    that diffusers' docs quote) gives them: what generation uses where the user gives no steps / cfg."""
+    steps: int
+    cfg: float  # our cfg: > 1 runs classifier-free guidance over the negative prompt, 1 the positive branch only
+    model: str  # which model the values are for, and where they come from (recorded in the features' metadata)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     description: str
@@ -92,12 +101,23 @@ class Family:
     # Text encoders a model of the family may come with instead of text_encoders, chosen by the loaded encoder's
     # config model_type (Flux.2 Klein: Qwen3 where dev has Mistral3); see encoders_of
     text_variants: dict[str, tuple[TextEncoder, ...]] = field(default_factory=dict)
+    # Sampling defaults (generation's steps and cfg when none are given): the family's, and sampling_variant(denoiser
+    # config, scheduler config, pipeline options of model_index.json) -> a variant's (Flux schnell, Z-Image Turbo,
+    # Flux.2 Klein) or None
+    sampling: Sampling = Sampling(50, 7.5, "StableDiffusionPipeline's __call__ defaults")
+    sampling_variant: Callable | None = None
 
     def encoders_of(self, text_encoders) -> tuple[TextEncoder, ...]:
         """The TextEncoder specs of a model's loaded text encoders: a variant's where the first one's config
         model_type names one (text_variants), else the family's own."""
         first = text_encoders[0] if text_encoders else None
         return self.text_variants.get(getattr(getattr(first, "config", None), "model_type", None), self.text_encoders)
+
+    def sampling_defaults(self, denoiser_config, scheduler_config: dict, pipeline: dict) -> Sampling:
+        """The sampling defaults of one model of the family: its variant's, else the family's."""
+        variant = self.sampling_variant and self.sampling_variant(denoiser_config, scheduler_config or {},
+                                                                  pipeline or {})
+        return variant or self.sampling
 
     @property
     def config_dir(self) -> Path:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .dit_layout import DitLayout, joint
-from .family import Family, TextEncoder
+from .family import Family, Sampling, TextEncoder
 
 STREAM_SUFFIXES = ("in", "norm-out", "q", "k", "v", "attn-out", "ffn-inner", "out")
 
@@ -144,6 +144,14 @@ def comfy_flux_layout(net: torch.nn.Module) -> DitLayout:
                                    text_path="txt_in"))
 
 
+SCHNELL = Sampling(4, 1.0, "Flux schnell (no guidance embedding): its model card's 4 steps, guidance_scale 0")
+
+
+def sampling_variant(denoiser_config, scheduler_config: dict, pipeline: dict) -> Sampling | None:
+    """Flux schnell, told from dev by its missing guidance embedding (guidance_embeds false)."""
+    return None if denoiser_config.get("guidance_embeds", True) else SCHNELL
+
+
 FAMILY = Family(
     name="flux", description="Flux.1 dev / schnell / Krea / Kontext (DiT, CLIP-L pooled + T5-XXL)",
     denoiser="transformer", native_size=1024,
@@ -166,4 +174,7 @@ FAMILY = Family(
     # Flux-dev's guidance embedding (3.5: FluxPipeline's default guidance_scale)
     flow=True, timestep_scale=1 / 1000, latent_patch=2, guidance=3.5, linspace_sigmas=True,
     transformer_file=True,  # flux1-dev.safetensors & co: the transformer alone, in Black Forest Labs' layout
+    # FluxPipeline's __call__: 28 steps, guidance_scale 3.5 into the embedding (Family.guidance), true_cfg_scale 1
+    sampling=Sampling(28, 1.0, "FluxPipeline's __call__ defaults (Flux dev: guidance 3.5, true_cfg_scale 1)"),
+    sampling_variant=sampling_variant,
 )

@@ -28,7 +28,7 @@ import torch
 from . import flux
 from ..hooks import pack_tokens
 from .dit_layout import DitLayout, axis4_position_ids, joint
-from .family import Family, TextEncoder
+from .family import Family, Sampling, TextEncoder
 
 _SHARED_MODULATION = "double_stream_modulation_img"  # a Flux.2 network has it on both backends; Flux.1 does not
 
@@ -115,6 +115,19 @@ def empirical_mu(image_tokens: int, steps: int) -> float:
     return compute_empirical_mu(image_tokens, steps)
 
 
+KLEIN = Sampling(50, 4.0, "Flux2KleinPipeline's __call__ defaults (Klein base: true CFG, guidance_scale 4)")
+KLEIN_DISTILLED = Sampling(4, 1.0, "Flux.2 Klein step-distilled (model_index is_distilled): its model card's 4 "
+                                   "steps, guidance_scale 1")
+
+
+def sampling_variant(denoiser_config, scheduler_config: dict, pipeline: dict) -> Sampling | None:
+    """Flux.2 Klein, told from dev by its transformer's missing guidance embedding: the base model's defaults, or the
+    step-distilled one's where its folder's model_index.json says is_distilled (Flux2KleinPipeline then runs no CFG)."""
+    if denoiser_config.get("guidance_embeds", True):
+        return None
+    return KLEIN_DISTILLED if pipeline.get("is_distilled") else KLEIN
+
+
 FAMILY = Family(
     name="flux2", description="Flux.2 dev (DiT, Mistral Small 3.1 text encoder) and Klein (Qwen3 text encoder)",
     denoiser="transformer", native_size=1024,
@@ -148,7 +161,13 @@ FAMILY = Family(
     networks={"Flux2Transformer2DModel": diffusers_layout, "Flux": native_layout}, comfy_missing=comfy_missing,
     # Flux2Pipeline: the VAE latent normalised by the VAE's batch-norm statistics (engine/latent_scaling), 2x2
     # patches packed as tokens, timestep sigma, guidance embedding 4.0 (its default guidance_scale), sigmas
-    # linspace(1, 1 / steps) shifted by its empirical mu.
+    # linspace(1, 1 / steps) shifted by its empirical mu. Flux2KleinPipeline samples the same way without the
+    # guidance embedding (a Klein transformer has none, so guidance_of gives None); its guidance_scale is classifier-
+    # free guidance over the empty prompt, i.e. our cfg. It ignores guidance_scale for a step-distilled Klein
+    # (is_distilled), whose default cfg here is 1 likewise; a cfg > 1 given explicitly still runs CFG here.
     flow=True, timestep_scale=1 / 1000, latent_patch=2, guidance=4.0, linspace_sigmas=True,
     network_inputs=network_inputs, sampling_mu=empirical_mu,
+    # Flux2Pipeline's __call__: 50 steps, guidance_scale 4 into the embedding (Family.guidance); no true CFG
+    sampling=Sampling(50, 1.0, "Flux2Pipeline's __call__ defaults (Flux.2 dev: guidance 4 embedded)"),
+    sampling_variant=sampling_variant,
 )

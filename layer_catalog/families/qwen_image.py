@@ -28,7 +28,7 @@ import torch
 
 from ..attention_maps import ROPES
 from .dit_layout import DitLayout
-from .family import Family, TextEncoder
+from .family import Family, Sampling, TextEncoder
 
 PATCH = 2  # 2x2 latent patches, packed outside the blocks on both backends
 SWEEP_EVERY = 6  # the sweep preset: every sixth block, ending at the last of the 60
@@ -191,4 +191,7 @@ FAMILY = Family(
     # the scheduler's image-size shift, true CFG rescaled per token, no guidance embedding (guidance_embeds false)
     flow=True, timestep_scale=1 / 1000, latent_patch=PATCH, linspace_sigmas=True,
     network_inputs=network_inputs, network_output=network_output, guided=true_cfg, folder_refusal=folder_refusal,
+    # QwenImagePipeline's __call__: 50 steps, true_cfg_scale 4 (which it applies only given a negative prompt; its
+    # model card gives one, " "; here the negative defaults to the empty prompt)
+    sampling=Sampling(50, 4.0, "QwenImagePipeline's __call__ defaults (true_cfg_scale 4)"),
 )

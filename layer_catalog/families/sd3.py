@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .dit_layout import DitLayout
-from .family import Family, TextEncoder
+from .family import Family, Sampling, TextEncoder
 
 
 def _read(module: torch.nn.Module, path: str, name: str, **fields) -> dict | None:
@@ -156,4 +156,5 @@ FAMILY = Family(
     # diffusers' SD3Transformer2DModel takes the timestep as sigma * 1000 and patches the latent itself; no guidance
     # embedding (classifier-free guidance only); StableDiffusion3Pipeline lets the scheduler space the timesteps.
     flow=True, timestep_scale=1.0,
+    sampling=Sampling(28, 7.0, "StableDiffusion3Pipeline's __call__ defaults"),
 )

@@ -1,5 +1,5 @@
 """Stable Diffusion XL: the UNet with added text/time conditioning, CLIP-L + OpenCLIP-bigG."""
-from .family import Family, TextEncoder
+from .family import Family, Sampling, TextEncoder
 
 FAMILY = Family(
     name="sdxl", description="Stable Diffusion XL (CLIP-L + OpenCLIP-bigG)", denoiser="unet", native_size=1024,
@@ -11,4 +11,5 @@ FAMILY = Family(
     comfy_configs=("SDXL", "SDXL_instructpix2pix", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B"),
     checkpoint_marks=(r"model\.diffusion_model\.label_emb\.0\.0\.weight$",),
     pnp_feature_layers=("up-level0-repeat1-res-increment",),
+    sampling=Sampling(50, 5.0, "StableDiffusionXLPipeline's __call__ defaults"),
 )

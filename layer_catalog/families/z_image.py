@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .dit_layout import DitLayout, joint
-from .family import Family, TextEncoder
+from .family import Family, Sampling, TextEncoder
 
 _STREAM = ("in", "norm-out", "q", "k", "v", "attn-out", "ffn-inner", "out")
 _PAD = 32  # diffusers' SEQ_MULTI_OF; ComfyUI's pad_tokens_multiple for Z-Image
@@ -52,8 +52,10 @@ def _diffusers_block(b: str, block: torch.nn.Module) -> dict:
 
 def _map(reads: dict, b: str, rope: str, **fields) -> dict:
     q, k = reads["q"], reads["k"]
+    fused = dict(columns=q.get("columns"), norm_path=q.get("norm_path"), key_columns=k.get("columns"),
+                 key_norm_path=k.get("norm_path"))  # set where q and k are the fused qkv's columns (_fused_qk_norm)
     return dict(module_path=q["module_path"], key_path=k["module_path"], layout=q.get("layout", "bnc"), rope=rope,
-                rope_path=b, rope_arg=("freqs_cis", 2), **fields)
+                rope_path=b, rope_arg=("freqs_cis", 2), **{n: v for n, v in fused.items() if v is not None}, **fields)
 
 
 def _layout(model, block_reads, attention: str, rope: str, image_first: bool, pad: int, ends: dict,
@@ -92,17 +94,31 @@ def diffusers_layout(model: torch.nn.Module) -> DitLayout:
                    dict(grid_path="", grid_divisor=patch, text_path="", text_item=("cap_feats", 2)))
 
 
+def _fused_qk_norm(attention: torch.nn.Module) -> bool:
+    """Whether ComfyUI's JointAttention normalises q and k without calling its q_norm / k_norm modules: newer
+    ComfyUIs keep QK-norm as a `qk_norm` flag on it and, with the flag set (outside training), normalise and rotate
+    q and k in one fused kernel. v0.3.64's has no such flag: its modules run."""
+    return getattr(attention, "qk_norm", None) is True
+
+
 def _native_block(b: str, block: torch.nn.Module) -> dict:
     """ComfyUI's JointTransformerBlock (comfy/ldm/lumina/model.py): a fused qkv linear (q, then k and v of the
     key-value heads), q_norm / k_norm on (B, N, heads, d) (Identity without QK-norm), modulation done functionally
-    (so norm-out is the qkv linear's input)."""
+    (so norm-out is the qkv linear's input). Where the norm modules never run (_fused_qk_norm), q and k are the qkv
+    linear's columns with those modules' RMSNorm weights applied by the capture, the same tensors."""
     attn = block.attention
     width, kv = attn.n_local_heads * attn.head_dim, attn.n_local_kv_heads * attn.head_dim
+    qkv = f"{b}.attention.qkv"
+    if _fused_qk_norm(attn):
+        q = dict(module_path=qkv, columns=(0, width), norm_path=f"{b}.attention.q_norm")
+        k = dict(module_path=qkv, columns=(width, width + kv), norm_path=f"{b}.attention.k_norm")
+    else:
+        q = dict(module_path=f"{b}.attention.q_norm", layout="bnhd")
+        k = dict(module_path=f"{b}.attention.k_norm", layout="bnhd")
     return {"in": dict(module_path=b, at="input", item=("x", 0)),
-            "norm-out": dict(module_path=f"{b}.attention.qkv", at="input"),
-            "q": dict(module_path=f"{b}.attention.q_norm", layout="bnhd"),
-            "k": dict(module_path=f"{b}.attention.k_norm", layout="bnhd"),
-            "v": dict(module_path=f"{b}.attention.qkv", columns=(width + kv, width + 2 * kv)),
+            "norm-out": dict(module_path=qkv, at="input"),
+            "q": q, "k": k,
+            "v": dict(module_path=qkv, columns=(width + kv, width + 2 * kv)),
             "attn-out": dict(module_path=f"{b}.attention.out"),
             "ffn-inner": dict(module_path=f"{b}.feed_forward.w2", at="input"),
             "out": dict(module_path=b)}
@@ -148,6 +164,16 @@ def network_output(prediction, latent_hw) -> torch.Tensor:
     return -torch.stack(list(prediction)).squeeze(2)
 
 
+TURBO_SHIFT = 3.0  # Z-Image Turbo's scheduler shift (its scheduler_config.json, the one shipped here)
+TURBO = Sampling(8, 1.0, "Z-Image Turbo (scheduler shift 3): diffusers' ZImagePipeline example, 8 steps, "
+                         "guidance_scale 0")
+
+
+def sampling_variant(denoiser_config, scheduler_config: dict, pipeline: dict) -> Sampling | None:
+    """Z-Image Turbo, told from the base model (the same transformer) by its scheduler's shift."""
+    return TURBO if scheduler_config.get("shift") == TURBO_SHIFT else None
+
+
 FAMILY = Family(
     name="z-image", description="Z-Image Turbo / base (single-stream DiT with image and caption refiners, Qwen3-4B)",
     denoiser="transformer", native_size=1024,
@@ -170,4 +196,7 @@ FAMILY = Family(
     # network patches the latent itself, is given 1 - sigma and predicts the negative velocity (network_inputs /
     # network_output convert); no guidance embedding. Its guidance_scale g is cfg = g + 1 here (Turbo: g 0, cfg 1).
     flow=True, linspace_sigmas=True, network_inputs=network_inputs, network_output=network_output,
+    # ZImagePipeline's __call__: 50 steps, guidance_scale 5 (cfg 6 here) for the base model; Turbo: sampling_variant
+    sampling=Sampling(50, 6.0, "ZImagePipeline's __call__ defaults (guidance_scale 5)"),
+    sampling_variant=sampling_variant,
 )
