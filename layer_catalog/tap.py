@@ -42,6 +42,14 @@ class Tap:
     sequence is [image, text] (diffusers' Z-Image) instead of [text, image]; `pad_multiple` says each part of the
     joint sequence is padded to a multiple of that many tokens (Z-Image: 32), so a part's tokens start after the
     padded length of the part before it and the padding tokens are in no span.
+    Reference images (Flux Kontext, Flux.2, Qwen-Image-Edit: their tokens follow the generated image's in the image
+    stream): `ref_read` says where the network's call shows them, (form, keyword, position) of its input:
+    "latents" a list of reference latents (B, C, [1,] h, w), each padded to `grid_divisor` (ComfyUI's ref_latents);
+    "shapes" per sample a list of (frames, h, w) token grids, the generated image's first (diffusers' img_shapes);
+    "ids" the image tokens' positions (N, a) or (B, N, a) after the generated image's, axis 0 naming the image and
+    axes 1 / 2 its row / column (diffusers' img_ids). `ref` = I reads reference I's tokens instead of the generated
+    image's: after the generated image's h * w tokens and the earlier references' (span "grid": in the image stream;
+    "image": in the joint [text, image, references] sequence), on that reference's own grid.
     """
 
     id: str
@@ -68,6 +76,8 @@ class Tap:
     text_item: tuple[str, int] | None = None
     image_first: bool = False
     pad_multiple: int = 1
+    ref_read: tuple[str, str, int] | None = None
+    ref: int | None = None
 
 
 def is_unet(model: torch.nn.Module) -> bool:

@@ -92,6 +92,10 @@ class Family:
     # Text encoders a model of the family may come with instead of text_encoders, chosen by the loaded encoder's
     # config model_type (Flux.2 Klein: Qwen3 where dev has Mistral3); see encoders_of
     text_variants: dict[str, tuple[TextEncoder, ...]] = field(default_factory=dict)
+    # Some of its models take reference images (Kontext, Flux.2 editing, Qwen-Image-Edit): its block ids then have
+    # reference twins `vit-block{B}-ref{I}-...` (grammar.DIT_REF_SUFFIXES), listed in no catalog (how many
+    # references a run has is the run's) and checked when the run reads them.
+    reference_images: bool = False
 
     def encoders_of(self, text_encoders) -> tuple[TextEncoder, ...]:
         """The TextEncoder specs of a model's loaded text encoders: a variant's where the first one's config
