@@ -155,6 +155,9 @@ def test_qwen_ids_family_wrong_ids_and_show_layers(qwen):
     text = DFShowLayers().show(model, width=LATENT[1] * 8, height=LATENT[0] * 8)["result"][0]
     assert text.splitlines()[0] == f"# qwen-image: 39 layer ids at {LATENT[1] * 8}x{LATENT[0] * 8}"
     assert f"vit-block0-cross-map  {HEADS} x {N} x 512" in text and "dit-out  16 x 6 x 10" in text
+    # reference ids are listed nowhere (a run's references decide which exist): the list's last line says so
+    assert text.splitlines()[-1].startswith("# reference images: vit-block{B}-ref{I}-{in|norm-out|q|k|v|attn-out|"
+                                            "ffn-inner|out} are block B's image ids on reference image I's tokens")
 
 
 def test_capture_under_ksampler_equals_plain_hooks_for_every_id_kind(qwen):
@@ -221,6 +224,8 @@ def test_edit_reference_under_sampler_custom_keeps_image_ids_on_the_generated_gr
     assert [(lab["step"], lab["branch"]) for lab in labels] == [(2, "cond")] * 2
     assert feats[f"{B}-self-map"].shape == (2, HEADS, N, N) and feats[f"{B}-out"].shape == (2, 32, 3, 5)
     assert feats[f"{B}-ref0-out"].shape == (2, 32, 2, 3)
+    sizes = dict(capture.sizes.shapes)  # the memory plan sizes a reference as if it had the generated image's size
+    assert sizes[f"{B}-ref0-out"] == sizes[f"{B}-out"] == (32, 32, 32)
     _check_rows(net, log, labels, feats, ids, reference=True)
     assert all(lab["tokens"] == TOKEN_RANGES for lab in labels)
 
