@@ -436,6 +436,7 @@ def test_reference_ids_of_a_run_without_them_name_its_count(flux, captured):
 def test_native_kontext_ids_equal_diffusers_ids(comfy_flux, captured, kontext_captured):
     """Every id and the reference's ids on ComfyUI's Flux given ref_latents (the reference's grid from the latent's
     shape) equal diffusers'; ids of references the conditioning lacks get one line naming how many it has."""
+    from diffusion_feature.layer_catalog.families import dit_layout
     from diffusion_feature.layer_catalog.hooks import ReferenceImageError
 
     latent, ctx, pooled, t = _inputs()
@@ -456,6 +457,13 @@ def test_native_kontext_ids_equal_diffusers_ids(comfy_flux, captured, kontext_ca
                                                   "image; add one with ReferenceLatent / TextEncodeQwenImageEdit$"):
         with torch.no_grad(), FeatureCapture(comfy_flux, taps_of(comfy_flux, ["vit-block1-ref0-out"])) as cap:
             cap.run(latent, t, ctx, y=pooled)
+    # the reference latents this Flux takes: 4 channels here (its patch embedding's input over 2x2 patches)
+    dit_layout(comfy_flux).check_reference_latents([kontext_captured["ref"]], "the positive conditioning", "it")
+    with pytest.raises(ReferenceImageError, match=r"^reference image 2 of the positive conditioning is a latent of "
+                                                  r"shape \[1, 16, 8, 8\]: this flux model takes 4-channel reference "
+                                                  r"latents .*, padded to a multiple of 2 latent pixels$"):
+        dit_layout(comfy_flux).check_reference_latents([kontext_captured["ref"], torch.zeros(1, 16, 8, 8)],
+                                                       "the positive conditioning", "this flux model")
 
 
 # ---- DiTF: the preset and its transform -------------------------------------------------------------------------------
