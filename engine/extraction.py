@@ -149,7 +149,8 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
     interrupt: a callback run before each block of the denoiser (it raises to stop a long forward).
     grad: gradient mode, the features stay on the autograd graph (see `extract`).
     A request naming the ditf preset gets DiTF's feature of its block inputs (engine/dit_transforms.DitfRun);
-    transform_meta: a dict that receives the transform and the channels found, for the features' metadata.
+    transform_meta: a dict that receives the transform and the channels found, for the features' metadata, and a
+    diffusion transformer's token ranges ("tokens": FeatureCapture.token_ranges).
     The run is refused before any forward when its memory plan does not fit (FeatureMemoryError).
     """
     from .control import control_residuals
@@ -194,6 +195,9 @@ def extract_latents(denoiser, x0: torch.Tensor, cond: Conditioning, layers, t: i
             x_t = ddim_move(x_t, out, a, b, abar, prediction_type)
         capture.enabled = True
         forward(capture, x_t, t)
+        tokens = capture.token_ranges()
+        if transform_meta is not None and tokens is not None:
+            transform_meta["tokens"] = tokens
         return capture.features if ditf is None else ditf.finish(capture.features, transform_meta)
 
     with FeatureCapture(denoiser, taps, dtype=capture_dtype(dtype, ensemble), device="cpu" if offload else None,

@@ -44,12 +44,13 @@ _META_KEYS = ("family", "t", "seed", "height", "width", "input_height", "input_w
               "step", "ensemble", "aggregate_slices", "timestep", "branch", "image", "scheduler", "steps", "cfg",
               "denoise", "denoise_from", "denoise_steps", "controlnets", "sigma", "cond_index", "shift", "mu",
               "guidance",  # the last three: a flow family's (Flux) resolution shift and guidance input
-              "transform", "massive_channels")  # DiTF's transform (the ditf preset) and the channels it zeroed
+              "transform", "massive_channels",  # DiTF's transform (the ditf preset) and the channels it zeroed
+              "tokens")  # a diffusion transformer's token ranges: text, image, reference images (with their grids)
 # Sizes are named keys: `height`, `width` (the image the model saw) and `input_height`, `input_width` (the image as
 # given). Earlier files held one [height, width] pair, easily read as the CLI's WxH; they are still read.
 _LEGACY_SIZE_KEYS = {"size": "", "input_size": "input_"}
 # per-row labels of features captured during generation (DFGenerate, DFCollectFeatures)
-_ROW_KEYS = ("step", "timestep", "sigma", "branch", "image", "cond_index")
+_ROW_KEYS = ("step", "timestep", "sigma", "branch", "image", "cond_index", "tokens")
 AGGREGATE = "aggregate"  # the one tensor key that is not a layer id: the aggregate layout's concatenation
 MAX_IMAGE_SIDE = 16384  # ComfyUI's MAX_RESOLUTION: no node of it makes a larger image, so no saved size is larger
 

@@ -258,8 +258,10 @@ def generate(model, positive, negative=None, *, steps: int | None = None, cfg: f
                     if capture.enabled:
                         capture.rows = slice(wanted[0] * batch, (wanted[-1] + 1) * batch)
                     out = capture.run(**call)
-                    if capture.enabled:
-                        timeline.record([{"step": i, "timestep": float(t), "branch": names[k], "image": j}
+                    if capture.enabled:  # a diffusion transformer's rows also say where its tokens are
+                        tokens = capture.token_ranges()
+                        timeline.record([{"step": i, "timestep": float(t), "branch": names[k], "image": j,
+                                          **({} if tokens is None else {"tokens": tokens})}
                                          for k in range(wanted[0], wanted[-1] + 1) for j in range(batch)])
                     out = eps_output(flow.unpack_output(model.family, out[0], latent_hw), latent_channels)
                     for k, name in enumerate(names):

@@ -14,6 +14,7 @@ import torch
 
 from .errors import echo
 from .families import FAMILIES, dummy_inputs, get_family, meta_denoiser
+from .grammar import DIT_REF_SUFFIXES
 from .hooks import FeatureCapture
 from .taps import enumerate_ids, taps_of
 
@@ -80,6 +81,16 @@ def _load(family: str) -> dict:
 def load_catalog(family: str) -> dict:
     """The shipped catalog of a family (a fresh copy; the cache stays untouched)."""
     return json.loads(json.dumps(_load(family)))
+
+
+def reference_ids_note(family: str | None) -> str | None:
+    """A line on the reference-image ids of a family whose models take reference images (Kontext, Edit), which no
+    catalog lists (how many references a run has is the run's); None for other families."""
+    fam = FAMILIES.get(family) if isinstance(family, str) else None
+    if fam is None or not fam.reference_images:
+        return None
+    return (f"# reference images: vit-block{{B}}-ref{{I}}-{{{'|'.join(DIT_REF_SUFFIXES)}}} are block B's image ids on "
+            "reference image I's tokens (I = 0 for the first), on its own grid; a run's references decide which exist")
 
 
 def family_ids(family: str) -> list[str]:

@@ -29,12 +29,17 @@ DIT_ENDS = ("in", "embed", "out")
 # attend to each other; their taps mean what the same suffixes mean in a block.
 DIT_REFINER_SUFFIXES = tuple(s for s in DIT_SUFFIXES if s != "cross-map" and s not in DIT_SECOND_SUFFIXES)
 DIT_REFINER_TEXT_SUFFIXES = tuple(f"txt-{s}" for s in DIT_REFINER_SUFFIXES if s not in MAP_SUFFIXES)
+# Reference images (Flux Kontext, Flux.2 editing, Qwen-Image-Edit): their tokens follow the generated image's in the
+# image stream; `vit-block{B}-ref{I}-<suffix>` is reference I's part of that block's image-stream tensor (I = 0 for
+# the first), on the reference's own grid. No maps: a map's queries are the generated image's.
+DIT_REF_SUFFIXES = ("in", "norm-out", "q", "k", "v", "attn-out", "ffn-inner", "out")
 
 _SUF = "|".join(re.escape(s) for s in BLOCK_SUFFIXES)
 _FLAT_SUF = "|".join(re.escape(s) for s in sorted({*BLOCK_SUFFIXES, *DIT_SUFFIXES, *DIT_TEXT_SUFFIXES}, key=len,
                                                    reverse=True))
 _REFINER_SUF = "|".join(re.escape(s) for s in sorted({*DIT_REFINER_SUFFIXES, *DIT_REFINER_TEXT_SUFFIXES}, key=len,
                                                     reverse=True))
+_REF_SUF = "|".join(re.escape(s) for s in sorted(DIT_REF_SUFFIXES, key=len, reverse=True))
 _PATTERNS = (
     ("dit", re.compile(r"dit-(?P<suffix>in|embed|out)")),
     ("unet", re.compile(r"unet-(?P<suffix>in|after-conv-in|out)")),
@@ -45,6 +50,7 @@ _PATTERNS = (
     ("block", re.compile(rf"(?P<stage>down|up)-level(?P<level>\d+)-repeat(?P<repeat>\d+)-vit-block(?P<block>\d+)-(?P<suffix>{_SUF})")),
     ("block", re.compile(rf"(?P<stage>mid)-vit-block(?P<block>\d+)-(?P<suffix>{_SUF})")),
     ("block", re.compile(rf"vit-block(?P<block>\d+)-(?P<suffix>{_FLAT_SUF})")),
+    ("block", re.compile(rf"vit-block(?P<block>\d+)-ref(?P<ref>\d+)-(?P<suffix>{_REF_SUF})")),
     ("refiner", re.compile(rf"vit-refiner(?P<block>\d+)-(?P<suffix>{_REFINER_SUF})")),
     ("sampler", re.compile(r"(?P<stage>down)-level(?P<level>\d+)-(?P<suffix>downsampler)-out")),
     ("sampler", re.compile(r"(?P<stage>up)-level(?P<level>\d+)-(?P<suffix>upsampler)-out")),
@@ -64,6 +70,7 @@ class LayerId:
     'block' (a tap inside one transformer block), 'refiner' (a tap inside one refiner of a DiT: `block` is its
     number), 'sampler' (down/upsampler output).
     stage: 'down', 'mid', 'up', or None (unet-* and dit-* ids, and the block ids of transformers).
+    ref: the reference image of a DiT block id `vit-block{B}-ref{I}-<suffix>` (None: the generated image's).
     """
 
     part: str
@@ -72,6 +79,7 @@ class LayerId:
     level: int | None = None
     repeat: int | None = None
     block: int | None = None
+    ref: int | None = None
 
     @property
     def is_map(self) -> bool:
@@ -87,7 +95,7 @@ def parse_id(text: str) -> LayerId:
             g = m.groupdict()
             num = lambda k: int(g[k]) if g.get(k) is not None else None  # noqa: E731
             return LayerId(part=part, suffix=g["suffix"] if "suffix" in g else "out", stage=g.get("stage"),
-                           level=num("level"), repeat=num("repeat"), block=num("block"))
+                           level=num("level"), repeat=num("repeat"), block=num("block"), ref=num("ref"))
     raise LayerIdSyntaxError(f"{echo(text)} is not a layer id (see README: layer-id grammar)")
 
 
@@ -99,6 +107,8 @@ def format_id(lid: LayerId) -> str:
         return f"{lid.stage}-level{lid.level}-{lid.suffix}-out"
     if lid.part == "refiner":
         return f"vit-refiner{lid.block}-{lid.suffix}"
+    if lid.ref is not None:
+        return f"vit-block{lid.block}-ref{lid.ref}-{lid.suffix}"
     if lid.stage is None:  # transformers: blocks sit directly in the model
         return f"vit-block{lid.block}-{lid.suffix}"
     where = "mid" if lid.stage == "mid" else f"{lid.stage}-level{lid.level}"
@@ -108,3 +118,15 @@ def format_id(lid: LayerId) -> str:
     if lid.part == "vit":
         return f"{vit}-out"
     return f"{vit}-block{lid.block}-{lid.suffix}"
+
+
+def reference_of(layer_id: str) -> tuple[str, int] | None:
+    """(the generated image's id of the same tensor, the reference's index) of a reference-image id
+    `vit-block{B}-ref{I}-<suffix>`; None for every other string."""
+    try:
+        lid = parse_id(layer_id)
+    except LayerIdSyntaxError:
+        return None
+    if lid.ref is None:
+        return None
+    return f"vit-block{lid.block}-{lid.suffix}", lid.ref

@@ -36,6 +36,20 @@ class TokenGridError(DiffusionFeatureError, RuntimeError):
     """A token-shaped tensor does not match the spatial grid recorded for it."""
 
 
+class ReferenceImageError(DiffusionFeatureError, ValueError):
+    """A reference-image id (`vit-block{B}-ref{I}-...`) asked of a run with fewer reference images."""
+
+
+# What a reference id asked of a run without references is told, by where the run's references come from (the
+# Tap's ref_read form): ComfyUI's network takes them from the conditioning; diffusers' only as a pipeline passes them.
+_NO_REFERENCE = {
+    "latents": "this conditioning carries no reference image; add one with ReferenceLatent / TextEncodeQwenImageEdit",
+    "shapes": "the network was called without reference images (DF_MODEL runs take none: capture reference ids from "
+              "ComfyUI's MODEL with DFExtractNative / DFCaptureLayers and ReferenceLatent)",
+}
+_NO_REFERENCE["ids"] = _NO_REFERENCE["shapes"]
+
+
 def _first_tensor(output):
     if isinstance(output, torch.Tensor):
         return output
@@ -205,14 +219,18 @@ class FeatureCapture(AttachedHooks):
         self._masks: dict[str, torch.Tensor] = {}
         self._pieces: dict[str, dict[str, torch.Tensor]] = {}
         self._norms: dict[str, torch.nn.Module] = {}  # norm_path -> the RMSNorm module a column read applies
+        self._references: dict[tuple, object] = {}  # ref_read -> what the network's call says of its references
+        self._ref_grids: dict[tuple, list[tuple[int, int]]] = {}
 
     # ---- attach (AttachedHooks removes it all when the block ends) ------------------------------------------
     def _attach(self, hooks: HookSet) -> None:
         module = module_lookup(self.model, "network")
         self._norms = {path: module(path) for t in self.taps for path in (t.norm_path, t.key_norm_path) if path}
-        for grid in {(t.grid_path, t.grid_divisor) for t in self.taps if t.kind in ("tokens", "packed", "map")
-                     and t.grid_path is not None}:
+        for grid in {(t.grid_path, t.grid_divisor) for t in self.taps if t.grid_path is not None and (
+                t.kind in ("tokens", "packed", "map") or t.text_path is not None)}:  # text: for token_ranges
             hooks.forward_pre_hook(module(grid[0]), self._grid_hook(grid), with_kwargs=True)
+        for read in {t.ref_read for t in self.taps if t.ref_read is not None}:
+            hooks.forward_pre_hook(module(""), self._reference_hook(read), with_kwargs=True)
         for path, item in {(t.text_path, t.text_item) for t in self.taps if t.text_path is not None}:
             hooks.forward_pre_hook(module(path), self._text_hook(path, item), with_kwargs=True)
         for tap in self.taps:
@@ -271,6 +289,91 @@ class FeatureCapture(AttachedHooks):
             return tuple(_ceil_div(n, tap.grid_divisor) for n in self.token_grid)
         return self._grids[(tap.grid_path, tap.grid_divisor)]
 
+    def _reference_hook(self, read: tuple[str, str, int]):
+        """What the network's call says of its reference images (kept as given; read by _reference_grids)."""
+        def hook(_module, args, kwargs):
+            _, name, position = read
+            self._references[read] = kwargs.get(name, args[position] if len(args) > position else None)
+            self._ref_grids.pop(read, None)
+        return hook
+
+    def _reference_grids(self, tap: Tap) -> list[tuple[int, int]]:
+        """The token grid of each reference image of this call, in the order their tokens follow the generated
+        image's: read off the call (see Tap), never guessed from token counts."""
+        read = tap.ref_read
+        if read in self._ref_grids:
+            return self._ref_grids[read]
+        value, form = self._references.get(read), read[0]
+        grids: list[tuple[int, int]] = []
+        if value is None:
+            pass
+        elif form == "latents":  # each padded to the patch size by the network
+            grids = [(_ceil_div(r.shape[-2], tap.grid_divisor), _ceil_div(r.shape[-1], tap.grid_divisor))
+                     for r in value]
+        elif form == "shapes":  # per sample [(frames, h, w) of the generated image, then of each reference]
+            sample = value[0] if value and isinstance(value[0], list) else value
+            grids = [(int(f) * int(h), int(w)) for f, h, w in list(sample)[1:]]
+        elif form == "ids":
+            grids = self._id_grids(tap, value)
+        else:
+            raise ValueError(f"{tap.id}: unknown reference form {form!r}")
+        self._ref_grids[read] = grids
+        return grids
+
+    def _id_grids(self, tap: Tap, ids: torch.Tensor) -> list[tuple[int, int]]:
+        """Reference grids from image-token positions: the tokens after the generated image's, one reference per run
+        of equal axis-0 values, its grid its distinct rows x distinct columns."""
+        h, w = self._grid(tap)
+        ids = ids[0] if ids.ndim == 3 else ids
+        rest = ids[h * w:]
+        if rest.shape[0] == 0 or rest.device.type == "meta":
+            return []
+        rest = rest.detach().cpu()
+        change = torch.nonzero(rest[1:, 0] != rest[:-1, 0]).flatten() + 1
+        grids = []
+        for i, group in enumerate(torch.tensor_split(rest, change)):
+            grid = (int(group[:, 1].unique().numel()), int(group[:, 2].unique().numel()))
+            if grid[0] * grid[1] != group.shape[0]:
+                raise TokenGridError(f"{tap.id}: reference {i}'s {group.shape[0]} tokens are not the {grid[0]}x"
+                                     f"{grid[1]} grid of their positions")
+            grids.append(grid)
+        return grids
+
+    def _reference_span(self, tap: Tap) -> tuple[int, int]:
+        """(start, length) of reference `tap.ref`'s tokens: after the generated image's and the earlier
+        references' (in the image stream, or in the joint sequence after the text)."""
+        grids = self._reference_grids(tap)
+        if tap.ref >= len(grids):
+            if not grids:
+                raise ReferenceImageError(f"{tap.id}: {_NO_REFERENCE[tap.ref_read[0]]}")
+            which = "ref0" if len(grids) == 1 else f"ref0 to ref{len(grids) - 1}"
+            plural = "s" if len(grids) > 1 else ""
+            raise ReferenceImageError(f"{tap.id}: this run has {len(grids)} reference image{plural} ({which}), so "
+                                      f"there is no ref{tap.ref}")
+        h, w = self._grid(tap)
+        start = (self._parts(tap)[1][0] if tap.span == "image" else 0) + h * w
+        start += sum(rh * rw for rh, rw in grids[:tap.ref])
+        rh, rw = grids[tap.ref]
+        return start, rh * rw
+
+    def token_ranges(self) -> list[dict] | None:
+        """The parts of the last forward's joint token sequence, in order: text, the generated image (with its grid)
+        and each reference image (`ref0`, ...; with its grid), each as its [start, stop) in the sequence the joint
+        attention sees. None where the taps carry no text stream (UNets, PixArt)."""
+        tap = next((t for t in self.taps if t.text_path is not None and t.text_path in self._texts), None)
+        if tap is None or (tap.grid_path is not None and (tap.grid_path, tap.grid_divisor) not in self._grids) or (
+                tap.grid_path is None and self.token_grid is None):
+            return None
+        (text, length), (image, count) = self._parts(tap)
+        parts = [{"part": "text", "start": text, "stop": text + length},
+                 {"part": "image", "start": image, "stop": image + count, "grid": list(self._grid(tap))}]
+        if tap.ref_read is not None:
+            start = image + count
+            for i, (rh, rw) in enumerate(self._reference_grids(tap)):
+                parts.append({"part": f"ref{i}", "start": start, "stop": start + rh * rw, "grid": [rh, rw]})
+                start += rh * rw
+        return sorted(parts, key=lambda p: p["start"])
+
     def _text_hook(self, path: str, item: tuple[str, int] | None):
         def hook(_module, args, kwargs):
             text = _pick_input(args, kwargs, item)
@@ -294,6 +397,8 @@ class FeatureCapture(AttachedHooks):
         """The text or image part of a joint [text, image, ...] sequence (image: the generated image's tokens)."""
         if tap.span is None or tap.kind == "map":
             return x
+        if tap.ref is not None:  # a reference image's tokens
+            return x.narrow(dim, *self._reference_span(tap))
         if tap.span == "grid":  # an image stream that reference-image tokens may follow (Flux Kontext)
             h, w = self._grid(tap)
             return x.narrow(dim, 0, h * w)
@@ -419,7 +524,8 @@ class FeatureCapture(AttachedHooks):
 
     def _shape(self, tap: Tap, x: torch.Tensor) -> torch.Tensor:
         if tap.kind == "tokens":
-            x = tokens_to_grid(tap.id, x, self._grid(tap))
+            x = tokens_to_grid(tap.id, x, self._grid(tap) if tap.ref is None else
+                               self._reference_grids(tap)[tap.ref])
         elif tap.kind == "packed":
             x = unpack_tokens(tap.id, x, self._grid(tap), tap.grid_divisor)
         elif tap.kind == "text":
@@ -455,6 +561,7 @@ class FeatureCapture(AttachedHooks):
         if not self.attached:
             raise RuntimeError("FeatureCapture needs the context to be open (use `with FeatureCapture(...)`)")
         self.features, self._grids, self._texts = {}, {}, {}
+        self._references, self._ref_grids = {}, {}
         try:
             output = fn(*args, **kwargs)
         except _EarlyExit:

@@ -22,8 +22,8 @@ import torch
 
 from .catalog import PRESET_NAMES, family_ids, preset_ids, preset_names
 from .errors import DiffusionFeatureError, echo
-from .families import FAMILIES, get_family, spoken
-from .grammar import LayerIdSyntaxError, format_id, parse_id
+from .families import FAMILIES, dit_layout, get_family, spoken
+from .grammar import LayerIdSyntaxError, format_id, parse_id, reference_of
 from .tap import Tap
 from .taps import enumerate_ids, taps_of
 
@@ -173,12 +173,23 @@ def _expand(items: list, family: str | None, model_ids: list[str] | None = None)
     return out
 
 
-def _check_ids(ids: list, valid: list[str], owner: str, family: str | None) -> list[str]:
-    """ids, each checked against `valid`; an unknown one raises LayerIdError naming the nearest valid ids."""
+def _check_ids(ids: list, valid: list[str], owner: str, family: str | None, references: bool = False) -> list[str]:
+    """ids, each checked against `valid`; an unknown one raises LayerIdError naming the nearest valid ids. A
+    reference-image id (`vit-block{B}-ref{I}-...`) is valid where `references` (the owner takes reference images)
+    and its generated image's id is: how many references a run has is checked when the run reads them."""
     valid_set = set(valid)
     for layer_id in ids:
-        if layer_id not in valid_set:
-            raise LayerIdError(_unknown_id_message(layer_id, valid, owner, family))
+        if layer_id in valid_set:
+            continue
+        reference = reference_of(layer_id)
+        if reference is not None and reference[0] in valid_set:
+            if references:
+                continue
+            takers = [name for name, fam in FAMILIES.items() if fam.reference_images]
+            raise LayerIdError(f"{echo(layer_id)} is a reference-image id, but {owner} takes no reference images "
+                               f"(reference ids exist for {spoken(takers)}); its generated image's id is "
+                               f"{reference[0]}")
+        raise LayerIdError(_unknown_id_message(layer_id, valid, owner, family))
     return [str(i) for i in ids]  # plain strings: entries of a layer file carry their position until checked
 
 
@@ -190,12 +201,14 @@ def names_preset(spec, preset: str) -> bool:
 
 def resolve_layers(spec, family: str) -> list[str]:
     """Valid ids of `family` for a spec; an unknown id raises LayerIdError naming the nearest valid ids."""
-    get_family(family)
-    return _check_ids(_expand(_split_spec(spec), family), family_ids(family), family, family)
+    fam = get_family(family)
+    return _check_ids(_expand(_split_spec(spec), family), family_ids(family), family, family, fam.reference_images)
 
 
 def resolve_taps(spec, model: torch.nn.Module, family: str | None = None) -> list[Tap]:
     """Taps of a loaded denoiser for a spec, checked against the model's own modules (custom depths included)."""
     valid = enumerate_ids(model)
     owner = f"this {family} model" if family else f"this {type(model).__name__}"
-    return taps_of(model, _check_ids(_expand(_split_spec(spec), family, valid), valid, owner, family))
+    layout = dit_layout(model)
+    references = layout is not None and layout.takes_references
+    return taps_of(model, _check_ids(_expand(_split_spec(spec), family, valid), valid, owner, family, references))

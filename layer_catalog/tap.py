@@ -45,6 +45,14 @@ class Tap:
     weights the read applies per head (of its width) after `columns`, for q / k read from a fused projection where
     the model never calls its norm modules (newer ComfyUIs' Lumina2 / Z-Image); a map's key takes `key_columns` and
     `key_norm_path` likewise.
+    Reference images (Flux Kontext, Flux.2, Qwen-Image-Edit: their tokens follow the generated image's in the image
+    stream): `ref_read` says where the network's call shows them, (form, keyword, position) of its input:
+    "latents" a list of reference latents (B, C, [1,] h, w), each padded to `grid_divisor` (ComfyUI's ref_latents);
+    "shapes" per sample a list of (frames, h, w) token grids, the generated image's first (diffusers' img_shapes);
+    "ids" the image tokens' positions (N, a) or (B, N, a) after the generated image's, axis 0 naming the image and
+    axes 1 / 2 its row / column (diffusers' img_ids). `ref` = I reads reference I's tokens instead of the generated
+    image's: after the generated image's h * w tokens and the earlier references' (span "grid": in the image stream;
+    "image": in the joint [text, image, references] sequence), on that reference's own grid.
     """
 
     id: str
@@ -74,6 +82,8 @@ class Tap:
     norm_path: str | None = None
     key_columns: tuple[int, int] | None = None
     key_norm_path: str | None = None
+    ref_read: tuple[str, str, int] | None = None
+    ref: int | None = None
 
 
 def is_unet(model: torch.nn.Module) -> bool:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..layer_catalog.errors import DiffusionFeatureError, echo
+from ..layer_catalog.families import dit_layout, network_family
 from ..layer_catalog.hooks import FeatureCapture
 from ..layer_catalog.tap import Tap
 
@@ -86,7 +87,8 @@ def _parse_steps(spec, steps: int | None) -> list[int]:
 
 @dataclass
 class Record:
-    """One kept model call: a label per kept row and each tap's tensor for those rows (same order)."""
+    """One kept model call: a label per kept row and each tap's tensor for those rows (same order). A diffusion
+    transformer's labels carry the call's token ranges ("tokens": FeatureCapture.token_ranges)."""
 
     labels: list[dict]
     features: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -237,6 +239,10 @@ class NativeCapture:
         if plan.run != self._run or not self._seen.isdisjoint(plan.keys):  # replaced meanwhile, or came second
             return
         self._seen.update(plan.keys)
+        tokens = hooks.token_ranges()
+        if tokens is not None:
+            for label in plan.labels:
+                label["tokens"] = tokens
         features = dict(hooks.features)
         if self.ditf is not None:
             features = self.ditf.finish(features, self.transform_meta)
@@ -388,14 +394,32 @@ class ApplyModelWrapper(_KeyedWrapper):
                                 lambda: executor(*args, **kwargs), _timestep_of(base), _text_tokens(context))
 
 
+def check_reference_latents(net: torch.nn.Module, conds: dict) -> None:
+    """Refuse in one line a reference latent of a sampling run's conditionings ({"positive": [cond dict, ...], ...},
+    as ComfyUI's guider holds them, reference_latents still unprocessed) that the network cannot take."""
+    layout = dit_layout(net)
+    if layout is None or layout.reference_channels is None:
+        return
+    for name, items in (conds or {}).items():
+        for cond in items or ():
+            if isinstance(cond, dict):
+                layout.check_reference_latents(cond.get("reference_latents"), f"the {name} conditioning",
+                                               f"this {network_family(net)} model")
+
+
 class OuterSampleWrapper(_KeyedWrapper):
     """ComfyUI's keyed OUTER_SAMPLE wrapper: marks the start of each sampling run of the tapped MODEL, the one
-    boundary a schedule tensor cannot give (SamplerCustom's cached sigmas are the same tensor every run)."""
+    boundary a schedule tensor cannot give (SamplerCustom's cached sigmas are the same tensor every run); and
+    refuses a reference latent the network cannot take before ComfyUI processes the conditionings."""
 
     def __call__(self, executor, *args, **kwargs):
         capture = lookup(self.key)
         if capture is not None:
             capture.begin_run(marked=True)
+        guider = getattr(executor, "class_obj", None)
+        patcher = getattr(guider, "model_patcher", None)
+        if patcher is not None:
+            check_reference_latents(patcher.model.diffusion_model, getattr(guider, "conds", None))
         return executor(*args, **kwargs)
 
 

@@ -273,7 +273,8 @@ def run_at_sigmas(model, positive, latent: torch.Tensor, noise: torch.Tensor, si
     after the last tap when `early_exit`. The hooks exist only during that call, on the network it runs (see
     _wrapped). guidance: the value a guidance-distilled network (Flux dev) gets, in place of the conditioning's own
     (FluxGuidance's). A request naming the ditf preset gets DiTF's feature (engine/dit_transforms.DitfRun);
-    transform_meta receives its metadata.
+    transform_meta receives its metadata, and a diffusion transformer's token ranges of that call ("tokens":
+    FeatureCapture.token_ranges: text, the generated image and each reference image).
     """
     import comfy.sample
     import comfy.samplers
@@ -315,6 +316,8 @@ def run_at_sigmas(model, positive, latent: torch.Tensor, noise: torch.Tensor, si
     comfy.sample.sample_custom(tapped, noise, 1.0, sampler, sigmas, cond, [], latent, disable_pbar=True, seed=seed)
     if last.features is None:
         raise RuntimeError("the sampler's last model call never reached the MODEL's network")
+    if transform_meta is not None and last.tokens is not None:
+        transform_meta["tokens"] = last.tokens
     return last.features if ditf is None else ditf.finish(last.features, transform_meta)
 
 
@@ -327,7 +330,7 @@ class _LastCall:
 
     def __init__(self, taps, options: dict):
         self.taps, self.options = taps, options
-        self.armed, self.features = False, None
+        self.armed, self.features, self.tokens = False, None, None
 
     def begin_run(self, marked: bool = False) -> None:
         pass
@@ -339,7 +342,7 @@ class _LastCall:
         LIVE_NETWORKS.add(unet)
         with FeatureCapture(unet, self.taps, **self.options) as hooks:
             out = hooks.call(call)
-        self.features = hooks.features
+        self.features, self.tokens = hooks.features, hooks.token_ranges()
         if out is None:  # stopped after the last tap
             raise _TapsDone()
         return out

@@ -8,6 +8,8 @@ included) report the shapes they would store. The inputs take the model's infere
 does (fp8 and quantized weights compute in another dtype). Layers may cache per-device state on themselves (current
 ComfyUI's streamed weights do): every attribute the pass set is put back, so no fake tensor outlives it. Other
 code's hooks on the network are set aside for the pass (and put back after it): this is no model call of theirs.
+Reference-image ids (`vit-block{B}-ref{I}-...`) are sized with references of the generated image's size in the pass:
+a run's references are only known when it runs.
 """
 from __future__ import annotations
 
@@ -38,6 +40,16 @@ def reference_tokens(family: str | None) -> int:
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
                "_forward_hooks_always_called")
+
+
+def _with_references(taps, args, kwargs) -> dict:
+    """The pass's keyword inputs with as many reference latents as the taps read, each the generated latent's size
+    (ComfyUI's networks take them as a list, Tap.ref_read's "latents" form)."""
+    wanted = [t for t in taps if t.ref is not None]
+    if not wanted:
+        return kwargs
+    _, name, _ = wanted[0].ref_read
+    return {**kwargs, name: [torch.empty_like(args[0])] * (max(t.ref for t in wanted) + 1)}
 
 
 def layer_shapes(net: torch.nn.Module, family: str | None, height: int, width: int, dtype: torch.dtype,
@@ -71,6 +83,7 @@ def layer_shapes(net: torch.nn.Module, family: str | None, height: int, width: i
                 kwargs = {"context": torch.empty(1, tokens, _context_width(net), **like)}
                 if getattr(net, "num_classes", None) == "sequential":  # SDXL's pooled text + size embedding
                     kwargs["y"] = torch.empty(1, net.label_emb[0][0].in_features, **like)
+            kwargs = _with_references(taps, args, kwargs)
             # device="meta": stored copies are shapes only too (no data-pointer checks on fake tensors)
             with FeatureCapture(net, taps, device="meta") as hooks:
                 hooks.run(*args, **kwargs)

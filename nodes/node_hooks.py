@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..layer_catalog import PRESET_NAMES, LayerIdError, resolve_taps
-from ..layer_catalog.catalog import parse_size
+from ..layer_catalog.catalog import parse_size, reference_ids_note
 from ..engine.dit_transforms import DITF, kept_request
 from ..layer_catalog.families import family_names, spoken
 from ..layer_catalog.resolver import names_preset
@@ -89,5 +89,7 @@ class DFShowLayers:
             shapes = model_layer_shapes(model, height, width)
         lines = [f"# {family}: {len(shapes)} layer ids at {width}x{height}"]
         lines += [f"{k}  {' x '.join(map(str, v))}" for k, v in shapes.items()]
+        note = reference_ids_note(family)
+        lines += [note] if note else []
         text = "\n".join(lines)
         return {"ui": {"text": [text]}, "result": (text,)}

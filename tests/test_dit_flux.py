@@ -86,8 +86,8 @@ def captured(flux):
     ids = enumerate_ids(flux)
     latent, ctx, pooled, t = _inputs()
     kwargs = _diffusers_kwargs(latent, ctx, pooled, t)
-    paths = [f"transformer_blocks.{i}" for i in range(DOUBLE)] + [f"single_transformer_blocks.{i}" for i in range(SINGLE)]
-    recorder = InputRecorder(flux, paths)
+    recorder = InputRecorder(flux, [f"transformer_blocks.{i}" for i in range(DOUBLE)] +
+                             [f"single_transformer_blocks.{i}" for i in range(SINGLE)])
     try:
         taps = taps_of(flux, ids) + modulation_taps(flux, ids)
         with torch.no_grad(), FeatureCapture(flux, taps, token_grid=LATENT) as cap:
@@ -110,11 +110,11 @@ def _rms(x, weight):
     return x.transpose(1, 2)
 
 
-def _rope(x):
-    """Flux's rotary embedding on the joint [text, image] sequence (B, heads, N, d), written from the positions:
-    each axis rotates its channel pairs (2i, 2i+1) by pos * theta^(-2i / dim)."""
-    txt_ids, img_ids = _positions()
-    pos = torch.cat([txt_ids, img_ids])
+def _rope(x, pos=None):
+    """Flux's rotary embedding on the joint [text, image] sequence (B, heads, N, d), written from the positions
+    (default: _positions'; a Kontext run's include its reference's): each axis rotates its channel pairs (2i, 2i+1)
+    by pos * theta^(-2i / dim)."""
+    pos = torch.cat(_positions()) if pos is None else pos
     angles = []
     for axis, dim in enumerate(AXES):
         freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
@@ -125,9 +125,9 @@ def _rope(x):
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
 
 
-def _probs(q, k):
+def _probs(q, k, pos=None):
     """softmax(q k^T / sqrt(d)) after the rotary embedding, image-query rows only: (cross, self)."""
-    q, k = _rope(q), _rope(k)
+    q, k = _rope(q, pos), _rope(k, pos)
     p = torch.softmax(q @ k.transpose(-1, -2) / HEAD_DIM**0.5, dim=-1)[:, :, TOKENS:]
     return p[..., :TOKENS], p[..., TOKENS:]
 
@@ -141,7 +141,7 @@ def _call(recorded, name, position):
     return kwargs[name] if name in kwargs else args[position]
 
 
-def _double_by_hand(block, recorded) -> dict:
+def _double_by_hand(block, recorded, pos=None) -> dict:
     x, c = _call(recorded, "hidden_states", 0), _call(recorded, "encoder_hidden_states", 1)
     temb = _call(recorded, "temb", 2)
     attn = block.attn
@@ -160,7 +160,7 @@ def _double_by_hand(block, recorded) -> dict:
     q = torch.cat([by["txt"]["q"], by["img"]["q"]], dim=2)
     k = torch.cat([by["txt"]["k"], by["img"]["k"]], dim=2)
     v = torch.cat([by["txt"]["v"], by["img"]["v"]], dim=1).reshape(x.shape[0], -1, HEADS, HEAD_DIM).transpose(1, 2)
-    p = torch.softmax(_rope(q) @ _rope(k).transpose(-1, -2) / HEAD_DIM**0.5, dim=-1)
+    p = torch.softmax(_rope(q, pos) @ _rope(k, pos).transpose(-1, -2) / HEAD_DIM**0.5, dim=-1)
     o = _merge(p @ v)
     outs = {"img": F.linear(o[:, TOKENS:], attn.to_out[0].weight, attn.to_out[0].bias),
             "txt": F.linear(o[:, :TOKENS], attn.to_add_out.weight, attn.to_add_out.bias)}
@@ -175,11 +175,11 @@ def _double_by_hand(block, recorded) -> dict:
         pre = "" if name == "img" else "txt-"
         result.update({f"{pre}in": h, f"{pre}norm-out": s["n"], f"{pre}q": _merge(s["q"]), f"{pre}k": _merge(s["k"]),
                        f"{pre}v": s["v"], f"{pre}attn-out": outs[name], f"{pre}ffn-inner": inner, f"{pre}out": out})
-    result["cross-map"], result["self-map"] = _probs(q, k)
+    result["cross-map"], result["self-map"] = _probs(q, k, pos)
     return result
 
 
-def _single_by_hand(block, recorded) -> dict:
+def _single_by_hand(block, recorded, pos=None) -> dict:
     x, c = _call(recorded, "hidden_states", 0), _call(recorded, "encoder_hidden_states", 1)
     temb = _call(recorded, "temb", 2)
     attn = block.attn
@@ -191,14 +191,14 @@ def _single_by_hand(block, recorded) -> dict:
     k = _rms(F.linear(n, attn.to_k.weight, attn.to_k.bias), attn.norm_k.weight)
     v = F.linear(n, attn.to_v.weight, attn.to_v.bias)
     vh = v.reshape(x.shape[0], -1, HEADS, HEAD_DIM).transpose(1, 2)
-    o = _merge(torch.softmax(_rope(q) @ _rope(k).transpose(-1, -2) / HEAD_DIM**0.5, dim=-1) @ vh)
+    o = _merge(torch.softmax(_rope(q, pos) @ _rope(k, pos).transpose(-1, -2) / HEAD_DIM**0.5, dim=-1) @ vh)
     out = joint + gate[:, None] * F.linear(torch.cat([o, inner], dim=-1), block.proj_out.weight, block.proj_out.bias)
     whole = {"in": joint, "norm-out": n, "q": _merge(q), "k": _merge(k), "v": v, "attn-out": o, "ffn-inner": inner,
              "out": out}
     result = {}
     for suffix, tensor in whole.items():
         result[suffix], result[f"txt-{suffix}"] = tensor[:, TOKENS:], tensor[:, :TOKENS]
-    result["cross-map"], result["self-map"] = _probs(q, k)
+    result["cross-map"], result["self-map"] = _probs(q, k, pos)
     return result
 
 
@@ -344,7 +344,9 @@ def test_native_flux_ids_equal_diffusers_ids(flux, captured, comfy_flux):
         assert error <= 1e-5, f"{layer_id}: relative error {error:.2e}"
 
 
-REFERENCE = (8, 8)  # a Kontext reference latent of another size than the generated one
+REFERENCE = (4, 8)  # a Kontext reference latent of another size than the generated one: a 2x4 token grid
+REF_SUFFIXES = ("in", "norm-out", "q", "k", "v", "attn-out", "ffn-inner", "out")
+REF_IDS = [f"vit-block{b}-ref0-{s}" for b in range(DOUBLE + SINGLE) for s in REF_SUFFIXES]
 
 
 def _kontext(seed: int = 3):
@@ -363,10 +365,19 @@ def _kontext(seed: int = 3):
 
 @pytest.fixture(scope="module")
 def kontext_captured(flux, captured):
+    """Every id and the reference's ids (vit-block{B}-ref0-*) of a Kontext run, with each block's inputs."""
     ref, kwargs = _kontext()
-    with torch.no_grad(), FeatureCapture(flux, taps_of(flux, captured["ids"]), token_grid=LATENT) as cap:
-        out = cap.run(**kwargs).sample
-    return dict(ref=ref, features=cap.features, out=out)
+    recorder = InputRecorder(flux, [f"transformer_blocks.{i}" for i in range(DOUBLE)] +
+                             [f"single_transformer_blocks.{i}" for i in range(SINGLE)])
+    try:
+        with torch.no_grad(), FeatureCapture(flux, taps_of(flux, captured["ids"] + REF_IDS), token_grid=LATENT) as cap:
+            out = cap.run(**kwargs).sample
+    finally:
+        recorder.close()
+    features = {k: v for k, v in cap.features.items() if k not in REF_IDS}
+    refs = {k: cap.features[k] for k in REF_IDS}
+    return dict(ref=ref, features=features, refs=refs, out=out, inputs=recorder.inputs, kwargs=kwargs,
+                tokens=cap.token_ranges())
 
 
 def test_kontext_reference_tokens_are_not_the_images(captured, kontext_captured):
@@ -379,15 +390,80 @@ def test_kontext_reference_tokens_are_not_the_images(captured, kontext_captured)
     assert not torch.allclose(f["vit-block1-out"], plain["vit-block1-out"], atol=1e-3)  # the reference took part
 
 
+def test_kontext_reference_ids_equal_the_computation_by_hand(flux, kontext_captured):
+    """vit-block{B}-ref0-*: the reference's tokens of each block's image stream (their slice after the generated
+    image's, from the by-hand forward with the reference's positions) on its own 2x4 grid, read off img_ids (axis 0
+    is 1 for the reference); the token ranges label the joint sequence."""
+    f, n, grid = kontext_captured["refs"], 24, (REFERENCE[0] // 2, REFERENCE[1] // 2)
+    pos = torch.cat([_positions()[0], kontext_captured["kwargs"]["img_ids"]])
+    blocks = [(_double_by_hand, flux.transformer_blocks[i], f"transformer_blocks.{i}") for i in range(DOUBLE)]
+    blocks += [(_single_by_hand, flux.single_transformer_blocks[i], f"single_transformer_blocks.{i}")
+               for i in range(SINGLE)]
+    with torch.no_grad():
+        for b, (by_hand, block, path) in enumerate(blocks):
+            whole = by_hand(block, kontext_captured["inputs"][path], pos)
+            for suffix in REF_SUFFIXES:
+                x = whole[suffix][:, n:]  # the image stream after the generated image's tokens: the reference's
+                want, got = x.transpose(1, 2).reshape(x.shape[0], -1, *grid), f[f"vit-block{b}-ref0-{suffix}"]
+                assert got.shape == want.shape, (b, suffix, got.shape, want.shape)
+                torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, msg=lambda m: f"block {b} {suffix}: {m}")
+    assert kontext_captured["tokens"] == [
+        {"part": "text", "start": 0, "stop": TOKENS}, {"part": "image", "start": TOKENS, "stop": TOKENS + n,
+                                                       "grid": [LATENT[0] // 2, LATENT[1] // 2]},
+        {"part": "ref0", "start": TOKENS + n, "stop": TOKENS + n + 8, "grid": list(grid)}]
+
+
+def test_reference_ids_of_a_run_without_them_name_its_count(flux, captured):
+    """A reference id asked of a run with fewer reference images: one line naming the id and the run's count."""
+    from diffusion_feature.layer_catalog.hooks import ReferenceImageError
+
+    _ref, kwargs = _kontext()
+    with pytest.raises(ReferenceImageError, match=r"^vit-block3-ref1-q: this run has 1 reference image \(ref0\), "
+                                                  "so there is no ref1$"):
+        with torch.no_grad(), FeatureCapture(flux, taps_of(flux, ["vit-block3-ref1-q"]), token_grid=LATENT) as cap:
+            cap.run(**kwargs)
+    with pytest.raises(ReferenceImageError, match="^vit-block0-ref0-out: the network was called without reference"):
+        with torch.no_grad(), FeatureCapture(flux, taps_of(flux, ["vit-block0-ref0-out"]), token_grid=LATENT) as cap:
+            cap.run(**captured["kwargs"])
+    with pytest.raises(LayerIdError, match="'vit-block3-ref0-q' is a reference-image id, but sd3 takes no reference "
+                                           "images .*; its generated image's id is vit-block3-q"):
+        resolve_layers("vit-block3-ref0-q", "sd3")
+    assert resolve_layers("vit-block56-ref2-attn-out", "flux") == ["vit-block56-ref2-attn-out"]  # any I: run's
+    with pytest.raises(LayerIdError, match="'vit-block57-ref0-out' does not exist in flux"):
+        resolve_layers("vit-block57-ref0-out", "flux")
+
+
 def test_native_kontext_ids_equal_diffusers_ids(comfy_flux, captured, kontext_captured):
+    """Every id and the reference's ids on ComfyUI's Flux given ref_latents (the reference's grid from the latent's
+    shape) equal diffusers'; ids of references the conditioning lacks get one line naming how many it has."""
+    from diffusion_feature.layer_catalog.families import dit_layout
+    from diffusion_feature.layer_catalog.hooks import ReferenceImageError
+
     latent, ctx, pooled, t = _inputs()
-    with torch.no_grad(), FeatureCapture(comfy_flux, taps_of(comfy_flux, captured["ids"])) as cap:
+    taps = taps_of(comfy_flux, captured["ids"] + REF_IDS)
+    with torch.no_grad(), FeatureCapture(comfy_flux, taps) as cap:
         cap.run(latent, t, ctx, y=pooled, ref_latents=[kontext_captured["ref"]])
-    for layer_id, want in kontext_captured["features"].items():
+    assert cap.token_ranges() == kontext_captured["tokens"]
+    for layer_id, want in {**kontext_captured["features"], **kontext_captured["refs"]}.items():
         got = cap.features[layer_id]
         assert got.shape == want.shape, (layer_id, got.shape, want.shape)
         error = float((got - want).abs().max() / want.abs().max())
         assert error <= 1e-5, f"{layer_id}: relative error {error:.2e}"
+    # an odd-sized reference is padded to the patch size by the network: its grid is the padded latent's
+    with torch.no_grad(), FeatureCapture(comfy_flux, taps_of(comfy_flux, ["vit-block1-ref0-out"])) as cap:
+        cap.run(latent, t, ctx, y=pooled, ref_latents=[kontext_captured["ref"][..., :3, :7]])
+    assert cap.features["vit-block1-ref0-out"].shape == (2, HEADS * HEAD_DIM, 2, 4)
+    with pytest.raises(ReferenceImageError, match="^vit-block1-ref0-out: this conditioning carries no reference "
+                                                  "image; add one with ReferenceLatent / TextEncodeQwenImageEdit$"):
+        with torch.no_grad(), FeatureCapture(comfy_flux, taps_of(comfy_flux, ["vit-block1-ref0-out"])) as cap:
+            cap.run(latent, t, ctx, y=pooled)
+    # the reference latents this Flux takes: 4 channels here (its patch embedding's input over 2x2 patches)
+    dit_layout(comfy_flux).check_reference_latents([kontext_captured["ref"]], "the positive conditioning", "it")
+    with pytest.raises(ReferenceImageError, match=r"^reference image 2 of the positive conditioning is a latent of "
+                                                  r"shape \[1, 16, 8, 8\]: this flux model takes 4-channel reference "
+                                                  r"latents .*, padded to a multiple of 2 latent pixels$"):
+        dit_layout(comfy_flux).check_reference_latents([kontext_captured["ref"], torch.zeros(1, 16, 8, 8)],
+                                                       "the positive conditioning", "this flux model")
 
 
 # ---- DiTF: the preset and its transform -------------------------------------------------------------------------------

@@ -126,9 +126,14 @@ def _rope(x, reference=None):
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
 
 
-def _probs(q, k):
+def _softmax(q, k, reference=None):
+    """softmax(q k^T / sqrt(d)) over the joint sequence after the rotary embedding (reference: its token grid)."""
+    return torch.softmax(_rope(q, reference) @ _rope(k, reference).transpose(-1, -2) / HEAD_DIM**0.5, dim=-1)
+
+
+def _probs(q, k, reference=None):
     """softmax(q k^T / sqrt(d)) after the rotary embedding, image-query rows only: (cross, self)."""
-    p = torch.softmax(_rope(q) @ _rope(k).transpose(-1, -2) / HEAD_DIM**0.5, dim=-1)[:, :, TOKENS:]
+    p = _softmax(q, k, reference)[:, :, TOKENS:]
     return p[..., :TOKENS], p[..., TOKENS:]
 
 
@@ -142,7 +147,7 @@ def _modulation(module, temb, chunks):
     return F.linear(F.silu(temb), module.linear.weight).chunk(chunks, dim=-1)
 
 
-def _double_by_hand(model, block, recorded, temb) -> dict:
+def _double_by_hand(model, block, recorded, temb, reference=None) -> dict:
     x, c = _call(recorded, "hidden_states", 0), _call(recorded, "encoder_hidden_states", 1)
     attn = block.attn
     mods = {"img": _modulation(model.double_stream_modulation_img, temb, 6),
@@ -158,7 +163,7 @@ def _double_by_hand(model, block, recorded, temb) -> dict:
     q = torch.cat([by["txt"]["q"], by["img"]["q"]], dim=2)
     k = torch.cat([by["txt"]["k"], by["img"]["k"]], dim=2)
     v = torch.cat([by["txt"]["v"], by["img"]["v"]], dim=1).reshape(x.shape[0], -1, HEADS, HEAD_DIM).transpose(1, 2)
-    o = _merge(torch.softmax(_rope(q) @ _rope(k).transpose(-1, -2) / HEAD_DIM**0.5, dim=-1) @ v)
+    o = _merge(_softmax(q, k, reference) @ v)
     outs = {"img": F.linear(o[:, TOKENS:], attn.to_out[0].weight),
             "txt": F.linear(o[:, :TOKENS], attn.to_add_out.weight)}
     result = {}
@@ -172,12 +177,12 @@ def _double_by_hand(model, block, recorded, temb) -> dict:
         pre = "" if name == "img" else "txt-"
         result.update({f"{pre}in": h, f"{pre}norm-out": s["n"], f"{pre}q": _merge(s["q"]), f"{pre}k": _merge(s["k"]),
                        f"{pre}v": s["v"], f"{pre}attn-out": outs[name], f"{pre}ffn-inner": inner, f"{pre}out": out})
-    result["cross-map"], result["self-map"] = _probs(q, k)
+    result["cross-map"], result["self-map"] = _probs(q, k, reference)
     result["in:modulation"] = torch.cat(mods["img"][:2], dim=-1)
     return result
 
 
-def _single_by_hand(model, block, recorded, temb) -> dict:
+def _single_by_hand(model, block, recorded, temb, reference=None) -> dict:
     joint = _call(recorded, "hidden_states", 0)  # Flux.2's single blocks get [text, image] as one sequence
     attn = block.attn
     shift, scale, gate = _modulation(model.single_stream_modulation, temb, 3)
@@ -187,14 +192,14 @@ def _single_by_hand(model, block, recorded, temb) -> dict:
     inner = _swiglu(proj[..., 3 * WIDTH:])
     q, k = _rms(q, attn.norm_q.weight), _rms(k, attn.norm_k.weight)
     vh = v.reshape(joint.shape[0], -1, HEADS, HEAD_DIM).transpose(1, 2)
-    o = _merge(torch.softmax(_rope(q) @ _rope(k).transpose(-1, -2) / HEAD_DIM**0.5, dim=-1) @ vh)
+    o = _merge(_softmax(q, k, reference) @ vh)
     out = joint + gate[:, None] * F.linear(torch.cat([o, inner], dim=-1), attn.to_out.weight)
     whole = {"in": joint, "norm-out": n, "q": _merge(q), "k": _merge(k), "v": v, "attn-out": o, "ffn-inner": inner,
              "out": out}
     result = {}
     for suffix, tensor in whole.items():
         result[suffix], result[f"txt-{suffix}"] = tensor[:, TOKENS:], tensor[:, :TOKENS]
-    result["cross-map"], result["self-map"] = _probs(q, k)
+    result["cross-map"], result["self-map"] = _probs(q, k, reference)
     result["in:modulation"] = torch.cat([shift, scale], dim=-1)
     return result
 
@@ -277,7 +282,8 @@ def test_the_shared_modulation_serves_ditf(captured):
         torch.testing.assert_close(same, f[f"vit-block{b}-norm-out"], atol=ATOL, rtol=RTOL)
 
 
-REFERENCE = (4, 8)  # a reference image's VAE latent of another size than the generated one's
+REFERENCE = (4, 8)  # a reference image's VAE latent of another size than the generated one's: a 2x4 token grid
+REF_SUFFIXES = ("in", "norm-out", "q", "k", "v", "attn-out", "ffn-inner", "out")
 
 
 @pytest.fixture(scope="module")
@@ -292,16 +298,22 @@ def reference_captured(flux2, captured):
     kwargs["img_ids"] = torch.cat([kwargs["img_ids"], ref_ids], dim=1)
     ids = ["dit-in", "dit-out", "vit-block0-q", "vit-block1-out", "vit-block1-self-map", "vit-block1-cross-map",
            "vit-block2-in", "vit-block3-self-map"]
-    with torch.no_grad(), FeatureCapture(flux2, taps_of(flux2, ids), token_grid=LATENT) as cap:
-        out = cap.run(**kwargs).sample
-    return dict(features=cap.features, out=out)
+    refs = [f"vit-block{b}-ref0-{s}" for b in range(DOUBLE + SINGLE) for s in REF_SUFFIXES]
+    recorder = InputRecorder(flux2, [f"transformer_blocks.{i}" for i in range(DOUBLE)] +
+                             [f"single_transformer_blocks.{i}" for i in range(SINGLE)])
+    try:
+        with torch.no_grad(), FeatureCapture(flux2, taps_of(flux2, ids + refs), token_grid=LATENT) as cap:
+            out = cap.run(**kwargs).sample
+    finally:
+        recorder.close()
+    return dict(features=cap.features, out=out, refs=refs, inputs=recorder.inputs, tokens=cap.token_ranges())
 
 
 def test_reference_tokens_are_not_the_images(captured, reference_captured):
     """Image ids are the generated image's tokens only, whatever follows them in the sequence; its maps are over the
     generated image's keys (the reference keys took part in the softmax: rows no longer sum to one)."""
     f, plain, n = reference_captured["features"], captured["features"], GRID[0] * GRID[1]
-    assert all(f[k].shape == plain[k].shape for k in f)
+    assert all(f[k].shape == plain[k].shape for k in f if k not in reference_captured["refs"])
     torch.testing.assert_close(f["dit-in"], plain["dit-in"])
     torch.testing.assert_close(f["dit-out"], _as_feature("out", reference_captured["out"][:, :n]))
     torch.testing.assert_close(f["vit-block0-q"], plain["vit-block0-q"])  # before any attention: unchanged
@@ -310,6 +322,43 @@ def test_reference_tokens_are_not_the_images(captured, reference_captured):
     assert (sums < 1 - 1e-3).all()
     # the first single block's image span of [text, image, reference] is the last double block's image stream
     torch.testing.assert_close(f["vit-block2-in"], f["vit-block1-out"], atol=0, rtol=0)
+
+
+def test_reference_ids_equal_the_computation_by_hand(flux2, captured, reference_captured):
+    """vit-block{B}-ref0-*: the reference's tokens of each block's image stream (its slice after the generated
+    image's, from the by-hand forward of [text, image, reference]) on its own grid, read off the pipeline's img_ids
+    (axis 0 = 10 for the first reference); the token ranges say where each part is."""
+    f, n, grid = reference_captured["features"], GRID[0] * GRID[1], (REFERENCE[0] // 2, REFERENCE[1] // 2)
+    blocks = [(_double_by_hand, flux2.transformer_blocks[i], f"transformer_blocks.{i}") for i in range(DOUBLE)]
+    blocks += [(_single_by_hand, flux2.single_transformer_blocks[i], f"single_transformer_blocks.{i}")
+               for i in range(SINGLE)]
+    checked = 0
+    with torch.no_grad():
+        for b, (by_hand, block, path) in enumerate(blocks):
+            whole = by_hand(flux2, block, reference_captured["inputs"][path], captured["temb"], grid)
+            for suffix in REF_SUFFIXES:
+                x = whole[suffix][:, n:]  # the image stream's tokens after the generated image's: the reference's
+                want = x.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+                got = f[f"vit-block{b}-ref0-{suffix}"]
+                assert got.shape == want.shape, (b, suffix, got.shape, want.shape)
+                torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, msg=lambda m: f"block {b} {suffix}: {m}")
+                checked += 1
+    assert checked == len(reference_captured["refs"])
+    r = grid[0] * grid[1]
+    assert reference_captured["tokens"] == [
+        {"part": "text", "start": 0, "stop": TOKENS}, {"part": "image", "start": TOKENS, "stop": TOKENS + n,
+                                                       "grid": list(GRID)},
+        {"part": "ref0", "start": TOKENS + n, "stop": TOKENS + n + r, "grid": list(grid)}]
+
+
+def test_a_reference_id_without_a_reference_names_the_run(flux2, captured):
+    from diffusion_feature.layer_catalog.hooks import ReferenceImageError
+
+    taps = taps_of(flux2, ["vit-block2-ref0-out"])
+    with pytest.raises(ReferenceImageError, match=r"^vit-block2-ref0-out: the network was called without reference "
+                                                  r"images \(DF_MODEL runs take none"):
+        with torch.no_grad(), FeatureCapture(flux2, taps, token_grid=LATENT) as cap:
+            cap.run(**captured["kwargs"])
 
 
 # ---- ComfyUI's Flux class: Flux.1 or Flux.2 by its modulation --------------------------------------------------------

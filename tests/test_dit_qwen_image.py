@@ -21,7 +21,7 @@ from diffusion_feature.layer_catalog import (FeatureCapture, enumerate_ids, meta
                                              resolve_layers, taps_of)
 
 LATENT = (8, 12)  # non-square: a 4x6 grid of 2x2 patches, which sqrt(N) could not give
-REFERENCE = (8, 8)  # an Edit reference latent of another size (4x4 patches)
+REFERENCE = (4, 8)  # an Edit reference latent of another size and shape (2x4 patches)
 TOKENS, HEADS, HEAD_DIM, CTX, AXES, BLOCKS = 5, 2, 16, 12, (4, 6, 6), 2
 ATOL, RTOL = 1e-5, 1e-4
 SUFFIXES = ("in", "norm-out", "q", "k", "v", "attn-out", "ffn-inner", "out")
@@ -83,17 +83,20 @@ def qwen():
 
 
 def _capture(model, run: str) -> dict:
+    """Every id (and with the reference, its ids vit-block{B}-ref0-*) with each block's inputs."""
     ids = enumerate_ids(model)
+    refs = [f"vit-block{b}-ref0-{s}" for b in range(BLOCKS) for s in SUFFIXES] if run == "edit" else []
     paths = [f"transformer_blocks.{i}" for i in range(BLOCKS)]
     recorder = InputRecorder(model, paths)
     kwargs = _kwargs(run)
     try:
-        taps = taps_of(model, ids) + modulation_taps(model, ids)
+        taps = taps_of(model, ids + refs) + modulation_taps(model, ids)
         with torch.no_grad(), FeatureCapture(model, taps, token_grid=LATENT) as cap:
             out = cap.run(**kwargs).sample
     finally:
         recorder.close()
-    return dict(ids=ids, features=cap.features, inputs=recorder.inputs, out=out, kwargs=kwargs)
+    return dict(ids=ids, refs=refs, features=cap.features, inputs=recorder.inputs, out=out, kwargs=kwargs,
+                tokens=cap.token_ranges())
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +165,8 @@ def _lin(x, linear):
 
 
 def _block_by_hand(block, recorded, edit: bool) -> dict:
-    """One block from its recorded inputs: every suffix of both streams (image ids: the generated image's tokens)
-    and the two maps."""
+    """One block from its recorded inputs: every suffix of both streams (image ids: the generated image's tokens;
+    with the reference, `ref0-` ids: the tokens after them) and the two maps."""
     _args, kwargs = recorded
     x, c, temb = kwargs["hidden_states"], kwargs["encoder_hidden_states"], kwargs["temb"]
     n = _grid(LATENT)[0] * _grid(LATENT)[1]
@@ -197,6 +200,8 @@ def _block_by_hand(block, recorded, edit: bool) -> dict:
         for suffix, tensor in whole.items():
             if name == "img":
                 result[suffix] = tensor[:, :n]  # the generated image's tokens (a reference's follow them)
+                if edit:
+                    result[f"ref0-{suffix}"] = tensor[:, n:]
             else:
                 result[f"txt-{suffix}"] = tensor
     image_rows = p[:, :, TOKENS:TOKENS + n]
@@ -210,7 +215,7 @@ def _as_feature(suffix: str, x: torch.Tensor) -> torch.Tensor:
         return x
     if suffix.startswith("txt-"):
         return x.transpose(1, 2)
-    return x.transpose(1, 2).reshape(x.shape[0], -1, *_grid(LATENT))
+    return x.transpose(1, 2).reshape(x.shape[0], -1, *_grid(REFERENCE if suffix.startswith("ref0-") else LATENT))
 
 
 # ---- ids ----------------------------------------------------------------------------------------------------------
@@ -246,7 +251,11 @@ def test_every_block_id_equals_the_computation_by_hand(qwen, captured, edit_capt
                 assert got.shape == want.shape, (b, suffix, got.shape, want.shape)
                 torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, msg=lambda m: f"block {b} {suffix}: {m}")
                 checked += 1
-    assert checked == len(run["ids"]) - 3
+    assert checked == len(run["ids"]) - 3 + len(run["refs"])  # the reference's ids on its own 2x4 grid too
+    n, r = _grid(LATENT)[0] * _grid(LATENT)[1], _grid(REFERENCE)[0] * _grid(REFERENCE)[1]
+    image = {"part": "image", "start": TOKENS, "stop": TOKENS + n, "grid": list(_grid(LATENT))}
+    assert run["tokens"] == [{"part": "text", "start": 0, "stop": TOKENS}, image] + (
+        [{"part": "ref0", "start": TOKENS + n, "stop": TOKENS + n + r, "grid": list(_grid(REFERENCE))}] if edit else [])
 
 
 @pytest.mark.parametrize("edit", [False, True], ids=["plain", "edit"])
@@ -288,7 +297,8 @@ def test_maps_give_the_attention_output_and_sum_to_one(qwen, captured, masked_ca
 
 def test_the_reference_takes_part_but_is_not_the_image(captured, edit_captured):
     plain, edit = captured["features"], edit_captured["features"]
-    assert list(edit) == list(plain) and all(edit[k].shape == plain[k].shape for k in plain)
+    assert [k for k in edit if k not in edit_captured["refs"]] == list(plain)
+    assert all(edit[k].shape == plain[k].shape for k in plain)
     assert not torch.allclose(edit["vit-block1-out"], plain["vit-block1-out"], atol=1e-3)
     # the reference's keys hold part of each image query's probability: the kept rows sum to less than 1
     assert (edit["vit-block1-cross-map"].sum(-1) + edit["vit-block1-self-map"].sum(-1)).max() < 1 - 1e-3
@@ -319,9 +329,10 @@ def test_native_ids_equal_diffusers_ids(comfy_qwen, captured, edit_captured, edi
     assert ids == run["ids"]  # the same ids in the same forward order on both backends
     latent, ctx, ref, t = _inputs()
     refs = {"ref_latents": [ref.unsqueeze(2)]} if edit else {}  # ComfyUI's latents of this model are 5-D
-    taps = taps_of(comfy_qwen, ids) + modulation_taps(comfy_qwen, ids)
+    taps = taps_of(comfy_qwen, ids + run["refs"]) + modulation_taps(comfy_qwen, ids)
     with torch.no_grad(), FeatureCapture(comfy_qwen, taps) as cap:
         out = cap.run(latent.unsqueeze(2), t, ctx, **refs)
+    assert cap.token_ranges() == run["tokens"]  # the reference's grid read off its (5-D) latent
     n = _grid(LATENT)[0] * _grid(LATENT)[1]
     torch.testing.assert_close(out[:, :, 0], _unpack(run["out"][:, :n], *LATENT), atol=1e-5, rtol=1e-5)
     assert list(cap.features) == list(run["features"])  # the block inputs' modulations included

@@ -124,6 +124,10 @@ def hand_run(parts, image, prompt: str, t: int, seed: int, guidance: float = 3.5
     return capture.features
 
 
+TOKEN_RANGES = [{"part": "text", "start": 0, "stop": 512},
+                {"part": "image", "start": 512, "stop": 512 + 32, "grid": [H // 16, W // 16]}]
+
+
 def test_extraction_equals_a_hand_run_of_the_transformer(parts, flux, image):
 
     got = extract(flux, image, "a red house", IDS, t=600, seed=4, vae_sample=False)
@@ -136,6 +140,7 @@ def test_extraction_equals_a_hand_run_of_the_transformer(parts, flux, image):
     assert got.tensors["vit-block1-cross-map"].shape[-1] == 512  # T5's 512 tokens for dev
     meta = got.meta
     assert (meta["t"], meta["sigma"], meta["shift"], meta["guidance"]) == (600, 0.6, None, 3.5)
+    assert meta["tokens"] == TOKEN_RANGES  # the joint sequence's parts: T5's 512 tokens, then the 4x8 image
 
 
 def test_shift_and_guidance_are_inputs_recorded_in_the_metadata(parts, flux, image):
@@ -304,6 +309,7 @@ def test_random_flux_builds_from_the_shipped_configs_and_the_cli_extracts(tmp_pa
     assert (saved.meta["t"], saved.meta["shift"], saved.meta["guidance"]) == (700, 3.0, 4.0)
     assert saved.meta["sigma"] == pytest.approx(3 * 0.7 / (1 + 2 * 0.7))
     want = extract(model, folder / "a.png", "a red house", ids.split(","), t=700, seed=1, shift=3.0, guidance=4.0)
+    assert saved.meta["tokens"] == want.meta["tokens"] == TOKEN_RANGES  # saved with the features
     for k in want.tensors:
         torch.testing.assert_close(saved.tensors[k], want.tensors[k], atol=1e-6, rtol=1e-5)
     # the ditf preset: DiTF's feature (the same as the library's), its transform and channels in the saved file
@@ -458,6 +464,7 @@ def test_generation_equals_flux_pipeline_and_captures_the_velocity_it_steps_with
     x = torch.randn(1, 16, H // 8, W // 8, generator=torch.Generator().manual_seed(seed))
     v = gen.features.tensors["dit-out"]
     assert [r["step"] for r in gen.features.meta["rows"]] == [0, 1, 2] and gen.features.meta["guidance"] == 3.5
+    assert all(r["tokens"] == TOKEN_RANGES for r in gen.features.meta["rows"])  # each row says where its tokens are
     for i in range(steps):
         x = x + (sched.sigmas[i + 1] - sched.sigmas[i]) * v[i:i + 1]
     torch.testing.assert_close(gen.latents, x, atol=1e-5, rtol=1e-5)

@@ -500,6 +500,9 @@ def test_the_ditf_preset_gives_ditfs_feature_on_comfyuis_flux(planted):
     meta = {}
     got = extract_native_latents(model, positive, latents, f"ditf, {ids[1]}", t=300, seed=9, guidance=2.0,
                                  transform_meta=meta)
+    tokens = meta.pop("tokens")  # the call's token ranges: [text | image]
+    assert tokens == [{"part": "text", "start": 0, "stop": T_TXT},
+                      {"part": "image", "start": T_TXT, "stop": T_TXT + 15, "grid": [LATENT[0] // 2, LATENT[1] // 2]}]
     assert list(got) == ids and meta == {"transform": "ditf", "massive_channels": {ids[0]: [3, 11]}}
     x_t = 0.7 * model.model.process_latent_in(latents) + 0.3 * seeded_eps(latents.shape[1:], 9)
     ctx, extra = positive[0]

@@ -36,16 +36,19 @@ def qwen():
     nc.release()
 
 
-def _conds(seed=7, reference: bool = False):
+def _conds(seed=7, reference: bool = False, latents=None):
+    """Positive and negative conditionings; reference: an Edit reference latent in both (latents: these instead)."""
     g = torch.Generator().manual_seed(seed)
-    extra = {"reference_latents": [torch.randn(1, 16, 1, *REFERENCE, generator=g)]} if reference else {}
+    if reference and latents is None:
+        latents = [torch.randn(1, 16, 1, *REFERENCE, generator=g)]
+    extra = {"reference_latents": latents} if latents is not None else {}
     cond = lambda: [[torch.randn(1, T_TXT, nc.QWEN["joint_attention_dim"], generator=g), dict(extra)]]  # noqa: E731
     return cond(), cond()
 
 
-def _sample(ns, model, cfg=2.0, steps=2, custom=False, reference=False):
+def _sample(ns, model, cfg=2.0, steps=2, custom=False, reference=False, latents=None):
     """KSampler's path (a 4-D LATENT, which the sampler node makes 5-D as ComfyUI's does) or SamplerCustom's."""
-    positive, negative = _conds(reference=reference)
+    positive, negative = _conds(reference=reference, latents=latents)
     latent = ns.sample.fix_empty_latent_channels(model, torch.zeros(2, 16, *LATENT))
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(3))
     if custom:
@@ -59,6 +62,11 @@ def _sample(ns, model, cfg=2.0, steps=2, custom=False, reference=False):
 def _grid(tokens):  # (B, N, C) tokens -> the generated image's (B, C, h, w) (reference tokens follow them)
     tokens = tokens[:, :N]
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], LATENT[0] // 2, LATENT[1] // 2)
+
+
+def _reference(tokens):  # (B, N, C) tokens -> the reference's (B, C, 2, 3): the tokens after the generated image's
+    tokens = tokens[:, N:]
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], REFERENCE[0] // 2, REFERENCE[1] // 2)
 
 
 def _text(tokens):  # (B, T, C) -> (B, C, T)
@@ -92,6 +100,8 @@ class QwenCallLog(CallLog):
                 "ffn-inner": call["transformer_blocks.1.txt_mlp.net.0"], "out": txt}
         out = {"dit-in": call["in:"][0][0][:, :, 0], "dit-embed": _grid(call["img_in"]), "dit-out": call[""][:, :, 0]}
         out.update({f"{B}-{k}": _grid(v) for k, v in image.items()})
+        if call["in:"][1].get("ref_latents"):  # the reference's tokens follow the generated image's
+            out.update({f"{B}-ref0-{k}": _reference(v) for k, v in image.items()})
         out.update({f"{B}-txt-{k}": _text(v) for k, v in text.items()})
         # maps: the joint [text, image] softmax after ComfyUI's rotary embedding (on (B, N, heads, d)); the generated
         # image's query rows, text / generated-image key columns
@@ -145,6 +155,9 @@ def test_qwen_ids_family_wrong_ids_and_show_layers(qwen):
     text = DFShowLayers().show(model, width=LATENT[1] * 8, height=LATENT[0] * 8)["result"][0]
     assert text.splitlines()[0] == f"# qwen-image: 39 layer ids at {LATENT[1] * 8}x{LATENT[0] * 8}"
     assert f"vit-block0-cross-map  {HEADS} x {N} x 512" in text and "dit-out  16 x 6 x 10" in text
+    # reference ids are listed nowhere (a run's references decide which exist): the list's last line says so
+    assert text.splitlines()[-1].startswith("# reference images: vit-block{B}-ref{I}-{in|norm-out|q|k|v|attn-out|"
+                                            "ffn-inner|out} are block B's image ids on reference image I's tokens")
 
 
 def test_capture_under_ksampler_equals_plain_hooks_for_every_id_kind(qwen):
@@ -190,10 +203,13 @@ def test_capture_under_ksampler_equals_plain_hooks_for_every_id_kind(qwen):
 def test_edit_reference_under_sampler_custom_keeps_image_ids_on_the_generated_grid(qwen):
     """SamplerCustom's path at cfg 1 with an Edit reference image in the conditioning (ComfyUI's reference_latents,
     as TextEncodeQwenImageEdit sets them; the network appends the reference's tokens after the generated image's):
-    every id is the generated image's tokens, equal to the plain hooks' first h * w tokens of each call."""
+    every id is the generated image's tokens, equal to the plain hooks' first h * w tokens of each call, and every
+    reference id (vit-block1-ref0-*) the tokens after them on the reference's own 2 x 3 grid (read off its latent);
+    each row's label gives the token ranges."""
     ns, model = qwen
     net = model.model.diffusion_model
-    ids = ["dit-in", f"{B}-in", f"{B}-q", f"{B}-txt-k", f"{B}-out", f"{B}-cross-map", f"{B}-self-map", "dit-out"]
+    ids = ["dit-in", f"{B}-in", f"{B}-q", f"{B}-txt-k", f"{B}-out", f"{B}-cross-map", f"{B}-self-map", "dit-out",
+           *(f"{B}-ref0-{k}" for k in KINDS)]
     tapped, capture = capture_layers(model, ids, steps="last", branch="cond")
     log = QwenCallLog(net)
     try:
@@ -207,7 +223,16 @@ def test_edit_reference_under_sampler_custom_keeps_image_ids_on_the_generated_gr
     labels, feats = capture.stacked()
     assert [(lab["step"], lab["branch"]) for lab in labels] == [(2, "cond")] * 2
     assert feats[f"{B}-self-map"].shape == (2, HEADS, N, N) and feats[f"{B}-out"].shape == (2, 32, 3, 5)
+    assert feats[f"{B}-ref0-out"].shape == (2, 32, 2, 3)
+    sizes = dict(capture.sizes.shapes)  # the memory plan sizes a reference as if it had the generated image's size
+    assert sizes[f"{B}-ref0-out"] == sizes[f"{B}-out"] == (32, 32, 32)
     _check_rows(net, log, labels, feats, ids, reference=True)
+    assert all(lab["tokens"] == TOKEN_RANGES for lab in labels)
+
+
+TOKEN_RANGES = [{"part": "text", "start": 0, "stop": T_TXT},
+                {"part": "image", "start": T_TXT, "stop": T_TXT + N, "grid": [LATENT[0] // 2, LATENT[1] // 2]},
+                {"part": "ref0", "start": T_TXT + N, "stop": T_TXT + N + 6, "grid": [2, 3]}]
 
 
 class _FlatVAE:
@@ -266,6 +291,35 @@ def test_extract_native_on_qwen_is_the_flow_forward_at_t_over_1000(qwen):
     sigma = math.exp(mu) / (math.exp(mu) + 1 / 0.3 - 1)
     assert shifted.meta["shift"] == pytest.approx(1.15) and shifted.meta["sigma"] == pytest.approx(sigma, rel=1e-6)
     assert not torch.allclose(shifted.tensors[ids[-1]], plain.tensors[ids[-1]], atol=1e-4)
+
+
+def test_reference_ids_in_extract_native_and_their_errors(qwen):
+    """DFExtractNative's metadata labels the token ranges (the reference's grid from its latent); a reference id of a
+    conditioning without a reference image, and a reference latent of another channel count (an SD latent given
+    through ReferenceLatent), each get one line before the network fails (the latter before any model call, in
+    DFExtractNative and under a sampler alike)."""
+    from diffusion_feature.layer_catalog.hooks import ReferenceImageError
+    from diffusion_feature.native.extract import extract_native
+
+    ns, model = qwen
+    (edit, _), (plain, _) = _conds(reference=True), _conds()
+    image = torch.rand(1, LATENT[0] * 8, LATENT[1] * 8, 3, generator=torch.Generator().manual_seed(2))
+    run = dict(t=300, seed=9, resize="stretch", size=f"{LATENT[1] * 8}x{LATENT[0] * 8}")
+    got = extract_native(model, _FlatVAE(), edit, image, [f"{B}-ref0-out", f"{B}-out"], **run)
+    assert got.tensors[f"{B}-ref0-out"].shape == (1, 32, 2, 3) and got.meta["tokens"] == TOKEN_RANGES
+    with pytest.raises(ReferenceImageError, match="^vit-block1-ref0-out: this conditioning carries no reference "
+                                                  "image; add one with ReferenceLatent / TextEncodeQwenImageEdit$"):
+        extract_native(model, _FlatVAE(), plain, image, [f"{B}-ref0-out"], **run)
+    sd_latent = [torch.zeros(1, 4, 8, 8)]
+    wrong = (r"^reference image 1 of the positive conditioning is a latent of shape \[1, 4, 8, 8\]: this qwen-image "
+             r"model takes 16-channel reference latents .*, padded to a multiple of 2 latent pixels$")
+    with pytest.raises(ReferenceImageError, match=wrong):
+        extract_native(model, _FlatVAE(), [[plain[0][0], {"reference_latents": sd_latent}]], image, [f"{B}-out"],
+                       **run)
+    tapped, _capture = capture_layers(model, [f"{B}-out"], steps="last", branch="cond")
+    with pytest.raises(ReferenceImageError, match=wrong):
+        _sample(ns, tapped, cfg=1.0, custom=True, latents=sd_latent)
+    _zero_hooks(model.model.diffusion_model)
 
 
 def test_extract_native_applies_a_lora_patch_of_the_model(qwen):

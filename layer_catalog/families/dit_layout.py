@@ -9,12 +9,18 @@ one loaded network of one backend. The grammar is the same for every such family
     vit-block{B}-attn2-{norm-out|q|k|v|self-map|attn-out}          a second, image-only attention (SD3.5 medium)
     vit-refiner{R}-{in|norm-out|q|k|v|self-map|attn-out|ffn-inner|out}   Z-Image's refiner R: its image stream
     vit-refiner{R}-txt-{...}                             its text stream (a separate block that sees text only)
+    vit-block{B}-ref{I}-{in|norm-out|q|k|v|attn-out|ffn-inner|out}   reference image I's tokens of block B's image
+                                                         stream, as (C, h, w) on that reference's own grid
 
 B counts every block in forward order (Flux: its double-stream blocks, then its single-stream ones). A family
 module says where each tensor is (`Read`s: paths and how to read them); this module turns that into ids in forward
 order and into Taps, so both backends' ids come from the module tree actually loaded. Refiner ids come after
 dit-embed and before the blocks, by R; a refiner's two streams run one after the other (diffusers' Z-Image: every
 image refiner first; ComfyUI: every text refiner first), so the listed order is R's, not the clock's.
+
+Reference ids exist where the family module says where the network's call shows its reference images (`ref_read`
+in `common`, see Tap); how many a run has is the run's, so ids() lists none of them and they are checked when the
+run reads them (a one-line ReferenceImageError naming the id and the run's count).
 """
 from __future__ import annotations
 
@@ -22,7 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..grammar import DIT_REFINER_SUFFIXES, DIT_SUFFIXES, MAP_SUFFIXES
+from ..errors import echo
+from ..grammar import DIT_REFINER_SUFFIXES, DIT_SUFFIXES, MAP_SUFFIXES, reference_of
+from ..hooks import ReferenceImageError
 from ..tap import Tap
 
 # Where one block's tensors are: suffix ("q", "txt-q", ...) -> Tap fields (module_path, at, item, layout, columns,
@@ -44,14 +52,21 @@ class DitLayout:
     """One loaded diffusion transformer as its family module reads it.
 
     ends: "in" / "embed" / "out" -> Read (with its kind). blocks: one dict per block in forward order.
-    common: Tap fields every token tap shares (grid_path, grid_divisor, text_path). refiners: one dict per refiner
-    (Z-Image), the same reads as a block's (its self-map under "map").
+    common: Tap fields every token tap shares (grid_path, grid_divisor, text_path; ref_read where the network takes
+    reference images). refiners: one dict per refiner (Z-Image), the same reads as a block's (its self-map under
+    "map"). reference_channels: the channels of the reference latents the network takes (ComfyUI's ref_latents,
+    padded to grid_divisor), for a one-line refusal of others before the network fails on them.
     """
 
     ends: dict[str, Read]
     blocks: list[dict[str, Read]]
     common: dict = field(default_factory=dict)
     refiners: list[dict[str, Read]] = field(default_factory=list)
+    reference_channels: int | None = None
+
+    @property
+    def takes_references(self) -> bool:
+        return self.common.get("ref_read") is not None
 
     def ids(self) -> list[str]:
         """Every id of this network, in the order the tensors appear during a forward."""
@@ -75,6 +90,12 @@ class DitLayout:
         """The tap of one id of ids()."""
         if layer_id.startswith("dit-"):
             return Tap(layer_id, **{**self.common, **self.ends[layer_id[4:]]})
+        reference = reference_of(layer_id)
+        if reference is not None:  # the generated image's read, on reference I's tokens
+            if not self.takes_references:
+                raise ValueError(f"{echo(layer_id)}: this network takes no reference images")
+            block, suffix = reference[0][len("vit-block"):].split("-", 1)
+            return Tap(layer_id, kind="tokens", ref=reference[1], **{**self.common, **self.blocks[int(block)][suffix]})
         if layer_id.startswith("vit-refiner"):
             refiner, suffix = layer_id[len("vit-refiner"):].split("-", 1)
             reads = self.refiners[int(refiner)]
@@ -94,6 +115,20 @@ class DitLayout:
 
     def taps(self, ids) -> list[Tap]:
         return [self.tap(i) for i in ids]
+
+    def check_reference_latents(self, latents, where: str, owner: str) -> None:
+        """Refuse in one line a reference latent this network cannot take (another channel count: an SD latent given
+        to an edit model through ReferenceLatent), which it would otherwise fail on deep inside."""
+        if self.reference_channels is None:
+            return
+        patch = self.common.get("grid_divisor", 1)
+        for i, latent in enumerate(latents or ()):
+            shape = list(getattr(latent, "shape", ()))
+            if len(shape) < 4 or shape[1] != self.reference_channels:
+                raise ReferenceImageError(
+                    f"reference image {i + 1} of {where} is a latent of shape {shape}: {owner} takes "
+                    f"{self.reference_channels}-channel reference latents (its own VAE's, as ReferenceLatent gets "
+                    f"them from VAE Encode with this model's VAE), padded to a multiple of {patch} latent pixels")
 
     def modulation_tap(self, layer_id: str) -> Tap | None:
         """The companion tap of a block-input id (`vit-block{B}-in`): the block's [shift | scale] per sample, kind

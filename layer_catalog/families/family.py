@@ -106,6 +106,10 @@ class Family:
     # Flux.2 Klein) or None
     sampling: Sampling = Sampling(50, 7.5, "StableDiffusionPipeline's __call__ defaults")
     sampling_variant: Callable | None = None
+    # Some of its models take reference images (Kontext, Flux.2 editing, Qwen-Image-Edit): its block ids then have
+    # reference twins `vit-block{B}-ref{I}-...` (grammar.DIT_REF_SUFFIXES), listed in no catalog (how many
+    # references a run has is the run's) and checked when the run reads them.
+    reference_images: bool = False
 
     def encoders_of(self, text_encoders) -> tuple[TextEncoder, ...]:
         """The TextEncoder specs of a model's loaded text encoders: a variant's where the first one's config

@@ -7,7 +7,10 @@ numbers them. Where the two block kinds differ, the ids mean:
   projection with the MLP's output linear, so there it is the attention's output before that fused linear.
 - `in` / `out` / `norm-out` / `ffn-inner` of a single block: its [text, image] sequence split by the text length.
 - Kontext appends its reference image's tokens after the generated image's (both backends): image ids read the
-  generated image's tokens only (span "grid"; in single blocks "image"), and self-maps its keys only.
+  generated image's tokens only (span "grid"; in single blocks "image"), and self-maps its keys only. The
+  reference's tokens are its own ids, `vit-block{B}-ref{I}-{in|norm-out|q|k|v|attn-out|ffn-inner|out}` (the same
+  tensors, on reference I's grid): diffusers' grid from img_ids (a reference's axis 0 is 1), ComfyUI's from the
+  ref_latents the network gets, padded to the patch size. No map has reference ids.
 Each block's "modulation" read is [shift | scale] of its image stream's first AdaLN (the first two of the chunks its
 modulation linear makes, in the same order on both backends): norm-out = (1 + scale) * LayerNorm(in) + shift.
 """
@@ -19,6 +22,10 @@ from .dit_layout import DitLayout, joint
 from .family import Family, Sampling, TextEncoder
 
 STREAM_SUFFIXES = ("in", "norm-out", "q", "k", "v", "attn-out", "ffn-inner", "out")
+# Where a call shows its reference images (Tap.ref_read): diffusers' Kontext passes their tokens' positions (img_ids,
+# the reference's axis 0 is 1) after the generated image's; ComfyUI's Flux (and its Flux.2) takes the latents.
+KONTEXT_IDS = ("ids", "img_ids", 4)
+COMFY_REFERENCES = ("latents", "ref_latents", 5)
 
 
 def _double(image: dict, text: dict) -> dict:
@@ -88,7 +95,8 @@ def diffusers_layout(model: torch.nn.Module) -> DitLayout:
         ends={"in": dict(module_path="", kind="packed", at="input", item=("hidden_states", 0), span="grid"),
               "embed": dict(module_path="x_embedder", kind="tokens", span="grid"),
               "out": dict(module_path="", kind="packed", span="grid")},
-        blocks=blocks, common=dict(grid_path=None, grid_divisor=patch, text_path="context_embedder"))
+        blocks=blocks, common=dict(grid_path=None, grid_divisor=patch, text_path="context_embedder",
+                                   ref_read=KONTEXT_IDS))
 
 
 def native_layout(net: torch.nn.Module) -> DitLayout | None:
@@ -97,6 +105,12 @@ def native_layout(net: torch.nn.Module) -> DitLayout | None:
     if getattr(net, "double_stream_modulation_img", None) is not None:
         return None
     return comfy_flux_layout(net)
+
+
+def _latent_channels(net: torch.nn.Module, patch: int) -> int | None:
+    """The latent channels ComfyUI's Flux takes (its patch embedding's input is a patch of them)."""
+    img_in = getattr(net, "img_in", None)
+    return None if img_in is None else img_in.in_features // (patch * patch)
 
 
 def comfy_flux_layout(net: torch.nn.Module) -> DitLayout:
@@ -137,11 +151,12 @@ def comfy_flux_layout(net: torch.nn.Module) -> DitLayout:
         blocks[-1]["map"] = dict(module_path=f"{b}.norm.query_norm", key_path=f"{b}.norm.key_norm",
                                  layout="bhnd", rope="comfy", rope_path=b, rope_arg=("pe", 2), attention_path=b)
         blocks[-1]["modulation"] = dict(module_path=f"{b}.modulation.lin", columns=(0, 2 * width))
+    patch = int(getattr(net, "patch_size", 2))
     return DitLayout(
         ends={"in": dict(module_path="", kind="input"), "embed": dict(module_path="img_in", kind="tokens", span="grid"),
               "out": dict(module_path="", kind="spatial")},
-        blocks=blocks, common=dict(grid_path="", grid_divisor=int(getattr(net, "patch_size", 2)),
-                                   text_path="txt_in"))
+        blocks=blocks, common=dict(grid_path="", grid_divisor=patch, text_path="txt_in", ref_read=COMFY_REFERENCES),
+        reference_channels=_latent_channels(net, patch))
 
 
 SCHNELL = Sampling(4, 1.0, "Flux schnell (no guidance embedding): its model card's 4 steps, guidance_scale 0")
@@ -173,6 +188,7 @@ FAMILY = Family(
     # diffusers' FluxTransformer2DModel takes sigma (it multiplies by 1000 itself), 2x2-packed latents, and
     # Flux-dev's guidance embedding (3.5: FluxPipeline's default guidance_scale)
     flow=True, timestep_scale=1 / 1000, latent_patch=2, guidance=3.5, linspace_sigmas=True,
+    reference_images=True,  # Kontext
     transformer_file=True,  # flux1-dev.safetensors & co: the transformer alone, in Black Forest Labs' layout
     # FluxPipeline's __call__: 28 steps, guidance_scale 3.5 into the embedding (Family.guidance), true_cfg_scale 1
     sampling=Sampling(28, 1.0, "FluxPipeline's __call__ defaults (Flux dev: guidance 3.5, true_cfg_scale 1)"),

@@ -13,7 +13,9 @@ Block ids count the double blocks first (Flux.2 dev: 0-7), then the single ones 
   with the MLP's output linear, so there it is the attention's output before that fused linear (as for Flux.1).
 - `ffn-inner`: the SwiGLU's output, silu(gate) * up: the MLP's hidden activation.
 - reference images (Flux.2's editing: their tokens after the generated image's in the image stream): image ids read
-  the generated image's tokens only (span "grid"; in single blocks "image"), self-maps its keys only.
+  the generated image's tokens only (span "grid"; in single blocks "image"), self-maps its keys only; reference I's
+  tokens are `vit-block{B}-ref{I}-...` on its own grid (diffusers: from img_ids, axis 0 = 10 (I + 1); ComfyUI:
+  from ref_latents).
 Each block's "modulation" read is [shift | scale] of its image stream's first AdaLN: columns of the shared
 modulation linear (the same tensor for every block of a kind).
 
@@ -67,7 +69,8 @@ def diffusers_layout(model: torch.nn.Module) -> DitLayout:
         ends={"in": dict(module_path="", kind="tokens", at="input", item=("hidden_states", 0), span="grid"),
               "embed": dict(module_path="x_embedder", kind="tokens", span="grid"),
               "out": dict(module_path="", kind="tokens", span="grid")},
-        blocks=blocks, common=dict(grid_path=None, grid_divisor=patch, text_path="context_embedder"))
+        blocks=blocks, common=dict(grid_path=None, grid_divisor=patch, text_path="context_embedder",
+                                   ref_read=("ids", "img_ids", 3)))  # axis 0 of reference i: 10 (i + 1)
 
 
 def native_layout(net: torch.nn.Module) -> DitLayout | None:
@@ -166,7 +169,7 @@ FAMILY = Family(
     # free guidance over the empty prompt, i.e. our cfg. It ignores guidance_scale for a step-distilled Klein
     # (is_distilled), whose default cfg here is 1 likewise; a cfg > 1 given explicitly still runs CFG here.
     flow=True, timestep_scale=1 / 1000, latent_patch=2, guidance=4.0, linspace_sigmas=True,
-    network_inputs=network_inputs, sampling_mu=empirical_mu,
+    network_inputs=network_inputs, sampling_mu=empirical_mu, reference_images=True,
     # Flux2Pipeline's __call__: 50 steps, guidance_scale 4 into the embedding (Family.guidance); no true CFG
     sampling=Sampling(50, 1.0, "Flux2Pipeline's __call__ defaults (Flux.2 dev: guidance 4 embedded)"),
     sampling_variant=sampling_variant,

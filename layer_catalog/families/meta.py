@@ -116,7 +116,8 @@ def _comfy_flux_inputs(net: torch.nn.Module, h: int, w: int, text_tokens: int, e
 def _comfy_qwen_inputs(net: torch.nn.Module, h: int, w: int, text_tokens: int, empty) -> tuple[tuple, dict]:
     """ComfyUI's Qwen-Image (comfy/ldm/qwen_image/model.py): its 5-D latent (B, C, 1, H, W) (the Wan 2.1 latent
     format's; the sampler adds the frame axis to a 4-D one), t in 0..1 and Qwen2.5-VL's hidden states, as
-    model_base.QwenImage hands them over (no Edit reference: its tokens never reach an image id)."""
+    model_base.QwenImage hands them over (no Edit reference: native/shapes.py adds references of the latent's size
+    where reference ids are asked)."""
     channels = net.in_channels // (net.patch_size * net.patch_size)  # img_in takes 2x2 patches of the latent
     return (empty(1, channels, 1, h, w), empty(1)), {"context": empty(1, text_tokens, net.txt_in.in_features)}
 

@@ -18,6 +18,9 @@ Edit releases: the reference images' tokens follow the generated image's in the 
 image h*w | reference 1 | reference 2 ...] in the joint sequence. Every image id (and dit-in / dit-out) is the
 generated image's tokens on its grid (span "grid"); maps keep the generated image's query rows, and self-maps its
 keys only (the reference keys' share is left out, so their rows sum to less than 1 where references are present).
+Reference I's tokens are `vit-block{B}-ref{I}-{in|norm-out|q|k|v|attn-out|ffn-inner|out}` on its own grid: diffusers'
+from img_shapes (the entries after the generated image's), ComfyUI's from the ref_latents the network gets (padded
+to the 2x2 patch); a reference latent of another channel count than the network's is refused in one line.
 Each block's "modulation" read is [shift | scale] of its image stream's first modulation (img_mod's linear, the
 first two of its six chunks, the same on both backends); Qwen-Image-Edit-2511's zero_cond_t (a second modulation
 for the reference tokens, at t = 0, in the same batch) has none.
@@ -50,7 +53,8 @@ def _diffusers_qwen_rope(q: torch.Tensor, k: torch.Tensor, emb):
 ROPES["diffusers-qwen"] = _diffusers_qwen_rope
 
 
-def _layout(model: torch.nn.Module, rope: str, grid_path: str | None, text_mask: tuple | None) -> DitLayout:
+def _layout(model: torch.nn.Module, rope: str, grid_path: str | None, text_mask: tuple | None,
+            references: tuple) -> DitLayout:
     """Both backends: ComfyUI's qwen_image model names its modules as diffusers does (its weights load unconverted)
     and calls blocks and attentions with the same keywords; they differ in the rotary embedding's form and in the
     text padding mask (diffusers' attention masks padded text keys; ComfyUI v0.3.64's is passed one and ignores it)."""
@@ -86,20 +90,21 @@ def _layout(model: torch.nn.Module, rope: str, grid_path: str | None, text_mask:
         ends={"in": dict(module_path="img_in", kind="packed", at="input", span="grid"),
               "embed": dict(module_path="img_in", kind="tokens", span="grid"),
               "out": dict(module_path="proj_out", kind="packed", span="grid")},
-        blocks=blocks, common=dict(grid_path=grid_path, grid_divisor=PATCH, text_path="txt_in"))
+        blocks=blocks, common=dict(grid_path=grid_path, grid_divisor=PATCH, text_path="txt_in", ref_read=references),
+        reference_channels=model.img_in.in_features // (PATCH * PATCH))
 
 
 def diffusers_layout(model: torch.nn.Module) -> DitLayout:
     """diffusers' QwenImageTransformer2DModel: packed tokens in and out, so its grid comes from the caller
     (FeatureCapture's token_grid, the latent's size); its rotary embedding is a pair of complex frequency tables."""
-    return _layout(model, "diffusers-qwen", None, ("encoder_hidden_states_mask", 2))
+    return _layout(model, "diffusers-qwen", None, ("encoder_hidden_states_mask", 2), ("shapes", "img_shapes", 4))
 
 
 def native_layout(net: torch.nn.Module) -> DitLayout:
     """ComfyUI's comfy/ldm/qwen_image QwenImageTransformer2DModel: the latent (B, 16, 1, H, W) is its input, so the
     grid is read there; its rotary embedding (Flux's form, (B, N, 1, d/2, 2, 2), on (B, N, heads, d)) is the one
     native/comfy_model.py registers as "comfy-qwen"."""
-    return _layout(net, "comfy-qwen", "", None)
+    return _layout(net, "comfy-qwen", "", None, ("latents", "ref_latents", 5))
 
 
 def layout(model: torch.nn.Module) -> DitLayout:
@@ -194,4 +199,5 @@ FAMILY = Family(
     # QwenImagePipeline's __call__: 50 steps, true_cfg_scale 4 (which it applies only given a negative prompt; its
     # model card gives one, " "; here the negative defaults to the empty prompt)
     sampling=Sampling(50, 4.0, "QwenImagePipeline's __call__ defaults (true_cfg_scale 4)"),
+    reference_images=True,  # the Edit releases
 )
