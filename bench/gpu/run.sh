@@ -2,6 +2,7 @@
 # Run ON THE GPU MACHINE (the device tool), from the repository root, with .whl carried (see prepare.sh):
 #     bash bench/gpu/run.sh precision extract-float16      # one call (sized for the tool's 10-minute limit)
 #     bash bench/gpu/run.sh extract-bfloat16 generation     # a second call
+#     bash bench/gpu/run.sh dit                             # Flux / Z-Image capture overhead (issues 23, 26)
 # Not yet run on a GPU: no task so far was lent one. Check the first call's log before trusting the sizing.
 # Each part writes its JSON and log under $OUT (the device tool brings that folder back).
 set -euo pipefail
@@ -29,7 +30,13 @@ for part in "${parts[@]}"; do
         generation)
             python3 bench/bench_generation.py --device cuda --dtype float16 --size 512 --steps 30 --repeats 5 \
                 --json "$OUT/results_generation_cuda.json" 2>&1 | tee "$OUT/generation.log" || status=1 ;;
-        *) echo "unknown part $part (precision, extract-float16, extract-bfloat16, generation)"; status=2 ;;
+        dit)  # the diffusion transformers' capture overhead and early exit at Flux's and Z-Image's full widths
+            python3 bench/bench_dit.py --device cuda --dtype bfloat16 --size 1024 --double 4 --single 8 --steps 4 \
+                --repeats 7 --json "$OUT/results_dit_cuda.json" 2>&1 | tee "$OUT/dit.log" || status=1
+            python3 bench/bench_dit.py --arch z-image --device cuda --dtype bfloat16 --size 1024 --refiners 2 \
+                --layers 8 --steps 4 --repeats 7 --json "$OUT/results_dit_z_image_cuda.json" 2>&1 \
+                | tee "$OUT/dit_z_image.log" || status=1 ;;
+        *) echo "unknown part $part (precision, extract-float16, extract-bfloat16, generation, dit)"; status=2 ;;
     esac
 done
 exit $status
