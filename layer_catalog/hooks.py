@@ -464,6 +464,8 @@ class FeatureCapture(AttachedHooks):
             if isinstance(rope, torch.Tensor) and rope.shape[0] > 1:
                 rope = self._select(rope)
             q, k = apply_rope(tap.rope, q, k, rope)
+        if k.shape[1] != q.shape[1]:  # grouped-query attention (Lumina2: 24 query heads over 8 key heads): each key
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # head serves its group of query heads, in order
         text, image = self._parts(tap)
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             probs = head_probs(q.narrow(2, *image), k, upcast, _text_padding(pieces.get("text_mask"), k, text,

@@ -196,3 +196,38 @@ def test_fused_qk_norm_reads_q_and_k_from_the_qkv_columns(lumina):
     for tid in ids:
         torch.testing.assert_close(got[tid], want[tid], atol=1e-6, rtol=1e-5, msg=tid)
     _zero_hooks(net)
+
+
+def test_grouped_query_maps_repeat_each_key_head_for_its_query_heads(lumina):
+    """Lumina2 itself has fewer key-value heads than query heads (24 over 8): each key head serves its group of
+    consecutive query heads. On a NextDiT of 4 query over 2 key-value heads the maps have the 4 query heads, and the
+    attention's output for the image queries (the out projection's input) equals, head by head, cross-map @ txt-v
+    + self-map @ v with v's head h // 2: the maps are the probabilities the model attends with."""
+    ns, _ = lumina
+    model = nc.config_patcher(ns, ns.supported_models.Lumina2(dict(nc.LUMINA2, n_heads=4, n_kv_heads=2,
+                                                                   axes_dims=[4, 6, 6])))
+    net = model.model.diffusion_model
+    ids = ["vit-block1-cross-map", "vit-block1-self-map", "vit-block1-v", "vit-block1-txt-v"]
+    positive, _ = _conds()
+    x = torch.randn(1, 16, *LATENT, generator=torch.Generator().manual_seed(5))
+    seen = {}
+    handle = net.layers[1].attention.out.register_forward_pre_hook(lambda _m, args: seen.update(out_in=args[0]))
+    try:
+        with torch.no_grad(), FeatureCapture(net, native_taps(ids, net, "z-image")) as hooks:
+            hooks.run(x, torch.full((1,), 0.4), context=positive[0][0], num_tokens=T_TXT)
+    finally:
+        handle.remove()
+    f = hooks.features
+    assert f["vit-block1-self-map"].shape == (1, 4, N, N) and f["vit-block1-cross-map"].shape == (1, 4, N, T_TXT)
+    from diffusion_feature.native.comfy_model import model_layer_shapes
+
+    shapes = model_layer_shapes(model, LATENT[0] * 8, LATENT[1] * 8)  # DFShowLayers' pass sizes them alike
+    assert shapes["vit-block1-cross-map"][0] == 4 and shapes["vit-block1-v"][0] == 2 * 16
+    d = 16
+    v = f["vit-block1-v"].reshape(1, 2, d, N).transpose(2, 3)  # (1, kv heads, N, d)
+    v_txt = f["vit-block1-txt-v"].reshape(1, 2, d, T_TXT).transpose(2, 3)
+    group = torch.arange(4) // 2
+    want = f["vit-block1-cross-map"] @ v_txt[:, group] + f["vit-block1-self-map"] @ v[:, group]  # (1, 4, N, d)
+    got = seen["out_in"][:, T_TXT:].reshape(1, N, 4, d).transpose(1, 2)
+    torch.testing.assert_close(want, got, atol=1e-5, rtol=1e-4)
+    _zero_hooks(net)
