@@ -1,6 +1,7 @@
 """HTTP routes of the pack (served by ComfyUI): the layer list the web layer picker shows.
 
     GET /diffusion_feature/layers?family=sdxl         -> {"family", "size", "layers": [{"id", "shape", "group"}]}
+        (families that take reference images also list the first reference's ids, "reference": 0)
     GET /diffusion_feature/family?kind=checkpoints&name=x.safetensors   -> {"family": "sd15"}
         (kind: checkpoints, diffusers, or diffusion_models: a bare denoiser file of ComfyUI's Load Diffusion Model)
     GET /diffusion_feature/status                     -> loaded models and the hooks they carry (all 0 between runs):
@@ -8,7 +9,8 @@
 """
 from __future__ import annotations
 
-from ..layer_catalog import FAMILIES, load_catalog, parse_id
+from ..layer_catalog import FAMILIES, get_family, load_catalog, parse_id
+from ..layer_catalog.grammar import DIT_REF_SUFFIXES
 from ..layer_catalog.errors import echo
 from . import comfy_env
 
@@ -29,8 +31,23 @@ def group_of(layer_id: str) -> str:
 
 def layers_payload(family: str) -> dict:
     catalog = load_catalog(family)
+    layers = [{"id": x["id"], "shape": x["shape"], "group": group_of(x["id"])} for x in catalog["layers"]]
     return {"family": family, "size": catalog["size"], "presets": catalog["presets"],
-            "layers": [{"id": x["id"], "shape": x["shape"], "group": group_of(x["id"])} for x in catalog["layers"]]}
+            "layers": layers + (reference_layers(layers) if get_family(family).reference_images else [])}
+
+
+def reference_layers(layers: list[dict]) -> list[dict]:
+    """The first reference image's ids (vit-block{B}-ref0-...), after the catalog's, so a Kontext / Qwen-Image-Edit
+    / Flux.2 user can pick them: they are in no catalog (how many references a run has is the run's). Their shape
+    is shown as the generated image's at the catalog's size; a run reads each on its reference's own grid."""
+    refs = []
+    for layer in layers:
+        lid = parse_id(layer["id"])
+        if lid.part == "block" and lid.stage is None and lid.suffix in DIT_REF_SUFFIXES:
+            first = lid.block // 4 * 4
+            refs.append({"id": f"vit-block{lid.block}-ref0-{lid.suffix}", "shape": layer["shape"], "reference": 0,
+                         "group": f"reference image 0: vit-block{first}-{first + 3} (on its own grid)"})
+    return refs
 
 
 def family_payload(kind: str, name: str) -> dict:

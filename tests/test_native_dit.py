@@ -454,6 +454,16 @@ def test_nodes_show_pca_map_and_save_flux_features(flux, tmp_path, monkeypatch):
     assert [group_of(i) for i in ("dit-in", "vit-block2-txt-q", "dit-out")] == ["dit", "vit-block0-3", "dit"]
     payload = layers_payload("flux")
     assert payload["layers"][0] == {"id": "dit-in", "shape": [16, 128, 128], "group": "dit"}
+    # Kontext's first reference: each image-stream id of a block has its ref0 twin (maps and text ids none), after
+    # the catalog's ids, each shaped as its generated-image id at the catalog's size
+    by_id = {x["id"]: x for x in payload["layers"]}
+    refs = [x for x in payload["layers"] if x.get("reference") == 0]
+    assert payload["layers"][-len(refs):] == refs and len(refs) == 57 * 8
+    assert {x["id"] for x in refs} == {f"vit-block{b}-ref0-{s}" for b in range(57) for s in
+                                       ("in", "norm-out", "q", "k", "v", "attn-out", "ffn-inner", "out")}
+    assert all(x["shape"] == by_id[x["id"].replace("-ref0", "")]["shape"] for x in refs)
+    assert refs[0]["group"] == "reference image 0: vit-block0-3 (on its own grid)"
+    assert not any("reference" in x for x in layers_payload("z-image")["layers"])  # no reference images there
 
 
 @pytest.fixture()
