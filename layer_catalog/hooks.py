@@ -231,8 +231,9 @@ class FeatureCapture(AttachedHooks):
             hooks.forward_pre_hook(module(grid[0]), self._grid_hook(grid), with_kwargs=True)
         for read in {t.ref_read for t in self.taps if t.ref_read is not None}:
             hooks.forward_pre_hook(module(""), self._reference_hook(read), with_kwargs=True)
-        for path, item in {(t.text_path, t.text_item) for t in self.taps if t.text_path is not None}:
-            hooks.forward_pre_hook(module(path), self._text_hook(path, item), with_kwargs=True)
+        for path, item, mask in {(t.text_path, t.text_item, t.text_kept_arg) for t in self.taps
+                                 if t.text_path is not None}:
+            hooks.forward_pre_hook(module(path), self._text_hook(path, item, mask), with_kwargs=True)
         for tap in self.taps:
             target = module(tap.module_path)
             if tap.kind == "input" or tap.at == "input":
@@ -374,17 +375,21 @@ class FeatureCapture(AttachedHooks):
                 start += rh * rw
         return sorted(parts, key=lambda p: p["start"])
 
-    def _text_hook(self, path: str, item: tuple[str, int] | None):
+    def _text_hook(self, path: str, item: tuple[str, int] | None, kept: tuple[str, int] | None):
         def hook(_module, args, kwargs):
             text = _pick_input(args, kwargs, item)
-            if isinstance(text, (list, tuple)):  # per-sample captions: one length, or no span would fit them all
+            mask = None if kept is None else kwargs.get(kept[0], args[kept[1]] if len(args) > kept[1] else None)
+            if mask is not None and mask.device.type != "meta":  # the caption tokens the network keeps, per sample
+                lengths = sorted(set(mask.sum(dim=1).tolist()))
+            elif isinstance(text, (list, tuple)):  # per-sample captions
                 lengths = sorted({t.shape[0] for t in text})
-                if len(lengths) > 1:
-                    raise TokenGridError(f"captions of {', '.join(map(str, lengths))} tokens in one batch: their "
-                                         "tokens cannot be split by one length; capture each length in its own batch")
-                self._texts[path] = lengths[0]
             else:
-                self._texts[path] = text.shape[1]
+                lengths = [text.shape[1]]
+            if len(lengths) > 1:  # one length, or no span would fit them all
+                raise TokenGridError(f"captions of {', '.join(str(int(n)) for n in lengths)} tokens in one batch: "
+                                     "their tokens cannot be split by one length; capture each length in its own "
+                                     "batch")
+            self._texts[path] = int(lengths[0])
         return hook
 
     def _parts(self, tap: Tap) -> tuple[tuple[int, int], tuple[int, int]]:

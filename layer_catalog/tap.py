@@ -41,7 +41,10 @@ class Tap:
     per-sample (T, C) captions counts T) instead of its first input's second axis; `image_first` says the joint
     sequence is [image, text] (diffusers' Z-Image) instead of [text, image]; `pad_multiple` says each part of the
     joint sequence is padded to a multiple of that many tokens (Z-Image: 32), so a part's tokens start after the
-    padded length of the part before it and the padding tokens are in no span. `norm_path`: an RMSNorm module whose
+    padded length of the part before it and the padding tokens are in no span. `text_kept_arg`: where `text_path`'s
+    module takes a (B, T) mask of the caption tokens the network keeps (ComfyUI v0.3.64's NextDiT: its
+    attention_mask, whose row sums place the image after the real caption tokens); the text length is then that
+    sum, one for the whole batch. `norm_path`: an RMSNorm module whose
     weights the read applies per head (of its width) after `columns`, for q / k read from a fused projection where
     the model never calls its norm modules (newer ComfyUIs' Lumina2 / Z-Image); a map's key takes `key_columns` and
     `key_norm_path` likewise.
@@ -84,6 +87,7 @@ class Tap:
     key_norm_path: str | None = None
     ref_read: tuple[str, str, int] | None = None
     ref: int | None = None
+    text_kept_arg: tuple[str, int] | None = None
 
 
 def is_unet(model: torch.nn.Module) -> bool:

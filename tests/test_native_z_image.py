@@ -14,7 +14,7 @@ import torch
 
 import native_comfy as nc
 from diffusion_feature.engine.schedule import seeded_eps
-from diffusion_feature.layer_catalog import FeatureCapture
+from diffusion_feature.layer_catalog import FeatureCapture, TokenGridError
 from diffusion_feature.native import capture_layers, model_layer_ids, native_family, native_taps
 from test_dit_sd3 import _as_captured, _close
 from test_dit_z_image import LUMINA2, _expected_ids, reference
@@ -230,4 +230,34 @@ def test_grouped_query_maps_repeat_each_key_head_for_its_query_heads(lumina):
     want = f["vit-block1-cross-map"] @ v_txt[:, group] + f["vit-block1-self-map"] @ v[:, group]  # (1, 4, N, d)
     got = seen["out_in"][:, T_TXT:].reshape(1, N, 4, d).transpose(1, 2)
     torch.testing.assert_close(want, got, atol=1e-5, rtol=1e-4)
+    _zero_hooks(net)
+
+
+def test_a_padded_caption_is_split_where_the_network_places_the_image(lumina):
+    """v0.3.64's NextDiT keeps the first attention_mask.sum() caption tokens and puts the image right after them. A
+    caption padded by 3 tokens with its mask is the same run as the unpadded caption, so every id (text, image,
+    maps, refiner text) equals the unpadded run's; captions of two lengths in one batch are refused in one line."""
+    ns, model = lumina
+    net = model.model.diffusion_model
+    ids = ["vit-refiner0-txt-out", "vit-block1-txt-out", "vit-block1-out", "vit-block1-cross-map",
+           "vit-block1-self-map", "dit-out"]
+    positive, _ = _conds()
+    context = positive[0][0]
+    padded = torch.cat([context, torch.randn(1, 3, context.shape[2])], dim=1)
+    mask = torch.cat([torch.ones(1, T_TXT, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    x = torch.randn(1, 16, *LATENT, generator=torch.Generator().manual_seed(6))
+
+    def run(x, context, **extra):
+        with torch.no_grad(), FeatureCapture(net, native_taps(ids, net, "z-image")) as hooks:
+            hooks.run(x, torch.full((x.shape[0],), 0.4), context=context, **extra)
+        return hooks.features
+
+    want = run(x, context, num_tokens=T_TXT)
+    got = run(x, padded, num_tokens=T_TXT, attention_mask=mask)
+    assert got["vit-block1-txt-out"].shape == (1, 64, T_TXT)
+    for tid in ids:
+        torch.testing.assert_close(got[tid], want[tid], atol=1e-5, rtol=1e-4, msg=tid)
+    uneven = torch.cat([mask, torch.cat([torch.ones(1, T_TXT - 1), torch.zeros(1, 4)], dim=1).long()])
+    with pytest.raises(TokenGridError, match=f"captions of {T_TXT - 1}, {T_TXT} tokens in one batch"):
+        run(x.expand(2, -1, -1, -1), padded.expand(2, -1, -1), num_tokens=T_TXT, attention_mask=uneven)
     _zero_hooks(net)

@@ -128,14 +128,18 @@ def native_layout(net: torch.nn.Module) -> DitLayout:
     """ComfyUI's NextDiT (Lumina2's backbone, which ComfyUI's ZImage config builds with Z-Image's options): joint
     sequence [text, image], each part padded to pad_tokens_multiple where the network has pad tokens (Z-Image;
     Lumina2 has none). ComfyUI v0.3.64's NextDiT has none of Z-Image's options: there it is Lumina2 (Gemma-2 2B
-    captions), read with these same ids. Text ids hold the caption tokens entering cap_embedder: v0.3.64 joins only
-    the first num_tokens of them, which is all of them for a prompt of ComfyUI's Gemma encoder (no padding)."""
+    captions), read with these same ids. Text ids hold the caption tokens the joint sequence holds: v0.3.64 keeps the
+    first attention_mask.sum() of each caption (all of them for one prompt of ComfyUI's Gemma encoder, which passes
+    no mask) and places the image right after them, so its text length is read from that mask; a newer NextDiT
+    (embed_cap) keeps every caption token it embeds."""
     pad = getattr(net, "pad_tokens_multiple", None) or 1
     ends = {"in": dict(module_path="", kind="input"),
             "embed": dict(module_path="x_embedder", kind="tokens", span="grid"),
             "out": dict(module_path="", kind="spatial")}
+    text = (dict(text_path="cap_embedder") if hasattr(net, "embed_cap") else
+            dict(text_path="", text_item=("context", 2), text_kept_arg=("attention_mask", 4)))
     return _layout(net, _native_block, "attention", "matrix", False, pad, ends,
-                   dict(grid_path="", grid_divisor=int(net.patch_size), text_path="cap_embedder"))
+                   dict(grid_path="", grid_divisor=int(net.patch_size), **text))
 
 
 def comfy_missing(net: torch.nn.Module) -> str | None:
