@@ -260,14 +260,22 @@ def _wait(driver, script: str, timeout: float = 60):
     raise TimeoutError(f"browser condition never held: {script}")
 
 
+def load_in_page(driver, server, workflow: dict, extension: str, node_type: str) -> None:
+    """Open the server's page and load a UI workflow once our `extension` is registered and so is `node_type`: the
+    frontend registers extensions, then fetches /object_info and registers the node types (our
+    beforeRegisterNodeDef patches them then); a graph loaded in between gets nodes of unknown types, without our
+    widgets (it happened once in CI under load)."""
+    driver.get(server.url)
+    _wait(driver, f"return window.app && app.extensions && app.extensions.some(e => e.name === '{extension}') && "
+                  f"window.LiteGraph && !!LiteGraph.registered_node_types['{node_type}']")
+    # the promise's value (a workflow object in current frontends) is no business of the test's
+    driver.execute_script("return Promise.resolve(app.loadGraphData(arguments[0])).then(() => true)", workflow)
+
+
 def open_layer_picker(driver, server, workflow: dict, node_type: str) -> tuple[int, int]:
     """Load a UI workflow in the server's page and open the layer picker of its `node_type` node, once that node
     has its picker button: (the node's id, how many ids the picker lists)."""
-    driver.get(server.url)
-    _wait(driver, "return window.app && app.extensions && "
-                  "app.extensions.some(e => e.name === 'diffusion_feature.layer_picker')")
-    # the promise's value (a workflow object in current frontends) is no business of the test's
-    driver.execute_script("return Promise.resolve(app.loadGraphData(arguments[0])).then(() => true)", workflow)
+    load_in_page(driver, server, workflow, "diffusion_feature.layer_picker", node_type)
     node_id = _wait(driver, f"const n = app.graph._nodes.find(n => n.type === '{node_type}'); "
                             "return n && n.widgets.some(w => w.name === 'pick layers…') && n.id")
     driver.execute_script("diffusionFeaturePicker.open(app.graph.getNodeById(arguments[0]))", node_id)
@@ -394,10 +402,7 @@ def test_similarity_map_click_to_query_in_a_real_browser(chromium, frontend_serv
     workflow = _similarity_workflow(server)
     driver = _browser(chromium)
     try:
-        driver.get(server.url)
-        _wait(driver, "return window.app && app.extensions && "
-                      "app.extensions.some(e => e.name === 'diffusion_feature.similarity_map')")
-        driver.execute_script("return Promise.resolve(app.loadGraphData(arguments[0])).then(() => true)", workflow)
+        load_in_page(driver, server, workflow, "diffusion_feature.similarity_map", "DFSimilarityMap")
         node_id = driver.execute_script("return app.graph._nodes.find(n => n.type === 'DFSimilarityMap').id")
         driver.execute_script("app.queuePrompt(0, 1)")
         first = _wait(driver, "const i = document.querySelector('.df-similarity-preview'); "
