@@ -207,7 +207,8 @@ def main(argv=None) -> int:
               "blocks": [args.refiners, args.layers] if args.arch == "z-image" else [args.double, args.single],
               "text_tokens": args.text_tokens, "steps": args.steps, "repeats": args.repeats, "layers": layers,
               "when": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "seconds": {**times, **exits},
-              "capture_overhead": overhead, "noise_floor": floor, "time_in_capture_code": share, "capture_overhead_of_medians": times["capture"] / times["bare"] - 1,
+              "capture_overhead": overhead, "noise_floor": floor, "time_in_capture_code": share,
+              "capture_overhead_of_medians": times["capture"] / times["bare"] - 1,
               "early_exit_tap": middle, "early_exit_ratio": exits[f"early exit at {middle}"] / exits["full forward"]}
     print(f"{arch} @ {args.size}px, {args.text_tokens} text tokens, {args.steps} steps, {args.device} {args.dtype}")
     print(f"  capture overhead (3 full-width layers every step): {100 * result['capture_overhead']:+.1f} % "

@@ -80,7 +80,7 @@ def run_generate(args) -> int:
     from .generation import generate, sampling_settings
 
     model = _load(args)
-    steps, cfg, _ = sampling_settings(model, args.steps, args.cfg)
+    steps = sampling_settings(model, args.steps, args.cfg)[0]  # the progress bar's length
     out = Path(args.output)
     stem = args.name
     height, width = (None, None)

@@ -137,6 +137,12 @@ def _pick_input(args, kwargs, item):
     return kwargs[name] if name in kwargs else args[position]
 
 
+def _pick_optional(args, kwargs, item: tuple[str, int]):
+    """An input the module may be called without (a keyword, or its position): None when absent."""
+    name, position = item
+    return kwargs.get(name, args[position] if len(args) > position else None)
+
+
 def _batched(x):
     """A list of per-sample latents (C, F, H, W) with one frame, as diffusers' Z-Image takes and returns them, as one
     batch (B, C, H, W); a tensor as it is."""
@@ -293,8 +299,7 @@ class FeatureCapture(AttachedHooks):
     def _reference_hook(self, read: tuple[str, str, int]):
         """What the network's call says of its reference images (kept as given; read by _reference_grids)."""
         def hook(_module, args, kwargs):
-            _, name, position = read
-            self._references[read] = kwargs.get(name, args[position] if len(args) > position else None)
+            self._references[read] = _pick_optional(args, kwargs, read[1:])
             self._ref_grids.pop(read, None)
         return hook
 
@@ -378,7 +383,7 @@ class FeatureCapture(AttachedHooks):
     def _text_hook(self, path: str, item: tuple[str, int] | None, kept: tuple[str, int] | None):
         def hook(_module, args, kwargs):
             text = _pick_input(args, kwargs, item)
-            mask = None if kept is None else kwargs.get(kept[0], args[kept[1]] if len(args) > kept[1] else None)
+            mask = None if kept is None else _pick_optional(args, kwargs, kept)
             if mask is not None and mask.device.type != "meta":  # the caption tokens the network keeps, per sample
                 lengths = sorted(set(mask.sum(dim=1).tolist()))
             elif isinstance(text, (list, tuple)):  # per-sample captions
@@ -438,8 +443,7 @@ class FeatureCapture(AttachedHooks):
                 if tap.rope is not None:
                     pieces["rope"] = _pick_input(args, kwargs, tap.rope_arg)
                 if tap.text_mask_arg is not None:
-                    name, position = tap.text_mask_arg
-                    pieces["text_mask"] = kwargs.get(name, args[position] if len(args) > position else None)
+                    pieces["text_mask"] = _pick_optional(args, kwargs, tap.text_mask_arg)
         return hook
 
     def _piece_hook(self, tap: Tap, role: str, count: int, heads: int, upcast: bool):

@@ -9,7 +9,9 @@
 """
 from __future__ import annotations
 
-from ..layer_catalog import FAMILIES, get_family, load_catalog, parse_id
+from dataclasses import replace
+
+from ..layer_catalog import FAMILIES, format_id, get_family, load_catalog, parse_id
 from ..layer_catalog.grammar import DIT_REF_SUFFIXES
 from ..layer_catalog.errors import echo
 from . import comfy_env
@@ -44,9 +46,8 @@ def reference_layers(layers: list[dict]) -> list[dict]:
     for layer in layers:
         lid = parse_id(layer["id"])
         if lid.part == "block" and lid.stage is None and lid.suffix in DIT_REF_SUFFIXES:
-            first = lid.block // 4 * 4
-            refs.append({"id": f"vit-block{lid.block}-ref0-{lid.suffix}", "shape": layer["shape"], "reference": 0,
-                         "group": f"reference image 0: vit-block{first}-{first + 3} (on its own grid)"})
+            refs.append({"id": format_id(replace(lid, ref=0)), "shape": layer["shape"], "reference": 0,
+                         "group": f"reference image 0: {layer['group']} (on its own grid)"})
     return refs
 
 

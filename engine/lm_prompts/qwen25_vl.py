@@ -6,7 +6,6 @@ mask (1 real, 0 padding), then cut to the family's text_tokens (max_sequence_len
 single prompt, or prompts of one length) is dropped, as the pipeline drops it: the network then sees every token."""
 from __future__ import annotations
 
-
 from ...layer_catalog import get_family
 from ..conditioning import Conditioning
 from . import hidden_states, real_tokens
